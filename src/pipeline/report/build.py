@@ -1,0 +1,234 @@
+"""Turns an experiment's per-task results into one self-contained, offline HTML page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.report.results import TaskResults, TrainingCurve, load_task
+
+NO_REFERENCE = "n/a — no reference posterior"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits a task must stay within to pass.
+
+    Arguments:
+        c2st_max: Largest C2ST accuracy over observations (0.5 means indistinguishable).
+        coverage_max_deviation: Largest absolute gap between credibility level and the
+            empirical coverage, for TARP and HPD coverage alike.
+    """
+
+    c2st_max: float
+    coverage_max_deviation: float
+
+    def __post_init__(self) -> None:
+        for name in ("c2st_max", "coverage_max_deviation"):
+            value = getattr(self, name)
+            # Written as a negated range test so that NaN is refused too.
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Thresholds.{name} must lie in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One diagnostic of one task against its threshold; ``value=None`` when not applicable."""
+
+    name: str
+    value: float | None
+    threshold: float
+
+    @property
+    def passed(self) -> bool | None:
+        # A NaN statistic fails: the comparison is False, which is the safe answer.
+        return None if self.value is None else self.value <= self.threshold
+
+    @property
+    def status(self) -> str:
+        return {None: NO_REFERENCE, True: "PASS", False: "FAIL"}[self.passed]
+
+
+def evaluate_checks(validation: dict[str, Any], thresholds: Thresholds) -> list[Check]:
+    """C2ST, TARP and HPD checks of one task's ``validation/metrics.json``."""
+    c2st = validation["c2st"]
+    coverage = validation["coverage"]
+    return [
+        Check("C2ST", None if c2st is None else c2st["max"], thresholds.c2st_max),
+        Check("TARP", coverage["tarp_max_deviation"], thresholds.coverage_max_deviation),
+        Check("HPD", coverage["hpd_max_deviation"], thresholds.coverage_max_deviation),
+    ]
+
+
+def verdict(checks: list[Check]) -> str:
+    """``PASS`` when every applicable check passes, else ``FAIL``."""
+    return "FAIL" if any(check.passed is False for check in checks) else "PASS"
+
+
+def training_curve_figure(curve: TrainingCurve) -> Figure:
+    """Training and validation loss per epoch."""
+    figure = Figure(figsize=(6.4, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(curve.epoch_train, curve.train_loss, marker=".", label="train")
+    axes.plot(curve.epoch_val, curve.val_loss, marker=".", label="validation")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    """Renders ``figure`` to PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    """Embeds PNG bytes in a ``data:`` URI, so the page needs no files beside it."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def build_report(
+    experiment_dir: Path,
+    tasks: list[str],
+    *,
+    config: dict[str, Any],
+    thresholds: Thresholds,
+    title: str,
+) -> str:
+    """One self-contained HTML page on an experiment's tasks.
+
+    Arguments:
+        experiment_dir: ``results/{experiment}``, holding one folder per task.
+        tasks: Names of the tasks to report, in page order.
+        config: The experiment's config, shown verbatim in the provenance section.
+        thresholds: Limits that decide each check's PASS or FAIL.
+        title: Page title.
+
+    Raises:
+        FileNotFoundError: A task folder, result file or figure is missing.
+        ValueError: A result file is malformed, or ``tasks`` is empty or repeats a name.
+    """
+    if not tasks:
+        raise ValueError("no tasks to report")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks repeat a name: {tasks}")
+    results = [load_task(Path(experiment_dir), task) for task in tasks]
+    anchors = task_anchors(tasks)
+    context = {
+        "title": title,
+        "experiment": Path(experiment_dir).name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "thresholds": thresholds,
+        "no_reference": NO_REFERENCE,
+        "tasks": [task_context(r, anchors[r.name], thresholds) for r in results],
+        "provenance": provenance_context(results, config),
+    }
+    return _environment().get_template("report.html").render(context)
+
+
+def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> dict[str, Any]:
+    """What the page shows of one task."""
+    checks = evaluate_checks(results.validation, thresholds)
+    figures = dict(results.figures, training=figure_png(training_curve_figure(results.curve)))
+    coverage = results.validation["coverage"]
+    return {
+        "name": results.name,
+        "anchor": anchor,
+        "checks": checks,
+        "verdict": verdict(checks),
+        "posterior": results.posterior,
+        "validation": results.validation,
+        "coverage_rows": list(zip(coverage["levels"], coverage["tarp"], coverage["hpd"])),
+        "figures": {key: png_data_uri(png) for key, png in figures.items()},
+    }
+
+
+def task_anchors(tasks: list[str]) -> dict[str, str]:
+    """HTML ids for the task sections: readable, unique, and free of characters ids forbid."""
+    anchors: dict[str, str] = {}
+    for task in tasks:
+        anchor = "task-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", task).strip("-") or "unnamed")
+        while anchor in anchors.values():
+            anchor += "-"
+        anchors[task] = anchor
+    return anchors
+
+
+def provenance_context(results: list[TaskResults], config: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of the first task, with a note on every field where tasks disagree."""
+    first = results[0].posterior["provenance"]
+    disagreements = {}
+    for key in ("config_digest", "code_revision"):
+        values = {r.name: r.posterior["provenance"][key] for r in results}
+        if len(set(values.values())) > 1:
+            disagreements[key] = values
+    return {
+        "source_task": results[0].name,
+        "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+        "disagreements": disagreements,
+        **first,
+    }
+
+
+def format_number(value: float, digits: int = 4) -> str:
+    """A float with ``digits`` significant digits; NaN and infinities spelled out."""
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as ``12.3 s (0:00:12)`` so both short and long runs read at a glance."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{seconds:.1f} s ({hours}:{rest // 60:02d}:{rest % 60:02d})"
+
+
+def _environment() -> jinja2.Environment:
+    # autoescape=True for every template: task names, parameter names and the config are text
+    # from users, and must never become markup. StrictUndefined turns a typo into an error.
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["number"] = format_number
+    environment.filters["duration"] = format_duration
+    return environment
+
+
+def write_report(html: str, out: Path) -> None:
+    """Writes ``html`` to ``out`` atomically: readers see the old file or the whole new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as ``out``, so os.replace is a rename within one file system.
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(html)
+            file.flush()
+            os.fsync(file.fileno())
+        # mkstemp creates the file private (0600); a report is meant to be shared.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,260 @@
+"""Reads one task's results from an experiment folder, failing clearly on anything missing.
+
+The report is the last stage: it must never paper over a missing or malformed input, so every
+file is checked against the fields the page shows, and each error names the file and the stage
+(``pipeline train`` or ``pipeline validate``) that writes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUMBER = (int, float)
+
+POSTERIOR_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "task": str,
+    "parameter_names": list,
+    "flow": str,
+    "embedding": str,
+    "num_train": int,
+    "num_val": int,
+    "num_nonfinite_excluded": int,
+    "epochs": int,
+    "best_val_loss": NUMBER,
+    "train_seconds": NUMBER,
+    "seed": int,
+    "world_size": int,
+    "batch_size": int,
+    "provenance": dict,
+}
+PROVENANCE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "config_digest": str,
+    "code_revision": str,
+    "versions": dict,
+    "hostname": str,
+    "created": str,
+}
+VALIDATION_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "task": str,
+    "parameter_names": list,
+    "num_test": int,
+    "num_posterior_samples": int,
+    "num_nonfinite_excluded": int,
+    "coverage": dict,
+    "sbc": dict,
+    "c2st": (dict, type(None)),
+    "figures": dict,
+}
+COVERAGE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "levels": list,
+    "tarp": list,
+    "hpd": list,
+    "tarp_max_deviation": NUMBER,
+    "hpd_max_deviation": NUMBER,
+}
+C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "per_observation": list,
+    "mean": NUMBER,
+    "max": NUMBER,
+}
+FIGURES = ("corner", "coverage", "sbc")
+
+
+class ResultsError(ValueError):
+    """A result file exists but does not hold what the report needs."""
+
+
+@dataclass(frozen=True)
+class TrainingCurve:
+    """Losses from Lightning's CSVLogger, which logs train and validation rows separately."""
+
+    epoch_train: list[float]
+    train_loss: list[float]
+    epoch_val: list[float]
+    val_loss: list[float]
+
+
+@dataclass(frozen=True)
+class TaskResults:
+    """Everything the report shows about one task, read and checked.
+
+    Arguments:
+        name: The task's name, as given to the report.
+        posterior: Contents of ``model/posterior.json``.
+        validation: Contents of ``validation/metrics.json``.
+        curve: Training and validation losses from ``model/metrics.csv``.
+        figures: PNG bytes of the validation figures, by key of ``metrics.json["figures"]``.
+    """
+
+    name: str
+    posterior: dict[str, Any]
+    validation: dict[str, Any]
+    curve: TrainingCurve
+    figures: dict[str, bytes]
+
+
+def load_task(experiment_dir: Path, task: str) -> TaskResults:
+    """Reads and checks ``experiment_dir/task``'s training and validation outputs."""
+    task_dir = experiment_dir / task
+    train = f"run `pipeline train` for task {task}"
+    validate = f"run `pipeline validate` for task {task}"
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"missing task folder {task_dir}: {train}, then `validate`")
+    posterior_path = task_dir / "model" / "posterior.json"
+    posterior = read_json(posterior_path, train)
+    check_fields(posterior, POSTERIOR_FIELDS, posterior_path)
+    check_fields(posterior["provenance"], PROVENANCE_FIELDS, posterior_path, "provenance.")
+    validation_path = task_dir / "validation" / "metrics.json"
+    validation = read_json(validation_path, validate)
+    check_validation(validation, validation_path)
+    check_same_task(task, posterior, posterior_path, validation, validation_path)
+    return TaskResults(
+        name=task,
+        posterior=posterior,
+        validation=validation,
+        curve=read_training_curve(task_dir / "model" / "metrics.csv", train),
+        figures=read_figures(task_dir / "validation", validation, validate),
+    )
+
+
+def require_file(path: Path, hint: str) -> None:
+    """Raises ``FileNotFoundError`` naming ``path`` and how to produce it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: {hint}")
+
+
+def read_json(path: Path, hint: str) -> dict[str, Any]:
+    """Parses a JSON object from ``path``; errors name the file."""
+    require_file(path, hint)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsError(f"{path} is not valid JSON ({error}); {hint} again") from error
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_fields(
+    data: dict[str, Any],
+    fields: dict[str, type | tuple[type, ...]],
+    path: Path,
+    prefix: str = "",
+) -> None:
+    """Raises ``ResultsError`` unless every field is present with the expected JSON type."""
+    for key, kind in fields.items():
+        if key not in data:
+            raise ResultsError(f"{path}: missing field {prefix}{key!r}")
+        # JSON true/false load as bool, a subclass of int, yet are never a valid count or value.
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ResultsError(f"{path}: field {prefix}{key!r} has the wrong type")
+
+
+def check_numbers(values: list[Any], path: Path, key: str) -> None:
+    """Raises ``ResultsError`` unless ``values`` is a list of numbers."""
+    if not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in values):
+        raise ResultsError(f"{path}: field {key!r} should be a list of numbers")
+
+
+def check_validation(validation: dict[str, Any], path: Path) -> None:
+    """Checks the fields of ``validation/metrics.json`` that the report reads."""
+    check_fields(validation, VALIDATION_FIELDS, path)
+    coverage = validation["coverage"]
+    check_fields(coverage, COVERAGE_FIELDS, path, "coverage.")
+    for key in ("levels", "tarp", "hpd"):
+        check_numbers(coverage[key], path, f"coverage.{key}")
+    if not len(coverage["levels"]) == len(coverage["tarp"]) == len(coverage["hpd"]):
+        raise ResultsError(f"{path}: coverage levels, tarp and hpd differ in length")
+    check_fields(validation["sbc"], {"pvalues": dict}, path, "sbc.")
+    pvalues = validation["sbc"]["pvalues"]
+    check_numbers(list(pvalues.values()), path, "sbc.pvalues")
+    if set(pvalues) != set(validation["parameter_names"]):
+        raise ResultsError(f"{path}: sbc.pvalues keys differ from parameter_names")
+    if validation["c2st"] is not None:
+        check_fields(validation["c2st"], C2ST_FIELDS, path, "c2st.")
+        check_numbers(validation["c2st"]["per_observation"], path, "c2st.per_observation")
+
+
+def check_same_task(
+    task: str,
+    posterior: dict[str, Any],
+    posterior_path: Path,
+    validation: dict[str, Any],
+    validation_path: Path,
+) -> None:
+    """Refuses results that were written for another task or another parametrisation."""
+    for data, path in ((posterior, posterior_path), (validation, validation_path)):
+        if data["task"] != task:
+            raise ResultsError(f"{path} holds results of task {data['task']!r}, not {task!r}")
+    if posterior["parameter_names"] != validation["parameter_names"]:
+        raise ResultsError(
+            f"{validation_path}: parameter_names differ from those in {posterior_path}"
+        )
+
+
+def read_training_curve(path: Path, hint: str) -> TrainingCurve:
+    """Reads Lightning's ``metrics.csv``, where a row holds either a train or a val loss."""
+    require_file(path, hint)
+    losses: dict[str, tuple[list[float], list[float]]] = {
+        "train_loss": ([], []),
+        "val_loss": ([], []),
+    }
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = {"epoch", *losses} - set(reader.fieldnames or ())
+        if missing:
+            raise ResultsError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for row in reader:
+            for column, (epochs, values) in losses.items():
+                # Short rows give None for absent cells; empty strings mean "not logged here".
+                cell = (row[column] or "").strip()
+                if cell:
+                    epochs.append(_cell_float(row["epoch"], path, reader.line_num))
+                    values.append(_cell_float(cell, path, reader.line_num))
+    for column, (_, values) in losses.items():
+        if not values:
+            raise ResultsError(f"{path}: no {column} values; did training finish? {hint}")
+    (epoch_train, train_loss), (epoch_val, val_loss) = losses.values()
+    return TrainingCurve(epoch_train, train_loss, epoch_val, val_loss)
+
+
+def _cell_float(cell: str | None, path: Path, line: int) -> float:
+    try:
+        return float(cell or "")
+    except ValueError:
+        raise ResultsError(f"{path}, line {line}: {cell!r} is not a number") from None
+
+
+def read_figures(validation_dir: Path, validation: dict[str, Any], hint: str) -> dict[str, bytes]:
+    """Reads the PNG figures listed in ``metrics.json``; C2ST's only when it was computed."""
+    keys = FIGURES + (("c2st",) if validation["c2st"] is not None else ())
+    listed = validation["figures"]
+    metrics_path = validation_dir / "metrics.json"
+    figures = {}
+    for key in keys:
+        if not isinstance(listed.get(key), str):
+            raise ResultsError(f"{metrics_path}: figures.{key} should name a PNG file")
+        figures[key] = read_png(_inside(validation_dir, listed[key], metrics_path), hint)
+    return figures
+
+
+def _inside(folder: Path, relative: str, listed_in: Path) -> Path:
+    # Figures are embedded in a page people share, so a path must not reach outside its folder.
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ResultsError(f"{listed_in}: figure path {relative!r} leaves {folder}")
+    return path
+
+
+def read_png(path: Path, hint: str) -> bytes:
+    """Reads a PNG file, refusing anything else so a broken image never reaches the page."""
+    require_file(path, hint)
+    data = path.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        raise ResultsError(f"{path} is not a PNG file; {hint} again")
+    return data

@@ -1,0 +1,372 @@
+"""Tests of the HTML report on a fake experiment folder shaped like the stages' outputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.report import ResultsError, Thresholds, build_report, write_report
+from pipeline.report.build import Check, evaluate_checks, verdict
+from pipeline.report.results import PNG_SIGNATURE, read_training_curve
+
+XSS = "<script>alert(1)</script>"
+THRESHOLDS = Thresholds(c2st_max=0.6, coverage_max_deviation=0.1)
+CONFIG = {"experiment": "tiny", "tasks": ["two_moons", "sn_cosmology"], "note": XSS}
+
+# metrics.csv as Lightning's CSVLogger writes it: val and train rows alternate, empty cells "".
+METRICS_CSV = """epoch,step,train_loss,val_loss
+0,9,,1.50
+0,9,1.80,
+1,19,,1.20
+1,19,1.40,
+2,29,,1.10
+2,29,1.15,
+"""
+
+# (task, c2st max or None, tarp max deviation, hpd max deviation, expected summary cells)
+TASKS = {
+    "two_moons": (0.55, 0.05, 0.08, ["PASS", "PASS", "PASS", "PASS"]),
+    "sn_cosmology": (None, 0.2, 0.03, ["n/a — no reference posterior", "FAIL", "PASS", "FAIL"]),
+}
+
+
+@pytest.fixture(scope="session")
+def png() -> bytes:
+    figure = Figure(figsize=(1, 1))
+    FigureCanvasAgg(figure)
+    figure.add_subplot().plot([0, 1], [1, 0])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=20)
+    return buffer.getvalue()
+
+
+def posterior_json(task: str, digest: str = "abc123") -> dict[str, Any]:
+    return {
+        "task": task,
+        "parameter_names": ["theta_0", "theta_1"],
+        "flow": "NSF",
+        "embedding": "MLP",
+        "num_train": 900,
+        "num_val": 100,
+        "num_nonfinite_excluded": 0,
+        "epochs": 3,
+        "best_val_loss": 1.1,
+        "train_seconds": 12.5,
+        "seed": 7,
+        "world_size": 1,
+        "batch_size": 128,
+        "provenance": {
+            "config_digest": digest,
+            "code_revision": "deadbeef",
+            "versions": {"python": "3.11.9", "torch": "2.13.0"},
+            "hostname": "laptop",
+            "created": "2025-01-01T00:00:00+00:00",
+        },
+    }
+
+
+def validation_json(task: str, c2st: float | None, tarp: float, hpd: float) -> dict[str, Any]:
+    figures = {"coverage": "coverage.png", "sbc": "sbc.png", "corner": "corner.png"}
+    if c2st is not None:
+        figures["c2st"] = "c2st.png"
+    return {
+        "task": task,
+        "parameter_names": ["theta_0", "theta_1"],
+        "num_test": 50,
+        "num_posterior_samples": 1000,
+        "num_nonfinite_excluded": 0,
+        "coverage": {
+            "levels": [0.1, 0.5, 0.9],
+            "tarp": [0.1, 0.5, 0.9],
+            "hpd": [0.1, 0.5, 0.9],
+            "tarp_max_deviation": tarp,
+            "hpd_max_deviation": hpd,
+        },
+        "sbc": {"pvalues": {"theta_0": 0.4, "theta_1": 0.002}},
+        "c2st": None
+        if c2st is None
+        else {"per_observation": [0.5, c2st], "mean": (0.5 + c2st) / 2, "max": c2st},
+        "figures": figures,
+    }
+
+
+def write_task(
+    root: Path, task: str, png: bytes, c2st: float | None, tarp: float, hpd: float
+) -> None:
+    model, validation = root / task / "model", root / task / "validation"
+    model.mkdir(parents=True)
+    validation.mkdir(parents=True)
+    (model / "posterior.json").write_text(json.dumps(posterior_json(task)))
+    (model / "metrics.csv").write_text(METRICS_CSV)
+    metrics = validation_json(task, c2st, tarp, hpd)
+    (validation / "metrics.json").write_text(json.dumps(metrics))
+    for name in metrics["figures"].values():
+        (validation / name).write_bytes(png)
+
+
+def write_experiment(root: Path, png: bytes) -> Path:
+    for task, (c2st, tarp, hpd, _) in TASKS.items():
+        write_task(root, task, png, c2st, tarp, hpd)
+    return root
+
+
+@pytest.fixture
+def experiment(tmp_path: Path, png: bytes) -> Path:
+    return write_experiment(tmp_path / "results" / "tiny", png)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory, png: bytes) -> str:
+    """The page of the unmodified experiment, built once for the tests that only read it."""
+    return build(write_experiment(tmp_path_factory.mktemp("results") / "tiny", png))
+
+
+def build(experiment: Path, tasks: list[str] | None = None, config: dict | None = None) -> str:
+    return build_report(
+        experiment,
+        list(TASKS) if tasks is None else tasks,
+        config=CONFIG if config is None else config,
+        thresholds=THRESHOLDS,
+        title="Tiny experiment",
+    )
+
+
+class PageParser(HTMLParser):
+    """Collects image sources and the text of each summary-table row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.summary_rows: list[list[str]] = []
+        self._in_summary = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "img":
+            self.images.append(attributes.get("src") or "")
+        elif tag == "table" and attributes.get("id") == "summary-table":
+            self._in_summary = True
+        elif self._in_summary and tag == "tr":
+            self.summary_rows.append([])
+        elif self._in_summary and tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._in_summary = False
+        elif tag == "td" and self._cell is not None:
+            self.summary_rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    return parser
+
+
+def test_page_is_self_contained(page: str) -> None:
+    assert 'src="http' not in page
+    assert "<link" not in page
+    assert "<script" not in page
+    assert "url(" not in page
+    images = parse(page).images
+    # Per task: training curve, corner, coverage, SBC; plus C2ST for the task with a reference.
+    assert len(images) == 4 + 5
+    for src in images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        assert base64.b64decode(src[len(prefix) :], validate=True).startswith(PNG_SIGNATURE)
+
+
+def test_sections_in_order(page: str) -> None:
+    marks = ["<h1>", 'id="summary"', 'id="task-two_moons"', 'id="task-sn_cosmology"']
+    positions = [page.index(mark) for mark in [*marks, 'id="provenance"']]
+    assert positions == sorted(positions)
+    assert "tiny" in page and "abc123" in page and "deadbeef" in page and "laptop" in page
+
+
+def test_summary_shows_pass_and_fail(page: str) -> None:
+    rows = [row for row in parse(page).summary_rows if row]
+    assert [row[0] for row in rows] == list(TASKS)
+    for row, (_, _, _, expected) in zip(rows, TASKS.values(), strict=True):
+        statuses = [cell.split(" (")[0] for cell in row[1:5]]
+        assert statuses == expected
+
+
+@pytest.mark.parametrize(
+    ("c2st", "tarp", "hpd", "expected"),
+    [
+        (0.6, 0.1, 0.1, ["PASS", "PASS", "PASS"]),  # on the threshold passes
+        (0.61, 0.1, 0.1, ["FAIL", "PASS", "PASS"]),
+        (0.5, 0.11, 0.0, ["PASS", "FAIL", "PASS"]),
+        (0.5, 0.0, 0.25, ["PASS", "PASS", "FAIL"]),
+        (math.nan, 0.0, 0.0, ["FAIL", "PASS", "PASS"]),
+        (None, 0.0, 0.0, ["n/a — no reference posterior", "PASS", "PASS"]),
+    ],
+)
+def test_checks_against_thresholds(
+    c2st: float | None, tarp: float, hpd: float, expected: list[str]
+) -> None:
+    checks = evaluate_checks(validation_json("t", c2st, tarp, hpd), THRESHOLDS)
+    assert [check.status for check in checks] == expected
+    assert verdict(checks) == ("FAIL" if "FAIL" in expected else "PASS")
+
+
+def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
+    write_task(tmp_path, "two_moons", png, 0.9, 0.0, 0.0)
+    [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
+    assert row[1] == "FAIL (0.9)"
+    assert row[4] == "FAIL"
+
+
+def test_user_text_is_escaped(tmp_path: Path, png: bytes) -> None:
+    # The "/" in the name nests the folder; the report just joins the name to the path.
+    write_task(tmp_path, XSS, png, 0.55, 0.0, 0.0)
+    page = build(tmp_path, [XSS], config={"title": XSS, XSS: [XSS]})
+    assert XSS not in page
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+@pytest.mark.parametrize(
+    ("relative", "stage"),
+    [
+        ("two_moons", "pipeline train"),
+        ("two_moons/model/posterior.json", "pipeline train"),
+        ("two_moons/model/metrics.csv", "pipeline train"),
+        ("two_moons/validation/metrics.json", "pipeline validate"),
+        ("two_moons/validation/corner.png", "pipeline validate"),
+        ("two_moons/validation/c2st.png", "pipeline validate"),
+    ],
+)
+def test_missing_input_names_path_and_stage(experiment: Path, relative: str, stage: str) -> None:
+    path = experiment / relative
+    if path.is_dir():
+        for file in sorted(path.rglob("*"), reverse=True):
+            file.unlink() if file.is_file() else file.rmdir()
+        path.rmdir()
+    else:
+        path.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        build(experiment)
+    assert str(path) in str(error.value)
+    assert f"`{stage}` for task two_moons" in str(error.value)
+
+
+def test_malformed_json_names_file(experiment: Path) -> None:
+    path = experiment / "sn_cosmology" / "validation" / "metrics.json"
+    path.write_text('{"task": "sn_cosmology", ')
+    with pytest.raises(ResultsError, match="not valid JSON") as error:
+        build(experiment)
+    assert str(path) in str(error.value)
+
+
+def test_missing_field_names_file_and_field(experiment: Path) -> None:
+    path = experiment / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["coverage"]["hpd_max_deviation"]
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(ResultsError, match="coverage.'hpd_max_deviation'") as error:
+        build(experiment)
+    assert str(path) in str(error.value)
+
+
+def test_results_of_another_task_are_refused(experiment: Path) -> None:
+    path = experiment / "two_moons" / "model" / "posterior.json"
+    path.write_text(json.dumps(posterior_json("gaussian_linear")))
+    with pytest.raises(ResultsError, match="gaussian_linear"):
+        build(experiment)
+
+
+def test_figure_outside_validation_folder_is_refused(experiment: Path) -> None:
+    path = experiment / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["figures"]["corner"] = "../model/posterior.json"
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(ResultsError, match="leaves"):
+        build(experiment)
+
+
+def test_training_curve_reads_lightning_rows(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(METRICS_CSV)
+    curve = read_training_curve(path, "run `pipeline train`")
+    assert curve.epoch_train == [0, 1, 2] and curve.train_loss == [1.8, 1.4, 1.15]
+    assert curve.epoch_val == [0, 1, 2] and curve.val_loss == [1.5, 1.2, 1.1]
+
+
+def test_training_curve_without_val_loss_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train_loss\n0,9,1.8\n")
+    with pytest.raises(ResultsError, match="val_loss"):
+        read_training_curve(path, "run `pipeline train`")
+
+
+def test_nonfinite_count_is_prominent(experiment: Path) -> None:
+    path = experiment / "two_moons" / "model" / "posterior.json"
+    posterior = json.loads(path.read_text())
+    posterior["num_nonfinite_excluded"] = 17
+    path.write_text(json.dumps(posterior))
+    page = build(experiment)
+    assert 'class="warning">⚠ 17 simulation(s) returned NaN or inf' in page
+
+
+def test_config_digest_disagreement_is_noted(experiment: Path, page: str) -> None:
+    assert "tasks disagree on config digest" not in page
+    path = experiment / "sn_cosmology" / "model" / "posterior.json"
+    path.write_text(json.dumps(posterior_json("sn_cosmology", digest="fff999")))
+    page = build(experiment)
+    assert "tasks disagree on config digest" in page and "fff999" in page
+
+
+def test_thresholds_are_validated() -> None:
+    with pytest.raises(ValueError, match="c2st_max"):
+        Thresholds(c2st_max=math.nan, coverage_max_deviation=0.1)
+    with pytest.raises(ValueError, match="coverage_max_deviation"):
+        Thresholds(c2st_max=0.6, coverage_max_deviation=-0.1)
+
+
+def test_check_of_missing_reference_is_not_applicable() -> None:
+    check = Check("C2ST", None, 0.6)
+    assert check.passed is None and verdict([check]) == "PASS"
+
+
+def test_write_report_replaces_whole_file(tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    out.write_text("old")
+    write_report("<p>new</p>", out)
+    assert out.read_text() == "<p>new</p>"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_failed_write_keeps_old_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    out.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        write_report("<p>half</p>\udc80", out)  # a lone surrogate fails mid-write
+    assert out.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_failed_build_keeps_old_report(experiment: Path) -> None:
+    out = experiment / "report.html"
+    out.write_text("old")
+    (experiment / "two_moons" / "validation" / "sbc.png").unlink()
+    with pytest.raises(FileNotFoundError):
+        write_report(build(experiment), out)
+    assert out.read_text() == "old"
