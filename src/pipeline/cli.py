@@ -1,0 +1,260 @@
+"""``pipeline STAGE ...``: one subcommand per stage, the same by hand as under Snakemake.
+
+The CLI turns arguments into typed keyword arguments of library functions; nothing below it
+reads argv, environment-driven config or Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("pipeline")
+
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def process_rank() -> int:
+    """This process's global rank as its launcher announced it (0 without a launcher)."""
+    for name in _RANK_VARS:
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def setup_logging(log_file: Path | None) -> None:
+    """Logs to stderr and, if given, to ``log_file`` (rank ``r > 0``: ``log_file.rank<r>``)."""
+    rank = process_rank()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        path = Path(log_file) if rank == 0 else Path(f"{log_file}.rank{rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, mode="a"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from pipeline import parallel, simulation
+    from pipeline.tasks import get_task
+
+    comm = parallel.world()
+    try:
+        plan = simulation.SimulationPlan(
+            task=args.task,
+            num_simulations=args.num_simulations,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+        simulation.run(plan, get_task(args.task), args.out, comm, overwrite=args.overwrite)
+    except Exception as error:
+        if comm.Get_size() > 1:
+            parallel.abort_on_error(comm, error)
+        raise
+
+
+def cmd_observe(args: argparse.Namespace) -> None:
+    from pipeline.observations import make_observations
+    from pipeline.tasks import get_task
+
+    make_observations(
+        get_task(args.task), args.num_observations, args.num_reference_samples, args.seed, args.out
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.training import TrainConfig, train
+
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = json.loads(args.options) if args.options else {}
+    overrides |= {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
+    if overrides:
+        config = TrainConfig.from_dict({**_asdict(config), **overrides}, source="command line")
+    train(args.data, args.out, config, checkpoint_dir=args.checkpoint_dir)
+
+
+def _asdict(config: object) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from pipeline.models.posterior import load_posterior
+    from pipeline.provenance import provenance
+    from pipeline.sampling import log_prob_of, read_observations, sample_posterior, write_samples
+    from pipeline.storage import finite_rows
+
+    posterior, document = load_posterior(args.model)
+    spec = posterior.spec
+    x, theta = read_observations(args.observations, spec.x_shape)
+    finite = finite_rows(x) if theta is None else finite_rows(x) & finite_rows(theta)
+    if not finite.all():
+        log.warning("excluding %d observations with NaN or inf", int((~finite).sum()))
+    x, theta = x[finite], None if theta is None else theta[finite]
+    if len(x) == 0:
+        raise ValueError(f"{args.observations} holds no finite observation")
+    torch.manual_seed(args.seed)
+    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
+    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    result = sample_posterior(posterior, x, args.num_samples, low=low, high=high)
+    attrs = {
+        "task": document["task"],
+        "parameter_names": list(spec.parameter_names),
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "low": None if low is None else low.tolist(),
+        "high": None if high is None else high.tolist(),
+        "num_nonfinite_excluded": int((~finite).sum()),
+        "observation_index": np.flatnonzero(finite).tolist(),
+        "provenance": provenance({"model": document["provenance"], "seed": args.seed}),
+    }
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
+    write_samples(args.out, result, attrs, theta=theta, log_prob_true=log_prob_true)
+    log.info("wrote %s: samples %s", args.out, result.samples.shape)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from pipeline.validation import validate
+
+    validate(
+        args.test_samples,
+        args.observation_samples,
+        args.observations,
+        args.out,
+        seed=args.seed,
+        c2st_max_samples=args.c2st_max_samples or None,
+        c2st_folds=args.c2st_folds,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pipeline.report import Thresholds, build_report, write_report
+
+    config = json.loads(args.config_json) if args.config_json else {}
+    html = build_report(
+        args.experiment_dir,
+        args.tasks,
+        config=config,
+        thresholds=Thresholds(
+            c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
+        ),
+        title=args.title,
+    )
+    write_report(html, args.out)
+    log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import h5py
+
+    from pipeline.storage import SimulationFileError, decode_attr
+
+    try:
+        f = h5py.File(args.file, "r")
+    except OSError as error:
+        raise SimulationFileError(f"{args.file} is not a readable HDF5 file: {error}") from None
+    with f:
+        print(f"{args.file}")
+        for key, value in sorted(f.attrs.items()):
+            print(f"  @{key} = {decode_attr(value)}")
+        for name, dataset in f.items():
+            data = dataset[...]
+            bad = int(np.size(data) - np.isfinite(data).sum())
+            print(f"  {name}: shape {data.shape}, {data.dtype}, {bad} non-finite values")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log", type=Path, help="also write log lines to this file")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], None], text: str):
+        command = sub.add_parser(name, parents=[common], help=text, description=text)
+        command.set_defaults(handler=handler)
+        return command
+
+    p = add("simulate", cmd_simulate, "simulate (theta, x) pairs; run under mpiexec for ranks")
+    p.add_argument("--task", required=True)
+    p.add_argument("--num-simulations", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--chunk-size", type=int, default=1000, help="simulations per shard")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    p = add("observe", cmd_observe, "draw observations with truths and reference posteriors")
+    p.add_argument("--task", required=True)
+    p.add_argument("--num-observations", type=int, required=True)
+    p.add_argument("--num-reference-samples", type=int, default=10000)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("train", cmd_train, "train a neural posterior estimator (Lightning, DDP-ready)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="model folder")
+    p.add_argument("--config", type=Path, help="YAML of training options")
+    p.add_argument("--options", help="JSON object of training options (override --config)")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--devices", type=int, help="processes Lightning starts without a launcher")
+    p.add_argument("--checkpoint-dir", type=Path, help="default: OUT.checkpoints/<digest>")
+
+    p = add("sample", cmd_sample, "draw posterior samples for observations (.npy or .h5)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--observations", type=Path, required=True)
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("validate", cmd_validate, "coverage (TARP, HPD, SBC) and C2ST; metrics.json + PNGs")
+    p.add_argument("--test-samples", type=Path, required=True)
+    p.add_argument("--observation-samples", type=Path, required=True)
+    p.add_argument("--observations", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--c2st-max-samples", type=int, default=0, help="per class; 0 = all")
+    p.add_argument("--c2st-folds", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True, help="validation folder")
+
+    p = add("report", cmd_report, "write one self-contained HTML report per experiment")
+    p.add_argument("--experiment-dir", type=Path, required=True)
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--config-json", default="", help="the experiment config, shown verbatim")
+    p.add_argument("--c2st-max", type=float, required=True)
+    p.add_argument("--coverage-max-deviation", type=float, required=True)
+    p.add_argument("--title", default="SBI pipeline report")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("inspect", cmd_inspect, "print an HDF5 file's attributes, shapes and NaN counts")
+    p.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log)
+    try:
+        args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        log.error("%s failed: %s", args.command, message)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Neural posterior estimators: embedding networks, conditional flows and their Lightning module."""
+
+from pipeline.models.embeddings import build_embedding
+from pipeline.models.flows import FLOWS, build_flow
+from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
+
+__all__ = ["FLOWS", "NeuralPosterior", "PosteriorSpec", "build_embedding", "build_flow"]

@@ -1,0 +1,126 @@
+"""The neural posterior q(theta | x): standardisation, embedding and flow in one ``nn.Module``.
+
+It is saved as a ``state_dict`` (loadable with ``torch.load(..., weights_only=True)``) beside a
+JSON :class:`PosteriorSpec` that rebuilds the architecture: no pickled objects, no Lightning
+needed to sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.embeddings import build_embedding
+from pipeline.models.flows import build_flow
+
+WEIGHTS = "posterior.pt"
+SPEC = "posterior.json"
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """Everything needed to rebuild a :class:`NeuralPosterior` before loading its weights."""
+
+    parameter_names: tuple[str, ...]
+    x_shape: tuple[int, ...]
+    flow: str = "nsf"
+    transforms: int = 3
+    flow_hidden: tuple[int, ...] = (64, 64)
+    embedding: str = "mlp"
+    embedding_dim: int = 32
+    embedding_hidden: tuple[int, ...] = (64, 64)
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PosteriorSpec:
+        tuples = ("parameter_names", "x_shape", "flow_hidden", "embedding_hidden", "low", "high")
+        fields = {k: tuple(v) if k in tuples and v is not None else v for k, v in data.items()}
+        return cls(**fields)
+
+
+class NeuralPosterior(nn.Module):
+    """q(theta | x) in physical units.
+
+    The flow models ``z = (theta - theta_mean) / theta_std`` given the embedding of
+    ``(x - x_mean) / x_std``; z-scoring makes one architecture work across tasks whose parameters
+    differ by orders of magnitude.
+
+    Arguments:
+        spec: The architecture.
+        theta_mean, theta_std: Shape ``(D,)``.
+        x_mean, x_std: Shape ``x_shape``.
+    """
+
+    def __init__(
+        self,
+        spec: PosteriorSpec,
+        theta_mean: torch.Tensor | None = None,
+        theta_std: torch.Tensor | None = None,
+        x_mean: torch.Tensor | None = None,
+        x_std: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        dim = len(spec.parameter_names)
+        self.embedding, context = build_embedding(
+            spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
+        )
+        self.flow = build_flow(spec.flow, dim, context, spec.transforms, spec.flow_hidden)
+        self.register_buffer("theta_mean", _or(theta_mean, torch.zeros(dim)))
+        self.register_buffer("theta_std", _or(theta_std, torch.ones(dim)))
+        self.register_buffer("x_mean", _or(x_mean, torch.zeros(spec.x_shape)))
+        self.register_buffer("x_std", _or(x_std, torch.ones(spec.x_shape)))
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding((x - self.x_mean) / self.x_std)
+
+    def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N)."""
+        z = (theta - self.theta_mean) / self.theta_std
+        return self.flow(self._context(x)).log_prob(z) - self.theta_std.log().sum()
+
+    def sample_and_log_prob(
+        self, x: torch.Tensor, num_samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws ``num_samples`` per observation: ``x`` (N, *x_shape) -> (M, N, D), (M, N)."""
+        z, log_q = self.flow(self._context(x)).rsample_and_log_prob((num_samples,))
+        theta = z * self.theta_std + self.theta_mean
+        return theta, log_q - self.theta_std.log().sum()
+
+
+def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if value is None else torch.as_tensor(value, dtype=torch.float32)
+
+
+def save_posterior(posterior: NeuralPosterior, folder: Path, metadata: dict[str, Any]) -> None:
+    """Writes ``posterior.pt`` (state dict) and ``posterior.json`` (spec + ``metadata``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(posterior.state_dict(), folder / WEIGHTS)
+    document = {"spec": asdict(posterior.spec), **metadata}
+    (folder / SPEC).write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
+def load_posterior(folder: Path) -> tuple[NeuralPosterior, dict[str, Any]]:
+    """Rebuilds the posterior saved in ``folder``; returns it (eval mode) with its metadata.
+
+    Raises:
+        FileNotFoundError: If ``posterior.pt`` or ``posterior.json`` is missing.
+    """
+    folder = Path(folder)
+    for name in (WEIGHTS, SPEC):
+        if not (folder / name).exists():
+            raise FileNotFoundError(
+                f"{folder / name} does not exist; run `pipeline train --out {folder}` first"
+            )
+    document = json.loads((folder / SPEC).read_text())
+    posterior = NeuralPosterior(PosteriorSpec.from_json(document["spec"]))
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    posterior.load_state_dict(state)
+    return posterior.eval(), document

@@ -1,0 +1,79 @@
+"""Observations with known truth and, where the task has one, reference posterior samples.
+
+The file holds ``theta`` (n_obs, D) drawn from the prior, ``x`` (n_obs, *x_shape) simulated from
+them, and ``reference_samples`` (n_obs, R, D) for tasks with a reference posterior.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline import storage
+from pipeline.progress import Progress
+from pipeline.provenance import provenance
+from pipeline.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def make_observations(
+    task: Task, num_observations: int, num_reference_samples: int, seed: int, out: Path
+) -> None:
+    """Draws observations (and reference posteriors) and writes them atomically to ``out``.
+
+    Observation ``j`` uses the generator ``default_rng([seed, j])``, its reference posterior
+    ``default_rng([seed, j, 1])``: adding observations never changes the earlier ones.
+    """
+    if num_observations <= 0:
+        raise ValueError(f"--num-observations must be positive, got {num_observations}")
+    thetas, xs, references = [], [], []
+    progress = Progress(num_observations, "observations", log)
+    for j in range(num_observations):
+        theta, x = _draw_finite(task, np.random.default_rng([seed, j]), j)
+        thetas.append(theta)
+        xs.append(x)
+        if task.has_reference and num_reference_samples > 0:
+            rng = np.random.default_rng([seed, j, 1])
+            references.append(task.reference_posterior(x, num_reference_samples, rng))
+        progress.update(1)
+    identity = {"task": task.name, "seed": seed, "num_reference_samples": num_reference_samples}
+    with storage.atomic_h5(out) as f:
+        f["theta"] = np.asarray(thetas, dtype=np.float32)
+        f["x"] = np.asarray(xs, dtype=np.float32)
+        if references:
+            f.create_dataset("reference_samples", data=np.asarray(references, dtype=np.float32))
+        for key, value in identity.items():
+            f.attrs[key] = value
+        f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
+        f.attrs["provenance"] = storage.encode_attr(provenance(identity))
+        f.attrs["complete"] = True
+
+
+def _draw_finite(task: Task, rng: np.random.Generator, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """One ``(theta, x)``; retried (a few times) if the simulator returns NaN or inf."""
+    for _ in range(100):
+        theta, x = task.simulate_block(1, rng)
+        if np.isfinite(x).all():
+            return theta[0], x[0]
+    raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")
+
+
+def read_reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``theta`` (n_obs, D), ``x`` (n_obs, ...), ``reference_samples`` (n_obs, R, D) or None."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `pipeline observe` to create it")
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False) or "theta" not in f or "x" not in f:
+                raise storage.SimulationFileError(
+                    f"{path} is incomplete or lacks 'theta'/'x'; rerun `pipeline observe`"
+                )
+            reference = f["reference_samples"][...] if "reference_samples" in f else None
+            return f["theta"][...], f["x"][...], reference
+    except OSError as error:
+        raise storage.SimulationFileError(f"{path} is not a readable HDF5 file: {error}")

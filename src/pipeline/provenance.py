@@ -1,0 +1,72 @@
+"""What produced an output: config digest, package versions, code revision, host and time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "sbi-pipeline",
+    "numpy",
+    "scipy",
+    "torch",
+    "lightning",
+    "zuko",
+    "h5py",
+    "astropy",
+    "mpi4py",
+    "scikit-learn",
+    "snakemake",
+)
+
+
+def config_digest(config: Any) -> str:
+    """SHA-256 (first 16 hex digits) of ``config`` serialised as canonical JSON."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def software_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the results, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def code_revision() -> str:
+    """The git commit of the source tree (``+dirty`` when modified), or ``"unknown"``."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+    )
+    return result.stdout.strip()
+
+
+def provenance(config: Any) -> dict[str, Any]:
+    """Everything an output records about how it was made."""
+    return {
+        "config_digest": config_digest(config),
+        "code_revision": code_revision(),
+        "versions": software_versions(),
+        "hostname": platform.node(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,199 @@
+"""HDF5 layout of simulations: self-describing files, atomic writes, loud failures on bad files.
+
+A simulation file holds two float32 datasets, ``theta`` with shape ``(N, D)`` and ``x`` with shape
+``(N, *x_shape)``, chunked along the first axis, and attributes that say what made them (task,
+parameter names and units, seed, index range, config digest, versions, code revision). A file is
+written under a temporary name and renamed when complete, and carries ``complete = True``: a job
+killed mid-write never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+# Rows per HDF5 chunk: large enough for fast sequential reads, small enough to stay in cache.
+CHUNK_ROWS = 1024
+
+
+class SimulationFileError(ValueError):
+    """A simulation file is missing, corrupt, incomplete or does not match what was expected."""
+
+
+@dataclass
+class Simulations:
+    """Parameters and simulations read from one file.
+
+    Attributes:
+        theta: Parameters, shape ``(N, D)``, float32.
+        x: Simulations, shape ``(N, *x_shape)``, float32.
+        attrs: The file's attributes (JSON-decoded where they were JSON).
+    """
+
+    theta: np.ndarray
+    x: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def finite(self) -> np.ndarray:
+        """Boolean mask, shape ``(N,)``: rows whose ``theta`` and ``x`` are all finite."""
+        return finite_rows(self.theta) & finite_rows(self.x)
+
+
+def finite_rows(array: np.ndarray) -> np.ndarray:
+    """``True`` for rows of ``array`` (first axis) without NaN or inf; shape ``(N,)``."""
+    return np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+
+
+def encode_attr(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool | np.integer | np.floating):
+        return value
+    return json.dumps(value)
+
+
+def decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_simulations(
+    path: Path, theta: np.ndarray, x: np.ndarray, attrs: Mapping[str, Any], *, overwrite: bool
+) -> None:
+    """Writes ``theta`` (N, D) and ``x`` (N, *x_shape) as float32, atomically.
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
+    if len(theta) != len(x):
+        raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
+    with atomic_h5(path) as f:
+        for name, data in (("theta", theta), ("x", x)):
+            f.create_dataset(
+                name,
+                data=np.asarray(data, dtype=np.float32),
+                chunks=(min(CHUNK_ROWS, max(len(data), 1)), *np.shape(data)[1:]),
+            )
+        for key, value in attrs.items():
+            f.attrs[key] = encode_attr(value)
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["num_simulations"] = len(theta)
+        f.attrs["complete"] = True
+
+
+class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as f`
+    """Opens ``path``'s temporary sibling for writing; renames it to ``path`` on success only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> h5py.File:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        return self.file
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of a finished simulation file (validated like :func:`read_simulations`)."""
+    with _open(path) as f:
+        return {key: decode_attr(value) for key, value in f.attrs.items()}
+
+
+def read_simulations(path: Path, *, task: str | None = None) -> Simulations:
+    """Reads and checks a simulation file.
+
+    Arguments:
+        path: The HDF5 file.
+        task: If given, the task the file must have been simulated for.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        SimulationFileError: If it is not a readable HDF5 file, lacks ``theta`` or ``x``, is
+            incomplete, has mismatched row counts, or was made for another task.
+    """
+    with _open(path) as f:
+        attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
+        if task is not None and attrs.get("task") != task:
+            raise SimulationFileError(
+                f"{path} holds simulations of task {attrs.get('task')!r}, expected {task!r}"
+            )
+        try:
+            theta, x = f["theta"][...], f["x"][...]
+        except OSError as error:
+            raise SimulationFileError(f"{path} is corrupt: reading its data failed ({error})")
+    return Simulations(theta=theta, x=x, attrs=attrs)
+
+
+class _open:  # noqa: N801 - context manager that validates while opening
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> h5py.File:
+        path = self.path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"simulation file {path} does not exist; run `pipeline simulate` to create it"
+            )
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as error:
+            raise SimulationFileError(
+                f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}. "
+                "Delete it and rerun `pipeline simulate`."
+            ) from None
+        try:
+            _check_layout(self.file, path)
+        except BaseException:
+            self.file.close()
+            raise
+        return self.file
+
+    def __exit__(self, *_: object) -> None:
+        self.file.close()
+
+
+def _check_layout(f: h5py.File, path: Path) -> None:
+    missing = [name for name in ("theta", "x") if name not in f]
+    if missing:
+        raise SimulationFileError(
+            f"{path} has no dataset {' or '.join(map(repr, missing))}; "
+            "expected 'theta' (N, D) and 'x' (N, ...) as written by `pipeline simulate`"
+        )
+    if not f.attrs.get("complete", False):
+        raise SimulationFileError(
+            f"{path} is incomplete (no 'complete' attribute): the job that wrote it was "
+            "interrupted. Delete it and rerun `pipeline simulate`."
+        )
+    theta, x = f["theta"], f["x"]
+    if theta.ndim != 2:
+        raise SimulationFileError(f"{path}: theta must have shape (N, D), found {theta.shape}")
+    if len(theta) != len(x):
+        raise SimulationFileError(
+            f"{path}: theta has {len(theta)} rows but x has {len(x)}; the file is inconsistent"
+        )

@@ -1,0 +1,338 @@
+"""The train stage: builds the Trainer for whatever launched us, fits NPE, exports the posterior.
+
+The same call runs as one process, under Lightning's own launcher (``devices > 1``), under
+``torchrun``, under ``mpiexec`` and under ``srun``: devices per node and node count are read from
+the launcher's environment (:func:`launch_layout`), never hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from pipeline.data import SimulationDataModule
+from pipeline.models.npe import NPE
+from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
+from pipeline.parallel import launched_by_mpi
+from pipeline.provenance import config_digest, provenance
+from pipeline.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of training; every field shapes the trained weights."""
+
+    flow: str = "nsf"
+    transforms: int = 3
+    flow_hidden: tuple[int, ...] = (64, 64)
+    embedding: str = "mlp"
+    embedding_dim: int = 32
+    embedding_hidden: tuple[int, ...] = (64, 64)
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 200
+    patience: int = 20
+    val_fraction: float = 0.1
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Builds a config, refusing unknown keys (with the allowed ones named)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown training option(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(known)}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        config = cls(**values)
+        config.check(source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> TrainConfig:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of training options, got {data!r}")
+        return cls.from_dict(data, source=str(path))
+
+    def check(self, source: str) -> None:
+        positive = ("transforms", "embedding_dim", "batch_size", "max_epochs", "devices")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"{source}: learning_rate must be positive")
+        if self.accelerator not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"{source}: accelerator must be cpu, gpu or auto")
+
+    def shaping(self) -> dict[str, Any]:
+        """The fields that shape the weights (not where they run), for the checkpoint digest."""
+        return {k: v for k, v in asdict(self).items() if k not in ("devices", "accelerator")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: devices per node, nodes, and the launcher that said so."""
+
+    devices: int
+    num_nodes: int
+    launcher: str
+
+
+def launch_layout(requested_devices: int) -> Layout:
+    """Reads devices per node and node count from the launcher's environment.
+
+    ``torchrun`` sets ``LOCAL_WORLD_SIZE``/``WORLD_SIZE``; ``srun`` sets ``SLURM_NTASKS`` and
+    ``SLURM_NNODES``; ``mpiexec`` sets PMI variables and the local size comes from a shared-memory
+    split of the world communicator. Without a launcher, ``requested_devices`` processes are
+    started by Lightning itself.
+
+    Raises:
+        ValueError: If the launcher's numbers are inconsistent (naming the variable to fix).
+    """
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+        return Layout(local, _nodes(world, local, "torchrun --nproc_per_node"), "torchrun")
+    if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1 and (
+        "SLURM_PROCID" in env and not launched_by_mpi_only()
+    ):
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        if world % nodes:
+            raise ValueError(
+                f"SLURM runs {world} tasks on {nodes} nodes: set --ntasks-per-node so every "
+                "node runs the same number of tasks (one per device)"
+            )
+        return Layout(world // nodes, nodes, "slurm")
+    if launched_by_mpi():
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD.Get_size()
+        local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        return Layout(local, _nodes(world, local, "mpiexec -ppn"), "mpi")
+    return Layout(requested_devices, 1, "lightning")
+
+
+def launched_by_mpi_only() -> bool:
+    """Whether ``mpiexec`` (not ``srun``) launched us inside a SLURM allocation."""
+    return launched_by_mpi() and "SLURM_STEP_ID" not in os.environ
+
+
+def _nodes(world: int, local: int, fix: str) -> int:
+    if world % local:
+        raise ValueError(
+            f"{world} processes cannot be spread evenly with {local} per node; set `{fix}` so "
+            "every node runs the same number of processes (one per device)"
+        )
+    return world // local
+
+
+def build_trainer(
+    config: TrainConfig, layout: Layout, out: Path, checkpoint_dir: Path
+) -> pl.Trainer:
+    """The one place a Trainer is built: callbacks, logger, strategy, determinism."""
+    plugins = []
+    if layout.launcher == "mpi":
+        # Inside a SLURM allocation Lightning would pick SLURM; the launcher was mpiexec.
+        from lightning.fabric.plugins.environments import MPIEnvironment
+
+        plugins.append(MPIEnvironment())
+    distributed = layout.devices * layout.num_nodes > 1
+    return pl.Trainer(
+        accelerator=config.accelerator,
+        devices=layout.devices,
+        num_nodes=layout.num_nodes,
+        strategy="ddp" if distributed else "auto",
+        plugins=plugins or None,
+        max_epochs=config.max_epochs,
+        deterministic=True,
+        # Beside the checkpoints, so a resumed run keeps the whole loss history.
+        logger=CSVLogger(save_dir=checkpoint_dir, name="", version="logs"),
+        callbacks=[
+            EarlyStopping(monitor="val_loss", patience=config.patience),
+            ModelCheckpoint(
+                dirpath=checkpoint_dir, monitor="val_loss", save_top_k=1, save_last=True
+            ),
+            EpochLog(config.max_epochs),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+
+
+class EpochLog(Callback):
+    """One log line per epoch with losses, rate and an ETA bounded by ``max_epochs``."""
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Resumed runs start at a later epoch: rate only counts epochs run by this process.
+        self.start, self.first_epoch = time.perf_counter(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Runs after the epoch's validation, so both losses are this epoch's.
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        epoch = trainer.current_epoch + 1
+        per_epoch = (time.perf_counter() - self.start) / max(epoch - self.first_epoch, 1)
+        log.info(
+            "epoch %d/%d: train_loss %.4f, val_loss %.4f, %.2f s/epoch, ETA at most %.0f s",
+            epoch,
+            self.max_epochs,
+            float(metrics.get("train_loss", float("nan"))),
+            float(metrics.get("val_loss", float("nan"))),
+            per_epoch,
+            per_epoch * (self.max_epochs - epoch),
+        )
+
+
+def check_checkpoints(
+    checkpoint_dir: Path, config: TrainConfig, data_digest: str, *, write: bool
+) -> None:
+    """Refuses a checkpoint folder made for another configuration or other data.
+
+    Arguments:
+        write: Whether this process stamps a new folder with the run's identity (rank 0 only).
+
+    Raises:
+        ValueError: If the folder holds checkpoints of a different configuration or data,
+            naming what differs.
+    """
+    identity = {"train": config.shaping(), "data_digest": data_digest}
+    stamp = checkpoint_dir / "identity.json"
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != identity:
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints of a different run "
+                f"({_differences(previous, identity)}); delete the folder or choose another "
+                "--checkpoint-dir"
+            )
+    elif write:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(identity, sort_keys=True, indent=1))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    keys = sorted(set(old) | set(new))
+    parts = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
+def default_checkpoint_dir(out: Path, config: TrainConfig, data_digest: str) -> Path:
+    """``OUT.checkpoints/<digest>``: a new configuration never resumes another's checkpoint."""
+    digest = config_digest({"train": config.shaping(), "data_digest": data_digest})
+    return out.with_name(out.name + ".checkpoints") / digest
+
+
+def train(
+    data: Path, out: Path, config: TrainConfig, checkpoint_dir: Path | None = None
+) -> dict[str, Any] | None:
+    """Trains NPE on ``data`` and writes ``posterior.pt``, ``posterior.json``, ``metrics.csv``.
+
+    Returns the metadata written (on the global rank 0; ``None`` on other ranks).
+    """
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = SimulationDataModule(data, config.val_fraction, config.batch_size, config.seed)
+    datamodule.setup("fit")
+    attrs = datamodule.attrs
+    task = get_task(attrs["task"])
+    data_digest = str(attrs.get("config_digest", "unknown"))
+    checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
+    layout = launch_layout(config.devices)
+    spec = _spec(config, task)
+    posterior = NeuralPosterior(spec, **datamodule.statistics())
+    module = NPE(posterior, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    trainer = build_trainer(config, layout, out, checkpoint_dir)
+    check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
+    # last.ckpt is only written during fit, so every rank sees the same answer here.
+    last = checkpoint_dir / "last.ckpt"
+    if last.exists():
+        log.info("resuming from %s", last)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # The folder holds our identity stamp, which Lightning mistakes for stale checkpoints.
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+    seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return None
+    best = trainer.checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    posterior.load_state_dict({k.removeprefix("posterior."): v for k, v in state.items()})
+    metadata = {
+        "task": task.name,
+        "parameter_names": list(task.parameter_names),
+        "parameter_units": list(task.parameter_units),
+        "flow": config.flow,
+        "embedding": config.embedding,
+        "num_train": len(datamodule.train_set),
+        "num_val": len(datamodule.val_set),
+        "num_nonfinite_excluded": datamodule.num_nonfinite,
+        "epochs": trainer.current_epoch,
+        "best_val_loss": float(trainer.checkpoint_callback.best_model_score),
+        "train_seconds": seconds,
+        "seed": config.seed,
+        "world_size": trainer.world_size,
+        "launcher": layout.launcher,
+        "batch_size": config.batch_size,
+        "effective_batch_size": config.batch_size * trainer.world_size,
+        "train_config": asdict(config),
+        "data": {"path": str(data), "config_digest": data_digest},
+        "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
+    }
+    save_posterior(posterior.cpu(), out, metadata)
+    shutil.copyfile(Path(trainer.logger.log_dir) / "metrics.csv", out / "metrics.csv")
+    # The checkpoints only serve to resume this run; a finished run must not be "resumed".
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("saved posterior to %s (best val_loss %.4f)", out, metadata["best_val_loss"])
+    return metadata
+
+
+def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
+    bounds = task.prior.bounds
+    return PosteriorSpec(
+        parameter_names=tuple(task.parameter_names),
+        x_shape=tuple(task.x_shape),
+        flow=config.flow,
+        transforms=config.transforms,
+        flow_hidden=config.flow_hidden,
+        embedding=config.embedding,
+        embedding_dim=config.embedding_dim,
+        embedding_hidden=config.embedding_hidden,
+        low=None if bounds is None else tuple(map(float, bounds[0])),
+        high=None if bounds is None else tuple(map(float, bounds[1])),
+    )
