@@ -1,0 +1,40 @@
+rule simulate:
+    output:
+        TASK_DIR + "/sims/{split}.h5",
+    log:
+        LOGS + "/simulate/{task}-{split}.log",
+    benchmark:
+        BENCHMARKS + "/simulate/{task}-{split}.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    params:
+        num_simulations=simulation_count,
+        seed=simulation_seed,
+        chunk_size=config["simulate"]["chunk_size"],
+    threads: 1
+    resources:
+        mpi="mpiexec",
+        tasks=1,
+    shell:
+        "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
+        " --num-simulations {params.num_simulations} --seed {params.seed}"
+        " --chunk-size {params.chunk_size} --out {output} --overwrite --log {log}"
+
+
+rule observe:
+    output:
+        TASK_DIR + "/observations.h5",
+    log:
+        LOGS + "/observe/{task}.log",
+    benchmark:
+        BENCHMARKS + "/observe/{task}.tsv"
+    conda:
+        "../../envs/pipeline.yaml"
+    params:
+        num_observations=config["observations"]["num_observations"],
+        num_reference_samples=config["observations"]["num_reference_samples"],
+        seed=config["observations"]["seed"],
+    shell:
+        "pipeline observe --task {wildcards.task} --num-observations {params.num_observations}"
+        " --num-reference-samples {params.num_reference_samples} --seed {params.seed}"
+        " --out {output} --log {log}"
