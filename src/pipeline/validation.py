@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 
 from pipeline import diagnostics, plots
@@ -136,9 +136,8 @@ def _c2st_and_corner(
     }
 
 
-def _save(figure: plt.Figure, path: Path) -> str:
+def _save(figure: Figure, path: Path) -> str:
     figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return path.name
 
 
