@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log", type=Path, help="also write log lines to this file")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (default 1: more oversubscribes small models on CPU)",
+    )
 
     def add(name: str, handler: Callable[[argparse.Namespace], None], text: str):
         command = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
+    if args.command in ("train", "sample"):
+        import torch
+
+        torch.set_num_threads(max(args.threads, 1))
     try:
         args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:

@@ -45,13 +45,8 @@ class SimulationPlan:
         return [(start, min(start + size, n)) for start in range(0, n, size)]
 
     def identity(self, task: Task) -> dict[str, object]:
-        """The fields that determine the data, recorded in every file and digested."""
-        return {
-            "task": self.task,
-            "seed": self.seed,
-            "seed_block_size": task.seed_block_size,
-            "num_simulations": self.num_simulations,
-        }
+        """The fields that determine each simulation (not their count), recorded in every file."""
+        return {"task": self.task, "seed": self.seed, "seed_block_size": task.seed_block_size}
 
 
 def check_plan(plan: SimulationPlan, num_ranks: int) -> None:
@@ -163,7 +158,7 @@ def merge_shards(plan: SimulationPlan, task: Task, out: Path, identity: dict[str
             plan.num_simulations,
             out,
         )
-    made_by = provenance(identity)
+    made_by = provenance({**identity, "num_simulations": plan.num_simulations})
     attrs = {
         **identity,
         "index_start": 0,

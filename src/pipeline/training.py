@@ -7,6 +7,7 @@ the launcher's environment (:func:`launch_layout`), never hard-coded.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -169,8 +170,8 @@ def build_trainer(
         plugins=plugins or None,
         max_epochs=config.max_epochs,
         deterministic=True,
-        # Beside the checkpoints, so a resumed run keeps the whole loss history.
-        logger=CSVLogger(save_dir=checkpoint_dir, name="", version="logs"),
+        # Beside the checkpoints, one folder per attempt: a resumed run keeps the whole history.
+        logger=CSVLogger(save_dir=checkpoint_dir, name="", version=_next_attempt(checkpoint_dir)),
         callbacks=[
             EarlyStopping(monitor="val_loss", patience=config.patience),
             ModelCheckpoint(
@@ -212,6 +213,33 @@ class EpochLog(Callback):
         )
 
 
+def _next_attempt(checkpoint_dir: Path) -> str:
+    # Every rank must agree: only count attempts that existed before this one started.
+    return f"attempt-{len(list(checkpoint_dir.glob('attempt-*'))):03d}"
+
+
+def merge_metrics(files: list[Path], out: Path) -> None:
+    """Joins the CSV logs of successive attempts into one history of epochs.
+
+    An attempt resumed from a checkpoint of epoch ``e`` supersedes the earlier attempts' rows
+    from epoch ``e`` on (those epochs were rerun after the kill).
+    """
+    rows: list[dict[str, str]] = []
+    columns: list[str] = []
+    for path in files:
+        with path.open(newline="") as f:
+            attempt = list(csv.DictReader(f))
+        if not attempt:
+            continue
+        first = int(attempt[0]["epoch"])
+        rows = [row for row in rows if int(row["epoch"]) < first] + attempt
+        columns += [c for c in attempt[0] if c not in columns]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def check_checkpoints(
     checkpoint_dir: Path, config: TrainConfig, data_digest: str, *, write: bool
 ) -> None:
@@ -224,7 +252,8 @@ def check_checkpoints(
         ValueError: If the folder holds checkpoints of a different configuration or data,
             naming what differs.
     """
-    identity = {"train": config.shaping(), "data_digest": data_digest}
+    # Through JSON, so tuples compare equal to the lists read back from the stamp.
+    identity = json.loads(json.dumps({"train": config.shaping(), "data_digest": data_digest}))
     stamp = checkpoint_dir / "identity.json"
     if stamp.exists():
         previous = json.loads(stamp.read_text())
@@ -315,7 +344,7 @@ def train(
         "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
     }
     save_posterior(posterior.cpu(), out, metadata)
-    shutil.copyfile(Path(trainer.logger.log_dir) / "metrics.csv", out / "metrics.csv")
+    merge_metrics(sorted(checkpoint_dir.glob("attempt-*/metrics.csv")), out / "metrics.csv")
     # The checkpoints only serve to resume this run; a finished run must not be "resumed".
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log.info("saved posterior to %s (best val_loss %.4f)", out, metadata["best_val_loss"])

@@ -14,10 +14,11 @@ rule sample_test:
         num_samples=config["sample"]["num_test_samples"],
         seed=config["sample"]["seed"],
         model_dir=lambda wildcards, input: Path(input.model).parent,
-    threads: 2
+    threads: 1
     shell:
         "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --log {log}"
+        " --num-samples {params.num_samples} --seed {params.seed} --out {output}"
+        " --threads {threads} --log {log}"
 
 
 rule sample_observations:
@@ -36,7 +37,8 @@ rule sample_observations:
         num_samples=config["sample"]["num_observation_samples"],
         seed=config["sample"]["seed"],
         model_dir=lambda wildcards, input: Path(input.model).parent,
-    threads: 2
+    threads: 1
     shell:
         "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --log {log}"
+        " --num-samples {params.num_samples} --seed {params.seed} --out {output}"
+        " --threads {threads} --log {log}"

@@ -16,7 +16,7 @@ rule train:
     params:
         options=train_options,
         model_dir=lambda wildcards, output: Path(output.posterior).parent,
-    threads: 2
+    threads: 1
     shell:
         "pipeline train --data {input} --out {params.model_dir}"
-        " --options {params.options:q} --log {log}"
+        " --options {params.options:q} --threads {threads} --log {log}"

@@ -19,7 +19,7 @@ rule validate:
         c2st_folds=config["validate"]["c2st_folds"],
         c2st_max_samples=config["validate"]["c2st_max_samples"],
         out=lambda wildcards, output: Path(output.metrics).parent,
-    threads: 2
+    threads: 1
     shell:
         "pipeline validate --test-samples {input.test_samples}"
         " --observation-samples {input.observation_samples}"

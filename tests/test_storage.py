@@ -1,0 +1,91 @@
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import storage
+
+
+def write(path, n=10, **attrs):
+    rng = np.random.default_rng(0)
+    theta, x = rng.normal(size=(n, 2)), rng.normal(size=(n, 3))
+    storage.write_simulations(path, theta, x, {"task": "two_moons", **attrs}, overwrite=False)
+    return theta, x
+
+
+def test_round_trip_keeps_data_and_attributes(tmp_path):
+    path = tmp_path / "sims.h5"
+    theta, x = write(path, seed=7, parameter_names=["a", "b"])
+    sims = storage.read_simulations(path, task="two_moons")
+    np.testing.assert_array_equal(sims.theta, theta.astype(np.float32))
+    np.testing.assert_array_equal(sims.x, x.astype(np.float32))
+    assert sims.theta.dtype == np.float32
+    assert sims.attrs["seed"] == 7 and sims.attrs["parameter_names"] == ["a", "b"]
+    assert sims.attrs["complete"] and sims.attrs["num_simulations"] == 10
+
+
+def test_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "sims.h5"
+    write(path)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write(path)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "sims.h5"
+    with pytest.raises(ValueError, match="rows"):
+        storage.write_simulations(path, np.zeros((3, 2)), np.zeros((4, 2)), {}, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_names_the_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline simulate"):
+        storage.read_simulations(tmp_path / "nope.h5")
+
+
+def test_truncated_file_is_reported(tmp_path):
+    path = tmp_path / "sims.h5"
+    write(path, n=2000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(storage.SimulationFileError, match=r"sims\.h5.*(truncated|corrupt)"):
+        storage.read_simulations(path)
+
+
+def test_missing_dataset_is_named(tmp_path):
+    path = tmp_path / "sims.h5"
+    with h5py.File(path, "w") as f:
+        f["theta"] = np.zeros((3, 2))
+        f.attrs["complete"] = True
+    with pytest.raises(storage.SimulationFileError, match="no dataset 'x'"):
+        storage.read_simulations(path)
+
+
+def test_incomplete_file_is_refused(tmp_path):
+    path = tmp_path / "sims.h5"
+    with h5py.File(path, "w") as f:
+        f["theta"], f["x"] = np.zeros((3, 2)), np.zeros((3, 2))
+    with pytest.raises(storage.SimulationFileError, match="incomplete"):
+        storage.read_simulations(path)
+
+
+def test_row_mismatch_is_refused(tmp_path):
+    path = tmp_path / "sims.h5"
+    with h5py.File(path, "w") as f:
+        f["theta"], f["x"] = np.zeros((3, 2)), np.zeros((4, 2))
+        f.attrs["complete"] = True
+    with pytest.raises(storage.SimulationFileError, match="3 rows but x has 4"):
+        storage.read_simulations(path)
+
+
+def test_wrong_task_is_refused(tmp_path):
+    path = tmp_path / "sims.h5"
+    write(path)
+    with pytest.raises(storage.SimulationFileError, match="'two_moons', expected 'sn_cosmology'"):
+        storage.read_simulations(path, task="sn_cosmology")
+
+
+def test_finite_mask_flags_nan_and_inf_rows():
+    sims = storage.Simulations(
+        theta=np.zeros((4, 2)), x=np.array([[0.0], [np.nan], [np.inf], [1.0]]), attrs={}
+    )
+    np.testing.assert_array_equal(sims.finite, [True, False, False, True])

@@ -1,0 +1,147 @@
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import simulation, storage
+from pipeline.models.posterior import load_posterior
+from pipeline.parallel import SerialComm
+from pipeline.tasks import get_task
+from pipeline.training import TrainConfig, check_checkpoints, train
+from tests.conftest import run_env, tool
+
+TINY = {"max_epochs": 3, "flow_hidden": [16], "embedding_hidden": [16], "embedding_dim": 8,
+        "transforms": 1, "batch_size": 64, "patience": 5}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 800, 1, 400)
+    simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=False)
+    return out
+
+
+def test_unknown_option_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) lerning_rate.*allowed"):
+        TrainConfig.from_dict({"lerning_rate": 0.1})
+
+
+def test_non_positive_option_is_refused():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig.from_dict({"batch_size": 0})
+
+
+def test_trained_posterior_loads_without_lightning(data, tmp_path):
+    metadata = train(data, tmp_path / "model", TrainConfig.from_dict(TINY))
+    assert metadata["num_train"] + metadata["num_val"] == 800
+    state = torch.load(tmp_path / "model" / "posterior.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    posterior, document = load_posterior(tmp_path / "model")
+    assert document["task"] == "two_moons" and document["epochs"] == 3
+    theta, log_q = posterior.sample_and_log_prob(torch.zeros(4, 2), 5)
+    assert theta.shape == (5, 4, 2) and log_q.shape == (5, 4)
+    # The model's log-density of its own samples matches what sampling returned.
+    torch.testing.assert_close(posterior.log_prob(theta, torch.zeros(4, 2)), log_q, atol=1e-4,
+                               rtol=1e-4)  # fmt: skip
+    lines = (tmp_path / "model" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["epoch", "step", "train_loss", "val_loss"]
+    assert len(lines) == 1 + 2 * 3  # one train and one val row per epoch
+    assert not (tmp_path / "model.checkpoints").exists() or not any(
+        (tmp_path / "model.checkpoints").iterdir()
+    )
+
+
+def test_same_seed_gives_identical_weights_on_cpu(data, tmp_path):
+    config = TrainConfig.from_dict(TINY)
+    train(data, tmp_path / "a", config)
+    train(data, tmp_path / "b", config)
+    a = torch.load(tmp_path / "a" / "posterior.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "posterior.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(data, tmp_path / "c", TrainConfig.from_dict({**TINY, "seed": 1}))
+    c = torch.load(tmp_path / "c" / "posterior.pt", weights_only=True)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_nonfinite_rows_are_excluded_and_reported(tmp_path):
+    out = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("nan_two_moons", 1000, 1, 1000)
+    simulation.run(plan, get_task("nan_two_moons"), out, SerialComm(), overwrite=False)
+    bad = storage.read_simulations(out).attrs["num_nonfinite"]
+    metadata = train(out, tmp_path / "model", TrainConfig.from_dict({**TINY, "max_epochs": 1}))
+    assert metadata["num_nonfinite_excluded"] == bad > 0
+    assert metadata["num_train"] + metadata["num_val"] == 1000 - bad
+    assert np.isfinite(metadata["best_val_loss"])
+
+
+def test_all_nan_data_fail_before_training(tmp_path):
+    out = tmp_path / "sims.h5"
+    theta = np.zeros((10, 2))
+    storage.write_simulations(out, theta, np.full((10, 2), np.nan), {"task": "two_moons"},
+                              overwrite=False)  # fmt: skip
+    with pytest.raises(ValueError, match="0 finite simulations cannot be split"):
+        train(out, tmp_path / "model", TrainConfig.from_dict(TINY))
+
+
+def test_checkpoints_of_another_config_are_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    check_checkpoints(folder, TrainConfig(), "abc", write=True)
+    check_checkpoints(folder, TrainConfig(devices=2), "abc", write=True)  # placement only: fine
+    with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.01"):
+        check_checkpoints(folder, TrainConfig(learning_rate=0.01), "abc", write=True)
+    with pytest.raises(ValueError, match="data_digest: 'abc' -> 'xyz'"):
+        check_checkpoints(folder, TrainConfig(), "xyz", write=True)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    options = json.dumps({**TINY, "max_epochs": 40, "patience": 40})
+    command = [tool("pipeline"), "train", "--data", str(data), "--out", str(tmp_path / "model"),
+               "--options", options, "--checkpoint-dir", str(ckpt),
+               "--log", str(tmp_path / "train.log")]  # fmt: skip
+    process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpt / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let a few more epochs finish, then kill without warning
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (ckpt / "last.ckpt").exists() and not (tmp_path / "model" / "posterior.pt").exists()
+    subprocess.run(command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL)
+    assert "resuming from" in (tmp_path / "train.log").read_text()
+    document = json.loads((tmp_path / "model" / "posterior.json").read_text())
+    assert document["epochs"] == 40
+    epochs = [line.split(",")[0] for line in (tmp_path / "model" / "metrics.csv").read_text()
+              .splitlines()[1:]]  # fmt: skip
+    assert epochs[0] == "0" and epochs[-1] == "39"  # the history survives the kill
+    assert not ckpt.exists()
+
+
+def _ddp_command(tmp_path, data, launcher):
+    options = json.dumps({**TINY, "max_epochs": 2})
+    return [*launcher, tool("pipeline"), "train", "--data", str(data), "--out",
+            str(tmp_path / "model"), "--options", options, "--log", str(tmp_path / "train.log")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_with_lightning_launcher(tmp_path, data):
+    command = [*_ddp_command(tmp_path, data, []), "--devices", "2"]
+    subprocess.run(command, check=True, env=run_env(), timeout=600)
+    document = json.loads((tmp_path / "model" / "posterior.json").read_text())
+    assert document["world_size"] == 2 and document["launcher"] == "lightning"
+    assert document["effective_batch_size"] == 2 * TINY["batch_size"]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_ddp_under_mpiexec(tmp_path, data):
+    command = _ddp_command(tmp_path, data, [tool("mpiexec"), "-n", "2"])
+    subprocess.run(command, check=True, env=run_env(), timeout=600)
+    document = json.loads((tmp_path / "model" / "posterior.json").read_text())
+    assert document["world_size"] == 2 and document["launcher"] == "mpi"
