@@ -11,9 +11,20 @@ if unknown:
     )
 
 EXPERIMENT = Path(config["results"]) / config["experiment"]
-TASK_DIR = str(EXPERIMENT / "{task}")
-LOGS = str(EXPERIMENT / "logs")
-BENCHMARKS = str(EXPERIMENT / "benchmarks")
+
+
+def task_path(name):
+    """A file of one task's outputs: RESULTS/EXPERIMENT/{task}/NAME."""
+    return str(EXPERIMENT / "{task}" / name)
+
+
+def log_path(name):
+    return str(EXPERIMENT / "logs" / name)
+
+
+def benchmark_path(name):
+    return str(EXPERIMENT / "benchmarks" / name)
+
 
 
 wildcard_constraints:

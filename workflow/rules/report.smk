@@ -1,24 +1,25 @@
 rule report:
     input:
-        metrics=expand(TASK_DIR + "/validation/metrics.json", task=config["tasks"]),
-        models=expand(TASK_DIR + "/model/posterior.json", task=config["tasks"]),
-        curves=expand(TASK_DIR + "/model/metrics.csv", task=config["tasks"]),
+        metrics=expand(task_path("validation/metrics.json"), task=config["tasks"]),
+        models=expand(task_path("model/posterior.json"), task=config["tasks"]),
+        curves=expand(task_path("model/metrics.csv"), task=config["tasks"]),
     output:
         EXPERIMENT / "report.html",
     log:
-        LOGS + "/report.log",
+        log_path("report.log"),
     benchmark:
-        BENCHMARKS + "/report.tsv"
+        benchmark_path("report.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:
+        experiment_dir=EXPERIMENT,
         config=json.dumps(config, sort_keys=True),
         tasks=" ".join(config["tasks"]),
         c2st_max=config["report"]["c2st_max"],
         coverage_max_deviation=config["report"]["coverage_max_deviation"],
         title=config["report"]["title"],
     shell:
-        "pipeline report --experiment-dir {EXPERIMENT} --tasks {params.tasks}"
+        "pipeline report --experiment-dir {params.experiment_dir} --tasks {params.tasks}"
         " --config-json {params.config:q} --c2st-max {params.c2st_max}"
         " --coverage-max-deviation {params.coverage_max_deviation}"
         " --title {params.title:q} --out {output} --log {log}"

@@ -1,13 +1,13 @@
 rule sample_test:
     input:
-        model=TASK_DIR + "/model/posterior.pt",
-        observations=TASK_DIR + "/sims/test.h5",
+        model=task_path("model/posterior.pt"),
+        observations=task_path("sims/test.h5"),
     output:
-        TASK_DIR + "/samples/test.h5",
+        task_path("samples/test.h5"),
     log:
-        LOGS + "/sample/{task}-test.log",
+        log_path("sample/{task}-test.log"),
     benchmark:
-        BENCHMARKS + "/sample/{task}-test.tsv"
+        benchmark_path("sample/{task}-test.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:
@@ -23,14 +23,14 @@ rule sample_test:
 
 rule sample_observations:
     input:
-        model=TASK_DIR + "/model/posterior.pt",
-        observations=TASK_DIR + "/observations.h5",
+        model=task_path("model/posterior.pt"),
+        observations=task_path("observations.h5"),
     output:
-        TASK_DIR + "/samples/observations.h5",
+        task_path("samples/observations.h5"),
     log:
-        LOGS + "/sample/{task}-observations.log",
+        log_path("sample/{task}-observations.log"),
     benchmark:
-        BENCHMARKS + "/sample/{task}-observations.tsv"
+        benchmark_path("sample/{task}-observations.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:

@@ -1,10 +1,10 @@
 rule simulate:
     output:
-        TASK_DIR + "/sims/{split}.h5",
+        task_path("sims/{split}.h5"),
     log:
-        LOGS + "/simulate/{task}-{split}.log",
+        log_path("simulate/{task}-{split}.log"),
     benchmark:
-        BENCHMARKS + "/simulate/{task}-{split}.tsv"
+        benchmark_path("simulate/{task}-{split}.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:
@@ -23,11 +23,11 @@ rule simulate:
 
 rule observe:
     output:
-        TASK_DIR + "/observations.h5",
+        task_path("observations.h5"),
     log:
-        LOGS + "/observe/{task}.log",
+        log_path("observe/{task}.log"),
     benchmark:
-        BENCHMARKS + "/observe/{task}.tsv"
+        benchmark_path("observe/{task}.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:

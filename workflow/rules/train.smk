@@ -2,15 +2,15 @@
 # the outputs of a failed job, and a retry must find the checkpoints to resume from.
 rule train:
     input:
-        TASK_DIR + "/sims/train.h5",
+        task_path("sims/train.h5"),
     output:
-        posterior=TASK_DIR + "/model/posterior.pt",
-        spec=TASK_DIR + "/model/posterior.json",
-        metrics=TASK_DIR + "/model/metrics.csv",
+        posterior=task_path("model/posterior.pt"),
+        spec=task_path("model/posterior.json"),
+        metrics=task_path("model/metrics.csv"),
     log:
-        LOGS + "/train/{task}.log",
+        log_path("train/{task}.log"),
     benchmark:
-        BENCHMARKS + "/train/{task}.tsv"
+        benchmark_path("train/{task}.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:

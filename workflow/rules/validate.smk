@@ -1,17 +1,17 @@
 rule validate:
     input:
-        test_samples=TASK_DIR + "/samples/test.h5",
-        observation_samples=TASK_DIR + "/samples/observations.h5",
-        observations=TASK_DIR + "/observations.h5",
+        test_samples=task_path("samples/test.h5"),
+        observation_samples=task_path("samples/observations.h5"),
+        observations=task_path("observations.h5"),
     output:
-        metrics=TASK_DIR + "/validation/metrics.json",
-        coverage=TASK_DIR + "/validation/coverage.png",
-        sbc=TASK_DIR + "/validation/sbc.png",
-        corner=TASK_DIR + "/validation/corner.png",
+        metrics=task_path("validation/metrics.json"),
+        coverage=task_path("validation/coverage.png"),
+        sbc=task_path("validation/sbc.png"),
+        corner=task_path("validation/corner.png"),
     log:
-        LOGS + "/validate/{task}.log",
+        log_path("validate/{task}.log"),
     benchmark:
-        BENCHMARKS + "/validate/{task}.tsv"
+        benchmark_path("validate/{task}.tsv")
     conda:
         "../../envs/pipeline.yaml"
     params:

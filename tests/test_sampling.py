@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
+from pipeline.sampling import _fill, read_observations, sample_posterior
+
+
+@pytest.fixture
+def posterior():
+    torch.manual_seed(0)
+    spec = PosteriorSpec(parameter_names=("a", "b"), x_shape=(3,), flow="maf", transforms=1,
+                         flow_hidden=(8,), embedding="identity")  # fmt: skip
+    # theta_std of 2 puts much of the untrained flow's mass outside [-1, 1]^2.
+    return NeuralPosterior(spec, theta_std=torch.full((2,), 2.0)).eval()
+
+
+def test_fill_appends_accepted_draws_in_order():
+    samples, log_prob = np.zeros((2, 3, 1)), np.zeros((2, 3))
+    filled = np.array([0, 2])
+    theta = np.arange(8, dtype=float).reshape(2, 4, 1)
+    lp = -theta[..., 0]
+    inside = np.array([[False, True, True, False], [True, True, True, True]])
+    _fill(samples, log_prob, filled, theta, lp, inside)
+    np.testing.assert_array_equal(samples[0, :2, 0], [1, 2])
+    np.testing.assert_array_equal(samples[1, 2:, 0], [4])  # only one slot was left
+    np.testing.assert_array_equal(log_prob[0, :2], [-1, -2])
+    np.testing.assert_array_equal(filled, [2, 3])
+
+
+def test_samples_respect_the_prior_box_and_shapes(posterior):
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    low, high = np.array([-1.0, -1.0]), np.array([1.0, 1.0])
+    result = sample_posterior(posterior, x, 50, low=low, high=high)
+    assert result.samples.shape == (7, 50, 2) and result.log_prob.shape == (7, 50)
+    assert (result.samples >= -1).all() and (result.samples <= 1).all()
+    # The stored log-densities are the model's, untouched by the rejection.
+    recomputed = posterior.log_prob(torch.as_tensor(result.samples[:, :, None, :][:, :, 0])
+                                    .transpose(0, 1), torch.as_tensor(x)).detach().numpy()  # fmt: skip
+    np.testing.assert_allclose(recomputed.T, result.log_prob, rtol=1e-4, atol=1e-4)
+
+
+def test_observations_from_npy_and_shape_errors(tmp_path):
+    np.save(tmp_path / "obs.npy", np.zeros((4, 3)))
+    x, theta = read_observations(tmp_path / "obs.npy", (3,))
+    assert x.shape == (4, 3) and theta is None
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    assert read_observations(tmp_path / "one.npy", (3,))[0].shape == (1, 3)
+    np.save(tmp_path / "bad.npy", np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"shape \(4, 5\), expected \(n_obs, 3\)"):
+        read_observations(tmp_path / "bad.npy", (3,))
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        read_observations(tmp_path / "missing.npy", (3,))
