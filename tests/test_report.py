@@ -326,12 +326,15 @@ def test_nonfinite_count_is_prominent(experiment: Path) -> None:
     assert 'class="warning">⚠ 17 simulation(s) returned NaN or inf' in page
 
 
-def test_config_digest_disagreement_is_noted(experiment: Path, page: str) -> None:
-    assert "tasks disagree on config digest" not in page
+def test_code_revision_disagreement_is_noted(experiment: Path, page: str) -> None:
+    assert "tasks disagree on code revision" not in page
     path = experiment / "sn_cosmology" / "model" / "posterior.json"
-    path.write_text(json.dumps(posterior_json("sn_cosmology", digest="fff999")))
+    document = posterior_json("sn_cosmology", digest="fff999")
+    document["provenance"]["code_revision"] = "0ther"
+    path.write_text(json.dumps(document))
     page = build(experiment)
-    assert "tasks disagree on config digest" in page and "fff999" in page
+    assert "tasks disagree on code revision" in page and "0ther" in page
+    assert "Model digest (sn_cosmology)" in page and "fff999" in page
 
 
 def test_thresholds_are_validated() -> None:

@@ -9,8 +9,14 @@ from pipeline.sampling import _fill, read_observations, sample_posterior
 @pytest.fixture
 def posterior():
     torch.manual_seed(0)
-    spec = PosteriorSpec(parameter_names=("a", "b"), x_shape=(3,), flow="maf", transforms=1,
-                         flow_hidden=(8,), embedding="identity")  # fmt: skip
+    spec = PosteriorSpec(
+        parameter_names=("a", "b"),
+        x_shape=(3,),
+        flow="maf",
+        transforms=1,
+        flow_hidden=(8,),
+        embedding="identity",
+    )
     # theta_std of 2 puts much of the untrained flow's mass outside [-1, 1]^2.
     return NeuralPosterior(spec, theta_std=torch.full((2,), 2.0)).eval()
 
@@ -35,8 +41,14 @@ def test_samples_respect_the_prior_box_and_shapes(posterior):
     assert result.samples.shape == (7, 50, 2) and result.log_prob.shape == (7, 50)
     assert (result.samples >= -1).all() and (result.samples <= 1).all()
     # The stored log-densities are the model's, untouched by the rejection.
-    recomputed = posterior.log_prob(torch.as_tensor(result.samples[:, :, None, :][:, :, 0])
-                                    .transpose(0, 1), torch.as_tensor(x)).detach().numpy()  # fmt: skip
+    recomputed = (
+        posterior.log_prob(
+            torch.as_tensor(result.samples[:, :, None, :][:, :, 0]).transpose(0, 1),
+            torch.as_tensor(x),
+        )
+        .detach()
+        .numpy()
+    )
     np.testing.assert_allclose(recomputed.T, result.log_prob, rtol=1e-4, atol=1e-4)
 
 

@@ -54,8 +54,9 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     task = get_task("two_moons")
     identity = plan.identity(task)
     for start, stop in plan.chunks()[:2]:
-        simulation.write_shard(task, plan, identity, simulation.shard_path(out, start, stop),
-                               start, stop)  # fmt: skip
+        simulation.write_shard(
+            task, plan, identity, simulation.shard_path(out, start, stop), start, stop
+        )
     # A half-written shard from a killed run must not count as done.
     simulation.shard_path(out, 1000, 2000).write_bytes(b"garbage")
     written = []
@@ -103,9 +104,25 @@ def test_cli_refuses_existing_output(tmp_path):
 def test_mpi_ranks_give_identical_files(tmp_path, ranks):
     serial = simulate(tmp_path / "serial.h5", n=2500, chunk_size=500)
     out = tmp_path / f"mpi{ranks}.h5"
-    command = [tool("mpiexec"), "-n", str(ranks), tool("pipeline"), "simulate", "--task",
-               "two_moons", "--num-simulations", "2500", "--seed", "3", "--chunk-size", "500",
-               "--out", str(out), "--log", str(tmp_path / "sim.log")]  # fmt: skip
+    command = [
+        tool("mpiexec"),
+        "-n",
+        str(ranks),
+        tool("pipeline"),
+        "simulate",
+        "--task",
+        "two_moons",
+        "--num-simulations",
+        "2500",
+        "--seed",
+        "3",
+        "--chunk-size",
+        "500",
+        "--out",
+        str(out),
+        "--log",
+        str(tmp_path / "sim.log"),
+    ]
     subprocess.run(command, check=True, env=run_env(), timeout=300)
     parallel = storage.read_simulations(out)
     np.testing.assert_array_equal(serial.x, parallel.x)
@@ -115,8 +132,21 @@ def test_mpi_ranks_give_identical_files(tmp_path, ranks):
 
 @pytest.mark.mpi
 def test_failing_rank_aborts_the_job(tmp_path):
-    command = [tool("mpiexec"), "-n", "2", tool("pipeline"), "simulate", "--task", "nope",
-               "--num-simulations", "10", "--seed", "0", "--out", str(tmp_path / "x.h5")]  # fmt: skip
+    command = [
+        tool("mpiexec"),
+        "-n",
+        "2",
+        tool("pipeline"),
+        "simulate",
+        "--task",
+        "nope",
+        "--num-simulations",
+        "10",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "x.h5"),
+    ]
     result = subprocess.run(command, env=run_env(), timeout=120, capture_output=True, text=True)
     assert result.returncode != 0
     assert "unknown task 'nope'" in result.stderr

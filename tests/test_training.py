@@ -14,8 +14,15 @@ from pipeline.tasks import get_task
 from pipeline.training import TrainConfig, check_checkpoints, train
 from tests.conftest import run_env, tool
 
-TINY = {"max_epochs": 3, "flow_hidden": [16], "embedding_hidden": [16], "embedding_dim": 8,
-        "transforms": 1, "batch_size": 64, "patience": 5}  # fmt: skip
+TINY = {
+    "max_epochs": 3,
+    "flow_hidden": [16],
+    "embedding_hidden": [16],
+    "embedding_dim": 8,
+    "transforms": 1,
+    "batch_size": 64,
+    "patience": 5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,9 @@ def test_trained_posterior_loads_without_lightning(data, tmp_path):
     theta, log_q = posterior.sample_and_log_prob(torch.zeros(4, 2), 5)
     assert theta.shape == (5, 4, 2) and log_q.shape == (5, 4)
     # The model's log-density of its own samples matches what sampling returned.
-    torch.testing.assert_close(posterior.log_prob(theta, torch.zeros(4, 2)), log_q, atol=1e-4,
-                               rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        posterior.log_prob(theta, torch.zeros(4, 2)), log_q, atol=1e-4, rtol=1e-4
+    )
     lines = (tmp_path / "model" / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",")[:4] == ["epoch", "step", "train_loss", "val_loss"]
     assert len(lines) == 1 + 2 * 3  # one train and one val row per epoch
@@ -82,8 +90,9 @@ def test_nonfinite_rows_are_excluded_and_reported(tmp_path):
 def test_all_nan_data_fail_before_training(tmp_path):
     out = tmp_path / "sims.h5"
     theta = np.zeros((10, 2))
-    storage.write_simulations(out, theta, np.full((10, 2), np.nan), {"task": "two_moons"},
-                              overwrite=False)  # fmt: skip
+    storage.write_simulations(
+        out, theta, np.full((10, 2), np.nan), {"task": "two_moons"}, overwrite=False
+    )
     with pytest.raises(ValueError, match="0 finite simulations cannot be split"):
         train(out, tmp_path / "model", TrainConfig.from_dict(TINY))
 
@@ -102,9 +111,20 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
 def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     options = json.dumps({**TINY, "max_epochs": 40, "patience": 40})
-    command = [tool("pipeline"), "train", "--data", str(data), "--out", str(tmp_path / "model"),
-               "--options", options, "--checkpoint-dir", str(ckpt),
-               "--log", str(tmp_path / "train.log")]  # fmt: skip
+    command = [
+        tool("pipeline"),
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "model"),
+        "--options",
+        options,
+        "--checkpoint-dir",
+        str(ckpt),
+        "--log",
+        str(tmp_path / "train.log"),
+    ]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (ckpt / "last.ckpt").exists() and time.time() < deadline:
@@ -117,16 +137,29 @@ def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
     assert "resuming from" in (tmp_path / "train.log").read_text()
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
     assert document["epochs"] == 40
-    epochs = [line.split(",")[0] for line in (tmp_path / "model" / "metrics.csv").read_text()
-              .splitlines()[1:]]  # fmt: skip
+    epochs = [
+        line.split(",")[0]
+        for line in (tmp_path / "model" / "metrics.csv").read_text().splitlines()[1:]
+    ]
     assert epochs[0] == "0" and epochs[-1] == "39"  # the history survives the kill
     assert not ckpt.exists()
 
 
 def _ddp_command(tmp_path, data, launcher):
     options = json.dumps({**TINY, "max_epochs": 2})
-    return [*launcher, tool("pipeline"), "train", "--data", str(data), "--out",
-            str(tmp_path / "model"), "--options", options, "--log", str(tmp_path / "train.log")]  # fmt: skip
+    return [
+        *launcher,
+        tool("pipeline"),
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "model"),
+        "--options",
+        options,
+        "--log",
+        str(tmp_path / "train.log"),
+    ]
 
 
 @pytest.mark.slow

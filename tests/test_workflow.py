@@ -29,12 +29,21 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [tool("snakemake"), "--cores", "2", "--workflow-profile", "workflow/profiles/local",
-               *args]  # fmt: skip
-    result = subprocess.run(command, cwd=workdir, env=run_env(), capture_output=True, text=True,
-                            timeout=1200)  # fmt: skip
+    command = [
+        tool("snakemake"),
+        "--cores",
+        "2",
+        "--workflow-profile",
+        "workflow/profiles/local",
+        *args,
+    ]
+    result = subprocess.run(
+        command, cwd=workdir, env=run_env(), capture_output=True, text=True, timeout=1200
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 
@@ -48,8 +57,15 @@ def write_config(workdir: Path, **changes: object) -> Path:
 
 def test_dry_run_plans_every_stage(workdir):
     result = snakemake(workdir, "-n")
-    for rule in ("simulate", "observe", "train", "sample_test", "sample_observations",
-                 "validate", "report"):  # fmt: skip
+    for rule in (
+        "simulate",
+        "observe",
+        "train",
+        "sample_test",
+        "sample_observations",
+        "validate",
+        "report",
+    ):
         assert re.search(rf"^{rule}\s+\d+", result.stdout, re.MULTILINE), rule
 
 
@@ -63,7 +79,10 @@ def test_lint_is_clean(workdir):
     [
         ({"tasks": ["two_moon"]}, r"two_moon.*is not one of"),
         ({"simulate": {"num_simulations": 0}}, r"0 is less than the minimum of 1"),
-        ({"simulat": {"num_simulations": 10}}, r"Additional properties are not allowed \('simulat'"),
+        (
+            {"simulat": {"num_simulations": 10}},
+            r"Additional properties are not allowed \('simulat'",
+        ),
         ({"train": {"lerning_rate": 0.1}}, r"'lerning_rate' was unexpected"),
     ],
 )
@@ -116,8 +135,14 @@ def test_tiny_dag_end_to_end(workdir):
     test_sims.write_bytes(test_sims.read_bytes()[:2048])
     model = experiment / "two_moons/model/posterior.pt"
     before = model.read_bytes()
-    failed = snakemake(workdir, "--configfile", "config/experiments/tiny.yaml", "--forcerun",
-                       "sample_test", check=False)  # fmt: skip
+    failed = snakemake(
+        workdir,
+        "--configfile",
+        "config/experiments/tiny.yaml",
+        "--forcerun",
+        "sample_test",
+        check=False,
+    )
     assert failed.returncode != 0
     log = (experiment / "logs/sample/two_moons-test.log").read_text()
     assert "test.h5" in log and "not a readable HDF5 file" in log

@@ -79,7 +79,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     overrides = json.loads(args.options) if args.options else {}
-    overrides |= {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
+    overrides |= {
+        k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None
+    }
     if overrides:
         config = TrainConfig.from_dict({**_asdict(config), **overrides}, source="command line")
     train(args.data, args.out, config, checkpoint_dir=args.checkpoint_dir)
@@ -163,12 +165,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import h5py
 
-    from pipeline.storage import SimulationFileError, decode_attr
+    from pipeline.storage import decode_attr, unreadable
 
     try:
         f = h5py.File(args.file, "r")
     except OSError as error:
-        raise SimulationFileError(f"{args.file} is not a readable HDF5 file: {error}") from None
+        raise unreadable(args.file, error) from None
     with f:
         print(f"{args.file}")
         for key, value in sorted(f.attrs.items()):

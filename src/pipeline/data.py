@@ -63,7 +63,8 @@ class SimulationDataModule(pl.LightningDataModule):
         if num_train < 1 or num_val < 1:
             raise ValueError(
                 f"{self.path}: {len(theta)} finite simulations cannot be split into non-empty "
-                f"training and validation sets with val_fraction={self.val_fraction}; simulate more"
+                f"training and validation sets with val_fraction={self.val_fraction}; "
+                "simulate more"
             )
         order = np.random.default_rng(self.seed).permutation(len(theta))
         train, val = order[:num_train], order[num_train:]

@@ -76,4 +76,4 @@ def read_reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
             reference = f["reference_samples"][...] if "reference_samples" in f else None
             return f["theta"][...], f["x"][...], reference
     except OSError as error:
-        raise storage.SimulationFileError(f"{path} is not a readable HDF5 file: {error}")
+        raise storage.unreadable(path, error) from None

@@ -218,13 +218,21 @@ def plot_corner(
             if i == j:
                 bins = np.linspace(low[i], high[i], 41)
                 ax.hist(
-                    samples[:, i], bins=bins, density=True, histtype="stepfilled",
-                    color=SAMPLES_COLOR, alpha=0.5,
+                    samples[:, i],
+                    bins=bins,
+                    density=True,
+                    histtype="stepfilled",
+                    color=SAMPLES_COLOR,
+                    alpha=0.5,
                 )
                 if reference is not None:
                     ax.hist(
-                        reference[:, i], bins=bins, density=True, histtype="step",
-                        color=REFERENCE_COLOR, linewidth=1.2,
+                        reference[:, i],
+                        bins=bins,
+                        density=True,
+                        histtype="step",
+                        color=REFERENCE_COLOR,
+                        linewidth=1.2,
                     )
                 if theta_true is not None:
                     ax.axvline(theta_true[i], color=TRUTH_COLOR, linewidth=1.0)

@@ -39,7 +39,9 @@ class PosteriorSamples:
     log_prob: np.ndarray
 
 
-def read_observations(path: Path, x_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+def read_observations(
+    path: Path, x_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Reads observations ``x`` (n, *x_shape) and, from HDF5 files, true ``theta`` (n, D) if any.
 
     ``path`` is a ``.npy`` array or an HDF5 file with a dataset ``x`` (optionally ``theta``).
@@ -59,13 +61,13 @@ def read_observations(path: Path, x_shape: tuple[int, ...]) -> tuple[np.ndarray,
                 x = f["x"][...]
                 theta = f["theta"][...] if "theta" in f else None
         except OSError as error:
-            raise storage.SimulationFileError(f"{path} is not a readable HDF5 file: {error}")
+            raise storage.unreadable(path, error) from None
     if x.shape == tuple(x_shape):
         x = x[None]
     if x.shape[1:] != tuple(x_shape):
         raise ValueError(
-            f"{path}: observations have shape {x.shape}, expected (n_obs, {', '.join(map(str, x_shape))})"
-            " for this model"
+            f"{path}: observations have shape {x.shape}, expected "
+            f"(n_obs, {', '.join(map(str, x_shape))}) for this model"
         )
     return x.astype(np.float32), theta
 
@@ -195,5 +197,5 @@ def read_samples(path: Path) -> dict[str, np.ndarray | dict]:
             data: dict = {name: f[name][...] for name in f}
             data["attrs"] = {k: storage.decode_attr(v) for k, v in f.attrs.items()}
     except OSError as error:
-        raise storage.SimulationFileError(f"{path} is not a readable HDF5 file: {error}")
+        raise storage.unreadable(path, error) from None
     return data

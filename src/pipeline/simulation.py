@@ -7,9 +7,9 @@ the chunk size, or even the total count ``N`` (the first 10^4 simulations of a 1
 10^4 run).
 
 Work: the range ``[0, N)`` is cut into chunks of ``chunk_size`` simulations, independent of the
-number of ranks; rank ``r`` takes chunks ``r, r + K, r + 2K, ...``. Each chunk is written to its own
-shard beside the output (``OUT.shards/``); a rerun keeps verified shards and recomputes the rest.
-Rank 0 merges the shards into ``OUT`` and removes them.
+number of ranks; rank ``r`` takes chunks ``r, r + K, r + 2K, ...``. Each chunk is written to its
+own shard beside the output (``OUT.shards/``); a rerun keeps verified shards and recomputes the
+rest. Rank 0 merges the shards into ``OUT`` and removes them.
 """
 
 from __future__ import annotations
@@ -134,7 +134,12 @@ def run(plan: SimulationPlan, task: Task, out: Path, comm: Comm, *, overwrite: b
 
 
 def write_shard(
-    task: Task, plan: SimulationPlan, identity: dict[str, object], path: Path, start: int, stop: int
+    task: Task,
+    plan: SimulationPlan,
+    identity: dict[str, object],
+    path: Path,
+    start: int,
+    stop: int,
 ) -> None:
     theta, x = simulate_range(task, plan.seed, start, stop)
     attrs = {**identity, "index_start": start, "index_stop": stop}

@@ -48,6 +48,13 @@ class Simulations:
         return finite_rows(self.theta) & finite_rows(self.x)
 
 
+def unreadable(path: Path, error: Exception) -> SimulationFileError:
+    """The error for a file h5py cannot read: truncated, corrupt or not HDF5 at all."""
+    return SimulationFileError(
+        f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}"
+    )
+
+
 def finite_rows(array: np.ndarray) -> np.ndarray:
     """``True`` for rows of ``array`` (first axis) without NaN or inf; shape ``(N,)``."""
     return np.isfinite(array.reshape(len(array), -1)).all(axis=1)
@@ -146,7 +153,7 @@ def read_simulations(path: Path, *, task: str | None = None) -> Simulations:
         try:
             theta, x = f["theta"][...], f["x"][...]
         except OSError as error:
-            raise SimulationFileError(f"{path} is corrupt: reading its data failed ({error})")
+            raise unreadable(path, error) from None
     return Simulations(theta=theta, x=x, attrs=attrs)
 
 

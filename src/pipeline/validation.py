@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 import numpy as np
+from matplotlib.figure import Figure
 
 from pipeline import diagnostics, plots
 from pipeline.observations import read_reference
@@ -54,9 +54,15 @@ def validate(
     metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"])
     metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
     metrics["c2st"] = _c2st_and_corner(
-        observation_samples, observations, names, out, metrics["figures"], seed=seed,
-        max_samples=c2st_max_samples, folds=c2st_folds,
-    )  # fmt: skip
+        observation_samples,
+        observations,
+        names,
+        out,
+        metrics["figures"],
+        seed=seed,
+        max_samples=c2st_max_samples,
+        folds=c2st_folds,
+    )
     _write_json(out / "metrics.json", metrics)
     log.info(
         "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",
@@ -119,9 +125,11 @@ def _c2st_and_corner(
             f"{observations} holds {len(theta)}; resample the observations"
         )
     corner = plots.plot_corner(
-        posterior[0], names, reference=None if reference is None else reference[0],
+        posterior[0],
+        names,
+        reference=None if reference is None else reference[0],
         theta_true=theta[0],
-    )  # fmt: skip
+    )
     figures["corner"] = _save(corner, out / "corner.png")
     if reference is None:
         return None

@@ -1,4 +1,4 @@
-"""Neural posterior estimators: embedding networks, conditional flows and their Lightning module."""
+"""Neural posterior estimators: embeddings, conditional flows and their Lightning module."""
 
 from pipeline.models.embeddings import build_embedding
 from pipeline.models.flows import FLOWS, build_flow

@@ -18,6 +18,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.provenance import config_digest
 from pipeline.report.results import TaskResults, TrainingCurve, load_task
 
 NO_REFERENCE = "n/a — no reference posterior"
@@ -155,7 +156,9 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "verdict": verdict(checks),
         "posterior": results.posterior,
         "validation": results.validation,
-        "coverage_rows": list(zip(coverage["levels"], coverage["tarp"], coverage["hpd"])),
+        "coverage_rows": list(
+            zip(coverage["levels"], coverage["tarp"], coverage["hpd"], strict=True)
+        ),
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
     }
 
@@ -172,18 +175,24 @@ def task_anchors(tasks: list[str]) -> dict[str, str]:
 
 
 def provenance_context(results: list[TaskResults], config: dict[str, Any]) -> dict[str, Any]:
-    """Provenance of the first task, with a note on every field where tasks disagree."""
+    """Provenance of the first task, the experiment's digest, and a note if code differs.
+
+    Each task's model digests its own training options and data, so those digests differ by
+    design; they are listed per task. A differing code revision means the tasks were trained by
+    different code, which the reader should know.
+    """
     first = results[0].posterior["provenance"]
     disagreements = {}
-    for key in ("config_digest", "code_revision"):
-        values = {r.name: r.posterior["provenance"][key] for r in results}
-        if len(set(values.values())) > 1:
-            disagreements[key] = values
+    revisions = {r.name: r.posterior["provenance"]["code_revision"] for r in results}
+    if len(set(revisions.values())) > 1:
+        disagreements["code_revision"] = revisions
     return {
         "source_task": results[0].name,
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "disagreements": disagreements,
+        "model_digests": {r.name: r.posterior["provenance"]["config_digest"] for r in results},
         **first,
+        "config_digest": config_digest(config),
     }
 
 

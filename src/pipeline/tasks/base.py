@@ -143,6 +143,6 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name!r} has no reference posterior")
 
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Draws ``theta ~ prior`` then ``x ~ simulator``: shapes ``(n, D)`` and ``(n, *x_shape)``."""
+        """Draws ``theta ~ prior`` then ``x ~ simulator``: ``(n, D)`` and ``(n, *x_shape)``."""
         theta = self.prior.sample(n, rng)
         return theta, self.simulate(theta, rng)
