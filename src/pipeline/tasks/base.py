@@ -142,6 +142,15 @@ class Task(ABC):
         """
         raise NotImplementedError(f"task {self.name!r} has no reference posterior")
 
+    def check_observation(self, x_obs: np.ndarray) -> np.ndarray:
+        """Returns ``x_obs`` as float64 of shape ``x_shape``, or fails naming what is wrong."""
+        x_obs = np.asarray(x_obs, dtype=np.float64)
+        if x_obs.shape != tuple(self.x_shape):
+            raise ValueError(f"x_obs has shape {x_obs.shape}, expected {tuple(self.x_shape)}")
+        if not np.all(np.isfinite(x_obs)):
+            raise ValueError("x_obs holds NaN or inf; the likelihood is undefined there")
+        return x_obs
+
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Draws ``theta ~ prior`` then ``x ~ simulator``: ``(n, D)`` and ``(n, *x_shape)``."""
         theta = self.prior.sample(n, rng)

@@ -49,7 +49,7 @@ class GaussianLinear(Task):
         Written for any Gaussian prior ``N(mu0, S0)`` and noise ``N(0, S)`` rather than the
         shortcut ``N(x / 2, 0.05 I)``, so that the tests can check it against the shortcut.
         """
-        x_obs = _check_observation(x_obs, self.x_shape)
+        x_obs = self.check_observation(x_obs)
         prior_mean = np.asarray(self.prior.loc)
         prior_precision = np.diag(1.0 / np.asarray(self.prior.scale) ** 2)
         noise_precision = np.eye(DIM) / self.noise_variance
@@ -64,11 +64,3 @@ class GaussianLinear(Task):
         mean, cov = self.analytic_posterior(x_obs)
         z = rng.standard_normal((num_samples, DIM))
         return mean + z @ np.linalg.cholesky(cov).T
-
-
-def _check_observation(x_obs: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
-    """Returns ``x_obs`` as float64 of shape ``x_shape``; a wrong shape fails with both shapes."""
-    x_obs = np.asarray(x_obs, dtype=np.float64)
-    if x_obs.shape != x_shape:
-        raise ValueError(f"x_obs has shape {x_obs.shape}, expected {x_shape}")
-    return x_obs

@@ -90,7 +90,7 @@ class SNCosmology(Task):
         self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
     ) -> np.ndarray:
         """Samples of the gridded exact posterior, shape ``(num_samples, 2)``."""
-        x_obs = _check_observation(x_obs, self.x_shape)
+        x_obs = self.check_observation(x_obs)
         centres, widths, mu = self._grid
         log_like = -0.5 * np.sum((x_obs - mu) ** 2, axis=-1) / self.sigma_mag**2
         # The prior is flat on the box, so cell masses are proportional to the likelihood.
@@ -179,13 +179,3 @@ def _warn_if_unresolved(centres: np.ndarray, widths: np.ndarray, mass: np.ndarra
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _check_observation(x_obs: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
-    """Returns finite ``x_obs`` as float64 of shape ``x_shape``, or fails saying why."""
-    x_obs = np.asarray(x_obs, dtype=np.float64)
-    if x_obs.shape != x_shape:
-        raise ValueError(f"x_obs has shape {x_obs.shape}, expected {x_shape}")
-    if not np.all(np.isfinite(x_obs)):
-        raise ValueError("x_obs holds NaN or inf; the likelihood is undefined there")
-    return x_obs

@@ -61,7 +61,7 @@ class TwoMoons(Task):
         Raises:
             ValueError: If fewer than ``min_acceptance`` of the proposals land in the prior box.
         """
-        x_obs = _check_observation(x_obs, self.x_shape)
+        x_obs = self.check_observation(x_obs)
         chunks, accepted, proposed = [], 0, 0
         while accepted < num_samples:
             batch = _batch_size(num_samples - accepted, accepted, proposed)
@@ -110,11 +110,3 @@ def _batch_size(remaining: int, accepted: int, proposed: int) -> int:
     # of 10^-3 and the cap of 2^20 keep one round's memory bounded when the rate is tiny.
     rate = accepted / proposed if proposed else 0.5
     return int(min(max(1.2 * remaining / max(rate, 1e-3), 1024), 2**20))
-
-
-def _check_observation(x_obs: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
-    """Returns ``x_obs`` as float64 of shape ``x_shape``; a wrong shape fails with both shapes."""
-    x_obs = np.asarray(x_obs, dtype=np.float64)
-    if x_obs.shape != x_shape:
-        raise ValueError(f"x_obs has shape {x_obs.shape}, expected {x_shape}")
-    return x_obs
