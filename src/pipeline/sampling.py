@@ -20,8 +20,9 @@ from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# Samples drawn per flow call (observations x samples), bounding memory at ~100 MB for D = 10.
-SAMPLES_PER_CALL = 2**21
+# Samples drawn per flow call (observations x samples): bounds memory (~25 MB at D = 10) and
+# sets how often progress is logged.
+SAMPLES_PER_CALL = 2**18
 # Give up on an observation when fewer than this fraction of its samples land in the prior box.
 MIN_ACCEPTANCE = 1e-3
 
@@ -113,22 +114,27 @@ def _sample_batch(
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     filled = np.zeros(n, dtype=np.int64)
-    drawn = 0
-    while (filled < num_samples).any():
-        theta, lp = posterior.sample_and_log_prob(x, num_samples)
-        theta, lp = theta.transpose(0, 1).numpy(), lp.transpose(0, 1).numpy()  # (n, M, D)
+    drawn = np.zeros(n, dtype=np.int64)
+    short = np.arange(n)
+    while len(short):
+        # Only observations still missing samples are redrawn: one observation whose posterior
+        # leans on the prior's edge must not make every other observation pay for it.
+        theta, lp = posterior.sample_and_log_prob(x[short], num_samples)
+        theta, lp = theta.transpose(0, 1).numpy(), lp.transpose(0, 1).numpy()  # (n', M, D)
         inside = np.isfinite(lp)
         if low is not None:
             inside &= np.all((theta >= low) & (theta <= high), axis=-1)
-        _fill(samples, log_prob, filled, theta, lp, inside)
-        drawn += num_samples
-        short = filled < num_samples
-        if short.any() and (filled[short] < MIN_ACCEPTANCE * drawn).any():
+        part_samples, part_log_prob, part_filled = samples[short], log_prob[short], filled[short]
+        _fill(part_samples, part_log_prob, part_filled, theta, lp, inside)
+        samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled
+        drawn[short] += num_samples
+        if (filled < MIN_ACCEPTANCE * drawn).any():
             raise RuntimeError(
                 f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of some observations "
                 "fall inside the prior: the observations are likely outside what the model was "
                 "trained on (check their shape, units and scale)"
             )
+        short = np.flatnonzero(filled < num_samples)
     return samples, log_prob
 
 
