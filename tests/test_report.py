@@ -64,6 +64,7 @@ def posterior_json(task: str, digest: str = "abc123") -> dict[str, Any]:
         "seed": 7,
         "world_size": 1,
         "batch_size": 128,
+        "ensemble": 1,
         "provenance": {
             "config_digest": digest,
             "code_revision": "deadbeef",

@@ -63,3 +63,41 @@ def test_observations_from_npy_and_shape_errors(tmp_path):
         read_observations(tmp_path / "bad.npy", (3,))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         read_observations(tmp_path / "missing.npy", (3,))
+
+
+def _ensemble(members: int) -> NeuralPosterior:
+    torch.manual_seed(1)
+    spec = PosteriorSpec(
+        parameter_names=("a", "b"),
+        x_shape=(3,),
+        flow="maf",
+        transforms=1,
+        flow_hidden=(8,),
+        embedding="identity",
+        ensemble=members,
+    )
+    return NeuralPosterior(spec).eval()
+
+
+def test_ensemble_density_is_the_mixture_of_its_members():
+    posterior = _ensemble(3)
+    theta, x = torch.randn(6, 2), torch.randn(6, 3)
+    with torch.no_grad():
+        members = torch.stack([m(x).log_prob(theta) for m in posterior.members])
+        mixture = posterior.log_prob(theta, x)
+    assert not torch.allclose(members[0], members[1])  # the members start apart
+    torch.testing.assert_close(mixture, members.exp().mean(0).log())
+
+
+def test_ensemble_draws_from_every_member_equally():
+    posterior = _ensemble(2)
+    x = torch.zeros(1, 3)
+    # Shift the members far apart so that every draw shows which member made it.
+    with torch.no_grad():
+        for member, shift in zip(posterior.members, (-20.0, 20.0), strict=True):
+            member.flow.base.loc.add_(shift)  # zuko's standard normal base, as a buffer
+        theta, log_q = posterior.sample_and_log_prob(x, 4000)
+    torch.testing.assert_close(log_q, posterior.log_prob(theta, x))
+    fraction = (theta[:, 0, 0] > 0).float().mean().item()
+    # Binomial(4000, 1/2) has standard deviation 0.008: 0.05 is six of them.
+    assert abs(fraction - 0.5) < 0.05

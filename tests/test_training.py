@@ -64,6 +64,17 @@ def test_trained_posterior_loads_without_lightning(data, tmp_path):
     )
 
 
+def test_ensemble_trains_distinct_members_and_round_trips(data, tmp_path):
+    metadata = train(data, tmp_path / "model", TrainConfig.from_dict({**TINY, "ensemble": 2}))
+    assert metadata["ensemble"] == 2
+    posterior, document = load_posterior(tmp_path / "model")
+    assert len(posterior.members) == 2 and document["spec"]["ensemble"] == 2
+    theta, x = torch.zeros(3, 2), torch.zeros(3, 2)
+    with torch.no_grad():
+        member_log_prob = posterior.member_log_prob(theta, x)
+    assert not torch.allclose(member_log_prob[0], member_log_prob[1])
+
+
 def test_same_seed_gives_identical_weights_on_cpu(data, tmp_path):
     config = TrainConfig.from_dict(TINY)
     train(data, tmp_path / "a", config)

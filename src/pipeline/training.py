@@ -44,6 +44,7 @@ class TrainConfig:
     embedding: str = "mlp"
     embedding_dim: int = 32
     embedding_hidden: tuple[int, ...] = (64, 64)
+    ensemble: int = 1
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -79,7 +80,14 @@ class TrainConfig:
         return cls.from_dict(data, source=str(path))
 
     def check(self, source: str) -> None:
-        positive = ("transforms", "embedding_dim", "batch_size", "max_epochs", "devices")
+        positive = (
+            "transforms",
+            "embedding_dim",
+            "ensemble",
+            "batch_size",
+            "max_epochs",
+            "devices",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{source}: {name} must be positive, got {getattr(self, name)}")
@@ -328,6 +336,7 @@ def train(
         "parameter_units": list(task.parameter_units),
         "flow": config.flow,
         "embedding": config.embedding,
+        "ensemble": config.ensemble,
         "num_train": len(datamodule.train_set),
         "num_val": len(datamodule.val_set),
         "num_nonfinite_excluded": datamodule.num_nonfinite,
@@ -362,6 +371,7 @@ def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
         embedding=config.embedding,
         embedding_dim=config.embedding_dim,
         embedding_hidden=config.embedding_hidden,
+        ensemble=config.ensemble,
         low=None if bounds is None else tuple(map(float, bounds[0])),
         high=None if bounds is None else tuple(map(float, bounds[1])),
     )

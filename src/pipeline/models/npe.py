@@ -11,6 +11,9 @@ from pipeline.models.posterior import NeuralPosterior
 class NPE(pl.LightningModule):
     """Trains a :class:`NeuralPosterior` by maximum likelihood on ``(theta, x)`` pairs.
 
+    ``train_loss`` is the members' mean negative log-likelihood; ``val_loss`` (which early
+    stopping and checkpointing watch) is the posterior's, the mixture of the members.
+
     Arguments:
         posterior: The estimator (standardisation, embedding, flow).
         learning_rate: Adam's step size.
@@ -33,7 +36,12 @@ class NPE(pl.LightningModule):
 
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         theta, x = batch
-        loss = -self.posterior.log_prob(theta, x).mean()
+        if stage == "train":
+            # Members learn side by side, each by its own likelihood (a deep ensemble), not
+            # the mixture's: that keeps them diverse. For one member the two are the same.
+            loss = -self.posterior.member_log_prob(theta, x).mean()
+        else:
+            loss = -self.posterior.log_prob(theta, x).mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",

@@ -1,5 +1,10 @@
 """The neural posterior q(theta | x): standardisation, embedding and flow in one ``nn.Module``.
 
+An ensemble of ``K`` members (each its own embedding and flow, from its own initialisation) is
+the equal-weight mixture of their densities: deep ensembles widen a posterior that one network,
+trained on few simulations, makes over-confident (Hermans et al. 2022, "A Trust Crisis In
+Simulation-Based Inference?", https://arxiv.org/abs/2110.06581).
+
 It is saved as a ``state_dict`` (loadable with ``torch.load(..., weights_only=True)``) beside a
 JSON :class:`PosteriorSpec` that rebuilds the architecture: no pickled objects, no Lightning
 needed to sample.
@@ -8,6 +13,7 @@ needed to sample.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ class PosteriorSpec:
     embedding_hidden: tuple[int, ...] = (64, 64)
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
+    ensemble: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -45,10 +52,27 @@ class PosteriorSpec:
         return cls(**fields)
 
 
-class NeuralPosterior(nn.Module):
-    """q(theta | x) in physical units.
+class Member(nn.Module):
+    """One density estimator of the ensemble: an embedding of x feeding a conditional flow."""
 
-    The flow models ``z = (theta - theta_mean) / theta_std`` given the embedding of
+    def __init__(self, spec: PosteriorSpec) -> None:
+        super().__init__()
+        self.embedding, context = build_embedding(
+            spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
+        )
+        self.flow = build_flow(
+            spec.flow, len(spec.parameter_names), context, spec.transforms, spec.flow_hidden
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Distribution:
+        """The distribution of standardised theta given standardised ``x`` (N, *x_shape)."""
+        return self.flow(self.embedding(x))
+
+
+class NeuralPosterior(nn.Module):
+    """q(theta | x) in physical units: the mixture of ``spec.ensemble`` members.
+
+    The flows model ``z = (theta - theta_mean) / theta_std`` given the embedding of
     ``(x - x_mean) / x_std``; z-scoring makes one architecture work across tasks whose parameters
     differ by orders of magnitude.
 
@@ -67,32 +91,48 @@ class NeuralPosterior(nn.Module):
         x_std: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if spec.ensemble < 1:
+            raise ValueError(f"ensemble must be at least 1, got {spec.ensemble}")
         self.spec = spec
         dim = len(spec.parameter_names)
-        self.embedding, context = build_embedding(
-            spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
-        )
-        self.flow = build_flow(spec.flow, dim, context, spec.transforms, spec.flow_hidden)
+        self.members = nn.ModuleList(Member(spec) for _ in range(spec.ensemble))
         self.register_buffer("theta_mean", _or(theta_mean, torch.zeros(dim)))
         self.register_buffer("theta_std", _or(theta_std, torch.ones(dim)))
         self.register_buffer("x_mean", _or(x_mean, torch.zeros(spec.x_shape)))
         self.register_buffer("x_std", _or(x_std, torch.ones(spec.x_shape)))
 
-    def _context(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding((x - self.x_mean) / self.x_std)
+    def member_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log q_k(theta | x) of every member k.
+
+        Shapes: ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (K, ..., N).
+        """
+        z = (theta - self.theta_mean) / self.theta_std
+        x = (x - self.x_mean) / self.x_std
+        jacobian = self.theta_std.log().sum()
+        return torch.stack([member(x).log_prob(z) for member in self.members]) - jacobian
 
     def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N)."""
-        z = (theta - self.theta_mean) / self.theta_std
-        return self.flow(self._context(x)).log_prob(z) - self.theta_std.log().sum()
+        log_q = self.member_log_prob(theta, x)
+        return torch.logsumexp(log_q, dim=0) - math.log(len(self.members))
 
     def sample_and_log_prob(
         self, x: torch.Tensor, num_samples: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws ``num_samples`` per observation: ``x`` (N, *x_shape) -> (M, N, D), (M, N)."""
-        z, log_q = self.flow(self._context(x)).rsample_and_log_prob((num_samples,))
+        if len(self.members) == 1:
+            z, log_q = self.members[0]((x - self.x_mean) / self.x_std).rsample_and_log_prob(
+                (num_samples,)
+            )
+            return z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
+        # Each draw comes from a member chosen uniformly: draw from every member, keep one.
+        x_standard = (x - self.x_mean) / self.x_std
+        z = torch.stack([member(x_standard).rsample((num_samples,)) for member in self.members])
+        # z: (K, M, N, D)
+        choice = torch.randint(len(self.members), z.shape[1:3], device=z.device)
+        z = torch.gather(z, 0, choice[None, ..., None].expand(1, *z.shape[1:])).squeeze(0)
         theta = z * self.theta_std + self.theta_mean
-        return theta, log_q - self.theta_std.log().sum()
+        return theta, self.log_prob(theta, x)
 
 
 def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ POSTERIOR_FIELDS: dict[str, type | tuple[type, ...]] = {
     "seed": int,
     "world_size": int,
     "batch_size": int,
+    "ensemble": int,
     "provenance": dict,
 }
 PROVENANCE_FIELDS: dict[str, type | tuple[type, ...]] = {
