@@ -1,4 +1,7 @@
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,9 +12,9 @@ from pipeline.tasks import get_task
 from tests.conftest import run_env, tool
 
 
-def simulate(out, task="two_moons", n=2500, seed=3, chunk_size=1000):
+def simulate(out, task="two_moons", n=2500, seed=3, chunk_size=1000, merge="copy"):
     plan = simulation.SimulationPlan(task, n, seed, chunk_size)
-    simulation.run(plan, get_task(task), out, SerialComm(), overwrite=False)
+    simulation.run(plan, get_task(task), out, SerialComm(), overwrite=False, merge=merge)
     return storage.read_simulations(out)
 
 
@@ -52,10 +55,10 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     out = tmp_path / "sims.h5"
     plan = simulation.SimulationPlan("two_moons", 3000, 3, 1000)
     task = get_task("two_moons")
-    identity = plan.identity(task)
+    attrs = simulation.shard_attrs(plan, task)
     for start, stop in plan.chunks()[:2]:
         simulation.write_shard(
-            task, plan, identity, simulation.shard_path(out, start, stop), start, stop
+            task, plan, attrs, simulation.shard_path(out, start, stop), start, stop
         )
     # A half-written shard from a killed run must not count as done.
     simulation.shard_path(out, 1000, 2000).write_bytes(b"garbage")
@@ -68,6 +71,58 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     assert written == [(1000, 2000), (2000, 3000)]
     reference = simulate(tmp_path / "ref.h5", n=3000)
     np.testing.assert_array_equal(storage.read_simulations(out).x, reference.x)
+
+
+def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
+    copied = simulate(tmp_path / "copy.h5", n=2500, chunk_size=700)
+    out = tmp_path / "run" / "virtual.h5"
+    mapped = simulate(out, n=2500, chunk_size=700, merge="virtual")
+    np.testing.assert_array_equal(copied.theta, mapped.theta)
+    np.testing.assert_array_equal(copied.x, mapped.x)
+    assert mapped.attrs["merge"] == "virtual"
+    # Paths are relative: the experiment folder may move as a whole.
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    np.testing.assert_array_equal(storage.read_simulations(moved / "virtual.h5").x, copied.x)
+    shards = sorted(simulation.shard_dir(moved / "virtual.h5").iterdir())
+    assert len(shards) == 4
+    shards[2].unlink()
+    with pytest.raises(storage.SimulationFileError, match=r"1 of them are missing .*chunk-0+1400"):
+        storage.read_simulations(moved / "virtual.h5")
+
+
+def test_every_shard_carries_its_provenance(tmp_path):
+    out = tmp_path / "sims.h5"
+    simulate(out, task="sn_cosmology", n=100, chunk_size=40, merge="virtual")
+    shard = simulation.shard_path(out, 40, 80)
+    attrs = storage.read_attrs(shard)
+    assert attrs["task"] == "sn_cosmology" and attrs["seed"] == 3
+    assert (attrs["index_start"], attrs["index_stop"], attrs["num_simulations"]) == (40, 80, 40)
+    assert attrs["parameter_names"] == ["Omega_m", "w0"] and attrs["x_unit"] == "mag"
+    assert attrs["config_digest"] == storage.read_attrs(out)["config_digest"]
+    assert {"numpy", "h5py"} <= set(attrs["provenance"]["versions"])
+    assert attrs["provenance"]["code_revision"]
+    with __import__("h5py").File(shard) as f:
+        assert f["x"].compression == "gzip" and f["x"].dtype == np.float32
+
+
+def test_unwritable_output_folder_is_named_and_nothing_is_left(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"cannot write simulations to .*file/sims.h5.shards"):
+        simulate(tmp_path / "file" / "sims.h5", n=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_inspect_prints_attributes_shapes_and_nonfinite_counts(tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "sims.h5"
+    sims = simulate(out, task="nan_two_moons", n=1000, chunk_size=500, merge="virtual")
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "@task = nan_two_moons" in printed and "@parameter_names" in printed
+    bad = 2 * sims.attrs["num_nonfinite"]  # both columns of x are NaN in a bad row
+    assert f"x: shape (1000, 2), float32, virtual over 2 shard(s), {bad} non-finite" in printed
 
 
 @pytest.mark.parametrize(
@@ -100,9 +155,10 @@ def test_cli_refuses_existing_output(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_mpi_ranks_give_identical_files(tmp_path, ranks):
-    serial = simulate(tmp_path / "serial.h5", n=2500, chunk_size=500)
+@pytest.mark.parametrize(("ranks", "chunk_size"), [(1, 500), (2, 500), (3, 300), (4, 250)])
+def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size):
+    # 3 and 4 ranks oversubscribe a 2-core machine, which MPICH allows.
+    serial = simulate(tmp_path / "serial.h5", n=2500, chunk_size=1000)
     out = tmp_path / f"mpi{ranks}.h5"
     command = [
         tool("mpiexec"),
@@ -117,7 +173,7 @@ def test_mpi_ranks_give_identical_files(tmp_path, ranks):
         "--seed",
         "3",
         "--chunk-size",
-        "500",
+        str(chunk_size),
         "--out",
         str(out),
         "--log",
@@ -150,3 +206,83 @@ def test_failing_rank_aborts_the_job(tmp_path):
     result = subprocess.run(command, env=run_env(), timeout=120, capture_output=True, text=True)
     assert result.returncode != 0
     assert "unknown task 'nope'" in result.stderr
+
+
+# A subprocess that simulates a slowed-down two_moons (0.1 s per seed block of 100), so that a
+# test can kill it midway.
+SLOW_SIMULATE = """
+import sys, time
+from pipeline.cli import main
+from pipeline.tasks import register
+from pipeline.tasks.two_moons import TwoMoons
+
+class SlowTwoMoons(TwoMoons):
+    name = "slow_two_moons"
+    seed_block_size = 100
+
+    def simulate(self, theta, rng):
+        time.sleep(0.1)
+        return super().simulate(theta, rng)
+
+register("slow_two_moons", SlowTwoMoons)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("victim", ["job", "rank"])
+def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
+    out, log_file = tmp_path / "sims.h5", tmp_path / "sim.log"
+    command = [
+        tool("mpiexec"),
+        "-n",
+        "2",
+        sys.executable,
+        "-c",
+        SLOW_SIMULATE,
+        "simulate",
+        "--task",
+        "slow_two_moons",
+        "--num-simulations",
+        "4000",
+        "--seed",
+        "3",
+        "--chunk-size",
+        "200",
+        "--out",
+        str(out),
+        "--log",
+        str(log_file),
+    ]
+    job = subprocess.Popen(command, env=run_env(), start_new_session=True)
+    shards = simulation.shard_dir(out)
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("chunk-*.h5"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if victim == "job":
+        job.send_signal(signal.SIGKILL)  # mpiexec itself: the ranks lose their launcher
+    else:
+        pids = subprocess.run(
+            ["pgrep", "-f", str(out)],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        ranks = [int(p) for p in pids if int(p) != job.pid]
+        assert ranks, "no rank process found"
+        subprocess.run(["kill", "-KILL", str(max(ranks))])
+    job.wait(timeout=60)
+    subprocess.run(["pkill", "-KILL", "-f", str(out)])  # no orphan rank keeps writing
+    assert job.returncode != 0 and not out.exists()
+    finished = {p.name for p in shards.glob("chunk-*.h5")}
+    assert 4 <= len(finished) < 20
+    resumed = subprocess.run(command, env=run_env(), timeout=300, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    kept = resumed.stderr.count("already simulated, kept")
+    assert kept == len(finished)
+    # The same data as an uninterrupted run: two_moons in seed blocks of 100, without the sleep.
+    two_moons = get_task("two_moons")
+    two_moons.seed_block_size = 100
+    theta, x = simulation.simulate_range(two_moons, 3, 0, 4000)
+    result = storage.read_simulations(out)
+    np.testing.assert_array_equal(result.theta, theta.astype(np.float32))
+    np.testing.assert_array_equal(result.x, x.astype(np.float32))

@@ -58,7 +58,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             seed=args.seed,
             chunk_size=args.chunk_size,
         )
-        simulation.run(plan, get_task(args.task), args.out, comm, overwrite=args.overwrite)
+        simulation.run(
+            plan, get_task(args.task), args.out, comm, overwrite=args.overwrite, merge=args.merge
+        )
     except Exception as error:
         if comm.Get_size() > 1:
             parallel.abort_on_error(comm, error)
@@ -165,7 +167,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import h5py
 
-    from pipeline.storage import decode_attr, unreadable
+    from pipeline.storage import CHUNK_ROWS, decode_attr, missing_sources, unreadable
 
     try:
         f = h5py.File(args.file, "r")
@@ -175,10 +177,25 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{args.file}")
         for key, value in sorted(f.attrs.items()):
             print(f"  @{key} = {decode_attr(value)}")
+        missing = missing_sources(f, args.file)
         for name, dataset in f.items():
-            data = dataset[...]
-            bad = int(np.size(data) - np.isfinite(data).sum())
-            print(f"  {name}: shape {data.shape}, {data.dtype}, {bad} non-finite values")
+            layout = "virtual" if dataset.is_virtual else f"chunks {dataset.chunks}"
+            if dataset.is_virtual:
+                layout += f" over {len(dataset.virtual_sources())} shard(s)"
+            if missing and dataset.is_virtual:
+                print(
+                    f"  {name}: shape {dataset.shape}, {dataset.dtype}, {layout}; MISSING shards"
+                )
+                continue
+            # Count block by block: memory stays bounded for files larger than memory.
+            bad, step = 0, 64 * CHUNK_ROWS
+            for start in range(0, len(dataset), step):
+                block = dataset[start : start + step]
+                bad += int(np.size(block) - np.isfinite(block).sum())
+            described = f"{name}: shape {dataset.shape}, {dataset.dtype}, {layout}"
+            print(f"  {described}, {bad} non-finite values")
+        for source in missing:
+            print(f"  missing shard: {source}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1000, help="simulations per shard")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--merge",
+        choices=("copy", "virtual"),
+        default="copy",
+        help="join shards by copying (default) or as an HDF5 virtual dataset over OUT.shards/",
+    )
 
     p = add("observe", cmd_observe, "draw observations with truths and reference posteriors")
     p.add_argument("--task", required=True)
@@ -261,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(max(args.threads, 1))
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         log.error("%s failed: %s", args.command, message)
         return 2

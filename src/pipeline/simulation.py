@@ -7,9 +7,13 @@ the chunk size, or even the total count ``N`` (the first 10^4 simulations of a 1
 10^4 run).
 
 Work: the range ``[0, N)`` is cut into chunks of ``chunk_size`` simulations, independent of the
-number of ranks; rank ``r`` takes chunks ``r, r + K, r + 2K, ...``. Each chunk is written to its
-own shard beside the output (``OUT.shards/``); a rerun keeps verified shards and recomputes the
-rest. Rank 0 merges the shards into ``OUT`` and removes them.
+number of ranks; rank ``r`` takes chunks ``r, r + K, r + 2K, ...``. The split is static: a
+dynamic queue on an MPI window stalls while the rank holding the counter computes (measured
+with the mpich wheel: a claim waited the target's whole 3 s busy loop), so balance comes from
+many small chunks instead. Each chunk is written to its own shard beside the output
+(``OUT.shards/``), holding one chunk in memory; a rerun keeps verified shards and recomputes
+the rest. Rank 0 then merges the shards into ``OUT``: by copying, one shard at a time, after
+which the shards are removed; or as a virtual dataset that maps them in place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,52 +114,107 @@ def shard_is_valid(path: Path, identity: dict[str, object], start: int, stop: in
     ) == (stop - start)
 
 
-def run(plan: SimulationPlan, task: Task, out: Path, comm: Comm, *, overwrite: bool) -> None:
-    """Simulates ``plan`` on this rank's chunks; rank 0 then merges everything into ``out``."""
+MERGE_MODES = ("copy", "virtual")
+
+
+def run(
+    plan: SimulationPlan,
+    task: Task,
+    out: Path,
+    comm: Comm,
+    *,
+    overwrite: bool,
+    merge: str = "copy",
+) -> None:
+    """Simulates ``plan`` on this rank's chunks; rank 0 then merges everything into ``out``.
+
+    Arguments:
+        merge: ``"copy"`` (a self-contained ``out``; the shards are removed) or ``"virtual"``
+            (``out`` maps the shards, which stay in ``OUT.shards/``).
+    """
     rank, size = comm.Get_rank(), comm.Get_size()
+    if merge not in MERGE_MODES:
+        raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
     check_plan(plan, size)
-    identity = plan.identity(task)
+    check_writable(shard_dir(out), rank)
+    attrs = shard_attrs(plan, task)
     mine = plan.chunks()[rank::size]
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
-    for start, stop in mine:
-        path = shard_path(out, start, stop)
-        if shard_is_valid(path, identity, start, stop):
-            log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
-        else:
-            write_shard(task, plan, identity, path, start, stop)
-        if rank == 0:
-            progress.update(stop - start)
+    try:
+        for start, stop in mine:
+            path = shard_path(out, start, stop)
+            if shard_is_valid(path, plan.identity(task), start, stop):
+                log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
+            else:
+                write_shard(task, plan, attrs, path, start, stop)
+            if rank == 0:
+                progress.update(stop - start)
+    finally:
+        _remove_if_empty(shard_dir(out))
     comm.Barrier()
     if rank == 0:
-        merge_shards(plan, task, out, identity)
+        merge_shards(plan, task, out, merge)
     comm.Barrier()
+
+
+def check_writable(folder: Path, rank: int) -> None:
+    """Creates ``folder`` and writes a probe file in it, failing with the folder named."""
+    probe = folder / f".probe-rank{rank}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"cannot write simulations to {folder}: {error.strerror or error}. "
+            "Choose an --out in a folder you can write to."
+        ) from None
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Leaves nothing behind when a failed run wrote no shard (other ranks may race us)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def shard_attrs(plan: SimulationPlan, task: Task) -> dict[str, Any]:
+    """Attributes every shard carries besides its index range: what made it, and how."""
+    made_by = provenance({**plan.identity(task), "num_simulations": plan.num_simulations})
+    return {
+        **plan.identity(task),
+        "parameter_names": list(task.parameter_names),
+        "parameter_units": list(task.parameter_units),
+        "x_unit": task.x_unit,
+        "provenance": made_by,
+        "config_digest": made_by["config_digest"],
+    }
 
 
 def write_shard(
     task: Task,
     plan: SimulationPlan,
-    identity: dict[str, object],
+    attrs: dict[str, Any],
     path: Path,
     start: int,
     stop: int,
 ) -> None:
+    """Simulates chunk ``[start, stop)`` into its own shard, with its non-finite rows counted."""
     theta, x = simulate_range(task, plan.seed, start, stop)
-    attrs = {**identity, "index_start": start, "index_stop": stop}
+    num_nonfinite = int(np.sum(~(storage.finite_rows(theta) & storage.finite_rows(x))))
+    attrs = {**attrs, "index_start": start, "index_stop": stop, "num_nonfinite": num_nonfinite}
     storage.write_simulations(path, theta, x, attrs, overwrite=True)
 
 
-def merge_shards(plan: SimulationPlan, task: Task, out: Path, identity: dict[str, object]) -> None:
-    """Copies the shards, in index order, into one chunked file; then removes the shards."""
+def merge_shards(plan: SimulationPlan, task: Task, out: Path, merge: str = "copy") -> None:
+    """Joins the shards, in index order, into ``out`` (by copy or as a virtual dataset)."""
     chunks = plan.chunks()
-    theta = np.empty((plan.num_simulations, task.dim_theta), dtype=np.float32)
-    x = np.empty((plan.num_simulations, *task.x_shape), dtype=np.float32)
-    for start, stop in chunks:
-        shard = storage.read_simulations(shard_path(out, start, stop), task=plan.task)
-        theta[start:stop], x[start:stop] = shard.theta, shard.x
-    num_nonfinite = int(np.sum(~(storage.finite_rows(theta) & storage.finite_rows(x))))
+    shards = [shard_path(out, start, stop) for start, stop in chunks]
+    num_nonfinite = sum(storage.read_attrs(path)["num_nonfinite"] for path in shards)
     if num_nonfinite:
         log.warning(
             "%d of %d simulations contain NaN or inf; they are kept in %s, flagged by "
@@ -163,18 +223,28 @@ def merge_shards(plan: SimulationPlan, task: Task, out: Path, identity: dict[str
             plan.num_simulations,
             out,
         )
-    made_by = provenance({**identity, "num_simulations": plan.num_simulations})
     attrs = {
-        **identity,
+        **shard_attrs(plan, task),
         "index_start": 0,
         "index_stop": plan.num_simulations,
         "num_nonfinite": num_nonfinite,
-        "parameter_names": list(task.parameter_names),
-        "parameter_units": list(task.parameter_units),
-        "x_unit": task.x_unit,
-        "provenance": made_by,
-        "config_digest": made_by["config_digest"],
+        "merge": merge,
     }
-    storage.write_simulations(out, theta, x, attrs, overwrite=True)
-    shutil.rmtree(shard_dir(out))
-    log.info("wrote %s: theta %s, x %s", out, theta.shape, x.shape)
+    if merge == "copy":
+        storage.merge_copy(out, shards, attrs)
+        shutil.rmtree(shard_dir(out))
+    else:
+        storage.merge_virtual(out, shards, attrs)
+        # Shards of an earlier plan (another chunk size or count) would only take up space.
+        for stale in set(shard_dir(out).glob("chunk-*.h5")) - set(shards):
+            stale.unlink()
+    log.info(
+        "wrote %s (%s merge of %d shards): theta (%d, %d), x (%d, %s)",
+        out,
+        merge,
+        len(shards),
+        plan.num_simulations,
+        task.dim_theta,
+        plan.num_simulations,
+        ", ".join(map(str, task.x_shape)),
+    )

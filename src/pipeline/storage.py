@@ -1,17 +1,21 @@
 """HDF5 layout of simulations: self-describing files, atomic writes, loud failures on bad files.
 
 A simulation file holds two float32 datasets, ``theta`` with shape ``(N, D)`` and ``x`` with shape
-``(N, *x_shape)``, chunked along the first axis, and attributes that say what made them (task,
-parameter names and units, seed, index range, config digest, versions, code revision). A file is
-written under a temporary name and renamed when complete, and carries ``complete = True``: a job
-killed mid-write never leaves a file that looks finished.
+``(N, *x_shape)``, chunked along the first axis and compressed, and attributes that say what
+made them (task, parameter names and units, seed, index range, config digest, versions, code
+revision). A file is written under a temporary name and renamed when complete, and carries
+``complete = True``: a job killed mid-write never leaves a file that looks finished.
+
+Shards of one run are joined either by copying (:func:`merge_copy`, a self-contained file) or as
+HDF5 virtual datasets (:func:`merge_virtual`, which map the shards in place and need them kept
+beside the file; a missing shard is an error, never silent fill values).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,9 @@ import numpy as np
 FORMAT_VERSION = 1
 # Rows per HDF5 chunk: large enough for fast sequential reads, small enough to stay in cache.
 CHUNK_ROWS = 1024
+# Deflate is in every HDF5 build, so the files open anywhere; level 1 behind the byte shuffle
+# keeps most of the size gain of higher levels at a fraction of their cost.
+COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
 class SimulationFileError(ValueError):
@@ -94,16 +101,94 @@ def write_simulations(
         raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
     with atomic_h5(path) as f:
         for name, data in (("theta", theta), ("x", x)):
-            f.create_dataset(
-                name,
-                data=np.asarray(data, dtype=np.float32),
-                chunks=(min(CHUNK_ROWS, max(len(data), 1)), *np.shape(data)[1:]),
+            _create_dataset(f, name, np.shape(data), data=np.asarray(data, dtype=np.float32))
+        _finish(f, attrs, len(theta))
+
+
+def _create_dataset(
+    f: h5py.File, name: str, shape: tuple[int, ...], data: np.ndarray | None = None
+) -> h5py.Dataset:
+    chunks = (min(CHUNK_ROWS, max(shape[0], 1)), *shape[1:])
+    return f.create_dataset(
+        name, shape=shape, dtype=np.float32, data=data, chunks=chunks, **COMPRESSION
+    )
+
+
+def _finish(f: h5py.File, attrs: Mapping[str, Any], num_simulations: int) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = encode_attr(value)
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["num_simulations"] = num_simulations
+    f.attrs["complete"] = True
+
+
+def _row_ranges(sources: Sequence[Path]) -> tuple[list[tuple[int, int]], tuple, tuple]:
+    """Row ranges of ``sources`` stacked in order, with their common theta and x row shapes."""
+    ranges, start, shapes = [], 0, set()
+    for source in sources:
+        with _open(source) as f:
+            n = len(f["theta"])
+            shapes.add((f["theta"].shape[1:], f["x"].shape[1:]))
+        ranges.append((start, start + n))
+        start += n
+    if len(shapes) != 1:
+        raise SimulationFileError(
+            f"cannot merge {len(sources)} files whose rows differ in shape: {sorted(shapes)}"
+        )
+    theta_row, x_row = shapes.pop()
+    return ranges, theta_row, x_row
+
+
+def merge_copy(path: Path, sources: Sequence[Path], attrs: Mapping[str, Any]) -> None:
+    """Stacks the simulation files ``sources`` into one self-contained file, atomically.
+
+    Memory stays at one source's rows, whatever the total.
+    """
+    ranges, theta_row, x_row = _row_ranges(sources)
+    n = ranges[-1][1]
+    with atomic_h5(path) as f:
+        theta = _create_dataset(f, "theta", (n, *theta_row))
+        x = _create_dataset(f, "x", (n, *x_row))
+        for source, (start, stop) in zip(sources, ranges, strict=True):
+            part = read_simulations(source)
+            theta[start:stop], x[start:stop] = part.theta, part.x
+        _finish(f, attrs, n)
+
+
+def merge_virtual(path: Path, sources: Sequence[Path], attrs: Mapping[str, Any]) -> None:
+    """Maps the simulation files ``sources`` into ``path`` as HDF5 virtual datasets, atomically.
+
+    Nothing is copied: ``path`` stays valid while the sources stay where they are relative to it
+    (paths are stored relative to ``path``'s folder, so the folder as a whole may move).
+    """
+    path = Path(path)
+    ranges, theta_row, x_row = _row_ranges(sources)
+    n = ranges[-1][1]
+    layouts = {
+        "theta": h5py.VirtualLayout(shape=(n, *theta_row), dtype=np.float32),
+        "x": h5py.VirtualLayout(shape=(n, *x_row), dtype=np.float32),
+    }
+    for source, (start, stop) in zip(sources, ranges, strict=True):
+        relative = os.path.relpath(Path(source).resolve(), path.parent.resolve())
+        for name, row in (("theta", theta_row), ("x", x_row)):
+            layouts[name][start:stop] = h5py.VirtualSource(
+                relative, name, shape=(stop - start, *row)
             )
-        for key, value in attrs.items():
-            f.attrs[key] = encode_attr(value)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["num_simulations"] = len(theta)
-        f.attrs["complete"] = True
+    with atomic_h5(path) as f:
+        for name, layout in layouts.items():
+            f.create_virtual_dataset(name, layout, fillvalue=np.nan)
+        _finish(f, attrs, n)
+
+
+def missing_sources(f: h5py.File, path: Path) -> list[str]:
+    """Source files of ``f``'s virtual datasets that do not exist (relative to ``path``)."""
+    missing = set()
+    for name in ("theta", "x"):
+        if name in f and f[name].is_virtual:
+            for source in f[name].virtual_sources():
+                if not (Path(path).parent / source.file_name).exists():
+                    missing.add(source.file_name)
+    return sorted(missing)
 
 
 class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as f`
@@ -196,6 +281,13 @@ def _check_layout(f: h5py.File, path: Path) -> None:
         raise SimulationFileError(
             f"{path} is incomplete (no 'complete' attribute): the job that wrote it was "
             "interrupted. Delete it and rerun `pipeline simulate`."
+        )
+    missing = missing_sources(f, path)
+    if missing:
+        raise SimulationFileError(
+            f"{path} maps shards as a virtual dataset, and {len(missing)} of them are missing "
+            f"(first: {missing[0]}). Rerun `pipeline simulate` with the same options to "
+            "recompute them, or use --merge copy for a self-contained file."
         )
     theta, x = f["theta"], f["x"]
     if theta.ndim != 2:

@@ -11,6 +11,7 @@ rule simulate:
         num_simulations=simulation_count,
         seed=simulation_seed,
         chunk_size=config["simulate"]["chunk_size"],
+        merge=config["simulate"]["merge"],
     threads: 1
     resources:
         mpi="mpiexec",
@@ -18,7 +19,8 @@ rule simulate:
     shell:
         "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
         " --num-simulations {params.num_simulations} --seed {params.seed}"
-        " --chunk-size {params.chunk_size} --out {output} --overwrite --log {log}"
+        " --chunk-size {params.chunk_size} --merge {params.merge} --out {output}"
+        " --overwrite --log {log}"
 
 
 rule observe:
