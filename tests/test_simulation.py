@@ -65,7 +65,7 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     written = []
     original = simulation.write_shard
     monkeypatch.setattr(
-        simulation, "write_shard", lambda *a: written.append(a[4:]) or original(*a)
+        simulation, "write_shard", lambda *a: written.append(a[4:6]) or original(*a)
     )
     simulation.run(plan, task, out, SerialComm(), overwrite=False)
     assert written == [(1000, 2000), (2000, 3000)]
@@ -89,6 +89,28 @@ def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
     shards[2].unlink()
     with pytest.raises(storage.SimulationFileError, match=r"1 of them are missing .*chunk-0+1400"):
         storage.read_simulations(moved / "virtual.h5")
+
+
+def test_compression_changes_the_bytes_not_the_data(tmp_path):
+    reference = simulate(tmp_path / "gzip.h5", n=1500, chunk_size=500)
+    for compression in ("lzf", "none"):
+        out = tmp_path / f"{compression}.h5"
+        plan = simulation.SimulationPlan("two_moons", 1500, 3, 500)
+        simulation.run(
+            plan,
+            get_task("two_moons"),
+            out,
+            SerialComm(),
+            overwrite=False,
+            compression=compression,
+        )
+        sims = storage.read_simulations(out)
+        np.testing.assert_array_equal(sims.x, reference.x)
+        assert sims.attrs["compression"] == compression
+    with pytest.raises(ValueError, match="--compression must be one of gzip, lzf, none"):
+        simulation.run(
+            plan, get_task("two_moons"), out, SerialComm(), overwrite=True, compression="zstd"
+        )
 
 
 def test_every_shard_carries_its_provenance(tmp_path):
@@ -209,9 +231,9 @@ def test_failing_rank_aborts_the_job(tmp_path):
 
 
 # A subprocess that simulates a slowed-down two_moons (0.1 s per seed block of 100), so that a
-# test can kill it midway.
+# test can kill it midway; and a variant that raises on MPI rank 1 only.
 SLOW_SIMULATE = """
-import sys, time
+import os, sys, time
 from pipeline.cli import main
 from pipeline.tasks import register
 from pipeline.tasks.two_moons import TwoMoons
@@ -224,7 +246,16 @@ class SlowTwoMoons(TwoMoons):
         time.sleep(0.1)
         return super().simulate(theta, rng)
 
+class BrokenOnRank1(SlowTwoMoons):
+    name = "broken_two_moons"
+
+    def simulate(self, theta, rng):
+        if os.environ.get("PMI_RANK") == "1":
+            raise ArithmeticError("simulator diverged")
+        return super().simulate(theta, rng)
+
 register("slow_two_moons", SlowTwoMoons)
+register("broken_two_moons", BrokenOnRank1)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -286,3 +317,16 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
     result = storage.read_simulations(out)
     np.testing.assert_array_equal(result.theta, theta.astype(np.float32))
     np.testing.assert_array_equal(result.x, x.astype(np.float32))
+
+
+@pytest.mark.mpi
+def test_rank_that_raises_aborts_the_whole_job(tmp_path):
+    out = tmp_path / "sims.h5"
+    command = [tool("mpiexec"), "-n", "2", sys.executable, "-c", SLOW_SIMULATE, "simulate"]
+    command += ["--task", "broken_two_moons", "--num-simulations", "100000", "--seed", "3"]
+    command += ["--chunk-size", "200", "--out", str(out), "--log", str(tmp_path / "sim.log")]
+    # Rank 0's own share takes 50 s: a timeout here means it kept going after rank 1 died.
+    result = subprocess.run(command, env=run_env(), timeout=40, capture_output=True, text=True)
+    assert result.returncode != 0 and not out.exists()
+    assert "rank 1 failed: ArithmeticError: simulator diverged" in result.stderr
+    assert "simulator diverged" in (tmp_path / "sim.log.rank1").read_text()

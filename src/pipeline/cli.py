@@ -59,7 +59,13 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             chunk_size=args.chunk_size,
         )
         simulation.run(
-            plan, get_task(args.task), args.out, comm, overwrite=args.overwrite, merge=args.merge
+            plan,
+            get_task(args.task),
+            args.out,
+            comm,
+            overwrite=args.overwrite,
+            merge=args.merge,
+            compression=args.compression,
         )
     except Exception as error:
         if comm.Get_size() > 1:
@@ -227,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("copy", "virtual"),
         default="copy",
         help="join shards by copying (default) or as an HDF5 virtual dataset over OUT.shards/",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("gzip", "lzf", "none"),
+        default="gzip",
+        help="HDF5 filter of the datasets (gzip: portable; lzf: fast, h5py only)",
     )
 
     p = add("observe", cmd_observe, "draw observations with truths and reference posteriors")

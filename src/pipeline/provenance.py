@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -32,8 +33,9 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.cache
 def software_versions() -> dict[str, str]:
-    """Installed versions of the packages that shape the results, plus Python's."""
+    """Installed versions of the packages that shape the results, plus Python's (cached)."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:

@@ -70,17 +70,18 @@ def check_plan(plan: SimulationPlan, num_ranks: int) -> None:
 
 
 def simulate_range(task: Task, seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Simulations ``start <= i < stop``: ``theta`` (n, D) and ``x`` (n, *x_shape), float64."""
+    """Simulations ``start <= i < stop``: ``theta`` (n, D) and ``x`` (n, *x_shape), float32."""
     size = task.seed_block_size
-    thetas, xs = [], []
+    theta = np.empty((stop - start, task.dim_theta), dtype=np.float32)
+    x = np.empty((stop - start, *task.x_shape), dtype=np.float32)
     for block in range(start // size, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
-        theta, x = task.simulate_block(size, rng)
-        _check_shapes(task, theta, x, size)
+        theta_block, x_block = task.simulate_block(size, rng)
+        _check_shapes(task, theta_block, x_block, size)
         lo, hi = max(start - block * size, 0), min(stop - block * size, size)
-        thetas.append(theta[lo:hi])
-        xs.append(x[lo:hi])
-    return np.concatenate(thetas), np.concatenate(xs)
+        rows = slice(block * size + lo - start, block * size + hi - start)
+        theta[rows], x[rows] = theta_block[lo:hi], x_block[lo:hi]
+    return theta, x
 
 
 def _check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:
@@ -125,16 +126,23 @@ def run(
     *,
     overwrite: bool,
     merge: str = "copy",
+    compression: str = "gzip",
 ) -> None:
     """Simulates ``plan`` on this rank's chunks; rank 0 then merges everything into ``out``.
 
     Arguments:
         merge: ``"copy"`` (a self-contained ``out``; the shards are removed) or ``"virtual"``
             (``out`` maps the shards, which stay in ``OUT.shards/``).
+        compression: HDF5 filter of the shards and the copy, a key of
+            :data:`pipeline.storage.COMPRESSIONS`.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     if merge not in MERGE_MODES:
         raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+    if compression not in storage.COMPRESSIONS:
+        raise ValueError(
+            f"--compression must be one of {', '.join(storage.COMPRESSIONS)}, got {compression!r}"
+        )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
     check_plan(plan, size)
@@ -149,14 +157,14 @@ def run(
             if shard_is_valid(path, plan.identity(task), start, stop):
                 log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
             else:
-                write_shard(task, plan, attrs, path, start, stop)
+                write_shard(task, plan, attrs, path, start, stop, compression)
             if rank == 0:
                 progress.update(stop - start)
     finally:
         _remove_if_empty(shard_dir(out))
     comm.Barrier()
     if rank == 0:
-        merge_shards(plan, task, out, merge)
+        merge_shards(plan, task, out, attrs, merge, compression)
     comm.Barrier()
 
 
@@ -202,16 +210,27 @@ def write_shard(
     path: Path,
     start: int,
     stop: int,
+    compression: str = "gzip",
 ) -> None:
     """Simulates chunk ``[start, stop)`` into its own shard, with its non-finite rows counted."""
     theta, x = simulate_range(task, plan.seed, start, stop)
     num_nonfinite = int(np.sum(~(storage.finite_rows(theta) & storage.finite_rows(x))))
     attrs = {**attrs, "index_start": start, "index_stop": stop, "num_nonfinite": num_nonfinite}
-    storage.write_simulations(path, theta, x, attrs, overwrite=True)
+    storage.write_simulations(path, theta, x, attrs, overwrite=True, compression=compression)
 
 
-def merge_shards(plan: SimulationPlan, task: Task, out: Path, merge: str = "copy") -> None:
-    """Joins the shards, in index order, into ``out`` (by copy or as a virtual dataset)."""
+def merge_shards(
+    plan: SimulationPlan,
+    task: Task,
+    out: Path,
+    attrs: dict[str, Any],
+    merge: str = "copy",
+    compression: str = "gzip",
+) -> None:
+    """Joins the shards, in index order, into ``out`` (by copy or as a virtual dataset).
+
+    ``attrs`` are the run's :func:`shard_attrs`; ``out`` gets them with the whole index range.
+    """
     chunks = plan.chunks()
     shards = [shard_path(out, start, stop) for start, stop in chunks]
     num_nonfinite = sum(storage.read_attrs(path)["num_nonfinite"] for path in shards)
@@ -224,14 +243,15 @@ def merge_shards(plan: SimulationPlan, task: Task, out: Path, merge: str = "copy
             out,
         )
     attrs = {
-        **shard_attrs(plan, task),
+        **attrs,
         "index_start": 0,
         "index_stop": plan.num_simulations,
         "num_nonfinite": num_nonfinite,
         "merge": merge,
+        "compression": compression,
     }
     if merge == "copy":
-        storage.merge_copy(out, shards, attrs)
+        storage.merge_copy(out, shards, attrs, compression)
         shutil.rmtree(shard_dir(out))
     else:
         storage.merge_virtual(out, shards, attrs)

@@ -26,9 +26,15 @@ import numpy as np
 FORMAT_VERSION = 1
 # Rows per HDF5 chunk: large enough for fast sequential reads, small enough to stay in cache.
 CHUNK_ROWS = 1024
-# Deflate is in every HDF5 build, so the files open anywhere; level 1 behind the byte shuffle
-# keeps most of the size gain of higher levels at a fraction of their cost.
-COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+# Filters by name. Deflate (gzip) is in every HDF5 build, so such files open anywhere; level 1
+# behind the byte shuffle keeps most of the size gain of higher levels at a fraction of their
+# cost. LZF (bundled with h5py, not with other HDF5 readers) is several times faster: for cheap
+# simulators whose output rate approaches the disk's. See benchmarks/README.md.
+COMPRESSIONS: dict[str, dict[str, Any]] = {
+    "gzip": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
+    "lzf": {"compression": "lzf", "shuffle": True},
+    "none": {},
+}
 
 
 class SimulationFileError(ValueError):
@@ -87,9 +93,17 @@ def decode_attr(value: Any) -> Any:
 
 
 def write_simulations(
-    path: Path, theta: np.ndarray, x: np.ndarray, attrs: Mapping[str, Any], *, overwrite: bool
+    path: Path,
+    theta: np.ndarray,
+    x: np.ndarray,
+    attrs: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    compression: str = "gzip",
 ) -> None:
     """Writes ``theta`` (N, D) and ``x`` (N, *x_shape) as float32, atomically.
+
+    ``compression`` names an entry of :data:`COMPRESSIONS`.
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
@@ -101,16 +115,25 @@ def write_simulations(
         raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
     with atomic_h5(path) as f:
         for name, data in (("theta", theta), ("x", x)):
-            _create_dataset(f, name, np.shape(data), data=np.asarray(data, dtype=np.float32))
+            data = np.asarray(data, dtype=np.float32)
+            _create_dataset(f, name, data.shape, compression, data=data)
         _finish(f, attrs, len(theta))
 
 
 def _create_dataset(
-    f: h5py.File, name: str, shape: tuple[int, ...], data: np.ndarray | None = None
+    f: h5py.File,
+    name: str,
+    shape: tuple[int, ...],
+    compression: str,
+    data: np.ndarray | None = None,
 ) -> h5py.Dataset:
+    if compression not in COMPRESSIONS:
+        raise ValueError(
+            f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}"
+        )
     chunks = (min(CHUNK_ROWS, max(shape[0], 1)), *shape[1:])
     return f.create_dataset(
-        name, shape=shape, dtype=np.float32, data=data, chunks=chunks, **COMPRESSION
+        name, shape=shape, dtype=np.float32, data=data, chunks=chunks, **COMPRESSIONS[compression]
     )
 
 
@@ -139,7 +162,9 @@ def _row_ranges(sources: Sequence[Path]) -> tuple[list[tuple[int, int]], tuple, 
     return ranges, theta_row, x_row
 
 
-def merge_copy(path: Path, sources: Sequence[Path], attrs: Mapping[str, Any]) -> None:
+def merge_copy(
+    path: Path, sources: Sequence[Path], attrs: Mapping[str, Any], compression: str = "gzip"
+) -> None:
     """Stacks the simulation files ``sources`` into one self-contained file, atomically.
 
     Memory stays at one source's rows, whatever the total.
@@ -147,8 +172,8 @@ def merge_copy(path: Path, sources: Sequence[Path], attrs: Mapping[str, Any]) ->
     ranges, theta_row, x_row = _row_ranges(sources)
     n = ranges[-1][1]
     with atomic_h5(path) as f:
-        theta = _create_dataset(f, "theta", (n, *theta_row))
-        x = _create_dataset(f, "x", (n, *x_row))
+        theta = _create_dataset(f, "theta", (n, *theta_row), compression)
+        x = _create_dataset(f, "x", (n, *x_row), compression)
         for source, (start, stop) in zip(sources, ranges, strict=True):
             part = read_simulations(source)
             theta[start:stop], x[start:stop] = part.theta, part.x
