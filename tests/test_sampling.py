@@ -6,9 +6,8 @@ from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
 from pipeline.sampling import _fill, read_observations, sample_posterior
 
 
-@pytest.fixture
-def posterior():
-    torch.manual_seed(0)
+def _posterior(members: int = 1, theta_std: float = 1.0, seed: int = 0) -> NeuralPosterior:
+    torch.manual_seed(seed)
     spec = PosteriorSpec(
         parameter_names=("a", "b"),
         x_shape=(3,),
@@ -16,9 +15,15 @@ def posterior():
         transforms=1,
         flow_hidden=(8,),
         embedding="identity",
+        ensemble=members,
     )
+    return NeuralPosterior(spec, theta_std=torch.full((2,), theta_std)).eval()
+
+
+@pytest.fixture
+def posterior():
     # theta_std of 2 puts much of the untrained flow's mass outside [-1, 1]^2.
-    return NeuralPosterior(spec, theta_std=torch.full((2,), 2.0)).eval()
+    return _posterior(theta_std=2.0)
 
 
 def test_fill_appends_accepted_draws_in_order():
@@ -65,22 +70,8 @@ def test_observations_from_npy_and_shape_errors(tmp_path):
         read_observations(tmp_path / "missing.npy", (3,))
 
 
-def _ensemble(members: int) -> NeuralPosterior:
-    torch.manual_seed(1)
-    spec = PosteriorSpec(
-        parameter_names=("a", "b"),
-        x_shape=(3,),
-        flow="maf",
-        transforms=1,
-        flow_hidden=(8,),
-        embedding="identity",
-        ensemble=members,
-    )
-    return NeuralPosterior(spec).eval()
-
-
 def test_ensemble_density_is_the_mixture_of_its_members():
-    posterior = _ensemble(3)
+    posterior = _posterior(members=3, seed=1)
     theta, x = torch.randn(6, 2), torch.randn(6, 3)
     with torch.no_grad():
         members = torch.stack([m(x).log_prob(theta) for m in posterior.members])
@@ -90,7 +81,7 @@ def test_ensemble_density_is_the_mixture_of_its_members():
 
 
 def test_ensemble_draws_from_every_member_equally():
-    posterior = _ensemble(2)
+    posterior = _posterior(members=2, seed=1)
     x = torch.zeros(1, 3)
     # Shift the members far apart so that every draw shows which member made it.
     with torch.no_grad():

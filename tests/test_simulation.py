@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 
@@ -124,7 +125,7 @@ def test_every_shard_carries_its_provenance(tmp_path):
     assert attrs["config_digest"] == storage.read_attrs(out)["config_digest"]
     assert {"numpy", "h5py"} <= set(attrs["provenance"]["versions"])
     assert attrs["provenance"]["code_revision"]
-    with __import__("h5py").File(shard) as f:
+    with h5py.File(shard) as f:
         assert f["x"].compression == "gzip" and f["x"].dtype == np.float32
 
 

@@ -121,21 +121,8 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
 @pytest.mark.slow
 def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    options = json.dumps({**TINY, "max_epochs": 40, "patience": 40})
-    command = [
-        tool("pipeline"),
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "model"),
-        "--options",
-        options,
-        "--checkpoint-dir",
-        str(ckpt),
-        "--log",
-        str(tmp_path / "train.log"),
-    ]
+    options = {"max_epochs": 40, "patience": 40}
+    command = [*_train_command(tmp_path, data, options), "--checkpoint-dir", str(ckpt)]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (ckpt / "last.ckpt").exists() and time.time() < deadline:
@@ -156,8 +143,8 @@ def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
     assert not ckpt.exists()
 
 
-def _ddp_command(tmp_path, data, launcher):
-    options = json.dumps({**TINY, "max_epochs": 2})
+def _train_command(tmp_path, data, options, launcher=()):
+    """``pipeline train`` on ``data`` with TINY updated by ``options``, under ``launcher``."""
     return [
         *launcher,
         tool("pipeline"),
@@ -167,7 +154,7 @@ def _ddp_command(tmp_path, data, launcher):
         "--out",
         str(tmp_path / "model"),
         "--options",
-        options,
+        json.dumps({**TINY, **options}),
         "--log",
         str(tmp_path / "train.log"),
     ]
@@ -175,7 +162,7 @@ def _ddp_command(tmp_path, data, launcher):
 
 @pytest.mark.slow
 def test_ddp_with_lightning_launcher(tmp_path, data):
-    command = [*_ddp_command(tmp_path, data, []), "--devices", "2"]
+    command = [*_train_command(tmp_path, data, {"max_epochs": 2}), "--devices", "2"]
     subprocess.run(command, check=True, env=run_env(), timeout=600)
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
     assert document["world_size"] == 2 and document["launcher"] == "lightning"
@@ -185,7 +172,7 @@ def test_ddp_with_lightning_launcher(tmp_path, data):
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_ddp_under_mpiexec(tmp_path, data):
-    command = _ddp_command(tmp_path, data, [tool("mpiexec"), "-n", "2"])
+    command = _train_command(tmp_path, data, {"max_epochs": 2}, [tool("mpiexec"), "-n", "2"])
     subprocess.run(command, check=True, env=run_env(), timeout=600)
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
     assert document["world_size"] == 2 and document["launcher"] == "mpi"

@@ -147,14 +147,14 @@ def run(
         raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
     check_plan(plan, size)
     check_writable(shard_dir(out), rank)
-    attrs = shard_attrs(plan, task)
+    identity, attrs = plan.identity(task), shard_attrs(plan, task)
     mine = plan.chunks()[rank::size]
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
     try:
         for start, stop in mine:
             path = shard_path(out, start, stop)
-            if shard_is_valid(path, plan.identity(task), start, stop):
+            if shard_is_valid(path, identity, start, stop):
                 log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
             else:
                 write_shard(task, plan, attrs, path, start, stop, compression)

@@ -361,17 +361,13 @@ def train(
 
 
 def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
+    """The architecture: the options both dataclasses name alike, plus the task's shapes."""
     bounds = task.prior.bounds
+    shared = {f.name for f in fields(PosteriorSpec)} & {f.name for f in fields(TrainConfig)}
     return PosteriorSpec(
         parameter_names=tuple(task.parameter_names),
         x_shape=tuple(task.x_shape),
-        flow=config.flow,
-        transforms=config.transforms,
-        flow_hidden=config.flow_hidden,
-        embedding=config.embedding,
-        embedding_dim=config.embedding_dim,
-        embedding_hidden=config.embedding_hidden,
-        ensemble=config.ensemble,
         low=None if bounds is None else tuple(map(float, bounds[0])),
         high=None if bounds is None else tuple(map(float, bounds[1])),
+        **{name: getattr(config, name) for name in shared},
     )

@@ -39,10 +39,6 @@ class GaussianLinear(Task):
         theta = np.asarray(theta, dtype=np.float64)
         return theta + rng.normal(0.0, np.sqrt(self.noise_variance), size=theta.shape)
 
-    @property
-    def has_reference(self) -> bool:
-        return True
-
     def analytic_posterior(self, x_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ``(10,)`` and covariance ``(10, 10)`` of ``p(theta | x_obs)``.
 

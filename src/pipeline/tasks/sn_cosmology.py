@@ -82,10 +82,6 @@ class SNCosmology(Task):
         """Noise-free distance moduli in mag: ``(n, 2)`` to ``(n, 40)``."""
         return distance_modulus(theta[:, 0], theta[:, 1], self.redshifts, self.hubble_constant)
 
-    @property
-    def has_reference(self) -> bool:
-        return True
-
     def reference_posterior(
         self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
     ) -> np.ndarray:

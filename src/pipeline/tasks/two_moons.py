@@ -49,10 +49,6 @@ class TwoMoons(Task):
         theta = np.asarray(theta, dtype=np.float64)
         return sample_crescent(len(theta), rng) + moons_shift(theta)
 
-    @property
-    def has_reference(self) -> bool:
-        return True
-
     def reference_posterior(
         self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
     ) -> np.ndarray:
