@@ -108,6 +108,8 @@ def test_compression_changes_the_bytes_not_the_data(tmp_path):
         sims = storage.read_simulations(out)
         np.testing.assert_array_equal(sims.x, reference.x)
         assert sims.attrs["compression"] == compression
+    with pytest.raises(ValueError, match="--merge must be one of copy, virtual, got 'vds'"):
+        simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=True, merge="vds")
     with pytest.raises(ValueError, match="--compression must be one of gzip, lzf, none"):
         simulation.run(
             plan, get_task("two_moons"), out, SerialComm(), overwrite=True, compression="zstd"

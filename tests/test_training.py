@@ -38,9 +38,10 @@ def test_unknown_option_names_the_allowed_ones():
         TrainConfig.from_dict({"lerning_rate": 0.1})
 
 
-def test_non_positive_option_is_refused():
-    with pytest.raises(ValueError, match="batch_size must be positive"):
-        TrainConfig.from_dict({"batch_size": 0})
+@pytest.mark.parametrize("option", ["batch_size", "ensemble"])
+def test_non_positive_option_is_refused(option):
+    with pytest.raises(ValueError, match=f"{option} must be positive"):
+        TrainConfig.from_dict({option: 0})
 
 
 def test_trained_posterior_loads_without_lightning(data, tmp_path):
