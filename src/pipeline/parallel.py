@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -67,4 +68,7 @@ def abort_on_error(comm: Comm, error: BaseException) -> None:
     if comm.Get_size() > 1:
         for handler in logging.getLogger().handlers:
             handler.flush()
+        # The launcher forwards stderr asynchronously and stops forwarding once it kills the
+        # job: a moment's pause lets the message above reach the user's terminal.
+        time.sleep(0.5)
         comm.Abort(1)
