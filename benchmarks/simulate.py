@@ -8,8 +8,11 @@ It measures, side by side in this one script:
 
 1. throughput of each task's bare vectorised simulator loop (simulations/s on one core);
 2. overhead of the pipeline (``simulation.run``: shards, HDF5, merge, bookkeeping) over that
-   bare loop, in one process, for two_moons at N = 10^6, for each compression and merge mode;
-3. parallel efficiency of ``pipeline simulate`` under ``mpiexec -n 1`` and ``-n 2``;
+   bare loop, in one process, for two_moons at N = 10^6 (each compression and merge mode) and
+   sn_cosmology at N = 10^5; once free to use a second core (the shard writer thread's
+   compression runs beside the simulation) and once pinned to one core (the CPU cost);
+3. parallel efficiency of ``pipeline simulate``: ``mpiexec -n 1`` pinned to one core against
+   ``mpiexec -n 2`` on two;
 4. HDF5 write bandwidth as a fraction of ``dd``'s on the same disk (both flushed to disk);
 5. peak resident memory of ``pipeline simulate`` against N (one rank).
 
@@ -74,21 +77,30 @@ def throughput(repeats: int, quick: bool) -> dict[str, float]:
 
 
 def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
-    n, chunk = (10**5, 10**4) if quick else (10**6, 10**5)
+    scale = 10 if quick else 1
+    cases = [
+        ("two_moons", 10**6 // scale, 10**5 // scale, compression, merge)
+        for compression in ("gzip", "lzf", "none")
+        for merge in ("copy", "virtual")
+    ]
+    cases.append(("sn_cosmology", 10**5 // scale, 10**4 // scale, "gzip", "copy"))
+    all_cores = os.sched_getaffinity(0)
     rows = []
-    for compression in ("gzip", "lzf", "none"):
-        for merge in ("copy", "virtual"):
+    for cores in (sorted(all_cores), [min(all_cores)]):
+        # Threads inherit the mask: the shard writer is confined with the simulation.
+        os.sched_setaffinity(0, cores)
+        for task, n, chunk, compression, merge in cases:
             bare, piped = [], []
             for _ in range(repeats):
-                bare.append(bare_loop("two_moons", n))
+                bare.append(bare_loop(task, n))
                 piped.append(
-                    pipeline_run(
-                        "two_moons", n, chunk, folder, merge=merge, compression=compression
-                    )
+                    pipeline_run(task, n, chunk, folder, merge=merge, compression=compression)
                 )
             b, p = statistics.median(bare), statistics.median(piped)
             rows.append(
                 {
+                    "task": task,
+                    "cores": len(cores),
                     "compression": compression,
                     "merge": merge,
                     "n": n,
@@ -99,12 +111,17 @@ def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]
                 }
             )
             print(rows[-1], flush=True)
+    os.sched_setaffinity(0, all_cores)
     return rows
 
 
 def cli(ranks: int, task: str, n: int, chunk: int, out: Path, *extra: str) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB, largest rank) of ``mpiexec -n ranks pipeline simulate``."""
+    """Wall seconds and peak RSS (KiB, largest rank) of ``mpiexec -n ranks pipeline simulate``,
+    confined to ``ranks`` cores."""
     command = [
+        "taskset",
+        "-c",
+        ",".join(map(str, sorted(os.sched_getaffinity(0))[:ranks])),
         str(BIN / "mpiexec"),
         "-n",
         str(ranks),

@@ -58,9 +58,9 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     task = get_task("two_moons")
     attrs = simulation.shard_attrs(plan, task)
     for start, stop in plan.chunks()[:2]:
-        simulation.write_shard(
-            task, plan, attrs, simulation.shard_path(out, start, stop), start, stop
-        )
+        theta, x = simulation.simulate_range(task, plan.seed, start, stop)
+        path = simulation.shard_path(out, start, stop)
+        simulation.write_shard(path, theta, x, attrs, start, stop)
     # A half-written shard from a killed run must not count as done.
     simulation.shard_path(out, 1000, 2000).write_bytes(b"garbage")
     written = []
@@ -72,6 +72,29 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     assert written == [(1000, 2000), (2000, 3000)]
     reference = simulate(tmp_path / "ref.h5", n=3000)
     np.testing.assert_array_equal(storage.read_simulations(out).x, reference.x)
+
+
+def test_failed_shard_write_stops_the_run_and_keeps_finished_shards(tmp_path, monkeypatch):
+    out = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 5000, 3, 1000)
+    original = simulation.write_shard
+
+    def disk_full_at_the_third(path, theta, x, attrs, start, stop, compression="gzip"):
+        if start == 2000:
+            raise OSError(28, "No space left on device")
+        original(path, theta, x, attrs, start, stop, compression)
+
+    # The write fails on the writer thread; the error must reach the caller, not vanish.
+    monkeypatch.setattr(simulation, "write_shard", disk_full_at_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=False)
+    assert not out.exists()
+    finished = sorted(p.name for p in simulation.shard_dir(out).glob("chunk-*.h5"))
+    assert finished[:2] == [
+        "chunk-000000000000-000000001000.h5",
+        "chunk-000000001000-000000002000.h5",
+    ]
+    assert "chunk-000000002000-000000003000.h5" not in finished
 
 
 def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):

@@ -89,3 +89,51 @@ def test_finite_mask_flags_nan_and_inf_rows():
         theta=np.zeros((4, 2)), x=np.array([[0.0], [np.nan], [np.inf], [1.0]]), attrs={}
     )
     np.testing.assert_array_equal(sims.finite, [True, False, False, True])
+
+
+def test_nonfinite_count_survives_an_overflowing_sum():
+    # The fast path sums the arrays; large finite values overflow float32 to inf there, and
+    # must then be counted exactly (as zero), while a real NaN or inf still counts its row.
+    big = np.full((4, 3), 3e38, dtype=np.float32)
+    assert storage.count_nonfinite_rows(big, big) == 0
+    big[2, 1] = np.nan
+    big[3, 0] = -np.inf
+    assert storage.count_nonfinite_rows(np.zeros((4, 2), np.float32), big) == 2
+
+
+@pytest.mark.parametrize("num_rows", [1, 700, 10**5, 99991, 10**7])
+def test_chunk_rows_stay_near_the_target_and_divide_where_they_can(num_rows):
+    rows = storage.chunk_rows(num_rows, (2,))
+    target = storage.CHUNK_BYTES // 8
+    assert 1 <= rows <= max(target, 1) and rows <= num_rows
+    if num_rows % 2 == 0:  # an even count always has a divisor within a factor 2 of the target
+        assert num_rows % rows == 0 and rows >= min(target // 2, num_rows)
+
+
+def test_copy_merge_takes_raw_chunks_where_aligned_and_rewrites_the_rest(tmp_path, monkeypatch):
+    # Tiny chunks, so that each source spans many: 8-byte x rows give 4 rows per chunk.
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 32)
+    rng = np.random.default_rng(0)
+    theta, x = rng.normal(size=(1201, 3)), rng.normal(size=(1201, 2))
+    # 401 rows (a prime) have no divisor near 4: the last source, like the merged file, has
+    # 4-row chunks, its last one partial where the merged file ends too, so it is copied raw.
+    bounds = [(0, 400), (400, 800), (800, 1201)]
+    sources = []
+    for i, (start, stop) in enumerate(bounds):
+        sources.append(tmp_path / f"s{i}.h5")
+        # The middle source has another filter (a shard kept from an lzf run): rewritten.
+        compression = "lzf" if i == 1 else "gzip"
+        storage.write_simulations(
+            sources[-1],
+            theta[start:stop],
+            x[start:stop],
+            {},
+            overwrite=False,
+            compression=compression,
+        )
+    storage.merge_copy(tmp_path / "merged.h5", sources, {"task": "t"}, "gzip")
+    merged = storage.read_simulations(tmp_path / "merged.h5")
+    np.testing.assert_array_equal(merged.theta, theta.astype(np.float32))
+    np.testing.assert_array_equal(merged.x, x.astype(np.float32))
+    with h5py.File(tmp_path / "merged.h5") as f:
+        assert f["x"].compression == "gzip" and f["x"].chunks == (4, 2)

@@ -173,7 +173,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import h5py
 
-    from pipeline.storage import CHUNK_ROWS, decode_attr, missing_sources, unreadable
+    from pipeline.storage import CHUNK_BYTES, decode_attr, missing_sources, unreadable
 
     try:
         f = h5py.File(args.file, "r")
@@ -194,7 +194,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                 )
                 continue
             # Count block by block: memory stays bounded for files larger than memory.
-            bad, step = 0, 64 * CHUNK_ROWS
+            bad, step = 0, max(64 * CHUNK_BYTES // max(dataset[:1].nbytes, 1), 1)
             for start in range(0, len(dataset), step):
                 block = dataset[start : start + step]
                 bad += int(np.size(block) - np.isfinite(block).sum())

@@ -11,9 +11,10 @@ number of ranks; rank ``r`` takes chunks ``r, r + K, r + 2K, ...``. The split is
 dynamic queue on an MPI window stalls while the rank holding the counter computes (measured
 with the mpich wheel: a claim waited the target's whole 3 s busy loop), so balance comes from
 many small chunks instead. Each chunk is written to its own shard beside the output
-(``OUT.shards/``), holding one chunk in memory; a rerun keeps verified shards and recomputes
-the rest. Rank 0 then merges the shards into ``OUT``: by copying, one shard at a time, after
-which the shards are removed; or as a virtual dataset that maps them in place.
+(``OUT.shards/``) by a background thread while the rank simulates its next chunk (so a rank
+holds at most two chunks in memory); a rerun keeps verified shards and recomputes the rest.
+Rank 0 then merges the shards into ``OUT``: by copying, one shard at a time (compressed chunks
+as they are), after which the shards are removed; or as a virtual dataset that maps them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from pipeline.parallel import Comm
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
+from pipeline.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +106,17 @@ def shard_path(out: Path, start: int, stop: int) -> Path:
     return shard_dir(out) / f"chunk-{start:012d}-{stop:012d}.h5"
 
 
-def shard_is_valid(path: Path, identity: dict[str, object], start: int, stop: int) -> bool:
-    """Whether ``path`` is a complete shard of this plan's chunk ``[start, stop)``."""
+def valid_shard_attrs(
+    path: Path, identity: dict[str, object], start: int, stop: int
+) -> dict[str, Any] | None:
+    """The attributes of ``path`` if it is a complete shard of this plan's chunk, else ``None``."""
     try:
         attrs = storage.read_attrs(path)
     except (FileNotFoundError, storage.SimulationFileError):
-        return False
+        return None
     expected = {**identity, "index_start": start, "index_stop": stop}
-    return all(attrs.get(k) == v for k, v in expected.items()) and attrs.get(
-        "num_simulations"
-    ) == (stop - start)
+    matches = all(attrs.get(k) == v for k, v in expected.items())
+    return attrs if matches and attrs.get("num_simulations") == (stop - start) else None
 
 
 MERGE_MODES = ("copy", "virtual")
@@ -151,20 +155,30 @@ def run(
     mine = plan.chunks()[rank::size]
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
+    num_nonfinite = 0
     try:
-        for start, stop in mine:
-            path = shard_path(out, start, stop)
-            if shard_is_valid(path, identity, start, stop):
-                log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
-            else:
-                write_shard(task, plan, attrs, path, start, stop, compression)
-            if rank == 0:
-                progress.update(stop - start)
+        with BackgroundWriter() as writer:
+            for start, stop in mine:
+                path = shard_path(out, start, stop)
+                kept = valid_shard_attrs(path, identity, start, stop)
+                if kept is not None:
+                    log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
+                    num_nonfinite += kept["num_nonfinite"]
+                else:
+                    theta, x = simulate_range(task, plan.seed, start, stop)
+                    num_nonfinite += storage.count_nonfinite_rows(theta, x)
+                    writer.submit(
+                        partial(write_shard, path, theta, x, attrs, start, stop, compression)
+                    )
+                if rank == 0:
+                    progress.update(stop - start)
     finally:
         _remove_if_empty(shard_dir(out))
-    comm.Barrier()
+    num_nonfinite = comm.allreduce(num_nonfinite)
     if rank == 0:
-        merge_shards(plan, task, out, attrs, merge, compression)
+        merge_shards(
+            plan, task, out, {**attrs, "num_nonfinite": num_nonfinite}, merge, compression
+        )
     comm.Barrier()
 
 
@@ -204,18 +218,21 @@ def shard_attrs(plan: SimulationPlan, task: Task) -> dict[str, Any]:
 
 
 def write_shard(
-    task: Task,
-    plan: SimulationPlan,
-    attrs: dict[str, Any],
     path: Path,
+    theta: np.ndarray,
+    x: np.ndarray,
+    attrs: dict[str, Any],
     start: int,
     stop: int,
     compression: str = "gzip",
 ) -> None:
-    """Simulates chunk ``[start, stop)`` into its own shard, with its non-finite rows counted."""
-    theta, x = simulate_range(task, plan.seed, start, stop)
-    num_nonfinite = int(np.sum(~(storage.finite_rows(theta) & storage.finite_rows(x))))
-    attrs = {**attrs, "index_start": start, "index_stop": stop, "num_nonfinite": num_nonfinite}
+    """Writes chunk ``[start, stop)`` (``theta`` (n, D), ``x`` (n, *x_shape)) to its shard."""
+    attrs = {
+        **attrs,
+        "index_start": start,
+        "index_stop": stop,
+        "num_nonfinite": storage.count_nonfinite_rows(theta, x),
+    }
     storage.write_simulations(path, theta, x, attrs, overwrite=True, compression=compression)
 
 
@@ -229,11 +246,12 @@ def merge_shards(
 ) -> None:
     """Joins the shards, in index order, into ``out`` (by copy or as a virtual dataset).
 
-    ``attrs`` are the run's :func:`shard_attrs`; ``out`` gets them with the whole index range.
+    ``attrs`` are the run's :func:`shard_attrs` with the total ``num_nonfinite`` of all ranks;
+    ``out`` gets them with the whole index range.
     """
     chunks = plan.chunks()
     shards = [shard_path(out, start, stop) for start, stop in chunks]
-    num_nonfinite = sum(storage.read_attrs(path)["num_nonfinite"] for path in shards)
+    num_nonfinite = attrs["num_nonfinite"]
     if num_nonfinite:
         log.warning(
             "%d of %d simulations contain NaN or inf; they are kept in %s, flagged by "
@@ -246,7 +264,6 @@ def merge_shards(
         **attrs,
         "index_start": 0,
         "index_stop": plan.num_simulations,
-        "num_nonfinite": num_nonfinite,
         "merge": merge,
         "compression": compression,
     }
@@ -254,7 +271,8 @@ def merge_shards(
         storage.merge_copy(out, shards, attrs, compression)
         shutil.rmtree(shard_dir(out))
     else:
-        storage.merge_virtual(out, shards, attrs)
+        # Every rank wrote or verified its shards: their shapes follow from the plan.
+        storage.merge_virtual(out, shards, attrs, (chunks, (task.dim_theta,), task.x_shape))
         # Shards of an earlier plan (another chunk size or count) would only take up space.
         for stale in set(shard_dir(out).glob("chunk-*.h5")) - set(shards):
             stale.unlink()

@@ -1,0 +1,60 @@
+"""Writes HDF5 shards on a background thread, so that a rank simulates its next chunk meanwhile.
+
+HDF5's filters and file writes release Python's GIL, so on a node with spare cores (or a parallel
+file system that makes writes wait) the write of chunk ``k`` overlaps the simulation of chunk
+``k + 1``. One write is in flight at a time: a rank holds at most two chunks, whatever ``N``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+_DONE = None
+
+
+class BackgroundWriter:
+    """Runs submitted write calls one after another on one thread; errors reach the caller.
+
+    Use as a context manager: leaving it waits for the last write, and re-raises the first error
+    a write raised (a later :meth:`submit` raises it too, so a failing disk stops the run).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="shard-writer", daemon=True)
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, write: Callable[[], None]) -> None:
+        """Queues ``write``; blocks while an earlier write is still queued (not just running)."""
+        self._raise_if_failed()
+        self._jobs.put(write)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._jobs.put(_DONE)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not _DONE:
+            if self._error is None:  # after a failure, drain without writing
+                try:
+                    job()
+                except BaseException as error:  # noqa: BLE001 - handed to the caller
+                    self._error = error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
