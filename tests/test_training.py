@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pipeline import simulation, storage
 from pipeline.models.posterior import load_posterior
 from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
-from pipeline.training import TrainConfig, check_checkpoints, train
+from pipeline.training import Layout, TrainConfig, check_checkpoints, launch_layout, train
 from tests.conftest import run_env, tool
 
 TINY = {
@@ -119,29 +120,87 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
         check_checkpoints(folder, TrainConfig(), "xyz", write=True)
 
 
+LONG = {"max_epochs": 120, "patience": 120}  # ~10 s: long enough to be killed midway
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """Weights of a run of LONG that nothing interrupts."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    command = _train_command(folder, data, LONG)
+    subprocess.run(command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL)
+    return torch.load(folder / "model" / "posterior.pt", weights_only=True)
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_from_last_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_training_resumes_to_the_uninterrupted_weights(data, tmp_path, kill, uninterrupted):
+    options = LONG
     ckpt = tmp_path / "ckpt"
-    options = {"max_epochs": 40, "patience": 40}
     command = [*_train_command(tmp_path, data, options), "--checkpoint-dir", str(ckpt)]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (ckpt / "last.ckpt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # let a few more epochs finish, then kill without warning
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few more epochs, then the scheduler's signal (or none) mid-epoch
+    process.send_signal(kill)
+    process.wait(timeout=120)
+    # Not 0 (Lightning's own exit status on SIGTERM): a scheduler must see a failed job.
+    assert process.returncode in (128 + signal.SIGTERM, -signal.SIGKILL), process.returncode
     assert (ckpt / "last.ckpt").exists() and not (tmp_path / "model" / "posterior.pt").exists()
     subprocess.run(command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL)
     assert "resuming from" in (tmp_path / "train.log").read_text()
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
-    assert document["epochs"] == 40
+    assert document["epochs"] == 120
     epochs = [
         line.split(",")[0]
         for line in (tmp_path / "model" / "metrics.csv").read_text().splitlines()[1:]
     ]
-    assert epochs[0] == "0" and epochs[-1] == "39"  # the history survives the kill
+    assert epochs[0] == "0" and epochs[-1] == "119"  # the history survives the kill
     assert not ckpt.exists()
+    # Each epoch's batches depend on (seed, epoch) alone: resuming changes nothing (CPU).
+    resumed = torch.load(tmp_path / "model" / "posterior.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_schedules_clipping_and_streaming_train(data, tmp_path):
+    options = {**TINY, "lr_schedule": "cosine", "gradient_clip": 1.0, "loading": "stream"}
+    metadata = train(data, tmp_path / "model", TrainConfig.from_dict(options))
+    assert metadata["loading"] == "stream" and np.isfinite(metadata["best_val_loss"])
+    metadata = train(
+        data, tmp_path / "constant", TrainConfig.from_dict({**TINY, "lr_schedule": "constant"})
+    )
+    assert metadata["loading"] == "memory"  # auto: 800 rows fit
+    # Clipping changes the weights; same seed without it gives others.
+    clipped = torch.load(tmp_path / "model" / "posterior.pt", weights_only=True)
+    train(data, tmp_path / "plain", TrainConfig.from_dict({**options, "gradient_clip": 0.0}))
+    plain = torch.load(tmp_path / "plain" / "posterior.pt", weights_only=True)
+    assert not all(torch.equal(clipped[k], plain[k]) for k in clipped)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"precision": "bf16-mixed"}, "precision 'bf16-mixed' needs a GPU"),
+        ({"lr_schedule": "step"}, "lr_schedule must be one of plateau, cosine, constant"),
+        ({"loading": "disk"}, "loading must be one of auto, memory, stream"),
+        ({"gradient_clip": -1}, "gradient_clip must be zero .off. or positive"),
+    ],
+)
+def test_bad_training_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(options)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data, tmp_path):
+    # torch.compile reorders float operations: equal to rounding, not bit for bit.
+    options = {**TINY, "max_epochs": 1}
+    eager = train(data, tmp_path / "eager", TrainConfig.from_dict(options))
+    compiled = train(
+        data, tmp_path / "compiled", TrainConfig.from_dict({**options, "compile": True})
+    )
+    assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], abs=1e-3)
 
 
 def _train_command(tmp_path, data, options, launcher=()):
@@ -177,3 +236,47 @@ def test_ddp_under_mpiexec(tmp_path, data):
     subprocess.run(command, check=True, env=run_env(), timeout=600)
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
     assert document["world_size"] == 2 and document["launcher"] == "mpi"
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun(tmp_path, data):
+    launcher = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", "29517"]
+    command = _train_command(tmp_path, data, {"max_epochs": 2}, launcher)
+    command[command.index("--log")] = "--log-file"  # torchrun takes --log for its --log-dir
+    subprocess.run(command, check=True, env=run_env(), timeout=600)
+    document = json.loads((tmp_path / "model" / "posterior.json").read_text())
+    assert document["world_size"] == 2 and document["launcher"] == "torchrun"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_NNODES": "2"},
+            "SLURM runs 3 tasks on 2 nodes: set --ntasks-per-node",
+        ),
+        (
+            {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "3"},
+            "3 processes cannot be spread evenly with 2 per node; set `torchrun --nproc_per_node`",
+        ),
+    ],
+)
+def test_inconsistent_launcher_layout_names_the_setting(monkeypatch, env, message):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "PMI", "OMPI_", "MPI_LOCAL", "TORCHELASTIC")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        launch_layout(1)
+
+
+def test_launcher_layouts_come_from_the_environment(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "PMI", "OMPI_", "MPI_LOCAL", "TORCHELASTIC")):
+            monkeypatch.delenv(name)
+    assert launch_layout(2) == Layout(2, 1, "lightning")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    assert launch_layout(1) == Layout(4, 2, "slurm")

@@ -148,3 +148,16 @@ def test_tiny_dag_end_to_end(workdir):
     assert "test.h5" in log and "not a readable HDF5 file" in log
     assert model.read_bytes() == before
     assert (experiment / "two_moons/validation/metrics.json").exists()
+
+
+def test_schema_lists_exactly_the_training_options():
+    from dataclasses import fields
+
+    from pipeline.training import TrainConfig
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    options = schema["properties"]["train"]["properties"]
+    assert sorted(options) == sorted(f.name for f in fields(TrainConfig))
+    for field in fields(TrainConfig):
+        default = field.default if not isinstance(field.default, tuple) else list(field.default)
+        assert options[field.name]["default"] == default, field.name

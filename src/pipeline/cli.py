@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log", type=Path, help="also write log lines to this file")
+    # --log-file too: torchrun's own parser refuses --log as an abbreviation of its --log-dir.
+    common.add_argument(
+        "--log", "--log-file", dest="log", type=Path, help="also write log lines to this file"
+    )
     common.add_argument(
         "--threads",
         type=int,

@@ -1,32 +1,66 @@
-"""Training data: a LightningDataModule over a simulation file, with a seeded train/val split."""
+"""Training data: a LightningDataModule over a simulation file, with a seeded train/val split.
+
+Two ways to feed the trainer, chosen by ``loading``:
+
+- ``memory``: the finite rows are loaded once; batches are index slices of tensors.
+- ``stream``: nothing is loaded; batches are contiguous blocks of ``batch_size`` rows read from
+  the file when needed (so a file larger than memory trains). The split and the shuffle act on
+  whole blocks, so a block's rows are always batched together: simulations are independent
+  draws, so a block is as good a batch as any, only its membership does not change per epoch.
+- ``auto`` (the default): ``memory`` when a copy per process on this node takes at most half of
+  the available memory, else ``stream``.
+
+Validation runs on the whole held-out set on every rank (it is small), so ``val_loss`` does not
+depend on the number of ranks.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from pipeline import storage
+from pipeline.batches import EpochBatches, HDF5Blocks, TensorRows
 
 log = logging.getLogger(__name__)
 
+LOADINGS = ("auto", "memory", "stream")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations on this node (``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
 
 class SimulationDataModule(pl.LightningDataModule):
-    """Loads ``theta`` (N, D) and ``x`` (N, *x_shape), drops non-finite rows, splits train/val.
+    """Reads ``theta`` (N, D) and ``x`` (N, *x_shape), drops non-finite rows, splits train/val.
 
-    The split is a permutation seeded by ``seed``, so every DDP rank computes the same one; the
-    DistributedSampler that Lightning inserts then gives each rank a disjoint part of it.
+    The split is seeded by ``seed``, so every DDP rank computes the same one; each epoch's
+    shuffle (seeded by ``seed`` and the epoch) gives each rank a disjoint part of it
+    (:class:`pipeline.batches.EpochBatches`; Lightning's DistributedSampler is not used).
 
     Arguments:
         path: Simulation file written by ``pipeline simulate``.
         val_fraction: Fraction of the finite simulations held out for validation.
         batch_size: Samples per batch and per process.
-        seed: Seed of the split.
+        seed: Seed of the split and of the shuffles.
         task: If given, the task the file must hold.
+        loading: ``"memory"``, ``"stream"`` or ``"auto"`` (see the module's docstring).
+        copies: Processes on this node that each load the data (``auto`` counts them all).
+        num_workers: DataLoader worker processes (reading and slicing off the main process).
     """
 
     def __init__(
@@ -36,17 +70,46 @@ class SimulationDataModule(pl.LightningDataModule):
         batch_size: int,
         seed: int,
         task: str | None = None,
+        loading: str = "auto",
+        copies: int = 1,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        if loading not in LOADINGS:
+            raise ValueError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
         self.path, self.val_fraction, self.batch_size = Path(path), val_fraction, batch_size
-        self.seed, self.task = seed, task
+        self.seed, self.task, self.loading = seed, task, loading
+        self.copies, self.num_workers = copies, num_workers
         self.attrs: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
+        self.attrs = storage.read_attrs(self.path)
+        if self.task is not None and self.attrs.get("task") != self.task:
+            storage.read_simulations(self.path, task=self.task)  # raises, naming both tasks
+        if self.loading == "auto":
+            self.loading = self._choose_loading()
+        if self.loading == "stream":
+            self._setup_stream()
+        else:
+            self._setup_memory()
+
+    def _choose_loading(self) -> str:
+        with storage.open_simulations(self.path) as f:
+            size = f["theta"].nbytes + f["x"].nbytes
+        fits = size * self.copies <= available_memory() // 2
+        log.info(
+            "%s holds %.1f MB; %s",
+            self.path,
+            size / 1e6,
+            "loading it into memory" if fits else "too large for memory: streaming batches",
+        )
+        return "memory" if fits else "stream"
+
+    def _setup_memory(self) -> None:
         sims = storage.read_simulations(self.path, task=self.task)
         finite = sims.finite
         self.num_nonfinite = int((~finite).sum())
@@ -68,25 +131,109 @@ class SimulationDataModule(pl.LightningDataModule):
             )
         order = np.random.default_rng(self.seed).permutation(len(theta))
         train, val = order[:num_train], order[num_train:]
-        self.attrs = sims.attrs
-        self.theta_train, self.x_train = torch.from_numpy(theta[train]), torch.from_numpy(x[train])
-        self.train_set = TensorDataset(self.theta_train, self.x_train)
-        self.val_set = TensorDataset(torch.from_numpy(theta[val]), torch.from_numpy(x[val]))
+        theta_train, x_train = torch.from_numpy(theta[train]), torch.from_numpy(x[train])
+        theta_moments, x_moments = Moments(), Moments()
+        theta_moments.add(theta[train])
+        x_moments.add(x[train])
+        self._moments = (*theta_moments.mean_std(), *x_moments.mean_std())
+        self.train_set = TensorRows(theta_train, x_train)
+        self.val_set = TensorRows(torch.from_numpy(theta[val]), torch.from_numpy(x[val]))
+        self.num_train, self.num_val = num_train, num_val
+        self._train_items, self._val_items = np.arange(num_train), np.arange(num_val)
+        self._items_per_batch = self.batch_size
+
+    def _setup_stream(self) -> None:
+        num_rows = int(self.attrs["num_simulations"])
+        blocks = HDF5Blocks(self.path, self.batch_size, num_rows)
+        num_blocks = len(blocks)
+        num_val = int(round(self.val_fraction * num_blocks))
+        if num_val < 1 or num_val >= num_blocks:
+            raise ValueError(
+                f"{self.path}: {num_rows} simulations in {num_blocks} block(s) of batch_size "
+                f"{self.batch_size} cannot be split into non-empty training and validation sets "
+                f"with val_fraction={self.val_fraction}; simulate more or lower batch_size"
+            )
+        order = np.random.default_rng(self.seed).permutation(num_blocks)
+        self._val_items, self._train_items = np.sort(order[:num_val]), order[num_val:]
+        # One streamed pass: the training split's moments and the finite rows of each split.
+        theta_moments, x_moments = Moments(), Moments()
+        counts = {"train": 0, "val": 0}
+        val_blocks = set(self._val_items.tolist())
+        for block in range(num_blocks):
+            theta, x = blocks.read(block)
+            split = "val" if block in val_blocks else "train"
+            counts[split] += len(theta)
+            if split == "train":
+                theta_moments.add(theta)
+                x_moments.add(x)
+        if not counts["train"] or not counts["val"]:
+            raise ValueError(
+                f"{self.path}: a split has no finite simulation (train {counts['train']}, "
+                f"validation {counts['val']}); check the simulator for NaN"
+            )
+        self._moments = (*theta_moments.mean_std(), *x_moments.mean_std())
+        self.num_nonfinite = num_rows - counts["train"] - counts["val"]
+        if self.num_nonfinite:
+            log.warning(
+                "excluding %d of %d simulations with NaN or inf from %s",
+                self.num_nonfinite,
+                num_rows,
+                self.path,
+            )
+        self.train_set = self.val_set = blocks
+        self.num_train, self.num_val = counts["train"], counts["val"]
+        self._items_per_batch = 1
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Means and standard deviations of the training split, for z-scoring."""
+        theta_mean, theta_std, x_mean, x_std = self._moments
         # A constant feature would divide by zero: give it unit scale instead.
-        theta_std = self.theta_train.std(0)
-        x_std = self.x_train.std(0)
         return {
-            "theta_mean": self.theta_train.mean(0),
+            "theta_mean": theta_mean,
             "theta_std": torch.where(theta_std > 0, theta_std, torch.ones_like(theta_std)),
-            "x_mean": self.x_train.mean(0),
+            "x_mean": x_mean,
             "x_std": torch.where(x_std > 0, x_std, torch.ones_like(x_std)),
         }
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = EpochBatches(self._train_items, self._items_per_batch, self.seed, rank, world)
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+        return self._loader(
+            self.val_set, EpochBatches(self._val_items, self._items_per_batch, None)
+        )
+
+    def _loader(self, dataset: TensorRows | HDF5Blocks, sampler: EpochBatches) -> DataLoader:
+        # batch_size=None: the sampler yields whole batches, the dataset answers with tensors.
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class Moments:
+    """Running count, sum and sum of squares of rows (float64), for means and deviations."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.sum_sq = 0, 0.0, 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Adds ``rows`` of shape ``(n, ...)``."""
+        rows = rows.astype(np.float64)
+        self.n += len(rows)
+        self.sum = self.sum + rows.sum(0)
+        self.sum_sq = self.sum_sq + (rows * rows).sum(0)
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased standard deviation over the rows, float32, shape ``rows[0]``."""
+        mean = self.sum / self.n
+        var = (self.sum_sq - self.n * mean * mean) / max(self.n - 1, 1)
+        return torch.from_numpy(mean).float(), torch.from_numpy(
+            np.sqrt(np.maximum(var, 0))
+        ).float()

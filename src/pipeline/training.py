@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -23,15 +24,19 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pipeline.data import SimulationDataModule
-from pipeline.models.npe import NPE
+from pipeline.data import LOADINGS, SimulationDataModule
+from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.parallel import launched_by_mpi
 from pipeline.provenance import config_digest, provenance
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+# Lightning's names; the mixed ones run matrix products in half precision on a GPU.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,20 @@ class TrainConfig:
     ensemble: int = 1
     batch_size: int = 256
     learning_rate: float = 1e-3
+    lr_schedule: str = "plateau"
     weight_decay: float = 0.0
+    gradient_clip: float = 0.0
     max_epochs: int = 200
+    max_time: float = 0.0
     patience: int = 20
     val_fraction: float = 0.1
+    loading: str = "auto"
     seed: int = 0
+    precision: str = "32-true"
+    compile: bool = False
     devices: int = 1
     accelerator: str = "cpu"
+    num_workers: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -87,18 +99,38 @@ class TrainConfig:
             "batch_size",
             "max_epochs",
             "devices",
+            "learning_rate",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{source}: {name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"{source}: learning_rate must be positive")
-        if self.accelerator not in ("cpu", "gpu", "auto"):
-            raise ValueError(f"{source}: accelerator must be cpu, gpu or auto")
+        for name in ("weight_decay", "gradient_clip", "max_time", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{source}: {name} must be zero (off) or positive, got {getattr(self, name)}"
+                )
+        choices = {
+            "accelerator": ("cpu", "gpu", "auto"),
+            "lr_schedule": LR_SCHEDULES,
+            "loading": LOADINGS,
+            "precision": PRECISIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{source}: {name} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.precision != "32-true" and self.accelerator == "cpu":
+            raise ValueError(
+                f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
+                "on CPU use 32-true"
+            )
 
     def shaping(self) -> dict[str, Any]:
         """The fields that shape the weights (not where they run), for the checkpoint digest."""
-        return {k: v for k, v in asdict(self).items() if k not in ("devices", "accelerator")}
+        where = ("devices", "accelerator", "num_workers", "compile", "max_time")
+        return {k: v for k, v in asdict(self).items() if k not in where}
 
 
 @dataclass(frozen=True)
@@ -177,6 +209,12 @@ def build_trainer(
         strategy="ddp" if distributed else "auto",
         plugins=plugins or None,
         max_epochs=config.max_epochs,
+        # Minutes; the run then ends like an early stop (the best weights so far are kept).
+        max_time={"minutes": config.max_time} if config.max_time else None,
+        precision=config.precision,
+        gradient_clip_val=config.gradient_clip or None,
+        # The data module splits every epoch over the ranks itself (seeded, resumable).
+        use_distributed_sampler=False,
         deterministic=True,
         # Beside the checkpoints, one folder per attempt: a resumed run keeps the whole history.
         logger=CSVLogger(save_dir=checkpoint_dir, name="", version=_next_attempt(checkpoint_dir)),
@@ -303,16 +341,31 @@ def train(
     Returns the metadata written (on the global rank 0; ``None`` on other ranks).
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = SimulationDataModule(data, config.val_fraction, config.batch_size, config.seed)
+    layout = launch_layout(config.devices)
+    datamodule = SimulationDataModule(
+        data,
+        config.val_fraction,
+        config.batch_size,
+        config.seed,
+        loading=config.loading,
+        copies=layout.devices,
+        num_workers=config.num_workers,
+    )
     datamodule.setup("fit")
     attrs = datamodule.attrs
     task = get_task(attrs["task"])
     data_digest = str(attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
-    layout = launch_layout(config.devices)
     spec = _spec(config, task)
     posterior = NeuralPosterior(spec, **datamodule.statistics())
-    module = NPE(posterior, learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    module = NPE(
+        posterior,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_schedule=config.lr_schedule,
+        max_epochs=config.max_epochs,
+        compile=config.compile,
+    )
     trainer = build_trainer(config, layout, out, checkpoint_dir)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
     # last.ckpt is only written during fit, so every rank sees the same answer here.
@@ -323,7 +376,16 @@ def train(
     with warnings.catch_warnings():
         # The folder holds our identity stamp, which Lightning mistakes for stale checkpoints.
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+        except SIGTERMException:
+            # Lightning exits with status 0 here, which a scheduler would read as success.
+            log.error(
+                "stopped by SIGTERM (time limit or preemption); rerun the same command to "
+                "resume from %s",
+                checkpoint_dir,
+            )
+            raise SystemExit(128 + signal.SIGTERM) from None
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return None
@@ -337,8 +399,9 @@ def train(
         "flow": config.flow,
         "embedding": config.embedding,
         "ensemble": config.ensemble,
-        "num_train": len(datamodule.train_set),
-        "num_val": len(datamodule.val_set),
+        "num_train": datamodule.num_train,
+        "num_val": datamodule.num_val,
+        "loading": datamodule.loading,
         "num_nonfinite_excluded": datamodule.num_nonfinite,
         "epochs": trainer.current_epoch,
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score),

@@ -7,6 +7,10 @@ import torch
 
 from pipeline.models.posterior import NeuralPosterior
 
+# "plateau" halves the step after lr_patience epochs without improvement; "cosine" anneals it
+# to zero over max_epochs (one step per epoch); "constant" keeps it.
+LR_SCHEDULES = ("plateau", "cosine", "constant")
+
 
 class NPE(pl.LightningModule):
     """Trains a :class:`NeuralPosterior` by maximum likelihood on ``(theta, x)`` pairs.
@@ -18,7 +22,10 @@ class NPE(pl.LightningModule):
         posterior: The estimator (standardisation, embedding, flow).
         learning_rate: Adam's step size.
         weight_decay: AdamW's decoupled weight decay.
-        lr_patience: Epochs without validation improvement before the learning rate is halved.
+        lr_schedule: One of :data:`LR_SCHEDULES`.
+        lr_patience: Epochs without validation improvement before ``plateau`` halves the step.
+        max_epochs: The horizon of ``cosine``.
+        compile: Whether to compile the posterior's log-density with ``torch.compile``.
     """
 
     def __init__(
@@ -26,22 +33,33 @@ class NPE(pl.LightningModule):
         posterior: NeuralPosterior,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "plateau",
         lr_patience: int = 5,
+        max_epochs: int = 200,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         self.posterior = posterior
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.lr_patience = lr_patience
+        self.lr_schedule, self.lr_patience, self.max_epochs = lr_schedule, lr_patience, max_epochs
+        # Compiled callables share the posterior's parameters; the state dict is unchanged.
+        self._member_log_prob = posterior.member_log_prob
+        self._log_prob = posterior.log_prob
+        if compile:
+            self._member_log_prob = torch.compile(posterior.member_log_prob)
+            self._log_prob = torch.compile(posterior.log_prob)
 
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         theta, x = batch
         if stage == "train":
             # Members learn side by side, each by its own likelihood (a deep ensemble), not
             # the mixture's: that keeps them diverse. For one member the two are the same.
-            loss = -self.posterior.member_log_prob(theta, x).mean()
+            loss = -self._member_log_prob(theta, x).mean()
         else:
-            loss = -self.posterior.log_prob(theta, x).mean()
+            loss = -self._log_prob(theta, x).mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",
@@ -64,6 +82,13 @@ class NPE(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
+        if self.lr_schedule == "constant":
+            return {"optimizer": optimizer}
+        if self.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=self.max_epochs
+            )
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=0.5, patience=self.lr_patience
         )
