@@ -110,6 +110,19 @@ def test_all_nan_data_fail_before_training(tmp_path):
         train(out, tmp_path / "model", TrainConfig.from_dict(TINY))
 
 
+def test_data_of_the_wrong_shape_fail_before_training(tmp_path):
+    out = tmp_path / "sims.h5"
+    rng = np.random.default_rng(0)
+    attrs = {"task": "two_moons"}
+    storage.write_simulations(
+        out, rng.normal(size=(50, 2)), rng.normal(size=(50, 3)), attrs, overwrite=False
+    )
+    with pytest.raises(
+        ValueError, match=r"x \(3,\) do not match task 'two_moons', whose .* x \(2,\)"
+    ):
+        train(out, tmp_path / "model", TrainConfig.from_dict(TINY))
+
+
 def test_checkpoints_of_another_config_are_refused(tmp_path):
     folder = tmp_path / "ckpt"
     check_checkpoints(folder, TrainConfig(), "abc", write=True)

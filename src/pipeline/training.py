@@ -7,6 +7,7 @@ the launcher's environment (:func:`launch_layout`), never hard-coded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -15,6 +16,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -192,9 +194,14 @@ def _nodes(world: int, local: int, fix: str) -> int:
 
 
 def build_trainer(
-    config: TrainConfig, layout: Layout, out: Path, checkpoint_dir: Path
+    config: TrainConfig,
+    layout: Layout,
+    out: Path,
+    checkpoint_dir: Path,
+    callbacks: Sequence[Callback] = (),
 ) -> pl.Trainer:
-    """The one place a Trainer is built: callbacks, logger, strategy, determinism."""
+    """The one place a Trainer is built: callbacks (``callbacks`` added to ours), logger,
+    strategy, determinism."""
     plugins = []
     if layout.launcher == "mpi":
         # Inside a SLURM allocation Lightning would pick SLURM; the launcher was mpiexec.
@@ -224,6 +231,7 @@ def build_trainer(
                 dirpath=checkpoint_dir, monitor="val_loss", save_top_k=1, save_last=True
             ),
             EpochLog(config.max_epochs),
+            *callbacks,
         ],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -334,10 +342,15 @@ def default_checkpoint_dir(out: Path, config: TrainConfig, data_digest: str) -> 
 
 
 def train(
-    data: Path, out: Path, config: TrainConfig, checkpoint_dir: Path | None = None
+    data: Path,
+    out: Path,
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any] | None:
     """Trains NPE on ``data`` and writes ``posterior.pt``, ``posterior.json``, ``metrics.csv``.
 
+    ``callbacks`` (Lightning callbacks) run beside the pipeline's own, e.g. to watch a metric.
     Returns the metadata written (on the global rank 0; ``None`` on other ranks).
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -357,7 +370,16 @@ def train(
     data_digest = str(attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
     spec = _spec(config, task)
-    posterior = NeuralPosterior(spec, **datamodule.statistics())
+    statistics = datamodule.statistics()
+    found = (tuple(statistics["theta_mean"].shape), tuple(statistics["x_mean"].shape))
+    expected = ((task.dim_theta,), tuple(task.x_shape))
+    if found != expected:
+        raise ValueError(
+            f"{data}: rows of theta {found[0]} and x {found[1]} do not match task "
+            f"{task.name!r}, whose theta is {expected[0]} and x {expected[1]}; simulate the "
+            "file again with `pipeline simulate` for this task"
+        )
+    posterior = NeuralPosterior(spec, **statistics)
     module = NPE(
         posterior,
         learning_rate=config.learning_rate,
@@ -366,7 +388,7 @@ def train(
         max_epochs=config.max_epochs,
         compile=config.compile,
     )
-    trainer = build_trainer(config, layout, out, checkpoint_dir)
+    trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
     # last.ckpt is only written during fit, so every rank sees the same answer here.
     last = checkpoint_dir / "last.ckpt"
@@ -419,6 +441,9 @@ def train(
     merge_metrics(sorted(checkpoint_dir.glob("attempt-*/metrics.csv")), out / "metrics.csv")
     # The checkpoints only serve to resume this run; a finished run must not be "resumed".
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if checkpoint_dir.parent == default_checkpoint_dir(out, config, data_digest).parent:
+        with contextlib.suppress(OSError):  # other configurations' folders may remain
+            checkpoint_dir.parent.rmdir()
     log.info("saved posterior to %s (best val_loss %.4f)", out, metadata["best_val_loss"])
     return metadata
 
