@@ -97,6 +97,21 @@ def test_failed_shard_write_stops_the_run_and_keeps_finished_shards(tmp_path, mo
     assert "chunk-000000002000-000000003000.h5" not in finished
 
 
+def test_rerun_removes_temporaries_of_killed_writes(tmp_path):
+    out = tmp_path / "sims.h5"
+    shard = simulation.shard_path(out, 1000, 2000)
+    shard.parent.mkdir(parents=True)
+    stale = shard.with_name(f".{shard.name}.tmp-999999")  # as atomic_h5 names them
+    stale.write_bytes(b"half a shard")
+    simulate(out, merge="virtual")
+    assert not stale.exists()
+    assert sorted(p.name for p in shard.parent.iterdir()) == [
+        "chunk-000000000000-000000001000.h5",
+        "chunk-000000001000-000000002000.h5",
+        "chunk-000000002000-000000002500.h5",
+    ]
+
+
 def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
     copied = simulate(tmp_path / "copy.h5", n=2500, chunk_size=700)
     out = tmp_path / "run" / "virtual.h5"

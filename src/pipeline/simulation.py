@@ -160,6 +160,8 @@ def run(
         with BackgroundWriter() as writer:
             for start, stop in mine:
                 path = shard_path(out, start, stop)
+                # This rank owns the chunk in this run: a temporary of it is a killed write's.
+                storage.remove_temporaries(path)
                 kept = valid_shard_attrs(path, identity, start, stop)
                 if kept is not None:
                     log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)

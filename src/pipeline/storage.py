@@ -311,6 +311,12 @@ class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as 
             self.tmp.unlink(missing_ok=True)
 
 
+def remove_temporaries(path: Path) -> None:
+    """Deletes what :class:`atomic_h5` left of interrupted writes of ``path`` (any process)."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def read_attrs(path: Path) -> dict[str, Any]:
     """The attributes of a finished simulation file (validated like :func:`read_simulations`)."""
     with open_simulations(path) as f:
