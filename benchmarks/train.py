@@ -72,7 +72,7 @@ class TestLoss(Callback):
         begin = time.perf_counter()
         with torch.no_grad():
             nll = -float(module.posterior.log_prob(self.theta, self.x).mean())
-        self.curve.append((begin - self.start - self.scoring, nll))
+        self.curve.append((round(begin - self.start - self.scoring, 3), round(nll, 4)))
         self.scoring += time.perf_counter() - begin
 
 

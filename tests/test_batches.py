@@ -69,3 +69,10 @@ def test_in_memory_batches_are_tensor_slices_of_the_training_split(data):
 def test_unknown_loading_is_refused(data):
     with pytest.raises(ValueError, match="loading must be one of auto, memory, stream"):
         SimulationDataModule(data, 0.1, 100, seed=0, loading="disk")
+
+
+def test_streaming_refuses_a_file_too_small_for_both_splits(data):
+    # 3000 rows in blocks of 2000: 2 blocks, and 10% of 2 rounds to no validation block.
+    module = SimulationDataModule(data, 0.1, 2000, seed=0, loading="stream")
+    with pytest.raises(ValueError, match="2 block.s. of batch_size 2000 cannot be split"):
+        module.setup()

@@ -60,7 +60,8 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     for start, stop in plan.chunks()[:2]:
         theta, x = simulation.simulate_range(task, plan.seed, start, stop)
         path = simulation.shard_path(out, start, stop)
-        simulation.write_shard(path, theta, x, attrs, start, stop)
+        counted = {**attrs, "num_nonfinite": storage.count_nonfinite_rows(theta, x)}
+        simulation.write_shard(path, theta, x, counted, start, stop)
     # A half-written shard from a killed run must not count as done.
     simulation.shard_path(out, 1000, 2000).write_bytes(b"garbage")
     written = []

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline import storage
+
 
 class EpochBatches(Sampler[np.ndarray]):
     """Yields this rank's batches of ``items`` (an array of indices or of block numbers).
@@ -106,9 +108,7 @@ class HDF5Blocks(Dataset):
         theta, x = self._datasets()
         rows = slice(block * self.block_size, min((block + 1) * self.block_size, self.num_rows))
         theta_block, x_block = theta[rows], x[rows]
-        finite = np.isfinite(theta_block).all(axis=1) & np.isfinite(
-            x_block.reshape(len(x_block), -1)
-        ).all(axis=1)
+        finite = storage.finite_rows(theta_block) & storage.finite_rows(x_block)
         return theta_block[finite], x_block[finite]
 
     def __getitem__(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

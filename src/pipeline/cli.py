@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -194,7 +195,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                 )
                 continue
             # Count block by block: memory stays bounded for files larger than memory.
-            bad, step = 0, max(64 * CHUNK_BYTES // max(dataset[:1].nbytes, 1), 1)
+            row_bytes = dataset.dtype.itemsize * math.prod(dataset.shape[1:])
+            bad, step = 0, max(64 * CHUNK_BYTES // max(row_bytes, 1), 1)
             for start in range(0, len(dataset), step):
                 block = dataset[start : start + step]
                 bad += int(np.size(block) - np.isfinite(block).sum())

@@ -87,9 +87,7 @@ class SimulationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        self.attrs = storage.read_attrs(self.path)
-        if self.task is not None and self.attrs.get("task") != self.task:
-            storage.read_simulations(self.path, task=self.task)  # raises, naming both tasks
+        self.attrs = storage.read_attrs(self.path, task=self.task)
         if self.loading == "auto":
             self.loading = self._choose_loading()
         if self.loading == "stream":
@@ -131,12 +129,12 @@ class SimulationDataModule(pl.LightningDataModule):
             )
         order = np.random.default_rng(self.seed).permutation(len(theta))
         train, val = order[:num_train], order[num_train:]
-        theta_train, x_train = torch.from_numpy(theta[train]), torch.from_numpy(x[train])
+        theta_train, x_train = theta[train], x[train]
         theta_moments, x_moments = Moments(), Moments()
-        theta_moments.add(theta[train])
-        x_moments.add(x[train])
+        theta_moments.add(theta_train)
+        x_moments.add(x_train)
         self._moments = (*theta_moments.mean_std(), *x_moments.mean_std())
-        self.train_set = TensorRows(theta_train, x_train)
+        self.train_set = TensorRows(torch.from_numpy(theta_train), torch.from_numpy(x_train))
         self.val_set = TensorRows(torch.from_numpy(theta[val]), torch.from_numpy(x[val]))
         self.num_train, self.num_val = num_train, num_val
         self._train_items, self._val_items = np.arange(num_train), np.arange(num_val)

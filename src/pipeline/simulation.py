@@ -168,9 +168,11 @@ def run(
                     num_nonfinite += kept["num_nonfinite"]
                 else:
                     theta, x = simulate_range(task, plan.seed, start, stop)
-                    num_nonfinite += storage.count_nonfinite_rows(theta, x)
+                    bad = storage.count_nonfinite_rows(theta, x)
+                    num_nonfinite += bad
+                    chunk_attrs = {**attrs, "num_nonfinite": bad}
                     writer.submit(
-                        partial(write_shard, path, theta, x, attrs, start, stop, compression)
+                        partial(write_shard, path, theta, x, chunk_attrs, start, stop, compression)
                     )
                 if rank == 0:
                     progress.update(stop - start)
@@ -228,13 +230,12 @@ def write_shard(
     stop: int,
     compression: str = "gzip",
 ) -> None:
-    """Writes chunk ``[start, stop)`` (``theta`` (n, D), ``x`` (n, *x_shape)) to its shard."""
-    attrs = {
-        **attrs,
-        "index_start": start,
-        "index_stop": stop,
-        "num_nonfinite": storage.count_nonfinite_rows(theta, x),
-    }
+    """Writes chunk ``[start, stop)`` (``theta`` (n, D), ``x`` (n, *x_shape)) to its shard.
+
+    ``attrs`` are the run's :func:`shard_attrs` with the chunk's ``num_nonfinite`` (counted by
+    the caller, which sums them over the run).
+    """
+    attrs = {**attrs, "index_start": start, "index_stop": stop}
     storage.write_simulations(path, theta, x, attrs, overwrite=True, compression=compression)
 
 

@@ -241,9 +241,8 @@ def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int, path: Pat
                 mask, chunk = source.id.read_direct_chunk((offset, *zeros))
                 target.id.write_direct_chunk((start + offset, *zeros), chunk, mask)
         else:
-            step = max(rows, 1)
-            for offset in range(0, len(source), step):
-                target[start + offset : start + offset + step] = source[offset : offset + step]
+            for offset in range(0, len(source), rows):
+                target[start + offset : start + offset + rows] = source[offset : offset + rows]
     except OSError as error:
         raise unreadable(path, error) from None
 
@@ -317,10 +316,20 @@ def remove_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def read_attrs(path: Path) -> dict[str, Any]:
+def read_attrs(path: Path, *, task: str | None = None) -> dict[str, Any]:
     """The attributes of a finished simulation file (validated like :func:`read_simulations`)."""
     with open_simulations(path) as f:
-        return {key: decode_attr(value) for key, value in f.attrs.items()}
+        return _file_attrs(f, path, task)
+
+
+def _file_attrs(f: h5py.File, path: Path, task: str | None) -> dict[str, Any]:
+    """``f``'s decoded attributes; raises if ``task`` is given and the file holds another."""
+    attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
+    if task is not None and attrs.get("task") != task:
+        raise SimulationFileError(
+            f"{path} holds simulations of task {attrs.get('task')!r}, expected {task!r}"
+        )
+    return attrs
 
 
 def read_simulations(path: Path, *, task: str | None = None) -> Simulations:
@@ -336,11 +345,7 @@ def read_simulations(path: Path, *, task: str | None = None) -> Simulations:
             incomplete, has mismatched row counts, or was made for another task.
     """
     with open_simulations(path) as f:
-        attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
-        if task is not None and attrs.get("task") != task:
-            raise SimulationFileError(
-                f"{path} holds simulations of task {attrs.get('task')!r}, expected {task!r}"
-            )
+        attrs = _file_attrs(f, path, task)
         try:
             theta, x = f["theta"][...], f["x"][...]
         except OSError as error:
