@@ -1,5 +1,7 @@
 # Simulation-based inference pipeline: simulate -> train -> sample -> validate -> report.
 # The library and its CLI live in src/pipeline; rules only wire files together.
+import copy
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -8,7 +10,11 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# Validation fills in the schema's defaults. Per-task training overrides must stay exactly what
+# was written, or their filled-in defaults would mask every option of `train`.
+task_overrides = copy.deepcopy(config.get("task_train", {}))
 validate(config, "workflow/schemas/config.schema.yaml")
+config["task_train"] = task_overrides
 
 
 include: "workflow/rules/common.smk"
@@ -22,3 +28,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         EXPERIMENT / "report.html",
+        all_shards(),
+
+
+check_profile_resources(workflow)

@@ -1,9 +1,10 @@
-"""Shared fixtures: a task whose simulator emits NaN, and paths to the project's tools."""
+"""Shared fixtures: test tasks (NaN, wrong shape), the project's tools, Snakemake runs."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,3 +59,47 @@ def run_env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def copy_workflow(folder: Path) -> Path:
+    """A copy of the workflow in ``folder``, so runs keep their .snakemake state out of the
+    checkout."""
+    for name in ("Snakefile", "workflow", "config", "envs"):
+        source = ROOT / name
+        copy = shutil.copytree if source.is_dir() else shutil.copy
+        copy(source, folder / name)
+    return folder
+
+
+def run_snakemake(
+    workdir: Path,
+    *args: str,
+    profile: str | Path = "workflow/profiles/local",
+    check: bool = True,
+    timeout: float = 1200,
+) -> subprocess.CompletedProcess:
+    """``snakemake --workflow-profile PROFILE ARGS`` in ``workdir``; raises with its output."""
+    command = [tool("snakemake"), "--workflow-profile", str(profile), *args]
+    result = subprocess.run(
+        command, cwd=workdir, env=run_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts per rule from a dry run's "Job stats" table ({} when nothing is to be done)."""
+    text = result.stdout + result.stderr
+    if "Job stats:" not in text:
+        return {}
+    table = text.split("Job stats:", 1)[1].splitlines()[3:]
+    counts = {}
+    for line in table:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts

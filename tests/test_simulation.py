@@ -202,6 +202,62 @@ def test_bad_plans_are_refused(n, chunk, ranks, message):
         simulation.check_plan(simulation.SimulationPlan("two_moons", n, 0, chunk), ranks)
 
 
+def test_fitted_plan_gives_every_rank_a_chunk():
+    plan = simulation.SimulationPlan("two_moons", 100, 0, 100)
+    assert plan.fitted_to(1) == plan
+    fitted = plan.fitted_to(3)
+    assert fitted.chunk_size == 34 and len(fitted.chunks()) == 3
+    simulation.check_plan(fitted, 3)
+    # Small chunks are kept; only too few chunks are split.
+    assert simulation.SimulationPlan("two_moons", 100, 0, 10).fitted_to(3).chunk_size == 10
+
+
+@pytest.mark.parametrize("merge", ["copy", "virtual"])
+def test_scattered_chunks_merge_into_the_same_data(tmp_path, merge):
+    reference = simulate(tmp_path / "one-run.h5", n=2500, chunk_size=1000)
+    plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
+    out, task = tmp_path / "sims.h5", get_task("two_moons")
+    # One job per chunk, in any order, each without MPI.
+    shards = [simulation.run_chunk(plan, task, out, start) for start in (2000, 0, 1000)]
+    assert [p.name for p in shards][1] == "chunk-000000000000-000000001000.h5"
+    simulation.merge(plan, task, out, overwrite=False, merge=merge)
+    merged = storage.read_simulations(out)
+    np.testing.assert_array_equal(reference.x, merged.x)
+    np.testing.assert_array_equal(reference.theta, merged.theta)
+    assert merged.attrs["num_simulations"] == 2500
+    # The shards are the scatter jobs' outputs: kept, so that no job reruns.
+    assert all(p.exists() for p in shards)
+    # A rerun of one chunk keeps its finished shard.
+    before = shards[0].stat().st_mtime_ns
+    simulation.run_chunk(plan, task, out, 2000)
+    assert shards[0].stat().st_mtime_ns == before
+
+
+def test_merge_names_missing_shards_and_writes_nothing(tmp_path):
+    plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
+    out, task = tmp_path / "sims.h5", get_task("two_moons")
+    simulation.run_chunk(plan, task, out, 0)
+    with pytest.raises(storage.SimulationFileError, match=r"2 of 3 shards .*chunk-0+1000-"):
+        simulation.merge(plan, task, out, overwrite=False)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--chunk 700 is not the start of a chunk"):
+        simulation.run_chunk(plan, task, out, 700)
+
+
+def test_cli_scatter_and_merge(tmp_path):
+    from pipeline.cli import main
+
+    out = tmp_path / "sims.h5"
+    plan = ["--task", "two_moons", "--num-simulations", "30", "--seed", "3", "--chunk-size", "20"]
+    assert main(["merge", *plan, "--out", str(out)]) == 2  # nothing simulated yet
+    for start in ("0", "20"):
+        assert main(["simulate", *plan, "--chunk", start, "--out", str(out)]) == 0
+    assert main(["merge", *plan, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(
+        storage.read_simulations(out).x, simulate(tmp_path / "ref.h5", n=30).x
+    )
+
+
 def test_task_with_wrong_shape_is_named(tmp_path):
     with pytest.raises(ValueError, match="'wrong_shape' returned .* expected"):
         simulate(tmp_path / "sims.h5", task="wrong_shape", n=10)
@@ -219,8 +275,11 @@ def test_cli_refuses_existing_output(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize(("ranks", "chunk_size"), [(1, 500), (2, 500), (3, 300), (4, 250)])
-def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size):
+@pytest.mark.parametrize(
+    ("ranks", "chunk_size", "fit"),
+    [(1, 500, False), (2, 500, False), (3, 300, False), (4, 2500, True)],
+)
+def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size, fit):
     # 3 and 4 ranks oversubscribe a 2-core machine, which MPICH allows.
     serial = simulate(tmp_path / "serial.h5", n=2500, chunk_size=1000)
     out = tmp_path / f"mpi{ranks}.h5"
@@ -242,11 +301,13 @@ def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size):
         str(out),
         "--log",
         str(tmp_path / "sim.log"),
+        *(["--fit-chunks"] if fit else []),
     ]
     subprocess.run(command, check=True, env=run_env(), timeout=300)
     parallel = storage.read_simulations(out)
     np.testing.assert_array_equal(serial.x, parallel.x)
     np.testing.assert_array_equal(serial.theta, parallel.theta)
+    assert parallel.attrs["mpi_ranks"] == ranks
     assert "simulations on rank 0" in (tmp_path / "sim.log").read_text()
 
 

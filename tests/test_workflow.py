@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -13,38 +12,18 @@ import pytest
 import yaml
 
 from pipeline.tasks import TASKS
-from tests.conftest import ROOT, run_env, tool
+from tests.conftest import ROOT, copy_workflow, run_snakemake
 
 CORE_TASKS = ["gaussian_linear", "two_moons", "sn_cosmology"]
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow, so runs keep their .snakemake state out of the checkout."""
-    for name in ("Snakefile", "workflow", "config", "envs"):
-        source = ROOT / name
-        copy = shutil.copytree if source.is_dir() else shutil.copy
-        copy(source, tmp_path / name)
-    return tmp_path
+    return copy_workflow(tmp_path)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [
-        tool("snakemake"),
-        "--cores",
-        "2",
-        "--workflow-profile",
-        "workflow/profiles/local",
-        *args,
-    ]
-    result = subprocess.run(
-        command, cwd=workdir, env=run_env(), capture_output=True, text=True, timeout=1200
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-        )
-    return result
+    return run_snakemake(workdir, "--cores", "2", *args, check=check)
 
 
 def write_config(workdir: Path, **changes: object) -> Path:
@@ -161,3 +140,47 @@ def test_schema_lists_exactly_the_training_options():
     for field in fields(TrainConfig):
         default = field.default if not isinstance(field.default, tuple) else list(field.default)
         assert options[field.name]["default"] == default, field.name
+
+
+def test_experiment_train_options_reach_tasks_unless_overridden_per_task(workdir):
+    # task_train must hold only what was written: schema defaults filled into it would mask
+    # every option of `train` (they did: a changed train option reran nothing).
+    config = write_config(workdir, train={"max_epochs": 7, "gradient_clip": 2.0})
+    result = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    options = {
+        task: json.loads(text)
+        for task, text in re.findall(
+            r"pipeline train --data results/tiny/(\w+)/sims/train.h5 .*?--options '([^']*)'",
+            result.stdout,
+        )
+    }
+    assert sorted(options) == sorted(CORE_TASKS)
+    assert all(o["gradient_clip"] == 2.0 for o in options.values())
+    assert options["gaussian_linear"]["max_epochs"] == 7
+    assert options["two_moons"]["max_epochs"] == 300  # config.yaml's task_train.two_moons
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train:gpus_per_node=4", "set-resources of 'train': unknown resource(s) gpus_per_node"),
+        ("trian:mem_mb=4000", "set-resources names 'trian', which is not a rule"),
+    ],
+)
+def test_profile_typos_stop_the_run_before_any_job(workdir, setting, message):
+    result = snakemake(workdir, "-n", "--set-resources", setting, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+def test_slurm_profile_plans_the_dag_with_cluster_resources(workdir):
+    # Every resource the shipped SLURM profile sets is known, and the plan resolves them.
+    # A dry run caps threads at --cores (SLURM runs do not: threads become --cpus-per-task).
+    result = run_snakemake(
+        workdir, "-n", "-p", "--cores", "64", profile="workflow/profiles/slurm", check=False
+    )
+    text = result.stdout + result.stderr
+    assert "unknown resource" not in text and "not a rule" not in text
+    assert re.search(r"srun --mpi=pmi2 -n 4 pipeline simulate", text), text[-3000:]
+    assert "Shell command: srun pipeline train" in text, text[-3000:]
+    assert "tasks_per_node=4, gres=gpu:4" in text and "--threads 8" in text

@@ -51,14 +51,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from pipeline import parallel, simulation
     from pipeline.tasks import get_task
 
+    plan = _simulation_plan(args)
+    if args.chunk is not None:
+        simulation.run_chunk(plan, get_task(args.task), args.out, args.chunk)
+        return
     comm = parallel.world()
+    if args.fit_chunks:
+        plan = plan.fitted_to(comm.Get_size())
     try:
-        plan = simulation.SimulationPlan(
-            task=args.task,
-            num_simulations=args.num_simulations,
-            seed=args.seed,
-            chunk_size=args.chunk_size,
-        )
         simulation.run(
             plan,
             get_task(args.task),
@@ -72,6 +72,31 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         if comm.Get_size() > 1:
             parallel.abort_on_error(comm, error)
         raise
+
+
+def _simulation_plan(args: argparse.Namespace):
+    from pipeline.simulation import SimulationPlan
+
+    return SimulationPlan(
+        task=args.task,
+        num_simulations=args.num_simulations,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from pipeline import simulation
+    from pipeline.tasks import get_task
+
+    simulation.merge(
+        _simulation_plan(args),
+        get_task(args.task),
+        args.out,
+        overwrite=args.overwrite,
+        merge=args.merge,
+        compression=args.compression,
+    )
 
 
 def cmd_observe(args: argparse.Namespace) -> None:
@@ -221,30 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per process (default 1: more oversubscribes small models on CPU)",
     )
 
-    def add(name: str, handler: Callable[[argparse.Namespace], None], text: str):
-        command = sub.add_parser(name, parents=[common], help=text, description=text)
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], None],
+        text: str,
+        parents: Sequence[argparse.ArgumentParser] = (),
+    ):
+        command = sub.add_parser(name, parents=[common, *parents], help=text, description=text)
         command.set_defaults(handler=handler)
         return command
 
-    p = add("simulate", cmd_simulate, "simulate (theta, x) pairs; run under mpiexec for ranks")
-    p.add_argument("--task", required=True)
-    p.add_argument("--num-simulations", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--chunk-size", type=int, default=1000, help="simulations per shard")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument(
+    plan = argparse.ArgumentParser(add_help=False)
+    plan.add_argument("--task", required=True)
+    plan.add_argument("--num-simulations", type=int, required=True)
+    plan.add_argument("--seed", type=int, required=True)
+    plan.add_argument("--chunk-size", type=int, default=1000, help="simulations per shard")
+    plan.add_argument("--out", type=Path, required=True)
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    plan.add_argument(
         "--merge",
         choices=("copy", "virtual"),
         default="copy",
         help="join shards by copying (default) or as an HDF5 virtual dataset over OUT.shards/",
     )
-    p.add_argument(
+    plan.add_argument(
         "--compression",
         choices=("gzip", "lzf", "none"),
         default="gzip",
         help="HDF5 filter of the datasets (gzip: portable; lzf: fast, h5py only)",
     )
+    text = "simulate (theta, x) pairs; run under mpiexec for ranks"
+    p = add("simulate", cmd_simulate, text, [plan])
+    p.add_argument(
+        "--fit-chunks",
+        action="store_true",
+        help="shrink --chunk-size so that every MPI rank gets a chunk (the data do not change)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        metavar="START",
+        help="simulate only the chunk starting at index START into its shard; no merge "
+        "(scatter/gather: one job per chunk, then `pipeline merge`)",
+    )
+    add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
     p = add("observe", cmd_observe, "draw observations with truths and reference posteriors")
     p.add_argument("--task", required=True)

@@ -15,13 +15,16 @@ many small chunks instead. Each chunk is written to its own shard beside the out
 holds at most two chunks in memory); a rerun keeps verified shards and recomputes the rest.
 Rank 0 then merges the shards into ``OUT``: by copying, one shard at a time (compressed chunks
 as they are), after which the shards are removed; or as a virtual dataset that maps them.
+
+Scatter/gather: :func:`run_chunk` simulates one chunk into its shard (one job per chunk, no MPI)
+and :func:`merge` joins finished shards (keeping them: they are the jobs' outputs).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,25 @@ class SimulationPlan:
         """Index ranges ``[start, stop)`` of the chunks, in order."""
         n, size = self.num_simulations, self.chunk_size
         return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def chunk_at(self, start: int) -> tuple[int, int]:
+        """The chunk ``[start, stop)`` that begins at ``start``; raises for any other index."""
+        if start < 0 or start >= self.num_simulations or start % self.chunk_size:
+            raise ValueError(
+                f"--chunk {start} is not the start of a chunk: chunks of {self.chunk_size} "
+                f"simulations start at multiples of {self.chunk_size} below {self.num_simulations}"
+            )
+        return start, min(start + self.chunk_size, self.num_simulations)
+
+    def fitted_to(self, num_ranks: int) -> SimulationPlan:
+        """This plan with chunks small enough that each of ``num_ranks`` ranks gets one.
+
+        The data do not depend on the chunk size, so this only changes how work is cut.
+        """
+        if self.num_simulations <= 0 or self.chunk_size <= 0:
+            return self  # check_plan names the bad option
+        fair = -(-self.num_simulations // num_ranks)
+        return replace(self, chunk_size=min(self.chunk_size, fair))
 
     def identity(self, task: Task) -> dict[str, object]:
         """The fields that determine each simulation (not their count), recorded in every file."""
@@ -151,6 +173,16 @@ def run(
         raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
     check_plan(plan, size)
     check_writable(shard_dir(out), rank)
+    if rank == 0:
+        log.info(
+            "simulating %d of %s (seed %d) in %d chunks of at most %d on %d MPI rank(s)",
+            plan.num_simulations,
+            plan.task,
+            plan.seed,
+            len(plan.chunks()),
+            plan.chunk_size,
+            size,
+        )
     identity, attrs = plan.identity(task), shard_attrs(plan, task)
     mine = plan.chunks()[rank::size]
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
@@ -180,10 +212,65 @@ def run(
         _remove_if_empty(shard_dir(out))
     num_nonfinite = comm.allreduce(num_nonfinite)
     if rank == 0:
-        merge_shards(
-            plan, task, out, {**attrs, "num_nonfinite": num_nonfinite}, merge, compression
-        )
+        attrs = {**attrs, "num_nonfinite": num_nonfinite, "mpi_ranks": size}
+        merge_shards(plan, task, out, attrs, merge, compression)
     comm.Barrier()
+
+
+def run_chunk(plan: SimulationPlan, task: Task, out: Path, start: int) -> Path:
+    """Simulates the one chunk of ``plan`` that starts at ``start`` into its shard of ``out``.
+
+    A shard already there and complete is kept. Returns the shard's path.
+    """
+    check_plan(plan, 1)
+    start, stop = plan.chunk_at(start)
+    path = shard_path(out, start, stop)
+    check_writable(shard_dir(out), 0)
+    storage.remove_temporaries(path)
+    if valid_shard_attrs(path, plan.identity(task), start, stop) is not None:
+        log.info("chunk [%d, %d) already simulated: %s kept", start, stop, path)
+        return path
+    theta, x = simulate_range(task, plan.seed, start, stop)
+    attrs = {**shard_attrs(plan, task), "num_nonfinite": storage.count_nonfinite_rows(theta, x)}
+    write_shard(path, theta, x, attrs, start, stop)
+    log.info("wrote chunk [%d, %d) to %s", start, stop, path)
+    return path
+
+
+def merge(
+    plan: SimulationPlan,
+    task: Task,
+    out: Path,
+    *,
+    overwrite: bool,
+    merge: str = "copy",
+    compression: str = "gzip",
+) -> None:
+    """Joins the finished shards of ``plan`` into ``out`` and keeps them (scatter/gather).
+
+    Raises naming the missing or incomplete shards, before writing anything.
+    """
+    if merge not in MERGE_MODES:
+        raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
+    check_plan(plan, 1)
+    identity = plan.identity(task)
+    paths = [shard_path(out, a, b) for a, b in plan.chunks()]
+    found = [
+        valid_shard_attrs(p, identity, a, b)
+        for p, (a, b) in zip(paths, plan.chunks(), strict=True)
+    ]
+    missing = [path for path, attrs in zip(paths, found, strict=True) if attrs is None]
+    if missing:
+        raise storage.SimulationFileError(
+            f"{len(missing)} of {len(found)} shards of {out} are missing or incomplete "
+            f"(first: {missing[0]}); simulate those chunks (pipeline simulate --chunk START) "
+            "before merging"
+        )
+    num_nonfinite = sum(attrs["num_nonfinite"] for attrs in found)
+    attrs = {**shard_attrs(plan, task), "num_nonfinite": num_nonfinite}
+    merge_shards(plan, task, out, attrs, merge, compression, keep_shards=True)
 
 
 def check_writable(folder: Path, rank: int) -> None:
@@ -246,11 +333,14 @@ def merge_shards(
     attrs: dict[str, Any],
     merge: str = "copy",
     compression: str = "gzip",
+    *,
+    keep_shards: bool = False,
 ) -> None:
     """Joins the shards, in index order, into ``out`` (by copy or as a virtual dataset).
 
     ``attrs`` are the run's :func:`shard_attrs` with the total ``num_nonfinite`` of all ranks;
-    ``out`` gets them with the whole index range.
+    ``out`` gets them with the whole index range. A copy removes the shards unless
+    ``keep_shards``.
     """
     chunks = plan.chunks()
     shards = [shard_path(out, start, stop) for start, stop in chunks]
@@ -272,7 +362,8 @@ def merge_shards(
     }
     if merge == "copy":
         storage.merge_copy(out, shards, attrs, compression)
-        shutil.rmtree(shard_dir(out))
+        if not keep_shards:
+            shutil.rmtree(shard_dir(out))
     else:
         # Every rank wrote or verified its shards: their shapes follow from the plan.
         storage.merge_virtual(out, shards, attrs, (chunks, (task.dim_theta,), task.x_shape))

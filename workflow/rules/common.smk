@@ -32,9 +32,13 @@ wildcard_constraints:
     split="train|test",
 
 
-def simulation_count(wildcards):
-    key = "num_simulations" if wildcards.split == "train" else "num_test_simulations"
+def split_count(split):
+    key = "num_simulations" if split == "train" else "num_test_simulations"
     return config["simulate"][key]
+
+
+def simulation_count(wildcards):
+    return split_count(wildcards.split)
 
 
 def simulation_seed(wildcards):
@@ -42,7 +46,68 @@ def simulation_seed(wildcards):
     return config["simulate"][key]
 
 
+def shard_files(task, split):
+    """The shard files of one split, named as `pipeline simulate --chunk` writes them."""
+    n, size = split_count(split), config["simulate"]["chunk_size"]
+    name = f"sims/{split}.h5.shards/chunk-{{start:012d}}-{{stop:012d}}.h5"
+    return [
+        task_path(name).format(task=task, start=start, stop=min(start + size, n))
+        for start in range(0, n, size)
+    ]
+
+
+def all_shards():
+    """Every shard of every task and split when simulate.scatter is on (else none).
+
+    They are targets of `all`: the virtual merge reads them, and Snakemake regenerates a
+    deleted file only if something still asks for it.
+    """
+    if not config["simulate"]["scatter"]:
+        return []
+    return [
+        shard
+        for task in config["tasks"]
+        for split in ("train", "test")
+        for shard in shard_files(task, split)
+    ]
+
+
 def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}
     return json.dumps(options, sort_keys=True)
+
+
+# Resources a profile may set: Snakemake's own, the SLURM executor's, and the rules' `mpi`
+# (the command that starts ranks) and `tasks`. Anything else is most likely a typo that a
+# scheduler would silently ignore, so it stops the run before any job is submitted.
+KNOWN_RESOURCES = {
+    *("mem_mb", "mem_mib", "mem", "disk_mb", "disk_mib", "disk", "runtime", "tmpdir"),
+    *("_cores", "_nodes", "mpi", "tasks", "nodes", "tasks_per_node", "tasks_per_gpu"),
+    *("cpus_per_task", "cpus_per_gpu", "mem_mb_per_cpu", "gpu", "gpus", "gpu_model", "gres"),
+    *("slurm_partition", "slurm_account", "slurm_extra", "slurm_cluster", "cluster"),
+    *("clusters", "constraint", "qos", "nvidia_gpu"),
+}
+# Rules of either simulate layout (simulate.scatter), so one profile serves both.
+LAYOUT_RULES = {"simulate", "simulate_chunk", "merge_simulations"}
+
+
+def check_profile_resources(workflow):
+    """Raises naming any resource or rule in the profile's resources that nothing uses."""
+    settings = workflow.resource_settings
+    named = {"default-resources": dict(settings.default_resources or {})}
+    rules = {r.name for r in workflow.rules} | LAYOUT_RULES
+    for name, resources in settings.overwrite_resources.items():
+        if name not in rules:
+            raise ValueError(
+                f"set-resources names {name!r}, which is not a rule of this workflow "
+                f"(its rules are {', '.join(sorted(rules))})"
+            )
+        named[f"set-resources of {name!r}"] = dict(resources)
+    for where, resources in named.items():
+        unknown = sorted(set(resources) - KNOWN_RESOURCES)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown resource(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(KNOWN_RESOURCES))}"
+            )

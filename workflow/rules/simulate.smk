@@ -1,26 +1,82 @@
-rule simulate:
-    output:
-        task_path("sims/{split}.h5"),
-    log:
-        log_path("simulate/{task}-{split}.log"),
-    benchmark:
-        benchmark_path("simulate/{task}-{split}.tsv")
-    conda:
-        "../../envs/pipeline.yaml"
-    params:
-        num_simulations=simulation_count,
-        seed=simulation_seed,
-        chunk_size=config["simulate"]["chunk_size"],
-        merge=config["simulate"]["merge"],
-    threads: 1
-    resources:
-        mpi="mpiexec",
-        tasks=1,
-    shell:
-        "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
-        " --num-simulations {params.num_simulations} --seed {params.seed}"
-        " --chunk-size {params.chunk_size} --merge {params.merge} --out {output}"
-        " --overwrite --log {log}"
+# Simulations of one split (train or test) of a task. Two layouts, chosen by simulate.scatter:
+# one job whose chunks are spread over MPI ranks, or one job per chunk and a merge job.
+
+
+if not config["simulate"]["scatter"]:
+
+    # {resources.mpi} launches the ranks: mpiexec locally, srun in the SLURM profile. Chunks
+    # shrink to give every rank one (--fit-chunks); the data do not depend on it.
+    rule simulate:
+        output:
+            task_path("sims/{split}.h5"),
+        log:
+            log_path("simulate/{task}-{split}.log"),
+        benchmark:
+            benchmark_path("simulate/{task}-{split}.tsv")
+        conda:
+            "../../envs/pipeline.yaml"
+        params:
+            num_simulations=simulation_count,
+            seed=simulation_seed,
+            chunk_size=config["simulate"]["chunk_size"],
+            merge=config["simulate"]["merge"],
+        threads: 1
+        resources:
+            mpi="mpiexec",
+            tasks=1,
+        shell:
+            "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
+            " --num-simulations {params.num_simulations} --seed {params.seed}"
+            " --chunk-size {params.chunk_size} --fit-chunks --merge {params.merge}"
+            " --out {output} --overwrite --log {log}"
+
+else:
+
+    rule simulate_chunk:
+        output:
+            task_path("sims/{split}.h5.shards/chunk-{start}-{stop}.h5"),
+        log:
+            log_path("simulate/{task}-{split}-{start}-{stop}.log"),
+        benchmark:
+            benchmark_path("simulate/{task}-{split}-{start}-{stop}.tsv")
+        conda:
+            "../../envs/pipeline.yaml"
+        wildcard_constraints:
+            start=r"\d{12}",
+            stop=r"\d{12}",
+        params:
+            num_simulations=simulation_count,
+            seed=simulation_seed,
+            chunk_size=config["simulate"]["chunk_size"],
+            start=lambda wildcards: int(wildcards.start),
+            out=task_path("sims/{split}.h5"),
+        threads: 1
+        shell:
+            "pipeline simulate --task {wildcards.task} --num-simulations {params.num_simulations}"
+            " --seed {params.seed} --chunk-size {params.chunk_size} --chunk {params.start}"
+            " --out {params.out} --log {log}"
+
+    rule merge_simulations:
+        input:
+            lambda wildcards: shard_files(wildcards.task, wildcards.split),
+        output:
+            task_path("sims/{split}.h5"),
+        log:
+            log_path("simulate/{task}-{split}-merge.log"),
+        benchmark:
+            benchmark_path("simulate/{task}-{split}-merge.tsv")
+        conda:
+            "../../envs/pipeline.yaml"
+        params:
+            num_simulations=simulation_count,
+            seed=simulation_seed,
+            chunk_size=config["simulate"]["chunk_size"],
+            merge=config["simulate"]["merge"],
+        threads: 1
+        shell:
+            "pipeline merge --task {wildcards.task} --num-simulations {params.num_simulations}"
+            " --seed {params.seed} --chunk-size {params.chunk_size} --merge {params.merge}"
+            " --out {output} --overwrite --log {log}"
 
 
 rule observe:

@@ -17,6 +17,10 @@ rule train:
         options=train_options,
         model_dir=lambda wildcards, output: Path(output.posterior).parent,
     threads: 1
+    resources:
+        # The command that starts the training processes: empty for one process (Lightning may
+        # still start --devices of its own); "srun" under SLURM starts the allocation's tasks.
+        mpi="",
     shell:
-        "pipeline train --data {input} --out {params.model_dir}"
+        "{resources.mpi} pipeline train --data {input} --out {params.model_dir}"
         " --options {params.options:q} --threads {threads} --log {log}"

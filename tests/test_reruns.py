@@ -1,0 +1,141 @@
+"""Reruns are exact: Snakemake reruns what a change touches, and nothing else.
+
+One tiny two_moons run (about 30 s) is shared by the dry-run checks; the shard and kill checks
+run the DAG in copies of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import copy_workflow, planned_jobs, run_env, run_snakemake, tool
+
+pytestmark = pytest.mark.slow
+
+DOWNSTREAM_OF_TRAIN = {"train", "sample_test", "sample_observations", "validate", "report", "all"}
+
+
+def tiny_config(folder: Path, name: str = "config.yaml", **changes: dict) -> Path:
+    """The tiny experiment on two_moons only, with ``changes`` merged into its sections.
+
+    Like every experiment file it is layered over config/config.yaml, whose task_train gives
+    two_moons 300 epochs: time to kill a run while it trains.
+    """
+    config = yaml.safe_load((folder / "config/experiments/tiny.yaml").read_text())
+    config["tasks"] = ["two_moons"]
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = folder / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_snakemake(workdir, "--cores", "2", "--configfile", str(config), *args, **kwargs)
+
+
+def dry_run(workdir: Path, config: Path) -> dict[str, int]:
+    return planned_jobs(snakemake(workdir, config, "--dry-run"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A workflow copy whose tiny two_moons DAG has run to the end."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("reruns"))
+    snakemake(workdir, tiny_config(workdir))
+    return workdir
+
+
+def outputs(workdir: Path) -> dict[str, object]:
+    """What a run computed: simulations, weights, samples and validation numbers."""
+    task = workdir / "results/tiny/two_moons"
+    found: dict[str, object] = {}
+    for name in ("sims/train.h5", "sims/test.h5", "samples/test.h5", "observations.h5"):
+        with h5py.File(task / name, "r") as f:
+            for key, dataset in f.items():
+                if isinstance(dataset, h5py.Dataset):
+                    found[f"{name}:{key}"] = dataset[()]
+    for key, tensor in torch.load(task / "model/posterior.pt", weights_only=True).items():
+        found[f"weights:{key}"] = tensor.numpy()
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    found["c2st"] = metrics["c2st"]["per_observation"]
+    found["coverage"] = metrics["coverage"]["tarp"] + metrics["coverage"]["hpd"]
+    return found
+
+
+def assert_same_outputs(a: dict[str, object], b: dict[str, object]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_second_run_does_nothing(finished):
+    assert dry_run(finished, finished / "config.yaml") == {}
+
+
+def test_a_training_option_reruns_train_and_everything_after_it(finished):
+    changed = tiny_config(finished, "changed.yaml", train={"gradient_clip": 1.0})
+    assert dry_run(finished, changed) == {rule: 1 for rule in DOWNSTREAM_OF_TRAIN}
+
+
+def test_the_simulation_budget_reruns_its_simulations_and_everything_after(finished):
+    changed = tiny_config(finished, "budget.yaml", simulate={"num_simulations": 900})
+    # Only the training split's simulate job: the held-out split and observations keep.
+    assert dry_run(finished, changed) == {"simulate": 1} | {r: 1 for r in DOWNSTREAM_OF_TRAIN}
+
+
+def test_deleting_one_shard_recomputes_only_that_shard(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    config = tiny_config(workdir, simulate={"scatter": True, "merge": "virtual"})
+    snakemake(workdir, config)
+    shards = sorted((workdir / "results/tiny/two_moons/sims/train.h5.shards").glob("*.h5"))
+    assert len(shards) == 2
+    before = outputs(workdir)
+    kept = shards[1].stat().st_mtime_ns
+    shards[0].unlink()
+    plan = dry_run(workdir, config)
+    assert plan["simulate_chunk"] == 1 and plan["merge_simulations"] == 1
+    assert "observe" not in plan
+    snakemake(workdir, config)
+    assert shards[0].exists() and shards[1].stat().st_mtime_ns == kept
+    assert_same_outputs(before, outputs(workdir))
+
+
+def test_rerun_incomplete_after_a_killed_run_gives_the_same_results(finished, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    config = tiny_config(workdir)
+    command = [tool("snakemake"), "--workflow-profile", "workflow/profiles/local"]
+    command += ["--cores", "2", "--configfile", str(config)]
+    run = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    # Kill Snakemake and its jobs at once while training runs (as a node failure would).
+    train_log = workdir / "results/tiny/logs/train/two_moons.log"
+    deadline = time.monotonic() + 300
+    while not (train_log.exists() and "epoch 10/" in train_log.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (workdir / "results/tiny/two_moons/model/posterior.pt").exists()
+    shutil.rmtree(workdir / ".snakemake/locks", ignore_errors=True)
+    # The local profile sets rerun-incomplete: the interrupted job starts again.
+    snakemake(workdir, config)
+    assert_same_outputs(outputs(finished), outputs(workdir))
