@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -103,3 +104,29 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
+
+
+def outputs(workdir: Path) -> dict[str, object]:
+    """What a tiny two_moons run computed: simulations, weights, samples, validation numbers."""
+    import h5py
+    import torch
+
+    task = workdir / "results/tiny/two_moons"
+    found: dict[str, object] = {}
+    for name in ("sims/train.h5", "sims/test.h5", "samples/test.h5", "observations.h5"):
+        with h5py.File(task / name, "r") as f:
+            for key, dataset in f.items():
+                if isinstance(dataset, h5py.Dataset):
+                    found[f"{name}:{key}"] = dataset[()]
+    for key, tensor in torch.load(task / "model/posterior.pt", weights_only=True).items():
+        found[f"weights:{key}"] = tensor.numpy()
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    found["c2st"] = metrics["c2st"]["per_observation"]
+    found["coverage"] = metrics["coverage"]["tarp"] + metrics["coverage"]["hpd"]
+    return found
+
+
+def assert_same_outputs(a: dict[str, object], b: dict[str, object]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -92,6 +92,8 @@ KillWait=5
 OverTimeLimit=0
 DefMemPerCPU=500
 InactiveLimit=0
+# Refuse at submission what the partition can never run (as production clusters do).
+EnforcePartLimits=ALL
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_memory_mb() // 2}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """

@@ -6,7 +6,6 @@ run the DAG in copies of it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,13 +13,18 @@ import subprocess
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
-import torch
 import yaml
 
-from tests.conftest import copy_workflow, planned_jobs, run_env, run_snakemake, tool
+from tests.conftest import (
+    assert_same_outputs,
+    copy_workflow,
+    outputs,
+    planned_jobs,
+    run_env,
+    run_snakemake,
+    tool,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,29 +60,6 @@ def finished(tmp_path_factory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("reruns"))
     snakemake(workdir, tiny_config(workdir))
     return workdir
-
-
-def outputs(workdir: Path) -> dict[str, object]:
-    """What a run computed: simulations, weights, samples and validation numbers."""
-    task = workdir / "results/tiny/two_moons"
-    found: dict[str, object] = {}
-    for name in ("sims/train.h5", "sims/test.h5", "samples/test.h5", "observations.h5"):
-        with h5py.File(task / name, "r") as f:
-            for key, dataset in f.items():
-                if isinstance(dataset, h5py.Dataset):
-                    found[f"{name}:{key}"] = dataset[()]
-    for key, tensor in torch.load(task / "model/posterior.pt", weights_only=True).items():
-        found[f"weights:{key}"] = tensor.numpy()
-    metrics = json.loads((task / "validation/metrics.json").read_text())
-    found["c2st"] = metrics["c2st"]["per_observation"]
-    found["coverage"] = metrics["coverage"]["tarp"] + metrics["coverage"]["hpd"]
-    return found
-
-
-def assert_same_outputs(a: dict[str, object], b: dict[str, object]) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_a_second_run_does_nothing(finished):

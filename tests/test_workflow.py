@@ -81,11 +81,30 @@ def test_schema_lists_exactly_the_registered_tasks():
     assert set(CORE_TASKS) <= set(TASKS)
 
 
-def test_conda_environment_pins_match_pyproject():
+@pytest.mark.parametrize("name", ["pipeline.yaml", "train-gpu.yaml"])
+def test_conda_environment_pins_match_pyproject(name):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    env = yaml.safe_load((ROOT / "envs/pipeline.yaml").read_text())
+    env = yaml.safe_load((ROOT / "envs" / name).read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(p for p in pip if "==" in p) == sorted(project)
+
+
+def test_every_environment_file_is_checked():
+    assert sorted(p.name for p in (ROOT / "envs").glob("*.yaml")) == [
+        "pipeline.yaml",
+        "train-gpu.yaml",
+    ]
+
+
+@pytest.mark.parametrize(("accelerator", "uses_cuda"), [("gpu", True), ("cpu", False)])
+def test_gpu_training_uses_the_cuda_environment(workdir, accelerator, uses_cuda):
+    config = write_config(workdir, train={"accelerator": accelerator})
+    # --containerize resolves every job's conda environment first (and then needs conda, which
+    # this machine may lack): the environments it hashes are the ones the DAG uses.
+    result = snakemake(workdir, "--containerize", "--configfile", str(config), check=False)
+    text = result.stdout + result.stderr
+    assert "Hashing conda environment envs/pipeline.yaml" in text, text[-3000:]
+    assert ("Hashing conda environment envs/train-gpu.yaml" in text) == uses_cuda
 
 
 @pytest.mark.slow

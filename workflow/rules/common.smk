@@ -72,6 +72,12 @@ def all_shards():
     ]
 
 
+def train_environment(wildcards):
+    """The conda environment of one task's training: torch's CUDA build for accelerator gpu."""
+    gpu = json.loads(train_options(wildcards))["accelerator"] == "gpu"
+    return str(Path(workflow.basedir) / "envs" / ("train-gpu.yaml" if gpu else "pipeline.yaml"))
+
+
 def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}

@@ -12,7 +12,7 @@ rule train:
     benchmark:
         benchmark_path("train/{task}.tsv")
     conda:
-        "../../envs/pipeline.yaml"
+        train_environment
     params:
         options=train_options,
         model_dir=lambda wildcards, output: Path(output.posterior).parent,
