@@ -17,6 +17,9 @@ validate(config, "workflow/schemas/config.schema.yaml")
 config["task_train"] = task_overrides
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/train.smk"
@@ -28,6 +31,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         EXPERIMENT / "report.html",
+        Path(config["results"]) / "index.html",
         all_shards(),
 
 

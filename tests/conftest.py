@@ -48,6 +48,38 @@ def test_tasks() -> None:
     TASKS.pop("wrong_shape")
 
 
+@pytest.fixture(scope="session")
+def png() -> bytes:
+    """A small real PNG, standing in for the pipeline's figures."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1))
+    FigureCanvasAgg(figure)
+    figure.add_subplot().plot([0, 1], [1, 0])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=20)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when absent (as root); else the test skips."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and apt-get cannot run as root here")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+        subprocess.run(install, env=env, check=True, capture_output=True, timeout=900)
+    return shutil.which("chromium") or "/usr/bin/chromium"
+
+
 def tool(name: str) -> str:
     """A console script of this environment (pipeline, mpiexec, snakemake)."""
     path = BIN / name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 from html.parser import HTMLParser
@@ -11,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
 from pipeline.report.build import Check, evaluate_checks, verdict
+from pipeline.report.index import build_index, experiment_summary, write_summary
 from pipeline.report.results import PNG_SIGNATURE, read_training_curve
 
 XSS = "<script>alert(1)</script>"
@@ -37,16 +35,6 @@ TASKS = {
     "two_moons": (0.55, 0.05, 0.08, ["PASS", "PASS", "PASS", "PASS"]),
     "sn_cosmology": (None, 0.2, 0.03, ["n/a — no reference posterior", "FAIL", "PASS", "FAIL"]),
 }
-
-
-@pytest.fixture(scope="session")
-def png() -> bytes:
-    figure = Figure(figsize=(1, 1))
-    FigureCanvasAgg(figure)
-    figure.add_subplot().plot([0, 1], [1, 0])
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=20)
-    return buffer.getvalue()
 
 
 def posterior_json(task: str, digest: str = "abc123") -> dict[str, Any]:
@@ -374,3 +362,60 @@ def test_failed_build_keeps_old_report(experiment: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_report(build(experiment), out)
     assert out.read_text() == "old"
+
+
+def write_summary_of(experiment: Path, title: str = "Tiny experiment") -> dict[str, Any]:
+    summary = experiment_summary(
+        experiment, list(TASKS), config=CONFIG, thresholds=THRESHOLDS, title=title
+    )
+    write_summary(summary, experiment / "summary.json")
+    return summary
+
+
+def test_summary_holds_every_verdict(experiment: Path) -> None:
+    summary = write_summary_of(experiment)
+    assert json.loads((experiment / "summary.json").read_text()) == summary
+    by_task = {row["name"]: row for row in summary["tasks"]}
+    assert sorted(by_task) == sorted(TASKS)
+    for task, (c2st, tarp, hpd, cells) in TASKS.items():
+        row = by_task[task]
+        assert [check["status"] for check in row["checks"]] + [row["verdict"]] == cells
+        assert [check["value"] for check in row["checks"]] == [c2st, tarp, hpd]
+    assert summary["verdict"] == "FAIL"  # sn_cosmology fails TARP
+
+
+def test_index_lists_every_experiment_escaped_and_survives_a_corrupt_one(
+    tmp_path: Path, png: bytes
+) -> None:
+    results = tmp_path / "results"
+    first = write_experiment(results / "first", png)
+    write_summary_of(first, title="<script>alert(1)</script>")
+    (first / "report.html").write_text("<html></html>")
+    second = write_experiment(results / "second", png)
+    write_summary_of(second)
+    (results / "broken").mkdir()
+    (results / "broken" / "summary.json").write_text("{not json")
+    html = build_index(results)
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    assert html.count('<tr class="experiment">') == 3
+    assert '<a href="first/report.html">first</a>' in html
+    assert '<a href="second/report.html">' not in html  # no report page to link to
+    assert "unreadable summary.json" in html
+    assert "FAIL" in html and "PASS" in html
+
+
+def test_stage_run_times_come_from_snakemake_benchmarks(experiment: Path, png: bytes) -> None:
+    for stage, job, seconds in [
+        ("train", "two_moons", 104.2),
+        ("simulate", "two_moons-train", 1.5),
+    ]:
+        (experiment / "benchmarks" / stage).mkdir(parents=True, exist_ok=True)
+        (experiment / "benchmarks" / stage / f"{job}.tsv").write_text(
+            f"s\th:m:s\tmax_rss\n{seconds}\t0:00:01\t70.1\n"
+        )
+    (experiment / "benchmarks" / "train" / "broken.tsv").write_text("s\n")
+    page = build(experiment)
+    times = page[page.index('id="stage-times"') :]
+    assert times.index("two_moons-train") < times.index("104.2 s (0:01:44)")  # stage order
+    assert "broken" not in times
+    assert "Hardware (training)" in page

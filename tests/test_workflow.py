@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 
 from pipeline.tasks import TASKS
 from tests.conftest import ROOT, copy_workflow, run_snakemake
+from tests.test_browser import render
 
 CORE_TASKS = ["gaussian_linear", "two_moons", "sn_cosmology"]
 
@@ -108,7 +110,7 @@ def test_gpu_training_uses_the_cuda_environment(workdir, accelerator, uses_cuda)
 
 
 @pytest.mark.slow
-def test_tiny_dag_end_to_end(workdir):
+def test_tiny_dag_end_to_end(workdir, chromium):
     snakemake(workdir, "--configfile", "config/experiments/tiny.yaml")
     experiment = workdir / "results/tiny"
     html = (experiment / "report.html").read_text()
@@ -123,6 +125,27 @@ def test_tiny_dag_end_to_end(workdir):
         assert task in html
         assert (experiment / "logs/train" / f"{task}.log").stat().st_size > 0
     assert "data:image/png;base64," in html
+
+    # The real pages in a real browser: every figure decodes, no console message, all sections.
+    dom, broken, console = render(chromium, experiment / "report.html", workdir, "tiny-report.png")
+    assert broken == 0 and console == [], console
+    assert dom.count("<img") >= 4 * len(CORE_TASKS)
+    for section in ("summary", "provenance", *(f"task-{task}" for task in CORE_TASKS)):
+        assert f'id="{section}"' in dom
+    index = workdir / "results/index.html"
+    dom, broken, console = render(chromium, index, workdir, "tiny-index.png")
+    assert broken == 0 and console == [] and '<a href="tiny/report.html">' in dom
+
+    # Snakemake's own report: the flagged figures, with their captions, in one zip.
+    snakemake(workdir, "--configfile", "config/experiments/tiny.yaml", "--report", "report.zip")
+    with zipfile.ZipFile(workdir / "report.zip") as archive:
+        names = archive.namelist()
+        main_page = next(n for n in names if n.endswith("report.html") and "/data/" not in n)
+        page = archive.read(main_page).decode()
+    for figure in ("coverage.png", "sbc.png", "corner.png"):
+        assert sum(name.endswith(f"/{figure}") for name in names) == len(CORE_TASKS)
+    assert sum(name.endswith("/report.html") for name in names) == 2  # ours, and its index
+    assert "Simulation-based calibration" in page and "sn_cosmology" in page
 
     # A second run has nothing to do.
     again = snakemake(workdir, "--configfile", "config/experiments/tiny.yaml")

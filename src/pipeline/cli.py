@@ -181,17 +181,29 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from pipeline.report import Thresholds, build_report, write_report
+    from pipeline.report.index import experiment_summary, write_summary
 
     config = json.loads(args.config_json) if args.config_json else {}
-    html = build_report(
-        args.experiment_dir,
-        args.tasks,
-        config=config,
-        thresholds=Thresholds(
-            c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
-        ),
-        title=args.title,
+    thresholds = Thresholds(
+        c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
     )
+    html = build_report(
+        args.experiment_dir, args.tasks, config=config, thresholds=thresholds, title=args.title
+    )
+    if args.summary is not None:
+        summary = experiment_summary(
+            args.experiment_dir, args.tasks, config=config, thresholds=thresholds, title=args.title
+        )
+        write_summary(summary, args.summary)
+    write_report(html, args.out)
+    log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from pipeline.report import write_report
+    from pipeline.report.index import build_index
+
+    html = build_index(args.results)
     write_report(html, args.out)
     log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
 
@@ -330,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c2st-max", type=float, required=True)
     p.add_argument("--coverage-max-deviation", type=float, required=True)
     p.add_argument("--title", default="SBI pipeline report")
+    p.add_argument("--summary", type=Path, help="also write the verdicts as JSON (for index)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = add("index", cmd_index, "write one page over every experiment of a results folder")
+    p.add_argument("--results", type=Path, required=True, help="folder of experiment folders")
     p.add_argument("--out", type=Path, required=True)
 
     p = add("inspect", cmd_inspect, "print an HDF5 file's attributes, shapes and NaN counts")

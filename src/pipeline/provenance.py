@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import platform
 import subprocess
+import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +65,24 @@ def _git(cwd: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+def hardware() -> str:
+    """The machine in a few words: CPU model and cores, and GPUs if torch was imported."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    described = f"{cpu}, {os.cpu_count()} cores"
+    torch = sys.modules.get("torch")  # never imported here just to ask
+    if torch is not None and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        described += ", GPUs: " + ", ".join(names)
+    return described
+
+
 def provenance(config: Any) -> dict[str, Any]:
     """Everything an output records about how it was made."""
     return {
@@ -70,5 +90,6 @@ def provenance(config: Any) -> dict[str, Any]:
         "code_revision": code_revision(),
         "versions": software_versions(),
         "hostname": platform.node(),
+        "hardware": hardware(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -4,7 +4,13 @@ rule report:
         models=expand(task_path("model/posterior.json"), task=config["tasks"]),
         curves=expand(task_path("model/metrics.csv"), task=config["tasks"]),
     output:
-        EXPERIMENT / "report.html",
+        html=report(
+            EXPERIMENT / "report.html",
+            caption="../report/report.rst",
+            category="Report",
+            labels={"page": "pipeline report"},
+        ),
+        summary=EXPERIMENT / "summary.json",
     log:
         log_path("report.log"),
     benchmark:
@@ -22,4 +28,20 @@ rule report:
         "pipeline report --experiment-dir {params.experiment_dir} --tasks {params.tasks}"
         " --config-json {params.config:q} --c2st-max {params.c2st_max}"
         " --coverage-max-deviation {params.coverage_max_deviation}"
-        " --title {params.title:q} --out {output} --log {log}"
+        " --title {params.title:q} --out {output.html} --summary {output.summary} --log {log}"
+
+
+# One page over every experiment of the results folder; rebuilt whenever this one's report is.
+rule index:
+    input:
+        EXPERIMENT / "summary.json",
+    output:
+        Path(config["results"]) / "index.html",
+    log:
+        log_path("index.log"),
+    conda:
+        "../../envs/pipeline.yaml"
+    params:
+        results=lambda wildcards, output: Path(output[0]).parent,
+    shell:
+        "pipeline index --results {params.results} --out {output} --log {log}"

@@ -5,9 +5,27 @@ rule validate:
         observations=task_path("observations.h5"),
     output:
         metrics=task_path("validation/metrics.json"),
-        coverage=task_path("validation/coverage.png"),
-        sbc=task_path("validation/sbc.png"),
-        corner=task_path("validation/corner.png"),
+        coverage=report(
+            task_path("validation/coverage.png"),
+            caption="../report/coverage.rst",
+            category="Calibration",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "coverage"},
+        ),
+        sbc=report(
+            task_path("validation/sbc.png"),
+            caption="../report/sbc.rst",
+            category="Calibration",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "SBC ranks"},
+        ),
+        corner=report(
+            task_path("validation/corner.png"),
+            caption="../report/corner.rst",
+            category="Posteriors",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "corner"},
+        ),
     log:
         log_path("validate/{task}.log"),
     benchmark:

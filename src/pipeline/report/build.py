@@ -140,8 +140,9 @@ def build_report(
         "no_reference": NO_REFERENCE,
         "tasks": [task_context(r, anchors[r.name], thresholds) for r in results],
         "provenance": provenance_context(results, config),
+        "stage_times": stage_times(Path(experiment_dir)),
     }
-    return _environment().get_template("report.html").render(context)
+    return template_environment().get_template("report.html").render(context)
 
 
 def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> dict[str, Any]:
@@ -187,6 +188,7 @@ def provenance_context(results: list[TaskResults], config: dict[str, Any]) -> di
     if len(set(revisions.values())) > 1:
         disagreements["code_revision"] = revisions
     return {
+        "hardware": first.get("hardware", "not recorded"),
         "source_task": results[0].name,
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "disagreements": disagreements,
@@ -194,6 +196,27 @@ def provenance_context(results: list[TaskResults], config: dict[str, Any]) -> di
         **first,
         "config_digest": config_digest(config),
     }
+
+
+STAGES = ("simulate", "observe", "train", "sample", "validate")
+
+
+def stage_times(experiment_dir: Path) -> list[dict[str, Any]]:
+    """Wall time of each job, from the benchmark files Snakemake writes (none by hand).
+
+    ``EXPERIMENT/benchmarks/STAGE/JOB.tsv``: a header and one row whose first column is seconds.
+    Unreadable files are skipped: run times are information, not results.
+    """
+    rows = []
+    for path in sorted((experiment_dir / "benchmarks").glob("*/*.tsv")):
+        try:
+            seconds = float(path.read_text().splitlines()[1].split("\t")[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        stage = path.parent.name
+        order = STAGES.index(stage) if stage in STAGES else len(STAGES)
+        rows.append({"stage": stage, "job": path.stem, "seconds": seconds, "order": order})
+    return sorted(rows, key=lambda row: (row["order"], row["job"]))
 
 
 def format_number(value: float, digits: int = 4) -> str:
@@ -209,7 +232,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.1f} s ({hours}:{rest // 60:02d}:{rest % 60:02d})"
 
 
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
     # autoescape=True for every template: task names, parameter names and the config are text
     # from users, and must never become markup. StrictUndefined turns a typo into an error.
     environment = jinja2.Environment(

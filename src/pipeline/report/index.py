@@ -1,0 +1,101 @@
+"""One page over every experiment in a results folder, from each experiment's ``summary.json``.
+
+``pipeline report`` writes the summary beside ``report.html``: the verdict of every check of
+every task, with the experiment's title, time and config digest. The index reads only those
+small files, so it stays quick however large the experiments are, and an experiment whose
+summary is unreadable is listed as such instead of hiding the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.provenance import config_digest
+from pipeline.report.build import (
+    Thresholds,
+    evaluate_checks,
+    template_environment,
+    verdict,
+    write_report,
+)
+from pipeline.report.results import load_task
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+
+
+def experiment_summary(
+    experiment_dir: Path,
+    tasks: list[str],
+    *,
+    config: dict[str, Any],
+    thresholds: Thresholds,
+    title: str,
+) -> dict[str, Any]:
+    """Verdicts of every check of every task of one experiment, as JSON-ready data."""
+    rows = []
+    for task in tasks:
+        checks = evaluate_checks(load_task(Path(experiment_dir), task).validation, thresholds)
+        rows.append(
+            {
+                "name": task,
+                "verdict": verdict(checks),
+                "checks": [
+                    {
+                        "name": c.name,
+                        "value": c.value,
+                        "threshold": c.threshold,
+                        "status": c.status,
+                    }
+                    for c in checks
+                ],
+            }
+        )
+    return {
+        "experiment": Path(experiment_dir).name,
+        "title": title,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config_digest": config_digest(config),
+        "verdict": "FAIL" if any(row["verdict"] == "FAIL" for row in rows) else "PASS",
+        "tasks": rows,
+    }
+
+
+def write_summary(summary: dict[str, Any], out: Path) -> None:
+    """Writes ``summary`` as JSON, atomically."""
+    write_report(json.dumps(summary, indent=2) + "\n", out)
+
+
+def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
+    """Each ``results_dir/*/summary.json``, newest first; unreadable ones carry ``error``."""
+    summaries = []
+    for path in sorted(Path(results_dir).glob(f"*/{SUMMARY}")):
+        try:
+            summary = json.loads(path.read_text())
+            if not isinstance(summary.get("tasks"), list):
+                raise ValueError("no 'tasks' list")
+        except (OSError, ValueError, AttributeError) as error:
+            log.warning("skipping %s: %s", path, error)
+            summary = {"experiment": path.parent.name, "error": f"unreadable {SUMMARY}: {error}"}
+        summary["report_exists"] = (path.parent / "report.html").exists()
+        summaries.append(summary)
+    return sorted(summaries, key=lambda s: str(s.get("created", "")), reverse=True)
+
+
+def build_index(results_dir: Path) -> str:
+    """The HTML page listing every experiment under ``results_dir`` with its verdicts."""
+    summaries = read_summaries(results_dir)
+    return (
+        template_environment()
+        .get_template("index.html")
+        .render(
+            results_dir=str(results_dir),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            experiments=summaries,
+        )
+    )
