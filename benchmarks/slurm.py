@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import copy_workflow, run_snakemake  # noqa: E402
 from tests.slurm_cluster import SlurmCluster  # noqa: E402
+
+from pipeline.provenance import hardware  # noqa: E402
 
 
 def slurm_profile(workdir: Path) -> Path:
@@ -71,7 +72,7 @@ def main() -> None:
         "slurm_seconds": round(slurm_seconds, 1),
         "ratio": round(slurm_seconds / local_seconds, 2),
         "overhead_seconds_per_job": round((slurm_seconds - local_seconds) / len(jobs), 1),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, one node",
+        "machine": hardware(),
     }
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
