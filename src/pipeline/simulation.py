@@ -144,6 +144,18 @@ def valid_shard_attrs(
 MERGE_MODES = ("copy", "virtual")
 
 
+def check_output(out: Path, *, overwrite: bool, merge: str, compression: str) -> None:
+    """Raises for a merge mode or filter that does not exist, or an output not to replace."""
+    if merge not in MERGE_MODES:
+        raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+    if compression not in storage.COMPRESSIONS:
+        raise ValueError(
+            f"--compression must be one of {', '.join(storage.COMPRESSIONS)}, got {compression!r}"
+        )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
+
+
 def run(
     plan: SimulationPlan,
     task: Task,
@@ -163,14 +175,7 @@ def run(
             :data:`pipeline.storage.COMPRESSIONS`.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
-    if merge not in MERGE_MODES:
-        raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
-    if compression not in storage.COMPRESSIONS:
-        raise ValueError(
-            f"--compression must be one of {', '.join(storage.COMPRESSIONS)}, got {compression!r}"
-        )
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, size)
     check_writable(shard_dir(out), rank)
     if rank == 0:
@@ -250,10 +255,7 @@ def merge(
 
     Raises naming the missing or incomplete shards, before writing anything.
     """
-    if merge not in MERGE_MODES:
-        raise ValueError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, 1)
     identity = plan.identity(task)
     paths = [shard_path(out, a, b) for a, b in plan.chunks()]
