@@ -101,10 +101,10 @@ def test_every_job_went_through_sbatch(runs, cluster):
         assert list((logs / f"rule_{rule}").rglob("*.log")), f"no SLURM log of {rule}"
     assert list((logs / "rule_report").rglob("*.log"))
     jobs = [job for job in cluster.jobs() if Path(job["workdir"]) == slurm]
-    # 2 simulate, observe, 2 train attempts, 2 sample, validate, report.
-    assert len(jobs) == 9, jobs
+    # 2 simulate, observe, 2 train attempts, 2 sample, validate, report, index.
+    assert len(jobs) == 10, jobs
     states = sorted(job["state"] for job in jobs)
-    assert states == ["COMPLETED"] * 8 + ["TIMEOUT"], jobs
+    assert states == ["COMPLETED"] * 9 + ["TIMEOUT"], jobs
 
 
 def test_simulate_ran_two_mpi_ranks_through_srun(runs):
