@@ -253,6 +253,14 @@ def test_cli_scatter_and_merge(tmp_path):
     for start in ("0", "20"):
         assert main(["simulate", *plan, "--chunk", start, "--out", str(out)]) == 0
     assert main(["merge", *plan, "--out", str(out)]) == 0
+    with h5py.File(simulation.shard_path(out, 0, 20), "r") as shard:
+        assert shard["x"].compression == "gzip"
+    lzf = tmp_path / "lzf.h5"
+    assert (
+        main(["simulate", *plan, "--chunk", "20", "--compression", "lzf", "--out", str(lzf)]) == 0
+    )
+    with h5py.File(simulation.shard_path(lzf, 20, 30), "r") as shard:
+        assert shard["x"].compression == "lzf"
     np.testing.assert_array_equal(
         storage.read_simulations(out).x, simulate(tmp_path / "ref.h5", n=30).x
     )
@@ -440,3 +448,14 @@ def test_rank_that_raises_aborts_the_whole_job(tmp_path):
         "rank 1 failed: ArithmeticError: simulator diverged"
         in (tmp_path / "sim.log.rank1").read_text()
     )
+
+
+@pytest.mark.mpi
+def test_one_chunk_refuses_mpi_ranks(tmp_path):
+    command = [tool("mpiexec"), "-n", "2", tool("pipeline"), "simulate", "--task", "two_moons"]
+    command += ["--num-simulations", "40", "--seed", "1", "--chunk-size", "20", "--chunk", "0"]
+    command += ["--out", str(tmp_path / "sims.h5")]
+    result = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--chunk computes one chunk in one process, but 2 MPI ranks" in result.stderr
+    assert not simulation.shard_dir(tmp_path / "sims.h5").exists()

@@ -52,10 +52,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from pipeline.tasks import get_task
 
     plan = _simulation_plan(args)
-    if args.chunk is not None:
-        simulation.run_chunk(plan, get_task(args.task), args.out, args.chunk)
-        return
     comm = parallel.world()
+    if args.chunk is not None:
+        if comm.Get_size() > 1:
+            raise ValueError(
+                f"--chunk computes one chunk in one process, but {comm.Get_size()} MPI ranks "
+                "started; run it without mpiexec/srun (or drop --chunk to spread all chunks)"
+            )
+        task = get_task(args.task)
+        simulation.run_chunk(plan, task, args.out, args.chunk, compression=args.compression)
+        return
     if args.fit_chunks:
         plan = plan.fitted_to(comm.Get_size())
     try:

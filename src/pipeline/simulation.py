@@ -222,7 +222,9 @@ def run(
     comm.Barrier()
 
 
-def run_chunk(plan: SimulationPlan, task: Task, out: Path, start: int) -> Path:
+def run_chunk(
+    plan: SimulationPlan, task: Task, out: Path, start: int, *, compression: str = "gzip"
+) -> Path:
     """Simulates the one chunk of ``plan`` that starts at ``start`` into its shard of ``out``.
 
     A shard already there and complete is kept. Returns the shard's path.
@@ -237,7 +239,7 @@ def run_chunk(plan: SimulationPlan, task: Task, out: Path, start: int) -> Path:
         return path
     theta, x = simulate_range(task, plan.seed, start, stop)
     attrs = {**shard_attrs(plan, task), "num_nonfinite": storage.count_nonfinite_rows(theta, x)}
-    write_shard(path, theta, x, attrs, start, stop)
+    write_shard(path, theta, x, attrs, start, stop, compression)
     log.info("wrote chunk [%d, %d) to %s", start, stop, path)
     return path
 
