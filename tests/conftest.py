@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.tasks import TASKS, register
 from pipeline.tasks.two_moons import TwoMoons
+from tests import apt
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,13 +71,9 @@ def chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    if not apt.can_install():
         pytest.skip("chromium is not installed and apt-get cannot run as root here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        subprocess.run(install, env=env, check=True, capture_output=True, timeout=900)
+    apt.install("chromium")
     return shutil.which("chromium") or "/usr/bin/chromium"
 
 

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests import apt
+
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 MARKER = "# Written by tests/slurm_cluster.py for the test suite; removed when it stops."
 PACKAGES = ("slurm-wlm", "munge")
@@ -29,14 +31,9 @@ def ensure_installed() -> None:
     """Installs slurm-wlm and munge with apt when ``slurmctld`` is missing."""
     if shutil.which("slurmctld") and shutil.which("munged"):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    if not apt.can_install():
         raise ClusterUnavailable("slurm-wlm is not installed and apt-get cannot run as root here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:  # a stale package index: refresh once
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        subprocess.run(install, env=env, check=True, capture_output=True, timeout=600)
+    apt.install(*PACKAGES)
 
 
 def _free_port() -> int:
