@@ -93,13 +93,15 @@ def test_report_renders_with_every_image_and_no_console_message(chromium, tmp_pa
 
 
 def test_index_renders_and_links_each_report(chromium, tmp_path, png):
+    from pipeline.report.build import load_results
     from pipeline.report.index import build_index, experiment_summary, write_summary
 
     results = tmp_path / "results"
     for name in ("first", "second"):
         experiment = write_experiment(results / name, png)
+        results_of = load_results(experiment, list(TASKS))
         summary = experiment_summary(
-            experiment, list(TASKS), config=CONFIG, thresholds=THRESHOLDS, title=name
+            experiment, results_of, config=CONFIG, thresholds=THRESHOLDS, title=name
         )
         write_summary(summary, experiment / "summary.json")
         (experiment / "report.html").write_text("<html><body>report</body></html>")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
-from pipeline.report.build import Check, evaluate_checks, verdict
+from pipeline.report.build import Check, evaluate_checks, load_results, verdict
 from pipeline.report.index import build_index, experiment_summary, write_summary
 from pipeline.report.results import PNG_SIGNATURE, read_training_curve
 
@@ -366,7 +366,11 @@ def test_failed_build_keeps_old_report(experiment: Path) -> None:
 
 def write_summary_of(experiment: Path, title: str = "Tiny experiment") -> dict[str, Any]:
     summary = experiment_summary(
-        experiment, list(TASKS), config=CONFIG, thresholds=THRESHOLDS, title=title
+        experiment,
+        load_results(experiment, list(TASKS)),
+        config=CONFIG,
+        thresholds=THRESHOLDS,
+        title=title,
     )
     write_summary(summary, experiment / "summary.json")
     return summary

@@ -186,21 +186,19 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pipeline.report import Thresholds, build_report, write_report
+    from pipeline.report import Thresholds, write_report
+    from pipeline.report.build import load_results, render_report
     from pipeline.report.index import experiment_summary, write_summary
 
     config = json.loads(args.config_json) if args.config_json else {}
     thresholds = Thresholds(
         c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
     )
-    html = build_report(
-        args.experiment_dir, args.tasks, config=config, thresholds=thresholds, title=args.title
-    )
+    results = load_results(args.experiment_dir, args.tasks)
+    settings = {"config": config, "thresholds": thresholds, "title": args.title}
+    html = render_report(args.experiment_dir, results, **settings)
     if args.summary is not None:
-        summary = experiment_summary(
-            args.experiment_dir, args.tasks, config=config, thresholds=thresholds, title=args.title
-        )
-        write_summary(summary, args.summary)
+        write_summary(experiment_summary(args.experiment_dir, results, **settings), args.summary)
     write_report(html, args.out)
     log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
 

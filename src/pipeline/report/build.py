@@ -105,22 +105,8 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def build_report(
-    experiment_dir: Path,
-    tasks: list[str],
-    *,
-    config: dict[str, Any],
-    thresholds: Thresholds,
-    title: str,
-) -> str:
-    """One self-contained HTML page on an experiment's tasks.
-
-    Arguments:
-        experiment_dir: ``results/{experiment}``, holding one folder per task.
-        tasks: Names of the tasks to report, in page order.
-        config: The experiment's config, shown verbatim in the provenance section.
-        thresholds: Limits that decide each check's PASS or FAIL.
-        title: Page title.
+def load_results(experiment_dir: Path, tasks: list[str]) -> list[TaskResults]:
+    """Every task's results, in ``tasks`` order, read once for the page and the summary.
 
     Raises:
         FileNotFoundError: A task folder, result file or figure is missing.
@@ -130,8 +116,45 @@ def build_report(
         raise ValueError("no tasks to report")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks repeat a name: {tasks}")
-    results = [load_task(Path(experiment_dir), task) for task in tasks]
-    anchors = task_anchors(tasks)
+    return [load_task(Path(experiment_dir), task) for task in tasks]
+
+
+def build_report(
+    experiment_dir: Path,
+    tasks: list[str],
+    *,
+    config: dict[str, Any],
+    thresholds: Thresholds,
+    title: str,
+) -> str:
+    """One self-contained HTML page on an experiment's tasks (see :func:`render_report`).
+
+    Raises what :func:`load_results` raises.
+    """
+    results = load_results(experiment_dir, tasks)
+    return render_report(
+        experiment_dir, results, config=config, thresholds=thresholds, title=title
+    )
+
+
+def render_report(
+    experiment_dir: Path,
+    results: list[TaskResults],
+    *,
+    config: dict[str, Any],
+    thresholds: Thresholds,
+    title: str,
+) -> str:
+    """The page on ``results``.
+
+    Arguments:
+        experiment_dir: ``results/{experiment}``, holding one folder per task.
+        results: The tasks' results (:func:`load_results`), in page order.
+        config: The experiment's config, shown verbatim in the provenance section.
+        thresholds: Limits that decide each check's PASS or FAIL.
+        title: Page title.
+    """
+    anchors = task_anchors([r.name for r in results])
     context = {
         "title": title,
         "experiment": Path(experiment_dir).name,

@@ -22,7 +22,7 @@ from pipeline.report.build import (
     verdict,
     write_report,
 )
-from pipeline.report.results import load_task
+from pipeline.report.results import TaskResults
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +31,22 @@ SUMMARY = "summary.json"
 
 def experiment_summary(
     experiment_dir: Path,
-    tasks: list[str],
+    results: list[TaskResults],
     *,
     config: dict[str, Any],
     thresholds: Thresholds,
     title: str,
 ) -> dict[str, Any]:
-    """Verdicts of every check of every task of one experiment, as JSON-ready data."""
+    """Verdicts of every check of every task of one experiment, as JSON-ready data.
+
+    ``results`` are the tasks' results as :func:`pipeline.report.build.load_results` read them.
+    """
     rows = []
-    for task in tasks:
-        checks = evaluate_checks(load_task(Path(experiment_dir), task).validation, thresholds)
+    for task in results:
+        checks = evaluate_checks(task.validation, thresholds)
         rows.append(
             {
-                "name": task,
+                "name": task.name,
                 "verdict": verdict(checks),
                 "checks": [
                     {
