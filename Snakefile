@@ -25,6 +25,7 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/validate.smk"
+include: "workflow/rules/budgets.smk"
 include: "workflow/rules/report.smk"
 
 

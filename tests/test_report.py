@@ -193,7 +193,8 @@ def test_summary_shows_pass_and_fail(page: str) -> None:
     rows = [row for row in parse(page).summary_rows if row]
     assert [row[0] for row in rows] == list(TASKS)
     for row, (_, _, _, expected) in zip(rows, TASKS.values(), strict=True):
-        statuses = [cell.split(" (")[0] for cell in row[1:5]]
+        assert row[1] == "1000"  # num_train + num_val + excluded: the training budget
+        statuses = [cell.split(" (")[0] for cell in row[2:6]]
         assert statuses == expected
 
 
@@ -219,8 +220,8 @@ def test_checks_against_thresholds(
 def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "two_moons", png, 0.9, 0.0, 0.0)
     [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
-    assert row[1] == "FAIL (0.9)"
-    assert row[4] == "FAIL"
+    assert row[2] == "FAIL (0.9)"
+    assert row[5] == "FAIL"
 
 
 def test_user_text_is_escaped(tmp_path: Path, png: bytes) -> None:
@@ -423,3 +424,55 @@ def test_stage_run_times_come_from_snakemake_benchmarks(experiment: Path, png: b
     assert times.index("two_moons-train") < times.index("104.2 s (0:01:44)")  # stage order
     assert "broken" not in times
     assert "Hardware (training)" in page
+
+
+def write_budget(task_dir: Path, n: int, values: list[Any], **changes: Any) -> None:
+    """Writes budget-N/c2st.json; ``changes`` replace its top-level fields."""
+    numbers = all(isinstance(v, float) for v in values)
+    mean, top = (sum(values) / len(values), max(values)) if numbers else (0.5, 0.5)
+    data = {
+        "task": task_dir.name,
+        "budget": n,
+        "c2st": {"per_observation": values, "mean": mean, "max": top},
+    }
+    folder = task_dir / f"budget-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "c2st.json").write_text(json.dumps({**data, **changes}))
+
+
+def test_budget_study_section(experiment: Path) -> None:
+    scores = {100: [0.9, 0.8], 1000: [0.62, 0.58], 10000: [0.53, 0.51]}
+    for budget, values in scores.items():
+        write_budget(experiment / "two_moons", budget, values)
+    page = build_report(
+        experiment,
+        ["two_moons"],
+        config=CONFIG,
+        thresholds=THRESHOLDS,
+        title="t",
+        budgets=[10000, 100, 1000],
+    )
+    rows = [row for row in parse(page).summary_rows if row]
+    assert rows[0][1] == "1000 (budget study: 100 · 1000 · 10000)"
+    section = page[page.index("<h3>C2ST against budget</h3>") :]
+    # Ascending budgets with their means (0.85, 0.6, 0.52), then the figure.
+    positions = [section.index(text) for text in ("0.85", "0.6<", "0.52", "against the simul")]
+    assert positions == sorted(positions)
+    # training, corner, coverage, SBC, C2ST per observation, C2ST against budget.
+    assert len(parse(page).images) == 6
+
+
+def test_budget_study_without_budgets_has_no_section(page: str) -> None:
+    assert "C2ST against budget" not in page
+
+
+def test_budget_study_missing_or_wrong_file(experiment: Path) -> None:
+    settings = {"config": CONFIG, "thresholds": THRESHOLDS, "title": "t"}
+    with pytest.raises(FileNotFoundError, match=r"budget-500/c2st.json: run the budget study"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7], budget=5000)
+    with pytest.raises(ResultsError, match=r"task 'two_moons' at budget 5000, not .* at 500"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    write_budget(experiment / "two_moons", 500, [0.6, "x"])
+    with pytest.raises(ResultsError, match=r"c2st.per_observation' should be a list of numbers"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)

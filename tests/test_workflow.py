@@ -9,6 +9,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import yaml
 
@@ -110,8 +112,28 @@ def test_gpu_training_uses_the_cuda_environment(workdir, accelerator, uses_cuda)
 
 
 @pytest.mark.slow
+def tiny_with_budgets(workdir: Path) -> str:
+    """tiny.yaml plus a budget study: 300 (a model of its own) and 600 (the main model's)."""
+    tiny = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
+    return str(write_config(workdir, simulate={**tiny["simulate"], "budgets": [300, 600]}))
+
+
+def test_budget_study_plan(workdir):
+    result = snakemake(workdir, "-n", "-p", "--configfile", tiny_with_budgets(workdir))
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    tasks = len(CORE_TASKS)
+    # 600 = num_simulations reuses the main model: one extra training per task, two scores.
+    assert counts["train_budget"] == counts["sample_budget"] == str(tasks)
+    assert counts["score_budget"] == str(2 * tasks)
+    assert counts["simulate"] == str(3 * tasks)  # train, test and train-300
+    assert "--num-simulations 300 --seed 1 " in result.stdout
+    assert re.search(r"--observation-samples \S+/two_moons/samples/observations.h5", result.stdout)
+    assert "--budgets 300 600" in result.stdout
+
+
 def test_tiny_dag_end_to_end(workdir, chromium):
-    snakemake(workdir, "--configfile", "config/experiments/tiny.yaml")
+    config = tiny_with_budgets(workdir)
+    snakemake(workdir, "--configfile", config)
     experiment = workdir / "results/tiny"
     html = (experiment / "report.html").read_text()
     for task in CORE_TASKS:
@@ -126,10 +148,23 @@ def test_tiny_dag_end_to_end(workdir, chromium):
         assert (experiment / "logs/train" / f"{task}.log").stat().st_size > 0
     assert "data:image/png;base64," in html
 
+    # The budget study: nested simulations, one C2ST file per budget, a section per task.
+    with h5py.File(experiment / "two_moons/sims/train.h5") as full:
+        with h5py.File(experiment / "two_moons/sims/train-300.h5") as first:
+            np.testing.assert_array_equal(first["x"][...], full["x"][:300])
+    for task in CORE_TASKS:
+        for budget in (300, 600):
+            score = json.loads((experiment / task / f"budget-{budget}/c2st.json").read_text())
+            assert score["budget"] == budget and len(score["c2st"]["per_observation"]) == 2
+    main = json.loads((experiment / "two_moons/validation/metrics.json").read_text())["c2st"]
+    reused = json.loads((experiment / "two_moons/budget-600/c2st.json").read_text())["c2st"]
+    assert reused == main  # same samples, same classifier seed
+    assert html.count("<h3>C2ST against budget</h3>") == len(CORE_TASKS)
+
     # The real pages in a real browser: every figure decodes, no console message, all sections.
     dom, broken, console = render(chromium, experiment / "report.html", workdir, "tiny-report.png")
     assert broken == 0 and console == [], console
-    assert dom.count("<img") >= 4 * len(CORE_TASKS)
+    assert dom.count("<img") >= 5 * len(CORE_TASKS)
     for section in ("summary", "provenance", *(f"task-{task}" for task in CORE_TASKS)):
         assert f'id="{section}"' in dom
     index = workdir / "results/index.html"
@@ -137,7 +172,7 @@ def test_tiny_dag_end_to_end(workdir, chromium):
     assert broken == 0 and console == [] and '<a href="tiny/report.html">' in dom
 
     # Snakemake's own report: the flagged figures, with their captions, in one zip.
-    snakemake(workdir, "--configfile", "config/experiments/tiny.yaml", "--report", "report.zip")
+    snakemake(workdir, "--configfile", config, "--report", "report.zip")
     with zipfile.ZipFile(workdir / "report.zip") as archive:
         names = archive.namelist()
         main_page = next(n for n in names if n.endswith("report.html") and "/data/" not in n)
@@ -148,7 +183,7 @@ def test_tiny_dag_end_to_end(workdir, chromium):
     assert "Simulation-based calibration" in page and "sn_cosmology" in page
 
     # A second run has nothing to do.
-    again = snakemake(workdir, "--configfile", "config/experiments/tiny.yaml")
+    again = snakemake(workdir, "--configfile", config)
     assert "Nothing to be done" in again.stdout + again.stderr
 
     # A corrupt input makes its stage fail with the file named; earlier outputs survive.
@@ -159,7 +194,7 @@ def test_tiny_dag_end_to_end(workdir, chromium):
     failed = snakemake(
         workdir,
         "--configfile",
-        "config/experiments/tiny.yaml",
+        config,
         "--forcerun",
         "sample_test",
         check=False,

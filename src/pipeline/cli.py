@@ -185,6 +185,20 @@ def cmd_validate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_c2st(args: argparse.Namespace) -> None:
+    from pipeline.validation import score_budget
+
+    score_budget(
+        args.observation_samples,
+        args.observations,
+        args.out,
+        budget=args.budget,
+        seed=args.seed,
+        max_samples=args.max_samples or None,
+        folds=args.folds,
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from pipeline.report import Thresholds, write_report
     from pipeline.report.build import load_results, render_report
@@ -194,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     thresholds = Thresholds(
         c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
     )
-    results = load_results(args.experiment_dir, args.tasks)
+    results = load_results(args.experiment_dir, args.tasks, args.budgets)
     settings = {"config": config, "thresholds": thresholds, "title": args.title}
     html = render_report(args.experiment_dir, results, **settings)
     if args.summary is not None:
@@ -339,9 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c2st-folds", type=int, default=5)
     p.add_argument("--out", type=Path, required=True, help="validation folder")
 
+    p = add("c2st", cmd_c2st, "C2ST of posterior samples at the observations (budget study)")
+    p.add_argument("--observation-samples", type=Path, required=True)
+    p.add_argument("--observations", type=Path, required=True)
+    p.add_argument("--budget", type=int, required=True, help="training simulations used")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=0, help="per class; 0 = all")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True, help="JSON file")
+
     p = add("report", cmd_report, "write one self-contained HTML report per experiment")
     p.add_argument("--experiment-dir", type=Path, required=True)
     p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument(
+        "--budgets", nargs="*", type=int, default=[], help="budgets whose C2ST the page plots"
+    )
     p.add_argument("--config-json", default="", help="the experiment config, shown verbatim")
     p.add_argument("--c2st-max", type=float, required=True)
     p.add_argument("--coverage-max-deviation", type=float, required=True)

@@ -18,7 +18,14 @@ from scipy.ndimage import gaussian_filter
 
 from pipeline.diagnostics.coverage import sbc_histogram
 
-__all__ = ["plot_c2st", "plot_corner", "plot_coverage", "plot_sbc_ranks", "plot_training_curves"]
+__all__ = [
+    "plot_c2st",
+    "plot_c2st_budget",
+    "plot_corner",
+    "plot_coverage",
+    "plot_sbc_ranks",
+    "plot_training_curves",
+]
 
 SAMPLES_COLOR = "C0"
 REFERENCE_COLOR = "C1"
@@ -335,6 +342,43 @@ def plot_c2st(values: np.ndarray, *, threshold: float | None = None) -> Figure:
     ax.set_ylim(bottom, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("observation")
+    ax.set_ylabel("C2ST accuracy")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_c2st_budget(
+    budgets: np.ndarray, values: np.ndarray, *, threshold: float | None = None
+) -> Figure:
+    """C2ST accuracy against the simulation budget: each observation and their mean.
+
+    Arguments:
+        budgets: Training simulations of each model, shape ``(K,)``, ascending.
+        values: C2ST accuracy per budget and observation, shape ``(K, n)``.
+        threshold: If given, drawn as the pass line (e.g. 0.6).
+    """
+    budgets = np.asarray(budgets, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if budgets.ndim != 1 or values.ndim != 2 or len(values) != len(budgets):
+        raise ValueError(
+            f"budgets must have shape (K,) and values (K, n), got {budgets.shape} and "
+            f"{values.shape}"
+        )
+    fig = Figure(figsize=(5.0, 3.5), layout="constrained")
+    ax = fig.subplots()
+    for column in values.T:
+        ax.plot(budgets, column, ".", color=SAMPLES_COLOR, alpha=0.5)
+    ax.plot(
+        budgets, values.mean(axis=1), "o-", color=SAMPLES_COLOR, label="mean over observations"
+    )
+    ax.axhline(0.5, color="grey", linestyle="--", label="chance (0.5)")
+    if threshold is not None:
+        ax.axhline(threshold, color="C3", linestyle=":", label=f"threshold ({threshold:g})")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    finite = values[np.isfinite(values)]
+    ax.set_ylim(min(0.45, finite.min() - 0.02) if len(finite) else 0.45, 1.02)
+    ax.set_xlabel("training simulations")
     ax.set_ylabel("C2ST accuracy")
     ax.legend(fontsize="small")
     return fig

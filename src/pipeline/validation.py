@@ -137,11 +137,53 @@ def _c2st_and_corner(
         reference, posterior, seed=seed, num_folds=folds, max_samples=max_samples
     )
     figures["c2st"] = _save(plots.plot_c2st(values), out / "c2st.png")
+    return _c2st_summary(values)
+
+
+def _c2st_summary(values: np.ndarray) -> dict[str, Any]:
     return {
         "per_observation": values.tolist(),
         "mean": float(values.mean()),
         "max": float(values.max()),
     }
+
+
+def score_budget(
+    observation_samples: Path,
+    observations: Path,
+    out: Path,
+    *,
+    budget: int,
+    seed: int,
+    max_samples: int | None,
+    folds: int = 5,
+) -> dict[str, Any]:
+    """C2ST of one budget's posterior at the observations; writes and returns ``out`` (JSON).
+
+    The budget study's score: the same observations, reference and classifier settings as
+    :func:`validate`, so a budget's value is comparable with the main model's.
+    """
+    samples = read_samples(observation_samples)
+    theta, _, reference = read_reference(observations)
+    task = str(samples["attrs"]["task"])
+    if reference is None:
+        raise ValueError(
+            f"{observations} holds no reference posterior (task {task!r} has none), so there "
+            "is no C2ST to compute; leave this task out of simulate.budgets"
+        )
+    if len(samples["samples"]) != len(theta):
+        raise ValueError(
+            f"{observation_samples} has samples for {len(samples['samples'])} observations but "
+            f"{observations} holds {len(theta)}; resample the observations"
+        )
+    values = diagnostics.c2st_batched(
+        reference, samples["samples"], seed=seed, num_folds=folds, max_samples=max_samples
+    )
+    result = {"task": task, "budget": budget, "c2st": _c2st_summary(values)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(Path(out), result)
+    log.info("budget %d: C2ST mean %.3f, max %.3f", budget, values.mean(), values.max())
+    return result
 
 
 def _save(figure: Figure, path: Path) -> str:

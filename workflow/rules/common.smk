@@ -29,10 +29,14 @@ def benchmark_path(name):
 
 wildcard_constraints:
     task="|".join(config["tasks"]),
-    split="train|test",
+    # train-N: the first N training simulations, for the budget study (simulate.budgets).
+    split=r"train|test|train-\d+",
+    budget=r"\d+",
 
 
 def split_count(split):
+    if split.startswith("train-"):
+        return int(split.removeprefix("train-"))
     key = "num_simulations" if split == "train" else "num_test_simulations"
     return config["simulate"][key]
 
@@ -42,8 +46,25 @@ def simulation_count(wildcards):
 
 
 def simulation_seed(wildcards):
-    key = "seed" if wildcards.split == "train" else "test_seed"
+    # Simulation i depends on (seed, i) only, so train-N holds exactly train.h5's first N rows
+    # (or extends it): the budgets are nested.
+    key = "test_seed" if wildcards.split == "test" else "seed"
     return config["simulate"][key]
+
+
+BUDGETS = sorted(config["simulate"]["budgets"])
+
+
+def budget_scores(task):
+    """The C2ST files of one task's budget study (none when simulate.budgets is empty)."""
+    return [task_path("budget-{budget}/c2st.json").format(task=task, budget=n) for n in BUDGETS]
+
+
+def budget_observation_samples(wildcards):
+    """Posterior samples at the observations for one budget; the main model's at its budget."""
+    if int(wildcards.budget) == config["simulate"]["num_simulations"]:
+        return task_path("samples/observations.h5")
+    return task_path("budget-{budget}/samples/observations.h5")
 
 
 def shard_files(task, split):

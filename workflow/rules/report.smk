@@ -3,6 +3,7 @@ rule report:
         metrics=expand(task_path("validation/metrics.json"), task=config["tasks"]),
         models=expand(task_path("model/posterior.json"), task=config["tasks"]),
         curves=expand(task_path("model/metrics.csv"), task=config["tasks"]),
+        budgets=[score for task in config["tasks"] for score in budget_scores(task)],
     output:
         html=report(
             EXPERIMENT / "report.html",
@@ -21,11 +22,13 @@ rule report:
         experiment_dir=EXPERIMENT,
         config=json.dumps(config, sort_keys=True),
         tasks=" ".join(config["tasks"]),
+        budgets=" ".join(str(n) for n in BUDGETS),
         c2st_max=config["report"]["c2st_max"],
         coverage_max_deviation=config["report"]["coverage_max_deviation"],
         title=config["report"]["title"],
     shell:
         "pipeline report --experiment-dir {params.experiment_dir} --tasks {params.tasks}"
+        " --budgets {params.budgets}"
         " --config-json {params.config:q} --c2st-max {params.c2st_max}"
         " --coverage-max-deviation {params.coverage_max_deviation}"
         " --title {params.title:q} --out {output.html} --summary {output.summary} --log {log}"

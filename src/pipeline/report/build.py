@@ -8,16 +8,19 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline import plots
 from pipeline.provenance import config_digest
 from pipeline.report.results import TaskResults, TrainingCurve, load_task
 
@@ -105,8 +108,12 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def load_results(experiment_dir: Path, tasks: list[str]) -> list[TaskResults]:
+def load_results(
+    experiment_dir: Path, tasks: list[str], budgets: Sequence[int] = ()
+) -> list[TaskResults]:
     """Every task's results, in ``tasks`` order, read once for the page and the summary.
+
+    ``budgets`` are the budget study's simulation counts; each task's C2ST at each is read.
 
     Raises:
         FileNotFoundError: A task folder, result file or figure is missing.
@@ -116,7 +123,7 @@ def load_results(experiment_dir: Path, tasks: list[str]) -> list[TaskResults]:
         raise ValueError("no tasks to report")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks repeat a name: {tasks}")
-    return [load_task(Path(experiment_dir), task) for task in tasks]
+    return [load_task(Path(experiment_dir), task, budgets) for task in tasks]
 
 
 def build_report(
@@ -126,12 +133,13 @@ def build_report(
     config: dict[str, Any],
     thresholds: Thresholds,
     title: str,
+    budgets: Sequence[int] = (),
 ) -> str:
     """One self-contained HTML page on an experiment's tasks (see :func:`render_report`).
 
     Raises what :func:`load_results` raises.
     """
-    results = load_results(experiment_dir, tasks)
+    results = load_results(experiment_dir, tasks, budgets)
     return render_report(
         experiment_dir, results, config=config, thresholds=thresholds, title=title
     )
@@ -172,6 +180,13 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
     """What the page shows of one task."""
     checks = evaluate_checks(results.validation, thresholds)
     figures = dict(results.figures, training=figure_png(training_curve_figure(results.curve)))
+    if results.budgets:
+        budget_figure = plots.plot_c2st_budget(
+            np.array([score.budget for score in results.budgets]),
+            np.array([score.per_observation for score in results.budgets]),
+            threshold=thresholds.c2st_max,
+        )
+        figures["c2st_budget"] = figure_png(budget_figure)
     coverage = results.validation["coverage"]
     return {
         "name": results.name,
@@ -184,6 +199,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
             zip(coverage["levels"], coverage["tarp"], coverage["hpd"], strict=True)
         ),
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
+        "budgets": results.budgets,
     }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ class TaskResults:
         validation: Contents of ``validation/metrics.json``.
         curve: Training and validation losses from ``model/metrics.csv``.
         figures: PNG bytes of the validation figures, by key of ``metrics.json["figures"]``.
+        budgets: C2ST at each budget of the budget study, ascending (empty without one).
     """
 
     name: str
@@ -97,10 +99,21 @@ class TaskResults:
     validation: dict[str, Any]
     curve: TrainingCurve
     figures: dict[str, bytes]
+    budgets: list[BudgetScore] = field(default_factory=list)
 
 
-def load_task(experiment_dir: Path, task: str) -> TaskResults:
-    """Reads and checks ``experiment_dir/task``'s training and validation outputs."""
+@dataclass(frozen=True)
+class BudgetScore:
+    """C2ST per observation of the model trained on ``budget`` simulations."""
+
+    budget: int
+    per_observation: list[float]
+    mean: float
+    max: float
+
+
+def load_task(experiment_dir: Path, task: str, budgets: Sequence[int] = ()) -> TaskResults:
+    """Reads and checks ``experiment_dir/task``'s training, validation and budget outputs."""
     task_dir = experiment_dir / task
     train = f"run `pipeline train` for task {task}"
     validate = f"run `pipeline validate` for task {task}"
@@ -120,7 +133,24 @@ def load_task(experiment_dir: Path, task: str) -> TaskResults:
         validation=validation,
         curve=read_training_curve(task_dir / "model" / "metrics.csv", train),
         figures=read_figures(task_dir / "validation", validation, validate),
+        budgets=[read_budget(task_dir, task, n) for n in sorted(budgets)],
     )
+
+
+def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:
+    """Reads ``task_dir/budget-N/c2st.json`` (written by ``pipeline c2st``)."""
+    path = task_dir / f"budget-{budget}" / "c2st.json"
+    data = read_json(path, f"run the budget study (simulate.budgets) for task {task}")
+    check_fields(data, {"task": str, "budget": int, "c2st": dict}, path)
+    check_fields(data["c2st"], C2ST_FIELDS, path, "c2st.")
+    check_numbers(data["c2st"]["per_observation"], path, "c2st.per_observation")
+    if data["task"] != task or data["budget"] != budget:
+        raise ResultsError(
+            f"{path} holds task {data['task']!r} at budget {data['budget']}, not {task!r} at "
+            f"{budget}"
+        )
+    c2st = data["c2st"]
+    return BudgetScore(budget, c2st["per_observation"], c2st["mean"], c2st["max"])
 
 
 def require_file(path: Path, hint: str) -> None:

@@ -1,0 +1,53 @@
+# The budget study (simulate.budgets): each task trained again on the first N training
+# simulations, sampled at the same observations and scored by C2ST against the reference. The
+# rules are the main ones with other paths; a budget equal to num_simulations reuses the main
+# model, which is trained on exactly those simulations.
+
+
+use rule train as train_budget with:
+    input:
+        task_path("sims/train-{budget}.h5"),
+    output:
+        posterior=task_path("budget-{budget}/model/posterior.pt"),
+        spec=task_path("budget-{budget}/model/posterior.json"),
+        metrics=task_path("budget-{budget}/model/metrics.csv"),
+    log:
+        log_path("train/{task}-budget-{budget}.log"),
+    benchmark:
+        benchmark_path("train/{task}-budget-{budget}.tsv")
+
+
+use rule sample_observations as sample_budget with:
+    input:
+        model=task_path("budget-{budget}/model/posterior.pt"),
+        observations=task_path("observations.h5"),
+    output:
+        task_path("budget-{budget}/samples/observations.h5"),
+    log:
+        log_path("sample/{task}-budget-{budget}.log"),
+    benchmark:
+        benchmark_path("sample/{task}-budget-{budget}.tsv")
+
+
+rule score_budget:
+    input:
+        observation_samples=budget_observation_samples,
+        observations=task_path("observations.h5"),
+    output:
+        task_path("budget-{budget}/c2st.json"),
+    log:
+        log_path("validate/{task}-budget-{budget}.log"),
+    benchmark:
+        benchmark_path("validate/{task}-budget-{budget}.tsv")
+    conda:
+        "../../envs/pipeline.yaml"
+    params:
+        seed=config["validate"]["seed"],
+        c2st_folds=config["validate"]["c2st_folds"],
+        c2st_max_samples=config["validate"]["c2st_max_samples"],
+    threads: 1
+    shell:
+        "pipeline c2st --observation-samples {input.observation_samples}"
+        " --observations {input.observations} --budget {wildcards.budget} --seed {params.seed}"
+        " --folds {params.c2st_folds} --max-samples {params.c2st_max_samples}"
+        " --out {output} --log {log}"
