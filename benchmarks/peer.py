@@ -1,0 +1,222 @@
+"""Accuracy against the peer: C2ST of our NPE and of the ``sbi`` package's NPE, per task and
+budget, on the same simulations, observations and reference posteriors (issue: validated
+posteriors). Needs ``sbi`` beside the project (``pip install -e ".[bench]"``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peer.py --tasks two_moons slcp \
+        --budgets 1000 10000
+
+For every task and budget N, exactly as the pipeline does it: the first N training simulations
+of seed 1 (``pipeline simulate``), the five observations of seed 3 with 10^4 reference samples
+each (``pipeline observe``), 10^4 posterior samples per observation, and C2ST with the
+validate stage's settings (5 folds, seed 5). Ours trains with the default experiment's options
+for the task (``config/config.yaml``); the peer with ``sbi.inference.NPE(prior)`` at its
+defaults (a MAF, batches of 200, Adam at 5e-4, stop after 20 epochs without improvement) and
+samples with ``build_posterior()`` (rejection of samples outside the prior's support). One CPU
+thread each, one after the other in this process. Results are merged into
+``benchmarks/results/peer.json`` (one entry per task and budget, so runs can be split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline import simulation, storage
+from pipeline.diagnostics import c2st_batched
+from pipeline.models.posterior import load_posterior
+from pipeline.observations import make_observations, read_reference
+from pipeline.parallel import SerialComm
+from pipeline.sampling import sample_posterior
+from pipeline.tasks import BoxUniform, DiagonalNormal, Task, get_task
+from pipeline.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results" / "peer.json"
+NUM_SAMPLES = 10**4
+
+
+def pipeline_settings() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def project_config(task: str, seed: int) -> TrainConfig:
+    """The training options the default experiment uses for ``task``."""
+    config = pipeline_settings()
+    options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
+    return TrainConfig.from_dict({**options, "seed": seed})
+
+
+def tensor(values: Any) -> torch.Tensor:
+    """float32, as the peer's networks and transforms expect."""
+    return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
+
+def torch_prior(task: Task) -> torch.distributions.Distribution:
+    """The task's prior as the torch distribution ``sbi`` expects."""
+    prior = task.prior
+    if isinstance(prior, BoxUniform):
+        from sbi.utils import BoxUniform as SbiBoxUniform
+
+        return SbiBoxUniform(tensor(prior.low), tensor(prior.high))
+    if isinstance(prior, DiagonalNormal):
+        normal = torch.distributions.Normal(tensor(prior.loc), tensor(prior.scale))
+        return torch.distributions.Independent(normal, 1)
+    if hasattr(prior, "covariance"):  # a full-covariance Gaussian prior
+        covariance = tensor(prior.covariance)
+        return torch.distributions.MultivariateNormal(tensor(prior.loc), covariance)
+    raise TypeError(f"no torch version of {type(prior).__name__} for task {task.name}")
+
+
+def ours(
+    task: str, data: Path, folder: Path, x_obs: np.ndarray, seed: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    start = time.perf_counter()
+    metadata = train(data, folder, project_config(task, seed))
+    seconds = time.perf_counter() - start
+    posterior, _ = load_posterior(folder)
+    spec = posterior.spec
+    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
+    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    samples = sample_posterior(posterior, x_obs, NUM_SAMPLES, low=low, high=high).samples
+    sampling = time.perf_counter() - start
+    run = {"train_seconds": seconds, "sample_seconds": sampling, "epochs": metadata["epochs"]}
+    return run, samples
+
+
+def peer(
+    task: Task, sims: storage.Simulations, x_obs: np.ndarray, seed: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    from sbi.inference import NPE
+
+    torch.manual_seed(seed)
+    finite = storage.finite_rows(sims.x)
+    theta = torch.from_numpy(sims.theta[finite]).float()
+    x = torch.from_numpy(sims.x[finite].reshape(int(finite.sum()), -1)).float()
+    start = time.perf_counter()
+    inference = NPE(prior=torch_prior(task), show_progress_bars=False)
+    inference.append_simulations(theta, x).train()
+    seconds = time.perf_counter() - start
+    posterior = inference.build_posterior()
+    start = time.perf_counter()
+    samples = np.stack(
+        [
+            posterior.sample(
+                (NUM_SAMPLES,),
+                x=torch.from_numpy(row.reshape(-1)).float(),
+                show_progress_bars=False,
+            ).numpy()
+            for row in x_obs
+        ]
+    )
+    sampling = time.perf_counter() - start
+    epochs = inference.summary["epochs_trained"][-1]
+    return {"train_seconds": seconds, "sample_seconds": sampling, "epochs": epochs}, samples
+
+
+def score(reference: np.ndarray, samples: np.ndarray, validate: dict[str, Any]) -> dict[str, Any]:
+    values = c2st_batched(
+        reference, samples, seed=validate["seed"], num_folds=validate["c2st_folds"]
+    )
+    return {
+        "c2st": [round(float(v), 4) for v in values],
+        "c2st_mean": round(float(values.mean()), 4),
+    }
+
+
+def run_task(name: str, budgets: list[int], folder: Path, seed: int) -> list[dict[str, Any]]:
+    settings = pipeline_settings()
+    task = get_task(name)
+    observed = settings["observations"]
+    observations = folder / f"{name}-observations.h5"
+    start = time.perf_counter()
+    make_observations(
+        task,
+        observed["num_observations"],
+        observed["num_reference_samples"],
+        observed["seed"],
+        observations,
+    )
+    print(f"{name}: reference posteriors in {time.perf_counter() - start:.1f} s", flush=True)
+    _, x_obs, reference = read_reference(observations)
+    entries = []
+    for budget in budgets:
+        data = folder / f"{name}-{budget}.h5"
+        plan = simulation.SimulationPlan(
+            name, budget, settings["simulate"]["seed"], min(budget, 10**4)
+        )
+        simulation.run(plan, task, data, SerialComm(), overwrite=True)
+        sims = storage.read_simulations(data)
+        mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed)
+        mine |= score(reference, samples, settings["validate"])
+        print(f"{name} N={budget} ours {mine}", flush=True)
+        theirs, samples = peer(task, sims, x_obs, seed)
+        theirs |= score(reference, samples, settings["validate"])
+        print(f"{name} N={budget} sbi  {theirs}", flush=True)
+        entries.append(
+            {
+                "task": name,
+                "budget": budget,
+                "seed": seed,
+                "ours": mine,
+                "sbi": theirs,
+                "c2st_mean_difference": round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
+            }
+        )
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both estimators")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import sbi
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    try:
+        entries = [
+            e for name in args.tasks for e in run_task(name, args.budgets, folder, args.seed)
+        ]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
+    done = {(e["task"], e["budget"], e["seed"]) for e in entries}
+    kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) not in done]
+    results = {
+        "machine": {
+            "host": platform.node(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "sbi": sbi.__version__,
+        },
+        "threads": 1,
+        "entries": sorted(kept + entries, key=lambda e: (e["task"], e["budget"], e["seed"])),
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    for e in entries:
+        print(
+            f"{e['task']:>16} N={e['budget']:>6}: ours {e['ours']['c2st_mean']:.3f} "
+            f"({e['ours']['train_seconds']:.0f} s), sbi {e['sbi']['c2st_mean']:.3f} "
+            f"({e['sbi']['train_seconds']:.0f} s), difference {e['c2st_mean_difference']:+.3f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
