@@ -30,10 +30,17 @@ METRICS_CSV = """epoch,step,train_loss,val_loss
 2,29,1.15,
 """
 
-# (task, c2st max or None, tarp max deviation, hpd max deviation, expected summary cells)
+# (task, c2st max or None, tarp max deviation, hpd max deviation, expected summary cells); the
+# predictive coverage deviation is PREDICTIVE unless a test says otherwise.
+PREDICTIVE = 0.02
 TASKS = {
-    "two_moons": (0.55, 0.05, 0.08, ["PASS", "PASS", "PASS", "PASS"]),
-    "sn_cosmology": (None, 0.2, 0.03, ["n/a — no reference posterior", "FAIL", "PASS", "FAIL"]),
+    "two_moons": (0.55, 0.05, 0.08, ["PASS", "PASS", "PASS", "PASS", "PASS"]),
+    "sn_cosmology": (
+        None,
+        0.2,
+        0.03,
+        ["n/a — no reference posterior", "FAIL", "PASS", "PASS", "FAIL"],
+    ),
 }
 
 
@@ -63,8 +70,15 @@ def posterior_json(task: str, digest: str = "abc123") -> dict[str, Any]:
     }
 
 
-def validation_json(task: str, c2st: float | None, tarp: float, hpd: float) -> dict[str, Any]:
-    figures = {"coverage": "coverage.png", "sbc": "sbc.png", "corner": "corner.png"}
+def validation_json(
+    task: str, c2st: float | None, tarp: float, hpd: float, predictive: float = PREDICTIVE
+) -> dict[str, Any]:
+    figures = {
+        "coverage": "coverage.png",
+        "sbc": "sbc.png",
+        "corner": "corner.png",
+        "predictive": "predictive.png",
+    }
     if c2st is not None:
         figures["c2st"] = "c2st.png"
     return {
@@ -79,6 +93,18 @@ def validation_json(task: str, c2st: float | None, tarp: float, hpd: float) -> d
             "hpd": [0.1, 0.5, 0.9],
             "tarp_max_deviation": tarp,
             "hpd_max_deviation": hpd,
+            "predictive": [0.1, 0.5, 0.9],
+            "predictive_max_deviation": predictive,
+            "predictive_num_excluded": 0,
+        },
+        "predictive": {"pvalues": [0.4, 0.01], "num_draws": 100, "num_nonfinite_excluded": [0, 0]},
+        "local_c2st": {
+            "statistic": [0.001, 0.03],
+            "pvalue": [0.6, 0.0099],
+            "dispersion_correlation": [0.1, -0.9],
+            "num_null": 100,
+            "num_calibration": 50,
+            "num_draws": 50,
         },
         "sbc": {"pvalues": {"theta_0": 0.4, "theta_1": 0.002}},
         "c2st": None
@@ -174,8 +200,8 @@ def test_page_is_self_contained(page: str) -> None:
     assert "<script" not in page
     assert "url(" not in page
     images = parse(page).images
-    # Per task: training curve, corner, coverage, SBC; plus C2ST for the task with a reference.
-    assert len(images) == 4 + 5
+    # Per task: training curve, corner, coverage, SBC, predictive; and C2ST where a reference is.
+    assert len(images) == 5 + 6
     for src in images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -194,25 +220,26 @@ def test_summary_shows_pass_and_fail(page: str) -> None:
     assert [row[0] for row in rows] == list(TASKS)
     for row, (_, _, _, expected) in zip(rows, TASKS.values(), strict=True):
         assert row[1] == "1000"  # num_train + num_val + excluded: the training budget
-        statuses = [cell.split(" (")[0] for cell in row[2:6]]
+        statuses = [cell.split(" (")[0] for cell in row[2:7]]
         assert statuses == expected
 
 
 @pytest.mark.parametrize(
-    ("c2st", "tarp", "hpd", "expected"),
+    ("c2st", "tarp", "hpd", "predictive", "expected"),
     [
-        (0.6, 0.1, 0.1, ["PASS", "PASS", "PASS"]),  # on the threshold passes
-        (0.61, 0.1, 0.1, ["FAIL", "PASS", "PASS"]),
-        (0.5, 0.11, 0.0, ["PASS", "FAIL", "PASS"]),
-        (0.5, 0.0, 0.25, ["PASS", "PASS", "FAIL"]),
-        (math.nan, 0.0, 0.0, ["FAIL", "PASS", "PASS"]),
-        (None, 0.0, 0.0, ["n/a — no reference posterior", "PASS", "PASS"]),
+        (0.6, 0.1, 0.1, 0.1, ["PASS", "PASS", "PASS", "PASS"]),  # on the threshold passes
+        (0.61, 0.1, 0.1, 0.0, ["FAIL", "PASS", "PASS", "PASS"]),
+        (0.5, 0.11, 0.0, 0.0, ["PASS", "FAIL", "PASS", "PASS"]),
+        (0.5, 0.0, 0.25, 0.0, ["PASS", "PASS", "FAIL", "PASS"]),
+        (0.5, 0.0, 0.0, 0.3, ["PASS", "PASS", "PASS", "FAIL"]),
+        (math.nan, 0.0, 0.0, 0.0, ["FAIL", "PASS", "PASS", "PASS"]),
+        (None, 0.0, 0.0, 0.0, ["n/a — no reference posterior", "PASS", "PASS", "PASS"]),
     ],
 )
 def test_checks_against_thresholds(
-    c2st: float | None, tarp: float, hpd: float, expected: list[str]
+    c2st: float | None, tarp: float, hpd: float, predictive: float, expected: list[str]
 ) -> None:
-    checks = evaluate_checks(validation_json("t", c2st, tarp, hpd), THRESHOLDS)
+    checks = evaluate_checks(validation_json("t", c2st, tarp, hpd, predictive), THRESHOLDS)
     assert [check.status for check in checks] == expected
     assert verdict(checks) == ("FAIL" if "FAIL" in expected else "PASS")
 
@@ -221,7 +248,7 @@ def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "two_moons", png, 0.9, 0.0, 0.0)
     [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
     assert row[2] == "FAIL (0.9)"
-    assert row[5] == "FAIL"
+    assert row[6] == "FAIL"
 
 
 def test_user_text_is_escaped(tmp_path: Path, png: bytes) -> None:
@@ -385,7 +412,7 @@ def test_summary_holds_every_verdict(experiment: Path) -> None:
     for task, (c2st, tarp, hpd, cells) in TASKS.items():
         row = by_task[task]
         assert [check["status"] for check in row["checks"]] + [row["verdict"]] == cells
-        assert [check["value"] for check in row["checks"]] == [c2st, tarp, hpd]
+        assert [check["value"] for check in row["checks"]] == [c2st, tarp, hpd, PREDICTIVE]
     assert summary["verdict"] == "FAIL"  # sn_cosmology fails TARP
 
 
@@ -458,8 +485,8 @@ def test_budget_study_section(experiment: Path) -> None:
     # Ascending budgets with their means (0.85, 0.6, 0.52), then the figure.
     positions = [section.index(text) for text in ("0.85", "0.6<", "0.52", "against the simul")]
     assert positions == sorted(positions)
-    # training, corner, coverage, SBC, C2ST per observation, C2ST against budget.
-    assert len(parse(page).images) == 6
+    # training, corner, coverage, SBC, predictive, C2ST per observation, C2ST against budget.
+    assert len(parse(page).images) == 7
 
 
 def test_budget_study_without_budgets_has_no_section(page: str) -> None:
@@ -476,3 +503,19 @@ def test_budget_study_missing_or_wrong_file(experiment: Path) -> None:
     write_budget(experiment / "two_moons", 500, [0.6, "x"])
     with pytest.raises(ResultsError, match=r"c2st.per_observation' should be a list of numbers"):
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
+
+
+def test_predictive_and_local_c2st_sections(page: str) -> None:
+    predictive = page[page.index("<h3>Posterior predictive check</h3>") :]
+    local = predictive[predictive.index("<h3>Local C2ST") :]
+    predictive = predictive[: predictive.index("<h3>Local C2ST")]
+    # The fixture's p-values 0.4 and 0.01: only the second is flagged.
+    assert '<td class="num">0.4</td>' in predictive
+    assert '<td class="num fail">0.01</td>' in predictive
+    assert "Observations against their posterior predictive" in predictive
+    # Local C2ST: observation 1 is rejected (p 0.0099) and read as over-confident (-0.9);
+    # observation 0 (p 0.6) gets no reading.
+    local = local[: local.index("</table>")]
+    assert '<td class="num fail">0.0099</td>' in local
+    assert "-0.9 (over-confident)" in local
+    assert "0.1 (" not in local

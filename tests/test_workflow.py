@@ -144,6 +144,10 @@ def test_tiny_dag_end_to_end(workdir, chromium):
         assert 0.0 <= coverage["tarp_max_deviation"] <= 1.0
         c2st = metrics["c2st"]["per_observation"]
         assert len(c2st) == 2 and all(0.0 <= v <= 1.0 for v in c2st)
+        assert len(coverage["predictive"]) == 19
+        assert len(metrics["predictive"]["pvalues"]) == 2
+        # tiny.yaml refits local C2ST's classifier 19 times: p-values lie in [1/20, 1].
+        assert all(0.05 - 1e-9 <= p <= 1.0 for p in metrics["local_c2st"]["pvalue"])
         assert task in html
         assert (experiment / "logs/train" / f"{task}.log").stat().st_size > 0
     assert "data:image/png;base64," in html
@@ -177,7 +181,7 @@ def test_tiny_dag_end_to_end(workdir, chromium):
         names = archive.namelist()
         main_page = next(n for n in names if n.endswith("report.html") and "/data/" not in n)
         page = archive.read(main_page).decode()
-    for figure in ("coverage.png", "sbc.png", "corner.png"):
+    for figure in ("coverage.png", "sbc.png", "corner.png", "predictive.png"):
         assert sum(name.endswith(f"/{figure}") for name in names) == len(CORE_TASKS)
     assert sum(name.endswith("/report.html") for name in names) == 2  # ours, and its index
     assert "Simulation-based calibration" in page and "sn_cosmology" in page

@@ -167,7 +167,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}
     log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
-    write_samples(args.out, result, attrs, theta=theta, log_prob_true=log_prob_true)
+    write_samples(args.out, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
     log.info("wrote %s: samples %s", args.out, result.samples.shape)
 
 
@@ -182,6 +182,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         seed=args.seed,
         c2st_max_samples=args.c2st_max_samples or None,
         c2st_folds=args.c2st_folds,
+        local_c2st_null=args.local_c2st_null,
+        predictive_draws=args.predictive_draws,
     )
 
 
@@ -351,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--c2st-max-samples", type=int, default=0, help="per class; 0 = all")
     p.add_argument("--c2st-folds", type=int, default=5)
+    p.add_argument(
+        "--local-c2st-null", type=int, default=100, help="classifier refits of local C2ST's null"
+    )
+    p.add_argument(
+        "--predictive-draws", type=int, default=100, help="posterior draws simulated per x"
+    )
     p.add_argument("--out", type=Path, required=True, help="validation folder")
 
     p = add("c2st", cmd_c2st, "C2ST of posterior samples at the observations (budget study)")

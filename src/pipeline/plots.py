@@ -23,6 +23,7 @@ __all__ = [
     "plot_c2st_budget",
     "plot_corner",
     "plot_coverage",
+    "plot_predictive",
     "plot_sbc_ranks",
     "plot_training_curves",
 ]
@@ -381,4 +382,44 @@ def plot_c2st_budget(
     ax.set_xlabel("training simulations")
     ax.set_ylabel("C2ST accuracy")
     ax.legend(fontsize="small")
+    return fig
+
+
+def plot_predictive(
+    x_obs: np.ndarray, intervals: np.ndarray, pvalues: list[float] | np.ndarray
+) -> Figure:
+    """Each observation against its posterior predictive distribution, feature by feature.
+
+    Arguments:
+        x_obs: Observations, flattened, shape ``(n, F)``.
+        intervals: Predictive quantiles 5, 25, 50, 75 and 95 %, shape ``(n, 5, F)``.
+        pvalues: Posterior predictive p-value of each observation, shape ``(n,)``.
+    """
+    x_obs, intervals = np.asarray(x_obs, dtype=float), np.asarray(intervals, dtype=float)
+    n, features = x_obs.shape
+    if intervals.shape != (n, 5, features) or len(pvalues) != n:
+        raise ValueError(
+            f"x_obs {x_obs.shape}, intervals {intervals.shape} and {len(pvalues)} p-values "
+            "do not match (n, F), (n, 5, F), (n,)"
+        )
+    fig = Figure(figsize=(min(3.2 * n, 16.0), 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n, sharey=False, squeeze=False)[0])
+    index = np.arange(features)
+    for j, ax in enumerate(axes):
+        low, q25, median, q75, high = intervals[j]
+        ax.vlines(index, low, high, color=SAMPLES_COLOR, alpha=0.35, linewidth=6)
+        ax.vlines(index, q25, q75, color=SAMPLES_COLOR, alpha=0.8, linewidth=6)
+        ax.plot(index, median, "_", color="w", markersize=6)
+        ax.plot(index, x_obs[j], "o", color=TRUTH_COLOR, markersize=3)
+        ax.set_xlim(-0.7, features - 0.3)
+        ax.set_title(f"observation {j}: p = {pvalues[j]:.2f}", fontsize="small")
+        ax.set_xlabel("feature of x")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("x")
+    handles = [
+        Patch(color=SAMPLES_COLOR, alpha=0.35, label="predictive 90 %"),
+        Patch(color=SAMPLES_COLOR, alpha=0.8, label="predictive 50 %"),
+        Line2D([], [], color=TRUTH_COLOR, marker="o", linestyle="", label="observed"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small")
     return fig

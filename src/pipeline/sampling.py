@@ -176,11 +176,15 @@ def write_samples(
     *,
     theta: np.ndarray | None = None,
     log_prob_true: np.ndarray | None = None,
+    x: np.ndarray | None = None,
 ) -> None:
-    """Writes ``samples`` (n, M, D), ``log_prob`` (n, M) and, for test sets, the truths."""
+    """Writes ``samples`` (n, M, D), ``log_prob`` (n, M), the conditioning ``x`` (n, ...) when
+    given and, for test sets, the truths ``theta`` (n, D) and ``log_prob_true`` (n,)."""
     with storage.atomic_h5(out) as f:
         f.create_dataset("samples", data=result.samples, chunks=True)
         f.create_dataset("log_prob", data=result.log_prob, chunks=True)
+        if x is not None:
+            f["x"] = np.asarray(x, dtype=np.float32)
         if theta is not None:
             f["theta"] = theta.astype(np.float32)
             f["log_prob_true"] = log_prob_true

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from pipeline import diagnostics, plots
 from pipeline.observations import read_reference
 from pipeline.sampling import read_samples
+from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,25 @@ def validate(
     seed: int,
     c2st_max_samples: int | None,
     c2st_folds: int = 5,
+    local_c2st_null: int = 100,
+    predictive_draws: int = 100,
 ) -> dict[str, Any]:
-    """Computes every diagnostic, writes ``out/metrics.json`` and figures; returns the metrics."""
+    """Computes every diagnostic, writes ``out/metrics.json`` and figures; returns the metrics.
+
+    Posterior predictive checks simulate ``predictive_draws`` posterior draws per ``x`` with the
+    task's simulator (seeded by ``seed``); local C2ST refits its classifier
+    ``local_c2st_null`` times under the null.
+    """
     test = read_samples(test_samples)
     if "theta" not in test:
         raise ValueError(
             f"{test_samples} has no true 'theta': sample the held-out simulation file (an HDF5 "
             "file with 'theta' and 'x'), not bare observations"
+        )
+    if "x" not in test:
+        raise ValueError(
+            f"{test_samples} has no 'x' (written by an older `pipeline sample`); rerun the "
+            "sample stage"
         )
     attrs = test["attrs"]
     names = list(attrs["parameter_names"])
@@ -51,7 +64,9 @@ def validate(
         "num_nonfinite_excluded": int(attrs.get("num_nonfinite_excluded", 0)),
         "figures": {},
     }
-    metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"])
+    task = get_task(str(attrs["task"]))
+    predictive = _predictive_coverage(task, test, predictive_draws, seed)
+    metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
     metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
     metrics["c2st"] = _c2st_and_corner(
         observation_samples,
@@ -63,6 +78,12 @@ def validate(
         max_samples=c2st_max_samples,
         folds=c2st_folds,
     )
+    observed = read_samples(observation_samples)
+    _, x_obs, _ = read_reference(observations)
+    metrics["predictive"] = _predictive_at_observations(
+        task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
+    )
+    metrics["local_c2st"] = _local_c2st(test, observed["samples"], x_obs, local_c2st_null, seed)
     _write_json(out / "metrics.json", metrics)
     log.info(
         "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",
@@ -74,7 +95,12 @@ def validate(
 
 
 def _coverage(
-    test: dict, attrs: dict, seed: int, out: Path, figures: dict[str, str]
+    test: dict,
+    attrs: dict,
+    seed: int,
+    out: Path,
+    figures: dict[str, str],
+    predictive: dict[str, Any],
 ) -> dict[str, Any]:
     levels = diagnostics.DEFAULT_LEVELS
     low, high = attrs.get("low"), attrs.get("high")
@@ -87,7 +113,8 @@ def _coverage(
         rng=np.random.default_rng(seed),
     )
     hpd = diagnostics.hpd_coverage(test["log_prob"], test["log_prob_true"], levels)
-    figure = plots.plot_coverage(levels, {"TARP": tarp, "HPD": hpd}, title=str(attrs["task"]))
+    curves = {"TARP": tarp, "HPD": hpd, "predictive (data space)": predictive["coverage"]}
+    figure = plots.plot_coverage(levels, curves, title=str(attrs["task"]))
     figures["coverage"] = _save(figure, out / "coverage.png")
     return {
         "levels": levels.tolist(),
@@ -95,6 +122,104 @@ def _coverage(
         "hpd": hpd.tolist(),
         "tarp_max_deviation": diagnostics.max_coverage_deviation(levels, tarp),
         "hpd_max_deviation": diagnostics.max_coverage_deviation(levels, hpd),
+        "predictive": predictive["coverage"].tolist(),
+        "predictive_max_deviation": diagnostics.max_coverage_deviation(
+            levels, predictive["coverage"]
+        ),
+        "predictive_num_excluded": predictive["num_excluded"],
+    }
+
+
+def _simulate_draws(
+    task: Task, samples: np.ndarray, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Simulates the first ``draws`` posterior samples of each x: (n, M, D) to (n, S, F)."""
+    chosen = samples[:, :draws].astype(np.float64)
+    n, s, dim = chosen.shape
+    x = task.simulate(chosen.reshape(n * s, dim), rng)
+    return x.reshape(n, s, -1)
+
+
+def _predictive_coverage(task: Task, test: dict, draws: int, seed: int) -> dict[str, Any]:
+    """Coverage in data space on the test set (see :func:`diagnostics.predictive_coverage`).
+
+    The replicate of each pair is a fresh simulation from its true ``theta``; the predictive
+    draws simulate ``draws`` of its posterior samples. Pairs where the simulator returned NaN or
+    inf (a replicate or any draw) are left out and counted.
+    """
+    if test["samples"].shape[1] < draws:
+        raise ValueError(
+            f"validate.predictive_draws={draws} exceeds the {test['samples'].shape[1]} posterior "
+            "samples per test simulation; lower it or raise sample.num_test_samples"
+        )
+    rng = np.random.default_rng([seed, 1])
+    x_rep = task.simulate(test["theta"].astype(np.float64), rng).reshape(len(test["theta"]), -1)
+    x_pred = _simulate_draws(task, test["samples"], draws, rng)
+    finite = np.isfinite(x_rep).all(axis=1) & np.isfinite(x_pred).all(axis=(1, 2))
+    if not finite.any():
+        raise ValueError(f"task {task.name}: every predictive simulation holds NaN or inf")
+    levels = diagnostics.DEFAULT_LEVELS
+    coverage = diagnostics.predictive_coverage(x_rep[finite], x_pred[finite], levels)
+    return {"coverage": coverage, "num_excluded": int((~finite).sum())}
+
+
+def _predictive_at_observations(
+    task: Task,
+    samples: np.ndarray,
+    x_obs: np.ndarray,
+    draws: int,
+    seed: int,
+    out: Path,
+    figures: dict[str, str],
+) -> dict[str, Any]:
+    """Posterior predictive p-value of each observation, and the predictive bands figure."""
+    if samples.shape[1] < draws:
+        raise ValueError(
+            f"validate.predictive_draws={draws} exceeds the {samples.shape[1]} posterior "
+            "samples per observation; lower it or raise sample.num_observation_samples"
+        )
+    x_obs = x_obs.reshape(len(x_obs), -1).astype(np.float64)
+    x_pred = _simulate_draws(task, samples, draws, np.random.default_rng([seed, 2]))
+    pvalues, excluded = [], []
+    for observed, predicted in zip(x_obs, x_pred, strict=True):
+        finite = np.isfinite(predicted).all(axis=1)
+        excluded.append(int((~finite).sum()))
+        pvalues.append(
+            float(diagnostics.predictive_pvalues(observed[None], predicted[finite][None])[0])
+        )
+    quantiles = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
+    finite_draws = np.where(np.isfinite(x_pred), x_pred, np.nan)
+    intervals = np.nanquantile(finite_draws, quantiles, axis=1).transpose(1, 0, 2)
+    figure = plots.plot_predictive(x_obs, intervals, pvalues)
+    figures["predictive"] = _save(figure, out / "predictive.png")
+    return {"pvalues": pvalues, "num_draws": draws, "num_nonfinite_excluded": excluded}
+
+
+def _local_c2st(
+    test: dict, samples: np.ndarray, x_obs: np.ndarray, num_null: int, seed: int
+) -> dict[str, Any]:
+    """Local C2ST at each observation, calibrated on the test set (one draw per pair).
+
+    The observations' draws are thinned to as many as there are test pairs: the statistic's
+    noise falls as 1/sqrt(M), and its cost is the null's refits, not the evaluation.
+    """
+    draws = min(samples.shape[1], len(test["theta"]))
+    result = diagnostics.local_c2st(
+        test["theta"],
+        test["x"],
+        test["samples"][:, 0],
+        samples[:, :draws],
+        x_obs,
+        num_null=num_null,
+        seed=seed,
+    )
+    return {
+        "statistic": result.statistic.tolist(),
+        "pvalue": result.pvalue.tolist(),
+        "dispersion_correlation": result.dispersion_correlation.tolist(),
+        "num_null": num_null,
+        "num_calibration": len(test["theta"]),
+        "num_draws": draws,
     }
 
 

@@ -26,6 +26,13 @@ rule validate:
             subcategory="{task}",
             labels={"task": "{task}", "figure": "corner"},
         ),
+        predictive=report(
+            task_path("validation/predictive.png"),
+            caption="../report/predictive.rst",
+            category="Posteriors",
+            subcategory="{task}",
+            labels={"task": "{task}", "figure": "posterior predictive"},
+        ),
     log:
         log_path("validate/{task}.log"),
     benchmark:
@@ -36,6 +43,8 @@ rule validate:
         seed=config["validate"]["seed"],
         c2st_folds=config["validate"]["c2st_folds"],
         c2st_max_samples=config["validate"]["c2st_max_samples"],
+        local_c2st_null=config["validate"]["local_c2st_null"],
+        predictive_draws=config["validate"]["predictive_draws"],
         out=lambda wildcards, output: Path(output.metrics).parent,
     threads: 1
     shell:
@@ -43,4 +52,6 @@ rule validate:
         " --observation-samples {input.observation_samples}"
         " --observations {input.observations} --seed {params.seed}"
         " --c2st-folds {params.c2st_folds} --c2st-max-samples {params.c2st_max_samples}"
+        " --local-c2st-null {params.local_c2st_null}"
+        " --predictive-draws {params.predictive_draws}"
         " --out {params.out} --log {log}"

@@ -1,4 +1,5 @@
-"""Validation diagnostics: calibration (coverage, SBC) and accuracy against a reference (C2ST)."""
+"""Validation diagnostics: calibration (coverage, SBC), accuracy against a reference (C2ST),
+local accuracy without one (L-C2ST) and posterior predictive checks."""
 
 from pipeline.diagnostics.c2st import c2st, c2st_batched
 from pipeline.diagnostics.coverage import (
@@ -10,13 +11,24 @@ from pipeline.diagnostics.coverage import (
     sbc_uniformity_pvalues,
     tarp_coverage,
 )
+from pipeline.diagnostics.local_c2st import LocalC2ST, local_c2st
+from pipeline.diagnostics.predictive import (
+    predictive_coverage,
+    predictive_intervals,
+    predictive_pvalues,
+)
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "LocalC2ST",
     "c2st",
     "c2st_batched",
     "hpd_coverage",
+    "local_c2st",
     "max_coverage_deviation",
+    "predictive_coverage",
+    "predictive_intervals",
+    "predictive_pvalues",
     "sbc_histogram",
     "sbc_ranks",
     "sbc_uniformity_pvalues",

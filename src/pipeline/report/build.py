@@ -67,13 +67,18 @@ class Check:
 
 
 def evaluate_checks(validation: dict[str, Any], thresholds: Thresholds) -> list[Check]:
-    """C2ST, TARP and HPD checks of one task's ``validation/metrics.json``."""
+    """C2ST, TARP, HPD and predictive-coverage checks of one ``validation/metrics.json``."""
     c2st = validation["c2st"]
     coverage = validation["coverage"]
     return [
         Check("C2ST", None if c2st is None else c2st["max"], thresholds.c2st_max),
         Check("TARP", coverage["tarp_max_deviation"], thresholds.coverage_max_deviation),
         Check("HPD", coverage["hpd_max_deviation"], thresholds.coverage_max_deviation),
+        Check(
+            "Predictive",
+            coverage["predictive_max_deviation"],
+            thresholds.coverage_max_deviation,
+        ),
     ]
 
 
@@ -196,7 +201,21 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "posterior": results.posterior,
         "validation": results.validation,
         "coverage_rows": list(
-            zip(coverage["levels"], coverage["tarp"], coverage["hpd"], strict=True)
+            zip(
+                coverage["levels"],
+                coverage["tarp"],
+                coverage["hpd"],
+                coverage["predictive"],
+                strict=True,
+            )
+        ),
+        "local_c2st_rows": list(
+            zip(
+                results.validation["local_c2st"]["statistic"],
+                results.validation["local_c2st"]["pvalue"],
+                results.validation["local_c2st"]["dispersion_correlation"],
+                strict=True,
+            )
         ),
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
         "budgets": results.budgets,

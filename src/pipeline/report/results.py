@@ -50,21 +50,39 @@ VALIDATION_FIELDS: dict[str, type | tuple[type, ...]] = {
     "coverage": dict,
     "sbc": dict,
     "c2st": (dict, type(None)),
+    "predictive": dict,
+    "local_c2st": dict,
     "figures": dict,
 }
 COVERAGE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "levels": list,
     "tarp": list,
     "hpd": list,
+    "predictive": list,
     "tarp_max_deviation": NUMBER,
     "hpd_max_deviation": NUMBER,
+    "predictive_max_deviation": NUMBER,
+    "predictive_num_excluded": int,
+}
+PREDICTIVE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "pvalues": list,
+    "num_draws": int,
+    "num_nonfinite_excluded": list,
+}
+LOCAL_C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "statistic": list,
+    "pvalue": list,
+    "dispersion_correlation": list,
+    "num_null": int,
+    "num_calibration": int,
+    "num_draws": int,
 }
 C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "per_observation": list,
     "mean": NUMBER,
     "max": NUMBER,
 }
-FIGURES = ("corner", "coverage", "sbc")
+FIGURES = ("corner", "coverage", "sbc", "predictive")
 
 
 class ResultsError(ValueError):
@@ -197,10 +215,18 @@ def check_validation(validation: dict[str, Any], path: Path) -> None:
     check_fields(validation, VALIDATION_FIELDS, path)
     coverage = validation["coverage"]
     check_fields(coverage, COVERAGE_FIELDS, path, "coverage.")
-    for key in ("levels", "tarp", "hpd"):
+    for key in ("levels", "tarp", "hpd", "predictive"):
         check_numbers(coverage[key], path, f"coverage.{key}")
-    if not len(coverage["levels"]) == len(coverage["tarp"]) == len(coverage["hpd"]):
-        raise ResultsError(f"{path}: coverage levels, tarp and hpd differ in length")
+    if len({len(coverage[key]) for key in ("levels", "tarp", "hpd", "predictive")}) != 1:
+        raise ResultsError(f"{path}: coverage levels, tarp, hpd and predictive differ in length")
+    check_fields(validation["predictive"], PREDICTIVE_FIELDS, path, "predictive.")
+    check_numbers(validation["predictive"]["pvalues"], path, "predictive.pvalues")
+    local = validation["local_c2st"]
+    check_fields(local, LOCAL_C2ST_FIELDS, path, "local_c2st.")
+    for key in ("statistic", "pvalue", "dispersion_correlation"):
+        check_numbers(local[key], path, f"local_c2st.{key}")
+    if len({len(local[key]) for key in ("statistic", "pvalue", "dispersion_correlation")}) != 1:
+        raise ResultsError(f"{path}: local_c2st fields differ in length")
     check_fields(validation["sbc"], {"pvalues": dict}, path, "sbc.")
     pvalues = validation["sbc"]["pvalues"]
     check_numbers(list(pvalues.values()), path, "sbc.pvalues")

@@ -1,0 +1,133 @@
+"""The validate stage on files shaped like the sample stage's, with posteriors of known quality.
+
+gaussian_linear's reference posterior is exact (a Gaussian in closed form), so its samples stand
+in for a perfect estimator; shrinking them about their mean by a factor gives an over-confident
+one. The stage must pass the first and flag the second in every diagnostic that can see it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipeline.observations import make_observations
+from pipeline.sampling import PosteriorSamples, write_samples
+from pipeline.tasks import get_task
+from pipeline.validation import validate
+
+NUM_TEST = 300
+NUM_SAMPLES = 200
+
+
+def posterior_file(
+    path: Path, x: np.ndarray, theta: np.ndarray | None, shrink: float, seed: int
+) -> None:
+    """Exact posterior samples for each row of ``x``, shrunk about their mean by ``shrink``."""
+    task = get_task("gaussian_linear")
+    rng = np.random.default_rng(seed)
+    samples = np.stack([task.reference_posterior(row, NUM_SAMPLES, rng) for row in x])
+    mean = samples.mean(axis=1, keepdims=True)
+    samples = mean + shrink * (samples - mean)
+
+    # log q of a Gaussian shrunk by s: the exact log density, in the shrunk variable.
+    def log_q(points: np.ndarray, centre: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        covariance = np.cov(draws.T)
+        return stats.multivariate_normal(centre, covariance).logpdf(points)
+
+    log_prob = np.stack([log_q(s, m[0], s) for s, m in zip(samples, mean, strict=True)])
+    attrs = {"task": task.name, "parameter_names": list(task.parameter_names)}
+    log_prob_true = None
+    if theta is not None:
+        log_prob_true = np.array(
+            [log_q(t, m[0], s) for t, m, s in zip(theta, mean, samples, strict=True)]
+        )
+    result = PosteriorSamples(samples.astype(np.float32), log_prob.astype(np.float32))
+    write_samples(path, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("validate")
+    task = get_task("gaussian_linear")
+    make_observations(task, 3, 1000, 3, folder / "observations.h5")
+    theta, x = task.simulate_block(NUM_TEST, np.random.default_rng(2))
+    np.save(folder / "theta.npy", theta)
+    np.save(folder / "x.npy", x)
+    return folder
+
+
+def run(experiment: Path, shrink: float, **options) -> dict:
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    name = f"shrink-{shrink}"
+    posterior_file(experiment / f"{name}-test.h5", x, theta, shrink, seed=4)
+    with h5py.File(experiment / "observations.h5") as f:
+        x_obs = f["x"][...]
+    posterior_file(experiment / f"{name}-obs.h5", x_obs, None, shrink, seed=5)
+    settings = {"local_c2st_null": 19, "predictive_draws": 50, **options}
+    return validate(
+        experiment / f"{name}-test.h5",
+        experiment / f"{name}-obs.h5",
+        experiment / "observations.h5",
+        experiment / name,
+        seed=0,
+        c2st_max_samples=None,
+        c2st_folds=2,
+        **settings,
+    )
+
+
+def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
+    metrics = run(experiment, 1.0)
+    written = json.loads((experiment / "shrink-1.0" / "metrics.json").read_text())
+    assert written == metrics
+    coverage = metrics["coverage"]
+    # 300 pairs: a coverage fraction's standard error is at most 0.029; 0.1 is > 3 of them.
+    for key in ("tarp_max_deviation", "hpd_max_deviation", "predictive_max_deviation"):
+        assert coverage[key] < 0.1, (key, coverage[key])
+    assert len(coverage["predictive"]) == len(coverage["levels"])
+    # Posterior predictive p-values of a correct model sit near 0.5 or above (conservative).
+    assert all(p > 0.05 for p in metrics["predictive"]["pvalues"])
+    # Local C2ST with 19 null refits: p = 1/20 is the floor; an exact posterior stays above.
+    assert min(metrics["local_c2st"]["pvalue"]) > 0.05
+    assert (experiment / "shrink-1.0" / "predictive.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["figures"]["predictive"] == "predictive.png"
+
+
+def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
+    metrics = run(experiment, 0.5)
+    coverage = metrics["coverage"]
+    levels = np.array(coverage["levels"])
+    # Half the width: HPD coverage at 50 % falls to about 16 %, so far below the diagonal.
+    assert coverage["hpd_max_deviation"] > 0.2
+    # In data space the noise dilutes it, but the replicate still falls outside too often.
+    assert np.mean(np.array(coverage["predictive"]) - levels) < -0.03
+    local = metrics["local_c2st"]
+    assert max(local["pvalue"]) <= 0.05 + 1e-9
+    assert all(c < 0 for c in local["dispersion_correlation"])  # read as over-confident
+
+
+def test_too_many_predictive_draws_is_refused(experiment: Path) -> None:
+    with pytest.raises(ValueError, match=r"predictive_draws=500 exceeds the 200 posterior"):
+        run(experiment, 1.0, predictive_draws=500)
+
+
+def test_test_samples_without_x_are_refused(experiment: Path) -> None:
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    posterior_file(experiment / "old-test.h5", x, theta, 1.0, seed=4)
+    with h5py.File(experiment / "old-test.h5", "a") as f:
+        del f["x"]
+    with pytest.raises(ValueError, match=r"old-test.h5 has no 'x' .* rerun the sample stage"):
+        validate(
+            experiment / "old-test.h5",
+            experiment / "unused-obs.h5",
+            experiment / "observations.h5",
+            experiment / "old",
+            seed=0,
+            c2st_max_samples=None,
+        )
+    assert not (experiment / "old").exists()
