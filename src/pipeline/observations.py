@@ -1,13 +1,18 @@
 """Observations with known truth and, where the task has one, reference posterior samples.
 
 The file holds ``theta`` (n_obs, D) drawn from the prior, ``x`` (n_obs, *x_shape) simulated from
-them, and ``reference_samples`` (n_obs, R, D) for tasks with a reference posterior.
+them, and ``reference_samples`` (n_obs, R, D) for tasks with a reference posterior. The attribute
+``reference`` then says how those were drawn: JSON ``{"method": ..., "diagnostics": [...]}`` with
+the task's :attr:`~pipeline.tasks.Task.reference_method` and one dict of numbers per observation
+(for MCMC R-hat, ESS and acceptance; for every method ``seconds``, the time it took).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -30,7 +35,7 @@ def make_observations(
     """
     if num_observations <= 0:
         raise ValueError(f"--num-observations must be positive, got {num_observations}")
-    thetas, xs, references = [], [], []
+    thetas, xs, references, diagnostics = [], [], [], []
     progress = Progress(num_observations, "observations", log)
     for j in range(num_observations):
         theta, x = _draw_finite(task, np.random.default_rng([seed, j]), j)
@@ -38,7 +43,13 @@ def make_observations(
         xs.append(x)
         if task.has_reference and num_reference_samples > 0:
             rng = np.random.default_rng([seed, j, 1])
-            references.append(task.reference_posterior(x, num_reference_samples, rng))
+            start = time.perf_counter()
+            reference = task.reference(x, num_reference_samples, rng)
+            seconds = time.perf_counter() - start
+            references.append(reference.samples)
+            method = reference.method
+            diagnostics.append({**reference.diagnostics, "seconds": seconds})
+            log.info("observation %d: %s reference, %s", j, reference.method, diagnostics[-1])
         progress.update(1)
     identity = {"task": task.name, "seed": seed, "num_reference_samples": num_reference_samples}
     with storage.atomic_h5(out) as f:
@@ -46,6 +57,8 @@ def make_observations(
         f["x"] = np.asarray(xs, dtype=np.float32)
         if references:
             f.create_dataset("reference_samples", data=np.asarray(references, dtype=np.float32))
+            info = {"method": method, "diagnostics": diagnostics}
+            f.attrs["reference"] = storage.encode_attr(info)
         for key, value in identity.items():
             f.attrs[key] = value
         f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
@@ -77,3 +90,33 @@ def read_reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
             return f["theta"][...], f["x"][...], reference
     except OSError as error:
         raise storage.unreadable(path, error) from None
+
+
+def read_reference_info(path: Path) -> dict[str, Any] | None:
+    """How the reference samples of ``path`` were drawn, or None where it has none.
+
+    Returns:
+        ``{"method": str, "diagnostics": [dict, ...]}`` with one dict of numbers per observation
+        (e.g. ``rhat_max``, ``ess_bulk_min``, ``acceptance``, ``seconds``). None for files
+        without reference samples and for files written before the attribute existed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `pipeline observe` to create it")
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise storage.SimulationFileError(
+                    f"{path} is incomplete; rerun `pipeline observe`"
+                )
+            if "reference" not in f.attrs:
+                return None
+            info = storage.decode_attr(f.attrs["reference"])
+    except OSError as error:
+        raise storage.unreadable(path, error) from None
+    if not isinstance(info, dict) or "method" not in info or "diagnostics" not in info:
+        raise storage.SimulationFileError(
+            f"{path}: attribute 'reference' is not a JSON object with 'method' and "
+            "'diagnostics'; rerun `pipeline observe`"
+        )
+    return info

@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.tasks.base import BoxUniform, DiagonalNormal, Prior, Task
+from pipeline.tasks.base import (
+    BoxUniform,
+    DiagonalNormal,
+    MultivariateNormal,
+    Prior,
+    Reference,
+    Task,
+)
+from pipeline.tasks.bernoulli_glm import BernoulliGLM
 from pipeline.tasks.gaussian_linear import GaussianLinear
+from pipeline.tasks.gaussian_mixture import GaussianMixture
+from pipeline.tasks.slcp import SLCP
 from pipeline.tasks.sn_cosmology import SNCosmology
 from pipeline.tasks.two_moons import TwoMoons
 
-__all__ = ["TASKS", "BoxUniform", "DiagonalNormal", "Prior", "Task", "get_task", "register"]
+__all__ = [
+    "TASKS",
+    "BoxUniform",
+    "DiagonalNormal",
+    "MultivariateNormal",
+    "Prior",
+    "Reference",
+    "Task",
+    "get_task",
+    "register",
+]
 
 TASKS: dict[str, Callable[[], Task]] = {
     "gaussian_linear": GaussianLinear,
     "two_moons": TwoMoons,
     "sn_cosmology": SNCosmology,
+    "gaussian_mixture": GaussianMixture,
+    "slcp": SLCP,
+    "bernoulli_glm": BernoulliGLM,
 }
 
 

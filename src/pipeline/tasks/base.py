@@ -7,7 +7,8 @@ stages wrap it. All arrays are NumPy, float64 inside the task; storage casts to 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -74,7 +75,66 @@ class DiagonalNormal:
         return None
 
 
-Prior = BoxUniform | DiagonalNormal
+@dataclass(frozen=True)
+class MultivariateNormal:
+    """Gaussian prior ``N(loc, precision^-1)`` given by its precision matrix.
+
+    Arguments:
+        loc: Mean, shape ``(D,)``.
+        precision: Symmetric positive-definite precision matrix, ``D`` rows of ``D`` numbers.
+    """
+
+    loc: tuple[float, ...]
+    precision: tuple[tuple[float, ...], ...]
+
+    @property
+    def dim(self) -> int:
+        return len(self.loc)
+
+    @cached_property
+    def _factors(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Mean ``(D,)``, the Cholesky factor ``L`` of the precision (``P = L L^T``) and the
+        log-normaliser ``log det(P) / 2 - D log(2 pi) / 2``."""
+        precision = np.asarray(self.precision, dtype=np.float64)
+        chol = np.linalg.cholesky(precision)  # fails loudly unless positive definite
+        log_norm = np.sum(np.log(np.diag(chol))) - 0.5 * self.dim * np.log(2 * np.pi)
+        return np.asarray(self.loc, dtype=np.float64), chol, float(log_norm)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draws ``n`` parameters, shape ``(n, D)``: ``loc + L^-T z`` has covariance ``P^-1``."""
+        loc, chol, _ = self._factors
+        z = rng.standard_normal((n, self.dim))
+        return loc + np.linalg.solve(chol.T, z.T).T
+
+    def log_prob(self, theta: np.ndarray) -> np.ndarray:
+        """Log-density of ``theta`` with shape ``(..., D)``."""
+        loc, chol, log_norm = self._factors
+        z = (np.asarray(theta) - loc) @ chol  # ||z||^2 = (theta - loc)^T P (theta - loc)
+        return log_norm - 0.5 * np.sum(z**2, axis=-1)
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None
+
+
+Prior = BoxUniform | DiagonalNormal | MultivariateNormal
+
+
+@dataclass(frozen=True, eq=False)  # arrays: no field-wise ==
+class Reference:
+    """Reference posterior samples for one observation, with how they were obtained.
+
+    Attributes:
+        samples: Posterior samples, shape ``(M, D)``, float64.
+        method: How they were drawn, e.g. ``"exact (rejection)"``, ``"grid"`` or
+            ``"mcmc (emcee)"``; the task's :attr:`Task.reference_method`.
+        diagnostics: Numbers that vouch for them (e.g. ``rhat_max``, ``ess_bulk_min``,
+            ``acceptance`` for MCMC); empty for exact methods.
+    """
+
+    samples: np.ndarray
+    method: str
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -91,6 +151,13 @@ class Task(ABC):
             the data therefore depend on the seed and the index alone, never on how the index
             range is split over ranks or chunks. Part of the task's definition: changing it
             changes the data.
+        reference_method: How the reference posterior is drawn (``"exact (analytic)"``,
+            ``"exact (rejection)"``, ``"grid"``, ``"mcmc (emcee)"``), recorded beside the
+            samples; ``""`` for tasks without a reference.
+
+    A task with a reference overrides :meth:`reference_posterior` (exact methods, whose samples
+    need no diagnostics) or :meth:`reference` (methods that report diagnostics, such as MCMC);
+    each default falls back on the other.
     """
 
     name: str
@@ -99,6 +166,7 @@ class Task(ABC):
     x_shape: tuple[int, ...]
     x_unit: str = ""
     seed_block_size: int = 1000
+    reference_method: str = ""
 
     @property
     @abstractmethod
@@ -124,13 +192,19 @@ class Task(ABC):
 
     @property
     def has_reference(self) -> bool:
-        """Whether the task implements :meth:`reference_posterior` (overrides it)."""
-        return type(self).reference_posterior is not Task.reference_posterior
+        """Whether the task implements :meth:`reference_posterior` or :meth:`reference`."""
+        cls = type(self)
+        return (
+            cls.reference_posterior is not Task.reference_posterior
+            or cls.reference is not Task.reference
+        )
 
     def reference_posterior(
         self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
     ) -> np.ndarray:
         """Draws exact (or converged) posterior samples for one observation.
+
+        The default returns the samples of :meth:`reference`, for tasks that override that.
 
         Arguments:
             x_obs: One observation, shape ``x_shape``.
@@ -140,7 +214,23 @@ class Task(ABC):
         Returns:
             Samples, shape ``(M, D)``.
         """
-        raise NotImplementedError(f"task {self.name!r} has no reference posterior")
+        if type(self).reference is Task.reference:
+            raise NotImplementedError(f"task {self.name!r} has no reference posterior")
+        return self.reference(x_obs, num_samples, rng).samples
+
+    def reference(
+        self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
+    ) -> Reference:
+        """Reference posterior samples for one observation, with their method and diagnostics.
+
+        The default wraps :meth:`reference_posterior` with :attr:`reference_method` and no
+        diagnostics; tasks whose samples need vouching for (MCMC) override it. Arguments as for
+        :meth:`reference_posterior`; for a given ``rng`` the samples are the same either way.
+        """
+        if type(self).reference_posterior is Task.reference_posterior:
+            raise NotImplementedError(f"task {self.name!r} has no reference posterior")
+        samples = self.reference_posterior(x_obs, num_samples, rng)
+        return Reference(samples=samples, method=self.reference_method, diagnostics={})
 
     def check_observation(self, x_obs: np.ndarray) -> np.ndarray:
         """Returns ``x_obs`` as float64 of shape ``x_shape``, or fails naming what is wrong."""

@@ -27,6 +27,7 @@ class GaussianLinear(Task):
     parameter_names = tuple(f"theta_{i + 1}" for i in range(DIM))
     parameter_units = ("",) * DIM
     x_shape = (DIM,)
+    reference_method = "exact (analytic)"
     prior_variance: float = 0.1
     noise_variance: float = 0.1
 

@@ -64,6 +64,7 @@ class SNCosmology(Task):
     parameter_units = ("", "")
     x_shape = REDSHIFTS.shape
     x_unit = "mag"
+    reference_method = "grid"
     redshifts = REDSHIFTS
     hubble_constant = 70.0 * u.km / u.s / u.Mpc
     sigma_mag: float = 0.15

@@ -36,6 +36,7 @@ class TwoMoons(Task):
     parameter_names = ("theta_1", "theta_2")
     parameter_units = ("", "")
     x_shape = (2,)
+    reference_method = "exact (rejection)"
     # Below this acceptance rate the reference gives up: x_obs is then (almost) outside the
     # support of the simulator, and sampling would take ~1/rate proposals per sample.
     min_acceptance: float = 1e-4
