@@ -519,3 +519,22 @@ def test_predictive_and_local_c2st_sections(page: str) -> None:
     assert '<td class="num fail">0.0099</td>' in local
     assert "-0.9 (over-confident)" in local
     assert "0.1 (" not in local
+
+
+def test_reference_convergence_is_shown(tmp_path: Path, png: bytes) -> None:
+    write_task(tmp_path, "slcp", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "slcp" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["reference"] = {
+        "method": "MCMC (emcee)",
+        "diagnostics": [
+            {"rhat_max": 1.002, "ess_bulk_min": 8100.0, "seconds": 4.0},
+            {"rhat_max": 1.004, "ess_bulk_min": 7800.0, "seconds": 6.5},
+        ],
+    }
+    path.write_text(json.dumps(metrics))
+    page = build(tmp_path, ["slcp"])
+    assert "Reference posterior: MCMC (emcee)" in page
+    text = " ".join(page.split())
+    assert "R-hat 1.004 (at most 1.01), bulk ESS 7800" in text
+    assert "at most 6.5 s per observation" in text

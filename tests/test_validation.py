@@ -96,6 +96,9 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     assert min(metrics["local_c2st"]["pvalue"]) > 0.05
     assert (experiment / "shrink-1.0" / "predictive.png").read_bytes()[:4] == b"\x89PNG"
     assert metrics["figures"]["predictive"] == "predictive.png"
+    reference = metrics["reference"]
+    assert reference["method"] == get_task("gaussian_linear").reference_method
+    assert len(reference["diagnostics"]) == 3  # one per observation
 
 
 def test_over_confident_posterior_is_flagged(experiment: Path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline import diagnostics, plots
-from pipeline.observations import read_reference
+from pipeline.observations import read_reference, read_reference_info
 from pipeline.sampling import read_samples
 from pipeline.tasks import Task, get_task
 
@@ -84,6 +84,7 @@ def validate(
         task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
     )
     metrics["local_c2st"] = _local_c2st(test, observed["samples"], x_obs, local_c2st_null, seed)
+    metrics["reference"] = read_reference_info(observations)
     _write_json(out / "metrics.json", metrics)
     log.info(
         "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",

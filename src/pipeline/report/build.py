@@ -219,6 +219,28 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         ),
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
         "budgets": results.budgets,
+        "reference": reference_summary(results.validation.get("reference")),
+    }
+
+
+def reference_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How the reference was drawn and its worst convergence figures over the observations.
+
+    ``info`` is ``metrics.json["reference"]`` (None for results written before it existed).
+    """
+    if not isinstance(info, dict) or not isinstance(info.get("diagnostics"), list):
+        return None
+    rows = [row for row in info["diagnostics"] if isinstance(row, dict)]
+
+    def worst(key: str, pick: Any) -> float | None:
+        values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
+        return pick(values) if values else None
+
+    return {
+        "method": str(info.get("method", "unknown")),
+        "rhat_max": worst("rhat_max", max),
+        "ess_bulk_min": worst("ess_bulk_min", min),
+        "seconds": worst("seconds", max),
     }
 
 
