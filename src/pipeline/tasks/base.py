@@ -7,6 +7,7 @@ stages wrap it. All arrays are NumPy, float64 inside the task; storage casts to 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -245,3 +246,47 @@ class Task(ABC):
         """Draws ``theta ~ prior`` then ``x ~ simulator``: ``(n, D)`` and ``(n, *x_shape)``."""
         theta = self.prior.sample(n, rng)
         return theta, self.simulate(theta, rng)
+
+
+def sample_by_rejection(
+    propose: Callable[[int], np.ndarray],
+    prior: Prior,
+    num_samples: int,
+    *,
+    min_acceptance: float,
+    failure: str,
+) -> np.ndarray:
+    """Exact samples of a proposal restricted to the prior's support, by rejection.
+
+    Arguments:
+        propose: Draws ``n`` proposals, shape ``(n, D)``; rows may be NaN (no solution).
+        prior: Proposals where its log-density is not finite are rejected.
+        num_samples: Samples ``M`` to return.
+        min_acceptance: Below this acceptance rate (after 10^5 proposals) sampling stops.
+        failure: Start of the error message, naming the task and the observation.
+
+    Returns:
+        Samples, shape ``(M, D)``.
+
+    Raises:
+        ValueError: If the acceptance rate falls below ``min_acceptance``.
+    """
+    chunks, accepted, proposed = [], 0, 0
+    while accepted < num_samples:
+        batch = _batch_size(num_samples - accepted, accepted, proposed)
+        theta = propose(batch)
+        theta = theta[np.isfinite(prior.log_prob(theta))]
+        chunks.append(theta)
+        accepted, proposed = accepted + len(theta), proposed + batch
+        # 10^5 proposals estimate a rate of 10^-4 to within a factor of ~2.
+        if proposed >= 100_000 and accepted < min_acceptance * proposed:
+            raise ValueError(f"{failure}: accepted {accepted} of {proposed} proposals")
+    return np.concatenate(chunks)[:num_samples]
+
+
+def _batch_size(remaining: int, accepted: int, proposed: int) -> int:
+    """Proposals for the next round: enough for ``remaining`` at the rate seen so far."""
+    # Before any proposal, guess 1/2 (the prior predictive gives rates around that); the floor
+    # of 10^-3 and the cap of 2^20 keep one round's memory bounded when the rate is tiny.
+    rate = accepted / proposed if proposed else 0.5
+    return int(min(max(1.2 * remaining / max(rate, 1e-3), 1024), 2**20))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tasks.base import BoxUniform, Task
+from pipeline.tasks.base import BoxUniform, Task, sample_by_rejection
 
 DIM = 2
 
@@ -68,21 +68,15 @@ class GaussianMixture(Task):
             ValueError: If fewer than ``min_acceptance`` of the proposals land in the prior box.
         """
         x_obs = self.check_observation(x_obs)
-        chunks, accepted, proposed = [], 0, 0
-        while accepted < num_samples:
-            rate = accepted / proposed if proposed else 0.5
-            batch = int(min(max(1.2 * (num_samples - accepted) / max(rate, 1e-3), 1024), 2**20))
-            theta = x_obs + self._mixture_noise(batch, rng)
-            theta = theta[np.isfinite(self.prior.log_prob(theta))]
-            chunks.append(theta)
-            accepted, proposed = accepted + len(theta), proposed + batch
-            # 10^5 proposals estimate a rate of 10^-4 to within a factor of ~2.
-            if proposed >= 100_000 and accepted < self.min_acceptance * proposed:
-                raise ValueError(
-                    f"gaussian_mixture reference accepted {accepted} of {proposed} proposals; "
-                    f"x_obs={x_obs.tolist()} is far outside the prior box"
-                )
-        return np.concatenate(chunks)[:num_samples]
+        return sample_by_rejection(
+            lambda n: x_obs + self._mixture_noise(n, rng),
+            self.prior,
+            num_samples,
+            min_acceptance=self.min_acceptance,
+            failure=(
+                f"gaussian_mixture reference for x_obs={x_obs.tolist()}, far outside the prior box"
+            ),
+        )
 
     def _mixture_noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` draws of the zero-centred mixture, one component per row: ``(n, 2)``."""

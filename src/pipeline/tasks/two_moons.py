@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tasks.base import BoxUniform, Task
+from pipeline.tasks.base import BoxUniform, Task, sample_by_rejection
 
 SQRT2 = np.sqrt(2.0)
 
@@ -59,20 +59,16 @@ class TwoMoons(Task):
             ValueError: If fewer than ``min_acceptance`` of the proposals land in the prior box.
         """
         x_obs = self.check_observation(x_obs)
-        chunks, accepted, proposed = [], 0, 0
-        while accepted < num_samples:
-            batch = _batch_size(num_samples - accepted, accepted, proposed)
-            theta = invert_shift(x_obs - sample_crescent(batch, rng), rng)
-            theta = theta[np.isfinite(self.prior.log_prob(theta))]
-            chunks.append(theta)
-            accepted, proposed = accepted + len(theta), proposed + batch
-            # 10^5 proposals estimate a rate of 10^-4 to within a factor of ~2.
-            if proposed >= 100_000 and accepted < self.min_acceptance * proposed:
-                raise ValueError(
-                    f"two_moons reference accepted {accepted} of {proposed} proposals; "
-                    f"x_obs={x_obs.tolist()} is (almost) outside the support of the simulator"
-                )
-        return np.concatenate(chunks)[:num_samples]
+        return sample_by_rejection(
+            lambda n: invert_shift(x_obs - sample_crescent(n, rng), rng),
+            self.prior,
+            num_samples,
+            min_acceptance=self.min_acceptance,
+            failure=(
+                f"two_moons reference for x_obs={x_obs.tolist()}, (almost) outside the "
+                "support of the simulator"
+            ),
+        )
 
 
 def sample_crescent(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -99,11 +95,3 @@ def invert_shift(u: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     z1 = np.where(u[:, 0] <= 0, -u[:, 0] * sign, np.nan)  # = (t1 + t2) / sqrt2
     z2 = u[:, 1]  # = (t2 - t1) / sqrt2
     return np.stack([(z1 - z2) / SQRT2, (z1 + z2) / SQRT2], axis=-1)
-
-
-def _batch_size(remaining: int, accepted: int, proposed: int) -> int:
-    """Proposals for the next round: enough for ``remaining`` at the rate seen so far."""
-    # Before any proposal, guess 1/2 (the prior predictive gives rates around that); the floor
-    # of 10^-3 and the cap of 2^20 keep one round's memory bounded when the rate is tiny.
-    rate = accepted / proposed if proposed else 0.5
-    return int(min(max(1.2 * remaining / max(rate, 1e-3), 1024), 2**20))
