@@ -4,29 +4,33 @@
 # model, which is trained on exactly those simulations.
 
 
-use rule train as train_budget with:
-    input:
-        task_path("sims/train-{budget}.h5"),
-    output:
-        posterior=task_path("budget-{budget}/model/posterior.pt"),
-        spec=task_path("budget-{budget}/model/posterior.json"),
-        metrics=task_path("budget-{budget}/model/metrics.csv"),
-    log:
-        log_path("train/{task}-budget-{budget}.log"),
-    benchmark:
-        benchmark_path("train/{task}-budget-{budget}.tsv")
+# Defined only when some budget needs its own model: Snakemake refuses --containerize when a rule
+# with a dynamic conda environment (train's, chosen by accelerator) is outside the DAG.
+if TRAINED_BUDGETS:
+
+    use rule train as train_budget with:
+        input:
+            task_path("sims/train-{budget}.h5"),
+        output:
+            posterior=task_path("budget-{budget}/model/posterior.pt"),
+            spec=task_path("budget-{budget}/model/posterior.json"),
+            metrics=task_path("budget-{budget}/model/metrics.csv"),
+        log:
+            log_path("train/{task}-budget-{budget}.log"),
+        benchmark:
+            benchmark_path("train/{task}-budget-{budget}.tsv")
 
 
-use rule sample_observations as sample_budget with:
-    input:
-        model=task_path("budget-{budget}/model/posterior.pt"),
-        observations=task_path("observations.h5"),
-    output:
-        task_path("budget-{budget}/samples/observations.h5"),
-    log:
-        log_path("sample/{task}-budget-{budget}.log"),
-    benchmark:
-        benchmark_path("sample/{task}-budget-{budget}.tsv")
+    use rule sample_observations as sample_budget with:
+        input:
+            model=task_path("budget-{budget}/model/posterior.pt"),
+            observations=task_path("observations.h5"),
+        output:
+            task_path("budget-{budget}/samples/observations.h5"),
+        log:
+            log_path("sample/{task}-budget-{budget}.log"),
+        benchmark:
+            benchmark_path("sample/{task}-budget-{budget}.tsv")
 
 
 rule score_budget:

@@ -53,6 +53,8 @@ def simulation_seed(wildcards):
 
 
 BUDGETS = sorted(config["simulate"]["budgets"])
+# The budgets that need a model of their own: num_simulations is the main model's.
+TRAINED_BUDGETS = [n for n in BUDGETS if n != config["simulate"]["num_simulations"]]
 
 
 def budget_scores(task):
