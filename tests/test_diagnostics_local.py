@@ -140,7 +140,9 @@ def test_local_c2st_flattens_data_and_ignores_n_jobs() -> None:
     serial = local_c2st(**inputs, num_null=LC2ST_NULL, seed=1)
     # x of shape (N, 2, 1) is flattened to (N, 2): the same features, the same result.
     shaped = dict(inputs, x_cal=inputs["x_cal"][:, :, None], x_obs=inputs["x_obs"][:, :, None])
-    parallel = local_c2st(**shaped, num_null=LC2ST_NULL, seed=1, n_jobs=2)
+    fits: list[int] = []
+    parallel = local_c2st(**shaped, num_null=LC2ST_NULL, seed=1, n_jobs=2, progress=fits.append)
+    assert fits == [1] * LC2ST_NULL  # one progress call per null fit, also from workers
     for field in ("statistic", "pvalue", "dispersion_correlation", "null_statistic"):
         np.testing.assert_array_equal(getattr(parallel, field), getattr(serial, field))
     # Another seed gives other classifiers.

@@ -7,9 +7,12 @@ arrays in, numbers out: no model is loaded here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from matplotlib.figure import Figure
 
 from pipeline import diagnostics, plots
 from pipeline.observations import read_reference, read_reference_info
+from pipeline.progress import Progress
 from pipeline.sampling import read_samples
 from pipeline.tasks import Task, get_task
 
@@ -65,25 +69,32 @@ def validate(
         "figures": {},
     }
     task = get_task(str(attrs["task"]))
-    predictive = _predictive_coverage(task, test, predictive_draws, seed)
-    metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
-    metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
-    metrics["c2st"] = _c2st_and_corner(
-        observation_samples,
-        observations,
-        names,
-        out,
-        metrics["figures"],
-        seed=seed,
-        max_samples=c2st_max_samples,
-        folds=c2st_folds,
-    )
+    with _step("coverage (TARP, HPD, predictive) on the test set"):
+        predictive = _predictive_coverage(task, test, predictive_draws, seed)
+        metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
+    with _step("SBC ranks"):
+        metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
+    with _step("C2ST against the reference posteriors"):
+        metrics["c2st"] = _c2st_and_corner(
+            observation_samples,
+            observations,
+            names,
+            out,
+            metrics["figures"],
+            seed=seed,
+            max_samples=c2st_max_samples,
+            folds=c2st_folds,
+        )
     observed = read_samples(observation_samples)
     _, x_obs, _ = read_reference(observations)
-    metrics["predictive"] = _predictive_at_observations(
-        task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
-    )
-    metrics["local_c2st"] = _local_c2st(test, observed["samples"], x_obs, local_c2st_null, seed)
+    with _step("posterior predictive checks at the observations"):
+        metrics["predictive"] = _predictive_at_observations(
+            task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
+        )
+    with _step(f"local C2ST ({local_c2st_null} null fits)"):
+        metrics["local_c2st"] = _local_c2st(
+            test, observed["samples"], x_obs, local_c2st_null, seed
+        )
     metrics["reference"] = read_reference_info(observations)
     _write_json(out / "metrics.json", metrics)
     log.info(
@@ -93,6 +104,15 @@ def validate(
         "n/a" if metrics["c2st"] is None else f"mean {metrics['c2st']['mean']:.3f}",
     )
     return metrics
+
+
+@contextlib.contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Logs the start of one diagnostic and, when it ends, the time it took."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)
 
 
 def _coverage(
@@ -213,6 +233,7 @@ def _local_c2st(
         x_obs,
         num_null=num_null,
         seed=seed,
+        progress=Progress(num_null, "null fits", log).update,
     )
     return {
         "statistic": result.statistic.tolist(),

@@ -48,6 +48,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,6 +240,7 @@ def local_c2st(
     seed: int = 0,
     hidden_units: int | None = None,
     n_jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> LocalC2ST:
     """Local C2ST of a posterior estimator at each of ``n_obs`` observations.
 
@@ -263,6 +265,7 @@ def local_c2st(
         seed: Seeds the permutations and the classifiers; results do not depend on ``n_jobs``.
         hidden_units: Width of both hidden layers; default ``min(10 * (D + F), 200)``.
         n_jobs: Number of parallel processes (joblib); -1 uses every core.
+        progress: Called with 1 after each null classifier's fit, e.g. ``Progress.update``.
 
     Returns:
         A :class:`LocalC2ST` with the statistic, p-value and dispersion correlation per
@@ -311,10 +314,15 @@ def local_c2st(
     probability = _probabilities(features, labels, evaluate, seeds[0], False, hidden_units)
     probability = probability.reshape(shape)
     statistic = _statistic(probability)
-    null_statistic = Parallel(n_jobs=n_jobs)(
+    fits = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_null_statistic)(features, labels, evaluate, child, hidden_units, shape)
         for child in seeds[1:]
     )
+    null_statistic = []
+    for fit in fits:  # in order of the seeds, whatever n_jobs
+        null_statistic.append(fit)
+        if progress is not None:
+            progress(1)
     null_statistic = np.stack(null_statistic)  # (num_null, n_obs)
     pvalue = (1.0 + np.sum(null_statistic >= statistic, axis=0)) / (num_null + 1.0)
     distances = _squared_mahalanobis(theta_q_obs)  # Spearman: squared or not is the same
