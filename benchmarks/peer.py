@@ -38,7 +38,7 @@ from pipeline.models.posterior import load_posterior
 from pipeline.observations import make_observations, read_reference
 from pipeline.parallel import SerialComm
 from pipeline.sampling import sample_posterior
-from pipeline.tasks import BoxUniform, DiagonalNormal, Task, get_task
+from pipeline.tasks import BoxUniform, DiagonalNormal, MultivariateNormal, Task, get_task
 from pipeline.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,9 +72,11 @@ def torch_prior(task: Task) -> torch.distributions.Distribution:
     if isinstance(prior, DiagonalNormal):
         normal = torch.distributions.Normal(tensor(prior.loc), tensor(prior.scale))
         return torch.distributions.Independent(normal, 1)
-    if hasattr(prior, "covariance"):  # a full-covariance Gaussian prior
-        covariance = tensor(prior.covariance)
-        return torch.distributions.MultivariateNormal(tensor(prior.loc), covariance)
+    if isinstance(prior, MultivariateNormal):
+        precision = tensor(prior.precision)
+        return torch.distributions.MultivariateNormal(
+            tensor(prior.loc), precision_matrix=precision
+        )
     raise TypeError(f"no torch version of {type(prior).__name__} for task {task.name}")
 
 
@@ -165,38 +167,26 @@ def run_task(name: str, budgets: list[int], folder: Path, seed: int) -> list[dic
         theirs, samples = peer(task, sims, x_obs, seed)
         theirs |= score(reference, samples, settings["validate"])
         print(f"{name} N={budget} sbi  {theirs}", flush=True)
-        entries.append(
-            {
-                "task": name,
-                "budget": budget,
-                "seed": seed,
-                "ours": mine,
-                "sbi": theirs,
-                "c2st_mean_difference": round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
-            }
-        )
+        entry = {
+            "task": name,
+            "budget": budget,
+            "seed": seed,
+            "ours": mine,
+            "sbi": theirs,
+            "c2st_mean_difference": round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
+        }
+        save(entry)  # at once: a later task's failure must not lose this one's figures
+        entries.append(entry)
     return entries
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", required=True)
-    parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
-    parser.add_argument("--seed", type=int, default=0, help="training seed of both estimators")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def save(entry: dict[str, Any]) -> None:
+    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget and seed."""
     import sbi
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
-    try:
-        entries = [
-            e for name in args.tasks for e in run_task(name, args.budgets, folder, args.seed)
-        ]
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
-    done = {(e["task"], e["budget"], e["seed"]) for e in entries}
-    kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) not in done]
+    key = (entry["task"], entry["budget"], entry["seed"])
+    kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) != key]
     results = {
         "machine": {
             "host": platform.node(),
@@ -206,10 +196,26 @@ def main() -> None:
             "sbi": sbi.__version__,
         },
         "threads": 1,
-        "entries": sorted(kept + entries, key=lambda e: (e["task"], e["budget"], e["seed"])),
+        "entries": sorted([*kept, entry], key=lambda e: (e["task"], e["budget"], e["seed"])),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both estimators")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    try:
+        entries = [
+            e for name in args.tasks for e in run_task(name, args.budgets, folder, args.seed)
+        ]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     for e in entries:
         print(
             f"{e['task']:>16} N={e['budget']:>6}: ours {e['ours']['c2st_mean']:.3f} "
