@@ -67,6 +67,14 @@ def test_lint_is_clean(workdir):
             r"Additional properties are not allowed \('simulat'",
         ),
         ({"train": {"lerning_rate": 0.1}}, r"'lerning_rate' was unexpected"),
+        (
+            {"validate": {"predictive_draws": 40}},
+            r"predictive_draws=40 is too few for task sn_cosmology, whose x has 40 values",
+        ),
+        (
+            {"validate": {"predictive_draws": 200}, "sample": {"num_test_samples": 100}},
+            r"predictive_draws=200 exceeds sample.num_test_samples=100",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):

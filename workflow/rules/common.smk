@@ -1,5 +1,6 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
 import json
+import math
 from pathlib import Path
 
 from pipeline.tasks import TASKS
@@ -9,6 +10,33 @@ if unknown:
     raise ValueError(
         f"config 'tasks': unknown task(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TASKS))}"
     )
+
+
+def check_predictive_draws():
+    """Refuses, before any job, predictive draws that the validate stage would refuse at the end.
+
+    The predictive check estimates the covariance of x from its draws, so it needs more draws
+    than x has values; the draws are simulated from posterior samples, so there must be as many.
+    """
+    draws = config["validate"]["predictive_draws"]
+    for name in config["tasks"]:
+        features = math.prod(TASKS[name]().x_shape)
+        if draws <= features:
+            raise ValueError(
+                f"validate.predictive_draws={draws} is too few for task {name}, whose x has "
+                f"{features} values: the predictive check needs more draws than that; set it "
+                f"to at least {features + 1}"
+            )
+    for key in ("num_test_samples", "num_observation_samples"):
+        if draws > config["sample"][key]:
+            raise ValueError(
+                f"validate.predictive_draws={draws} exceeds sample.{key}="
+                f"{config['sample'][key]}: each draw simulates one posterior sample; lower the "
+                f"first or raise the second"
+            )
+
+
+check_predictive_draws()
 
 EXPERIMENT = Path(config["results"]) / config["experiment"]
 
