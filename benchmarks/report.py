@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configfile", default="config/config.yaml")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     config = yaml.safe_load((ROOT / args.configfile).read_text())
     experiment = ROOT / config["results"] / config["experiment"]
     page = experiment / "report.html"

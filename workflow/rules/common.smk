@@ -17,6 +17,8 @@ def check_predictive_draws():
 
     The predictive check estimates the covariance of x from its draws, so it needs more draws
     than x has values; the draws are simulated from posterior samples, so there must be as many.
+    (The rule of pipeline.diagnostics.predictive, whose lower bound of 20 the schema enforces;
+    importing it here would load scikit-learn in every Snakemake start, 1.7 s, jobs included.)
     """
     draws = config["validate"]["predictive_draws"]
     for name in config["tasks"]:
