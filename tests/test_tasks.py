@@ -28,6 +28,7 @@ NAMES = (
     "gaussian_mixture",
     "slcp",
     "bernoulli_glm",
+    "grf_cosmology_32",
 )
 # Tasks whose reference is MCMC: simulation-based calibration runs 200 chains (minutes).
 MCMC_NAMES = ("slcp", "bernoulli_glm")

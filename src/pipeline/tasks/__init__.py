@@ -13,6 +13,7 @@ from pipeline.tasks.base import (
     Task,
 )
 from pipeline.tasks.bernoulli_glm import BernoulliGLM
+from pipeline.tasks.fields import register_sizes
 from pipeline.tasks.gaussian_linear import GaussianLinear
 from pipeline.tasks.gaussian_mixture import GaussianMixture
 from pipeline.tasks.slcp import SLCP
@@ -39,6 +40,8 @@ TASKS: dict[str, Callable[[], Task]] = {
     "slcp": SLCP,
     "bernoulli_glm": BernoulliGLM,
 }
+# grf_cosmology and lognormal_cosmology (64^2 maps), and _32, _128, _256 for other map sizes.
+register_sizes(TASKS)
 
 
 def register(name: str, factory: Callable[[], Task]) -> None:

@@ -6,6 +6,7 @@ stages wrap it. All arrays are NumPy, float64 inside the task; storage casts to 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class Task(ABC):
         reference_method: How the reference posterior is drawn (``"exact (analytic)"``,
             ``"exact (rejection)"``, ``"grid"``, ``"mcmc (emcee)"``), recorded beside the
             samples; ``""`` for tasks without a reference.
+        summary_label: What :meth:`summary`'s values are, for figures.
 
     A task with a reference overrides :meth:`reference_posterior` (exact methods, whose samples
     need no diagnostics) or :meth:`reference` (methods that report diagnostics, such as MCMC);
@@ -168,6 +170,7 @@ class Task(ABC):
     x_unit: str = ""
     seed_block_size: int = 1000
     reference_method: str = ""
+    summary_label: str = "feature of x"
 
     @property
     @abstractmethod
@@ -233,6 +236,21 @@ class Task(ABC):
         samples = self.reference_posterior(x_obs, num_samples, rng)
         return Reference(samples=samples, method=self.reference_method, diagnostics={})
 
+    def summary(self, x: np.ndarray) -> np.ndarray:
+        """The statistics of ``x`` that posterior predictive checks and local C2ST compare.
+
+        ``(n, *x_shape)`` to ``(n, F)``; by default ``x`` itself, flattened. Tasks whose ``x`` is
+        large (maps) return a few informative statistics instead (e.g. band powers), so that
+        the checks' covariances and classifiers stay well determined.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        return x.reshape(len(x), -1)
+
+    @property
+    def summary_size(self) -> int:
+        """``F``, the number of statistics :meth:`summary` returns per ``x``."""
+        return math.prod(self.x_shape)
+
     def check_observation(self, x_obs: np.ndarray) -> np.ndarray:
         """Returns ``x_obs`` as float64 of shape ``x_shape``, or fails naming what is wrong."""
         x_obs = np.asarray(x_obs, dtype=np.float64)
@@ -282,6 +300,24 @@ def sample_by_rejection(
         if proposed >= 100_000 and accepted < min_acceptance * proposed:
             raise ValueError(f"{failure}: accepted {accepted} of {proposed} proposals")
     return np.concatenate(chunks)[:num_samples]
+
+
+def sample_cells(
+    centres: np.ndarray,
+    widths: np.ndarray,
+    mass: np.ndarray,
+    num_samples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Samples a piecewise-constant density on a regular grid: ``(M, D)``.
+
+    Arguments:
+        centres: Cell centres, shape ``(G, D)``.
+        widths: Cell widths, shape ``(D,)``.
+        mass: Probability of each cell, shape ``(G,)``, summing to one.
+    """
+    cells = rng.choice(len(centres), size=num_samples, p=mass)
+    return centres[cells] + widths * rng.uniform(-0.5, 0.5, size=(num_samples, len(widths)))
 
 
 def _batch_size(remaining: int, accepted: int, proposed: int) -> int:

@@ -9,7 +9,7 @@ import astropy.constants as const
 import astropy.units as u
 import numpy as np
 
-from pipeline.tasks.base import BoxUniform, Task
+from pipeline.tasks.base import BoxUniform, Task, sample_cells
 
 # A stand-in for a survey's redshift distribution, chosen for this project: evenly spaced so
 # that low and high redshift (where Omega_m and w0 act differently) weigh alike.
@@ -94,8 +94,7 @@ class SNCosmology(Task):
         mass = np.exp(log_like - log_like.max())
         mass /= mass.sum()
         _warn_if_unresolved(centres, widths, mass)
-        cells = rng.choice(len(centres), size=num_samples, p=mass)
-        return centres[cells] + widths * rng.uniform(-0.5, 0.5, size=(num_samples, 2))
+        return sample_cells(centres, widths, mass, num_samples, rng)
 
     @cached_property
     def _grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
