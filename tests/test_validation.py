@@ -99,6 +99,11 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     reference = metrics["reference"]
     assert reference["method"] == get_task("gaussian_linear").reference_method
     assert len(reference["diagnostics"]) == 3  # one per observation
+    # 200 draws against 1000 reference samples: each std is within ~5 % (1 / sqrt(2 * 200)),
+    # the mean of 3 observations within ~3 %; 0.1 is over 3 of those.
+    ratios = np.array(list(metrics["widths"]["std_ratio"]["mean"].values()))
+    assert ratios.shape == (10,) and np.all(np.abs(ratios - 1) < 0.1), ratios
+    assert "std_over_cramer_rao" not in metrics["widths"]  # no Fisher matrix for this task
 
 
 def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
@@ -112,6 +117,9 @@ def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
     local = metrics["local_c2st"]
     assert max(local["pvalue"]) <= 0.05 + 1e-9
     assert all(c < 0 for c in local["dispersion_correlation"])  # read as over-confident
+    # Shrunk by half: the std ratio is 0.5 up to the sampling error above (~3 % of 0.5).
+    ratios = np.array(list(metrics["widths"]["std_ratio"]["mean"].values()))
+    assert np.all(np.abs(ratios - 0.5) < 0.05), ratios
 
 
 def test_too_many_predictive_draws_is_refused(experiment: Path) -> None:
@@ -134,3 +142,55 @@ def test_test_samples_without_x_are_refused(experiment: Path) -> None:
             c2st_max_samples=None,
         )
     assert not (experiment / "old").exists()
+
+
+def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path: Path) -> None:
+    """grf_cosmology_32 with its exact posterior as the estimator: predictive checks and local
+    C2ST run on the band-power summaries (8 values, not 1024 pixels), and the widths are
+    compared with the reference and the Cramer-Rao bound."""
+    task = get_task("grf_cosmology_32")
+    make_observations(task, 2, 1000, 3, tmp_path / "observations.h5")
+    theta, x = task.simulate_block(100, np.random.default_rng(2))
+    rng = np.random.default_rng(4)
+
+    def write(path: Path, x: np.ndarray, theta: np.ndarray | None, draws: int) -> None:
+        samples = np.stack([task.reference_posterior(row, draws, rng) for row in x])
+        # The exact log posterior up to a constant per x (the prior is flat): HPD regions need
+        # only the order of the densities at one x.
+        pairs = zip(x, samples, strict=True)
+        log_prob = np.stack([task.log_likelihood(row, s) for row, s in pairs])
+        log_true = None
+        if theta is not None:
+            pairs = zip(x, theta, strict=True)
+            log_true = np.array([task.log_likelihood(row, t[None])[0] for row, t in pairs])
+        attrs = {"task": task.name, "parameter_names": list(task.parameter_names)}
+        result = PosteriorSamples(samples.astype(np.float32), log_prob.astype(np.float32))
+        write_samples(path, result, attrs, theta=theta, log_prob_true=log_true, x=x)
+
+    write(tmp_path / "test.h5", x, theta, 50)
+    with h5py.File(tmp_path / "observations.h5") as f:
+        x_obs = f["x"][...]
+    write(tmp_path / "obs.h5", x_obs, None, 500)
+    metrics = validate(
+        tmp_path / "test.h5",
+        tmp_path / "obs.h5",
+        tmp_path / "observations.h5",
+        tmp_path / "out",
+        seed=0,
+        c2st_max_samples=None,
+        c2st_folds=2,
+        local_c2st_null=19,
+        predictive_draws=20,
+    )
+    # 100 pairs: a coverage fraction's standard error is at most 0.05; 0.15 is 3 of them.
+    assert metrics["coverage"]["hpd_max_deviation"] < 0.15
+    assert metrics["coverage"]["predictive_max_deviation"] < 0.15
+    assert max(metrics["c2st"]["per_observation"]) < 0.6  # the same posterior on both sides
+    widths = metrics["widths"]
+    # 500 draws against 1000: each std within ~4 %, the mean of 2 within ~3 %.
+    assert all(abs(r - 1) < 0.12 for r in widths["std_ratio"]["mean"].values()), widths
+    # The Fisher bound ignores the prior, so the exact posterior is at most a little narrower
+    # and, with 1023 modes, not much wider (the observed information scatters by ~5 %).
+    for name in task.parameter_names:
+        assert 0.6 < widths["reference_over_cramer_rao"]["mean"][name] < 1.3, widths
+    assert np.array(widths["cramer_rao_std"]).shape == (2, 2)

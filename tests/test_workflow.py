@@ -69,7 +69,8 @@ def test_lint_is_clean(workdir):
         ({"train": {"lerning_rate": 0.1}}, r"'lerning_rate' was unexpected"),
         (
             {"validate": {"predictive_draws": 40}},
-            r"predictive_draws=40 is too few for task sn_cosmology, whose x has 40 values",
+            r"predictive_draws=40 is too few for task sn_cosmology, whose x has 40 summary "
+            r"values",
         ),
         (
             {"validate": {"predictive_draws": 200}, "sample": {"num_test_samples": 100}},
@@ -90,7 +91,18 @@ def test_schema_lists_exactly_the_registered_tasks():
     # The project's own tasks: tests register broken ones (conftest) the schema must not offer.
     shipped = [name for name, task in TASKS.items() if task.__module__.startswith("pipeline.")]
     assert sorted(schema["properties"]["tasks"]["items"]["enum"]) == sorted(shipped)
-    assert len(shipped) == 6 and set(CORE_TASKS) <= set(shipped)
+    # Six benchmark tasks; two field tasks at four map sizes each.
+    assert len(shipped) == 14 and set(CORE_TASKS) <= set(shipped)
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.name for p in (ROOT / "config/experiments").glob("*.yaml"))
+)
+def test_every_shipped_experiment_plans(workdir, experiment):
+    """Each experiment config passes the schema and the plan-time checks, and plans a report."""
+    config = workdir / "config/experiments" / experiment
+    result = snakemake(workdir, "-n", "--configfile", str(config))
+    assert re.search(r"^report\s+1", result.stdout, re.MULTILINE), result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("name", ["pipeline.yaml", "train-gpu.yaml"])

@@ -386,14 +386,18 @@ def plot_c2st_budget(
 
 
 def plot_predictive(
-    x_obs: np.ndarray, intervals: np.ndarray, pvalues: list[float] | np.ndarray
+    x_obs: np.ndarray,
+    intervals: np.ndarray,
+    pvalues: list[float] | np.ndarray,
+    feature_label: str = "feature of x",
 ) -> Figure:
     """Each observation against its posterior predictive distribution, feature by feature.
 
     Arguments:
-        x_obs: Observations, flattened, shape ``(n, F)``.
+        x_obs: Observations (or their summaries), flattened, shape ``(n, F)``.
         intervals: Predictive quantiles 5, 25, 50, 75 and 95 %, shape ``(n, 5, F)``.
         pvalues: Posterior predictive p-value of each observation, shape ``(n,)``.
+        feature_label: What the ``F`` features are (the x axis's label).
     """
     x_obs, intervals = np.asarray(x_obs, dtype=float), np.asarray(intervals, dtype=float)
     n, features = x_obs.shape
@@ -413,7 +417,7 @@ def plot_predictive(
         ax.plot(index, x_obs[j], "o", color=TRUTH_COLOR, markersize=3)
         ax.set_xlim(-0.7, features - 0.3)
         ax.set_title(f"observation {j}: p = {pvalues[j]:.2f}", fontsize="small")
-        ax.set_xlabel("feature of x")
+        ax.set_xlabel(feature_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("x")
     handles = [

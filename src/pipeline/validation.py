@@ -86,14 +86,15 @@ def validate(
             folds=c2st_folds,
         )
     observed = read_samples(observation_samples)
-    _, x_obs, _ = read_reference(observations)
+    theta_obs, x_obs, reference = read_reference(observations)
+    metrics["widths"] = _widths(task, observed["samples"], reference, theta_obs)
     with _step("posterior predictive checks at the observations"):
         metrics["predictive"] = _predictive_at_observations(
             task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
         )
     with _step(f"local C2ST ({local_c2st_null} null fits)"):
         metrics["local_c2st"] = _local_c2st(
-            test, observed["samples"], x_obs, local_c2st_null, seed
+            task, test, observed["samples"], x_obs, local_c2st_null, seed
         )
     metrics["reference"] = read_reference_info(observations)
     _write_json(out / "metrics.json", metrics)
@@ -154,10 +155,11 @@ def _coverage(
 def _simulate_draws(
     task: Task, samples: np.ndarray, draws: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Simulates the first ``draws`` posterior samples of each x: (n, M, D) to (n, S, F)."""
+    """Summaries of simulations of the first ``draws`` posterior samples of each x: (n, M, D) to
+    (n, S, F), ``F`` the task's :attr:`~pipeline.tasks.Task.summary_size`."""
     chosen = samples[:, :draws].astype(np.float64)
     n, s, dim = chosen.shape
-    x = task.simulate(chosen.reshape(n * s, dim), rng)
+    x = task.summary(task.simulate(chosen.reshape(n * s, dim), rng))
     return x.reshape(n, s, -1)
 
 
@@ -174,7 +176,7 @@ def _predictive_coverage(task: Task, test: dict, draws: int, seed: int) -> dict[
             "samples per test simulation; lower it or raise sample.num_test_samples"
         )
     rng = np.random.default_rng([seed, 1])
-    x_rep = task.simulate(test["theta"].astype(np.float64), rng).reshape(len(test["theta"]), -1)
+    x_rep = task.summary(task.simulate(test["theta"].astype(np.float64), rng))
     x_pred = _simulate_draws(task, test["samples"], draws, rng)
     finite = np.isfinite(x_rep).all(axis=1) & np.isfinite(x_pred).all(axis=(1, 2))
     if not finite.any():
@@ -199,7 +201,7 @@ def _predictive_at_observations(
             f"validate.predictive_draws={draws} exceeds the {samples.shape[1]} posterior "
             "samples per observation; lower it or raise sample.num_observation_samples"
         )
-    x_obs = x_obs.reshape(len(x_obs), -1).astype(np.float64)
+    x_obs = task.summary(x_obs)
     x_pred = _simulate_draws(task, samples, draws, np.random.default_rng([seed, 2]))
     pvalues, excluded = [], []
     for observed, predicted in zip(x_obs, x_pred, strict=True):
@@ -211,15 +213,17 @@ def _predictive_at_observations(
     quantiles = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
     finite_draws = np.where(np.isfinite(x_pred), x_pred, np.nan)
     intervals = np.nanquantile(finite_draws, quantiles, axis=1).transpose(1, 0, 2)
-    figure = plots.plot_predictive(x_obs, intervals, pvalues)
+    figure = plots.plot_predictive(x_obs, intervals, pvalues, task.summary_label)
     figures["predictive"] = _save(figure, out / "predictive.png")
     return {"pvalues": pvalues, "num_draws": draws, "num_nonfinite_excluded": excluded}
 
 
 def _local_c2st(
-    test: dict, samples: np.ndarray, x_obs: np.ndarray, num_null: int, seed: int
+    task: Task, test: dict, samples: np.ndarray, x_obs: np.ndarray, num_null: int, seed: int
 ) -> dict[str, Any]:
     """Local C2ST at each observation, calibrated on the test set (one draw per pair).
+
+    The classifier sees the task's summaries of x (x itself, flattened, except for maps).
 
     The observations' draws are thinned to as many as there are test pairs: the statistic's
     noise falls as 1/sqrt(M), and its cost is the null's refits, not the evaluation.
@@ -227,10 +231,10 @@ def _local_c2st(
     draws = min(samples.shape[1], len(test["theta"]))
     result = diagnostics.local_c2st(
         test["theta"],
-        test["x"],
+        task.summary(test["x"]),
         test["samples"][:, 0],
         samples[:, :draws],
-        x_obs,
+        task.summary(x_obs),
         num_null=num_null,
         seed=seed,
         progress=Progress(num_null, "null fits", log).update,
@@ -285,6 +289,45 @@ def _c2st_and_corner(
     )
     figures["c2st"] = _save(plots.plot_c2st(values), out / "c2st.png")
     return _c2st_summary(values)
+
+
+def _widths(
+    task: Task, samples: np.ndarray, reference: np.ndarray | None, theta: np.ndarray
+) -> dict[str, Any] | None:
+    """How wide the posterior is at each observation, against the exact one and the Fisher bound.
+
+    ``std_ratio`` (per parameter, mean over the observations) is the estimator's standard
+    deviation over the reference's: above 1 under-confident, below 1 over-confident. Tasks with
+    a :meth:`fisher_information` also get both standard deviations over the Cramer-Rao bound
+    ``sqrt(diag(F^-1))`` at the true parameters: the spread an unbiased estimator cannot beat
+    from the likelihood alone (a posterior can, where the prior's edges cut it).
+
+    Shapes: ``samples`` (n, M, D), ``reference`` (n, R, D) or None, ``theta`` (n, D).
+    """
+    fisher = getattr(task, "fisher_information", None)
+    if reference is None and fisher is None:
+        return None
+    names = list(task.parameter_names)
+    std = samples.std(axis=1)
+    result: dict[str, Any] = {"posterior_std": std.tolist()}
+
+    def per_parameter(ratio: np.ndarray) -> dict[str, Any]:
+        return {
+            "per_observation": ratio.tolist(),
+            "mean": dict(zip(names, ratio.mean(axis=0).tolist(), strict=True)),
+        }
+
+    if reference is not None:
+        reference_std = reference.std(axis=1)
+        result["reference_std"] = reference_std.tolist()
+        result["std_ratio"] = per_parameter(std / reference_std)
+    if fisher is not None:
+        bound = np.sqrt(np.diagonal(np.linalg.inv(fisher(theta)), axis1=1, axis2=2))
+        result["cramer_rao_std"] = bound.tolist()
+        result["std_over_cramer_rao"] = per_parameter(std / bound)
+        if reference is not None:
+            result["reference_over_cramer_rao"] = per_parameter(reference.std(axis=1) / bound)
+    return result
 
 
 def _c2st_summary(values: np.ndarray) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
 import json
-import math
 from pathlib import Path
 
 from pipeline.tasks import TASKS
@@ -15,19 +14,20 @@ if unknown:
 def check_predictive_draws():
     """Refuses, before any job, predictive draws that the validate stage would refuse at the end.
 
-    The predictive check estimates the covariance of x from its draws, so it needs more draws
-    than x has values; the draws are simulated from posterior samples, so there must be as many.
+    The predictive check estimates the covariance of x's summaries (x itself except for maps)
+    from its draws, so it needs more draws than there are summaries; the draws are simulated
+    from posterior samples, so there must be as many.
     (The rule of pipeline.diagnostics.predictive, whose lower bound of 20 the schema enforces;
     importing it here would load scikit-learn in every Snakemake start, 1.7 s, jobs included.)
     """
     draws = config["validate"]["predictive_draws"]
     for name in config["tasks"]:
-        features = math.prod(TASKS[name]().x_shape)
+        features = TASKS[name]().summary_size
         if draws <= features:
             raise ValueError(
                 f"validate.predictive_draws={draws} is too few for task {name}, whose x has "
-                f"{features} values: the predictive check needs more draws than that; set it "
-                f"to at least {features + 1}"
+                f"{features} summary values: the predictive check needs more draws than that; "
+                f"set it to at least {features + 1}"
             )
     for key in ("num_test_samples", "num_observation_samples"):
         if draws > config["sample"][key]:

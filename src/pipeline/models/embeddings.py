@@ -8,7 +8,7 @@ import torch
 import zuko
 from torch import nn
 
-EMBEDDINGS = ("mlp", "cnn", "identity")
+EMBEDDINGS = ("mlp", "cnn", "cnn_invariant", "identity")
 
 
 class FlattenMLP(nn.Module):
@@ -39,14 +39,25 @@ class CNN(nn.Module):
     layer. The global mean makes the output invariant to circular shifts of the map by multiples
     of ``2**stages`` pixels and independent of the map's size.
 
+    With ``invariant``, the pooled features are averaged over the eight images of the map under
+    the symmetries of the square (rotations by 90 degrees and reflections, the group D4) before
+    the linear layer, so the embedding is exactly invariant to them: the statistics of an
+    isotropic field do not change under them, so neither should its posterior. It costs eight
+    passes of the convolutions per map.
+
     Arguments:
-        x_shape: ``(H, W)`` or ``(C, H, W)``.
+        x_shape: ``(H, W)`` or ``(C, H, W)``; square with ``invariant``.
         out_features: Width of the embedding.
         channels: Output channels of each stage.
+        invariant: Whether to average over the symmetries of the square.
     """
 
     def __init__(
-        self, x_shape: tuple[int, ...], out_features: int, channels: tuple[int, ...]
+        self,
+        x_shape: tuple[int, ...],
+        out_features: int,
+        channels: tuple[int, ...],
+        invariant: bool = False,
     ) -> None:
         super().__init__()
         if len(x_shape) not in (2, 3):
@@ -60,6 +71,12 @@ class CNN(nn.Module):
                 f"{len(channels)} cnn stages halve the map {len(channels)} times, but it is "
                 f"{side} pixels wide; use at most {int(math.log2(side))} embedding_hidden entries"
             )
+        if invariant and x_shape[-1] != x_shape[-2]:
+            raise ValueError(
+                f"the cnn_invariant embedding averages over rotations by 90 degrees, which need "
+                f"square maps; got {x_shape[-2]}x{x_shape[-1]}. Use embedding: cnn"
+            )
+        self.invariant = invariant
         layers: list[nn.Module] = []
         in_channels = 1 if len(x_shape) == 2 else x_shape[0]
         for width in channels:
@@ -75,7 +92,12 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        return self.head(self.features(x).mean(dim=(-2, -1)))
+        if not self.invariant:
+            return self.head(self.features(x).mean(dim=(-2, -1)))
+        # The 8 elements of D4: 4 rotations, each with and without a reflection.
+        images = [torch.rot90(m, k, dims=(-2, -1)) for m in (x, x.flip(-1)) for k in range(4)]
+        pooled = self.features(torch.cat(images)).mean(dim=(-2, -1))
+        return self.head(pooled.unflatten(0, (8, len(x))).mean(dim=0))
 
 
 def build_embedding(
@@ -84,7 +106,8 @@ def build_embedding(
     """Builds an embedding network; returns it with its output width ``C``.
 
     Arguments:
-        kind: ``"mlp"`` (flatten + MLP), ``"cnn"`` (maps; :class:`CNN`) or ``"identity"``
+        kind: ``"mlp"`` (flatten + MLP), ``"cnn"`` (maps; :class:`CNN`), ``"cnn_invariant"``
+            (the same, invariant to rotations and reflections of square maps) or ``"identity"``
             (flatten only; ``C = prod(x_shape)``).
         x_shape: Shape of one observation.
         out_features: Width of the embedding for ``"mlp"`` and ``"cnn"``.
@@ -92,8 +115,9 @@ def build_embedding(
     """
     if kind == "mlp":
         return FlattenMLP(x_shape, out_features, hidden_features), out_features
-    if kind == "cnn":
-        return CNN(x_shape, out_features, hidden_features), out_features
+    if kind in ("cnn", "cnn_invariant"):
+        invariant = kind == "cnn_invariant"
+        return CNN(x_shape, out_features, hidden_features, invariant), out_features
     if kind == "identity":
         return Flatten(), math.prod(x_shape)
     raise ValueError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
