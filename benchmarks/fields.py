@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's environment:
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fields.py [--quick]
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/fields.py [--quick]
 
 For grf_cosmology and lognormal_cosmology at 32^2 to 256^2 pixels it measures, side by side in
 this one process on one core:
@@ -11,8 +11,9 @@ this one process on one core:
 2. maps/s of its floor, the same number of bare FFT round trips of white noise (``rfft2`` then
    ``irfft2``, what any FFT-based Gaussian field generator must do; the lognormal simulator
    needs two more transforms, for the correlation function), and the ratio of the two;
-3. maps/s of the whole simulate stage in this process (``simulation.run``: shards, float32,
-   compressed HDF5, merge) and its overhead over the simulator.
+3. maps/s of the whole simulate stage in this process (``simulation.run``: shards, float32
+   HDF5, merge), with gzip and without compression (``simulate.compression``), and its
+   overhead over the simulator.
 
 Timings take the median of ``--repeats`` runs. There is no GPU path: maps are simulated by
 NumPy on CPU ranks (``pipeline simulate`` under MPI scales them out). Results are printed and
@@ -60,12 +61,14 @@ def fft_floor(pixels: int, n: int, block: int) -> float:
     return time.perf_counter() - start
 
 
-def stage(name: str, n: int, folder: Path) -> float:
+def stage(name: str, n: int, folder: Path, compression: str) -> float:
     """Seconds of ``simulation.run`` for ``n`` maps in chunks of 1000 (or fewer)."""
     out = folder / f"{name}.h5"
     plan = simulation.SimulationPlan(name, n, 1, min(n, 1000))
     start = time.perf_counter()
-    simulation.run(plan, get_task(name), out, SerialComm(), overwrite=True)
+    simulation.run(
+        plan, get_task(name), out, SerialComm(), overwrite=True, compression=compression
+    )
     elapsed = time.perf_counter() - start
     out.unlink()
     shutil.rmtree(simulation.shard_dir(out), ignore_errors=True)
@@ -93,7 +96,13 @@ def main() -> None:
             for base in ("grf_cosmology", "lognormal_cosmology"):
                 name = base if pixels == 64 else f"{base}_{pixels}"
                 sim = median_of(args.repeats, lambda name=name, n=n: simulator(name, n))
-                run = median_of(args.repeats, lambda name=name, n=n: stage(name, n, Path(tmp)))
+                runs = {
+                    compression: median_of(
+                        args.repeats,
+                        lambda name=name, n=n, c=compression: stage(name, n, Path(tmp), c),
+                    )
+                    for compression in ("gzip", "none")
+                }
                 row = {
                     "task": name,
                     "pixels": pixels,
@@ -101,15 +110,15 @@ def main() -> None:
                     "simulator_maps_per_s": n / sim,
                     "fft_floor_maps_per_s": n / floor,
                     "simulator_over_floor": sim / floor,
-                    "stage_maps_per_s": n / run,
-                    "stage_overhead": run / sim - 1,
+                    **{f"stage_{c}_maps_per_s": n / run for c, run in runs.items()},
+                    **{f"stage_{c}_overhead": run / sim - 1 for c, run in runs.items()},
                 }
                 rows.append(row)
                 print(
                     f"{name:26s} {pixels:4d}^2: simulator {row['simulator_maps_per_s']:9.1f} "
-                    f"maps/s ({row['simulator_over_floor']:.2f}x the FFT floor's time), stage "
-                    f"{row['stage_maps_per_s']:9.1f} maps/s "
-                    f"(overhead {row['stage_overhead']:+.0%})",
+                    f"maps/s ({row['simulator_over_floor']:.2f}x the FFT floor's time); stage "
+                    f"overhead {row['stage_gzip_overhead']:+.0%} with gzip, "
+                    f"{row['stage_none_overhead']:+.0%} without compression",
                     flush=True,
                 )
     RESULTS.mkdir(exist_ok=True)

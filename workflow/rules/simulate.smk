@@ -20,6 +20,7 @@ if not config["simulate"]["scatter"]:
             seed=simulation_seed,
             chunk_size=config["simulate"]["chunk_size"],
             merge=config["simulate"]["merge"],
+            compression=config["simulate"]["compression"],
         threads: 1
         resources:
             mpi="mpiexec",
@@ -28,7 +29,7 @@ if not config["simulate"]["scatter"]:
             "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
             " --num-simulations {params.num_simulations} --seed {params.seed}"
             " --chunk-size {params.chunk_size} --fit-chunks --merge {params.merge}"
-            " --out {output} --overwrite --log {log}"
+            " --compression {params.compression} --out {output} --overwrite --log {log}"
 
 else:
 
@@ -50,11 +51,12 @@ else:
             chunk_size=config["simulate"]["chunk_size"],
             start=lambda wildcards: int(wildcards.start),
             out=task_path("sims/{split}.h5"),
+            compression=config["simulate"]["compression"],
         threads: 1
         shell:
             "pipeline simulate --task {wildcards.task} --num-simulations {params.num_simulations}"
             " --seed {params.seed} --chunk-size {params.chunk_size} --chunk {params.start}"
-            " --out {params.out} --log {log}"
+            " --compression {params.compression} --out {params.out} --log {log}"
 
     rule merge_simulations:
         input:
@@ -72,11 +74,12 @@ else:
             seed=simulation_seed,
             chunk_size=config["simulate"]["chunk_size"],
             merge=config["simulate"]["merge"],
+            compression=config["simulate"]["compression"],
         threads: 1
         shell:
             "pipeline merge --task {wildcards.task} --num-simulations {params.num_simulations}"
             " --seed {params.seed} --chunk-size {params.chunk_size} --merge {params.merge}"
-            " --out {output} --overwrite --log {log}"
+            " --compression {params.compression} --out {output} --overwrite --log {log}"
 
 
 rule observe:
