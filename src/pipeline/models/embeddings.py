@@ -35,9 +35,16 @@ class CNN(nn.Module):
     """Convolutional embedding of maps: ``x`` (N, H, W) or (N, C, H, W) -> (N, out_features).
 
     Each stage is a 3x3 convolution with circular padding (maps of a periodic box have no
-    edges), a ReLU and 2x2 average pooling; then the mean over the remaining pixels and a linear
-    layer. The global mean makes the output invariant to circular shifts of the map by multiples
-    of ``2**stages`` pixels and independent of the map's size.
+    edges), a ReLU and 2x2 average pooling, so that stage ``s`` sees the map at ``2**(s-1)``
+    times coarser resolution. Every stage is read out by averaging over the map: the mean of its
+    pooled features, the log mean square of its convolution's output, and the log mean square
+    of ``channels[0]`` linear 3x3 filters of the map itself averaged down to the stage's
+    resolution (learned band powers at every scale: the statistic that carries a Gaussian
+    field's information). A linear layer maps the readouts to the embedding. On grf_cosmology
+    at 10^4 maps, the mean of the ReLU features alone left the posterior of Omega_m ~20 % wider
+    than the exact one and the band powers brought it to ~13 %. The averages make the output
+    invariant to circular shifts of the map by multiples of ``2**stages`` pixels and
+    independent of the map's size.
 
     With ``invariant``, the pooled features are averaged over the eight images of the map under
     the symmetries of the square (rotations by 90 degrees and reflections, the group D4) before
@@ -77,27 +84,43 @@ class CNN(nn.Module):
                 f"square maps; got {x_shape[-2]}x{x_shape[-1]}. Use embedding: cnn"
             )
         self.invariant = invariant
-        layers: list[nn.Module] = []
         in_channels = 1 if len(x_shape) == 2 else x_shape[0]
+        map_channels = in_channels
+        self.convs, self.bands = nn.ModuleList(), nn.ModuleList()
         for width in channels:
-            layers += [
-                nn.Conv2d(in_channels, width, 3, padding=1, padding_mode="circular"),
-                nn.ReLU(),
-                nn.AvgPool2d(2),
-            ]
+            self.convs.append(nn.Conv2d(in_channels, width, 3, padding=1, padding_mode="circular"))
+            self.bands.append(
+                nn.Conv2d(map_channels, channels[0], 3, padding=1, padding_mode="circular")
+            )
             in_channels = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(in_channels, out_features)
+        self.head = nn.Linear(2 * sum(channels) + len(channels) * channels[0], out_features)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Per stage, the mean of its features and the log mean square of its convolution's
+        output over the map, concatenated: ``(N, 2 * sum(channels))``."""
+        means = []
+        coarse = x
+        for conv, band in zip(self.convs, self.bands, strict=True):
+            y = conv(x)
+            x = nn.functional.avg_pool2d(torch.relu(y), 2)
+            means += [x.mean(dim=(-2, -1)), _log_power(y), _log_power(band(coarse))]
+            coarse = nn.functional.avg_pool2d(coarse, 2)
+        return torch.cat(means, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(1)
         if not self.invariant:
-            return self.head(self.features(x).mean(dim=(-2, -1)))
+            return self.head(self.pooled(x))
         # The 8 elements of D4: 4 rotations, each with and without a reflection.
         images = [torch.rot90(m, k, dims=(-2, -1)) for m in (x, x.flip(-1)) for k in range(4)]
-        pooled = self.features(torch.cat(images)).mean(dim=(-2, -1))
+        pooled = self.pooled(torch.cat(images))
         return self.head(pooled.unflatten(0, (8, len(x))).mean(dim=0))
+
+
+def _log_power(y: torch.Tensor) -> torch.Tensor:
+    """``log(mean(y^2) + 1e-6)`` over the map: ``(N, C, H, W)`` to ``(N, C)``."""
+    return torch.log(y.square().mean(dim=(-2, -1)) + 1e-6)
 
 
 def build_embedding(

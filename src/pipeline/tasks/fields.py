@@ -134,9 +134,16 @@ class FieldCosmology(Task):
     # Simulation.
 
     def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Draws noisy maps: ``(n, 2)`` to ``(n, N, N)``."""
-        delta = self.density(self.shell_power(theta), rng)
-        return delta + rng.normal(0.0, self.noise_std, size=delta.shape)
+        """Draws noisy maps: ``(n, 2)`` to ``(n, N, N)``, in blocks of rows that bound the FFTs'
+        temporaries to ~100 MB."""
+        theta = self._check_theta(theta)
+        rows = max(1, 2**22 // self.num_pixels**2)
+        x = np.empty((len(theta), *self.x_shape))
+        for start in range(0, len(theta), rows):
+            block = slice(start, start + rows)
+            delta = self.density(self.shell_power(theta[block]), rng)
+            x[block] = delta + rng.normal(0.0, self.noise_std, size=delta.shape)
+        return x
 
     def density(self, shell_power: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noise-free density contrasts ``(n, N, N)`` with shell powers ``(n, S)``."""
