@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -538,3 +539,29 @@ def test_reference_convergence_is_shown(tmp_path: Path, png: bytes) -> None:
     text = " ".join(page.split())
     assert "R-hat 1.004 (at most 1.01), bulk ESS 7800" in text
     assert "at most 6.5 s per observation" in text
+
+
+@pytest.mark.parametrize("fisher", [False, True])
+def test_posterior_widths_table(tmp_path: Path, png: bytes, fisher: bool) -> None:
+    """The widths table shows the std ratio, and the Cramer-Rao columns only where the task has
+    a Fisher matrix; metrics without widths (older runs) show no table."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    per_parameter = {"per_observation": [[1.2, 0.9]], "mean": {"theta_0": 1.234, "theta_1": 0.9}}
+    metrics["widths"] = {"std_ratio": per_parameter}
+    if fisher:
+        bound = {"per_observation": [[1.1, 0.8]], "mean": {"theta_0": 1.111, "theta_1": 0.876}}
+        metrics["widths"] |= {"std_over_cramer_rao": bound, "reference_over_cramer_rao": bound}
+    path.write_text(json.dumps(metrics))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert "Posterior widths" in text
+    # Three significant digits, one column per comparison the task supports.
+    rows = (
+        "theta_0 1.23 1.11 1.11 theta_1 0.9 0.876 0.876" if fisher else "theta_0 1.23 theta_1 0.9"
+    )
+    assert rows in text
+    assert ("Cramér–Rao" in text) == fisher
+    del metrics["widths"]
+    path.write_text(json.dumps(metrics))
+    assert "Posterior widths" not in build(tmp_path, ["two_moons"])
