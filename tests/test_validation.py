@@ -18,7 +18,7 @@ from scipy import stats
 from pipeline.observations import make_observations
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
-from pipeline.validation import validate
+from pipeline.validation import _widths, validate
 
 NUM_TEST = 300
 NUM_SAMPLES = 200
@@ -194,3 +194,12 @@ def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path:
     for name in task.parameter_names:
         assert 0.6 < widths["reference_over_cramer_rao"]["mean"][name] < 1.3, widths
     assert np.array(widths["cramer_rao_std"]).shape == (2, 2)
+
+
+def test_widths_refuse_a_reference_without_spread() -> None:
+    task = get_task("two_moons")
+    samples = np.random.default_rng(0).normal(size=(2, 50, 2))
+    reference = samples.copy()
+    reference[1, :, 1] = 0.3  # every sample of observation 1 has the same theta_2
+    with pytest.raises(ValueError, match="observation 1 do not vary in theta_2"):
+        _widths(task, samples, reference, np.zeros((2, 2)))

@@ -329,6 +329,13 @@ def _widths(
 
     if reference is not None:
         reference_std = reference.std(axis=1)
+        constant = ~(np.ptp(reference, axis=1) > 0)  # std of equal floats may not be 0
+        if constant.any():
+            observation, parameter = np.argwhere(constant)[0]
+            raise ValueError(
+                f"the reference samples of observation {observation} do not vary in "
+                f"{names[parameter]}: no width to compare with; recompute the observations"
+            )
         result["reference_std"] = reference_std.tolist()
         result["std_ratio"] = per_parameter(std / reference_std)
     if fisher is not None:
