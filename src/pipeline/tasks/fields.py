@@ -228,8 +228,9 @@ class GaussianFieldCosmology(FieldCosmology):
     References:
         | Baryonic Features in the Matter Transfer Function (Eisenstein & Hu, 1998)
         | https://arxiv.org/abs/astro-ph/9709112
-        | The Fisher information of Gaussian fields (Tegmark, Taylor & Heavens, 1997)
-        | https://arxiv.org/abs/astro-ph/9603021
+        | Karhunen-Loeve eigenvalue problems in cosmology: how should we tackle large data
+        | sets? (Tegmark, Taylor & Heavens, 1997) https://arxiv.org/abs/astro-ph/9603021
+        | (the Fisher matrix of Gaussian data with a parameter-dependent covariance)
     """
 
     base_name = "grf_cosmology"
