@@ -96,8 +96,9 @@ class CNN(nn.Module):
         self.head = nn.Linear(2 * sum(channels) + len(channels) * channels[0], out_features)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Per stage, the mean of its features and the log mean square of its convolution's
-        output over the map, concatenated: ``(N, 2 * sum(channels))``."""
+        """Per stage, the mean of its features, the log mean square of its convolution's output
+        and the log band powers of the map at its resolution, concatenated:
+        ``(N, 2 * sum(channels) + stages * channels[0])``."""
         means = []
         coarse = x
         for conv, band in zip(self.convs, self.bands, strict=True):
