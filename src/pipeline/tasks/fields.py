@@ -286,9 +286,8 @@ class GaussianFieldCosmology(FieldCosmology):
         ``[low, high]``, row by row of Omega_m (bounding memory to ``size x S`` values)."""
         widths = (high - low) / size
         axes = [lo + w * (np.arange(size) + 0.5) for lo, w in zip(low, widths, strict=True)]
-        k, _, _ = self._shells
-        side = self.box_size.to_value(u.Mpc)
-        unit_power = self.power(k, axes[0], np.ones(size)) * self.num_pixels**2 / side**3
+        # sigma_8 only scales the spectrum: shell powers at sigma_8 = 1 for each Omega_m row.
+        unit_power = self.shell_power(np.stack([axes[0], np.ones(size)], axis=-1))
         log_post = np.stack(
             [
                 self._log_likelihood(statistics, axes[1][:, None] ** 2 * row[None, :])
