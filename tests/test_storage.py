@@ -37,6 +37,18 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_one_listing_finds_finished_files_and_each_ones_temporaries(tmp_path):
+    write(tmp_path / "a.h5")
+    # A write of a.h5 killed twice (two processes), and one of b.h5 that never finished.
+    for name in (".a.h5.tmp-11", ".a.h5.tmp-12", ".b.h5.tmp-13"):
+        (tmp_path / name).write_bytes(b"partial")
+    finished, temporaries = storage.list_folder(tmp_path)
+    assert finished == {"a.h5"}
+    assert sorted(p.name for p in temporaries["a.h5"]) == [".a.h5.tmp-11", ".a.h5.tmp-12"]
+    assert [p.name for p in temporaries["b.h5"]] == [".b.h5.tmp-13"]
+    assert storage.list_folder(tmp_path / "absent") == (set(), {})
+
+
 def test_missing_file_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="pipeline simulate"):
         storage.read_simulations(tmp_path / "nope.h5")

@@ -193,13 +193,17 @@ def run(
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
     num_nonfinite = 0
+    finished, temporaries = storage.list_folder(shard_dir(out))
     try:
         with BackgroundWriter() as writer:
             for start, stop in mine:
                 path = shard_path(out, start, stop)
                 # This rank owns the chunk in this run: a temporary of it is a killed write's.
-                storage.remove_temporaries(path)
-                kept = valid_shard_attrs(path, identity, start, stop)
+                for stale in temporaries.get(path.name, []):
+                    stale.unlink(missing_ok=True)
+                kept = None
+                if path.name in finished:
+                    kept = valid_shard_attrs(path, identity, start, stop)
                 if kept is not None:
                     log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
                     num_nonfinite += kept["num_nonfinite"]

@@ -316,6 +316,28 @@ def remove_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def list_folder(folder: Path) -> tuple[set[str], dict[str, list[Path]]]:
+    """One listing of ``folder``: the names of its finished files, and for each file name the
+    temporaries that interrupted :class:`atomic_h5` writes of it left behind.
+
+    A run over many files lists their folder once instead of once per file (on a parallel file
+    system every listing is a metadata request, and a glob per file grows as files squared).
+    """
+    finished: set[str] = set()
+    temporaries: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return finished, temporaries
+    for entry in entries:
+        name, marker = entry.name, entry.name.rfind(".tmp-")
+        if name.startswith(".") and marker > 0:
+            temporaries.setdefault(name[1:marker], []).append(Path(entry.path))
+        else:
+            finished.add(name)
+    return finished, temporaries
+
+
 def read_attrs(path: Path, *, task: str | None = None) -> dict[str, Any]:
     """The attributes of a finished simulation file (validated like :func:`read_simulations`)."""
     with open_simulations(path) as f:

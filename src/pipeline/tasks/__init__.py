@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.tasks.base import (
     BoxUniform,
@@ -12,13 +14,6 @@ from pipeline.tasks.base import (
     Reference,
     Task,
 )
-from pipeline.tasks.bernoulli_glm import BernoulliGLM
-from pipeline.tasks.fields import register_sizes
-from pipeline.tasks.gaussian_linear import GaussianLinear
-from pipeline.tasks.gaussian_mixture import GaussianMixture
-from pipeline.tasks.slcp import SLCP
-from pipeline.tasks.sn_cosmology import SNCosmology
-from pipeline.tasks.two_moons import TwoMoons
 
 __all__ = [
     "TASKS",
@@ -32,16 +27,45 @@ __all__ = [
     "register",
 ]
 
-TASKS: dict[str, Callable[[], Task]] = {
-    "gaussian_linear": GaussianLinear,
-    "two_moons": TwoMoons,
-    "sn_cosmology": SNCosmology,
-    "gaussian_mixture": GaussianMixture,
-    "slcp": SLCP,
-    "bernoulli_glm": BernoulliGLM,
+
+def _lazy(module: str, cls: str, **options: Any) -> Callable[[], Task]:
+    """A factory of ``pipeline.tasks.<module>.<cls>(**options)`` that imports the module when
+    first called.
+
+    sn_cosmology and the field tasks import astropy.cosmology (about 1.5 s): paid on import by
+    every MPI rank of every run, whatever its task, that start-up alone cut the 2-rank parallel
+    efficiency of simulate (see benchmarks/README.md).
+    """
+    path = f"pipeline.tasks.{module}"
+
+    def factory() -> Task:
+        return getattr(importlib.import_module(path), cls)(**options)
+
+    factory.__name__ = cls + "".join(f"_{value}" for value in options.values())
+    factory.__module__ = path
+    return factory
+
+
+# Map tasks, by name: 64^2 maps, and _32, _128, _256 for other sizes.
+_FIELDS = {
+    "grf_cosmology": "GaussianFieldCosmology",
+    "lognormal_cosmology": "LognormalFieldCosmology",
 }
-# grf_cosmology and lognormal_cosmology (64^2 maps), and _32, _128, _256 for other map sizes.
-register_sizes(TASKS)
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "gaussian_linear": _lazy("gaussian_linear", "GaussianLinear"),
+    "two_moons": _lazy("two_moons", "TwoMoons"),
+    "sn_cosmology": _lazy("sn_cosmology", "SNCosmology"),
+    "gaussian_mixture": _lazy("gaussian_mixture", "GaussianMixture"),
+    "slcp": _lazy("slcp", "SLCP"),
+    "bernoulli_glm": _lazy("bernoulli_glm", "BernoulliGLM"),
+    **{name: _lazy("fields", cls) for name, cls in _FIELDS.items()},
+    **{
+        f"{name}_{size}": _lazy("fields", cls, num_pixels=size)
+        for name, cls in _FIELDS.items()
+        for size in (32, 128, 256)
+    },
+}
 
 
 def register(name: str, factory: Callable[[], Task]) -> None:

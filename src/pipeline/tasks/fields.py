@@ -16,7 +16,6 @@ signal (a density contrast has zero mean over the box).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cached_property
 
 import astropy.units as u
@@ -350,20 +349,3 @@ class LognormalFieldCosmology(FieldCosmology):
         if np.any(xi <= -1):
             raise ValueError(f"{self.name}: correlation function <= -1, no lognormal field exists")
         return np.maximum(np.fft.rfft2(np.log1p(xi)).real, 0.0)
-
-
-def register_sizes(tasks: dict, sizes: tuple[int, ...] = (32, 128, 256)) -> None:
-    """Adds ``grf_cosmology_N`` and ``lognormal_cosmology_N`` for each map size ``N``."""
-    for cls in (GaussianFieldCosmology, LognormalFieldCosmology):
-        tasks[cls.base_name] = cls
-        for size in sizes:
-            tasks[f"{cls.base_name}_{size}"] = _sized(cls, size)
-
-
-def _sized(cls: type[FieldCosmology], size: int) -> Callable[[], FieldCosmology]:
-    def factory() -> FieldCosmology:
-        return cls(num_pixels=size)
-
-    factory.__name__ = f"{cls.__name__}_{size}"
-    factory.__module__ = cls.__module__
-    return factory
