@@ -8,6 +8,8 @@ standard errors, or p > 0.001) while the errors they guard against fail by far.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -113,6 +115,21 @@ def test_unknown_task_lists_known_tasks() -> None:
     with pytest.raises(KeyError) as info:
         get_task("three_moons")
     assert all(name in str(info.value) for name in NAMES)
+
+
+def test_a_task_imports_only_its_own_module() -> None:
+    # Every MPI rank imports the registry: astropy.cosmology (1.5 s, 70 MiB) is for the tasks
+    # that need it, not for a two_moons run. A fresh interpreter, as a rank starts.
+    probe = (
+        "import sys; from pipeline.tasks import get_task; task = get_task('two_moons'); "
+        "print(task.name, sorted(m for m in sys.modules if m.startswith(('astropy', "
+        "'pipeline.tasks.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split(maxsplit=1) == [
+        "two_moons",
+        "['pipeline.tasks.base', 'pipeline.tasks.two_moons']\n",
+    ]
 
 
 @pytest.mark.parametrize(
