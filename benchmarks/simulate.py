@@ -14,7 +14,9 @@ It measures, side by side in this one script:
 3. parallel efficiency of ``pipeline simulate``: ``mpiexec -n 1`` pinned to one core against
    ``mpiexec -n 2`` on two;
 4. HDF5 write bandwidth as a fraction of ``dd``'s on the same disk (both flushed to disk);
-5. peak resident memory of ``pipeline simulate`` against N (one rank).
+5. peak resident memory of ``pipeline simulate`` against N (one rank);
+6. contention of a writer thread with the simulating one: the two_moons loop alone, beside a
+   thread writing shards with h5py, and beside one writing the same bytes with plain ``write``.
 
 Timings take the median of ``--repeats`` runs, interleaving the peers so that drifts in the
 machine's speed hit both alike. Results are printed and written to ``benchmarks/results/``.
@@ -31,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +217,53 @@ def bandwidth(folder: Path, quick: bool) -> dict[str, float]:
     return result
 
 
+def writer_contention(repeats: int, quick: bool, folder: Path) -> dict[str, float]:
+    """Seconds of the bare two_moons loop alone and beside a thread that keeps writing shards
+    (10^5 rows, no filter) with h5py, or the same bytes with plain file writes."""
+    n = 10**5 if quick else 10**6
+    task = get_task("two_moons")
+    plan = simulation.SimulationPlan("two_moons", n, 1, n // 10)
+    theta, x = simulation.simulate_range(task, 1, 0, n // 10)
+    attrs = {**simulation.shard_attrs(plan, task), "num_nonfinite": 0}
+
+    def h5py_write(i: int) -> None:
+        simulation.write_shard(folder / f"w{i % 4}.h5", theta, x, attrs, 0, n // 10, "none")
+
+    def plain_write(i: int) -> None:
+        with open(folder / f"w{i % 4}.bin", "wb") as f:
+            f.write(theta.tobytes())
+            f.write(x.tobytes())
+
+    def beside(write: Callable[[int], None]) -> float:
+        stop = threading.Event()
+
+        def keep_writing() -> None:
+            i = 0
+            while not stop.is_set():
+                write(i)
+                i += 1
+
+        thread = threading.Thread(target=keep_writing)
+        thread.start()
+        seconds = bare_loop("two_moons", n)
+        stop.set()
+        thread.join()
+        return seconds
+
+    times: dict[str, list[float]] = {
+        "alone": [],
+        "beside_h5py_writer": [],
+        "beside_plain_writer": [],
+    }
+    for _ in range(repeats):
+        times["alone"].append(bare_loop("two_moons", n))
+        times["beside_h5py_writer"].append(beside(h5py_write))
+        times["beside_plain_writer"].append(beside(plain_write))
+    result = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    print(result, flush=True)
+    return result
+
+
 def memory(quick: bool, folder: Path) -> list[dict[str, object]]:
     counts = (10**5, 10**6) if quick else (10**5, 10**6, 10**7)
     rows = []
@@ -246,6 +297,7 @@ def main() -> None:
             "parallel_efficiency": parallel_efficiency(args.repeats, args.quick, folder),
             "bandwidth_mb_s": bandwidth(folder, args.quick),
             "memory": memory(args.quick, folder),
+            "writer_contention_s": writer_contention(args.repeats, args.quick, folder),
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
