@@ -32,9 +32,9 @@ def _lazy(module: str, cls: str, **options: Any) -> Callable[[], Task]:
     """A factory of ``pipeline.tasks.<module>.<cls>(**options)`` that imports the module when
     first called.
 
-    sn_cosmology and the field tasks import astropy.cosmology (about 1.5 s): paid on import by
-    every MPI rank of every run, whatever its task, that start-up alone cut the 2-rank parallel
-    efficiency of simulate (see benchmarks/README.md).
+    sn_cosmology and the field tasks import astropy (about 1.5 s and 70 MiB for its cosmology).
+    Imported with the registry, that was paid by every MPI rank of every run, whatever the task,
+    and cut the 2-rank parallel efficiency of simulate (see benchmarks/README.md).
     """
     path = f"pipeline.tasks.{module}"
 
