@@ -219,7 +219,7 @@ def bandwidth(folder: Path, quick: bool) -> dict[str, float]:
 
 def writer_contention(repeats: int, quick: bool, folder: Path) -> dict[str, float]:
     """Seconds of the bare two_moons loop alone and beside a thread that keeps writing shards
-    (10^5 rows, no filter) with h5py, or the same bytes with plain file writes."""
+    (a tenth of the loop's rows each, no filter) with h5py, or the same bytes with plain writes."""
     n = 10**5 if quick else 10**6
     task = get_task("two_moons")
     plan = simulation.SimulationPlan("two_moons", n, 1, n // 10)
