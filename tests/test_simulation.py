@@ -233,6 +233,20 @@ def test_scattered_chunks_merge_into_the_same_data(tmp_path, merge):
     assert shards[0].stat().st_mtime_ns == before
 
 
+def test_a_chunk_job_removes_its_killed_write_and_no_other(tmp_path):
+    plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
+    out, task = tmp_path / "sims.h5", get_task("two_moons")
+    mine, other = simulation.shard_path(out, 0, 1000), simulation.shard_path(out, 1000, 2000)
+    mine.parent.mkdir(parents=True)
+    stale = [p.with_name(f".{p.name}.tmp-999999") for p in (mine, other)]  # as atomic_h5 names
+    for path in stale:
+        path.write_bytes(b"half a shard")
+    assert simulation.run_chunk(plan, task, out, 0) == mine
+    # The other chunk's temporary may be a live write of a job running beside this one.
+    assert not stale[0].exists() and stale[1].exists()
+    assert storage.read_simulations(mine).attrs["index_stop"] == 1000
+
+
 def test_merge_names_missing_shards_and_writes_nothing(tmp_path):
     plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
     out, task = tmp_path / "sims.h5", get_task("two_moons")

@@ -141,6 +141,24 @@ def valid_shard_attrs(
     return attrs if matches and attrs.get("num_simulations") == (stop - start) else None
 
 
+def reusable_shard(
+    path: Path,
+    identity: dict[str, object],
+    start: int,
+    stop: int,
+    listing: tuple[set[str], dict[str, list[Path]]],
+) -> dict[str, Any] | None:
+    """The attributes of a complete shard of chunk ``[start, stop)`` at ``path``, else ``None``;
+    first deletes what killed writes of ``path`` left (``listing``: its folder's
+    :func:`pipeline.storage.list_folder`). Call only for a chunk this process owns."""
+    finished, temporaries = listing
+    for stale in temporaries.get(path.name, []):
+        stale.unlink(missing_ok=True)
+    if path.name not in finished:
+        return None
+    return valid_shard_attrs(path, identity, start, stop)
+
+
 MERGE_MODES = ("copy", "virtual")
 
 
@@ -193,17 +211,12 @@ def run(
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
     num_nonfinite = 0
-    finished, temporaries = storage.list_folder(shard_dir(out))
+    listing = storage.list_folder(shard_dir(out))
     try:
         with BackgroundWriter() as writer:
             for start, stop in mine:
                 path = shard_path(out, start, stop)
-                # This rank owns the chunk in this run: a temporary of it is a killed write's.
-                for stale in temporaries.get(path.name, []):
-                    stale.unlink(missing_ok=True)
-                kept = None
-                if path.name in finished:
-                    kept = valid_shard_attrs(path, identity, start, stop)
+                kept = reusable_shard(path, identity, start, stop, listing)
                 if kept is not None:
                     log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
                     num_nonfinite += kept["num_nonfinite"]
@@ -237,8 +250,8 @@ def run_chunk(
     start, stop = plan.chunk_at(start)
     path = shard_path(out, start, stop)
     check_writable(shard_dir(out), 0)
-    storage.remove_temporaries(path)
-    if valid_shard_attrs(path, plan.identity(task), start, stop) is not None:
+    listing = storage.list_folder(shard_dir(out))
+    if reusable_shard(path, plan.identity(task), start, stop, listing) is not None:
         log.info("chunk [%d, %d) already simulated: %s kept", start, stop, path)
         return path
     theta, x = simulate_range(task, plan.seed, start, stop)

@@ -310,12 +310,6 @@ class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as 
             self.tmp.unlink(missing_ok=True)
 
 
-def remove_temporaries(path: Path) -> None:
-    """Deletes what :class:`atomic_h5` left of interrupted writes of ``path`` (any process)."""
-    for stale in Path(path).parent.glob(f".{Path(path).name}.tmp-*"):
-        stale.unlink(missing_ok=True)
-
-
 def list_folder(folder: Path) -> tuple[set[str], dict[str, list[Path]]]:
     """One listing of ``folder``: the names of its finished files, and for each file name the
     temporaries that interrupted :class:`atomic_h5` writes of it left behind.
