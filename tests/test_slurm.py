@@ -30,10 +30,19 @@ EXPERIMENT = {
 }
 
 
+def merged(base: object, changes: object) -> object:
+    """``changes`` layered over ``base`` at every depth, as Snakemake layers config files."""
+    if not (isinstance(base, dict) and isinstance(changes, dict)):
+        return changes
+    return {**base, **{key: merged(base.get(key), value) for key, value in changes.items()}}
+
+
 def experiment_config(workdir: Path, name: str = "tiny") -> Path:
-    config = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
-    for key, value in EXPERIMENT.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    """tiny.yaml with :data:`EXPERIMENT` merged in: tiny's own per-task options (one two_moons
+    flow, not config.yaml's four) must survive, or training outlasts its time limits."""
+    config = merged(
+        yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text()), EXPERIMENT
+    )
     config["experiment"] = name
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
