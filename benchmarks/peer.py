@@ -14,6 +14,10 @@ defaults (a MAF, batches of 200, Adam at 5e-4, stop after 20 epochs without impr
 samples with ``build_posterior()`` (rejection of samples outside the prior's support). One CPU
 thread each, one after the other in this process. Results are merged into
 ``benchmarks/results/peer.json`` (one entry per task and budget, so runs can be split).
+
+``--ours-from results/EXPERIMENT`` takes ours from a pipeline run instead of training it here (at
+10^5 simulations training takes tens of minutes per task): its training file, observations and
+validated C2ST, after checking that the run simulated exactly this budget with the same seeds.
 """
 
 from __future__ import annotations
@@ -98,6 +102,38 @@ def ours(
     return run, samples
 
 
+def ours_from_pipeline(
+    experiment: Path, task: str, budget: int, x_obs: np.ndarray, settings: dict[str, Any]
+) -> tuple[dict[str, Any], Path]:
+    """Our C2ST and training time at ``budget`` from the pipeline run in ``experiment``, and its
+    training file; raises unless that run used this budget, these seeds and these observations."""
+    folder = experiment / task
+    data = folder / "sims" / "train.h5"
+    attrs = storage.read_attrs(data, task=task)
+    expected = {"num_simulations": budget, "seed": settings["simulate"]["seed"]}
+    found = {key: attrs.get(key) for key in expected}
+    if found != expected:
+        raise SystemExit(f"{data} holds {found}, not {expected}: rerun it or drop --ours-from")
+    _, x_run, _ = read_reference(folder / "observations.h5")
+    if not np.array_equal(x_run, x_obs):
+        raise SystemExit(
+            f"{folder / 'observations.h5'} differs from the observations of seed "
+            f"{settings['observations']['seed']}: rerun it or drop --ours-from"
+        )
+    metrics = json.loads((folder / "validation" / "metrics.json").read_text())
+    metadata = json.loads((folder / "model" / "posterior.json").read_text())
+    values = metrics["c2st"]["per_observation"]
+    run = {
+        "train_seconds": metadata["train_seconds"],
+        "epochs": metadata["epochs"],
+        "ensemble": metadata.get("ensemble", 1),
+        "from": str(folder),
+        "c2st": [round(float(v), 4) for v in values],
+        "c2st_mean": round(float(np.mean(values)), 4),
+    }
+    return run, data
+
+
 def peer(
     task: Task, sims: storage.Simulations, x_obs: np.ndarray, seed: int
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -138,7 +174,9 @@ def score(reference: np.ndarray, samples: np.ndarray, validate: dict[str, Any]) 
     }
 
 
-def run_task(name: str, budgets: list[int], folder: Path, seed: int) -> list[dict[str, Any]]:
+def run_task(
+    name: str, budgets: list[int], folder: Path, seed: int, ours_from: Path | None = None
+) -> list[dict[str, Any]]:
     settings = pipeline_settings()
     task = get_task(name)
     observed = settings["observations"]
@@ -155,14 +193,17 @@ def run_task(name: str, budgets: list[int], folder: Path, seed: int) -> list[dic
     _, x_obs, reference = read_reference(observations)
     entries = []
     for budget in budgets:
-        data = folder / f"{name}-{budget}.h5"
-        plan = simulation.SimulationPlan(
-            name, budget, settings["simulate"]["seed"], min(budget, 10**4)
-        )
-        simulation.run(plan, task, data, SerialComm(), overwrite=True)
+        if ours_from is not None:
+            mine, data = ours_from_pipeline(ours_from, name, budget, x_obs, settings)
+        else:
+            data = folder / f"{name}-{budget}.h5"
+            plan = simulation.SimulationPlan(
+                name, budget, settings["simulate"]["seed"], min(budget, 10**4)
+            )
+            simulation.run(plan, task, data, SerialComm(), overwrite=True)
+            mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed)
+            mine |= score(reference, samples, settings["validate"])
         sims = storage.read_simulations(data)
-        mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed)
-        mine |= score(reference, samples, settings["validate"])
         print(f"{name} N={budget} ours {mine}", flush=True)
         theirs, samples = peer(task, sims, x_obs, seed)
         theirs |= score(reference, samples, settings["validate"])
@@ -181,25 +222,32 @@ def run_task(name: str, budgets: list[int], folder: Path, seed: int) -> list[dic
 
 
 def save(entry: dict[str, Any]) -> None:
-    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget and seed."""
+    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget and seed.
+
+    Holds a lock on the file meanwhile: runs split over cores (``--tasks`` each) share it.
+    """
+    import fcntl
+
     import sbi
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
-    key = (entry["task"], entry["budget"], entry["seed"])
-    kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) != key]
-    results = {
-        "machine": {
-            "host": platform.node(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "sbi": sbi.__version__,
-        },
-        "threads": 1,
-        "entries": sorted([*kept, entry], key=lambda e: (e["task"], e["budget"], e["seed"])),
-    }
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
+        key = (entry["task"], entry["budget"], entry["seed"])
+        kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) != key]
+        results = {
+            "machine": {
+                "host": platform.node(),
+                "processor": platform.processor() or platform.machine(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "sbi": sbi.__version__,
+            },
+            "threads": 1,
+            "entries": sorted([*kept, entry], key=lambda e: (e["task"], e["budget"], e["seed"])),
+        }
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -207,12 +255,19 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
     parser.add_argument("--seed", type=int, default=0, help="training seed of both estimators")
+    parser.add_argument(
+        "--ours-from",
+        type=Path,
+        help="a pipeline run's results folder (results/EXPERIMENT) to take ours from",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:
         entries = [
-            e for name in args.tasks for e in run_task(name, args.budgets, folder, args.seed)
+            e
+            for name in args.tasks
+            for e in run_task(name, args.budgets, folder, args.seed, args.ours_from)
         ]
     finally:
         shutil.rmtree(folder, ignore_errors=True)

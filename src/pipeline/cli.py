@@ -184,6 +184,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         c2st_folds=args.c2st_folds,
         local_c2st_null=args.local_c2st_null,
         predictive_draws=args.predictive_draws,
+        predictive_replicates=args.predictive_replicates,
     )
 
 
@@ -358,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--predictive-draws", type=int, default=100, help="posterior draws simulated per x"
+    )
+    p.add_argument(
+        "--predictive-replicates",
+        type=int,
+        default=10,
+        help="fresh simulations per test pair that data-space coverage compares with the draws",
     )
     p.add_argument("--out", type=Path, required=True, help="validation folder")
 

@@ -39,12 +39,14 @@ def validate(
     c2st_folds: int = 5,
     local_c2st_null: int = 100,
     predictive_draws: int = 100,
+    predictive_replicates: int = 10,
 ) -> dict[str, Any]:
     """Computes every diagnostic, writes ``out/metrics.json`` and figures; returns the metrics.
 
     Posterior predictive checks simulate ``predictive_draws`` posterior draws per ``x`` with the
-    task's simulator (seeded by ``seed``); local C2ST refits its classifier
-    ``local_c2st_null`` times under the null.
+    task's simulator (seeded by ``seed``), and data-space coverage compares them with
+    ``predictive_replicates`` fresh simulations from each test pair's true ``theta``; local C2ST
+    refits its classifier ``local_c2st_null`` times under the null.
     """
     test = read_samples(test_samples)
     if "theta" not in test:
@@ -70,7 +72,9 @@ def validate(
     }
     task = get_task(str(attrs["task"]))
     with _step("coverage (TARP, HPD, predictive) on the test set"):
-        predictive = _predictive_coverage(task, test, predictive_draws, seed)
+        predictive = _predictive_coverage(
+            task, test, predictive_draws, predictive_replicates, seed
+        )
         metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
     with _step("SBC ranks"):
         metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
@@ -173,27 +177,36 @@ def _simulate_summaries(task: Task, theta: np.ndarray, rng: np.random.Generator)
     return np.concatenate(blocks) if blocks else np.empty((0, task.summary_size))
 
 
-def _predictive_coverage(task: Task, test: dict, draws: int, seed: int) -> dict[str, Any]:
+def _predictive_coverage(
+    task: Task, test: dict, draws: int, replicates: int, seed: int
+) -> dict[str, Any]:
     """Coverage in data space on the test set (see :func:`diagnostics.predictive_coverage`).
 
-    The replicate of each pair is a fresh simulation from its true ``theta``; the predictive
-    draws simulate ``draws`` of its posterior samples. Pairs where the simulator returned NaN or
-    inf (a replicate or any draw) are left out and counted.
+    The predictive draws simulate ``draws`` of each pair's posterior samples; each of
+    ``replicates`` fresh simulations from the pair's true ``theta`` is compared with them, and
+    the curve is the mean over replicates. Every replicate is exchangeable with the draws under
+    the exact posterior, so the mean stays on the diagonal; it only averages out the replicates'
+    noise. One replicate per pair left the curve of gaussian_mixture's exact posterior 0.02-0.055
+    from the diagonal depending on the seed (1000 pairs); ten, 0.012-0.019. Pairs where the
+    simulator returned NaN or inf (a replicate or any draw) are left out and counted.
     """
     if test["samples"].shape[1] < draws:
         raise ValueError(
             f"validate.predictive_draws={draws} exceeds the {test['samples'].shape[1]} posterior "
             "samples per test simulation; lower it or raise sample.num_test_samples"
         )
+    if replicates < 1:
+        raise ValueError(f"validate.predictive_replicates must be at least 1, got {replicates}")
     rng = np.random.default_rng([seed, 1])
-    x_rep = _simulate_summaries(task, test["theta"].astype(np.float64), rng)
+    theta = test["theta"].astype(np.float64)
     x_pred = _simulate_draws(task, test["samples"], draws, rng)
-    finite = np.isfinite(x_rep).all(axis=1) & np.isfinite(x_pred).all(axis=(1, 2))
+    x_rep = np.stack([_simulate_summaries(task, theta, rng) for _ in range(replicates)])
+    finite = np.isfinite(x_rep).all(axis=(0, 2)) & np.isfinite(x_pred).all(axis=(1, 2))
     if not finite.any():
         raise ValueError(f"task {task.name}: every predictive simulation holds NaN or inf")
     levels = diagnostics.DEFAULT_LEVELS
-    coverage = diagnostics.predictive_coverage(x_rep[finite], x_pred[finite], levels)
-    return {"coverage": coverage, "num_excluded": int((~finite).sum())}
+    curves = [diagnostics.predictive_coverage(x[finite], x_pred[finite], levels) for x in x_rep]
+    return {"coverage": np.mean(curves, axis=0), "num_excluded": int((~finite).sum())}
 
 
 def _predictive_at_observations(

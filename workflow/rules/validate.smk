@@ -45,6 +45,7 @@ rule validate:
         c2st_max_samples=config["validate"]["c2st_max_samples"],
         local_c2st_null=config["validate"]["local_c2st_null"],
         predictive_draws=config["validate"]["predictive_draws"],
+        predictive_replicates=config["validate"]["predictive_replicates"],
         out=lambda wildcards, output: Path(output.metrics).parent,
     threads: 1
     shell:
@@ -54,4 +55,5 @@ rule validate:
         " --c2st-folds {params.c2st_folds} --c2st-max-samples {params.c2st_max_samples}"
         " --local-c2st-null {params.local_c2st_null}"
         " --predictive-draws {params.predictive_draws}"
+        " --predictive-replicates {params.predictive_replicates}"
         " --out {params.out} --log {log}"
