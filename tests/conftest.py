@@ -91,6 +91,13 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def merged(base: object, changes: object) -> object:
+    """``changes`` layered over ``base`` at every depth, as Snakemake layers config files."""
+    if not (isinstance(base, dict) and isinstance(changes, dict)):
+        return changes
+    return {**base, **{key: merged(base.get(key), value) for key, value in changes.items()}}
+
+
 def copy_workflow(folder: Path) -> Path:
     """A copy of the workflow in ``folder``, so runs keep their .snakemake state out of the
     checkout."""

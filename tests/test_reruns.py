@@ -19,6 +19,7 @@ import yaml
 from tests.conftest import (
     assert_same_outputs,
     copy_workflow,
+    merged,
     outputs,
     planned_jobs,
     run_env,
@@ -34,15 +35,13 @@ DOWNSTREAM_OF_TRAIN |= {"index", "all"}
 
 
 def tiny_config(folder: Path, name: str = "config.yaml", **changes: dict) -> Path:
-    """The tiny experiment on two_moons only, with ``changes`` merged into its sections.
+    """The tiny experiment on two_moons only, with ``changes`` merged in at every depth.
 
     Like every experiment file it is layered over config/config.yaml, whose task_train gives
     two_moons 300 epochs: time to kill a run while it trains.
     """
     config = yaml.safe_load((folder / "config/experiments/tiny.yaml").read_text())
-    config["tasks"] = ["two_moons"]
-    for section, values in changes.items():
-        config[section] = {**config.get(section, {}), **values}
+    config = merged({**config, "tasks": ["two_moons"]}, changes)
     path = folder / name
     path.write_text(yaml.safe_dump(config))
     return path

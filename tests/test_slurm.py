@@ -17,7 +17,13 @@ import h5py
 import pytest
 import yaml
 
-from tests.conftest import assert_same_outputs, copy_workflow, outputs, run_snakemake
+from tests.conftest import (
+    assert_same_outputs,
+    copy_workflow,
+    merged,
+    outputs,
+    run_snakemake,
+)
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -28,13 +34,6 @@ EXPERIMENT = {
     "simulate": {"num_simulations": 5000, "chunk_size": 1250},
     "task_train": {"two_moons": {"max_epochs": 500, "patience": 500, "transforms": 3}},
 }
-
-
-def merged(base: object, changes: object) -> object:
-    """``changes`` layered over ``base`` at every depth, as Snakemake layers config files."""
-    if not (isinstance(base, dict) and isinstance(changes, dict)):
-        return changes
-    return {**base, **{key: merged(base.get(key), value) for key, value in changes.items()}}
 
 
 def experiment_config(workdir: Path, name: str = "tiny") -> Path:
