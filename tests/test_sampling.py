@@ -92,3 +92,18 @@ def test_ensemble_draws_from_every_member_equally():
     fraction = (theta[:, 0, 0] > 0).float().mean().item()
     # Binomial(4000, 1/2) has standard deviation 0.008: 0.05 is six of them.
     assert abs(fraction - 0.5) < 0.05
+
+
+def test_ensemble_draws_follow_their_own_observation():
+    """Draws for observation n come from q(theta | x_n), not from another row's conditional.
+
+    Under its own conditional a sample's mean log-density exceeds that under another's by their
+    KL divergence; the observations are far apart, so a mix-up of rows would reverse the order.
+    """
+    posterior = _posterior(members=3, seed=2)
+    x = torch.tensor([[-30.0, 0.0, 30.0], [30.0, 0.0, -30.0]])
+    with torch.no_grad():
+        theta, _ = posterior.sample_and_log_prob(x, 2000)  # (M, 2, D)
+        own = posterior.log_prob(theta, x).mean(0)
+        swapped = posterior.log_prob(theta, x.flip(0)).mean(0)
+    assert torch.all(own > swapped + 1.0), (own, swapped)

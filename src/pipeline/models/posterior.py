@@ -125,12 +125,17 @@ class NeuralPosterior(nn.Module):
                 (num_samples,)
             )
             return z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
-        # Each draw comes from a member chosen uniformly: draw from every member, keep one.
+        # Each draw comes from a member chosen uniformly; a member draws only its own share (not
+        # M per observation, then discarded: that made sampling K times dearer), each draw
+        # conditioned on its observation's embedding, computed once per observation.
         x_standard = (x - self.x_mean) / self.x_std
-        z = torch.stack([member(x_standard).rsample((num_samples,)) for member in self.members])
-        # z: (K, M, N, D)
-        choice = torch.randint(len(self.members), z.shape[1:3], device=z.device)
-        z = torch.gather(z, 0, choice[None, ..., None].expand(1, *z.shape[1:])).squeeze(0)
+        choice = torch.randint(len(self.members), (num_samples, len(x)), device=x.device)
+        z = torch.empty(num_samples, len(x), len(self.spec.parameter_names), device=x.device)
+        for k, member in enumerate(self.members):
+            draw, observation = torch.nonzero(choice == k, as_tuple=True)
+            if len(draw):
+                context = member.embedding(x_standard)[observation]  # (draws of k, C)
+                z[draw, observation] = member.flow(context).rsample()
         theta = z * self.theta_std + self.theta_mean
         return theta, self.log_prob(theta, x)
 
