@@ -15,8 +15,8 @@ It measures, side by side in this one script:
    ``mpiexec -n 2`` on two;
 4. HDF5 write bandwidth as a fraction of ``dd``'s on the same disk (both flushed to disk);
 5. peak resident memory of ``pipeline simulate`` against N (one rank);
-6. contention of a writer thread with the simulating one: the two_moons loop alone, beside a
-   thread writing shards with h5py, and beside one writing the same bytes with plain ``write``.
+6. where the overhead goes: the bare two_moons loop, then its blocks kept as float32 arrays,
+   then also written with plain ``write`` on the pipeline's writer thread, then the pipeline.
 
 Timings take the median of ``--repeats`` runs, interleaving the peers so that drifts in the
 machine's speed hit both alike. Results are printed and written to ``benchmarks/results/``.
@@ -33,9 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ import numpy as np
 from pipeline import simulation, storage
 from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
+from pipeline.writer import BackgroundWriter
 
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -217,51 +218,67 @@ def bandwidth(folder: Path, quick: bool) -> dict[str, float]:
     return result
 
 
-def writer_contention(repeats: int, quick: bool, folder: Path) -> dict[str, float]:
-    """Seconds of the bare two_moons loop alone and beside a thread that keeps writing shards
-    (a tenth of the loop's rows each, no filter) with h5py, or the same bytes with plain writes."""
-    n = 10**5 if quick else 10**6
+def floors(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
+    """Where the pipeline's time over the bare loop goes, two_moons at N = 10^6 in chunks of
+    10^5, each step adding one thing to the one before (interleaved, medians, paired ratios):
+
+    - ``bare``: the bare loop (blocks drawn and discarded);
+    - ``kept``: the blocks copied, as float32, into a chunk's arrays (what storing needs first);
+    - ``raw_writes``: and each chunk's bytes written to a file with plain ``write`` by the
+      pipeline's background writer (storage without HDF5);
+    - ``pipeline``: ``simulation.run`` with ``--compression none --merge virtual``.
+    """
+    n, chunk = (10**5, 10**4) if quick else (10**6, 10**5)
     task = get_task("two_moons")
-    plan = simulation.SimulationPlan("two_moons", n, 1, n // 10)
-    theta, x = simulation.simulate_range(task, 1, 0, n // 10)
-    attrs = {**simulation.shard_attrs(plan, task), "num_nonfinite": 0}
+    plan = simulation.SimulationPlan("two_moons", n, 1, chunk)
 
-    def h5py_write(i: int) -> None:
-        simulation.write_shard(folder / f"w{i % 4}.h5", theta, x, attrs, 0, n // 10, "none")
+    def kept(write: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> float:
+        buffers = simulation.ChunkBuffers(task, chunk)
+        start = time.perf_counter()
+        with BackgroundWriter() as writer:
+            for first, last in plan.chunks():
+                theta, x = simulation.simulate_range(task, 1, first, last, buffers.next(chunk))
+                if write is not None:
+                    writer.submit(partial(write, first, theta, x))
+        return time.perf_counter() - start
 
-    def plain_write(i: int) -> None:
-        with open(folder / f"w{i % 4}.bin", "wb") as f:
-            f.write(theta.tobytes())
-            f.write(x.tobytes())
+    def raw_write(first: int, theta: np.ndarray, x: np.ndarray) -> None:
+        with open(folder / f"raw-{first}.bin", "wb") as f:
+            f.write(theta)
+            f.write(x)
 
-    def beside(write: Callable[[int], None]) -> float:
-        stop = threading.Event()
-
-        def keep_writing() -> None:
-            i = 0
-            while not stop.is_set():
-                write(i)
-                i += 1
-
-        thread = threading.Thread(target=keep_writing)
-        thread.start()
-        seconds = bare_loop("two_moons", n)
-        stop.set()
-        thread.join()
-        return seconds
-
-    times: dict[str, list[float]] = {
-        "alone": [],
-        "beside_h5py_writer": [],
-        "beside_plain_writer": [],
+    steps: dict[str, Callable[[], float]] = {
+        "bare": lambda: bare_loop("two_moons", n),
+        "kept": kept,
+        "raw_writes": lambda: kept(raw_write),
+        "pipeline": lambda: pipeline_run(
+            "two_moons", n, chunk, folder, merge="virtual", compression="none"
+        ),
     }
-    for _ in range(repeats):
-        times["alone"].append(bare_loop("two_moons", n))
-        times["beside_h5py_writer"].append(beside(h5py_write))
-        times["beside_plain_writer"].append(beside(plain_write))
-    result = {k: round(statistics.median(v), 3) for k, v in times.items()}
-    print(result, flush=True)
-    return result
+    all_cores = os.sched_getaffinity(0)
+    rows = []
+    for cores in (sorted(all_cores), [min(all_cores)]):
+        os.sched_setaffinity(0, cores)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():
+                times[name].append(step())
+        bare = times["bare"]
+        for name, seconds in times.items():
+            ratios = [t / b for t, b in zip(seconds, bare, strict=True)]
+            rows.append(
+                {
+                    "cores": len(cores),
+                    "step": name,
+                    "seconds": round(statistics.median(seconds), 3),
+                    "overhead": round(statistics.median(ratios) - 1, 3),
+                }
+            )
+            print(rows[-1], flush=True)
+        for path in folder.glob("raw-*.bin"):
+            path.unlink()
+    os.sched_setaffinity(0, all_cores)
+    return rows
 
 
 def memory(quick: bool, folder: Path) -> list[dict[str, object]]:
@@ -297,7 +314,7 @@ def main() -> None:
             "parallel_efficiency": parallel_efficiency(args.repeats, args.quick, folder),
             "bandwidth_mb_s": bandwidth(folder, args.quick),
             "memory": memory(args.quick, folder),
-            "writer_contention_s": writer_contention(args.repeats, args.quick, folder),
+            "floors": floors(3 * args.repeats, args.quick, folder),
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -98,6 +98,34 @@ def test_failed_shard_write_stops_the_run_and_keeps_finished_shards(tmp_path, mo
     assert "chunk-000000002000-000000003000.h5" not in finished
 
 
+def test_slow_writes_get_their_own_chunk_not_a_reused_buffer(tmp_path, monkeypatch):
+    # Chunks are simulated into two buffers in turn; a write still running when the rank has
+    # simulated two more chunks must not see the buffer overwritten by the later one.
+    out = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 5500, 3, 1000)
+    original = simulation.write_shard
+
+    def slow(path, theta, x, attrs, start, stop, compression="gzip"):
+        time.sleep(0.05)  # far longer than simulating a chunk of 1000
+        original(path, theta, x, attrs, start, stop, compression)
+
+    monkeypatch.setattr(simulation, "write_shard", slow)
+    simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=False)
+    theta, x = simulation.simulate_range(get_task("two_moons"), 3, 0, 5500)
+    result = storage.read_simulations(out)
+    np.testing.assert_array_equal(result.theta, theta)
+    np.testing.assert_array_equal(result.x, x)
+
+
+def test_chunk_buffers_hand_out_two_pairs_in_turn():
+    buffers = simulation.ChunkBuffers(get_task("sn_cosmology"), 100)
+    first, second, third = buffers.next(100), buffers.next(100), buffers.next(30)
+    assert first[0].shape == (100, 2) and first[1].shape == (100, 40)
+    assert third[0].shape == (30, 2) and third[1].dtype == np.float32
+    assert not np.shares_memory(first[1], second[1])
+    assert np.shares_memory(first[0], third[0]) and np.shares_memory(first[1], third[1])
+
+
 def test_rerun_removes_temporaries_of_killed_writes(tmp_path):
     out = tmp_path / "sims.h5"
     shard = simulation.shard_path(out, 1000, 2000)

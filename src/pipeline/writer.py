@@ -2,7 +2,9 @@
 
 HDF5's filters and file writes release Python's GIL, so on a node with spare cores (or a parallel
 file system that makes writes wait) the write of chunk ``k`` overlaps the simulation of chunk
-``k + 1``. One write is in flight at a time: a rank holds at most two chunks, whatever ``N``.
+``k + 1``. One write is in flight at a time, and :meth:`BackgroundWriter.submit` returns only once
+the write before it has finished: a rank holds at most two chunks, whatever ``N``, and may
+simulate into two buffers in turn (the one submitted last is the only one still being read).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class BackgroundWriter:
         return self
 
     def submit(self, write: Callable[[], None]) -> None:
-        """Queues ``write``; blocks while an earlier write is still queued (not just running)."""
+        """Waits for the earlier write to finish, then queues ``write`` and returns."""
+        self._jobs.join()
         self._raise_if_failed()
         self._jobs.put(write)
 
@@ -54,6 +57,7 @@ class BackgroundWriter:
                     job()
                 except BaseException as error:  # noqa: BLE001 - handed to the caller
                     self._error = error
+            self._jobs.task_done()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
