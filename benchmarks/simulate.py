@@ -12,14 +12,16 @@ It measures, side by side in this one script:
    sn_cosmology at N = 10^5; once free to use a second core (the shard writer thread's
    compression runs beside the simulation) and once pinned to one core (the CPU cost);
 3. parallel efficiency of ``pipeline simulate``: ``mpiexec -n 1`` pinned to one core against
-   ``mpiexec -n 2`` on two;
+   ``mpiexec -n 2`` on two, beside the machine's ceiling: one bare loop alone against two at
+   once, each on its own core;
 4. HDF5 write bandwidth as a fraction of ``dd``'s on the same disk (both flushed to disk);
 5. peak resident memory of ``pipeline simulate`` against N (one rank);
 6. where the overhead goes: the bare two_moons loop, then its blocks kept as float32 arrays,
    then also written with plain ``write`` on the pipeline's writer thread, then the pipeline.
 
-Timings take the median of ``--repeats`` runs, interleaving the peers so that drifts in the
-machine's speed hit both alike. Results are printed and written to ``benchmarks/results/``.
+Timings take the median of ``--repeats`` runs (three times as many for 3 and 6, whose figures
+are ratios of a few per cent), interleaving the peers so that drifts in the machine's speed hit
+both alike. Results are printed and written to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -161,15 +163,48 @@ def cli(ranks: int, task: str, n: int, chunk: int, out: Path, *extra: str) -> tu
     return float(seconds), int(rss)
 
 
+BARE_LOOP = """
+import sys, time
+import numpy as np
+from pipeline.tasks import get_task
+task, n = get_task(sys.argv[1]), int(sys.argv[2])
+start = time.perf_counter()
+for block in range(n // task.seed_block_size):
+    task.simulate_block(task.seed_block_size, np.random.default_rng([1, block]))
+print(time.perf_counter() - start)
+"""
+
+
+def bare_loops_at_once(task: str, n: int, ranks: int) -> float:
+    """Seconds of the slowest of ``ranks`` bare loops of ``n`` simulations run at once, one per
+    core, each in its own interpreter: what ``ranks`` cores give with nothing shared."""
+    cores = sorted(os.sched_getaffinity(0))[:ranks]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loops = [
+        subprocess.Popen(
+            ["taskset", "-c", str(core), sys.executable, "-c", BARE_LOOP, task, str(n)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for core in cores
+    ]
+    return max(float(loop.communicate()[0]) for loop in loops)
+
+
 def parallel_efficiency(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
+    """Efficiency of ``pipeline simulate`` at 2 ranks, beside the machine's ceiling: the same
+    ratio for bare loops with nothing shared (two at once on two cores against one alone)."""
     cases = [("sn_cosmology", 10**5 if quick else 5 * 10**5, 10**4)]
     cases.append(("two_moons", 10**6 if quick else 10**7, 10**5))
     rows = []
     for task, n, chunk in cases:
-        one, two = [], []
+        one, two, alone, pair = [], [], [], []
         for _ in range(repeats):
             one.append(cli(1, task, n, chunk, folder / "a.h5")[0])
             two.append(cli(2, task, n, chunk, folder / "b.h5")[0])
+            alone.append(bare_loops_at_once(task, n // 2, 1))
+            pair.append(bare_loops_at_once(task, n // 2, 2))
         t1, t2 = statistics.median(one), statistics.median(two)
         rows.append(
             {
@@ -179,6 +214,9 @@ def parallel_efficiency(repeats: int, quick: bool, folder: Path) -> list[dict[st
                 "one_rank_s": round(t1, 2),
                 "two_ranks_s": round(t2, 2),
                 "efficiency": round(t1 / (2 * t2), 3),
+                "bare_alone_s": round(statistics.median(alone), 2),
+                "bare_two_at_once_s": round(statistics.median(pair), 2),
+                "ceiling": round(statistics.median(alone) / statistics.median(pair), 3),
             }
         )
         print(rows[-1], flush=True)
@@ -311,7 +349,7 @@ def main() -> None:
                 k: round(v) for k, v in throughput(args.repeats, args.quick).items()
             },
             "overhead": overhead(args.repeats, args.quick, folder),
-            "parallel_efficiency": parallel_efficiency(args.repeats, args.quick, folder),
+            "parallel_efficiency": parallel_efficiency(3 * args.repeats, args.quick, folder),
             "bandwidth_mb_s": bandwidth(folder, args.quick),
             "memory": memory(args.quick, folder),
             "floors": floors(3 * args.repeats, args.quick, folder),

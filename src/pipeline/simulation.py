@@ -139,7 +139,8 @@ class ChunkBuffers:
     def next(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next pair, as views of its first ``n`` rows (``n`` at most a chunk)."""
         if len(self._pairs) < 2:  # allocated on first use: a resumed run may need none
-            self._pairs.append(tuple(np.empty(shape, np.float32) for shape in self._shapes))
+            theta_shape, x_shape = self._shapes
+            self._pairs.append((np.empty(theta_shape, np.float32), np.empty(x_shape, np.float32)))
         theta, x = self._pairs[self._turn % len(self._pairs)]
         self._turn += 1
         return theta[:n], x[:n]

@@ -1,10 +1,13 @@
 """Writes HDF5 shards on a background thread, so that a rank simulates its next chunk meanwhile.
 
-HDF5's filters and file writes release Python's GIL, so on a node with spare cores (or a parallel
-file system that makes writes wait) the write of chunk ``k`` overlaps the simulation of chunk
-``k + 1``. One write is in flight at a time, and :meth:`BackgroundWriter.submit` returns only once
-the write before it has finished: a rank holds at most two chunks, whatever ``N``, and may
-simulate into two buffers in turn (the one submitted last is the only one still being read).
+h5py releases Python's GIL inside dataset writes (filters included), so on a node with spare
+cores (or a parallel file system that makes writes wait) the write of chunk ``k`` overlaps the
+simulation of chunk ``k + 1``; creating the file, its datasets and attributes holds the GIL, a
+cost that shows only for simulators as fast as two_moons (benchmarks/README.md).
+
+One write is in flight at a time, and :meth:`BackgroundWriter.submit` returns only once the
+write before it has finished: a rank holds at most two chunks, whatever ``N``, and may simulate
+into two buffers in turn (the one submitted last is the only one still being read).
 """
 
 from __future__ import annotations
