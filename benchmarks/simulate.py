@@ -48,7 +48,8 @@ from pipeline.tasks import get_task
 from pipeline.writer import BackgroundWriter
 
 BIN = Path(sys.executable).parent
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 
 
 def bare_loop(task_name: str, n: int, seed: int = 1) -> float:
@@ -163,16 +164,11 @@ def cli(ranks: int, task: str, n: int, chunk: int, out: Path, *extra: str) -> tu
     return float(seconds), int(rss)
 
 
-BARE_LOOP = """
-import sys, time
-import numpy as np
-from pipeline.tasks import get_task
-task, n = get_task(sys.argv[1]), int(sys.argv[2])
-start = time.perf_counter()
-for block in range(n // task.seed_block_size):
-    task.simulate_block(task.seed_block_size, np.random.default_rng([1, block]))
-print(time.perf_counter() - start)
-"""
+# bare_loop in a fresh interpreter: argv is this folder, the task and n.
+BARE_LOOP = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from simulate import bare_loop; "
+    "print(bare_loop(sys.argv[2], int(sys.argv[3])))"
+)
 
 
 def bare_loops_at_once(task: str, n: int, ranks: int) -> float:
@@ -182,7 +178,7 @@ def bare_loops_at_once(task: str, n: int, ranks: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     loops = [
         subprocess.Popen(
-            ["taskset", "-c", str(core), sys.executable, "-c", BARE_LOOP, task, str(n)],
+            ["taskset", "-c", str(core), sys.executable, "-c", BARE_LOOP, str(HERE), task, str(n)],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
