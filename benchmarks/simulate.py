@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -84,6 +84,19 @@ def throughput(repeats: int, quick: bool) -> dict[str, float]:
     }
 
 
+def all_cores_then_one() -> Iterator[int]:
+    """Confines this process to all its cores, then to one (threads inherit the mask, so the
+    shard writer is confined with the simulation); yields the number of cores; restores the
+    mask when done."""
+    all_cores = os.sched_getaffinity(0)
+    try:
+        for cores in (all_cores, {min(all_cores)}):
+            os.sched_setaffinity(0, cores)
+            yield len(cores)
+    finally:
+        os.sched_setaffinity(0, all_cores)
+
+
 def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
     scale = 10 if quick else 1
     cases = [
@@ -92,11 +105,8 @@ def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]
         for merge in ("copy", "virtual")
     ]
     cases.append(("sn_cosmology", 10**5 // scale, 10**4 // scale, "gzip", "copy"))
-    all_cores = os.sched_getaffinity(0)
     rows = []
-    for cores in (sorted(all_cores), [min(all_cores)]):
-        # Threads inherit the mask: the shard writer is confined with the simulation.
-        os.sched_setaffinity(0, cores)
+    for cores in all_cores_then_one():
         for task, n, chunk, compression, merge in cases:
             bare, piped = [], []
             for _ in range(repeats):
@@ -108,7 +118,7 @@ def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]
             rows.append(
                 {
                     "task": task,
-                    "cores": len(cores),
+                    "cores": cores,
                     "compression": compression,
                     "merge": merge,
                     "n": n,
@@ -119,7 +129,6 @@ def overhead(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]
                 }
             )
             print(rows[-1], flush=True)
-    os.sched_setaffinity(0, all_cores)
     return rows
 
 
@@ -289,10 +298,8 @@ def floors(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
             "two_moons", n, chunk, folder, merge="virtual", compression="none"
         ),
     }
-    all_cores = os.sched_getaffinity(0)
     rows = []
-    for cores in (sorted(all_cores), [min(all_cores)]):
-        os.sched_setaffinity(0, cores)
+    for cores in all_cores_then_one():
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):
             for name, step in steps.items():
@@ -302,7 +309,7 @@ def floors(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
             ratios = [t / b for t, b in zip(seconds, bare, strict=True)]
             rows.append(
                 {
-                    "cores": len(cores),
+                    "cores": cores,
                     "step": name,
                     "seconds": round(statistics.median(seconds), 3),
                     "overhead": round(statistics.median(ratios) - 1, 3),
@@ -311,7 +318,6 @@ def floors(repeats: int, quick: bool, folder: Path) -> list[dict[str, object]]:
             print(rows[-1], flush=True)
         for path in folder.glob("raw-*.bin"):
             path.unlink()
-    os.sched_setaffinity(0, all_cores)
     return rows
 
 

@@ -138,11 +138,11 @@ class ChunkBuffers:
 
     def next(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next pair, as views of its first ``n`` rows (``n`` at most a chunk)."""
-        if len(self._pairs) < 2:  # allocated on first use: a resumed run may need none
+        turn, self._turn = self._turn % 2, self._turn + 1
+        if turn == len(self._pairs):  # allocated on first use: a resumed run may need none
             theta_shape, x_shape = self._shapes
             self._pairs.append((np.empty(theta_shape, np.float32), np.empty(x_shape, np.float32)))
-        theta, x = self._pairs[self._turn % len(self._pairs)]
-        self._turn += 1
+        theta, x = self._pairs[turn]
         return theta[:n], x[:n]
 
 
