@@ -18,7 +18,7 @@ import pytest
 from astropy.cosmology import FlatwCDM
 from scipy import stats
 
-from pipeline.tasks import Task, get_task
+from pipeline.tasks import Task, TaskError, get_task
 from pipeline.tasks.gaussian_linear import GaussianLinear
 from pipeline.tasks.sn_cosmology import SNCosmology
 from pipeline.tasks.two_moons import TwoMoons
@@ -112,7 +112,7 @@ def test_prior_log_prob(name: str) -> None:
 
 
 def test_unknown_task_lists_known_tasks() -> None:
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(TaskError) as info:
         get_task("three_moons")
     assert all(name in str(info.value) for name in NAMES)
 

@@ -114,7 +114,7 @@ def simulate_range(
     theta, x = out
     for block in range(start // size, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
-        theta_block, x_block = task.simulate_block(size, rng)
+        theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
         _check_shapes(task, theta_block, x_block, size)
         lo, hi = max(start - block * size, 0), min(stop - block * size, size)
         rows = slice(block * size + lo - start, block * size + hi - start)
@@ -154,6 +154,12 @@ def _check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:
             f"simulations; expected {expected_theta} and {expected_x}. Fix the task's prior "
             "or simulator (or its x_shape)."
         )
+    for name, array in (("theta", theta), ("x", x)):
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise ValueError(
+                f"task {task.name!r} returned {name} of dtype {array.dtype}; expected real "
+                "numbers (float64). Make the simulator return a numeric NumPy array."
+            )
 
 
 def shard_dir(out: Path) -> Path:

@@ -1,9 +1,27 @@
-"""Registry of inference tasks: ``get_task("two_moons")`` returns a fresh task instance."""
+"""Tasks by name or by import path: ``get_task(spec)`` returns a fresh task instance.
+
+``spec`` is one of:
+
+- a built-in task's name (``"two_moons"``, see :data:`TASKS`);
+- ``package.module:Attribute``: an importable module (installed, or on ``PYTHONPATH``);
+- ``path/to/file.py:Attribute``: a Python file, found relative to the working directory;
+- ``path/to/task.yaml``: a task declared in YAML (prior, shapes and a Python function or an
+  external program as simulator, or no simulator at all; see :mod:`pipeline.tasks.declared`).
+
+``Attribute`` is a :class:`Task` subclass (instantiated without arguments), a task instance, or
+a function without arguments returning one. A task resolved from a spec carries that spec as its
+``name``: every file records it, so every later stage, job and MPI rank resolves the same task
+the same way, without any registration step.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.tasks.base import (
@@ -13,6 +31,7 @@ from pipeline.tasks.base import (
     Prior,
     Reference,
     Task,
+    check_task,
 )
 
 __all__ = [
@@ -23,9 +42,14 @@ __all__ = [
     "Prior",
     "Reference",
     "Task",
+    "TaskError",
     "get_task",
     "register",
 ]
+
+
+class TaskError(ValueError):
+    """A task spec that does not resolve, or resolves to something that is not a valid task."""
 
 
 def _lazy(module: str, cls: str, **options: Any) -> Callable[[], Task]:
@@ -69,14 +93,105 @@ TASKS: dict[str, Callable[[], Task]] = {
 
 
 def register(name: str, factory: Callable[[], Task]) -> None:
-    """Adds a task to the registry (used by tests and by downstream projects)."""
+    """Adds a task to this process's registry (tests; a user's task is better given by its
+    import path, which every process resolves without registering)."""
     TASKS[name] = factory
 
 
-def get_task(name: str) -> Task:
-    """Returns the task called ``name``; the error lists the known tasks."""
-    try:
-        return TASKS[name]()
-    except KeyError:
+def get_task(spec: str) -> Task:
+    """The task ``spec`` names (see the module docstring), checked against the Task contract.
+
+    Raises:
+        TaskError: If ``spec`` does not resolve, naming what was tried and how to fix it, or
+            resolves to an object that breaks the contract (see :func:`check_task`).
+    """
+    if spec in TASKS:
+        return TASKS[spec]()
+    if spec.endswith((".yaml", ".yml")):
+        from pipeline.tasks.declared import load_task_file
+
+        try:
+            task = load_task_file(Path(spec))
+        except ValueError as error:
+            raise TaskError(str(error)) from None
+    elif ":" in spec:
+        task = _from_import_path(spec)
+    else:
         known = ", ".join(sorted(TASKS))
-        raise KeyError(f"unknown task {name!r}; known tasks: {known}") from None
+        raise TaskError(
+            f"unknown task {spec!r}: not a built-in task ({known}), nor an import path "
+            "('package.module:Class' or 'path/to/file.py:Class') or a task file "
+            "('path/to/task.yaml')"
+        )
+    task.name = spec
+    try:
+        check_task(task)
+    except ValueError as error:
+        raise TaskError(f"task {spec!r}: {error}") from None
+    return task
+
+
+def _from_import_path(spec: str) -> Task:
+    """Imports ``module:attribute`` or ``file.py:attribute`` and makes a task of the attribute."""
+    where, _, attribute = spec.rpartition(":")
+    if not where or not attribute:
+        raise TaskError(f"task {spec!r}: expected 'module:Attribute' or 'file.py:Attribute'")
+    module = _load_file(Path(where), spec) if where.endswith(".py") else _import(where, spec)
+    try:
+        target = getattr(module, attribute)
+    except AttributeError:
+        raise TaskError(
+            f"task {spec!r}: {where} defines no {attribute!r} (it defines "
+            f"{', '.join(n for n in dir(module) if not n.startswith('_')) or 'nothing'})"
+        ) from None
+    if isinstance(target, type) and issubclass(target, Task):
+        return target()
+    if isinstance(target, Task):
+        return target
+    if callable(target):
+        task = target()
+        if isinstance(task, Task):
+            return task
+        raise TaskError(
+            f"task {spec!r}: {attribute}() returned {type(task).__name__}, not a "
+            "pipeline.tasks.Task"
+        )
+    raise TaskError(
+        f"task {spec!r}: {attribute} is a {type(target).__name__}; expected a subclass of "
+        "pipeline.tasks.Task, an instance of one, or a function returning one"
+    )
+
+
+def _import(module: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise TaskError(
+            f"task {spec!r}: cannot import {module!r} ({error}); install the package that "
+            "holds it, add its folder to PYTHONPATH, or name the file: 'path/to/file.py:Class'"
+        ) from None
+
+
+def _load_file(path: Path, spec: str) -> Any:
+    """Imports a Python file by path, once per process (as a module named after its path)."""
+    if not path.is_file():
+        raise TaskError(
+            f"task {spec!r}: {path} does not exist (relative paths start at the working "
+            f"directory, here {Path.cwd()})"
+        )
+    resolved = path.resolve()
+    name = "pipeline_user_task_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    loader = importlib.util.spec_from_file_location(name, resolved)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module
+    # As when the file runs as a script: it may import the modules beside it.
+    if str(resolved.parent) not in sys.path:
+        sys.path.insert(0, str(resolved.parent))
+    try:
+        loader.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -195,6 +195,12 @@ class Task(ABC):
         return len(self.parameter_names)
 
     @property
+    def has_simulator(self) -> bool:
+        """Whether :meth:`simulate` can run. Tasks made from existing simulations have none:
+        the checks that simulate (posterior predictive) are then skipped."""
+        return True
+
+    @property
     def has_reference(self) -> bool:
         """Whether the task implements :meth:`reference_posterior` or :meth:`reference`."""
         cls = type(self)
@@ -264,6 +270,43 @@ class Task(ABC):
         """Draws ``theta ~ prior`` then ``x ~ simulator``: ``(n, D)`` and ``(n, *x_shape)``."""
         theta = self.prior.sample(n, rng)
         return theta, self.simulate(theta, rng)
+
+
+def check_task(task: Task) -> None:
+    """Raises ``ValueError`` naming the first way ``task`` breaks the contract of :class:`Task`.
+
+    Checks what can be checked without simulating: names, units and prior agree in dimension,
+    ``x_shape`` is a tuple of positive integers, ``seed_block_size`` is a positive integer.
+    """
+    names = getattr(task, "parameter_names", None)
+    if not isinstance(names, tuple | list) or not names:
+        raise ValueError("parameter_names must be a non-empty sequence of strings")
+    if not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"parameter_names must be non-empty strings, got {list(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"parameter_names repeat a name: {list(names)}")
+    units = getattr(task, "parameter_units", None)
+    if not isinstance(units, tuple | list) or len(units) != len(names):
+        raise ValueError(
+            f"parameter_units must give one unit string per parameter ({len(names)}: "
+            f"{', '.join(names)}), got {units!r}; use '' for dimensionless"
+        )
+    shape = getattr(task, "x_shape", None)
+    if (
+        not isinstance(shape, tuple | list)
+        or not shape
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise ValueError(f"x_shape must be a tuple of positive integers, got {shape!r}")
+    block = getattr(task, "seed_block_size", None)
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"seed_block_size must be a positive integer, got {block!r}")
+    prior = task.prior
+    if prior is not None and prior.dim != len(names):
+        raise ValueError(
+            f"the prior has {prior.dim} dimensions but parameter_names has {len(names)} "
+            f"({', '.join(names)}); they must agree"
+        )
 
 
 def sample_by_rejection(
