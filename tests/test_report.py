@@ -565,3 +565,42 @@ def test_posterior_widths_table(tmp_path: Path, png: bytes, fisher: bool) -> Non
     del metrics["widths"]
     path.write_text(json.dumps(metrics))
     assert "Posterior widths" not in build(tmp_path, ["two_moons"])
+
+
+def test_skipped_checks_and_real_observations_are_said_so(tmp_path: Path, png: bytes) -> None:
+    """A task without simulator, at real observations: no predictive check, no C2ST, each with
+    its reason in the checks, the summary and the page; the verdict rests on the rest."""
+    write_task(tmp_path, "archive", png, None, 0.02, 0.03)
+    path = tmp_path / "archive" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["coverage"] |= {"predictive": None, "predictive_max_deviation": None}
+    metrics["predictive"] = None
+    del metrics["figures"]["predictive"]
+    metrics["observations"] = {"num": 2, "real": True}
+    metrics["skipped"] = {
+        "predictive": "the task has no simulator (imported simulations)",
+        "c2st": "real observations have no reference posterior",
+    }
+    path.write_text(json.dumps(metrics))
+    checks = {c.name: c.status for c in evaluate_checks(metrics, THRESHOLDS)}
+    assert checks == {
+        "C2ST": "n/a — real observations have no reference posterior",
+        "TARP": "PASS",
+        "HPD": "PASS",
+        "Predictive": "n/a — no simulator",
+    }
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["archive"])).split())
+    assert "Real observations (2)" in text
+    assert "Checks skipped: predictive : the task has no simulator (imported simulations)" in text
+    assert "Posterior predictive check n/a — the task has no simulator" in text
+
+
+def test_a_users_task_is_checked_against_its_spec(tmp_path: Path, png: bytes) -> None:
+    write_task(tmp_path, "mine", png, None, 0.02, 0.03)
+    for name in ("model/posterior.json", "validation/metrics.json"):
+        path = tmp_path / "mine" / name
+        path.write_text(path.read_text().replace('"task": "mine"', '"task": "my/file.py:Mine"'))
+    with pytest.raises(ResultsError, match=r"holds results of task 'my/file.py:Mine', not 'mine'"):
+        load_results(tmp_path, ["mine"])
+    (result,) = load_results(tmp_path, ["mine"], specs=["my/file.py:Mine"])
+    assert result.name == "mine"

@@ -175,3 +175,20 @@ def test_impossible_requests_fail_at_submission(runs, resources, message):
     assert "sbatch" in text and message in text.lower(), text[-3000:]
     assert time.monotonic() - start < 120  # refused at submission, not after running
     assert model.read_bytes() == before  # the earlier experiment is untouched
+
+
+def test_a_users_task_runs_by_its_path_in_every_slurm_job(cluster, tmp_path):
+    """examples/oscillator on the cluster: the task file is resolved in each sbatch job and in
+    both srun-started MPI ranks of simulate, with no registration anywhere."""
+    from tests.test_examples import project
+
+    workdir, config = project(tmp_path, "oscillator", {})
+    run_snakemake(workdir, "--configfile", str(config), profile=sized_profile(workdir))
+    jobs = [job for job in cluster.jobs() if Path(job["workdir"]) == workdir]
+    # 2 simulate, observe, train, 2 sample, validate, report, index: all through sbatch.
+    assert sorted(job["state"] for job in jobs) == ["COMPLETED"] * 9, jobs
+    task = workdir / "results/oscillator/oscillator"
+    with h5py.File(task / "sims/train.h5", "r") as f:
+        assert f.attrs["mpi_ranks"] == 2
+        assert f.attrs["task"] == "examples/oscillator/oscillator.py:Oscillator"
+    assert (workdir / "results/oscillator/report.html").exists()

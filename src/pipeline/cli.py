@@ -105,10 +105,49 @@ def cmd_merge(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_observe(args: argparse.Namespace) -> None:
-    from pipeline.observations import make_observations
+def cmd_import(args: argparse.Namespace) -> None:
+    from pipeline.importing import import_simulations
     from pipeline.tasks import get_task
 
+    start, stop = _row_range(args.rows)
+    import_simulations(
+        get_task(args.task),
+        args.theta,
+        args.x,
+        args.out,
+        start=start,
+        stop=stop,
+        overwrite=args.overwrite,
+        compression=args.compression,
+    )
+
+
+def _row_range(text: str) -> tuple[int, int | None]:
+    """``START:STOP``, ``START:`` or ``:STOP`` (negative counts from the end) as integers."""
+    first, colon, last = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return int(first or 0), int(last) if last else None
+    except ValueError:
+        raise ValueError(
+            f"--rows {text!r}: expected START:STOP, START: or :STOP with integers "
+            "(negative counts from the end, e.g. --rows=-1000: for the last 1000 rows)"
+        ) from None
+
+
+def cmd_observe(args: argparse.Namespace) -> None:
+    from pipeline.observations import import_observations, make_observations
+    from pipeline.tasks import get_task
+
+    if args.source is not None:
+        import_observations(get_task(args.task), args.source, args.out, overwrite=args.overwrite)
+        return
+    if args.num_observations is None or args.seed is None:
+        raise ValueError(
+            "observe draws synthetic observations with --num-observations and --seed, or "
+            "reads real ones with --from FILE"
+        )
     make_observations(
         get_task(args.task), args.num_observations, args.num_reference_samples, args.seed, args.out
     )
@@ -211,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     thresholds = Thresholds(
         c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
     )
-    results = load_results(args.experiment_dir, args.tasks, args.budgets)
+    results = load_results(args.experiment_dir, args.tasks, args.budgets, args.task_specs)
     settings = {"config": config, "thresholds": thresholds, "title": args.title}
     html = render_report(args.experiment_dir, results, **settings)
     if args.summary is not None:
@@ -324,11 +363,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
-    p = add("observe", cmd_observe, "draw observations with truths and reference posteriors")
+    text = "import existing (theta, x) arrays (.npy, .npz:MEMBER, .h5:DATASET) for training"
+    p = add("import", cmd_import, text)
     p.add_argument("--task", required=True)
-    p.add_argument("--num-observations", type=int, required=True)
+    p.add_argument("--theta", required=True, help="parameters (N, D): a SOURCE as for --x")
+    p.add_argument(
+        "--x",
+        required=True,
+        help="simulations (N, *x_shape): PATH.npy, PATH.npz:MEMBER or PATH.h5:DATASET",
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--rows",
+        default=":",
+        metavar="START:STOP",
+        help="rows of the sources to import (default all); negative counts from the end: "
+        "--rows=:-1000 and --rows=-1000: split one archive into train and test",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("gzip", "lzf", "none"),
+        default="gzip",
+        help="HDF5 filter of the datasets (gzip: portable; lzf: fast, h5py only)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    text = "draw observations with truths and reference posteriors, or read real ones (--from)"
+    p = add("observe", cmd_observe, text)
+    p.add_argument("--task", required=True)
+    p.add_argument("--num-observations", type=int)
     p.add_argument("--num-reference-samples", type=int, default=10000)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="real observed data instead: x.npy (n_obs, *x_shape) or file.h5[:dataset]",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (--from)")
     p.add_argument("--out", type=Path, required=True)
 
     p = add("train", cmd_train, "train a neural posterior estimator (Lightning, DDP-ready)")
@@ -379,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("report", cmd_report, "write one self-contained HTML report per experiment")
     p.add_argument("--experiment-dir", type=Path, required=True)
-    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--tasks", nargs="+", required=True, help="task folder names")
+    p.add_argument(
+        "--task-specs",
+        nargs="*",
+        default=[],
+        help="the task each folder's outputs record (import path or task file), where it "
+        "differs from the folder's name; one per --tasks",
+    )
     p.add_argument(
         "--budgets", nargs="*", type=int, default=[], help="budgets whose C2ST the page plots"
     )

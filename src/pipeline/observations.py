@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline import storage
+from pipeline import importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
@@ -66,6 +66,87 @@ def make_observations(
         f.attrs["complete"] = True
 
 
+def import_observations(task: Task, source: str, out: Path, *, overwrite: bool = False) -> None:
+    """Writes a user's observed data to ``out`` in the layout of :func:`make_observations`,
+    without true ``theta`` or reference samples (attribute ``real = True``).
+
+    Arguments:
+        source: ``file.npy`` holding ``(n_obs, *x_shape)`` or one ``x_shape``, or
+            ``file.h5[:dataset]`` (dataset ``x`` by default).
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false.
+        ValueError: If the data cannot be read, have the wrong shape for ``task``, or hold NaN
+            or inf (naming the observation).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    path, x = read_observed(source)
+    x = np.asarray(x, dtype=np.float64)
+    shape = tuple(task.x_shape)
+    if x.shape == shape:
+        x = x[None]
+    if x.ndim < 1 or x.shape[1:] != shape or len(x) == 0:
+        raise ValueError(
+            f"{source}: observed data of shape {x.shape} do not fit task {task.name!r}, whose x "
+            f"has shape {shape}: expected ({', '.join(map(str, ('n_obs', *shape)))}) or {shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        raise ValueError(
+            f"{source}: observation(s) {', '.join(map(str, bad[:10]))} hold NaN or inf; the "
+            "posterior is undefined there. Remove or repair them (e.g. mask bad pixels by "
+            "interpolation) before running the pipeline"
+        )
+    identity = {
+        "task": task.name,
+        "source": {"path": str(source), "sha256": importing.file_sha256(path)},
+    }
+    with storage.atomic_h5(out) as f:
+        f["x"] = x.astype(np.float32)
+        f.attrs["task"] = task.name
+        f.attrs["real"] = True
+        f.attrs["source"] = storage.encode_attr(identity["source"])
+        f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
+        f.attrs["provenance"] = storage.encode_attr(provenance(identity))
+        f.attrs["complete"] = True
+    log.info("wrote %s: %d real observation(s) of shape %s from %s", out, len(x), shape, source)
+
+
+def read_observed(source: str) -> tuple[Path, np.ndarray]:
+    """The file and the array of ``file.npy`` or ``file.h5[:dataset]``."""
+    text, dataset = str(source), "x"
+    head, sep, tail = text.rpartition(":")
+    if sep and head.endswith((".h5", ".hdf5", ".hdf")):
+        text, dataset = head, tail
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"observed data {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            return path, np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"{path} is not a readable .npy array of numbers ({error}); save it with "
+                "numpy.save(path, x) where x is a float array"
+            ) from None
+    try:
+        with h5py.File(path, "r") as f:
+            if dataset not in f:
+                present = ", ".join(f.keys()) or "none"
+                raise ValueError(
+                    f"{path} has no dataset {dataset!r} (datasets: {present}); name yours as "
+                    f"{path}:NAME"
+                )
+            return path, f[dataset][...]
+    except OSError as error:
+        raise ValueError(
+            f"{path} is neither a .npy array nor a readable HDF5 file ({error}); give the "
+            "observed data as x.npy (numpy.save) or file.h5:dataset"
+        ) from None
+
+
 def _draw_finite(task: Task, rng: np.random.Generator, j: int) -> tuple[np.ndarray, np.ndarray]:
     """One ``(theta, x)``; retried (a few times) if the simulator returns NaN or inf."""
     for _ in range(100):
@@ -75,19 +156,22 @@ def _draw_finite(task: Task, rng: np.random.Generator, j: int) -> tuple[np.ndarr
     raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")
 
 
-def read_reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``theta`` (n_obs, D), ``x`` (n_obs, ...), ``reference_samples`` (n_obs, R, D) or None."""
+def read_reference(path: Path) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """``theta`` (n_obs, D) or None (real data), ``x`` (n_obs, ...), ``reference_samples``
+    (n_obs, R, D) or None."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `pipeline observe` to create it")
     try:
         with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete", False) or "theta" not in f or "x" not in f:
+            real = bool(f.attrs.get("real", False))
+            if not f.attrs.get("complete", False) or "x" not in f or not (real or "theta" in f):
                 raise storage.SimulationFileError(
                     f"{path} is incomplete or lacks 'theta'/'x'; rerun `pipeline observe`"
                 )
+            theta = f["theta"][...] if "theta" in f else None
             reference = f["reference_samples"][...] if "reference_samples" in f else None
-            return f["theta"][...], f["x"][...], reference
+            return theta, f["x"][...], reference
     except OSError as error:
         raise storage.unreadable(path, error) from None
 

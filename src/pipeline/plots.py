@@ -427,3 +427,14 @@ def plot_predictive(
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small")
     return fig
+
+
+def plot_skipped(title: str, reason: str) -> Figure:
+    """A figure that says a check was not run and why: the file a workflow expects, never a
+    blank image that could be mistaken for a result."""
+    figure = Figure(figsize=(6.4, 1.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_axis_off()
+    axes.text(0.5, 0.65, f"{title}: not computed", ha="center", va="center", weight="bold")
+    axes.text(0.5, 0.3, reason, ha="center", va="center", wrap=True, fontsize="small")
+    return figure

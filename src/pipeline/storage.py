@@ -385,8 +385,7 @@ class open_simulations:  # noqa: N801 - context manager that validates while ope
             self.file = h5py.File(path, "r")
         except OSError as error:
             raise SimulationFileError(
-                f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}. "
-                "Delete it and rerun `pipeline simulate`."
+                f"{path} is not a readable HDF5 file ({error}). {_WHOSE_FILE}"
             ) from None
         try:
             _check_layout(self.file, path)
@@ -399,18 +398,23 @@ class open_simulations:  # noqa: N801 - context manager that validates while ope
         self.file.close()
 
 
+_WHOSE_FILE = (
+    "If `pipeline simulate` wrote it, its job was interrupted: rerun the same command with "
+    "--overwrite. If it holds your own simulations (.npy, .npz, or HDF5 written by other "
+    "code), convert them with `pipeline import --task TASK --theta SOURCE --x SOURCE --out FILE`"
+)
+
+
 def _check_layout(f: h5py.File, path: Path) -> None:
     missing = [name for name in ("theta", "x") if name not in f]
     if missing:
         raise SimulationFileError(
-            f"{path} has no dataset {' or '.join(map(repr, missing))}; "
-            "expected 'theta' (N, D) and 'x' (N, ...) as written by `pipeline simulate`"
+            f"{path} has no dataset {' or '.join(map(repr, missing))}; expected 'theta' (N, D) "
+            "and 'x' (N, ...) as `pipeline simulate` writes them. For your own file, name its "
+            "datasets: `pipeline import --theta FILE:DATASET --x FILE:DATASET`"
         )
     if not f.attrs.get("complete", False):
-        raise SimulationFileError(
-            f"{path} is incomplete (no 'complete' attribute): the job that wrote it was "
-            "interrupted. Delete it and rerun `pipeline simulate`."
-        )
+        raise SimulationFileError(f"{path} is incomplete (no 'complete' attribute). {_WHOSE_FILE}")
     missing = missing_sources(f, path)
     if missing:
         raise SimulationFileError(

@@ -33,6 +33,7 @@ from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.parallel import launched_by_mpi
 from pipeline.provenance import config_digest, provenance
+from pipeline.storage import SimulationFileError
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,11 @@ def train(
     )
     datamodule.setup("fit")
     attrs = datamodule.attrs
+    if "task" not in attrs:
+        raise SimulationFileError(
+            f"{data} names no task (attribute 'task'), so its parameters and shapes are "
+            "unknown. Import your arrays with `pipeline import --task TASK ...`, which records it"
+        )
     task = get_task(attrs["task"])
     data_digest = str(attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
@@ -450,7 +456,7 @@ def train(
 
 def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
     """The architecture: the options both dataclasses name alike, plus the task's shapes."""
-    bounds = task.prior.bounds
+    bounds = None if task.prior is None else task.prior.bounds
     shared = {f.name for f in fields(PosteriorSpec)} & {f.name for f in fields(TrainConfig)}
     return PosteriorSpec(
         parameter_names=tuple(task.parameter_names),

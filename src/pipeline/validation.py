@@ -71,10 +71,27 @@ def validate(
         "figures": {},
     }
     task = get_task(str(attrs["task"]))
-    with _step("coverage (TARP, HPD, predictive) on the test set"):
-        predictive = _predictive_coverage(
-            task, test, predictive_draws, predictive_replicates, seed
+    theta_obs, x_obs, reference = read_reference(observations)
+    metrics["observations"] = {"num": int(len(x_obs)), "real": theta_obs is None}
+    skipped: dict[str, str] = {}
+    if not task.has_simulator:
+        skipped["predictive"] = (
+            "the task has no simulator (imported simulations), so no posterior predictive "
+            "draws can be simulated: predictive coverage and predictive checks skipped"
         )
+    if reference is None:
+        skipped["c2st"] = (
+            "real observations have no reference posterior"
+            if theta_obs is None
+            else "the task has no reference posterior"
+        )
+    metrics["skipped"] = skipped
+    with _step("coverage (TARP, HPD, predictive) on the test set"):
+        predictive = None
+        if task.has_simulator:
+            predictive = _predictive_coverage(
+                task, test, predictive_draws, predictive_replicates, seed
+            )
         metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
     with _step("SBC ranks"):
         metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
@@ -90,12 +107,17 @@ def validate(
             folds=c2st_folds,
         )
     observed = read_samples(observation_samples)
-    theta_obs, x_obs, reference = read_reference(observations)
     metrics["widths"] = _widths(task, observed["samples"], reference, theta_obs)
-    with _step("posterior predictive checks at the observations"):
-        metrics["predictive"] = _predictive_at_observations(
-            task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
-        )
+    metrics["predictive"] = None
+    if not task.has_simulator:
+        # The workflow expects the file; the report reads figures listed in metrics only.
+        figure = plots.plot_skipped("Posterior predictive check", skipped["predictive"])
+        _save(figure, out / "predictive.png")
+    else:
+        with _step("posterior predictive checks at the observations"):
+            metrics["predictive"] = _predictive_at_observations(
+                task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
+            )
     with _step(f"local C2ST ({local_c2st_null} null fits)"):
         metrics["local_c2st"] = _local_c2st(
             task, test, observed["samples"], x_obs, local_c2st_null, seed
@@ -126,8 +148,9 @@ def _coverage(
     seed: int,
     out: Path,
     figures: dict[str, str],
-    predictive: dict[str, Any],
+    predictive: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """TARP, HPD and (``predictive``, None when skipped) data-space coverage, and the figure."""
     levels = diagnostics.DEFAULT_LEVELS
     low, high = attrs.get("low"), attrs.get("high")
     tarp = diagnostics.tarp_coverage(
@@ -139,21 +162,28 @@ def _coverage(
         rng=np.random.default_rng(seed),
     )
     hpd = diagnostics.hpd_coverage(test["log_prob"], test["log_prob_true"], levels)
-    curves = {"TARP": tarp, "HPD": hpd, "predictive (data space)": predictive["coverage"]}
+    curves = {"TARP": tarp, "HPD": hpd}
+    if predictive is not None:
+        curves["predictive (data space)"] = predictive["coverage"]
     figure = plots.plot_coverage(levels, curves, title=str(attrs["task"]))
     figures["coverage"] = _save(figure, out / "coverage.png")
-    return {
+    result = {
         "levels": levels.tolist(),
         "tarp": tarp.tolist(),
         "hpd": hpd.tolist(),
         "tarp_max_deviation": diagnostics.max_coverage_deviation(levels, tarp),
         "hpd_max_deviation": diagnostics.max_coverage_deviation(levels, hpd),
-        "predictive": predictive["coverage"].tolist(),
-        "predictive_max_deviation": diagnostics.max_coverage_deviation(
-            levels, predictive["coverage"]
-        ),
-        "predictive_num_excluded": predictive["num_excluded"],
+        "predictive": None,
+        "predictive_max_deviation": None,
+        "predictive_num_excluded": 0,
     }
+    if predictive is not None:
+        result["predictive"] = predictive["coverage"].tolist()
+        result["predictive_max_deviation"] = diagnostics.max_coverage_deviation(
+            levels, predictive["coverage"]
+        )
+        result["predictive_num_excluded"] = predictive["num_excluded"]
+    return result
 
 
 def _simulate_draws(
@@ -292,17 +322,17 @@ def _c2st_and_corner(
     folds: int,
 ) -> dict[str, Any] | None:
     posterior = read_samples(observation_samples)["samples"]
-    theta, _, reference = read_reference(observations)
-    if len(posterior) != len(theta):
+    theta, x, reference = read_reference(observations)
+    if len(posterior) != len(x):
         raise ValueError(
             f"{observation_samples} has samples for {len(posterior)} observations but "
-            f"{observations} holds {len(theta)}; resample the observations"
+            f"{observations} holds {len(x)}; resample the observations"
         )
     corner = plots.plot_corner(
         posterior[0],
         names,
         reference=None if reference is None else reference[0],
-        theta_true=theta[0],
+        theta_true=None if theta is None else theta[0],
     )
     figures["corner"] = _save(corner, out / "corner.png")
     if reference is None:
@@ -325,9 +355,10 @@ def _widths(
     ``sqrt(diag(F^-1))`` at the true parameters: the spread an unbiased estimator cannot beat
     from the likelihood alone (a posterior can, where the prior's edges cut it).
 
-    Shapes: ``samples`` (n, M, D), ``reference`` (n, R, D) or None, ``theta`` (n, D).
+    Shapes: ``samples`` (n, M, D), ``reference`` (n, R, D) or None, ``theta`` (n, D) or None
+    (real observations: no Cramer-Rao bound at an unknown truth).
     """
-    fisher = getattr(task, "fisher_information", None)
+    fisher = getattr(task, "fisher_information", None) if theta is not None else None
     if reference is None and fisher is None:
         return None
     names = list(task.parameter_names)

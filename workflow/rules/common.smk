@@ -1,14 +1,88 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
 import json
+import re
+import shlex
 from pathlib import Path
 
-from pipeline.tasks import TASKS
+from pipeline.tasks import TaskError, get_task
 
-unknown = sorted(set(config["tasks"]) - set(TASKS))
-if unknown:
-    raise ValueError(
-        f"config 'tasks': unknown task(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TASKS))}"
-    )
+
+def task_spec(name):
+    """What `pipeline --task` takes for a configured task: its task_modules entry, or itself."""
+    return config["task_modules"].get(name, name)
+
+
+def check_task_keys():
+    """Per-task blocks must name tasks, or a typo would be silently ignored: `data` and
+    `observed` a configured task; `task_train` (shared by experiments) any task that resolves."""
+    for key in ("data", "observed"):
+        stray = sorted(set(config[key]) - set(config["tasks"]))
+        if stray:
+            raise ValueError(
+                f"config '{key}' names {', '.join(stray)}, which config 'tasks' does not list "
+                f"(tasks: {', '.join(config['tasks'])})"
+            )
+    for name in sorted(set(config["task_train"]) - set(config["tasks"])):
+        try:
+            get_task(task_spec(name))
+        except TaskError as error:
+            raise ValueError(f"config 'task_train' names {name}: {error}") from None
+
+
+def resolve_tasks():
+    """Each configured task, resolved as every job will resolve it; fails before any job."""
+    tasks = {}
+    for name in config["tasks"]:
+        try:
+            tasks[name] = get_task(task_spec(name))
+        except TaskError as error:
+            hint = "" if name in config["task_modules"] else (
+                f"; for a task of your own add task_modules: {{{name}: 'path/to/file.py:Class'}}"
+            )
+            raise ValueError(f"config 'tasks': {name}: {error}{hint}") from None
+    for name, task in tasks.items():
+        if not task.has_simulator and name not in config["data"]:
+            raise ValueError(
+                f"task {name} has no simulator: give its existing simulations under "
+                f"data: {{{name}: {{theta: ..., x: ..., num_test: ...}}}}"
+            )
+        if not task.has_simulator and name not in config["observed"]:
+            raise ValueError(
+                f"task {name} has no simulator to draw synthetic observations from: give its "
+                f"observed data under observed: {{{name}: path/to/x_obs.npy}}"
+            )
+        if name in config["data"] and config["simulate"]["budgets"]:
+            raise ValueError(
+                f"simulate.budgets trains on the first N simulations of each task, but task "
+                f"{name}'s are imported (data:); leave budgets empty for this experiment"
+            )
+    return tasks
+
+
+check_task_keys()
+TASK_OBJECTS = resolve_tasks()
+SIMULATED = [name for name in config["tasks"] if name not in config["data"]]
+IMPORTED = [name for name in config["tasks"] if name in config["data"]]
+OBSERVED = [name for name in config["tasks"] if name in config["observed"]]
+SYNTHETIC = [name for name in config["tasks"] if name not in config["observed"]]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly ``names`` (and nothing when there are none)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def source_file(source):
+    """The file of a data source: 'file.npy', 'archive.npz:member' or 'file.h5:dataset'."""
+    from pipeline.importing import parse_source
+
+    return str(parse_source(source).path)
+
+
+def import_rows(wildcards):
+    """Rows of the data archive for one split: the last num_test rows are the test set."""
+    num_test = config["data"][wildcards.task]["num_test"]
+    return f":-{num_test}" if wildcards.split == "train" else f"-{num_test}:"
 
 
 def check_predictive_draws():
@@ -21,8 +95,10 @@ def check_predictive_draws():
     importing it here would load scikit-learn in every Snakemake start, 1.7 s, jobs included.)
     """
     draws = config["validate"]["predictive_draws"]
-    for name in config["tasks"]:
-        features = TASKS[name]().summary_size
+    for name, task in TASK_OBJECTS.items():
+        if not task.has_simulator:
+            continue  # no predictive checks without a simulator
+        features = task.summary_size
         if draws <= features:
             raise ValueError(
                 f"validate.predictive_draws={draws} is too few for task {name}, whose x has "
@@ -58,7 +134,7 @@ def benchmark_path(name):
 
 
 wildcard_constraints:
-    task="|".join(config["tasks"]),
+    task=one_of(config["tasks"]),
     # train-N: the first N training simulations, for the budget study (simulate.budgets).
     split=r"train|test|train-\d+",
     budget=r"\d+",
@@ -119,7 +195,7 @@ def all_shards():
         return []
     return [
         shard
-        for task in config["tasks"]
+        for task in SIMULATED
         for split in ("train", "test")
         for shard in shard_files(task, split)
     ]

@@ -22,12 +22,14 @@ rule report:
         experiment_dir=EXPERIMENT,
         config=json.dumps(config, sort_keys=True),
         tasks=" ".join(config["tasks"]),
+        specs=" ".join(shlex.quote(task_spec(name)) for name in config["tasks"]),
         budgets=" ".join(str(n) for n in BUDGETS),
         c2st_max=config["report"]["c2st_max"],
         coverage_max_deviation=config["report"]["coverage_max_deviation"],
         title=config["report"]["title"],
     shell:
         "pipeline report --experiment-dir {params.experiment_dir} --tasks {params.tasks}"
+        " --task-specs {params.specs}"
         " --budgets {params.budgets}"
         " --config-json {params.config:q} --c2st-max {params.c2st_max}"
         " --coverage-max-deviation {params.coverage_max_deviation}"

@@ -15,7 +15,10 @@ if not config["simulate"]["scatter"]:
             benchmark_path("simulate/{task}-{split}.tsv")
         conda:
             "../../envs/pipeline.yaml"
+        wildcard_constraints:
+            task=one_of(SIMULATED),
         params:
+            task=lambda wildcards: task_spec(wildcards.task),
             num_simulations=simulation_count,
             seed=simulation_seed,
             chunk_size=config["simulate"]["chunk_size"],
@@ -26,7 +29,7 @@ if not config["simulate"]["scatter"]:
             mpi="mpiexec",
             tasks=1,
         shell:
-            "{resources.mpi} -n {resources.tasks} pipeline simulate --task {wildcards.task}"
+            "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
             " --num-simulations {params.num_simulations} --seed {params.seed}"
             " --chunk-size {params.chunk_size} --fit-chunks --merge {params.merge}"
             " --compression {params.compression} --out {output} --overwrite --log {log}"
@@ -43,9 +46,11 @@ else:
         conda:
             "../../envs/pipeline.yaml"
         wildcard_constraints:
+            task=one_of(SIMULATED),
             start=r"\d{12}",
             stop=r"\d{12}",
         params:
+            task=lambda wildcards: task_spec(wildcards.task),
             num_simulations=simulation_count,
             seed=simulation_seed,
             chunk_size=config["simulate"]["chunk_size"],
@@ -54,7 +59,7 @@ else:
             compression=config["simulate"]["compression"],
         threads: 1
         shell:
-            "pipeline simulate --task {wildcards.task} --num-simulations {params.num_simulations}"
+            "pipeline simulate --task {params.task:q} --num-simulations {params.num_simulations}"
             " --seed {params.seed} --chunk-size {params.chunk_size} --chunk {params.start}"
             " --compression {params.compression} --out {params.out} --log {log}"
 
@@ -69,7 +74,10 @@ else:
             benchmark_path("simulate/{task}-{split}-merge.tsv")
         conda:
             "../../envs/pipeline.yaml"
+        wildcard_constraints:
+            task=one_of(SIMULATED),
         params:
+            task=lambda wildcards: task_spec(wildcards.task),
             num_simulations=simulation_count,
             seed=simulation_seed,
             chunk_size=config["simulate"]["chunk_size"],
@@ -77,7 +85,7 @@ else:
             compression=config["simulate"]["compression"],
         threads: 1
         shell:
-            "pipeline merge --task {wildcards.task} --num-simulations {params.num_simulations}"
+            "pipeline merge --task {params.task:q} --num-simulations {params.num_simulations}"
             " --seed {params.seed} --chunk-size {params.chunk_size} --merge {params.merge}"
             " --compression {params.compression} --out {output} --overwrite --log {log}"
 
@@ -91,11 +99,14 @@ rule observe:
         benchmark_path("observe/{task}.tsv")
     conda:
         "../../envs/pipeline.yaml"
+    wildcard_constraints:
+        task=one_of(SYNTHETIC),
     params:
+        task=lambda wildcards: task_spec(wildcards.task),
         num_observations=config["observations"]["num_observations"],
         num_reference_samples=config["observations"]["num_reference_samples"],
         seed=config["observations"]["seed"],
     shell:
-        "pipeline observe --task {wildcards.task} --num-observations {params.num_observations}"
+        "pipeline observe --task {params.task:q} --num-observations {params.num_observations}"
         " --num-reference-samples {params.num_reference_samples} --seed {params.seed}"
         " --out {output} --log {log}"

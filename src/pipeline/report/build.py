@@ -50,11 +50,13 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Check:
-    """One diagnostic of one task against its threshold; ``value=None`` when not applicable."""
+    """One diagnostic of one task against its threshold; ``value=None`` when not applicable,
+    and ``reason`` then says why."""
 
     name: str
     value: float | None
     threshold: float
+    reason: str = NO_REFERENCE
 
     @property
     def passed(self) -> bool | None:
@@ -63,21 +65,24 @@ class Check:
 
     @property
     def status(self) -> str:
-        return {None: NO_REFERENCE, True: "PASS", False: "FAIL"}[self.passed]
+        return {None: self.reason, True: "PASS", False: "FAIL"}[self.passed]
 
 
 def evaluate_checks(validation: dict[str, Any], thresholds: Thresholds) -> list[Check]:
     """C2ST, TARP, HPD and predictive-coverage checks of one ``validation/metrics.json``."""
     c2st = validation["c2st"]
     coverage = validation["coverage"]
+    skipped = validation.get("skipped", {})
+    c2st_reason = "n/a — " + skipped["c2st"] if "c2st" in skipped else NO_REFERENCE
     return [
-        Check("C2ST", None if c2st is None else c2st["max"], thresholds.c2st_max),
+        Check("C2ST", None if c2st is None else c2st["max"], thresholds.c2st_max, c2st_reason),
         Check("TARP", coverage["tarp_max_deviation"], thresholds.coverage_max_deviation),
         Check("HPD", coverage["hpd_max_deviation"], thresholds.coverage_max_deviation),
         Check(
             "Predictive",
             coverage["predictive_max_deviation"],
             thresholds.coverage_max_deviation,
+            "n/a — no simulator",
         ),
     ]
 
@@ -114,11 +119,16 @@ def png_data_uri(png: bytes) -> str:
 
 
 def load_results(
-    experiment_dir: Path, tasks: list[str], budgets: Sequence[int] = ()
+    experiment_dir: Path,
+    tasks: list[str],
+    budgets: Sequence[int] = (),
+    specs: Sequence[str] = (),
 ) -> list[TaskResults]:
     """Every task's results, in ``tasks`` order, read once for the page and the summary.
 
     ``budgets`` are the budget study's simulation counts; each task's C2ST at each is read.
+    ``specs`` (one per task, optional) are the task specs the outputs record, where they differ
+    from the folder names (a user's tasks, by import path or task file).
 
     Raises:
         FileNotFoundError: A task folder, result file or figure is missing.
@@ -128,7 +138,13 @@ def load_results(
         raise ValueError("no tasks to report")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks repeat a name: {tasks}")
-    return [load_task(Path(experiment_dir), task, budgets) for task in tasks]
+    if specs and len(specs) != len(tasks):
+        raise ValueError(f"{len(specs)} task specs for {len(tasks)} tasks")
+    specs = list(specs) or [None] * len(tasks)
+    return [
+        load_task(Path(experiment_dir), task, budgets, spec)
+        for task, spec in zip(tasks, specs, strict=True)
+    ]
 
 
 def build_report(
@@ -205,7 +221,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
                 coverage["levels"],
                 coverage["tarp"],
                 coverage["hpd"],
-                coverage["predictive"],
+                coverage["predictive"] or [None] * len(coverage["levels"]),
                 strict=True,
             )
         ),

@@ -50,7 +50,7 @@ VALIDATION_FIELDS: dict[str, type | tuple[type, ...]] = {
     "coverage": dict,
     "sbc": dict,
     "c2st": (dict, type(None)),
-    "predictive": dict,
+    "predictive": (dict, type(None)),
     "local_c2st": dict,
     "figures": dict,
 }
@@ -58,10 +58,10 @@ COVERAGE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "levels": list,
     "tarp": list,
     "hpd": list,
-    "predictive": list,
+    "predictive": (list, type(None)),
     "tarp_max_deviation": NUMBER,
     "hpd_max_deviation": NUMBER,
-    "predictive_max_deviation": NUMBER,
+    "predictive_max_deviation": (*NUMBER, type(None)),
     "predictive_num_excluded": int,
 }
 PREDICTIVE_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -82,7 +82,7 @@ C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "mean": NUMBER,
     "max": NUMBER,
 }
-FIGURES = ("corner", "coverage", "sbc", "predictive")
+FIGURES = ("corner", "coverage", "sbc")
 
 
 class ResultsError(ValueError):
@@ -130,8 +130,14 @@ class BudgetScore:
     max: float
 
 
-def load_task(experiment_dir: Path, task: str, budgets: Sequence[int] = ()) -> TaskResults:
-    """Reads and checks ``experiment_dir/task``'s training, validation and budget outputs."""
+def load_task(
+    experiment_dir: Path, task: str, budgets: Sequence[int] = (), spec: str | None = None
+) -> TaskResults:
+    """Reads and checks ``experiment_dir/task``'s training, validation and budget outputs.
+
+    ``spec`` is what the outputs record as their task (the task's import path or file for a
+    user's task; by default the folder's name, as for built-in tasks).
+    """
     task_dir = experiment_dir / task
     train = f"run `pipeline train` for task {task}"
     validate = f"run `pipeline validate` for task {task}"
@@ -144,7 +150,7 @@ def load_task(experiment_dir: Path, task: str, budgets: Sequence[int] = ()) -> T
     validation_path = task_dir / "validation" / "metrics.json"
     validation = read_json(validation_path, validate)
     check_validation(validation, validation_path)
-    check_same_task(task, posterior, posterior_path, validation, validation_path)
+    check_same_task(spec or task, posterior, posterior_path, validation, validation_path)
     return TaskResults(
         name=task,
         posterior=posterior,
@@ -215,12 +221,14 @@ def check_validation(validation: dict[str, Any], path: Path) -> None:
     check_fields(validation, VALIDATION_FIELDS, path)
     coverage = validation["coverage"]
     check_fields(coverage, COVERAGE_FIELDS, path, "coverage.")
-    for key in ("levels", "tarp", "hpd", "predictive"):
+    curves = [key for key in ("levels", "tarp", "hpd", "predictive") if coverage[key] is not None]
+    for key in curves:
         check_numbers(coverage[key], path, f"coverage.{key}")
-    if len({len(coverage[key]) for key in ("levels", "tarp", "hpd", "predictive")}) != 1:
+    if len({len(coverage[key]) for key in curves}) != 1:
         raise ResultsError(f"{path}: coverage levels, tarp, hpd and predictive differ in length")
-    check_fields(validation["predictive"], PREDICTIVE_FIELDS, path, "predictive.")
-    check_numbers(validation["predictive"]["pvalues"], path, "predictive.pvalues")
+    if validation["predictive"] is not None:
+        check_fields(validation["predictive"], PREDICTIVE_FIELDS, path, "predictive.")
+        check_numbers(validation["predictive"]["pvalues"], path, "predictive.pvalues")
     local = validation["local_c2st"]
     check_fields(local, LOCAL_C2ST_FIELDS, path, "local_c2st.")
     for key in ("statistic", "pvalue", "dispersion_correlation"):
@@ -289,7 +297,11 @@ def _cell_float(cell: str | None, path: Path, line: int) -> float:
 
 def read_figures(validation_dir: Path, validation: dict[str, Any], hint: str) -> dict[str, bytes]:
     """Reads the PNG figures listed in ``metrics.json``; C2ST's only when it was computed."""
-    keys = FIGURES + (("c2st",) if validation["c2st"] is not None else ())
+    keys = (
+        FIGURES
+        + (("c2st",) if validation["c2st"] is not None else ())
+        + (("predictive",) if validation["predictive"] is not None else ())
+    )
     listed = validation["figures"]
     metrics_path = validation_dir / "metrics.json"
     figures = {}

@@ -1,0 +1,260 @@
+"""A user's own tasks and observations: resolved by import path or task file in every process,
+checked against the Task contract, and their errors named with the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import cli, simulation
+from pipeline.observations import import_observations, read_reference
+from pipeline.parallel import SerialComm
+from pipeline.tasks import BoxUniform, DiagonalNormal, TaskError, get_task
+from tests.conftest import ROOT, run_env, tool
+
+OSCILLATOR = "examples/oscillator/oscillator.py:Oscillator"
+OSCILLATOR_YAML = "examples/oscillator/task.yaml"
+
+
+@pytest.fixture(autouse=True)
+def at_root(monkeypatch):
+    # Specs are paths relative to the working directory, as under Snakemake.
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize("spec", [OSCILLATOR, OSCILLATOR_YAML])
+def test_a_users_task_resolves_by_path_and_carries_its_spec_as_name(spec):
+    task = get_task(spec)
+    assert task.name == spec
+    assert task.parameter_names == ("omega", "gamma")
+    assert task.prior == BoxUniform((0.5, 0.05), (3.0, 0.5))
+    theta, x = task.simulate_block(4, np.random.default_rng(0))
+    assert theta.shape == (4, 2) and x.shape == (4, 50)
+
+
+def test_class_and_declared_task_simulate_the_same_data():
+    a = get_task(OSCILLATOR).simulate_block(100, np.random.default_rng([1, 0]))
+    b = get_task(OSCILLATOR_YAML).simulate_block(100, np.random.default_rng([1, 0]))
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_module_path_instance_and_factory_resolve(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        "my_sims.py",
+        """
+        from pipeline.tasks import DiagonalNormal, Task
+
+        class Line(Task):
+            parameter_names = ("a",)
+            parameter_units = ("",)
+            x_shape = (3,)
+            prior = DiagonalNormal((0.0,), (1.0,))
+
+            def simulate(self, theta, rng):
+                return theta * [1.0, 2.0, 3.0]
+
+        line = Line()
+
+        def make():
+            return Line()
+
+        def not_a_task():
+            return 42
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("my_sims:Line", "my_sims:line", "my_sims:make"):
+        task = get_task(spec)
+        assert task.name == spec and task.prior == DiagonalNormal((0.0,), (1.0,))
+    with pytest.raises(TaskError, match=r"not_a_task\(\) returned int, not a pipeline.tasks.Task"):
+        get_task("my_sims:not_a_task")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("two_moon", r"unknown task 'two_moon': not a built-in task \(bernoulli_glm, "),
+        ("no/such.py:Task", r"no/such.py does not exist \(relative paths start at the working"),
+        ("no_such_module:Task", r"cannot import 'no_such_module'.*add its folder to PYTHONPATH"),
+        (OSCILLATOR.replace("Oscillator", "Osc"), r"defines no 'Osc' \(it defines .*Oscillator"),
+        ("examples/oscillator/oscillator.py:TIMES", r"TIMES is a ndarray; expected a subclass"),
+        ("missing.yaml", r"task file missing.yaml does not exist"),
+    ],
+)
+def test_a_spec_that_does_not_resolve_says_why(spec, message):
+    with pytest.raises(TaskError, match=message):
+        get_task(spec)
+
+
+TASK_FILE = """
+    parameters: {names: [a, b], units: ["", "km"]}
+    prior: {uniform: {low: [0, 0], high: [1, 1]}}
+    x: {shape: [2]}
+    simulator: {python: "sim.py:simulate"}
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, r"unknown key\(s\) colour; allowed: title, parameters"),
+        ({"prior": {"uniform": {"low": [0], "high": [1]}}}, r"prior.uniform.low must be 2 finite"),
+        ({"prior": {"uniform": {"low": [1, 0], "high": [0, 1]}}}, r"needs low < high"),
+        ({"prior": {"beta": {"a": 1}}}, r"prior: must be one of uniform"),
+        ({"parameters": {"names": ["a", "b"], "units": [""]}}, r"parameters.units must list one"),
+        ({"x": {"shape": [0]}}, r"x.shape must be a list of positive integers"),
+        ({"seed_block_size": 0}, r"seed_block_size must be a positive integer"),
+        ({"simulator": {"python": "sim.py:nope"}}, r"sim.py has no function 'nope'"),
+        ({"simulator": {"python": "gone.py:simulate"}}, r"gone.py does not exist"),
+        ({"simulator": {"fortran": "x"}}, r"simulator: must be python: 'file.py:function'"),
+        ({"prior": None}, r"prior: must be one of"),
+    ],
+)
+def test_task_file_errors_name_the_key_and_the_fix(tmp_path, change, message):
+    import yaml
+
+    write(tmp_path, "sim.py", "def simulate(theta, rng):\n    return theta\n")
+    data = {**yaml.safe_load(textwrap.dedent(TASK_FILE)), **change}
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TaskError, match=message):
+        get_task(str(path))
+
+
+def test_a_task_whose_prior_disagrees_with_its_names_is_refused(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        "bad_prior.py",
+        """
+        from pipeline.tasks import BoxUniform, Task
+
+        class Bad(Task):
+            parameter_names = ("a", "b")
+            parameter_units = ("", "")
+            x_shape = (2,)
+            prior = BoxUniform((0.0,), (1.0,))
+
+            def simulate(self, theta, rng):
+                return theta
+        """,
+    )
+    with pytest.raises(TaskError, match=r"the prior has 1 dimensions but parameter_names has 2"):
+        get_task(str(tmp_path / "bad_prior.py") + ":Bad")
+
+
+def test_a_simulator_returning_strings_is_named(tmp_path):
+    write(tmp_path, "sim.py", "def simulate(theta, rng):\n    return theta.astype(str)\n")
+    (tmp_path / "task.yaml").write_text(textwrap.dedent(TASK_FILE))
+    task = get_task(str(tmp_path / "task.yaml"))
+    plan = simulation.SimulationPlan(task.name, 10, 1, 10)
+    with pytest.raises(ValueError, match=r"returned x of dtype <U.*expected real numbers"):
+        simulation.run(plan, task, tmp_path / "sims.h5", SerialComm(), overwrite=False)
+
+
+def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
+    path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
+    task = get_task(str(path))
+    assert not task.has_simulator and task.prior is None
+    with pytest.raises(ValueError, match=r"declares no prior, so it cannot draw parameters"):
+        task.simulate_block(2, np.random.default_rng(0))
+
+
+@pytest.mark.mpi
+def test_a_users_task_gives_the_same_file_on_one_and_two_mpi_ranks(tmp_path):
+    def simulate(out: Path, ranks: int) -> None:
+        command = [tool("pipeline"), "simulate", "--task", OSCILLATOR_YAML]
+        command += ["--num-simulations", "1000", "--seed", "7", "--chunk-size", "200"]
+        command += ["--out", str(out)]
+        if ranks > 1:
+            command = [tool("mpiexec"), "-n", str(ranks), *command]
+        subprocess.run(command, cwd=ROOT, env=run_env(), check=True, capture_output=True)
+
+    simulate(tmp_path / "one.h5", 1)
+    simulate(tmp_path / "two.h5", 2)
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        assert a.attrs["task"] == OSCILLATOR_YAML
+        for name in ("theta", "x"):
+            np.testing.assert_array_equal(a[name][...], b[name][...])
+
+
+def test_pipeline_task_option_takes_a_path_in_a_fresh_process(tmp_path):
+    # No registration anywhere: a new interpreter resolves the spec from the file alone.
+    out = tmp_path / "sims.h5"
+    command = [sys.executable, "-m", "pipeline.cli", "simulate", "--task", OSCILLATOR]
+    command += ["--num-simulations", "300", "--seed", "1", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, env=run_env(), check=True, capture_output=True)
+    with h5py.File(out) as f:
+        assert f.attrs["task"] == OSCILLATOR and f["x"].shape == (300, 50)
+
+
+# Real observations ------------------------------------------------------------------------
+
+
+def test_real_observations_round_trip_without_truth(tmp_path):
+    x = np.random.default_rng(0).normal(size=(3, 50))
+    np.save(tmp_path / "x_obs.npy", x)
+    out = tmp_path / "observations.h5"
+    import_observations(get_task(OSCILLATOR), str(tmp_path / "x_obs.npy"), out)
+    theta, read_x, reference = read_reference(out)
+    assert theta is None and reference is None
+    np.testing.assert_array_equal(read_x, x.astype(np.float32))
+    with h5py.File(out) as f:
+        assert f.attrs["real"] and f.attrs["task"] == OSCILLATOR
+        assert len(__import__("json").loads(f.attrs["source"])["sha256"]) == 64
+
+
+def test_one_observation_and_hdf5_datasets_are_accepted(tmp_path):
+    with h5py.File(tmp_path / "obs.h5", "w") as f:
+        f["survey/x"] = np.ones(50)
+    out = tmp_path / "observations.h5"
+    import_observations(get_task(OSCILLATOR), f"{tmp_path}/obs.h5:survey/x", out)
+    assert read_reference(out)[1].shape == (1, 50)
+
+
+@pytest.mark.parametrize(
+    ("data", "source", "message"),
+    [
+        (np.ones((2, 49)), "x.npy", r"shape \(2, 49\) do not fit task .*expected \(n_obs, 50\)"),
+        (np.array([[np.nan] * 50, [0.0] * 50]), "x.npy", r"observation\(s\) 0 hold NaN or inf"),
+        (None, "missing.npy", r"observed data .*missing.npy does not exist"),
+        (np.ones((2, 50)), "x.h5:nope", r"has no dataset 'nope' \(datasets: x\); name yours"),
+        (b"not an array", "x.npy", r"is not a readable .npy array"),
+    ],
+)
+def test_bad_observed_data_is_refused_and_nothing_is_written(tmp_path, data, source, message):
+    if isinstance(data, bytes):
+        (tmp_path / "x.npy").write_bytes(data)
+    elif data is not None and source.startswith("x.h5"):
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            f["x"] = data
+    elif data is not None:
+        np.save(tmp_path / "x.npy", data)
+    out = tmp_path / "observations.h5"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        import_observations(get_task(OSCILLATOR), f"{tmp_path}/{source}", out)
+    assert not out.exists() and not list(tmp_path.glob(".observations*"))
+
+
+def test_observe_from_refuses_to_replace_an_output_without_overwrite(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((1, 50)))
+    out = tmp_path / "observations.h5"
+    out.write_bytes(b"earlier result")
+    args = ["observe", "--task", OSCILLATOR, "--from", str(tmp_path / "x.npy"), "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier result"
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert read_reference(out)[1].shape == (1, 50)

@@ -1,0 +1,52 @@
+# The user's own data entering the DAG: existing simulations (config `data`) in place of the
+# simulate rules, real observations (config `observed`) in place of the observe rule.
+
+
+rule import_simulations:
+    input:
+        lambda wildcards: sorted(
+            {source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}
+        ),
+    output:
+        task_path("sims/{split}.h5"),
+    log:
+        log_path("import/{task}-{split}.log"),
+    benchmark:
+        benchmark_path("import/{task}-{split}.tsv")
+    conda:
+        "../../envs/pipeline.yaml"
+    wildcard_constraints:
+        task=one_of(IMPORTED),
+        split="train|test",
+    params:
+        task=lambda wildcards: task_spec(wildcards.task),
+        theta=lambda wildcards: config["data"][wildcards.task]["theta"],
+        x=lambda wildcards: config["data"][wildcards.task]["x"],
+        rows=import_rows,
+        compression=config["simulate"]["compression"],
+    threads: 1
+    shell:
+        "pipeline import --task {params.task:q} --theta {params.theta:q} --x {params.x:q}"
+        " --rows={params.rows} --compression {params.compression} --out {output} --overwrite"
+        " --log {log}"
+
+
+rule import_observations:
+    input:
+        lambda wildcards: source_file(config["observed"][wildcards.task]),
+    output:
+        task_path("observations.h5"),
+    log:
+        log_path("observe/{task}.log"),
+    benchmark:
+        benchmark_path("observe/{task}.tsv")
+    conda:
+        "../../envs/pipeline.yaml"
+    wildcard_constraints:
+        task=one_of(OBSERVED),
+    params:
+        task=lambda wildcards: task_spec(wildcards.task),
+        source=lambda wildcards: config["observed"][wildcards.task],
+    shell:
+        "pipeline observe --task {params.task:q} --from {params.source:q} --out {output}"
+        " --overwrite --log {log}"
