@@ -62,6 +62,10 @@ def test_lint_is_clean(workdir):
     [
         ({"tasks": ["two_moon"]}, r"config 'tasks': two_moon: unknown task 'two_moon'"),
         ({"tasks": ["../x"]}, r"'../x' does not match"),
+        ({"results": "r; touch /tmp/pwned #"}, r"'r; touch /tmp/pwned #' does not match"),
+        ({"results": "my results"}, r"'my results' does not match"),
+        ({"results": "a/../../etc"}, r"'a/../../etc' does not match"),
+        ({"experiment": ".."}, r"'..' does not match"),
         (
             {"task_modules": {"mine": "no/such/file.py:Mine"}, "tasks": ["mine"]},
             r"config 'tasks': mine: task 'no/such/file.py:Mine': no/such/file.py does not exist",
