@@ -501,3 +501,52 @@ def test_one_chunk_refuses_mpi_ranks(tmp_path):
     assert result.returncode != 0
     assert "--chunk computes one chunk in one process, but 2 MPI ranks" in result.stderr
     assert not simulation.shard_dir(tmp_path / "sims.h5").exists()
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    from pipeline.locking import OutputBusyError, OutputLock
+
+    out = tmp_path / "sims.h5"
+    # The first run, as another process holding the output's lock (a flock held by this test).
+    with OutputLock(simulation.shard_dir(out), "sims.h5 (two_moons, seed 1)"):
+        with pytest.raises(
+            OutputBusyError,
+            match=r"cannot write .*sims.h5 \(two_moons, seed 2\): another run holds it \(process \d+ on .*writing sims.h5 \(two_moons, seed 1\)\)",
+        ):
+            simulate(out, seed=2)
+        assert not out.exists()
+    # Released (as when its holder exits, however it exits): the output is free again.
+    assert simulate(out, seed=2).attrs["seed"] == 2
+    assert not simulation.shard_dir(out).exists()
+
+
+def test_a_shard_of_another_run_is_never_merged(tmp_path, monkeypatch):
+    """Two runs with different seeds writing one output's shards (a concurrent writer on a file
+    system without locks): the merge refuses, naming both runs, and writes nothing."""
+    out = tmp_path / "sims.h5"
+    foreign = simulation.SimulationPlan("two_moons", 2500, 9, 1000)
+    write = simulation.write_shard
+
+    def write_and_intrude(path, theta, x, attrs, start, stop, compression="gzip"):
+        write(path, theta, x, attrs, start, stop, compression)
+        if start == 2000:  # after this run's last shard, the other run rewrites chunk 0
+            other = simulation.simulate_range(get_task("two_moons"), 9, 0, 1000)
+            other_attrs = {
+                **simulation.shard_attrs(foreign, get_task("two_moons")),
+                "num_nonfinite": 0,
+            }
+            write(simulation.shard_path(out, 0, 1000), *other, other_attrs, 0, 1000, compression)
+
+    monkeypatch.setattr(simulation, "write_shard", write_and_intrude)
+    with pytest.raises(
+        storage.SimulationFileError, match=r"belongs to another run \(task 'two_moons', seed 9"
+    ):
+        simulate(out, seed=3)
+    assert not out.exists()
+    # The rerun recomputes the foreign chunk: the result equals a clean run's.
+    monkeypatch.setattr(simulation, "write_shard", write)
+    plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
+    simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=False)
+    np.testing.assert_array_equal(
+        storage.read_simulations(out).x, simulate(tmp_path / "clean.h5", seed=3).x
+    )

@@ -22,6 +22,7 @@ and :func:`merge` joins finished shards (keeping them: they are the jobs' output
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.locking import OutputBusyError, OutputLock
 from pipeline.parallel import Comm
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
@@ -239,6 +241,27 @@ def run(
     check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, size)
     check_writable(shard_dir(out), rank)
+    # Rank 0 holds the output's lock until the merge is done; every rank learns if it failed.
+    with contextlib.ExitStack() as held:
+        held.callback(_remove_if_empty, shard_dir(out))  # after the lock's release
+        busy = None
+        if rank == 0:
+            what = f"{out} ({plan.task}, seed {plan.seed})"
+            try:
+                held.enter_context(OutputLock(shard_dir(out), what))
+            except OutputBusyError as error:
+                busy = str(error)
+        busy = comm.bcast(busy)
+        if busy is not None:
+            raise OutputBusyError(busy)
+        _simulate_and_merge(plan, task, out, comm, merge, compression)
+
+
+def _simulate_and_merge(
+    plan: SimulationPlan, task: Task, out: Path, comm: Comm, merge: str, compression: str
+) -> None:
+    """:func:`run` once its checks passed and the output is locked."""
+    rank, size = comm.Get_rank(), comm.Get_size()
     if rank == 0:
         log.info(
             "simulating %d of %s (seed %d) in %d chunks of at most %d on %d MPI rank(s)",
@@ -256,28 +279,23 @@ def run(
     num_nonfinite = 0
     listing = storage.list_folder(shard_dir(out))
     buffers = ChunkBuffers(task, plan.chunk_size)
-    try:
-        with BackgroundWriter() as writer:
-            for start, stop in mine:
-                path = shard_path(out, start, stop)
-                kept = reusable_shard(path, identity, start, stop, listing)
-                if kept is not None:
-                    log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
-                    num_nonfinite += kept["num_nonfinite"]
-                else:
-                    theta, x = simulate_range(
-                        task, plan.seed, start, stop, buffers.next(stop - start)
-                    )
-                    bad = storage.count_nonfinite_rows(theta, x)
-                    num_nonfinite += bad
-                    chunk_attrs = {**attrs, "num_nonfinite": bad}
-                    writer.submit(
-                        partial(write_shard, path, theta, x, chunk_attrs, start, stop, compression)
-                    )
-                if rank == 0:
-                    progress.update(stop - start)
-    finally:
-        _remove_if_empty(shard_dir(out))
+    with BackgroundWriter() as writer:
+        for start, stop in mine:
+            path = shard_path(out, start, stop)
+            kept = reusable_shard(path, identity, start, stop, listing)
+            if kept is not None:
+                log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
+                num_nonfinite += kept["num_nonfinite"]
+            else:
+                theta, x = simulate_range(task, plan.seed, start, stop, buffers.next(stop - start))
+                bad = storage.count_nonfinite_rows(theta, x)
+                num_nonfinite += bad
+                chunk_attrs = {**attrs, "num_nonfinite": bad}
+                writer.submit(
+                    partial(write_shard, path, theta, x, chunk_attrs, start, stop, compression)
+                )
+            if rank == 0:
+                progress.update(stop - start)
     num_nonfinite = comm.allreduce(num_nonfinite)
     if rank == 0:
         attrs = {**attrs, "num_nonfinite": num_nonfinite, "mpi_ranks": size}
@@ -356,10 +374,8 @@ def check_writable(folder: Path, rank: int) -> None:
 
 def _remove_if_empty(folder: Path) -> None:
     """Leaves nothing behind when a failed run wrote no shard (other ranks may race us)."""
-    try:
+    with contextlib.suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass
 
 
 def shard_attrs(plan: SimulationPlan, task: Task) -> dict[str, Any]:
@@ -393,6 +409,29 @@ def write_shard(
     storage.write_simulations(path, theta, x, attrs, overwrite=True, compression=compression)
 
 
+def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: list[Path]) -> None:
+    """Raises naming the first shard that is not this plan's chunk: another run (another seed
+    or task) wrote into the same folder, and merging it would mix two runs' data."""
+    identity = plan.identity(task)
+    for path, (start, stop) in zip(shards, plan.chunks(), strict=True):
+        if valid_shard_attrs(path, identity, start, stop) is not None:
+            continue
+        try:
+            found = storage.read_attrs(path)
+        except (FileNotFoundError, storage.SimulationFileError) as error:
+            raise storage.SimulationFileError(
+                f"shard {path} of {out} disappeared or broke before the merge ({error}); "
+                "another run may be writing the same --out. Rerun to recompute it"
+            ) from None
+        theirs = ", ".join(f"{key} {found.get(key)!r}" for key in (*identity, "index_start"))
+        raise storage.SimulationFileError(
+            f"shard {path} belongs to another run ({theirs}), not to this one "
+            f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
+            f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "
+            "--out, then rerun this one to recompute that chunk"
+        )
+
+
 def merge_shards(
     plan: SimulationPlan,
     task: Task,
@@ -411,6 +450,7 @@ def merge_shards(
     """
     chunks = plan.chunks()
     shards = [shard_path(out, start, stop) for start, stop in chunks]
+    check_shards_belong(plan, task, out, shards)
     num_nonfinite = attrs["num_nonfinite"]
     if num_nonfinite:
         log.warning(
