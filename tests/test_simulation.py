@@ -511,7 +511,8 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(t
     with OutputLock(simulation.shard_dir(out), "sims.h5 (two_moons, seed 1)"):
         with pytest.raises(
             OutputBusyError,
-            match=r"cannot write .*sims.h5 \(two_moons, seed 2\): another run holds it \(process \d+ on .*writing sims.h5 \(two_moons, seed 1\)\)",
+            match=r"cannot write .*sims.h5 \(two_moons, seed 2\): another run holds it "
+            r"\(process \d+ on .*writing sims.h5 \(two_moons, seed 1\)\)",
         ):
             simulate(out, seed=2)
         assert not out.exists()

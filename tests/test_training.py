@@ -293,3 +293,18 @@ def test_launcher_layouts_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_NNODES", "2")
     assert launch_layout(1) == Layout(4, 2, "slurm")
+
+
+def test_a_diverged_training_saves_nothing_and_fails_naming_the_fix(data, tmp_path, capsys):
+    """learning_rate 1e9 turns the weights to NaN within an epoch: the run must fail (exit 2),
+    say what to change, and leave no posterior that looks trained."""
+    from pipeline import cli
+
+    options = json.dumps({**TINY, "learning_rate": 1e9})
+    out = tmp_path / "model"
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--options", options]) == 2
+    message = capsys.readouterr().err
+    assert "training diverged: best validation loss" in message
+    assert "weight tensors hold NaN or inf; no model was saved" in message
+    assert "Lower learning_rate (now 1e+09), set gradient_clip" in message
+    assert not (out / "posterior.pt").exists() and not (out / "posterior.json").exists()

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -420,6 +421,7 @@ def train(
     best = trainer.checkpoint_callback.best_model_path
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     posterior.load_state_dict({k.removeprefix("posterior."): v for k, v in state.items()})
+    check_converged(posterior, trainer.checkpoint_callback.best_model_score, trainer, config)
     metadata = {
         "task": task.name,
         "parameter_names": list(task.parameter_names),
@@ -452,6 +454,28 @@ def train(
             checkpoint_dir.parent.rmdir()
     log.info("saved posterior to %s (best val_loss %.4f)", out, metadata["best_val_loss"])
     return metadata
+
+
+class TrainingDiverged(RuntimeError):
+    """Training ended without a model worth saving (non-finite loss or weights)."""
+
+
+def check_converged(
+    posterior: NeuralPosterior, best: torch.Tensor | None, trainer: pl.Trainer, config: TrainConfig
+) -> None:
+    """Raises :class:`TrainingDiverged` unless the best validation loss and every weight of the
+    model about to be saved are finite: a model of NaN weights must never look trained."""
+    tensors = {k: v for k, v in posterior.state_dict().items() if v.is_floating_point()}
+    broken = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    score = float("nan") if best is None else float(best)
+    if broken or not math.isfinite(score):
+        raise TrainingDiverged(
+            f"training diverged: best validation loss {score} after "
+            f"{trainer.current_epoch} epoch(s), {len(broken)} of {len(tensors)} weight "
+            f"tensors hold NaN or inf; no model was saved. Lower learning_rate (now "
+            f"{config.learning_rate:g}), set gradient_clip (e.g. 1.0), or look for extreme "
+            "values in the simulations (pipeline inspect FILE)"
+        )
 
 
 def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
