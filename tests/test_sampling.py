@@ -107,3 +107,19 @@ def test_ensemble_draws_follow_their_own_observation():
         own = posterior.log_prob(theta, x).mean(0)
         swapped = posterior.log_prob(theta, x.flip(0)).mean(0)
     assert torch.all(own > swapped + 1.0), (own, swapped)
+
+
+def test_a_model_of_another_task_is_refused(posterior, tmp_path, capsys):
+    from pipeline import cli
+    from pipeline.models.posterior import save_posterior
+    from pipeline.observations import make_observations
+    from pipeline.tasks import get_task
+
+    save_posterior(posterior, tmp_path / "model", {"task": "two_moons"})
+    make_observations(get_task("slcp"), 1, 0, 1, tmp_path / "obs.h5")
+    out = tmp_path / "samples.h5"
+    model, observations = str(tmp_path / "model"), str(tmp_path / "obs.h5")
+    args = ["sample", "--model", model, "--observations", observations]
+    assert cli.main([*args, "--num-samples", "10", "--out", str(out)]) == 2
+    assert "holds observations of task 'slcp', but" in capsys.readouterr().err
+    assert not out.exists()

@@ -235,3 +235,34 @@ def test_widths_refuse_a_reference_without_spread() -> None:
     reference[1, :, 1] = 0.3  # every sample of observation 1 has the same theta_2
     with pytest.raises(ValueError, match="observation 1 do not vary in theta_2"):
         _widths(task, samples, reference, np.zeros((2, 2)))
+
+
+def test_samples_drawn_at_other_observations_or_of_another_task_are_refused(
+    experiment: Path,
+) -> None:
+    """Validating samples against the wrong observation file would score them against the wrong
+    references: refused, naming the files, before anything is computed."""
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    posterior_file(experiment / "lineage-test.h5", x[:50], theta[:50], 1.0, seed=4)
+    with h5py.File(experiment / "observations.h5") as f:
+        x_obs = f["x"][...]
+    posterior_file(experiment / "elsewhere-obs.h5", x_obs + 0.5, None, 1.0, seed=5)
+
+    def check(observation_samples: Path) -> None:
+        validate(
+            experiment / "lineage-test.h5",
+            observation_samples,
+            experiment / "observations.h5",
+            experiment / "lineage",
+            seed=0,
+            c2st_max_samples=None,
+        )
+
+    with pytest.raises(ValueError, match=r"elsewhere-obs.h5 was drawn at other observations than"):
+        check(experiment / "elsewhere-obs.h5")
+    posterior_file(experiment / "other-task-obs.h5", x_obs, None, 1.0, seed=5)
+    with h5py.File(experiment / "other-task-obs.h5", "a") as f:
+        f.attrs["task"] = "slcp"
+    with pytest.raises(ValueError, match=r"different tasks .*other-task-obs.h5: 'slcp'"):
+        check(experiment / "other-task-obs.h5")
+    assert not (experiment / "lineage" / "metrics.json").exists()

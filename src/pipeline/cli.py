@@ -177,11 +177,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from pipeline.models.posterior import load_posterior
     from pipeline.provenance import provenance
-    from pipeline.sampling import log_prob_of, read_observations, sample_posterior, write_samples
+    from pipeline.sampling import (
+        log_prob_of,
+        observation_task,
+        read_observations,
+        sample_posterior,
+        write_samples,
+    )
     from pipeline.storage import finite_rows
 
     posterior, document = load_posterior(args.model)
     spec = posterior.spec
+    made_for = observation_task(args.observations)
+    if made_for is not None and made_for != document["task"]:
+        raise ValueError(
+            f"{args.observations} holds observations of task {made_for!r}, but {args.model} is "
+            f"a posterior of task {document['task']!r}; sample with the model of that task"
+        )
     x, theta = read_observations(args.observations, spec.x_shape)
     finite = finite_rows(x) if theta is None else finite_rows(x) & finite_rows(theta)
     if not finite.all():

@@ -73,6 +73,20 @@ def read_observations(
     return x.astype(np.float32), theta
 
 
+def observation_task(path: Path) -> str | None:
+    """The task an HDF5 observation or simulation file says it holds; None for ``.npy`` arrays
+    and files that do not say."""
+    path = Path(path)
+    if path.suffix == ".npy" or not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            task = f.attrs.get("task")
+    except OSError as error:
+        raise storage.unreadable(path, error) from None
+    return None if task is None else str(storage.decode_attr(task))
+
+
 def sample_posterior(
     posterior: NeuralPosterior,
     x: np.ndarray,

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import diagnostics, plots
+from pipeline import diagnostics, plots, storage
 from pipeline.observations import read_reference, read_reference_info
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
@@ -72,6 +73,8 @@ def validate(
     }
     task = get_task(str(attrs["task"]))
     theta_obs, x_obs, reference = read_reference(observations)
+    observed = read_samples(observation_samples)
+    check_lineage(test, test_samples, observed, observation_samples, x_obs, observations)
     metrics["observations"] = {"num": int(len(x_obs)), "real": theta_obs is None}
     skipped: dict[str, str] = {}
     if not task.has_simulator:
@@ -106,7 +109,6 @@ def validate(
             max_samples=c2st_max_samples,
             folds=c2st_folds,
         )
-    observed = read_samples(observation_samples)
     metrics["widths"] = _widths(task, observed["samples"], reference, theta_obs)
     metrics["predictive"] = None
     if not task.has_simulator:
@@ -131,6 +133,44 @@ def validate(
         "n/a" if metrics["c2st"] is None else f"mean {metrics['c2st']['mean']:.3f}",
     )
     return metrics
+
+
+def check_lineage(
+    test: dict,
+    test_path: Path,
+    observed: dict,
+    observed_path: Path,
+    x_obs: np.ndarray,
+    observations: Path,
+) -> None:
+    """Refuses sample files of different tasks, or observation samples drawn at other ``x`` than
+    the observation file's: validating them would compare posteriors with the wrong truths.
+
+    ``x_obs`` is the observation file's ``x`` (n_obs, ...); the samples file records the ``x``
+    it was drawn at and which observations those were (``observation_index``).
+    """
+    tasks = {test_path: test["attrs"].get("task"), observed_path: observed["attrs"].get("task")}
+    with h5py.File(observations, "r") as f:
+        if "task" in f.attrs:
+            tasks[observations] = storage.decode_attr(f.attrs["task"])
+    if len(set(tasks.values())) > 1:
+        named = "; ".join(f"{path}: {task!r}" for path, task in tasks.items())
+        raise ValueError(
+            f"these files are of different tasks ({named}); resample with the model of this task"
+        )
+    if "x" not in observed:
+        raise ValueError(
+            f"{observed_path} does not record the x it was drawn at (written by an older "
+            "`pipeline sample`); rerun the sample stage"
+        )
+    index = np.asarray(observed["attrs"].get("observation_index", range(len(observed["x"]))))
+    if index.max(initial=-1) >= len(x_obs) or not np.array_equal(
+        observed["x"], np.asarray(x_obs, dtype=np.float32)[index]
+    ):
+        raise ValueError(
+            f"{observed_path} was drawn at other observations than those of {observations} "
+            "(its x differ); sample the posterior at this observation file again"
+        )
 
 
 @contextlib.contextmanager
