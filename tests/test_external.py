@@ -251,10 +251,10 @@ def test_missing_or_not_executable_program(tmp_path: Path) -> None:
     os.chmod(tmp_path / "oscillator", 0o755)
     program = ExternalSimulator.from_options(options, tmp_path, (50,))
     assert program.command[0] == str((tmp_path / "oscillator").resolve())
-    with pytest.raises(ValueError, match="not on PATH"):
-        ExternalSimulator.from_options(
-            {"command": ["no-such-program-xyz", "{theta}"]}, tmp_path, (1,)
-        )
+    with pytest.raises(ValueError, match=r"'oscillator' is not on PATH; to run .*, write ./osc"):
+        ExternalSimulator.from_options({"command": ["oscillator", "{theta}"]}, tmp_path, (1,))
+    # A bare name is looked up when run: stages that never simulate may have another PATH.
+    ExternalSimulator.from_options({"command": ["no-such-program-xyz", "{theta}"]}, tmp_path, (1,))
 
 
 @pytest.mark.parametrize(

@@ -551,3 +551,18 @@ def test_a_shard_of_another_run_is_never_merged(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         storage.read_simulations(out).x, simulate(tmp_path / "clean.h5", seed=3).x
     )
+
+
+def test_a_run_where_every_simulation_failed_is_not_merged(tmp_path):
+    from pipeline.tasks.two_moons import TwoMoons
+
+    class AllNaN(TwoMoons):
+        def simulate(self, theta, rng):
+            return np.full((len(theta), 2), np.nan)
+
+    out = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 300, 1, 100)
+    with pytest.raises(ValueError, match=r"all 300 simulations of two_moons returned NaN or inf"):
+        simulation.run(plan, AllNaN(), out, SerialComm(), overwrite=False)
+    assert not out.exists()
+    assert len(list(simulation.shard_dir(out).glob("chunk-*.h5"))) == 3  # kept, not lost

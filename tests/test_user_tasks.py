@@ -3,8 +3,8 @@ checked against the Task contract, and their errors named with the fix."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -92,6 +92,8 @@ def test_module_path_instance_and_factory_resolve(tmp_path, monkeypatch):
         (OSCILLATOR.replace("Oscillator", "Osc"), r"defines no 'Osc' \(it defines .*Oscillator"),
         ("examples/oscillator/oscillator.py:TIMES", r"TIMES is a ndarray; expected a subclass"),
         ("missing.yaml", r"task file missing.yaml does not exist"),
+        ("pipeline.tasks.base:Task", r"Task\(\) failed: TypeError: Can't instantiate abstract"),
+        ("pipeline.tasks.base:BoxUniform", r"BoxUniform\(\) failed: TypeError"),
     ],
 )
 def test_a_spec_that_does_not_resolve_says_why(spec, message):
@@ -121,12 +123,18 @@ TASK_FILE = """
         ({"simulator": {"python": "gone.py:simulate"}}, r"gone.py does not exist"),
         ({"simulator": {"fortran": "x"}}, r"simulator: must be python: 'file.py:function'"),
         ({"prior": None}, r"prior: must be one of"),
+        ({"prior": {"normal": {"loc": [0, 1e400], "scale": [1, 1]}}}, r"loc must be 2 finite"),
+        ({"prior": {"normal": {"loc": [0, 0], "scale": [True, 1]}}}, r"scale must be 2 finite"),
+        ({"parameters": {"names": ["a", "b"], "units": [None, ""]}}, r"one unit string per"),
+        ({"x": {"shape": [2], "unit": {"k": 1}}}, r"x.unit must be an astropy unit string"),
+        ({"simulator": {"python": "broken.py:simulate"}}, r"importing .*broken.py failed: Zero"),
     ],
 )
 def test_task_file_errors_name_the_key_and_the_fix(tmp_path, change, message):
     import yaml
 
     write(tmp_path, "sim.py", "def simulate(theta, rng):\n    return theta\n")
+    write(tmp_path, "broken.py", "1 / 0\n")
     data = {**yaml.safe_load(textwrap.dedent(TASK_FILE)), **change}
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -190,14 +198,17 @@ def test_a_users_task_gives_the_same_file_on_one_and_two_mpi_ranks(tmp_path):
             np.testing.assert_array_equal(a[name][...], b[name][...])
 
 
-def test_pipeline_task_option_takes_a_path_in_a_fresh_process(tmp_path):
-    # No registration anywhere: a new interpreter resolves the spec from the file alone.
-    out = tmp_path / "sims.h5"
-    command = [sys.executable, "-m", "pipeline.cli", "simulate", "--task", OSCILLATOR]
-    command += ["--num-simulations", "300", "--seed", "1", "--out", str(out)]
-    subprocess.run(command, cwd=ROOT, env=run_env(), check=True, capture_output=True)
-    with h5py.File(out) as f:
-        assert f.attrs["task"] == OSCILLATOR and f["x"].shape == (300, 50)
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_the_pipeline_command_resolves_a_spec_in_a_fresh_process(tmp_path, kind):
+    """No registration anywhere: the console script, as Snakemake's jobs start it, resolves a
+    file path, or a module in the working directory (where Snakemake finds it too)."""
+    shutil.copy(ROOT / "examples/oscillator/oscillator.py", tmp_path / "my_oscillator.py")
+    spec = "my_oscillator.py:Oscillator" if kind == "file" else "my_oscillator:Oscillator"
+    command = [tool("pipeline"), "simulate", "--task", spec, "--num-simulations", "300"]
+    command += ["--seed", "1", "--out", "sims.h5"]
+    subprocess.run(command, cwd=tmp_path, env=run_env(), check=True, capture_output=True)
+    with h5py.File(tmp_path / "sims.h5") as f:
+        assert f.attrs["task"] == spec and f["x"].shape == (300, 50)
 
 
 # Real observations ------------------------------------------------------------------------
@@ -230,8 +241,9 @@ def test_one_observation_and_hdf5_datasets_are_accepted(tmp_path):
         (np.ones((2, 49)), "x.npy", r"shape \(2, 49\) do not fit task .*expected \(n_obs, 50\)"),
         (np.array([[np.nan] * 50, [0.0] * 50]), "x.npy", r"observation\(s\) 0 hold NaN or inf"),
         (None, "missing.npy", r"observed data .*missing.npy does not exist"),
-        (np.ones((2, 50)), "x.h5:nope", r"has no dataset 'nope' \(datasets: x\); name yours"),
-        (b"not an array", "x.npy", r"is not a readable .npy array"),
+        (np.ones((2, 50)), "x.h5:nope", r"x.h5 has no dataset 'nope'. Present: x"),
+        (b"not an array", "x.npy", r"x.npy is not readable as a .npy file written by numpy.save"),
+        (np.ones((2, 50)) * 1j, "x.npy", r"complex"),
     ],
 )
 def test_bad_observed_data_is_refused_and_nothing_is_written(tmp_path, data, source, message):
@@ -258,3 +270,21 @@ def test_observe_from_refuses_to_replace_an_output_without_overwrite(tmp_path, c
     assert out.read_bytes() == b"earlier result"
     assert cli.main([*args, "--overwrite"]) == 0
     assert read_reference(out)[1].shape == (1, 50)
+
+
+def test_editing_a_task_file_never_reuses_simulations_of_the_old_definition(tmp_path):
+    """A chunk simulated before the prior was changed must be recomputed, not merged with
+    chunks of the new prior (the task's files are part of the data's identity)."""
+    for name in ("task.yaml", "oscillator.py"):
+        shutil.copy(ROOT / "examples/oscillator" / name, tmp_path / name)
+    spec, out = str(tmp_path / "task.yaml"), tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan(spec, 400, 1, 200)
+    simulation.run_chunk(plan, get_task(spec), out, 0)  # the old prior's first chunk
+    text = (tmp_path / "task.yaml").read_text()
+    (tmp_path / "task.yaml").write_text(text.replace("high: [3.0, 0.5]", "high: [30.0, 5.0]"))
+    simulation.run(plan, get_task(spec), out, SerialComm(), overwrite=False)
+    clean = tmp_path / "clean.h5"
+    simulation.run(plan, get_task(spec), clean, SerialComm(), overwrite=False)
+    with h5py.File(out) as a, h5py.File(clean) as b:
+        np.testing.assert_array_equal(a["theta"][...], b["theta"][...])
+        assert a["theta"][:, 0].max() > 3.0 and a.attrs["task_digest"] == b.attrs["task_digest"]

@@ -9,6 +9,7 @@ the task's :attr:`~pipeline.tasks.Task.reference_method` and one dict of numbers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline import importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
+from pipeline.tasks.base import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def make_observations(
             log.info("observation %d: %s reference, %s", j, reference.method, diagnostics[-1])
         progress.update(1)
     identity = {"task": task.name, "seed": seed, "num_reference_samples": num_reference_samples}
+    if (digest := source_digest(task)) is not None:
+        identity["task_digest"] = digest
     with storage.atomic_h5(out) as f:
         f["theta"] = np.asarray(thetas, dtype=np.float32)
         f["x"] = np.asarray(xs, dtype=np.float32)
@@ -115,36 +119,18 @@ def import_observations(task: Task, source: str, out: Path, *, overwrite: bool =
 
 
 def read_observed(source: str) -> tuple[Path, np.ndarray]:
-    """The file and the array of ``file.npy`` or ``file.h5[:dataset]``."""
-    text, dataset = str(source), "x"
-    head, sep, tail = text.rpartition(":")
-    if sep and head.endswith((".h5", ".hdf5", ".hdf")):
-        text, dataset = head, tail
-    path = Path(text)
-    if not path.is_file():
-        raise FileNotFoundError(f"observed data {path} does not exist")
-    if path.suffix == ".npy":
-        try:
-            return path, np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise ValueError(
-                f"{path} is not a readable .npy array of numbers ({error}); save it with "
-                "numpy.save(path, x) where x is a float array"
-            ) from None
-    try:
-        with h5py.File(path, "r") as f:
-            if dataset not in f:
-                present = ", ".join(f.keys()) or "none"
-                raise ValueError(
-                    f"{path} has no dataset {dataset!r} (datasets: {present}); name yours as "
-                    f"{path}:NAME"
-                )
-            return path, f[dataset][...]
-    except OSError as error:
-        raise ValueError(
-            f"{path} is neither a .npy array nor a readable HDF5 file ({error}); give the "
-            "observed data as x.npy (numpy.save) or file.h5:dataset"
-        ) from None
+    """The file and the array of a source as :mod:`pipeline.importing` reads them
+    (``file.npy``, ``archive.npz[:member]``, ``file.h5[:dataset]``), an HDF5 file's ``x`` by
+    default; refuses what is not an array of real numbers."""
+    parsed = importing.parse_source(source)
+    if parsed.kind == "hdf5" and parsed.member is None and parsed.path.is_file():
+        with contextlib.suppress(OSError), h5py.File(parsed.path, "r") as f:
+            if isinstance(f.get("x"), h5py.Dataset):
+                parsed = importing.Source(parsed.path, "x", "hdf5")
+    if not parsed.path.is_file():
+        raise FileNotFoundError(f"observed data {parsed.path} does not exist")
+    with importing.open_array(parsed, "observed x") as rows:
+        return parsed.path, np.array(rows[0 : rows.shape[0]])
 
 
 def _draw_finite(task: Task, rng: np.random.Generator, j: int) -> tuple[np.ndarray, np.ndarray]:

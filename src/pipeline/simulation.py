@@ -38,6 +38,7 @@ from pipeline.parallel import Comm
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
+from pipeline.tasks.base import source_digest
 from pipeline.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ class SimulationPlan:
         return replace(self, chunk_size=min(self.chunk_size, fair))
 
     def identity(self, task: Task) -> dict[str, object]:
-        """The fields that determine each simulation (not their count), recorded in every file."""
-        return {"task": self.task, "seed": self.seed, "seed_block_size": task.seed_block_size}
+        """The fields that determine each simulation (not their count), recorded in every file:
+        for a user's task also the digest of the files that define it."""
+        identity = {"task": self.task, "seed": self.seed, "seed_block_size": task.seed_block_size}
+        digest = source_digest(task)
+        return identity if digest is None else {**identity, "task_digest": digest}
 
 
 def check_plan(plan: SimulationPlan, num_ranks: int) -> None:
@@ -298,6 +302,7 @@ def _simulate_and_merge(
                 progress.update(stop - start)
     num_nonfinite = comm.allreduce(num_nonfinite)
     if rank == 0:
+        check_some_finite(plan, num_nonfinite, out)
         attrs = {**attrs, "num_nonfinite": num_nonfinite, "mpi_ranks": size}
         merge_shards(plan, task, out, attrs, merge, compression)
     comm.Barrier()
@@ -354,8 +359,20 @@ def merge(
             "before merging"
         )
     num_nonfinite = sum(attrs["num_nonfinite"] for attrs in found)
+    check_some_finite(plan, num_nonfinite, out)
     attrs = {**shard_attrs(plan, task), "num_nonfinite": num_nonfinite}
     merge_shards(plan, task, out, attrs, merge, compression, keep_shards=True)
+
+
+def check_some_finite(plan: SimulationPlan, num_nonfinite: int, out: Path) -> None:
+    """Refuses to merge a run in which every simulation returned NaN or inf: the simulator is
+    broken, not unlucky (its shards stay, for a look and for the rerun once it is fixed)."""
+    if num_nonfinite == plan.num_simulations:
+        raise ValueError(
+            f"all {plan.num_simulations} simulations of {plan.task} returned NaN or inf, so "
+            f"{out} would hold nothing to train on; the log's warnings (or a run of the "
+            "simulator by hand) show why. Fix the simulator, then rerun"
+        )
 
 
 def check_writable(folder: Path, rank: int) -> None:

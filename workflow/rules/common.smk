@@ -1,5 +1,6 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -51,10 +52,13 @@ def resolve_tasks():
                 f"task {name} has no simulator to draw synthetic observations from: give its "
                 f"observed data under observed: {{{name}: path/to/x_obs.npy}}"
             )
-        if name in config["data"] and config["simulate"]["budgets"]:
+        if config["simulate"]["budgets"] and (
+            name in config["data"] or name in config["observed"] or not task.has_reference
+        ):
             raise ValueError(
-                f"simulate.budgets trains on the first N simulations of each task, but task "
-                f"{name}'s are imported (data:); leave budgets empty for this experiment"
+                f"simulate.budgets scores each budget by C2ST against reference posteriors at "
+                f"synthetic observations, which task {name} lacks (imported data, real "
+                "observations or no reference posterior); leave budgets empty for it"
             )
     return tasks
 
@@ -65,6 +69,12 @@ SIMULATED = [name for name in config["tasks"] if name not in config["data"]]
 IMPORTED = [name for name in config["tasks"] if name in config["data"]]
 OBSERVED = [name for name in config["tasks"] if name in config["observed"]]
 SYNTHETIC = [name for name in config["tasks"] if name not in config["observed"]]
+
+
+def task_files(wildcards):
+    """The files that define a user's task (its Python file, task file, program): editing one
+    reruns what the task simulates."""
+    return [os.path.relpath(path) for path in TASK_OBJECTS[wildcards.task].source_files]
 
 
 def one_of(names):

@@ -4,7 +4,8 @@
 
 rule import_simulations:
     input:
-        lambda wildcards: sorted(
+        task_files,
+        data=lambda wildcards: sorted(
             {source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}
         ),
     output:
@@ -33,7 +34,8 @@ rule import_simulations:
 
 rule import_observations:
     input:
-        lambda wildcards: source_file(config["observed"][wildcards.task]),
+        task_files,
+        observed=lambda wildcards: source_file(config["observed"][wildcards.task]),
     output:
         task_path("observations.h5"),
     log:
@@ -47,6 +49,7 @@ rule import_observations:
     params:
         task=lambda wildcards: task_spec(wildcards.task),
         source=lambda wildcards: config["observed"][wildcards.task],
+    threads: 1
     shell:
         "pipeline observe --task {params.task:q} --from {params.source:q} --out {output}"
         " --overwrite --log {log}"

@@ -7,6 +7,8 @@ if not config["simulate"]["scatter"]:
     # {resources.mpi} launches the ranks: mpiexec locally, srun in the SLURM profile. Chunks
     # shrink to give every rank one (--fit-chunks); the data do not depend on it.
     rule simulate:
+        input:
+            task_files,
         output:
             task_path("sims/{split}.h5"),
         log:
@@ -37,6 +39,8 @@ if not config["simulate"]["scatter"]:
 else:
 
     rule simulate_chunk:
+        input:
+            task_files,
         output:
             task_path("sims/{split}.h5.shards/chunk-{start}-{stop}.h5"),
         log:
@@ -91,6 +95,8 @@ else:
 
 
 rule observe:
+    input:
+        task_files,
     output:
         task_path("observations.h5"),
     log:

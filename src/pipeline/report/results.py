@@ -157,7 +157,7 @@ def load_task(
         validation=validation,
         curve=read_training_curve(task_dir / "model" / "metrics.csv", train),
         figures=read_figures(task_dir / "validation", validation, validate),
-        budgets=[read_budget(task_dir, task, n) for n in sorted(budgets)],
+        budgets=[read_budget(task_dir, spec or task, n) for n in sorted(budgets)],
     )
 
 

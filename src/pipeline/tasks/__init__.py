@@ -16,9 +16,11 @@ the same way, without any registration step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -115,7 +117,9 @@ def get_task(spec: str) -> Task:
         except ValueError as error:
             raise TaskError(str(error)) from None
     elif ":" in spec:
-        task = _from_import_path(spec)
+        task, module = _from_import_path(spec)
+        source = getattr(module, "__file__", None)
+        task.source_files = (Path(source).resolve(),) if source else ()
     else:
         known = ", ".join(sorted(TASKS))
         raise TaskError(
@@ -131,8 +135,9 @@ def get_task(spec: str) -> Task:
     return task
 
 
-def _from_import_path(spec: str) -> Task:
-    """Imports ``module:attribute`` or ``file.py:attribute`` and makes a task of the attribute."""
+def _from_import_path(spec: str) -> tuple[Task, Any]:
+    """Imports ``module:attribute`` or ``file.py:attribute``; returns the task the attribute
+    makes, and the module."""
     where, _, attribute = spec.rpartition(":")
     if not where or not attribute:
         raise TaskError(f"task {spec!r}: expected 'module:Attribute' or 'file.py:Attribute'")
@@ -144,14 +149,18 @@ def _from_import_path(spec: str) -> Task:
             f"task {spec!r}: {where} defines no {attribute!r} (it defines "
             f"{', '.join(n for n in dir(module) if not n.startswith('_')) or 'nothing'})"
         ) from None
-    if isinstance(target, type) and issubclass(target, Task):
-        return target()
     if isinstance(target, Task):
-        return target
+        return copy.copy(target), module  # get_task names it: the module's object stays as is
     if callable(target):
-        task = target()
+        try:
+            task = target()
+        except Exception as error:  # a user's class or factory: any failure is theirs to fix
+            raise TaskError(
+                f"task {spec!r}: {attribute}() failed: {type(error).__name__}: {error} (a Task "
+                "subclass is instantiated without arguments and must define prior and simulate)"
+            ) from None
         if isinstance(task, Task):
-            return task
+            return task, module
         raise TaskError(
             f"task {spec!r}: {attribute}() returned {type(task).__name__}, not a "
             "pipeline.tasks.Task"
@@ -163,6 +172,10 @@ def _from_import_path(spec: str) -> Task:
 
 
 def _import(module: str, spec: str) -> Any:
+    # As `python -m` and Snakemake do, the working directory is searched too: Snakemake's
+    # process and the `pipeline` jobs it starts must find the same modules.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
@@ -170,6 +183,10 @@ def _import(module: str, spec: str) -> Any:
             f"task {spec!r}: cannot import {module!r} ({error}); install the package that "
             "holds it, add its folder to PYTHONPATH, or name the file: 'path/to/file.py:Class'"
         ) from None
+    except Exception as error:  # the user's module raised while importing
+        raise TaskError(
+            f"task {spec!r}: importing {module!r} failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _load_file(path: Path, spec: str) -> Any:
@@ -186,12 +203,15 @@ def _load_file(path: Path, spec: str) -> Any:
     loader = importlib.util.spec_from_file_location(name, resolved)
     module = importlib.util.module_from_spec(loader)
     sys.modules[name] = module
-    # As when the file runs as a script: it may import the modules beside it.
+    # As when the file runs as a script, it may import the modules beside it (searched after
+    # the installed packages, so a user's file never shadows one of them).
     if str(resolved.parent) not in sys.path:
-        sys.path.insert(0, str(resolved.parent))
+        sys.path.append(str(resolved.parent))
     try:
         loader.loader.exec_module(module)
-    except BaseException:
+    except Exception as error:  # the user's code: report it as theirs, not as a crash of ours
         del sys.modules[name]
-        raise
+        raise TaskError(
+            f"task {spec!r}: importing {path} failed: {type(error).__name__}: {error}"
+        ) from error
     return module

@@ -6,11 +6,13 @@ stages wrap it. All arrays are NumPy, float64 inside the task; storage casts to 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -157,6 +159,10 @@ class Task(ABC):
             ``"exact (rejection)"``, ``"grid"``, ``"mcmc (emcee)"``), recorded beside the
             samples; ``""`` for tasks without a reference.
         summary_label: What :meth:`summary`'s values are, for figures.
+        source_files: The files that define a user's task (its Python file, task file, program),
+            set by :func:`~pipeline.tasks.get_task`; their digest is part of the data's identity,
+            so editing them never leaves simulations of the old definition in use. Empty for
+            built-in tasks, whose definition is the package's version.
 
     A task with a reference overrides :meth:`reference_posterior` (exact methods, whose samples
     need no diagnostics) or :meth:`reference` (methods that report diagnostics, such as MCMC);
@@ -171,6 +177,7 @@ class Task(ABC):
     seed_block_size: int = 1000
     reference_method: str = ""
     summary_label: str = "feature of x"
+    source_files: tuple[Path, ...] = ()
 
     @property
     @abstractmethod
@@ -272,6 +279,17 @@ class Task(ABC):
         return theta, self.simulate(theta, rng)
 
 
+def source_digest(task: Task) -> str | None:
+    """SHA-256 (16 hex digits) of the contents of ``task.source_files``; None without any."""
+    if not task.source_files:
+        return None
+    digest = hashlib.sha256()
+    for path in task.source_files:
+        with open(path, "rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
 def check_task(task: Task) -> None:
     """Raises ``ValueError`` naming the first way ``task`` breaks the contract of :class:`Task`.
 
@@ -286,7 +304,11 @@ def check_task(task: Task) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"parameter_names repeat a name: {list(names)}")
     units = getattr(task, "parameter_units", None)
-    if not isinstance(units, tuple | list) or len(units) != len(names):
+    if (
+        not isinstance(units, tuple | list)
+        or len(units) != len(names)
+        or not all(isinstance(unit, str) for unit in units)
+    ):
         raise ValueError(
             f"parameter_units must give one unit string per parameter ({len(names)}: "
             f"{', '.join(names)}), got {units!r}; use '' for dimensionless"
@@ -302,6 +324,13 @@ def check_task(task: Task) -> None:
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
         raise ValueError(f"seed_block_size must be a positive integer, got {block!r}")
     prior = task.prior
+    if prior is not None and not isinstance(
+        prior, BoxUniform | DiagonalNormal | MultivariateNormal
+    ):
+        raise ValueError(
+            f"prior is a {type(prior).__name__}; use BoxUniform, DiagonalNormal or "
+            "MultivariateNormal from pipeline.tasks"
+        )
     if prior is not None and prior.dim != len(names):
         raise ValueError(
             f"the prior has {prior.dim} dimensions but parameter_names has {len(names)} "

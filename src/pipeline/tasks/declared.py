@@ -22,6 +22,8 @@ posterior samples when given). ``title:`` is an optional human-readable name.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +131,7 @@ def load_task_file(path: Path) -> DeclaredTask:
     block = data.get("seed_block_size", 1000)
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
         raise ValueError(f"{where}: seed_block_size must be a positive integer, got {block!r}")
-    return DeclaredTask(
+    task = DeclaredTask(
         names,
         units,
         x_shape,
@@ -139,6 +141,18 @@ def load_task_file(path: Path) -> DeclaredTask:
         seed_block_size=block,
         title=str(data.get("title", "")),
     )
+    task.source_files = (path.resolve(), *_simulator_files(simulator))
+    return task
+
+
+def _simulator_files(simulator: Simulator | None) -> tuple[Path, ...]:
+    """The file a simulator's code lives in: a Python function's module, a program's binary."""
+    command = getattr(simulator, "command", None)
+    if command is not None:
+        program = Path(command[0])
+        return (program,) if program.is_absolute() and program.is_file() else ()
+    source = getattr(inspect.getmodule(simulator), "__file__", None)
+    return (Path(source).resolve(),) if source else ()
 
 
 def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -151,11 +165,16 @@ def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{where}: parameters.names must be a list of strings, got {names!r}")
     units = block.get("units", [""] * len(names))
-    if not isinstance(units, list) or len(units) != len(names):
+    if (
+        not isinstance(units, list)
+        or len(units) != len(names)
+        or not all(isinstance(u, str) for u in units)
+    ):
         raise ValueError(
-            f"{where}: parameters.units must list one unit per name ({len(names)}), got {units!r}"
+            f"{where}: parameters.units must list one unit string per name ({len(names)}; "
+            f'"" for dimensionless), got {units!r}'
         )
-    return tuple(names), tuple(str(u) for u in units)
+    return tuple(names), tuple(units)
 
 
 def _x(block: Any, where: str) -> tuple[tuple[int, ...], str]:
@@ -170,7 +189,10 @@ def _x(block: Any, where: str) -> tuple[tuple[int, ...], str]:
         or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
     ):
         raise ValueError(f"{where}: x.shape must be a list of positive integers, got {shape!r}")
-    return tuple(shape), str(block.get("unit", ""))
+    unit = block.get("unit", "")
+    if not isinstance(unit, str):
+        raise ValueError(f"{where}: x.unit must be an astropy unit string, got {unit!r}")
+    return tuple(shape), unit
 
 
 def _prior(block: Any, dim: int, where: str) -> Prior:
@@ -187,11 +209,11 @@ def _prior(block: Any, dim: int, where: str) -> Prior:
     arrays = []
     for key in keys:
         value = values[key]
-        value = [value] * dim if isinstance(value, int | float) else value
+        value = [value] * dim if _is_finite_number(value) else value
         if (
             not isinstance(value, list)
             or len(value) != dim
-            or not all(isinstance(v, int | float) and np.isfinite(v) for v in value)
+            or not all(_is_finite_number(v) for v in value)
         ):
             raise ValueError(
                 f"{where}: prior.{kind}.{key} must be {dim} finite numbers (one per "
@@ -204,6 +226,16 @@ def _prior(block: Any, dim: int, where: str) -> Prior:
     if kind == "normal" and not all(s > 0 for s in second):
         raise ValueError(f"{where}: prior.normal.scale must be positive")
     return BoxUniform(first, second) if kind == "uniform" else DiagonalNormal(first, second)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A YAML int or float that fits a float64 and is finite (true/false are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _simulator(block: Any, base: Path, x_shape: tuple[int, ...], where: str) -> Simulator | None:
@@ -231,6 +263,11 @@ def _python_simulator(spec: str, base: Path, where: str) -> Simulator:
     module_part, _, attribute = spec.rpartition(":")
     if not module_part or not attribute:
         raise ValueError(f"{where}: simulator.python must be 'file.py:function', got {spec!r}")
+    if module_part.endswith(".py") and not (base / module_part).is_file():
+        raise ValueError(
+            f"{where}: simulator.python: {base / module_part} does not exist (a file named "
+            "here is relative to the task file's folder)"
+        )
     try:
         if module_part.endswith(".py"):
             module = _load_file(base / module_part, spec)

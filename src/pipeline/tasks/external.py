@@ -183,7 +183,7 @@ class ExternalSimulator:
             ``x``, shape ``(n, *x_shape)``, float64; rows of NaN where the program failed.
 
         Raises:
-            RuntimeError: If every one of the ``n`` simulations failed.
+            RuntimeError: If every one of the ``n >= 2`` simulations failed.
         """
         theta = np.asarray(theta, dtype=np.float64)
         if theta.ndim != 2:
@@ -335,7 +335,9 @@ class ExternalSimulator:
         self, theta: np.ndarray, seeds: np.ndarray, failures: list[tuple[int, RunFailed]]
     ) -> None:
         """Warns about failed simulations; raises if none succeeded."""
-        if failures and len(failures) == len(theta):
+        # One failed simulation is a NaN row like any other (observe redraws it); a call whose
+        # every simulation failed, two or more, points at the program, not the parameters.
+        if len(theta) > 1 and len(failures) == len(theta):
             _, last = failures[-1]
             raise RuntimeError(
                 f"external simulator: all {len(theta)} simulations failed; the last run, "
@@ -416,10 +418,13 @@ def _resolve_program(command: tuple[str, ...], base: Path) -> tuple[str, ...]:
         return command  # __post_init__ names the problem
     program = command[0]
     if "/" not in program:
-        if shutil.which(program) is None:
-            local = base / program
-            hint = f"; to run {local}, write ./{program}" if local.exists() else ""
-            raise ValueError(f"simulator program {program!r} is not on PATH{hint}")
+        local = base / program
+        if shutil.which(program) is None and local.exists():
+            raise ValueError(
+                f"simulator program {program!r} is not on PATH; to run {local}, write ./{program}"
+            )
+        # Looked up on PATH when run: stages that never simulate (train, sample), whose
+        # environment may have another PATH, must still resolve the task.
         return command
     path = Path(program).expanduser()
     path = path if path.is_absolute() else base / path
