@@ -288,3 +288,46 @@ def test_editing_a_task_file_never_reuses_simulations_of_the_old_definition(tmp_
     with h5py.File(out) as a, h5py.File(clean) as b:
         np.testing.assert_array_equal(a["theta"][...], b["theta"][...])
         assert a["theta"][:, 0].max() > 3.0 and a.attrs["task_digest"] == b.attrs["task_digest"]
+
+
+# An experiment's task keys ----------------------------------------------------------------
+
+ARCHIVE = {"emission_line": "examples/archive/task.yaml"}
+DATA = {"emission_line": {"theta": "t.npy", "x": "x.npy", "num_test": 10}}
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"tasks": ["mine"]}, r"config 'tasks': mine: unknown task .*add task_modules: \{mine"),
+        ({"observed": {"two_moons": "x.npy"}}, r"config 'observed' names two_moons, which"),
+        ({"task_train": {"slcq": {}}}, r"config 'task_train' names slcq: unknown task"),
+        ({"task_modules": ARCHIVE}, r"emission_line has no simulator: give its existing"),
+        ({"task_modules": ARCHIVE, "data": DATA}, r"no simulator to draw synthetic observ"),
+        ({"tasks": ["two_moons", "oscillator"], "budgets": [100]}, r"budgets .* task oscillator"),
+    ],
+)
+def test_an_experiments_task_keys_are_checked_together(keys, message):
+    from pipeline.tasks.experiment import resolve_tasks
+
+    settings = {
+        "tasks": ["emission_line"],
+        "task_modules": {"oscillator": OSCILLATOR, **keys.pop("task_modules", {})},
+        "data": {},
+        "observed": {},
+        "task_train": {},
+        "budgets": [],
+        **keys,
+    }
+    with pytest.raises(ValueError, match=message):
+        resolve_tasks(**settings)
+
+
+def test_an_experiment_of_archived_data_and_real_observations_resolves():
+    from pipeline.tasks.experiment import resolve_tasks
+
+    tasks = resolve_tasks(
+        ["emission_line", "two_moons"], ARCHIVE, DATA, {"emission_line": "o.npy"}, {}, []
+    )
+    assert tasks["emission_line"].name == "examples/archive/task.yaml"
+    assert not tasks["emission_line"].has_simulator and tasks["two_moons"].has_simulator

@@ -5,7 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
-from pipeline.tasks import TaskError, get_task
+from pipeline.tasks.experiment import resolve_tasks
 
 
 def task_spec(name):
@@ -13,58 +13,14 @@ def task_spec(name):
     return config["task_modules"].get(name, name)
 
 
-def check_task_keys():
-    """Per-task blocks must name tasks, or a typo would be silently ignored: `data` and
-    `observed` a configured task; `task_train` (shared by experiments) any task that resolves."""
-    for key in ("data", "observed"):
-        stray = sorted(set(config[key]) - set(config["tasks"]))
-        if stray:
-            raise ValueError(
-                f"config '{key}' names {', '.join(stray)}, which config 'tasks' does not list "
-                f"(tasks: {', '.join(config['tasks'])})"
-            )
-    for name in sorted(set(config["task_train"]) - set(config["tasks"])):
-        try:
-            get_task(task_spec(name))
-        except TaskError as error:
-            raise ValueError(f"config 'task_train' names {name}: {error}") from None
-
-
-def resolve_tasks():
-    """Each configured task, resolved as every job will resolve it; fails before any job."""
-    tasks = {}
-    for name in config["tasks"]:
-        try:
-            tasks[name] = get_task(task_spec(name))
-        except TaskError as error:
-            hint = "" if name in config["task_modules"] else (
-                f"; for a task of your own add task_modules: {{{name}: 'path/to/file.py:Class'}}"
-            )
-            raise ValueError(f"config 'tasks': {name}: {error}{hint}") from None
-    for name, task in tasks.items():
-        if not task.has_simulator and name not in config["data"]:
-            raise ValueError(
-                f"task {name} has no simulator: give its existing simulations under "
-                f"data: {{{name}: {{theta: ..., x: ..., num_test: ...}}}}"
-            )
-        if not task.has_simulator and name not in config["observed"]:
-            raise ValueError(
-                f"task {name} has no simulator to draw synthetic observations from: give its "
-                f"observed data under observed: {{{name}: path/to/x_obs.npy}}"
-            )
-        if config["simulate"]["budgets"] and (
-            name in config["data"] or name in config["observed"] or not task.has_reference
-        ):
-            raise ValueError(
-                f"simulate.budgets scores each budget by C2ST against reference posteriors at "
-                f"synthetic observations, which task {name} lacks (imported data, real "
-                "observations or no reference posterior); leave budgets empty for it"
-            )
-    return tasks
-
-
-check_task_keys()
-TASK_OBJECTS = resolve_tasks()
+TASK_OBJECTS = resolve_tasks(
+    config["tasks"],
+    config["task_modules"],
+    config["data"],
+    config["observed"],
+    config["task_train"],
+    config["simulate"]["budgets"],
+)
 SIMULATED = [name for name in config["tasks"] if name not in config["data"]]
 IMPORTED = [name for name in config["tasks"] if name in config["data"]]
 OBSERVED = [name for name in config["tasks"] if name in config["observed"]]

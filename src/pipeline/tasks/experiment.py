@@ -1,0 +1,83 @@
+"""An experiment's tasks, resolved and checked together before any job starts.
+
+The workflow calls :func:`resolve_tasks` with the config's task keys, so a mistake in them stops
+Snakemake with one message naming the key and the fix, instead of failing jobs later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipeline.tasks import Task, TaskError, get_task
+
+
+def resolve_tasks(
+    tasks: Sequence[str],
+    task_modules: Mapping[str, str],
+    data: Mapping[str, Any],
+    observed: Mapping[str, str],
+    task_train: Mapping[str, Any],
+    budgets: Sequence[int],
+) -> dict[str, Task]:
+    """Each of ``tasks`` resolved as every job will resolve it (``task_modules[name]`` or the
+    name itself), after checking that the per-task keys fit together.
+
+    Raises:
+        ValueError: Naming the config key at fault and what to write instead.
+    """
+    for key, block in (("data", data), ("observed", observed)):
+        stray = sorted(set(block) - set(tasks))
+        if stray:
+            raise ValueError(
+                f"config '{key}' names {', '.join(stray)}, which config 'tasks' does not list "
+                f"(tasks: {', '.join(tasks)})"
+            )
+    # task_train is shared by experiments: it may name any task that resolves.
+    for name in sorted(set(task_train) - set(tasks)):
+        try:
+            get_task(task_modules.get(name, name))
+        except TaskError as error:
+            raise ValueError(f"config 'task_train' names {name}: {error}") from None
+    resolved = {name: _resolve(name, task_modules) for name in tasks}
+    for name, task in resolved.items():
+        _check_sources(name, task, data, observed, budgets)
+    return resolved
+
+
+def _resolve(name: str, task_modules: Mapping[str, str]) -> Task:
+    try:
+        return get_task(task_modules.get(name, name))
+    except TaskError as error:
+        hint = (
+            ""
+            if name in task_modules
+            else f"; for a task of your own add task_modules: {{{name}: 'path/to/file.py:Class'}}"
+        )
+        raise ValueError(f"config 'tasks': {name}: {error}{hint}") from None
+
+
+def _check_sources(
+    name: str,
+    task: Task,
+    data: Mapping[str, Any],
+    observed: Mapping[str, str],
+    budgets: Sequence[int],
+) -> None:
+    """Where a task's simulations and observations come from must exist for it."""
+    if not task.has_simulator and name not in data:
+        raise ValueError(
+            f"task {name} has no simulator: give its existing simulations under "
+            f"data: {{{name}: {{theta: ..., x: ..., num_test: ...}}}}"
+        )
+    if not task.has_simulator and name not in observed:
+        raise ValueError(
+            f"task {name} has no simulator to draw synthetic observations from: give its "
+            f"observed data under observed: {{{name}: path/to/x_obs.npy}}"
+        )
+    if budgets and (name in data or name in observed or not task.has_reference):
+        raise ValueError(
+            f"simulate.budgets scores each budget by C2ST against reference posteriors at "
+            f"synthetic observations, which task {name} lacks (imported data, real "
+            "observations or no reference posterior); leave budgets empty for it"
+        )
