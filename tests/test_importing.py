@@ -15,7 +15,8 @@ import pytest
 
 from pipeline import cli, storage
 from pipeline.importing import Source, import_simulations, open_array, parse_source
-from pipeline.tasks import get_task
+from pipeline.tasks import BoxUniform, get_task
+from pipeline.tasks.declared import DeclaredTask
 from pipeline.tasks.two_moons import TwoMoons
 
 TASK = get_task("two_moons")  # theta (N, 2), x (N, 2)
@@ -28,6 +29,10 @@ class OneParameter(TwoMoons):
     parameter_names = ("omega_m",)
     parameter_units = ("",)
     x_shape = (4, 3)
+
+    @property
+    def prior(self) -> BoxUniform:
+        return BoxUniform((0.0,), (1.0,))
 
 
 def arrays(n: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -169,12 +174,26 @@ def test_one_parameter_theta_may_be_a_column_and_maps_keep_their_shape(tmp_path:
     np.testing.assert_array_equal(sims.x, x)
 
 
+def test_parameters_outside_the_prior_are_refused_naming_the_first(tmp_path: Path) -> None:
+    theta, x = arrays()
+    theta[321, 1] = 1.5  # two_moons' prior is [-1, 1]^2
+    sources = save_npy(tmp_path, theta, x)
+    with pytest.raises(
+        ValueError,
+        match=r"1 of 500 rows lie outside the task's prior \(first: "
+        r"row 321, theta_2 = 1.5, prior \[-1, 1\]\)",
+    ):
+        import_simulations(get_task("two_moons"), *sources, tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists()
+
+
 def test_import_runs_in_memory_bounded_by_the_block_not_the_file(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     np.save(tmp_path / "x.npy", rng.standard_normal((200_000, 100), dtype=np.float32))
     np.save(tmp_path / "theta.npy", rng.uniform(size=(200_000, 3)))
-    task = OneParameter()
-    task.parameter_names, task.parameter_units, task.x_shape = ("a", "b", "c"), ("",) * 3, (100,)
+    task = DeclaredTask(
+        ("a", "b", "c"), ("",) * 3, (100,), BoxUniform((0.0,) * 3, (1.0,) * 3), None
+    )
     block_rows = 1000
     block_bytes = block_rows * 100 * 4  # 400 kB of x per block; the file holds 80 MB
     tracemalloc.start()

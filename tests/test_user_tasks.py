@@ -293,7 +293,13 @@ def test_editing_a_task_file_never_reuses_simulations_of_the_old_definition(tmp_
 # An experiment's task keys ----------------------------------------------------------------
 
 ARCHIVE = {"emission_line": "examples/archive/task.yaml"}
-DATA = {"emission_line": {"theta": "t.npy", "x": "x.npy", "num_test": 10}}
+DATA = {
+    "emission_line": {
+        "theta": "examples/archive/theta.npy",
+        "x": "examples/archive/x.npy",
+        "num_test": 10,
+    }
+}
 
 
 @pytest.mark.parametrize(
@@ -305,6 +311,33 @@ DATA = {"emission_line": {"theta": "t.npy", "x": "x.npy", "num_test": 10}}
         ({"task_modules": ARCHIVE}, r"emission_line has no simulator: give its existing"),
         ({"task_modules": ARCHIVE, "data": DATA}, r"no simulator to draw synthetic observ"),
         ({"tasks": ["two_moons", "oscillator"], "budgets": [100]}, r"budgets .* task oscillator"),
+        (
+            {"task_modules": ARCHIVE, "data": DATA, "observed": {"emission_line": "x.npy"}},
+            r"config observed.emission_line: observed data x.npy does not exist",
+        ),
+        (
+            {
+                "task_modules": ARCHIVE,
+                "data": {"emission_line": {**DATA["emission_line"], "num_test": 6000}},
+                "observed": {"emission_line": "examples/archive/observed.npy"},
+            },
+            r"data.emission_line.num_test is 6000, but the archive holds 6000 rows",
+        ),
+        (
+            {
+                "task_modules": {"emission_line": "examples/archive/task.yaml"},
+                "data": {
+                    "emission_line": {**DATA["emission_line"], "x": "examples/archive/theta.npy"}
+                },
+                "observed": {"emission_line": "examples/archive/observed.npy"},
+            },
+            r"config data.emission_line: examples/archive/theta.npy has shape \(6000, 3\), "
+            r"expected \(N, 40\)",
+        ),
+        (
+            {"tasks": ["oscillator"], "observed": {"oscillator": "examples/archive/observed.npy"}},
+            r"config observed.oscillator: .*observed data of shape \(2, 40\) do not fit",
+        ),
     ],
 )
 def test_an_experiments_task_keys_are_checked_together(keys, message):
@@ -326,8 +359,21 @@ def test_an_experiments_task_keys_are_checked_together(keys, message):
 def test_an_experiment_of_archived_data_and_real_observations_resolves():
     from pipeline.tasks.experiment import resolve_tasks
 
-    tasks = resolve_tasks(
-        ["emission_line", "two_moons"], ARCHIVE, DATA, {"emission_line": "o.npy"}, {}, []
-    )
+    observed = {"emission_line": "examples/archive/observed.npy"}
+    tasks = resolve_tasks(["emission_line", "two_moons"], ARCHIVE, DATA, observed, {}, [])
     assert tasks["emission_line"].name == "examples/archive/task.yaml"
     assert not tasks["emission_line"].has_simulator and tasks["two_moons"].has_simulator
+
+
+def test_a_simulator_function_given_as_the_task_says_how_to_declare_it():
+    with pytest.raises(
+        TaskError, match=r"simulate is a function that takes arguments, not a task"
+    ):
+        get_task("examples/oscillator/oscillator.py:simulate")
+
+
+def test_training_on_a_users_npy_says_to_import_it(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((10, 2)))
+    args = ["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "model")]
+    assert cli.main(args) == 2
+    assert "x.npy is not a simulation file of the pipeline" in capsys.readouterr().err

@@ -81,7 +81,10 @@ def parse_source(text: str | Path | Source) -> Source:
         return text
     match = _SOURCE.match(str(text))
     if match is None:
-        raise ValueError(f"cannot read array source {str(text)!r}: expected {SOURCE_FORMS}")
+        raise ValueError(
+            f"cannot read array source {str(text)!r}: expected {SOURCE_FORMS}. Convert other "
+            "formats with numpy first, e.g. np.save('x.npy', np.loadtxt('x.csv', delimiter=','))"
+        )
     path = Path(match["path"])
     kind = KINDS[path.suffix.lower()]
     member = match["member"] or None
@@ -404,7 +407,9 @@ def import_identity(
     }
 
 
-def _check_shapes(task: Task, theta: Rows, x: Rows, names: dict[str, str]) -> None:
+def check_shapes(task: Task, theta: Rows, x: Rows, names: dict[str, str]) -> None:
+    """Raises unless ``theta`` (N, D) and ``x`` (N, *x_shape) fit ``task`` and each other;
+    ``names`` say how to call each source in the message."""
     column = len(theta.shape) == 1 and task.dim_theta == 1  # (N,) for one parameter
     if tuple(theta.shape[1:]) != (task.dim_theta,) and not column:
         raise ValueError(
@@ -483,9 +488,10 @@ def import_simulations(
         raise ValueError(f"block_rows must be positive, got {block_rows}")
     with ExitStack() as stack:
         rows = {role: stack.enter_context(open_array(s, role)) for role, s in sources.items()}
-        _check_shapes(task, rows["theta"], rows["x"], names)
+        check_shapes(task, rows["theta"], rows["x"], names)
         start, stop = resolve_rows(start, stop, rows["x"].shape[0])
         block = block_rows or default_block_rows(task, rows["theta"], rows["x"], stop - start)
+        check_within_prior(task, rows["theta"], start, stop, block, names["theta"])
         log.info(
             "importing rows [%d, %d) of %s and %s into %s for task %s, %d rows per block",
             start,
@@ -528,6 +534,38 @@ def import_simulations(
         ", ".join(map(str, task.x_shape)),
     )
     return attrs
+
+
+def check_within_prior(
+    task: Task, theta: Rows, start: int, stop: int, block: int, name: str
+) -> None:
+    """Refuses parameters outside the task's prior box: the posterior is trained and sampled on
+    that box, so such rows would be learned but never sampled (and the next stages would blame
+    the observations). Non-finite rows are left to the NaN count; unbounded priors pass."""
+    bounds = None if task.prior is None else task.prior.bounds
+    if bounds is None:
+        return
+    # Float32 storage rounds values at the edges: compare against the bounds as stored.
+    low, high = (np.asarray(b, dtype=np.float32) for b in bounds)
+    outside, first = 0, None
+    for offset in range(start, stop, block):
+        values = np.asarray(theta[offset : min(offset + block, stop)], dtype=np.float32)
+        values = values.reshape(len(values), -1)
+        finite = np.isfinite(values).all(axis=1)
+        bad = finite & ((values < low) | (values > high)).any(axis=1)
+        if first is None and bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            column = int(np.flatnonzero((values[row] < low) | (values[row] > high))[0])
+            first = (offset + row, column, float(values[row, column]))
+        outside += int(bad.sum())
+    if outside:
+        row, column, value = first
+        raise ValueError(
+            f"{name}: {outside} of {stop - start} rows lie outside the task's prior (first: "
+            f"row {row}, {task.parameter_names[column]} = {value:g}, prior "
+            f"[{low[column]:g}, {high[column]:g}]). Declare the prior the archive was drawn "
+            "from in the task, or leave those rows out"
+        )
 
 
 def imported_attrs(

@@ -86,6 +86,26 @@ def import_observations(task: Task, source: str, out: Path, *, overwrite: bool =
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    path, x = read_observed_for(task, source)
+    shape = tuple(task.x_shape)
+    identity = {
+        "task": task.name,
+        "source": {"path": str(source), "sha256": importing.file_sha256(path)},
+    }
+    with storage.atomic_h5(out) as f:
+        f["x"] = x.astype(np.float32)
+        f.attrs["task"] = task.name
+        f.attrs["real"] = True
+        f.attrs["source"] = storage.encode_attr(identity["source"])
+        f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
+        f.attrs["provenance"] = storage.encode_attr(provenance(identity))
+        f.attrs["complete"] = True
+    log.info("wrote %s: %d real observation(s) of shape %s from %s", out, len(x), shape, source)
+
+
+def read_observed_for(task: Task, source: str) -> tuple[Path, np.ndarray]:
+    """The file of ``source`` and its observations ``(n_obs, *x_shape)``, float64, checked for
+    ``task``'s shape and for NaN or inf (naming the observations)."""
     path, x = read_observed(source)
     x = np.asarray(x, dtype=np.float64)
     shape = tuple(task.x_shape)
@@ -103,19 +123,7 @@ def import_observations(task: Task, source: str, out: Path, *, overwrite: bool =
             "posterior is undefined there. Remove or repair them (e.g. mask bad pixels by "
             "interpolation) before running the pipeline"
         )
-    identity = {
-        "task": task.name,
-        "source": {"path": str(source), "sha256": importing.file_sha256(path)},
-    }
-    with storage.atomic_h5(out) as f:
-        f["x"] = x.astype(np.float32)
-        f.attrs["task"] = task.name
-        f.attrs["real"] = True
-        f.attrs["source"] = storage.encode_attr(identity["source"])
-        f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
-        f.attrs["provenance"] = storage.encode_attr(provenance(identity))
-        f.attrs["complete"] = True
-    log.info("wrote %s: %d real observation(s) of shape %s from %s", out, len(x), shape, source)
+    return path, x
 
 
 def read_observed(source: str) -> tuple[Path, np.ndarray]:

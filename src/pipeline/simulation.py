@@ -156,9 +156,9 @@ def _check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:
     expected_theta, expected_x = (n, task.dim_theta), (n, *task.x_shape)
     if theta.shape != expected_theta or x.shape != expected_x:
         raise ValueError(
-            f"task {task.name!r} returned theta {theta.shape} and x {x.shape} for {n} "
-            f"simulations; expected {expected_theta} and {expected_x}. Fix the task's prior "
-            "or simulator (or its x_shape)."
+            f"task {task.name!r} returned theta {theta.shape} and x {x.shape} for a seed block "
+            f"of {n} simulations; expected {expected_theta} and {expected_x}. Fix the task's "
+            "prior or simulator (or its x_shape)."
         )
     for name, array in (("theta", theta), ("x", x)):
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):

@@ -381,6 +381,12 @@ class open_simulations:  # noqa: N801 - context manager that validates while ope
             raise FileNotFoundError(
                 f"simulation file {path} does not exist; run `pipeline simulate` to create it"
             )
+        if path.suffix.lower() in (".npy", ".npz", ".csv", ".txt", ".fits"):
+            raise SimulationFileError(
+                f"{path} is not a simulation file of the pipeline (HDF5 with theta and x): "
+                "convert your arrays with `pipeline import --task TASK --theta SOURCE --x "
+                "SOURCE --out FILE` and use that file"
+            )
         try:
             self.file = h5py.File(path, "r")
         except OSError as error:

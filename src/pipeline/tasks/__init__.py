@@ -20,6 +20,7 @@ import copy
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -151,6 +152,13 @@ def _from_import_path(spec: str) -> tuple[Task, Any]:
         ) from None
     if isinstance(target, Task):
         return copy.copy(target), module  # get_task names it: the module's object stays as is
+    if callable(target) and not isinstance(target, type) and _needs_arguments(target):
+        raise TaskError(
+            f"task {spec!r}: {attribute} is a function that takes arguments, not a task. A "
+            "simulator function simulate(theta, rng) becomes a task through a task file: "
+            f"simulator: {{python: {where}:{attribute}}} beside its prior and shapes (see "
+            "pipeline.tasks.declared)"
+        )
     if callable(target):
         try:
             task = target()
@@ -168,6 +176,18 @@ def _from_import_path(spec: str) -> tuple[Task, Any]:
     raise TaskError(
         f"task {spec!r}: {attribute} is a {type(target).__name__}; expected a subclass of "
         "pipeline.tasks.Task, an instance of one, or a function returning one"
+    )
+
+
+def _needs_arguments(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` has a parameter without a default (so it is not a task factory)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in parameters
     )
 
 

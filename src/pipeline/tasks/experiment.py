@@ -42,7 +42,39 @@ def resolve_tasks(
     resolved = {name: _resolve(name, task_modules) for name in tasks}
     for name, task in resolved.items():
         _check_sources(name, task, data, observed, budgets)
+        if name in data:
+            _check_data(name, task, data[name])
+        if name in observed:
+            _check_observed(name, task, observed[name])
     return resolved
+
+
+def _check_data(name: str, task: Task, block: Mapping[str, Any]) -> None:
+    """The archive's shapes against the task, and num_test against its rows, from the arrays'
+    headers (nothing is read in full)."""
+    from pipeline.importing import check_shapes, open_array
+
+    where = f"config data.{name}"
+    try:
+        with open_array(block["theta"], "theta") as theta, open_array(block["x"], "x") as x:
+            check_shapes(task, theta, x, {"theta": block["theta"], "x": block["x"]})
+            rows = x.shape[0]
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    if not block["num_test"] < rows:
+        raise ValueError(
+            f"{where}.num_test is {block['num_test']}, but the archive holds {rows} rows: "
+            "hold out fewer, so that some remain to train on"
+        )
+
+
+def _check_observed(name: str, task: Task, source: str) -> None:
+    from pipeline.observations import read_observed_for
+
+    try:
+        read_observed_for(task, source)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"config observed.{name}: {error}") from None
 
 
 def _resolve(name: str, task_modules: Mapping[str, str]) -> Task:
