@@ -149,7 +149,12 @@ def cmd_observe(args: argparse.Namespace) -> None:
             "reads real ones with --from FILE"
         )
     make_observations(
-        get_task(args.task), args.num_observations, args.num_reference_samples, args.seed, args.out
+        get_task(args.task),
+        args.num_observations,
+        args.num_reference_samples,
+        args.seed,
+        args.out,
+        overwrite=args.overwrite,
     )
 
 
@@ -163,7 +168,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     if overrides:
         config = TrainConfig.from_dict({**_asdict(config), **overrides}, source="command line")
-    train(args.data, args.out, config, checkpoint_dir=args.checkpoint_dir)
+    train(
+        args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite
+    )
 
 
 def _asdict(config: object) -> dict:
@@ -186,6 +193,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
     from pipeline.storage import finite_rows
 
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     posterior, document = load_posterior(args.model)
     spec = posterior.spec
     made_for = observation_task(args.observations)
@@ -412,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="real observed data instead: x.npy (n_obs, *x_shape) or file.h5[:dataset]",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (--from)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
 
     p = add("train", cmd_train, "train a neural posterior estimator (Lightning, DDP-ready)")
@@ -423,12 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--devices", type=int, help="processes Lightning starts without a launcher")
     p.add_argument("--checkpoint-dir", type=Path, help="default: OUT.checkpoints/<digest>")
+    p.add_argument("--overwrite", action="store_true", help="replace a posterior in --out")
 
     p = add("sample", cmd_sample, "draw posterior samples for observations (.npy or .h5)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
 
     p = add("validate", cmd_validate, "coverage (TARP, HPD, SBC) and C2ST; metrics.json + PNGs")

@@ -28,13 +28,24 @@ log = logging.getLogger(__name__)
 
 
 def make_observations(
-    task: Task, num_observations: int, num_reference_samples: int, seed: int, out: Path
+    task: Task,
+    num_observations: int,
+    num_reference_samples: int,
+    seed: int,
+    out: Path,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """Draws observations (and reference posteriors) and writes them atomically to ``out``.
 
     Observation ``j`` uses the generator ``default_rng([seed, j])``, its reference posterior
     ``default_rng([seed, j, 1])``: adding observations never changes the earlier ones.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false.
     """
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if num_observations <= 0:
         raise ValueError(f"--num-observations must be positive, got {num_observations}")
     thetas, xs, references, diagnostics = [], [], [], []

@@ -349,12 +349,24 @@ def train(
     config: TrainConfig,
     checkpoint_dir: Path | None = None,
     callbacks: Sequence[Callback] = (),
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any] | None:
     """Trains NPE on ``data`` and writes ``posterior.pt``, ``posterior.json``, ``metrics.csv``.
 
     ``callbacks`` (Lightning callbacks) run beside the pipeline's own, e.g. to watch a metric.
     Returns the metadata written (on the global rank 0; ``None`` on other ranks).
+
+    Raises:
+        FileExistsError: If ``out`` holds a trained posterior and ``overwrite`` is false
+            (checked before any training).
     """
+    existing = [out / name for name in ("posterior.pt", "posterior.json") if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{existing[0]} exists: {out} holds a trained posterior; pass --overwrite to "
+            "replace it, or choose another --out"
+        )
     pl.seed_everything(config.seed, workers=True, verbose=False)
     layout = launch_layout(config.devices)
     datamodule = SimulationDataModule(

@@ -17,7 +17,7 @@ rule sample_test:
     threads: 1
     shell:
         "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output}"
+        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --overwrite"
         " --threads {threads} --log {log}"
 
 
@@ -40,5 +40,5 @@ rule sample_observations:
     threads: 1
     shell:
         "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output}"
+        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --overwrite"
         " --threads {threads} --log {log}"

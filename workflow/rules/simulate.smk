@@ -115,4 +115,4 @@ rule observe:
     shell:
         "pipeline observe --task {params.task:q} --num-observations {params.num_observations}"
         " --num-reference-samples {params.num_reference_samples} --seed {params.seed}"
-        " --out {output} --log {log}"
+        " --out {output} --overwrite --log {log}"

@@ -23,4 +23,4 @@ rule train:
         mpi="",
     shell:
         "{resources.mpi} pipeline train --data {input} --out {params.model_dir}"
-        " --options {params.options:q} --threads {threads} --log {log}"
+        " --options {params.options:q} --threads {threads} --overwrite --log {log}"
