@@ -623,7 +623,7 @@ def _copy_rows(
     buffers = {role: Float32Rows(rows[role], shape) for role, shape in shapes.items()}
     with storage.atomic_h5(out) as f:
         targets = {
-            role: storage._create_dataset(f, role, (num_rows, *shape), compression)
+            role: storage.create_dataset(f, role, (num_rows, *shape), compression)
             for role, shape in shapes.items()
         }
         for lo in range(start, stop, block):
@@ -634,7 +634,7 @@ def _copy_rows(
             num_nonfinite += storage.count_nonfinite_rows(theta, x)
             progress.update(hi - lo)
         written = {**attrs(), "num_nonfinite": num_nonfinite}
-        storage._finish(f, written, num_rows)
+        storage.finish_file(f, written, num_rows)
     return {
         **written,
         "format_version": storage.FORMAT_VERSION,

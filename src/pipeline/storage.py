@@ -148,11 +148,11 @@ def write_simulations(
     with atomic_h5(path) as f:
         for name, data in (("theta", theta), ("x", x)):
             data = np.asarray(data, dtype=np.float32)
-            _create_dataset(f, name, data.shape, compression, data=data)
-        _finish(f, attrs, len(theta))
+            create_dataset(f, name, data.shape, compression, data=data)
+        finish_file(f, attrs, len(theta))
 
 
-def _create_dataset(
+def create_dataset(
     f: h5py.File,
     name: str,
     shape: tuple[int, ...],
@@ -172,7 +172,8 @@ def _create_dataset(
     )
 
 
-def _finish(f: h5py.File, attrs: Mapping[str, Any], num_simulations: int) -> None:
+def finish_file(f: h5py.File, attrs: Mapping[str, Any], num_simulations: int) -> None:
+    """Writes ``attrs`` and the layout's own attributes, ``complete = True`` last."""
     for key, value in attrs.items():
         f.attrs[key] = encode_attr(value)
     f.attrs["format_version"] = FORMAT_VERSION
@@ -211,14 +212,14 @@ def merge_copy(
     first = ranges[0][1]
     with atomic_h5(path) as f:
         merged = {
-            name: _create_dataset(f, name, (n, *row), compression, rows=chunk_rows(first, row))
+            name: create_dataset(f, name, (n, *row), compression, rows=chunk_rows(first, row))
             for name, row in (("theta", theta_row), ("x", x_row))
         }
         for source, (start, _) in zip(sources, ranges, strict=True):
             with open_simulations(source) as part:
                 for name, target in merged.items():
                     _copy_rows(part[name], target, start, source)
-        _finish(f, attrs, n)
+        finish_file(f, attrs, n)
 
 
 def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int, path: Path) -> None:
@@ -276,7 +277,7 @@ def merge_virtual(
     with atomic_h5(path) as f:
         for name, layout in layouts.items():
             f.create_virtual_dataset(name, layout, fillvalue=np.nan)
-        _finish(f, attrs, n)
+        finish_file(f, attrs, n)
 
 
 def missing_sources(f: h5py.File, path: Path) -> list[str]:
