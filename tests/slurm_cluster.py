@@ -145,10 +145,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise RuntimeError(f"the SLURM node did not become idle in {timeout:.0f} s:\n{tails}")
 
     def jobs(self) -> list[dict[str, str]]:
-        """Every job the controller remembers (finished ones too): id, name, state, work dir."""
-        fields = ("id", "name", "state", "workdir", "reason")
+        """Every job the controller remembers (finished ones too): id, name, state, work dir,
+        reason and comment (Snakemake's SLURM plugin writes ``rule_<rule>...`` there)."""
+        fields = ("id", "name", "state", "workdir", "reason", "comment")
         out = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%Z|%r"],
+            ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%Z|%r|%k"],
             capture_output=True,
             text=True,
             check=True,

@@ -11,7 +11,6 @@ Seeds are fixed, so every test is deterministic; the bounds say why the values a
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -163,18 +162,15 @@ def test_local_c2st_constant_features() -> None:
 
 
 @pytest.mark.slow
-def test_local_c2st_default_settings_runtime() -> None:
-    # The reported benchmark: N = 1000 pairs, D = 2, M = 1000 draws, 5 observations and the
-    # default 100 null fits. Measured 14 to 17 s on an idle core, up to 36 s wall under load.
+def test_local_c2st_default_settings() -> None:
+    # The validate stage's default size: N = 1000 pairs, D = 2, M = 1000 draws, 5 observations
+    # and the default 100 null fits.
     inputs = lc2st_inputs(0.5, num_obs=5)
     rng = np.random.default_rng(5)
     inputs["theta_q_obs"] = posterior_draws(inputs["x_obs"], 0.5, 1000, rng)
-    start = time.perf_counter()
     result = local_c2st(**inputs)
-    elapsed = time.perf_counter() - start
     np.testing.assert_array_equal(result.pvalue, 1 / 101)
     assert np.all(result.dispersion_correlation < -0.5)
-    assert elapsed < 300, f"local_c2st took {elapsed:.0f} s"
 
 
 def test_local_c2st_rejects_bad_input() -> None:

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
             print("boom: theta_0 too large", file=sys.stderr)
             sys.exit(3)
         if args.sleep_above is not None and theta[0] > args.sleep_above:
-            time.sleep(60)
+            time.sleep(3600)  # never ends on its own
         if args.fail_once:
             marker = os.path.join(args.fail_once, str(seed))
             if not os.path.exists(marker):
@@ -201,11 +201,12 @@ def test_chunk_failure_falls_back_to_one_row_at_a_time(
 
 def test_timeout_kills_the_run(script: Path, caplog: pytest.LogCaptureFixture) -> None:
     theta = theta_grid(3)  # only theta_0 = 0.4 sleeps
-    program = simulator(script, "--sleep-above", "0.3", timeout=0.5, retries=0)
+    # 5 s: far more than the other two runs need on any machine, a bound and not a race.
+    program = simulator(script, "--sleep-above", "0.3", timeout=5, retries=0)
     with caplog.at_level(logging.WARNING, logger="pipeline.tasks.external"):
         x = program(theta, np.random.default_rng(8))
     assert np.all(np.isnan(x[2])) and np.all(np.isfinite(x[:2]))
-    assert "timed out after 0.5 s" in caplog.text
+    assert "timed out after 5 s" in caplog.text
 
 
 def test_retry_after_a_failed_first_attempt(script: Path, tmp_path: Path) -> None:

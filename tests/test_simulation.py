@@ -2,6 +2,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -388,23 +389,29 @@ def test_failing_rank_aborts_the_job(tmp_path):
     assert any("unknown task 'nope'" in p.read_text() for p in logs if p.exists())
 
 
-# A subprocess that simulates a slowed-down two_moons (0.1 s per seed block of 100), so that a
-# test can kill it midway; and a variant that raises on MPI rank 1 only.
-SLOW_SIMULATE = """
+# A subprocess that simulates two_moons in seed blocks of 100 and, once a process has simulated
+# GATE_AFTER blocks, waits until the file GATE exists: a test can kill a run at a known point
+# whatever the machine's speed. A variant raises on MPI rank 1 while rank 0 waits at its gate.
+GATED_SIMULATE = """
 import os, sys, time
+from pathlib import Path
 from pipeline.cli import main
 from pipeline.tasks import register
 from pipeline.tasks.two_moons import TwoMoons
 
-class SlowTwoMoons(TwoMoons):
-    name = "slow_two_moons"
+class GatedTwoMoons(TwoMoons):
+    name = "gated_two_moons"
     seed_block_size = 100
+    blocks = 0
 
     def simulate(self, theta, rng):
-        time.sleep(0.1)
+        GatedTwoMoons.blocks += 1
+        if GatedTwoMoons.blocks > int(os.environ.get("GATE_AFTER", sys.maxsize)):
+            while not Path(os.environ["GATE"]).exists():
+                time.sleep(0.05)
         return super().simulate(theta, rng)
 
-class BrokenOnRank1(SlowTwoMoons):
+class BrokenOnRank1(GatedTwoMoons):
     name = "broken_two_moons"
 
     def simulate(self, theta, rng):
@@ -412,26 +419,32 @@ class BrokenOnRank1(SlowTwoMoons):
             raise ArithmeticError("simulator diverged")
         return super().simulate(theta, rng)
 
-register("slow_two_moons", SlowTwoMoons)
+register("gated_two_moons", GatedTwoMoons)
 register("broken_two_moons", BrokenOnRank1)
 sys.exit(main(sys.argv[1:]))
 """
 
 
+def gated_env(gate: Path, after: int) -> dict[str, str]:
+    """The environment in which every process of GATED_SIMULATE stops after ``after`` blocks
+    until ``gate`` exists."""
+    return {**run_env(), "GATE": str(gate), "GATE_AFTER": str(after)}
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("victim", ["job", "rank"])
 def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
-    out, log_file = tmp_path / "sims.h5", tmp_path / "sim.log"
+    out, log_file, gate = tmp_path / "sims.h5", tmp_path / "sim.log", tmp_path / "gate"
     command = [
         tool("mpiexec"),
         "-n",
         "2",
         sys.executable,
         "-c",
-        SLOW_SIMULATE,
+        GATED_SIMULATE,
         "simulate",
         "--task",
-        "slow_two_moons",
+        "gated_two_moons",
         "--num-simulations",
         "4000",
         "--seed",
@@ -443,10 +456,13 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
         "--log",
         str(log_file),
     ]
-    job = subprocess.Popen(command, env=run_env(), start_new_session=True)
+    # Each rank simulates two chunks (four blocks), writes them and waits at the gate.
+    job = subprocess.Popen(command, env=gated_env(gate, 4), start_new_session=True)
     shards = simulation.shard_dir(out)
-    deadline = time.monotonic() + 120
-    while len(list(shards.glob("chunk-*.h5"))) < 4 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # a bound for a stuck run, not a timing assumption
+    while len(list(shards.glob("chunk-*.h5"))) < 4:
+        assert job.poll() is None, "the run ended before it wrote four shards"
+        assert time.monotonic() < deadline, "four shards not written in 5 minutes"
         time.sleep(0.05)
     if victim == "job":
         job.send_signal(signal.SIGKILL)  # mpiexec itself: the ranks lose their launcher
@@ -463,12 +479,15 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
     subprocess.run(["pkill", "-KILL", "-f", str(out)])  # no orphan rank keeps writing
     assert job.returncode != 0 and not out.exists()
     finished = {p.name for p in shards.glob("chunk-*.h5")}
-    assert 4 <= len(finished) < 20
-    resumed = subprocess.run(command, env=run_env(), timeout=300, capture_output=True, text=True)
+    assert len(finished) == 4, finished
+    gate.touch()
+    resumed = subprocess.run(
+        command, env=gated_env(gate, 4), timeout=300, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     kept = resumed.stderr.count("already simulated, kept")
     assert kept == len(finished)
-    # The same data as an uninterrupted run: two_moons in seed blocks of 100, without the sleep.
+    # The same data as an uninterrupted run: two_moons in seed blocks of 100.
     two_moons = get_task("two_moons")
     two_moons.seed_block_size = 100
     theta, x = simulation.simulate_range(two_moons, 3, 0, 4000)
@@ -480,11 +499,13 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path, victim):
 @pytest.mark.mpi
 def test_rank_that_raises_aborts_the_whole_job(tmp_path):
     out = tmp_path / "sims.h5"
-    command = [tool("mpiexec"), "-n", "2", sys.executable, "-c", SLOW_SIMULATE, "simulate"]
+    command = [tool("mpiexec"), "-n", "2", sys.executable, "-c", GATED_SIMULATE, "simulate"]
     command += ["--task", "broken_two_moons", "--num-simulations", "100000", "--seed", "3"]
     command += ["--chunk-size", "200", "--out", str(out), "--log", str(tmp_path / "sim.log")]
-    # Rank 0's own share takes 50 s: a timeout here means it kept going after rank 1 died.
-    result = subprocess.run(command, env=run_env(), timeout=40, capture_output=True, text=True)
+    # Rank 0 waits at a gate nobody opens after its first chunk: the run ends only if rank 1's
+    # failure aborts it (the timeout is a bound for that never happening, not for its speed).
+    env = gated_env(tmp_path / "gate", 2)
+    result = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode != 0 and not out.exists()
     assert (
         "rank 1 failed: ArithmeticError: simulator diverged"
