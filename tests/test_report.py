@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from markupsafe import escape
 
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
 from pipeline.report.build import Check, evaluate_checks, load_results, verdict
@@ -435,6 +436,36 @@ def test_index_lists_every_experiment_escaped_and_survives_a_corrupt_one(
     assert '<a href="second/report.html">' not in html  # no report page to link to
     assert "unreadable summary.json" in html
     assert "FAIL" in html and "PASS" in html
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"verdict": 3}, "'verdict' missing or of the wrong type"),
+        ({"tasks": [1]}, "tasks[0].'name' missing"),
+        ({"tasks": [{"name": "t", "verdict": "PASS", "checks": [{"name": "c"}]}]}, "'status'"),
+        ({"tasks": [{"name": "t", "verdict": "PASS", "checks": "x"}]}, "'checks' missing"),
+    ],
+)
+def test_index_names_experiments_by_folder_and_lists_malformed_summaries(
+    tmp_path: Path, png: bytes, change: dict, message: str
+) -> None:
+    results = tmp_path / "results"
+    hostile = write_experiment(results / "hostile", png)
+    write_summary_of(hostile)
+    summary = json.loads((hostile / "summary.json").read_text())
+    summary["experiment"] = "javascript:alert(1)//"
+    (hostile / "summary.json").write_text(json.dumps(summary))
+    (hostile / "report.html").write_text("<html></html>")
+    malformed = write_experiment(results / "malformed", png)
+    write_summary_of(malformed)
+    summary = json.loads((malformed / "summary.json").read_text()) | change
+    (malformed / "summary.json").write_text(json.dumps(summary))
+    html = build_index(results)
+    assert "javascript:" not in html
+    assert '<a href="hostile/report.html">hostile</a>' in html
+    assert html.count('<tr class="experiment">') == 2
+    assert "unreadable summary.json" in html and str(escape(message)) in html
 
 
 def test_stage_run_times_come_from_snakemake_benchmarks(experiment: Path, png: bytes) -> None:

@@ -75,19 +75,44 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
-    """Each ``results_dir/*/summary.json``, newest first; unreadable ones carry ``error``."""
+    """Each ``results_dir/*/summary.json``, newest first; unreadable or malformed ones carry
+    ``error``. An experiment is named (and linked) by its folder, never by the file's text."""
     summaries = []
     for path in sorted(Path(results_dir).glob(f"*/{SUMMARY}")):
         try:
             summary = json.loads(path.read_text())
-            if not isinstance(summary.get("tasks"), list):
-                raise ValueError("no 'tasks' list")
-        except (OSError, ValueError, AttributeError) as error:
+            check_summary(summary)
+        except (OSError, ValueError) as error:
             log.warning("skipping %s: %s", path, error)
-            summary = {"experiment": path.parent.name, "error": f"unreadable {SUMMARY}: {error}"}
+            summary = {"error": f"unreadable {SUMMARY}: {error}"}
+        summary["experiment"] = path.parent.name
         summary["report_exists"] = (path.parent / "report.html").exists()
         summaries.append(summary)
     return sorted(summaries, key=lambda s: str(s.get("created", "")), reverse=True)
+
+
+def check_summary(summary: Any) -> None:
+    """Raises ValueError unless ``summary`` has the fields and types :func:`experiment_summary`
+    writes (the index renders nothing else)."""
+
+    def require(mapping: Any, key: str, kinds: tuple[type, ...], where: str) -> Any:
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise ValueError(f"{where}{key!r} missing or of the wrong type")
+        return value
+
+    number = (int, float, type(None))
+    for key in ("title", "created", "config_digest", "verdict"):
+        require(summary, key, (str,), "")
+    for i, task in enumerate(require(summary, "tasks", (list,), "")):
+        require(task, "name", (str,), f"tasks[{i}].")
+        require(task, "verdict", (str,), f"tasks[{i}].")
+        for j, check in enumerate(require(task, "checks", (list,), f"tasks[{i}].")):
+            where = f"tasks[{i}].checks[{j}]."
+            require(check, "name", (str,), where)
+            require(check, "status", (str,), where)
+            require(check, "value", number, where)
+            require(check, "threshold", (*number, str), where)
 
 
 def build_index(results_dir: Path) -> str:
