@@ -68,6 +68,9 @@ def test_observations_from_npy_and_shape_errors(tmp_path):
         read_observations(tmp_path / "bad.npy", (3,))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         read_observations(tmp_path / "missing.npy", (3,))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"empty.npy holds no observations \(x has 0 rows\)"):
+        read_observations(tmp_path / "empty.npy", (3,))
 
 
 def test_ensemble_density_is_the_mixture_of_its_members():

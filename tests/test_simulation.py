@@ -1,3 +1,4 @@
+import shutil
 import signal
 import subprocess
 import sys
@@ -587,3 +588,23 @@ def test_a_run_where_every_simulation_failed_is_not_merged(tmp_path):
         simulation.run(plan, AllNaN(), out, SerialComm(), overwrite=False)
     assert not out.exists()
     assert len(list(simulation.shard_dir(out).glob("chunk-*.h5"))) == 3  # kept, not lost
+
+
+def test_a_plan_larger_than_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
+    out = tmp_path / "sims.h5"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(simulation.shutil, "disk_usage", lambda _: usage._replace(free=10**6))
+    # 10^5 two_moons simulations: 1.6 MB of float32 theta and x, more than the 1 MB "free".
+    with pytest.raises(ValueError, match=r"take about 1.6 MB .* has 1.0 MB free; lower"):
+        simulate(out, n=100_000)
+    assert not out.exists() and not simulation.shard_dir(out).exists()
+
+
+def test_chunks_larger_than_memory_are_refused_and_short_plans_use_small_buffers(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(simulation, "_available_memory", lambda: 10**6)
+    with pytest.raises(ValueError, match=r"need 3.2 MB of memory .* lower --chunk-size"):
+        simulate(tmp_path / "a.h5", n=200_000, chunk_size=100_000)
+    # A chunk size far above the plan's size needs buffers of the plan's size only.
+    assert len(simulate(tmp_path / "b.h5", n=1000, chunk_size=10**12).x) == 1000

@@ -65,6 +65,8 @@ def read_observations(
             raise storage.unreadable(path, error) from None
     if x.shape == tuple(x_shape):
         x = x[None]
+    if len(x) == 0:
+        raise ValueError(f"{path} holds no observations (x has 0 rows)")
     if x.shape[1:] != tuple(x_shape):
         raise ValueError(
             f"{path}: observations have shape {x.shape}, expected "

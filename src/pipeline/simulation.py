@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 from dataclasses import dataclass, replace
 from functools import partial
@@ -85,13 +86,57 @@ class SimulationPlan:
         return identity if digest is None else {**identity, "task_digest": digest}
 
 
+def check_resources(plan: SimulationPlan, task: Task, out: Path) -> None:
+    """Refuses, before any work, a plan whose file cannot fit on the disk holding ``out`` or
+    whose two chunk buffers cannot fit in memory, with the sizes and the option to change."""
+    row = 4 * (task.dim_theta + math.prod(task.x_shape))  # float32 theta and x
+    needed = plan.num_simulations * row
+    folder = Path(out).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ValueError(
+            f"{plan.num_simulations} simulations of {task.name} take about {_size(needed)} "
+            f"(float32, before compression), but {folder} has {_size(free)} free; lower "
+            "--num-simulations or write --out to a larger file system"
+        )
+    buffers = 2 * min(plan.chunk_size, plan.num_simulations) * row
+    available = _available_memory()
+    if available is not None and buffers > available / 2:
+        raise ValueError(
+            f"chunks of {plan.chunk_size} simulations of {task.name} need {_size(buffers)} of "
+            f"memory (two chunk buffers), more than half the {_size(available)} available; "
+            "lower --chunk-size"
+        )
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    raise AssertionError  # unreachable: the loop returns at TB
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_plan(plan: SimulationPlan, num_ranks: int) -> None:
     """Raises ``ValueError`` for plans that cannot run, naming the option to change."""
     if plan.num_simulations <= 0:
         raise ValueError(f"--num-simulations must be positive, got {plan.num_simulations}")
     if plan.chunk_size <= 0:
         raise ValueError(f"--chunk-size must be positive, got {plan.chunk_size}")
-    num_chunks = len(plan.chunks())
+    num_chunks = -(-plan.num_simulations // plan.chunk_size)
     if num_ranks > num_chunks:
         raise ValueError(
             f"{num_ranks} MPI ranks but only {num_chunks} chunk(s) of {plan.chunk_size} "
@@ -244,6 +289,7 @@ def run(
     rank, size = comm.Get_rank(), comm.Get_size()
     check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, size)
+    check_resources(plan, task, out)
     check_writable(shard_dir(out), rank)
     # Rank 0 holds the output's lock until the merge is done; every rank learns if it failed.
     with contextlib.ExitStack() as held:
@@ -282,7 +328,7 @@ def _simulate_and_merge(
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
     num_nonfinite = 0
     listing = storage.list_folder(shard_dir(out))
-    buffers = ChunkBuffers(task, plan.chunk_size)
+    buffers = ChunkBuffers(task, min(plan.chunk_size, plan.num_simulations))
     with BackgroundWriter() as writer:
         for start, stop in mine:
             path = shard_path(out, start, stop)
@@ -316,6 +362,7 @@ def run_chunk(
     A shard already there and complete is kept. Returns the shard's path.
     """
     check_plan(plan, 1)
+    check_resources(plan, task, out)
     start, stop = plan.chunk_at(start)
     path = shard_path(out, start, stop)
     check_writable(shard_dir(out), 0)
