@@ -156,10 +156,10 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(data, tmp_path, ki
     command = [*_train_command(tmp_path, data, options), "--checkpoint-dir", str(ckpt)]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
     # Signalled once the log shows epoch 5 done (checkpoints of earlier epochs written): a point
-    # every machine reaches, far from the end of the 120 epochs.
+    # every machine reaches, far from the end of LONG's epochs.
     log = tmp_path / "train.log"
     deadline = time.monotonic() + 300  # a bound for a stuck run, not a timing assumption
-    while not (log.exists() and "epoch 5/120" in log.read_text()):
+    while not (log.exists() and f"epoch 5/{LONG['max_epochs']}" in log.read_text()):
         assert process.poll() is None, "training ended before epoch 5 was logged"
         assert time.monotonic() < deadline, "epoch 5 not logged in 5 minutes"
         time.sleep(0.05)
@@ -172,12 +172,12 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(data, tmp_path, ki
     subprocess.run(command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL)
     assert "resuming from" in (tmp_path / "train.log").read_text()
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
-    assert document["epochs"] == 120
+    assert document["epochs"] == LONG["max_epochs"]
     epochs = [
         line.split(",")[0]
         for line in (tmp_path / "model" / "metrics.csv").read_text().splitlines()[1:]
     ]
-    assert epochs[0] == "0" and epochs[-1] == "119"  # the history survives the kill
+    assert epochs[0] == "0" and epochs[-1] == str(LONG["max_epochs"] - 1)  # history kept
     assert not ckpt.exists()
     # Each epoch's batches depend on (seed, epoch) alone: resuming changes nothing (CPU).
     resumed = torch.load(tmp_path / "model" / "posterior.pt", weights_only=True)

@@ -17,6 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.options import (
+    C2stOptions,
+    ObserveOptions,
+    OptionsError,
+    ReportOptions,
+    SampleOptions,
+    SimulateOptions,
+    ValidateOptions,
+)
+
 log = logging.getLogger("pipeline")
 
 _RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
@@ -51,7 +61,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from pipeline import parallel, simulation
     from pipeline.tasks import get_task
 
-    plan = _simulation_plan(args)
+    options = SimulateOptions.from_args(args)
+    plan = _simulation_plan(args.task, options)
     comm = parallel.world()
     if args.chunk is not None:
         if comm.Get_size() > 1:
@@ -60,7 +71,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                 "started; run it without mpiexec/srun (or drop --chunk to spread all chunks)"
             )
         task = get_task(args.task)
-        simulation.run_chunk(plan, task, args.out, args.chunk, compression=args.compression)
+        simulation.run_chunk(plan, task, args.out, args.chunk, compression=options.compression)
         return
     if args.fit_chunks:
         plan = plan.fitted_to(comm.Get_size())
@@ -71,8 +82,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             args.out,
             comm,
             overwrite=args.overwrite,
-            merge=args.merge,
-            compression=args.compression,
+            merge=options.merge,
+            compression=options.compression,
         )
     except Exception as error:
         if comm.Get_size() > 1:
@@ -80,14 +91,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         raise
 
 
-def _simulation_plan(args: argparse.Namespace):
+def _simulation_plan(task: str, options: SimulateOptions):
     from pipeline.simulation import SimulationPlan
 
     return SimulationPlan(
-        task=args.task,
-        num_simulations=args.num_simulations,
-        seed=args.seed,
-        chunk_size=args.chunk_size,
+        task=task,
+        num_simulations=options.num_simulations,
+        seed=options.seed,
+        chunk_size=options.chunk_size,
     )
 
 
@@ -95,13 +106,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from pipeline import simulation
     from pipeline.tasks import get_task
 
+    options = SimulateOptions.from_args(args)
     simulation.merge(
-        _simulation_plan(args),
+        _simulation_plan(args.task, options),
         get_task(args.task),
         args.out,
         overwrite=args.overwrite,
-        merge=args.merge,
-        compression=args.compression,
+        merge=options.merge,
+        compression=options.compression,
     )
 
 
@@ -140,19 +152,15 @@ def cmd_observe(args: argparse.Namespace) -> None:
     from pipeline.observations import import_observations, make_observations
     from pipeline.tasks import get_task
 
+    options = ObserveOptions.from_args(args)
     if args.source is not None:
         import_observations(get_task(args.task), args.source, args.out, overwrite=args.overwrite)
         return
-    if args.num_observations is None or args.seed is None:
-        raise ValueError(
-            "observe draws synthetic observations with --num-observations and --seed, or "
-            "reads real ones with --from FILE"
-        )
     make_observations(
         get_task(args.task),
-        args.num_observations,
-        args.num_reference_samples,
-        args.seed,
+        options.num_observations,
+        options.num_reference_samples,
+        options.seed,
         args.out,
         overwrite=args.overwrite,
     )
@@ -162,21 +170,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pipeline.training import TrainConfig, train
 
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    overrides = json.loads(args.options) if args.options else {}
-    overrides |= {
-        k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None
-    }
-    if overrides:
-        config = TrainConfig.from_dict({**_asdict(config), **overrides}, source="command line")
+    if args.options:
+        config = config.replaced(_json_object(args.options), source="--options")
+    flags = {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
+    config = config.replaced(flags, source="command line")
     train(
         args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite
     )
 
 
-def _asdict(config: object) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)
+def _json_object(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise OptionsError(f"--options: not valid JSON ({error}): {text!r}") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -193,6 +200,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
     from pipeline.storage import finite_rows
 
+    options = SampleOptions.from_args(args)
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     posterior, document = load_posterior(args.model)
@@ -210,20 +218,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
     x, theta = x[finite], None if theta is None else theta[finite]
     if len(x) == 0:
         raise ValueError(f"{args.observations} holds no finite observation")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(options.seed)
     low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
     high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
-    result = sample_posterior(posterior, x, args.num_samples, low=low, high=high)
+    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high)
     attrs = {
         "task": document["task"],
         "parameter_names": list(spec.parameter_names),
-        "num_samples": args.num_samples,
-        "seed": args.seed,
+        "num_samples": options.num_samples,
+        "seed": options.seed,
         "low": None if low is None else low.tolist(),
         "high": None if high is None else high.tolist(),
         "num_nonfinite_excluded": int((~finite).sum()),
         "observation_index": np.flatnonzero(finite).tolist(),
-        "provenance": provenance({"model": document["provenance"], "seed": args.seed}),
+        "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}
     log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
@@ -234,31 +242,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from pipeline.validation import validate
 
+    options = ValidateOptions.from_args(args)
     validate(
         args.test_samples,
         args.observation_samples,
         args.observations,
         args.out,
-        seed=args.seed,
-        c2st_max_samples=args.c2st_max_samples or None,
-        c2st_folds=args.c2st_folds,
-        local_c2st_null=args.local_c2st_null,
-        predictive_draws=args.predictive_draws,
-        predictive_replicates=args.predictive_replicates,
+        **(options.as_dict() | {"c2st_max_samples": options.c2st_max_samples or None}),
     )
 
 
 def cmd_c2st(args: argparse.Namespace) -> None:
     from pipeline.validation import score_budget
 
+    options = C2stOptions.from_args(args)
     score_budget(
         args.observation_samples,
         args.observations,
         args.out,
-        budget=args.budget,
-        seed=args.seed,
-        max_samples=args.max_samples or None,
-        folds=args.folds,
+        **(options.as_dict() | {"max_samples": options.max_samples or None}),
     )
 
 
@@ -267,12 +269,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     from pipeline.report.build import load_results, render_report
     from pipeline.report.index import experiment_summary, write_summary
 
+    options = ReportOptions.from_args(args)
     config = json.loads(args.config_json) if args.config_json else {}
     thresholds = Thresholds(
-        c2st_max=args.c2st_max, coverage_max_deviation=args.coverage_max_deviation
+        c2st_max=options.c2st_max, coverage_max_deviation=options.coverage_max_deviation
     )
     results = load_results(args.experiment_dir, args.tasks, args.budgets, args.task_specs)
-    settings = {"config": config, "thresholds": thresholds, "title": args.title}
+    settings = {"config": config, "thresholds": thresholds, "title": options.title}
     html = render_report(args.experiment_dir, results, **settings)
     if args.summary is not None:
         write_summary(experiment_summary(args.experiment_dir, results, **settings), args.summary)
@@ -351,23 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = argparse.ArgumentParser(add_help=False)
     plan.add_argument("--task", required=True)
-    plan.add_argument("--num-simulations", type=int, required=True)
-    plan.add_argument("--seed", type=int, required=True)
-    plan.add_argument("--chunk-size", type=int, default=1000, help="simulations per shard")
     plan.add_argument("--out", type=Path, required=True)
     plan.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    plan.add_argument(
-        "--merge",
-        choices=("copy", "virtual"),
-        default="copy",
-        help="join shards by copying (default) or as an HDF5 virtual dataset over OUT.shards/",
-    )
-    plan.add_argument(
-        "--compression",
-        choices=("gzip", "lzf", "none"),
-        default="gzip",
-        help="HDF5 filter of the datasets (gzip: portable; lzf: fast, h5py only)",
-    )
+    SimulateOptions.add_flags(plan)
     text = "simulate (theta, x) pairs; run under mpiexec for ranks"
     p = add("simulate", cmd_simulate, text, [plan])
     p.add_argument(
@@ -412,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = "draw observations with truths and reference posteriors, or read real ones (--from)"
     p = add("observe", cmd_observe, text)
     p.add_argument("--task", required=True)
-    p.add_argument("--num-observations", type=int)
-    p.add_argument("--num-reference-samples", type=int, default=10000)
-    p.add_argument("--seed", type=int)
+    ObserveOptions.add_flags(p)
     p.add_argument(
         "--from",
         dest="source",
@@ -437,8 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", cmd_sample, "draw posterior samples for observations (.npy or .h5)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
-    p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    SampleOptions.add_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
 
@@ -446,30 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-samples", type=Path, required=True)
     p.add_argument("--observation-samples", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--c2st-max-samples", type=int, default=0, help="per class; 0 = all")
-    p.add_argument("--c2st-folds", type=int, default=5)
-    p.add_argument(
-        "--local-c2st-null", type=int, default=100, help="classifier refits of local C2ST's null"
-    )
-    p.add_argument(
-        "--predictive-draws", type=int, default=100, help="posterior draws simulated per x"
-    )
-    p.add_argument(
-        "--predictive-replicates",
-        type=int,
-        default=10,
-        help="fresh simulations per test pair that data-space coverage compares with the draws",
-    )
+    ValidateOptions.add_flags(p)
     p.add_argument("--out", type=Path, required=True, help="validation folder")
 
     p = add("c2st", cmd_c2st, "C2ST of posterior samples at the observations (budget study)")
     p.add_argument("--observation-samples", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
-    p.add_argument("--budget", type=int, required=True, help="training simulations used")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=0, help="per class; 0 = all")
-    p.add_argument("--folds", type=int, default=5)
+    C2stOptions.add_flags(p, required="budget")
     p.add_argument("--out", type=Path, required=True, help="JSON file")
 
     p = add("report", cmd_report, "write one self-contained HTML report per experiment")
@@ -486,9 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", nargs="*", type=int, default=[], help="budgets whose C2ST the page plots"
     )
     p.add_argument("--config-json", default="", help="the experiment config, shown verbatim")
-    p.add_argument("--c2st-max", type=float, required=True)
-    p.add_argument("--coverage-max-deviation", type=float, required=True)
-    p.add_argument("--title", default="SBI pipeline report")
+    ReportOptions.add_flags(p)
     p.add_argument("--summary", type=Path, help="also write the verdicts as JSON (for index)")
     p.add_argument("--out", type=Path, required=True)
 

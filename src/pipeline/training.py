@@ -20,18 +20,21 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pipeline import atomic
 from pipeline.data import LOADINGS, SimulationDataModule
+from pipeline.models.embeddings import EMBEDDINGS
+from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
+from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import launched_by_mpi
 from pipeline.provenance import config_digest, provenance
 from pipeline.storage import SimulationFileError
@@ -44,89 +47,40 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Options):
     """Hyper-parameters of training; every field shapes the trained weights."""
 
-    flow: str = "nsf"
-    transforms: int = 3
-    flow_hidden: tuple[int, ...] = (64, 64)
-    embedding: str = "mlp"
-    embedding_dim: int = 32
-    embedding_hidden: tuple[int, ...] = (64, 64)
-    ensemble: int = 1
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    lr_schedule: str = "plateau"
-    weight_decay: float = 0.0
-    gradient_clip: float = 0.0
-    max_epochs: int = 200
-    max_time: float = 0.0
-    patience: int = 20
-    val_fraction: float = 0.1
-    loading: str = "auto"
-    seed: int = 0
-    precision: str = "32-true"
-    compile: bool = False
-    devices: int = 1
-    accelerator: str = "cpu"
-    num_workers: int = 0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Builds a config, refusing unknown keys (with the allowed ones named)."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown training option(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(known)}"
-            )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        config = cls(**values)
-        config.check(source)
-        return config
-
-    @classmethod
-    def from_yaml(cls, path: Path) -> TrainConfig:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"training config {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of training options, got {data!r}")
-        return cls.from_dict(data, source=str(path))
+    flow: Literal[tuple(FLOWS)] = option("nsf", help="flow family (zuko)")
+    transforms: int = option(3, minimum=1, help="flow transformations")
+    flow_hidden: tuple[int, ...] = option((64, 64), minimum=1, help="hidden widths of the flow")
+    embedding: Literal[EMBEDDINGS] = option("mlp", help="embedding network of x")
+    embedding_dim: int = option(32, minimum=1, help="width of the embedding")
+    embedding_hidden: tuple[int, ...] = option(
+        (64, 64), minimum=1, help="hidden widths of the embedding"
+    )
+    ensemble: int = option(1, minimum=1, help="flows trained side by side (their mixture)")
+    batch_size: int = option(256, minimum=1, help="samples per batch and process")
+    learning_rate: float = option(1e-3, exclusive_minimum=0, help="AdamW step size")
+    lr_schedule: Literal[LR_SCHEDULES] = option("plateau", help="step size schedule")
+    weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay")
+    gradient_clip: float = option(0.0, minimum=0, help="largest gradient norm (0: none)")
+    max_epochs: int = option(200, minimum=1, help="upper bound on epochs")
+    max_time: float = option(0.0, minimum=0, help="upper bound in minutes (0: none)")
+    patience: int = option(20, minimum=1, help="early-stopping patience (epochs)")
+    val_fraction: float = option(
+        0.1, exclusive_minimum=0, exclusive_maximum=1, help="held-out fraction for validation"
+    )
+    loading: Literal[LOADINGS] = option("auto", help="memory, stream or auto")
+    seed: int = option(0, minimum=0, help="seed of initialisation, split and batches")
+    precision: Literal[PRECISIONS] = option("32-true", help="Lightning precision")
+    compile: bool = option(False, help="compile the flow's log-density (torch.compile)")
+    devices: int = option(1, minimum=1, help="processes Lightning starts without a launcher")
+    accelerator: Literal["cpu", "gpu", "auto"] = option("cpu", help="Lightning accelerator")
+    num_workers: int = option(0, minimum=0, help="DataLoader workers per rank")
 
     def check(self, source: str) -> None:
-        positive = (
-            "transforms",
-            "embedding_dim",
-            "ensemble",
-            "batch_size",
-            "max_epochs",
-            "devices",
-            "learning_rate",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{source}: {name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "gradient_clip", "max_time", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"{source}: {name} must be zero (off) or positive, got {getattr(self, name)}"
-                )
-        choices = {
-            "accelerator": ("cpu", "gpu", "auto"),
-            "lr_schedule": LR_SCHEDULES,
-            "loading": LOADINGS,
-            "precision": PRECISIONS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{source}: {name} must be one of {', '.join(allowed)}, "
-                    f"got {getattr(self, name)!r}"
-                )
         if self.precision != "32-true" and self.accelerator == "cpu":
-            raise ValueError(
+            raise OptionsError(
                 f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
                 "on CPU use 32-true"
             )
@@ -312,7 +266,13 @@ def check_checkpoints(
     identity = json.loads(json.dumps({"train": config.shaping(), "data_digest": data_digest}))
     stamp = checkpoint_dir / "identity.json"
     if stamp.exists():
-        previous = json.loads(stamp.read_text())
+        try:
+            previous = json.loads(stamp.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{stamp} is unreadable ({error}), so the checkpoints beside it cannot be matched "
+                f"to this run; move {checkpoint_dir} away or choose another --checkpoint-dir"
+            ) from None
         if previous != identity:
             raise ValueError(
                 f"{checkpoint_dir} holds checkpoints of a different run "
@@ -321,7 +281,7 @@ def check_checkpoints(
             )
     elif write:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(identity, sort_keys=True, indent=1))
+        atomic.write_json(stamp, identity, sort_keys=True, indent=1)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

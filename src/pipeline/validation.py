@@ -8,9 +8,7 @@ arrays in, numbers out: no model is loaded here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import diagnostics, plots, storage
+from pipeline import atomic, diagnostics, plots, storage
 from pipeline.observations import read_reference, read_reference_info
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
@@ -483,6 +481,4 @@ def _save(figure: Figure, path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic.write_json(path, data, indent=2)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import atomic
 from pipeline.models.embeddings import build_embedding
 from pipeline.models.flows import build_flow
 
@@ -147,9 +148,10 @@ def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
 def save_posterior(posterior: NeuralPosterior, folder: Path, metadata: dict[str, Any]) -> None:
     """Writes ``posterior.pt`` (state dict) and ``posterior.json`` (spec + ``metadata``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(posterior.state_dict(), folder / WEIGHTS)
+    with atomic.atomic_path(folder / WEIGHTS) as temporary:
+        torch.save(posterior.state_dict(), temporary)
     document = {"spec": asdict(posterior.spec), **metadata}
-    (folder / SPEC).write_text(json.dumps(document, indent=2, sort_keys=True))
+    atomic.write_json(folder / SPEC, document, indent=2, sort_keys=True)
 
 
 def load_posterior(folder: Path) -> tuple[NeuralPosterior, dict[str, Any]]:

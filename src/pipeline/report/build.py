@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +18,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline import plots
+from pipeline import atomic, plots
 from pipeline.provenance import config_digest
 from pipeline.report.results import TaskResults, TrainingCurve, load_task
 
@@ -345,18 +343,4 @@ def template_environment() -> jinja2.Environment:
 
 def write_report(html: str, out: Path) -> None:
     """Writes ``html`` to ``out`` atomically: readers see the old file or the whole new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as ``out``, so os.replace is a rename within one file system.
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(html)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates the file private (0600); a report is meant to be shared.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic.write_text(Path(out), html)

@@ -1,0 +1,65 @@
+"""Writes that readers see whole or not at all: a temporary sibling, renamed on success.
+
+The temporary is ``.NAME.tmp-PID`` beside ``NAME`` (the names
+:func:`pipeline.storage.list_folder` recognises as debris of killed writes), so the rename stays
+within one file system. A failed write removes its temporary and leaves the old file as it was;
+a full disk is reported as such, naming the file and the folder to free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def temporary_sibling(path: Path) -> Path:
+    """``.NAME.tmp-PID`` in ``path``'s folder."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def disk_full(path: Path, error: OSError) -> OSError:
+    """The ENOSPC/EDQUOT ``error`` of a write of ``path`` as a message a user can act on."""
+    return OSError(
+        error.errno,
+        f"disk full (or quota reached) while writing {path}: free space in {path.parent} and "
+        f"rerun; {path} was left as it was before",
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yields a temporary path to write; on success it is flushed to disk and renamed to
+    ``path``, on any error removed (``path`` untouched)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, error) from error
+        raise
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, data: Any, **dumps: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` atomically (``dumps``: options of json.dumps)."""
+    write_text(path, json.dumps(data, **dumps) + "\n")
