@@ -103,6 +103,30 @@ def test_nonfinite_rows_are_excluded_and_reported(tmp_path):
     assert np.isfinite(metadata["best_val_loss"])
 
 
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_extreme_rows_are_refused_by_name_before_training(tmp_path, loading):
+    # Ten finite rows of 1e38 among 2000: z-scored with them, every other x would be ~0.
+    out = tmp_path / "sims.h5"
+    rng = np.random.default_rng(0)
+    theta, x = rng.uniform(-1, 1, (2000, 2)), rng.normal(size=(2000, 2))
+    x[1990:] = 1e38
+    storage.write_simulations(out, theta, x, {"task": "two_moons"}, overwrite=False)
+    options = {**TINY, "loading": loading, "batch_size": 100}
+    where = r"row 199\d" if loading == "memory" else r"rows 1900-1999"
+    with pytest.raises(ValueError, match=f"{where}.* more than 1e\\+06 robust standard dev"):
+        train(out, tmp_path / "model", TrainConfig.from_dict(options))
+    assert not (tmp_path / "model").exists()
+
+
+def test_heavy_tailed_columns_are_not_outliers():
+    from pipeline.data import Outliers
+
+    rng = np.random.default_rng(1)
+    theta, x = rng.uniform(size=(100_000, 2)), rng.standard_cauchy(size=(100_000, 3))
+    x[:, 2] = 0.0  # a constant column has no spread to measure against: not checked
+    assert Outliers(theta, x).rows(theta, x).size == 0
+
+
 def test_all_nan_data_fail_before_training(tmp_path):
     out = tmp_path / "sims.h5"
     theta = np.zeros((10, 2))

@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 LOADINGS = ("auto", "memory", "stream")
 
+# Rows this many robust standard deviations (interquartile range / 1.349) from their column's
+# median would set the z-scoring of every row: refused. Heavy-tailed but sound simulators stay
+# far below it (the largest of 10^5 Cauchy draws sits about 10^4 scales out).
+OUTLIER_LIMIT = 1e6
+SAMPLE_VALUES = 10**7  # values (rows x columns) that fix the medians and quartiles
+
 
 def available_memory() -> int:
     """Bytes of memory available to new allocations on this node (``MemAvailable``)."""
@@ -130,6 +136,9 @@ class SimulationDataModule(pl.LightningDataModule):
         order = np.random.default_rng(self.seed).permutation(len(theta))
         train, val = order[:num_train], order[num_train:]
         theta_train, x_train = theta[train], x[train]
+        outliers = Outliers(theta_train, x_train)
+        rows = np.flatnonzero(finite)[outliers.rows(theta, x)]
+        outliers.refuse(self.path, [f"row {row}" for row in rows])
         theta_moments, x_moments = Moments(), Moments()
         theta_moments.add(theta_train)
         x_moments.add(x_train)
@@ -157,13 +166,24 @@ class SimulationDataModule(pl.LightningDataModule):
         theta_moments, x_moments = Moments(), Moments()
         counts = {"train": 0, "val": 0}
         val_blocks = set(self._val_items.tolist())
+        outliers, flagged = None, []
         for block in range(num_blocks):
             theta, x = blocks.read(block)
             split = "val" if block in val_blocks else "train"
             counts[split] += len(theta)
+            # The first block fixes the medians: blocks are contiguous rows of the file.
+            if outliers is None and len(theta):
+                outliers = Outliers(theta, x)
+            if outliers is None:
+                continue  # no finite row yet: counted above, nothing to scale or check
+            if outliers.rows(theta, x).size:
+                start = block * self.batch_size
+                flagged.append(f"rows {start}-{start + self.batch_size - 1}")
             if split == "train":
                 theta_moments.add(theta)
                 x_moments.add(x)
+        if outliers is not None:
+            outliers.refuse(self.path, flagged)
         if not counts["train"] or not counts["val"]:
             raise ValueError(
                 f"{self.path}: a split has no finite simulation (train {counts['train']}, "
@@ -235,3 +255,49 @@ class Moments:
         return torch.from_numpy(mean).float(), torch.from_numpy(
             np.sqrt(np.maximum(var, 0))
         ).float()
+
+
+class Outliers:
+    """Rows of ``theta`` or ``x`` more than :data:`OUTLIER_LIMIT` robust standard deviations
+    from the medians of a sample of the data (columns with no spread are not checked)."""
+
+    def __init__(self, theta: np.ndarray, x: np.ndarray) -> None:
+        rows = max(SAMPLE_VALUES // self._width(theta, x), 1)
+        sample = self._columns(theta[:rows], x[:rows])
+        low, self.median, high = np.quantile(sample, [0.25, 0.5, 0.75], axis=0)
+        self.scale = (high - low) / 1.349
+        self.checked = self.scale > 0
+
+    @staticmethod
+    def _width(theta: np.ndarray, x: np.ndarray) -> int:
+        return int(np.prod(theta.shape[1:]) + np.prod(x.shape[1:]))
+
+    @staticmethod
+    def _columns(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+        columns = [theta.reshape(len(theta), -1), x.reshape(len(x), -1)]
+        return np.concatenate(columns, axis=1).astype(np.float64)
+
+    def rows(self, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Indices of the rows of ``(theta, x)`` beyond the limit (in blocks: bounded memory)."""
+        step = max(2**20 // self._width(theta, x), 1)
+        median, scale = self.median[self.checked], self.scale[self.checked]
+        found = []
+        for start in range(0, len(theta), step):
+            block = self._columns(theta[start : start + step], x[start : start + step])
+            distance = np.abs(block[:, self.checked] - median) / scale
+            found.append(start + np.flatnonzero((distance > OUTLIER_LIMIT).any(axis=1)))
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def refuse(path: Path, where: list[str]) -> None:
+        """Raises ValueError naming ``where`` (row descriptions) unless it is empty."""
+        if not where:
+            return
+        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+        raise ValueError(
+            f"{path}: {shown} hold values more than "
+            f"{OUTLIER_LIMIT:.0e} robust standard deviations from their column's median; they "
+            "would set the scaling of every input and the network would learn nothing from the "
+            "rest. Fix the simulator where it returns such values, or transform x in the task "
+            "(e.g. a logarithm) so that its values share one scale"
+        )

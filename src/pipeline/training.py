@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline import atomic
-from pipeline.data import LOADINGS, SimulationDataModule
+from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
 from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
@@ -405,6 +405,7 @@ def train(
         "num_val": datamodule.num_val,
         "loading": datamodule.loading,
         "num_nonfinite_excluded": datamodule.num_nonfinite,
+        "outlier_limit": OUTLIER_LIMIT,  # rows this many robust deviations out were refused
         "epochs": trainer.current_epoch,
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score),
         "train_seconds": seconds,
