@@ -57,6 +57,17 @@ def test_lint_is_clean(workdir):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
+    # The schema restricts the config's paths; quoting is the second wall, so that no value a
+    # config can carry ever reaches the shell unquoted.
+    unquoted = [
+        f"{path.name}: {match}"
+        for path in sorted((ROOT / "workflow/rules").glob("*.smk"))
+        for match in re.findall(r"\{(?:input|output|log|params)[^}:]*\}", path.read_text())
+    ]
+    assert not unquoted, unquoted
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

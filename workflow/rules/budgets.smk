@@ -51,7 +51,7 @@ rule score_budget:
         c2st_max_samples=config["validate"]["c2st_max_samples"],
     threads: 1
     shell:
-        "pipeline c2st --observation-samples {input.observation_samples}"
-        " --observations {input.observations} --budget {wildcards.budget} --seed {params.seed}"
-        " --folds {params.c2st_folds} --max-samples {params.c2st_max_samples}"
-        " --out {output} --log {log}"
+        "pipeline c2st --observation-samples {input.observation_samples:q}"
+        " --observations {input.observations:q} --budget {wildcards.budget} --seed {params.seed:q}"
+        " --folds {params.c2st_folds:q} --max-samples {params.c2st_max_samples:q}"
+        " --out {output:q} --log {log:q}"

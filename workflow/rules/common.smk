@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shlex
 from pathlib import Path
 
 from pipeline.tasks.experiment import resolve_tasks

@@ -28,8 +28,8 @@ rule import_simulations:
     threads: 1
     shell:
         "pipeline import --task {params.task:q} --theta {params.theta:q} --x {params.x:q}"
-        " --rows={params.rows} --compression {params.compression} --out {output} --overwrite"
-        " --log {log}"
+        " --rows={params.rows:q} --compression {params.compression:q} --out {output:q} --overwrite"
+        " --log {log:q}"
 
 
 rule import_observations:
@@ -51,5 +51,5 @@ rule import_observations:
         source=lambda wildcards: config["observed"][wildcards.task],
     threads: 1
     shell:
-        "pipeline observe --task {params.task:q} --from {params.source:q} --out {output}"
-        " --overwrite --log {log}"
+        "pipeline observe --task {params.task:q} --from {params.source:q} --out {output:q}"
+        " --overwrite --log {log:q}"

@@ -21,19 +21,20 @@ rule report:
     params:
         experiment_dir=EXPERIMENT,
         config=json.dumps(config, sort_keys=True),
-        tasks=" ".join(config["tasks"]),
-        specs=" ".join(shlex.quote(task_spec(name)) for name in config["tasks"]),
-        budgets=" ".join(str(n) for n in BUDGETS),
+        tasks=config["tasks"],
+        specs=[task_spec(name) for name in config["tasks"]],
+        budgets=[str(n) for n in BUDGETS],
         c2st_max=config["report"]["c2st_max"],
         coverage_max_deviation=config["report"]["coverage_max_deviation"],
         title=config["report"]["title"],
     shell:
-        "pipeline report --experiment-dir {params.experiment_dir} --tasks {params.tasks}"
-        " --task-specs {params.specs}"
-        " --budgets {params.budgets}"
-        " --config-json {params.config:q} --c2st-max {params.c2st_max}"
-        " --coverage-max-deviation {params.coverage_max_deviation}"
-        " --title {params.title:q} --out {output.html} --summary {output.summary} --log {log}"
+        "pipeline report --experiment-dir {params.experiment_dir:q} --tasks {params.tasks:q}"
+        " --task-specs {params.specs:q}"
+        " --budgets {params.budgets:q}"
+        " --config-json {params.config:q} --c2st-max {params.c2st_max:q}"
+        " --coverage-max-deviation {params.coverage_max_deviation:q}"
+        " --title {params.title:q} --out {output.html:q} --summary {output.summary:q}"
+        " --log {log:q}"
 
 
 # One page over every experiment of the results folder; rebuilt whenever this one's report is.
@@ -49,4 +50,4 @@ rule index:
     params:
         results=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "pipeline index --results {params.results} --out {output} --log {log}"
+        "pipeline index --results {params.results:q} --out {output:q} --log {log:q}"

@@ -16,9 +16,9 @@ rule sample_test:
         model_dir=lambda wildcards, input: Path(input.model).parent,
     threads: 1
     shell:
-        "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --overwrite"
-        " --threads {threads} --log {log}"
+        "pipeline sample --model {params.model_dir:q} --observations {input.observations:q}"
+        " --num-samples {params.num_samples:q} --seed {params.seed:q} --out {output:q} --overwrite"
+        " --threads {threads} --log {log:q}"
 
 
 rule sample_observations:
@@ -39,6 +39,6 @@ rule sample_observations:
         model_dir=lambda wildcards, input: Path(input.model).parent,
     threads: 1
     shell:
-        "pipeline sample --model {params.model_dir} --observations {input.observations}"
-        " --num-samples {params.num_samples} --seed {params.seed} --out {output} --overwrite"
-        " --threads {threads} --log {log}"
+        "pipeline sample --model {params.model_dir:q} --observations {input.observations:q}"
+        " --num-samples {params.num_samples:q} --seed {params.seed:q} --out {output:q} --overwrite"
+        " --threads {threads} --log {log:q}"

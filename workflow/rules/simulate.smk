@@ -32,9 +32,9 @@ if not config["simulate"]["scatter"]:
             tasks=1,
         shell:
             "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
-            " --num-simulations {params.num_simulations} --seed {params.seed}"
-            " --chunk-size {params.chunk_size} --fit-chunks --merge {params.merge}"
-            " --compression {params.compression} --out {output} --overwrite --log {log}"
+            " --num-simulations {params.num_simulations:q} --seed {params.seed:q}"
+            " --chunk-size {params.chunk_size:q} --fit-chunks --merge {params.merge:q}"
+            " --compression {params.compression:q} --out {output:q} --overwrite --log {log:q}"
 
 else:
 
@@ -63,9 +63,9 @@ else:
             compression=config["simulate"]["compression"],
         threads: 1
         shell:
-            "pipeline simulate --task {params.task:q} --num-simulations {params.num_simulations}"
-            " --seed {params.seed} --chunk-size {params.chunk_size} --chunk {params.start}"
-            " --compression {params.compression} --out {params.out} --log {log}"
+            "pipeline simulate --task {params.task:q} --num-simulations {params.num_simulations:q}"
+            " --seed {params.seed:q} --chunk-size {params.chunk_size:q} --chunk {params.start:q}"
+            " --compression {params.compression:q} --out {params.out:q} --log {log:q}"
 
     rule merge_simulations:
         input:
@@ -89,9 +89,9 @@ else:
             compression=config["simulate"]["compression"],
         threads: 1
         shell:
-            "pipeline merge --task {params.task:q} --num-simulations {params.num_simulations}"
-            " --seed {params.seed} --chunk-size {params.chunk_size} --merge {params.merge}"
-            " --compression {params.compression} --out {output} --overwrite --log {log}"
+            "pipeline merge --task {params.task:q} --num-simulations {params.num_simulations:q}"
+            " --seed {params.seed:q} --chunk-size {params.chunk_size:q} --merge {params.merge:q}"
+            " --compression {params.compression:q} --out {output:q} --overwrite --log {log:q}"
 
 
 rule observe:
@@ -113,6 +113,6 @@ rule observe:
         num_reference_samples=config["observations"]["num_reference_samples"],
         seed=config["observations"]["seed"],
     shell:
-        "pipeline observe --task {params.task:q} --num-observations {params.num_observations}"
-        " --num-reference-samples {params.num_reference_samples} --seed {params.seed}"
-        " --out {output} --overwrite --log {log}"
+        "pipeline observe --task {params.task:q} --num-observations {params.num_observations:q}"
+        " --num-reference-samples {params.num_reference_samples:q} --seed {params.seed:q}"
+        " --out {output:q} --overwrite --log {log:q}"

@@ -22,5 +22,5 @@ rule train:
         # still start --devices of its own); "srun" under SLURM starts the allocation's tasks.
         mpi="",
     shell:
-        "{resources.mpi} pipeline train --data {input} --out {params.model_dir}"
-        " --options {params.options:q} --threads {threads} --overwrite --log {log}"
+        "{resources.mpi} pipeline train --data {input:q} --out {params.model_dir:q}"
+        " --options {params.options:q} --threads {threads} --overwrite --log {log:q}"

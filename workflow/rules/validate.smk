@@ -49,11 +49,11 @@ rule validate:
         out=lambda wildcards, output: Path(output.metrics).parent,
     threads: 1
     shell:
-        "pipeline validate --test-samples {input.test_samples}"
-        " --observation-samples {input.observation_samples}"
-        " --observations {input.observations} --seed {params.seed}"
-        " --c2st-folds {params.c2st_folds} --c2st-max-samples {params.c2st_max_samples}"
-        " --local-c2st-null {params.local_c2st_null}"
-        " --predictive-draws {params.predictive_draws}"
-        " --predictive-replicates {params.predictive_replicates}"
-        " --out {params.out} --log {log}"
+        "pipeline validate --test-samples {input.test_samples:q}"
+        " --observation-samples {input.observation_samples:q}"
+        " --observations {input.observations:q} --seed {params.seed:q}"
+        " --c2st-folds {params.c2st_folds:q} --c2st-max-samples {params.c2st_max_samples:q}"
+        " --local-c2st-null {params.local_c2st_null:q}"
+        " --predictive-draws {params.predictive_draws:q}"
+        " --predictive-replicates {params.predictive_replicates:q}"
+        " --out {params.out:q} --log {log:q}"
