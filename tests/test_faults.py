@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, storage
 from pipeline.cli import main
 from pipeline.models import posterior as posterior_module
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
@@ -95,3 +98,25 @@ def test_the_command_line_reports_a_full_disk_as_such(tmp_path, monkeypatch, cap
     message = "index failed: [Errno 28] disk full (or quota reached) while writing"
     assert message in capsys.readouterr().err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_rerun_removes_what_killed_writes_on_this_node_left_and_nothing_else(tmp_path):
+    out = tmp_path / "samples.h5"
+    dead = tmp_path / f".samples.h5.tmp-{atomic.HOST}-{_pid_of_ended()}"
+    dead.write_text("half")
+    elsewhere = tmp_path / ".samples.h5.tmp-othernode-1"  # may still run on its node
+    running = tmp_path / f".samples.h5.tmp-{atomic.HOST}-{os.getppid()}"
+    other_output = tmp_path / f".other.h5.tmp-{atomic.HOST}-{_pid_of_ended()}"
+    for path in (elsewhere, running, other_output):
+        path.write_text("in progress")
+    storage.write_simulations(out, np.zeros((3, 2)), np.zeros((3, 2)), {}, overwrite=False)
+    assert not dead.exists()
+    assert elsewhere.exists() and running.exists() and other_output.exists()
+    assert out.exists()
+
+
+def _pid_of_ended() -> int:
+    """The pid of a process that has ended (free, unless the system reuses it at once)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -11,15 +11,53 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+HOST = socket.gethostname().split(".")[0]
+
 
 def temporary_sibling(path: Path) -> Path:
-    """``.NAME.tmp-PID`` in ``path``'s folder."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``.NAME.tmp-HOST-PID`` in ``path``'s folder: which process on which node writes it."""
+    return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Removes the temporaries of ``path`` whose writer was a process of this node that no
+    longer runs (a killed write); returns them. Those of other nodes are left alone: their
+    writers may still run (on a shared file system this node cannot see them)."""
+    path = Path(path)
+    prefix, removed = f".{path.name}.tmp-", []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        host, _, pid = entry.name[len(prefix) :].rpartition("-")
+        if (host and host != HOST) or not pid.isdigit() or _running(int(pid)):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+        log.info("removed %s, left by a killed write of %s", entry.path, path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def disk_full(path: Path, error: OSError) -> OSError:
@@ -37,6 +75,7 @@ def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
     ``path``, on any error removed (``path`` untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     temporary = temporary_sibling(path)
     try:
         yield temporary

@@ -470,7 +470,10 @@ def write_shard(
     the caller, which sums them over the run).
     """
     attrs = {**attrs, "index_start": start, "index_stop": stop}
-    storage.write_simulations(path, theta, x, attrs, overwrite=True, compression=compression)
+    # The run cleaned the shard folder's temporaries once, under its lock (reusable_shard).
+    storage.write_simulations(
+        path, theta, x, attrs, overwrite=True, compression=compression, clean=False
+    )
 
 
 def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: list[Path]) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline import atomic
+
 FORMAT_VERSION = 1
 # Bytes per HDF5 chunk (uncompressed): large chunks make fewer, faster writes and reads (1024-row
 # chunks of two_moons wrote at half the speed), and 1 MiB still fits h5py's default chunk cache.
@@ -132,10 +134,12 @@ def write_simulations(
     *,
     overwrite: bool,
     compression: str = "gzip",
+    clean: bool = True,
 ) -> None:
     """Writes ``theta`` (N, D) and ``x`` (N, *x_shape) as float32, atomically.
 
-    ``compression`` names an entry of :data:`COMPRESSIONS`.
+    ``compression`` names an entry of :data:`COMPRESSIONS`; ``clean`` as for
+    :class:`atomic_h5`.
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
@@ -145,7 +149,7 @@ def write_simulations(
         raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
     if len(theta) != len(x):
         raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-    with atomic_h5(path) as f:
+    with atomic_h5(path, clean=clean) as f:
         for name, data in (("theta", theta), ("x", x)):
             data = np.asarray(data, dtype=np.float32)
             create_dataset(f, name, data.shape, compression, data=data)
@@ -292,14 +296,20 @@ def missing_sources(f: h5py.File, path: Path) -> list[str]:
 
 
 class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as f`
-    """Opens ``path``'s temporary sibling for writing; renames it to ``path`` on success only."""
+    """Opens ``path``'s temporary sibling for writing; renames it to ``path`` on success only.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+    ``clean``: first remove temporaries that killed writes of ``path`` left on this node (a
+    listing of the folder; shard writers skip it and clean their folder once per run instead).
+    """
+
+    def __init__(self, path: Path, *, clean: bool = True) -> None:
+        self.path, self.clean = Path(path), clean
+        self.tmp = atomic.temporary_sibling(self.path)
 
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.clean:
+            atomic.remove_stale_temporaries(self.path)
         self.file = h5py.File(self.tmp, "w")
         return self.file
 
