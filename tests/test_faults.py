@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import atomic, storage
+from pipeline import atomic, simulation, storage
 from pipeline.cli import main
 from pipeline.models import posterior as posterior_module
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
+from pipeline.tasks import get_task
 from pipeline.training import TrainConfig, check_checkpoints
+from tests.conftest import run_env, tool
 
 
 def full_disk(*_: object, **__: object) -> None:
@@ -120,3 +122,42 @@ def _pid_of_ended() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs (root only; the test skips where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_disk_that_fills_during_simulate_is_reported_and_the_rerun_resumes(small_disk):
+    out = small_disk / "sims.h5"
+    # 60000 two_moons rows are 0.96 MB of float32, so the up-front check lets them through;
+    # HDF5's overhead fills the 1 MB disk at the sixth shard.
+    command = [tool("pipeline"), "simulate", "--task", "two_moons", "--seed", "1"]
+    command += ["--num-simulations", "60000", "--chunk-size", "10000", "--merge", "virtual"]
+    command += ["--compression", "none", "--out", str(out)]
+    failed = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "simulate failed: [Errno 28] disk full (or quota reached) while writing" in (
+        failed.stderr
+    )
+    assert "Traceback" not in failed.stderr
+    shards = simulation.shard_dir(out)
+    kept = sorted(p.name for p in shards.iterdir() if not p.name.startswith(".lock"))
+    assert not out.exists() and len(kept) == 5 and not [n for n in kept if ".tmp-" in n]
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    resumed = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stderr.count("already simulated, kept") == 5
+    expected = simulation.simulate_range(get_task("two_moons"), 1, 0, 60000)
+    result = storage.read_simulations(out)
+    np.testing.assert_array_equal(result.x, expected[1])

@@ -594,8 +594,8 @@ def test_a_plan_larger_than_the_disk_is_refused_before_any_work(tmp_path, monkey
     out = tmp_path / "sims.h5"
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(simulation.shutil, "disk_usage", lambda _: usage._replace(free=10**6))
-    # 10^5 two_moons simulations: 1.6 MB of float32 theta and x, more than the 1 MB "free".
-    with pytest.raises(ValueError, match=r"take about 1.6 MB .* has 1.0 MB free; lower"):
+    # 10^5 two_moons simulations: 1.6 MB of float32 theta and x, twice that for shards and copy.
+    with pytest.raises(ValueError, match=r"take about 3.2 MB .*copy merge.* has 1.0 MB free"):
         simulate(out, n=100_000)
     assert not out.exists() and not simulation.shard_dir(out).exists()
 

@@ -60,10 +60,19 @@ def _running(pid: int) -> bool:
     return True
 
 
-def disk_full(path: Path, error: OSError) -> OSError:
-    """The ENOSPC/EDQUOT ``error`` of a write of ``path`` as a message a user can act on."""
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` reports a full disk or quota: an OSError's errno, or HDF5's message
+    (h5py raises RuntimeError with the C library's errno in the text)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "errno = 28," in text or "errno = 122," in text or "No space left on device" in text
+
+
+def disk_full(path: Path, error: BaseException) -> OSError:
+    """The full-disk ``error`` of a write of ``path`` as a message a user can act on."""
     return OSError(
-        error.errno,
+        getattr(error, "errno", None) or errno.ENOSPC,
         f"disk full (or quota reached) while writing {path}: free space in {path.parent} and "
         f"rerun; {path} was left as it was before",
     )
@@ -85,7 +94,7 @@ def atomic_path(path: Path, mode: int = 0o644) -> Iterator[Path]:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             raise disk_full(path, error) from error
         raise
     except BaseException:

@@ -468,9 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    # h5py objects freed while their file's writes fail on a full disk complain one by one;
+    # the stage reports the full disk once, as its own error.
+    from pipeline.atomic import is_disk_full
+
+    if unraisable.exc_value is not None and is_disk_full(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
+    sys.unraisablehook = _unraisable
     if args.command in ("train", "sample"):
         import torch
 
@@ -480,6 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, KeyError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         log.error("%s failed: %s", args.command, message)
+        storage = sys.modules.get("pipeline.storage")
+        if storage is not None and storage.HDF5_LEFT_OPEN:
+            # HDF5 would flush the file it failed to close again at exit, and crash.
+            logging.shutdown()
+            os._exit(2)
         return 2
     return 0
 

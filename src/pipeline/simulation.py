@@ -86,11 +86,14 @@ class SimulationPlan:
         return identity if digest is None else {**identity, "task_digest": digest}
 
 
-def check_resources(plan: SimulationPlan, task: Task, out: Path) -> None:
+def check_resources(plan: SimulationPlan, task: Task, out: Path, merge: str = "virtual") -> None:
     """Refuses, before any work, a plan whose file cannot fit on the disk holding ``out`` or
-    whose two chunk buffers cannot fit in memory, with the sizes and the option to change."""
+    whose two chunk buffers cannot fit in memory, with the sizes and the option to change.
+
+    A ``copy`` merge needs room for the shards and the copy at once.
+    """
     row = 4 * (task.dim_theta + math.prod(task.x_shape))  # float32 theta and x
-    needed = plan.num_simulations * row
+    needed = plan.num_simulations * row * (2 if merge == "copy" else 1)
     folder = Path(out).absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -98,8 +101,9 @@ def check_resources(plan: SimulationPlan, task: Task, out: Path) -> None:
     if needed > free:
         raise ValueError(
             f"{plan.num_simulations} simulations of {task.name} take about {_size(needed)} "
-            f"(float32, before compression), but {folder} has {_size(free)} free; lower "
-            "--num-simulations or write --out to a larger file system"
+            f"(float32, before compression{', twice for a copy merge' if merge == 'copy' else ''}"
+            f"), but {folder} has {_size(free)} free; lower --num-simulations or write --out "
+            "to a larger file system"
         )
     buffers = 2 * min(plan.chunk_size, plan.num_simulations) * row
     available = _available_memory()
@@ -289,7 +293,7 @@ def run(
     rank, size = comm.Get_rank(), comm.Get_size()
     check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, size)
-    check_resources(plan, task, out)
+    check_resources(plan, task, out, merge)
     check_writable(shard_dir(out), rank)
     # Rank 0 holds the output's lock until the merge is done; every rank learns if it failed.
     with contextlib.ExitStack() as held:

@@ -16,9 +16,11 @@ fill values).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,20 @@ class Simulations:
         return finite_rows(self.theta) & finite_rows(self.x)
 
 
-def unreadable(path: Path, error: Exception) -> SimulationFileError:
-    """The error for a file h5py cannot read: truncated, corrupt or not HDF5 at all."""
+# Files HDF5 failed to close: the C library would flush them again at exit and crash, so the
+# command line ends such a process without HDF5's exit handlers (cli.main).
+HDF5_LEFT_OPEN: list[h5py.File] = []
+
+
+def unreadable(path: Path, error: Exception) -> SimulationFileError | OSError:
+    """The error for a file h5py cannot read: truncated, corrupt or not HDF5 at all, unless
+    the error was a full disk (HDF5 reports failed writes of other files this way too)."""
+    if atomic.is_disk_full(error):
+        return OSError(
+            errno.ENOSPC,
+            f"disk full (or quota reached) while working with {path}: free space on its file "
+            "system and rerun; finished files are kept",
+        )
     return SimulationFileError(
         f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}"
     )
@@ -149,7 +163,8 @@ def write_simulations(
         raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
     if len(theta) != len(x):
         raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-    with atomic_h5(path, clean=clean) as f:
+    size = np.asarray(theta).size * 4 + np.asarray(x).size * 4
+    with atomic_h5(path, clean=clean, expected_bytes=size) as f:
         for name, data in (("theta", theta), ("x", x)):
             data = np.asarray(data, dtype=np.float32)
             create_dataset(f, name, data.shape, compression, data=data)
@@ -214,7 +229,8 @@ def merge_copy(
     n = ranges[-1][1]
     # Chunked like one source, so that equal-length sources line up with the merged chunks.
     first = ranges[0][1]
-    with atomic_h5(path) as f:
+    size = sum(Path(source).stat().st_size for source in sources)  # the copy is about as large
+    with atomic_h5(path, expected_bytes=size) as f:
         merged = {
             name: create_dataset(f, name, (n, *row), compression, rows=chunk_rows(first, row))
             for name, row in (("theta", theta_row), ("x", x_row))
@@ -300,25 +316,41 @@ class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as 
 
     ``clean``: first remove temporaries that killed writes of ``path`` left on this node (a
     listing of the folder; shard writers skip it and clean their folder once per run instead).
+    ``expected_bytes``: the data's size, refused up front when the disk has less free (HDF5
+    itself fails on a full disk in ways it cannot always recover from).
     """
 
-    def __init__(self, path: Path, *, clean: bool = True) -> None:
-        self.path, self.clean = Path(path), clean
+    def __init__(self, path: Path, *, clean: bool = True, expected_bytes: int = 0) -> None:
+        self.path, self.clean, self.expected_bytes = Path(path), clean, expected_bytes
         self.tmp = atomic.temporary_sibling(self.path)
 
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.clean:
             atomic.remove_stale_temporaries(self.path)
+        free = shutil.disk_usage(self.path.parent).free
+        # HDF5 adds metadata and chunk indexes: a margin of 1 % and 64 KiB.
+        if self.expected_bytes and free < self.expected_bytes * 1.01 + 2**16:
+            error = OSError(errno.ENOSPC, f"{free} bytes free, {self.expected_bytes} to write")
+            raise atomic.disk_full(self.path, error)
         self.file = h5py.File(self.tmp, "w")
         return self.file
 
-    def __exit__(self, exc_type: type | None, *_: object) -> None:
-        self.file.close()
-        if exc_type is None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, _: object) -> None:
+        try:
+            self.file.close()
+        except Exception as error:  # HDF5 flushes on close: a full disk fails here
+            # Kept referenced: deallocating it would fail again, loudly (see HDF5_LEFT_OPEN).
+            HDF5_LEFT_OPEN.append(self.file)
+            exc = exc or error
+        if exc is None:
             os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            return
+        self.tmp.unlink(missing_ok=True)
+        if atomic.is_disk_full(exc):
+            raise atomic.disk_full(self.path, exc) from exc
+        if exc_type is None:
+            raise exc  # the failed close
 
 
 def list_folder(folder: Path) -> tuple[set[str], dict[str, list[Path]]]:
