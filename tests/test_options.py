@@ -96,9 +96,10 @@ def test_schema_and_dataclass_agree(options, section, names):
 
 def test_sample_option_bounds_hold_for_both_sample_counts():
     sample = SCHEMA["sample"]["properties"]
-    assert sample["num_observation_samples"]["minimum"] == described(SampleOptions, "num_samples")[
-        "minimum"
-    ]
+    assert (
+        sample["num_observation_samples"]["minimum"]
+        == described(SampleOptions, "num_samples")["minimum"]
+    )
 
 
 def test_library_defaults_are_the_options_defaults():
@@ -224,3 +225,32 @@ def test_every_stage_reports_bad_options_without_a_traceback(stage, data, tmp_pa
     assert code == 2
     failed = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     assert failed and failed[-1].startswith(f"{stage} failed: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "--num-samples", "0"], "num_samples must be at least 2, got 0"),
+        (["c2st", "--budget", "-1"], "budget must be at least 1, got -1"),
+        (["validate", "--local-c2st-null", "5"], "local_c2st_null must be at least 19, got 5"),
+        (["validate", "--c2st-folds", "1"], "c2st_folds must be at least 2, got 1"),
+        (["report", "--c2st-max", "0.4"], "c2st_max must be at least 0.5, got 0.4"),
+        (["simulate", "--chunk-size", "0"], "chunk_size must be at least 1, got 0"),
+    ],
+)
+def test_out_of_bounds_flags_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    stage = argv[0]
+    paths = [arg.format(tmp=tmp_path) for arg in STAGES[stage]]
+    flags = dict(zip(paths[::2], paths[1::2], strict=True)) | dict([argv[1:]])
+    assert main([stage, *(item for pair in flags.items() for item in pair)]) == 2
+    assert f"{stage} failed: command line: {message}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_config_file_with_python_tags_is_refused(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text('seed: !!python/object/apply:os.system ["touch pwned"]\n')
+    argv = ["train", "--data", str(tmp_path / "sims.h5"), "--out", str(tmp_path / "model")]
+    assert main([*argv, "--config", str(config)]) == 2
+    assert "train.yaml: not a plain YAML file of options" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()

@@ -196,7 +196,9 @@ def write_samples(
 ) -> None:
     """Writes ``samples`` (n, M, D), ``log_prob`` (n, M), the conditioning ``x`` (n, ...) when
     given and, for test sets, the truths ``theta`` (n, D) and ``log_prob_true`` (n,)."""
-    with storage.atomic_h5(out) as f:
+    arrays = (result.samples, result.log_prob, x, theta, log_prob_true)
+    size = sum(np.asarray(a).size * 4 for a in arrays if a is not None)
+    with storage.atomic_h5(out, expected_bytes=size) as f:
         f.create_dataset("samples", data=result.samples, chunks=True)
         f.create_dataset("log_prob", data=result.log_prob, chunks=True)
         if x is not None:
