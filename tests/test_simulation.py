@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import simulation, storage
+from pipeline import resources, simulation, storage
 from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
 from tests.conftest import run_env, tool
@@ -593,7 +593,7 @@ def test_a_run_where_every_simulation_failed_is_not_merged(tmp_path):
 def test_a_plan_larger_than_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
     out = tmp_path / "sims.h5"
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(simulation.shutil, "disk_usage", lambda _: usage._replace(free=10**6))
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda _: usage._replace(free=10**6))
     # 10^5 two_moons simulations: 1.6 MB of float32 theta and x, twice that for shards and copy.
     with pytest.raises(ValueError, match=r"take about 3.2 MB .*copy merge.* has 1.0 MB free"):
         simulate(out, n=100_000)
@@ -603,7 +603,7 @@ def test_a_plan_larger_than_the_disk_is_refused_before_any_work(tmp_path, monkey
 def test_chunks_larger_than_memory_are_refused_and_short_plans_use_small_buffers(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(simulation, "_available_memory", lambda: 10**6)
+    monkeypatch.setattr(simulation, "available_memory", lambda: 10**6)
     with pytest.raises(ValueError, match=r"need 3.2 MB of memory .* lower --chunk-size"):
         simulate(tmp_path / "a.h5", n=200_000, chunk_size=100_000)
     # A chunk size far above the plan's size needs buffers of the plan's size only.

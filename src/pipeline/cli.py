@@ -192,6 +192,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from pipeline.models.posterior import load_posterior
     from pipeline.provenance import provenance
     from pipeline.sampling import (
+        check_sample_size,
         log_prob_of,
         observation_task,
         read_observations,
@@ -218,6 +219,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     x, theta = x[finite], None if theta is None else theta[finite]
     if len(x) == 0:
         raise ValueError(f"{args.observations} holds no finite observation")
+    check_sample_size(len(x), options.num_samples, len(spec.parameter_names), args.out)
     torch.manual_seed(options.seed)
     low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
     high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)

@@ -17,7 +17,6 @@ depend on the number of ranks.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import storage
 from pipeline.batches import EpochBatches, HDF5Blocks, TensorRows
+from pipeline.resources import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,6 @@ LOADINGS = ("auto", "memory", "stream")
 # far below it (the largest of 10^5 Cauchy draws sits about 10^4 scales out).
 OUTLIER_LIMIT = 1e6
 SAMPLE_VALUES = 10**7  # values (rows x columns) that fix the medians and quartiles
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations on this node (``MemAvailable``)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class SimulationDataModule(pl.LightningDataModule):

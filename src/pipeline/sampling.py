@@ -17,6 +17,7 @@ import torch
 from pipeline import storage
 from pipeline.models.posterior import NeuralPosterior
 from pipeline.progress import Progress
+from pipeline.resources import available_memory, free_disk, size_text
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,19 @@ def log_prob_of(posterior: NeuralPosterior, theta: np.ndarray, x: np.ndarray) ->
         t = torch.as_tensor(theta[start : start + step], dtype=torch.float32)
         out[start : start + step] = posterior.log_prob(t, torch.as_tensor(x[start : start + step]))
     return out
+
+
+def check_sample_size(num_observations: int, num_samples: int, dim: int, out: Path) -> None:
+    """Refuses, before sampling, samples that memory or the disk holding ``out`` cannot hold."""
+    size = num_observations * num_samples * (dim + 1) * 4  # float32 samples and log_prob
+    available = available_memory()
+    folder, free = free_disk(out)
+    for room, what in ((available / 2, "half the available memory"), (free, f"free in {folder}")):
+        if size > room:
+            raise ValueError(
+                f"{num_samples} samples at each of {num_observations} observations take "
+                f"{size_text(size)}, more than the {size_text(room)} {what}; lower --num-samples"
+            )
 
 
 def write_samples(

@@ -38,6 +38,7 @@ from pipeline.locking import OutputBusyError, OutputLock
 from pipeline.parallel import Comm
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
+from pipeline.resources import available_memory, free_disk, size_text
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 from pipeline.writer import BackgroundWriter
@@ -94,44 +95,22 @@ def check_resources(plan: SimulationPlan, task: Task, out: Path, merge: str = "v
     """
     row = 4 * (task.dim_theta + math.prod(task.x_shape))  # float32 theta and x
     needed = plan.num_simulations * row * (2 if merge == "copy" else 1)
-    folder = Path(out).absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    folder, free = free_disk(out)
     if needed > free:
         raise ValueError(
-            f"{plan.num_simulations} simulations of {task.name} take about {_size(needed)} "
+            f"{plan.num_simulations} simulations of {task.name} take about {size_text(needed)} "
             f"(float32, before compression{', twice for a copy merge' if merge == 'copy' else ''}"
-            f"), but {folder} has {_size(free)} free; lower --num-simulations or write --out "
+            f"), but {folder} has {size_text(free)} free; lower --num-simulations or write --out "
             "to a larger file system"
         )
     buffers = 2 * min(plan.chunk_size, plan.num_simulations) * row
-    available = _available_memory()
-    if available is not None and buffers > available / 2:
+    available = available_memory()
+    if buffers > available / 2:
         raise ValueError(
-            f"chunks of {plan.chunk_size} simulations of {task.name} need {_size(buffers)} of "
-            f"memory (two chunk buffers), more than half the {_size(available)} available; "
-            "lower --chunk-size"
+            f"chunks of {plan.chunk_size} simulations of {task.name} need {size_text(buffers)} "
+            f"of memory (two chunk buffers), more than half the {size_text(available)} "
+            "available; lower --chunk-size"
         )
-
-
-def _size(num_bytes: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if num_bytes < 1000 or unit == "TB":
-            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
-    raise AssertionError  # unreachable: the loop returns at TB
-
-
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_plan(plan: SimulationPlan, num_ranks: int) -> None:
