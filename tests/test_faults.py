@@ -161,3 +161,24 @@ def test_a_disk_that_fills_during_simulate_is_reported_and_the_rerun_resumes(sma
     expected = simulation.simulate_range(get_task("two_moons"), 1, 0, 60000)
     result = storage.read_simulations(out)
     np.testing.assert_array_equal(result.x, expected[1])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["spec"].update(bogus=1), "unexpected keyword argument 'bogus'"),
+        (lambda d: d["spec"].pop("x_shape"), "missing 1 required positional argument"),
+        (lambda d: d.pop("spec"), "KeyError"),
+        (lambda d: d["spec"].update(flow_hidden=[4]), "does not hold the weights"),
+    ],
+)
+def test_a_damaged_model_description_is_named_with_the_fix(tmp_path, edit, message):
+    from pipeline.models.posterior import load_posterior
+
+    folder = tmp_path / "model"
+    save_posterior(NeuralPosterior(spec()), folder, {"task": "t"})
+    document = json.loads((folder / "posterior.json").read_text())
+    edit(document)
+    (folder / "posterior.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=f"{message}.*train again into .*model with --overwrite"):
+        load_posterior(folder)

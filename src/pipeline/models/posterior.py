@@ -166,8 +166,22 @@ def load_posterior(folder: Path) -> tuple[NeuralPosterior, dict[str, Any]]:
             raise FileNotFoundError(
                 f"{folder / name} does not exist; run `pipeline train --out {folder}` first"
             )
-    document = json.loads((folder / SPEC).read_text())
-    posterior = NeuralPosterior(PosteriorSpec.from_json(document["spec"]))
+    try:
+        document = json.loads((folder / SPEC).read_text())
+        spec = PosteriorSpec.from_json(document["spec"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{folder / SPEC} is not a posterior description written by `pipeline train` "
+            f"({type(error).__name__}: {error}); train again into {folder} with --overwrite"
+        ) from None
+    posterior = NeuralPosterior(spec)
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
-    posterior.load_state_dict(state)
+    try:
+        posterior.load_state_dict(state)
+    except RuntimeError as error:
+        first = " ".join(str(error).split("\n")[1:2]).strip() or str(error)  # torch lists all
+        raise ValueError(
+            f"{folder / WEIGHTS} does not hold the weights {folder / SPEC} describes ({first}); "
+            f"train again into {folder} with --overwrite"
+        ) from None
     return posterior.eval(), document
