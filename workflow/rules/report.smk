@@ -24,16 +24,14 @@ rule report:
         tasks=config["tasks"],
         specs=[task_spec(name) for name in config["tasks"]],
         budgets=[str(n) for n in BUDGETS],
-        c2st_max=config["report"]["c2st_max"],
-        coverage_max_deviation=config["report"]["coverage_max_deviation"],
-        title=config["report"]["title"],
+        # The config's report section is the stage's options (ReportOptions).
+        options=json.dumps(config["report"], sort_keys=True),
     shell:
         "pipeline report --experiment-dir {params.experiment_dir:q} --tasks {params.tasks:q}"
         " --task-specs {params.specs:q}"
         " --budgets {params.budgets:q}"
-        " --config-json {params.config:q} --c2st-max {params.c2st_max:q}"
-        " --coverage-max-deviation {params.coverage_max_deviation:q}"
-        " --title {params.title:q} --out {output.html:q} --summary {output.summary:q}"
+        " --config-json {params.config:q} --options {params.options:q}"
+        " --out {output.html:q} --summary {output.summary:q}"
         " --log {log:q}"
 
 

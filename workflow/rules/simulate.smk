@@ -109,10 +109,8 @@ rule observe:
         task=one_of(SYNTHETIC),
     params:
         task=lambda wildcards: task_spec(wildcards.task),
-        num_observations=config["observations"]["num_observations"],
-        num_reference_samples=config["observations"]["num_reference_samples"],
-        seed=config["observations"]["seed"],
+        # The config's observations section is the stage's options (ObserveOptions).
+        options=json.dumps(config["observations"], sort_keys=True),
     shell:
-        "pipeline observe --task {params.task:q} --num-observations {params.num_observations:q}"
-        " --num-reference-samples {params.num_reference_samples:q} --seed {params.seed:q}"
+        "pipeline observe --task {params.task:q} --options {params.options:q}"
         " --out {output:q} --overwrite --log {log:q}"

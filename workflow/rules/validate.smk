@@ -40,20 +40,12 @@ rule validate:
     conda:
         "../../envs/pipeline.yaml"
     params:
-        seed=config["validate"]["seed"],
-        c2st_folds=config["validate"]["c2st_folds"],
-        c2st_max_samples=config["validate"]["c2st_max_samples"],
-        local_c2st_null=config["validate"]["local_c2st_null"],
-        predictive_draws=config["validate"]["predictive_draws"],
-        predictive_replicates=config["validate"]["predictive_replicates"],
+        # The config's validate section is the stage's options (pipeline.options.ValidateOptions).
+        options=json.dumps(config["validate"], sort_keys=True),
         out=lambda wildcards, output: Path(output.metrics).parent,
     threads: 1
     shell:
         "pipeline validate --test-samples {input.test_samples:q}"
         " --observation-samples {input.observation_samples:q}"
-        " --observations {input.observations:q} --seed {params.seed:q}"
-        " --c2st-folds {params.c2st_folds:q} --c2st-max-samples {params.c2st_max_samples:q}"
-        " --local-c2st-null {params.local_c2st_null:q}"
-        " --predictive-draws {params.predictive_draws:q}"
-        " --predictive-replicates {params.predictive_replicates:q}"
+        " --observations {input.observations:q} --options {params.options:q}"
         " --out {params.out:q} --log {log:q}"
