@@ -187,58 +187,10 @@ def _json_object(text: str) -> object:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
-
-    from pipeline.models.posterior import load_posterior
-    from pipeline.provenance import provenance
-    from pipeline.sampling import (
-        check_sample_size,
-        log_prob_of,
-        observation_task,
-        read_observations,
-        sample_posterior,
-        write_samples,
-    )
-    from pipeline.storage import finite_rows
+    from pipeline.sampling import sample
 
     options = SampleOptions.from_args(args)
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    posterior, document = load_posterior(args.model)
-    spec = posterior.spec
-    made_for = observation_task(args.observations)
-    if made_for is not None and made_for != document["task"]:
-        raise ValueError(
-            f"{args.observations} holds observations of task {made_for!r}, but {args.model} is "
-            f"a posterior of task {document['task']!r}; sample with the model of that task"
-        )
-    x, theta = read_observations(args.observations, spec.x_shape)
-    finite = finite_rows(x) if theta is None else finite_rows(x) & finite_rows(theta)
-    if not finite.all():
-        log.warning("excluding %d observations with NaN or inf", int((~finite).sum()))
-    x, theta = x[finite], None if theta is None else theta[finite]
-    if len(x) == 0:
-        raise ValueError(f"{args.observations} holds no finite observation")
-    check_sample_size(len(x), options.num_samples, len(spec.parameter_names), args.out)
-    torch.manual_seed(options.seed)
-    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
-    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
-    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high)
-    attrs = {
-        "task": document["task"],
-        "parameter_names": list(spec.parameter_names),
-        "num_samples": options.num_samples,
-        "seed": options.seed,
-        "low": None if low is None else low.tolist(),
-        "high": None if high is None else high.tolist(),
-        "num_nonfinite_excluded": int((~finite).sum()),
-        "observation_index": np.flatnonzero(finite).tolist(),
-        "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
-    }
-    attrs = {k: v for k, v in attrs.items() if v is not None}
-    log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
-    write_samples(args.out, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
-    log.info("wrote %s: samples %s", args.out, result.samples.shape)
+    sample(args.model, args.observations, args.out, options, overwrite=args.overwrite)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.models.posterior import NeuralPosterior
+from pipeline.models.posterior import NeuralPosterior, load_posterior
+from pipeline.options import SampleOptions
 from pipeline.progress import Progress
+from pipeline.provenance import provenance
 from pipeline.resources import available_memory, free_disk, size_text
 
 log = logging.getLogger(__name__)
@@ -241,3 +243,58 @@ def read_samples(path: Path) -> dict[str, np.ndarray | dict]:
     except OSError as error:
         raise storage.unreadable(path, error) from None
     return data
+
+
+def sample(
+    model: Path, observations: Path, out: Path, options: SampleOptions, *, overwrite: bool
+) -> PosteriorSamples:
+    """The sample stage: ``options.num_samples`` posterior draws at each finite observation
+    of ``observations`` (an observe file, HDF5 with ``x``, or ``.npy``) from the posterior
+    saved in ``model``, written to ``out`` with their provenance; returns them.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false.
+        ValueError: If the observations belong to another task than the model, hold no
+            finite row, or the samples cannot fit in memory or on disk.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    posterior, document = load_posterior(model)
+    spec = posterior.spec
+    made_for = observation_task(observations)
+    if made_for is not None and made_for != document["task"]:
+        raise ValueError(
+            f"{observations} holds observations of task {made_for!r}, but {model} is a "
+            f"posterior of task {document['task']!r}; sample with the model of that task"
+        )
+    x, theta = read_observations(observations, spec.x_shape)
+    finite = storage.finite_rows(x)
+    if theta is not None:
+        finite &= storage.finite_rows(theta)
+    if not finite.all():
+        log.warning("excluding %d observations with NaN or inf", int((~finite).sum()))
+    x, theta = x[finite], None if theta is None else theta[finite]
+    if len(x) == 0:
+        raise ValueError(f"{observations} holds no finite observation")
+    check_sample_size(len(x), options.num_samples, len(spec.parameter_names), out)
+    torch.manual_seed(options.seed)
+    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
+    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high)
+    attrs = {
+        "task": document["task"],
+        "parameter_names": list(spec.parameter_names),
+        "num_samples": options.num_samples,
+        "seed": options.seed,
+        "low": None if low is None else low.tolist(),
+        "high": None if high is None else high.tolist(),
+        "num_nonfinite_excluded": int((~finite).sum()),
+        "observation_index": np.flatnonzero(finite).tolist(),
+        "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
+    }
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
+    write_samples(out, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
+    log.info("wrote %s: samples %s", out, result.samples.shape)
+    return result
