@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.options import (
     C2stOptions,
@@ -247,38 +244,9 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    import h5py
+    from pipeline.storage import describe
 
-    from pipeline.storage import CHUNK_BYTES, decode_attr, missing_sources, unreadable
-
-    try:
-        f = h5py.File(args.file, "r")
-    except OSError as error:
-        raise unreadable(args.file, error) from None
-    with f:
-        print(f"{args.file}")
-        for key, value in sorted(f.attrs.items()):
-            print(f"  @{key} = {decode_attr(value)}")
-        missing = missing_sources(f, args.file)
-        for name, dataset in f.items():
-            layout = "virtual" if dataset.is_virtual else f"chunks {dataset.chunks}"
-            if dataset.is_virtual:
-                layout += f" over {len(dataset.virtual_sources())} shard(s)"
-            if missing and dataset.is_virtual:
-                print(
-                    f"  {name}: shape {dataset.shape}, {dataset.dtype}, {layout}; MISSING shards"
-                )
-                continue
-            # Count block by block: memory stays bounded for files larger than memory.
-            row_bytes = dataset.dtype.itemsize * math.prod(dataset.shape[1:])
-            bad, step = 0, max(64 * CHUNK_BYTES // max(row_bytes, 1), 1)
-            for start in range(0, len(dataset), step):
-                block = dataset[start : start + step]
-                bad += int(np.size(block) - np.isfinite(block).sum())
-            described = f"{name}: shape {dataset.shape}, {dataset.dtype}, {layout}"
-            print(f"  {described}, {bad} non-finite values")
-        for source in missing:
-            print(f"  missing shard: {source}")
+    print("\n".join(describe(args.file)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -478,3 +478,32 @@ def _check_layout(f: h5py.File, path: Path) -> None:
         raise SimulationFileError(
             f"{path}: theta has {len(theta)} rows but x has {len(x)}; the file is inconsistent"
         )
+
+
+def describe(path: Path) -> list[str]:
+    """Lines describing an HDF5 file for ``pipeline inspect``: its attributes, and per dataset
+    shape, dtype, layout and non-finite count (counted block by block: bounded memory)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise unreadable(path, error) from None
+    lines = [str(path)]
+    with f:
+        lines += [f"  @{key} = {decode_attr(value)}" for key, value in sorted(f.attrs.items())]
+        missing = missing_sources(f, path)
+        for name, dataset in f.items():
+            layout = "virtual" if dataset.is_virtual else f"chunks {dataset.chunks}"
+            if dataset.is_virtual:
+                layout += f" over {len(dataset.virtual_sources())} shard(s)"
+            described = f"  {name}: shape {dataset.shape}, {dataset.dtype}, {layout}"
+            if missing and dataset.is_virtual:
+                lines.append(f"{described}; MISSING shards")
+                continue
+            row_bytes = dataset.dtype.itemsize * math.prod(dataset.shape[1:])
+            bad, step = 0, max(64 * CHUNK_BYTES // max(row_bytes, 1), 1)
+            for start in range(0, len(dataset), step):
+                block = dataset[start : start + step]
+                bad += int(np.size(block) - np.isfinite(block).sum())
+            lines.append(f"{described}, {bad} non-finite values")
+        lines += [f"  missing shard: {source}" for source in missing]
+    return lines
