@@ -6,9 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from pipeline import atomic, simulation, storage
 from pipeline.cli import main
 from pipeline.models import posterior as posterior_module
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
+from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
 from pipeline.training import TrainConfig, check_checkpoints
 from tests.conftest import run_env, tool
@@ -182,3 +186,71 @@ def test_a_damaged_model_description_is_named_with_the_fix(tmp_path, edit, messa
     (folder / "posterior.json").write_text(json.dumps(document))
     with pytest.raises(ValueError, match=f"{message}.*train again into .*model with --overwrite"):
         load_posterior(folder)
+
+
+# A pipeline command that kills itself (SIGKILL, as a node failure or the OOM killer would) at
+# the moment it would rename its finished output KILL_AT into place: the exact point where a
+# kill leaves the most behind.
+KILL_AT_RENAME = """
+import os, signal, sys
+from pipeline.cli import main
+
+rename = os.replace
+
+def replace(source, target, *args, **kwargs):
+    if os.path.basename(str(target)) == os.environ["KILL_AT"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(source, target, *args, **kwargs)
+
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def killed_then_rerun(argv: list[str], target: Path) -> subprocess.CompletedProcess:
+    """Runs ``pipeline ARGV`` killed as it renames ``target``, checks what the kill left, then
+    runs it again undisturbed and returns that run."""
+    killer = [sys.executable, "-c", KILL_AT_RENAME, *argv]
+    env = run_env() | {"KILL_AT": target.name}
+    killed = subprocess.run(killer, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not target.exists() and leftovers(target.parent)  # the kill's debris
+    rerun = subprocess.run(
+        [tool("pipeline"), *argv], env=run_env(), capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert target.exists() and leftovers(target.parent) == []
+    return rerun
+
+
+def test_a_merge_killed_before_its_rename_reruns_to_the_same_data(tmp_path):
+    out = tmp_path / "sims.h5"
+    argv = ["simulate", "--task", "two_moons", "--num-simulations", "3000", "--seed", "1"]
+    rerun = killed_then_rerun([*argv, "--out", str(out)], out)
+    assert rerun.stderr.count("already simulated, kept") == 3
+    expected = simulation.simulate_range(get_task("two_moons"), 1, 0, 3000)
+    np.testing.assert_array_equal(storage.read_simulations(out).x, expected[1])
+
+
+def test_samples_killed_before_their_rename_are_redone(tmp_path):
+    model = tmp_path / "model"
+    save_posterior(NeuralPosterior(spec()), model, {"task": "t", "provenance": {}})
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), dtype=np.float32))
+    out = tmp_path / "samples" / "s.h5"
+    argv = ["sample", "--model", str(model), "--observations", str(tmp_path / "x.npy")]
+    killed_then_rerun([*argv, "--num-samples", "10", "--out", str(out)], out)
+    with h5py.File(out) as f:
+        assert f["samples"].shape == (2, 10, 2)
+
+
+def test_a_model_export_killed_before_its_rename_is_redone_by_the_rerun(tmp_path):
+    data = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 600, 1, 600)
+    simulation.run(plan, get_task("two_moons"), data, SerialComm(), overwrite=False)
+    options = {"max_epochs": 2, "flow_hidden": [8], "embedding_hidden": [8], "transforms": 1}
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "model")]
+    rerun = killed_then_rerun(
+        [*argv, "--options", json.dumps(options)], tmp_path / "model" / "posterior.pt"
+    )
+    assert "resuming from" in rerun.stderr
+    assert json.loads((tmp_path / "model" / "posterior.json").read_text())["epochs"] == 2
