@@ -38,7 +38,7 @@ from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import launched_by_mpi
 from pipeline.provenance import config_digest, provenance
 from pipeline.storage import SimulationFileError
-from pipeline.tasks import get_task
+from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -329,36 +329,10 @@ def train(
         )
     pl.seed_everything(config.seed, workers=True, verbose=False)
     layout = launch_layout(config.devices)
-    datamodule = SimulationDataModule(
-        data,
-        config.val_fraction,
-        config.batch_size,
-        config.seed,
-        loading=config.loading,
-        copies=layout.devices,
-        num_workers=config.num_workers,
-    )
-    datamodule.setup("fit")
-    attrs = datamodule.attrs
-    if "task" not in attrs:
-        raise SimulationFileError(
-            f"{data} names no task (attribute 'task'), so its parameters and shapes are "
-            "unknown. Import your arrays with `pipeline import --task TASK ...`, which records it"
-        )
-    task = get_task(attrs["task"])
-    data_digest = str(attrs.get("config_digest", "unknown"))
+    datamodule, task = open_training_data(data, config, layout)
+    data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
-    spec = _spec(config, task)
-    statistics = datamodule.statistics()
-    found = (tuple(statistics["theta_mean"].shape), tuple(statistics["x_mean"].shape))
-    expected = ((task.dim_theta,), tuple(task.x_shape))
-    if found != expected:
-        raise ValueError(
-            f"{data}: rows of theta {found[0]} and x {found[1]} do not match task "
-            f"{task.name!r}, whose theta is {expected[0]} and x {expected[1]}; simulate the "
-            "file again with `pipeline simulate` for this task"
-        )
-    posterior = NeuralPosterior(spec, **statistics)
+    posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
     module = NPE(
         posterior,
         learning_rate=config.learning_rate,
@@ -369,6 +343,93 @@ def train(
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
+    seconds = fit(trainer, module, datamodule, checkpoint_dir)
+    if not trainer.is_global_zero:
+        return None
+    metadata = run_metadata(task, config, datamodule, layout, data, data_digest, seconds)
+    export(posterior, trainer, config, out, checkpoint_dir, metadata)
+    default_parent = default_checkpoint_dir(out, config, data_digest).parent
+    if checkpoint_dir.parent == default_parent:
+        with contextlib.suppress(OSError):  # other configurations' folders may remain
+            checkpoint_dir.parent.rmdir()
+    return metadata
+
+
+def run_metadata(
+    task: Task,
+    config: TrainConfig,
+    datamodule: SimulationDataModule,
+    layout: Layout,
+    data: Path,
+    data_digest: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """What ``posterior.json`` records of a run besides the architecture: task, data, split,
+    options, launcher and provenance (:func:`export` adds the fit's outcome)."""
+    return {
+        "task": task.name,
+        "parameter_names": list(task.parameter_names),
+        "parameter_units": list(task.parameter_units),
+        "flow": config.flow,
+        "embedding": config.embedding,
+        "ensemble": config.ensemble,
+        "num_train": datamodule.num_train,
+        "num_val": datamodule.num_val,
+        "loading": datamodule.loading,
+        "num_nonfinite_excluded": datamodule.num_nonfinite,
+        "outlier_limit": OUTLIER_LIMIT,  # rows this many robust deviations out were refused
+        "train_seconds": seconds,
+        "seed": config.seed,
+        "launcher": layout.launcher,
+        "batch_size": config.batch_size,
+        "train_config": asdict(config),
+        "data": {"path": str(data), "config_digest": data_digest},
+        "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
+    }
+
+
+def open_training_data(
+    data: Path, config: TrainConfig, layout: Layout
+) -> tuple[SimulationDataModule, Task]:
+    """The data module over ``data`` (split, scaled, checked) and the task its file names.
+
+    Raises:
+        SimulationFileError: If the file names no task.
+        ValueError: If its rows do not have the task's shapes.
+    """
+    datamodule = SimulationDataModule(
+        data,
+        config.val_fraction,
+        config.batch_size,
+        config.seed,
+        loading=config.loading,
+        copies=layout.devices,
+        num_workers=config.num_workers,
+    )
+    datamodule.setup("fit")
+    if "task" not in datamodule.attrs:
+        raise SimulationFileError(
+            f"{data} names no task (attribute 'task'), so its parameters and shapes are "
+            "unknown. Import your arrays with `pipeline import --task TASK ...`, which records it"
+        )
+    task = get_task(datamodule.attrs["task"])
+    statistics = datamodule.statistics()
+    found = (tuple(statistics["theta_mean"].shape), tuple(statistics["x_mean"].shape))
+    expected = ((task.dim_theta,), tuple(task.x_shape))
+    if found != expected:
+        raise ValueError(
+            f"{data}: rows of theta {found[0]} and x {found[1]} do not match task "
+            f"{task.name!r}, whose theta is {expected[0]} and x {expected[1]}; simulate the "
+            "file again with `pipeline simulate` for this task"
+        )
+    return datamodule, task
+
+
+def fit(
+    trainer: pl.Trainer, module: NPE, datamodule: SimulationDataModule, checkpoint_dir: Path
+) -> float:
+    """Fits ``module``, resuming from ``checkpoint_dir/last.ckpt`` when there is one; returns
+    the seconds it took. SIGTERM (a time limit or preemption) exits with status 143."""
     # last.ckpt is only written during fit, so every rank sees the same answer here.
     last = checkpoint_dir / "last.ckpt"
     if last.exists():
@@ -387,46 +448,34 @@ def train(
                 checkpoint_dir,
             )
             raise SystemExit(128 + signal.SIGTERM) from None
-    seconds = time.perf_counter() - start
-    if not trainer.is_global_zero:
-        return None
+    return time.perf_counter() - start
+
+
+def export(
+    posterior: NeuralPosterior,
+    trainer: pl.Trainer,
+    config: TrainConfig,
+    out: Path,
+    checkpoint_dir: Path,
+    metadata: dict[str, Any],
+) -> None:
+    """Loads the best checkpoint into ``posterior``, refuses it if it diverged, writes it to
+    ``out`` with ``metadata`` (completed here with the fit's outcome) and the merged history
+    of every attempt, and removes the checkpoints (a finished run is not to be resumed)."""
     best = trainer.checkpoint_callback.best_model_path
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     posterior.load_state_dict({k.removeprefix("posterior."): v for k, v in state.items()})
     check_converged(posterior, trainer.checkpoint_callback.best_model_score, trainer, config)
-    metadata = {
-        "task": task.name,
-        "parameter_names": list(task.parameter_names),
-        "parameter_units": list(task.parameter_units),
-        "flow": config.flow,
-        "embedding": config.embedding,
-        "ensemble": config.ensemble,
-        "num_train": datamodule.num_train,
-        "num_val": datamodule.num_val,
-        "loading": datamodule.loading,
-        "num_nonfinite_excluded": datamodule.num_nonfinite,
-        "outlier_limit": OUTLIER_LIMIT,  # rows this many robust deviations out were refused
+    metadata |= {
         "epochs": trainer.current_epoch,
         "best_val_loss": float(trainer.checkpoint_callback.best_model_score),
-        "train_seconds": seconds,
-        "seed": config.seed,
         "world_size": trainer.world_size,
-        "launcher": layout.launcher,
-        "batch_size": config.batch_size,
         "effective_batch_size": config.batch_size * trainer.world_size,
-        "train_config": asdict(config),
-        "data": {"path": str(data), "config_digest": data_digest},
-        "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
     }
     save_posterior(posterior.cpu(), out, metadata)
     merge_metrics(sorted(checkpoint_dir.glob("attempt-*/metrics.csv")), out / "metrics.csv")
-    # The checkpoints only serve to resume this run; a finished run must not be "resumed".
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if checkpoint_dir.parent == default_checkpoint_dir(out, config, data_digest).parent:
-        with contextlib.suppress(OSError):  # other configurations' folders may remain
-            checkpoint_dir.parent.rmdir()
     log.info("saved posterior to %s (best val_loss %.4f)", out, metadata["best_val_loss"])
-    return metadata
 
 
 class TrainingDiverged(RuntimeError):
