@@ -174,7 +174,7 @@ def test_budget_study_plan(workdir):
     assert counts["train_budget"] == counts["sample_budget"] == str(tasks)
     assert counts["score_budget"] == str(2 * tasks)
     assert counts["simulate"] == str(3 * tasks)  # train, test and train-300
-    assert "--num-simulations 300 --seed 1 " in result.stdout
+    assert '"num_simulations": 300, "seed": 1}' in result.stdout  # same seed: nested
     assert re.search(r"--observation-samples \S+/two_moons/samples/observations.h5", result.stdout)
     assert "--budgets 300 600" in result.stdout
 

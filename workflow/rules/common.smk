@@ -2,8 +2,10 @@
 import json
 import os
 import re
+from dataclasses import fields
 from pathlib import Path
 
+from pipeline.options import SampleOptions, SimulateOptions
 from pipeline.tasks.experiment import resolve_tasks
 
 
@@ -121,6 +123,21 @@ def simulation_seed(wildcards):
     # (or extends it): the budgets are nested.
     key = "test_seed" if wildcards.split == "test" else "seed"
     return config["simulate"][key]
+
+
+def stage_options(options, section, **values):
+    """The config's ``section`` keys that ``options`` (a pipeline.options class) names, with
+    ``values`` on top, as the stage's ``--options`` JSON: an option added to the schema and the
+    dataclass reaches the stage with no change here."""
+    names = {field.name for field in fields(options)}
+    chosen = {key: value for key, value in config[section].items() if key in names}
+    return json.dumps(chosen | values, sort_keys=True)
+
+
+def simulate_options(wildcards):
+    """The simulate stage's options for one split: its count and seed."""
+    split = {"num_simulations": simulation_count(wildcards), "seed": simulation_seed(wildcards)}
+    return stage_options(SimulateOptions, "simulate", **split)
 
 
 BUDGETS = sorted(config["simulate"]["budgets"])

@@ -11,13 +11,14 @@ rule sample_test:
     conda:
         "../../envs/pipeline.yaml"
     params:
-        num_samples=config["sample"]["num_test_samples"],
-        seed=config["sample"]["seed"],
+        options=stage_options(
+            SampleOptions, "sample", num_samples=config["sample"]["num_test_samples"]
+        ),
         model_dir=lambda wildcards, input: Path(input.model).parent,
     threads: 1
     shell:
         "pipeline sample --model {params.model_dir:q} --observations {input.observations:q}"
-        " --num-samples {params.num_samples:q} --seed {params.seed:q} --out {output:q} --overwrite"
+        " --options {params.options:q} --out {output:q} --overwrite"
         " --threads {threads} --log {log:q}"
 
 
@@ -34,11 +35,12 @@ rule sample_observations:
     conda:
         "../../envs/pipeline.yaml"
     params:
-        num_samples=config["sample"]["num_observation_samples"],
-        seed=config["sample"]["seed"],
+        options=stage_options(
+            SampleOptions, "sample", num_samples=config["sample"]["num_observation_samples"]
+        ),
         model_dir=lambda wildcards, input: Path(input.model).parent,
     threads: 1
     shell:
         "pipeline sample --model {params.model_dir:q} --observations {input.observations:q}"
-        " --num-samples {params.num_samples:q} --seed {params.seed:q} --out {output:q} --overwrite"
+        " --options {params.options:q} --out {output:q} --overwrite"
         " --threads {threads} --log {log:q}"

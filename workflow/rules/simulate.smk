@@ -21,20 +21,15 @@ if not config["simulate"]["scatter"]:
             task=one_of(SIMULATED),
         params:
             task=lambda wildcards: task_spec(wildcards.task),
-            num_simulations=simulation_count,
-            seed=simulation_seed,
-            chunk_size=config["simulate"]["chunk_size"],
-            merge=config["simulate"]["merge"],
-            compression=config["simulate"]["compression"],
+            options=simulate_options,
         threads: 1
         resources:
             mpi="mpiexec",
             tasks=1,
         shell:
             "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
-            " --num-simulations {params.num_simulations:q} --seed {params.seed:q}"
-            " --chunk-size {params.chunk_size:q} --fit-chunks --merge {params.merge:q}"
-            " --compression {params.compression:q} --out {output:q} --overwrite --log {log:q}"
+            " --options {params.options:q} --fit-chunks --out {output:q} --overwrite"
+            " --log {log:q}"
 
 else:
 
@@ -55,17 +50,13 @@ else:
             stop=r"\d{12}",
         params:
             task=lambda wildcards: task_spec(wildcards.task),
-            num_simulations=simulation_count,
-            seed=simulation_seed,
-            chunk_size=config["simulate"]["chunk_size"],
+            options=simulate_options,
             start=lambda wildcards: int(wildcards.start),
             out=task_path("sims/{split}.h5"),
-            compression=config["simulate"]["compression"],
         threads: 1
         shell:
-            "pipeline simulate --task {params.task:q} --num-simulations {params.num_simulations:q}"
-            " --seed {params.seed:q} --chunk-size {params.chunk_size:q} --chunk {params.start:q}"
-            " --compression {params.compression:q} --out {params.out:q} --log {log:q}"
+            "pipeline simulate --task {params.task:q} --options {params.options:q}"
+            " --chunk {params.start:q} --out {params.out:q} --log {log:q}"
 
     rule merge_simulations:
         input:
@@ -82,16 +73,11 @@ else:
             task=one_of(SIMULATED),
         params:
             task=lambda wildcards: task_spec(wildcards.task),
-            num_simulations=simulation_count,
-            seed=simulation_seed,
-            chunk_size=config["simulate"]["chunk_size"],
-            merge=config["simulate"]["merge"],
-            compression=config["simulate"]["compression"],
+            options=simulate_options,
         threads: 1
         shell:
-            "pipeline merge --task {params.task:q} --num-simulations {params.num_simulations:q}"
-            " --seed {params.seed:q} --chunk-size {params.chunk_size:q} --merge {params.merge:q}"
-            " --compression {params.compression:q} --out {output:q} --overwrite --log {log:q}"
+            "pipeline merge --task {params.task:q} --options {params.options:q}"
+            " --out {output:q} --overwrite --log {log:q}"
 
 
 rule observe:
