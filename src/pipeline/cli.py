@@ -17,11 +17,11 @@ from pathlib import Path
 from pipeline.options import (
     C2stOptions,
     ObserveOptions,
-    OptionsError,
     ReportOptions,
     SampleOptions,
     SimulateOptions,
     ValidateOptions,
+    json_object,
 )
 
 log = logging.getLogger("pipeline")
@@ -168,19 +168,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.options:
-        config = config.replaced(_json_object(args.options), source="--options")
+        config = config.replaced(json_object(args.options, "--options"), source="--options")
     flags = {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
     config = config.replaced(flags, source="command line")
     train(
         args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite
     )
-
-
-def _json_object(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise OptionsError(f"--options: not valid JSON ({error}): {text!r}") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "SampleOptions",
     "SimulateOptions",
     "ValidateOptions",
+    "json_object",
     "option",
 ]
 
@@ -173,7 +174,7 @@ class Options:
     @classmethod
     def from_json(cls, text: str, source: str = "--options") -> Self:
         """Options from a JSON object (``--options '{"seed": 3}'``)."""
-        return cls.from_dict(_json_object(text, source), source)
+        return cls.from_dict(json_object(text, source), source)
 
     @classmethod
     def from_yaml(cls, path: Path) -> Self:
@@ -230,7 +231,7 @@ class Options:
     @classmethod
     def from_args(cls, args: argparse.Namespace, source: str = "command line") -> Self:
         """Options from ``--options JSON`` (when the parser has it) overridden by given flags."""
-        data = _json_object(args.options, "--options") if getattr(args, "options", None) else {}
+        data = json_object(args.options, "--options") if getattr(args, "options", None) else {}
         for f in fields(cls):
             value = getattr(args, f.name, None)
             if value is not None:
@@ -243,7 +244,8 @@ class Options:
         return {f.name: _plain(f.default) for f in fields(cls) if f.default is not MISSING}
 
 
-def _json_object(text: str, source: str) -> dict[str, Any]:
+def json_object(text: str, source: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object, or OptionsError naming ``source``."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
