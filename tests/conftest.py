@@ -166,3 +166,59 @@ def assert_same_outputs(a: dict[str, object], b: dict[str, object]) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# Test tiers. A test is "integration" when it starts a process or a service (Snakemake, mpiexec,
+# a `pipeline` command, SLURM, Chromium), directly or through a fixture; the rest, the fast tier
+# (`pytest -m "not integration"`), runs in-process. Marked here from the code itself, so that a
+# new test lands in the right tier without anyone remembering to mark it.
+STARTS_A_PROCESS = ("subprocess.", "run_snakemake(", "snakemake(", "tool(", "chromium")
+INTEGRATION_MARKERS = ("slow", "mpi", "slurm", "browser")
+
+
+def _starts_a_process(function: object, seen: set) -> bool:
+    import inspect
+
+    if function in seen:
+        return False
+    seen.add(function)
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(word in source for word in STARTS_A_PROCESS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name == "test_browser.py":
+            item.add_marker(pytest.mark.browser)
+        seen: set = set()
+        functions = [getattr(item, "function", None)]
+        for name, definitions in item._fixtureinfo.name2fixturedefs.items():
+            if name != "_fast_tier_starts_no_process":  # the guard below, not a user of processes
+                functions += [definition.func for definition in definitions]
+        marked = any(item.get_closest_marker(name) for name in INTEGRATION_MARKERS)
+        if marked or any(_starts_a_process(f, seen) for f in functions if f is not None):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """Holds the fast tier to its definition: a test not marked integration that starts a
+    process fails, naming the fix (mark its module ``pytestmark = pytest.mark.integration``)."""
+    if request.node.get_closest_marker("integration"):
+        return
+
+    start = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen, argv: object, *args: object, **kwargs: object) -> None:
+        # Provenance asks git for the code revision: a query, not a process under test.
+        if isinstance(argv, list | tuple) and argv and argv[0] == "git":
+            return start(self, argv, *args, **kwargs)
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process ({argv}) but is in the fast tier: mark "
+            "it (or its module) pytest.mark.integration"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -74,6 +74,8 @@ SCRIPT = textwrap.dedent(
     """
 )
 
+pytestmark = pytest.mark.integration  # every test runs the external program
+
 
 @pytest.fixture(scope="module")
 def script(tmp_path_factory: pytest.TempPathFactory) -> Path:

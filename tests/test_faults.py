@@ -106,6 +106,7 @@ def test_the_command_line_reports_a_full_disk_as_such(tmp_path, monkeypatch, cap
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_a_rerun_removes_what_killed_writes_on_this_node_left_and_nothing_else(tmp_path):
     out = tmp_path / "samples.h5"
     dead = tmp_path / f".samples.h5.tmp-{atomic.HOST}-{_pid_of_ended()}"
@@ -223,6 +224,7 @@ def killed_then_rerun(argv: list[str], target: Path) -> subprocess.CompletedProc
     return rerun
 
 
+@pytest.mark.integration
 def test_a_merge_killed_before_its_rename_reruns_to_the_same_data(tmp_path):
     out = tmp_path / "sims.h5"
     argv = ["simulate", "--task", "two_moons", "--num-simulations", "3000", "--seed", "1"]
@@ -232,6 +234,7 @@ def test_a_merge_killed_before_its_rename_reruns_to_the_same_data(tmp_path):
     np.testing.assert_array_equal(storage.read_simulations(out).x, expected[1])
 
 
+@pytest.mark.integration
 def test_samples_killed_before_their_rename_are_redone(tmp_path):
     model = tmp_path / "model"
     save_posterior(NeuralPosterior(spec()), model, {"task": "t", "provenance": {}})
@@ -243,6 +246,7 @@ def test_samples_killed_before_their_rename_are_redone(tmp_path):
         assert f["samples"].shape == (2, 10, 2)
 
 
+@pytest.mark.integration
 def test_a_model_export_killed_before_its_rename_is_redone_by_the_rerun(tmp_path):
     data = tmp_path / "sims.h5"
     plan = simulation.SimulationPlan("two_moons", 600, 1, 600)

@@ -47,8 +47,10 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache
 def code_revision() -> str:
-    """The git commit of the source tree (``+dirty`` when modified), or ``"unknown"``."""
+    """The git commit of the source tree (``+dirty`` when modified), or ``"unknown"``; asked
+    once per process (a run writing 10^4 shards would otherwise start 2 * 10^4 gits)."""
     root = Path(__file__).resolve().parent
     try:
         commit = _git(root, "rev-parse", "HEAD")
