@@ -14,7 +14,6 @@ import argparse
 import difflib
 import json
 import math
-import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -69,28 +68,13 @@ def _type_name(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
     if get_origin(hint) is tuple:
         return f"a list of {_PLURALS[get_args(hint)[0]]}"
-    optional = _optional(hint)
-    if optional is not None:
-        return f"{_type_name(optional)} or null"
     return _NAMES[hint]
-
-
-def _optional(hint: Any) -> Any | None:
-    """``T`` for ``T | None``, else None."""
-    if isinstance(hint, types.UnionType) or get_origin(hint) is typing.Union:
-        rest = [a for a in get_args(hint) if a is not type(None)]
-        if len(rest) == 1 and len(get_args(hint)) == 2:
-            return rest[0]
-    return None
 
 
 def _convert(value: Any, hint: Any) -> Any:
     """``value`` as ``hint`` demands, or TypeError. Integers given as integral floats (YAML's
     ``1.0e4``) become ints; nothing else is converted (``"3"`` is not a number, ``"no"`` not a
     switch)."""
-    optional = _optional(hint)
-    if optional is not None:
-        return None if value is None else _convert(value, optional)
     if get_origin(hint) is Literal:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             for allowed in get_args(hint):
@@ -172,11 +156,6 @@ class Options:
         return options
 
     @classmethod
-    def from_json(cls, text: str, source: str = "--options") -> Self:
-        """Options from a JSON object (``--options '{"seed": 3}'``)."""
-        return cls.from_dict(json_object(text, source), source)
-
-    @classmethod
     def from_yaml(cls, path: Path) -> Self:
         """Options from a YAML file of ``name: value`` (plain YAML: no Python tags)."""
         path = Path(path)
@@ -202,10 +181,8 @@ class Options:
         """Checks between options (each option's own type and bounds are checked already)."""
 
     @classmethod
-    def add_flags(
-        cls, parser: argparse.ArgumentParser, names: tuple[str, ...] = (), required: str = ""
-    ) -> None:
-        """``--options JSON`` and a ``--name`` flag per option in ``names`` (all when empty).
+    def add_flags(cls, parser: argparse.ArgumentParser, required: str = "") -> None:
+        """``--options JSON`` and a ``--name`` flag per option.
 
         Flags default to None so that :meth:`from_args` tells given flags from defaults; the
         option named ``required`` has no default on the command line.
@@ -215,8 +192,6 @@ class Options:
         )
         types_ = typing.get_type_hints(cls)
         for f in fields(cls):
-            if names and f.name not in names:
-                continue
             hint, flag = types_[f.name], "--" + f.name.replace("_", "-")
             needed = f.name == required
             default = "" if needed else f" (default: {_plain(f.default)})"
