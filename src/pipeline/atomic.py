@@ -1,6 +1,6 @@
 """Writes that readers see whole or not at all: a temporary sibling, renamed on success.
 
-The temporary is ``.NAME.tmp-PID`` beside ``NAME`` (the names
+The temporary is ``.NAME.tmp-HOST-PID`` beside ``NAME`` (the names
 :func:`pipeline.storage.list_folder` recognises as debris of killed writes), so the rename stays
 within one file system. A failed write removes its temporary and leaves the old file as it was;
 a full disk is reported as such, naming the file and the folder to free.
