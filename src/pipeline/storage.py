@@ -20,7 +20,6 @@ import errno
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import h5py
 import numpy as np
 
 from pipeline import atomic
+from pipeline.resources import free_disk
 
 FORMAT_VERSION = 1
 # Bytes per HDF5 chunk (uncompressed): large chunks make fewer, faster writes and reads (1024-row
@@ -328,7 +328,7 @@ class atomic_h5:  # noqa: N801 - used like a function: `with atomic_h5(path) as 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.clean:
             atomic.remove_stale_temporaries(self.path)
-        free = shutil.disk_usage(self.path.parent).free
+        _, free = free_disk(self.path)
         # HDF5 adds metadata and chunk indexes: a margin of 1 % and 64 KiB.
         if self.expected_bytes and free < self.expected_bytes * 1.01 + 2**16:
             error = OSError(errno.ENOSPC, f"{free} bytes free, {self.expected_bytes} to write")
