@@ -7,7 +7,6 @@ one. The stage must pass the first and flag the second in every diagnostic that 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
@@ -16,6 +15,7 @@ import pytest
 from scipy import stats
 
 from pipeline import diagnostics
+from pipeline.metrics import ValidationMetrics
 from pipeline.observations import make_observations
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
@@ -84,42 +84,42 @@ def run(experiment: Path, shrink: float, **options) -> dict:
 
 def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     metrics = run(experiment, 1.0)
-    written = json.loads((experiment / "shrink-1.0" / "metrics.json").read_text())
-    assert written == metrics
-    coverage = metrics["coverage"]
+    # The file reads back as what validate returned: the report sees what validate concluded.
+    assert ValidationMetrics.read(experiment / "shrink-1.0" / "metrics.json") == metrics
+    coverage = metrics.coverage
     # 300 pairs: a coverage fraction's standard error is at most 0.029; 0.1 is > 3 of them.
     for key in ("tarp_max_deviation", "hpd_max_deviation", "predictive_max_deviation"):
-        assert coverage[key] < 0.1, (key, coverage[key])
-    assert len(coverage["predictive"]) == len(coverage["levels"])
+        assert getattr(coverage, key) < 0.1, (key, getattr(coverage, key))
+    assert len(coverage.predictive) == len(coverage.levels)
     # Posterior predictive p-values of a correct model sit near 0.5 or above (conservative).
-    assert all(p > 0.05 for p in metrics["predictive"]["pvalues"])
+    assert all(p > 0.05 for p in metrics.predictive.pvalues)
     # Local C2ST with 19 null refits: p = 1/20 is the floor; an exact posterior stays above.
-    assert min(metrics["local_c2st"]["pvalue"]) > 0.05
+    assert min(metrics.local_c2st.pvalue) > 0.05
     assert (experiment / "shrink-1.0" / "predictive.png").read_bytes()[:4] == b"\x89PNG"
-    assert metrics["figures"]["predictive"] == "predictive.png"
-    reference = metrics["reference"]
-    assert reference["method"] == get_task("gaussian_linear").reference_method
-    assert len(reference["diagnostics"]) == 3  # one per observation
+    assert metrics.figures["predictive"] == "predictive.png"
+    reference = metrics.reference
+    assert reference.method == get_task("gaussian_linear").reference_method
+    assert len(reference.diagnostics) == 3  # one per observation
     # 200 draws against 1000 reference samples: each std is within ~5 % (1 / sqrt(2 * 200)),
     # the mean of 3 observations within ~3 %; 0.1 is over 3 of those.
-    ratios = np.array(list(metrics["widths"]["std_ratio"]["mean"].values()))
+    ratios = np.array(list(metrics.widths.std_ratio.mean.values()))
     assert ratios.shape == (10,) and np.all(np.abs(ratios - 1) < 0.1), ratios
-    assert "std_over_cramer_rao" not in metrics["widths"]  # no Fisher matrix for this task
+    assert metrics.widths.std_over_cramer_rao is None  # no Fisher matrix for this task
 
 
 def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
     metrics = run(experiment, 0.5)
-    coverage = metrics["coverage"]
-    levels = np.array(coverage["levels"])
+    coverage = metrics.coverage
+    levels = np.array(coverage.levels)
     # Half the width: HPD coverage at 50 % falls to about 16 %, so far below the diagonal.
-    assert coverage["hpd_max_deviation"] > 0.2
+    assert coverage.hpd_max_deviation > 0.2
     # In data space the noise dilutes it, but the replicate still falls outside too often.
-    assert np.mean(np.array(coverage["predictive"]) - levels) < -0.03
-    local = metrics["local_c2st"]
-    assert max(local["pvalue"]) <= 0.05 + 1e-9
-    assert all(c < 0 for c in local["dispersion_correlation"])  # read as over-confident
+    assert np.mean(np.array(coverage.predictive) - levels) < -0.03
+    local = metrics.local_c2st
+    assert max(local.pvalue) <= 0.05 + 1e-9
+    assert all(c < 0 for c in local.dispersion_correlation)  # read as over-confident
     # Shrunk by half: the std ratio is 0.5 up to the sampling error above (~3 % of 0.5).
-    ratios = np.array(list(metrics["widths"]["std_ratio"]["mean"].values()))
+    ratios = np.array(list(metrics.widths.std_ratio.mean.values()))
     assert np.all(np.abs(ratios - 0.5) < 0.05), ratios
 
 
@@ -215,17 +215,17 @@ def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path:
         predictive_draws=20,
     )
     # 100 pairs: a coverage fraction's standard error is at most 0.05; 0.15 is 3 of them.
-    assert metrics["coverage"]["hpd_max_deviation"] < 0.15
-    assert metrics["coverage"]["predictive_max_deviation"] < 0.15
-    assert max(metrics["c2st"]["per_observation"]) < 0.6  # the same posterior on both sides
-    widths = metrics["widths"]
+    assert metrics.coverage.hpd_max_deviation < 0.15
+    assert metrics.coverage.predictive_max_deviation < 0.15
+    assert max(metrics.c2st.per_observation) < 0.6  # the same posterior on both sides
+    widths = metrics.widths
     # 500 draws against 1000: each std within ~4 %, the mean of 2 within ~3 %.
-    assert all(abs(r - 1) < 0.12 for r in widths["std_ratio"]["mean"].values()), widths
+    assert all(abs(r - 1) < 0.12 for r in widths.std_ratio.mean.values()), widths
     # The Fisher bound ignores the prior, so the exact posterior is at most a little narrower
     # and, with 1023 modes, not much wider (the observed information scatters by ~5 %).
     for name in task.parameter_names:
-        assert 0.6 < widths["reference_over_cramer_rao"]["mean"][name] < 1.3, widths
-    assert np.array(widths["cramer_rao_std"]).shape == (2, 2)
+        assert 0.6 < widths.reference_over_cramer_rao.mean[name] < 1.3, widths
+    assert np.array(widths.cramer_rao_std).shape == (2, 2)
 
 
 def test_widths_refuse_a_reference_without_spread() -> None:

@@ -18,7 +18,20 @@ import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import atomic, diagnostics, plots, storage
+from pipeline import diagnostics, metrics, plots, storage
+from pipeline.metrics import (
+    BudgetScore,
+    C2stScores,
+    Coverage,
+    LocalC2st,
+    ObservationsInfo,
+    PredictiveChecks,
+    ReferenceInfo,
+    Sbc,
+    ValidationMetrics,
+    WidthRatio,
+    Widths,
+)
 from pipeline.observations import read_reference, read_reference_info
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
@@ -39,7 +52,7 @@ def validate(
     local_c2st_null: int = 100,
     predictive_draws: int = 100,
     predictive_replicates: int = 10,
-) -> dict[str, Any]:
+) -> ValidationMetrics:
     """Computes every diagnostic, writes ``out/metrics.json`` and figures; returns the metrics.
 
     Posterior predictive checks simulate ``predictive_draws`` posterior draws per ``x`` with the
@@ -47,33 +60,114 @@ def validate(
     ``predictive_replicates`` fresh simulations from each test pair's true ``theta``; local C2ST
     refits its classifier ``local_c2st_null`` times under the null.
     """
-    test = read_samples(test_samples)
+    test = _read_test_samples(test_samples)
+    names = list(test["attrs"]["parameter_names"])
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(str(test["attrs"]["task"]))
+    theta_obs, x_obs, reference = read_reference(observations)
+    observed = read_samples(observation_samples)
+    check_lineage(test, test_samples, observed, observation_samples, x_obs, observations)
+    figures: dict[str, str] = {}
+    coverage, sbc = _test_set_diagnostics(
+        task, test, seed, predictive_draws, predictive_replicates, out, figures
+    )
+    c2st = _c2st_and_corner(
+        observation_samples, observations, names, out, figures, seed, c2st_max_samples, c2st_folds
+    )
+    checks = _predictive_checks(task, observed, x_obs, predictive_draws, seed, out, figures)
+    local = _local_c2st(task, test, observed["samples"], x_obs, local_c2st_null, seed)
+    result = ValidationMetrics(
+        task=str(test["attrs"]["task"]),
+        parameter_names=names,
+        num_test=int(len(test["theta"])),
+        num_posterior_samples=int(test["samples"].shape[1]),
+        num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
+        observations=ObservationsInfo(num=int(len(x_obs)), real=theta_obs is None),
+        skipped=_skipped(task, theta_obs, reference),
+        coverage=coverage,
+        sbc=sbc,
+        c2st=c2st,
+        widths=_widths(task, observed["samples"], reference, theta_obs),
+        predictive=checks,
+        local_c2st=local,
+        reference=_reference_info(observations),
+        figures=figures,
+    )
+    result.write(out / "metrics.json")
+    c2st_text = "n/a" if c2st is None else f"mean {c2st.mean:.3f}"
+    log.info(
+        "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",
+        *(coverage.tarp_max_deviation, coverage.hpd_max_deviation, c2st_text),
+    )
+    return result
+
+
+def _test_set_diagnostics(
+    task: Task,
+    test: dict[str, Any],
+    seed: int,
+    predictive_draws: int,
+    predictive_replicates: int,
+    out: Path,
+    figures: dict[str, str],
+) -> tuple[Coverage, Sbc]:
+    """Coverage (TARP, HPD and, with a simulator, data space) and SBC on the test set."""
+    with _step("coverage (TARP, HPD, predictive) on the test set"):
+        predictive = None
+        if task.has_simulator:
+            predictive = _predictive_coverage(
+                task, test, predictive_draws, predictive_replicates, seed
+            )
+        coverage = _coverage(test, test["attrs"], seed, out, figures, predictive)
+    with _step("SBC ranks"):
+        sbc = _sbc(test, list(test["attrs"]["parameter_names"]), out, figures)
+    return coverage, sbc
+
+
+def _reference_info(observations: Path) -> ReferenceInfo | None:
+    """How the observation file's reference samples were drawn (None without any)."""
+    info = read_reference_info(observations)
+    return None if info is None else metrics.from_json(ReferenceInfo, info, "reference")
+
+
+def _predictive_checks(
+    task: Task,
+    observed: dict[str, Any],
+    x_obs: np.ndarray,
+    draws: int,
+    seed: int,
+    out: Path,
+    figures: dict[str, str],
+) -> PredictiveChecks | None:
+    """Predictive p-values at the observations (None, and a figure saying why, without a
+    simulator: the workflow expects the file, the report reads only figures listed in metrics)."""
+    if not task.has_simulator:
+        reason = _skipped(task, None, None)["predictive"]
+        _save(plots.plot_skipped("Posterior predictive check", reason), out / "predictive.png")
+        return None
+    with _step("posterior predictive checks at the observations"):
+        return _predictive_at_observations(
+            task, observed["samples"], x_obs, draws, seed, out, figures
+        )
+
+
+def _read_test_samples(path: Path) -> dict[str, Any]:
+    """The test set's samples file, which must hold the true ``theta`` and the ``x``."""
+    test = read_samples(path)
     if "theta" not in test:
         raise ValueError(
-            f"{test_samples} has no true 'theta': sample the held-out simulation file (an HDF5 "
+            f"{path} has no true 'theta': sample the held-out simulation file (an HDF5 "
             "file with 'theta' and 'x'), not bare observations"
         )
     if "x" not in test:
         raise ValueError(
-            f"{test_samples} has no 'x' (written by an older `pipeline sample`); rerun the "
-            "sample stage"
+            f"{path} has no 'x' (written by an older `pipeline sample`); rerun the sample stage"
         )
-    attrs = test["attrs"]
-    names = list(attrs["parameter_names"])
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {
-        "task": attrs["task"],
-        "parameter_names": names,
-        "num_test": int(len(test["theta"])),
-        "num_posterior_samples": int(test["samples"].shape[1]),
-        "num_nonfinite_excluded": int(attrs.get("num_nonfinite_excluded", 0)),
-        "figures": {},
-    }
-    task = get_task(str(attrs["task"]))
-    theta_obs, x_obs, reference = read_reference(observations)
-    observed = read_samples(observation_samples)
-    check_lineage(test, test_samples, observed, observation_samples, x_obs, observations)
-    metrics["observations"] = {"num": int(len(x_obs)), "real": theta_obs is None}
+    return test
+
+
+def _skipped(task: Task, theta_obs: np.ndarray | None, reference: np.ndarray | None) -> dict:
+    """The diagnostics that cannot run for this task and observations, with the reason."""
     skipped: dict[str, str] = {}
     if not task.has_simulator:
         skipped["predictive"] = (
@@ -86,51 +180,7 @@ def validate(
             if theta_obs is None
             else "the task has no reference posterior"
         )
-    metrics["skipped"] = skipped
-    with _step("coverage (TARP, HPD, predictive) on the test set"):
-        predictive = None
-        if task.has_simulator:
-            predictive = _predictive_coverage(
-                task, test, predictive_draws, predictive_replicates, seed
-            )
-        metrics["coverage"] = _coverage(test, attrs, seed, out, metrics["figures"], predictive)
-    with _step("SBC ranks"):
-        metrics["sbc"] = _sbc(test, names, out, metrics["figures"])
-    with _step("C2ST against the reference posteriors"):
-        metrics["c2st"] = _c2st_and_corner(
-            observation_samples,
-            observations,
-            names,
-            out,
-            metrics["figures"],
-            seed=seed,
-            max_samples=c2st_max_samples,
-            folds=c2st_folds,
-        )
-    metrics["widths"] = _widths(task, observed["samples"], reference, theta_obs)
-    metrics["predictive"] = None
-    if not task.has_simulator:
-        # The workflow expects the file; the report reads figures listed in metrics only.
-        figure = plots.plot_skipped("Posterior predictive check", skipped["predictive"])
-        _save(figure, out / "predictive.png")
-    else:
-        with _step("posterior predictive checks at the observations"):
-            metrics["predictive"] = _predictive_at_observations(
-                task, observed["samples"], x_obs, predictive_draws, seed, out, metrics["figures"]
-            )
-    with _step(f"local C2ST ({local_c2st_null} null fits)"):
-        metrics["local_c2st"] = _local_c2st(
-            task, test, observed["samples"], x_obs, local_c2st_null, seed
-        )
-    metrics["reference"] = read_reference_info(observations)
-    _write_json(out / "metrics.json", metrics)
-    log.info(
-        "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",
-        metrics["coverage"]["tarp_max_deviation"],
-        metrics["coverage"]["hpd_max_deviation"],
-        "n/a" if metrics["c2st"] is None else f"mean {metrics['c2st']['mean']:.3f}",
-    )
-    return metrics
+    return skipped
 
 
 def check_lineage(
@@ -187,7 +237,7 @@ def _coverage(
     out: Path,
     figures: dict[str, str],
     predictive: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> Coverage:
     """TARP, HPD and (``predictive``, None when skipped) data-space coverage, and the figure."""
     levels = diagnostics.DEFAULT_LEVELS
     low, high = attrs.get("low"), attrs.get("high")
@@ -205,23 +255,18 @@ def _coverage(
         curves["predictive (data space)"] = predictive["coverage"]
     figure = plots.plot_coverage(levels, curves, title=str(attrs["task"]))
     figures["coverage"] = _save(figure, out / "coverage.png")
-    result = {
-        "levels": levels.tolist(),
-        "tarp": tarp.tolist(),
-        "hpd": hpd.tolist(),
-        "tarp_max_deviation": diagnostics.max_coverage_deviation(levels, tarp),
-        "hpd_max_deviation": diagnostics.max_coverage_deviation(levels, hpd),
-        "predictive": None,
-        "predictive_max_deviation": None,
-        "predictive_num_excluded": 0,
-    }
-    if predictive is not None:
-        result["predictive"] = predictive["coverage"].tolist()
-        result["predictive_max_deviation"] = diagnostics.max_coverage_deviation(
-            levels, predictive["coverage"]
-        )
-        result["predictive_num_excluded"] = predictive["num_excluded"]
-    return result
+    return Coverage(
+        levels=levels.tolist(),
+        tarp=tarp.tolist(),
+        hpd=hpd.tolist(),
+        tarp_max_deviation=diagnostics.max_coverage_deviation(levels, tarp),
+        hpd_max_deviation=diagnostics.max_coverage_deviation(levels, hpd),
+        predictive=None if predictive is None else predictive["coverage"].tolist(),
+        predictive_max_deviation=None
+        if predictive is None
+        else diagnostics.max_coverage_deviation(levels, predictive["coverage"]),
+        predictive_num_excluded=0 if predictive is None else predictive["num_excluded"],
+    )
 
 
 def _simulate_draws(
@@ -285,7 +330,7 @@ def _predictive_at_observations(
     seed: int,
     out: Path,
     figures: dict[str, str],
-) -> dict[str, Any]:
+) -> PredictiveChecks:
     """Posterior predictive p-value of each observation, and the predictive bands figure."""
     if samples.shape[1] < draws:
         raise ValueError(
@@ -306,12 +351,12 @@ def _predictive_at_observations(
     intervals = np.nanquantile(finite_draws, quantiles, axis=1).transpose(1, 0, 2)
     figure = plots.plot_predictive(x_obs, intervals, pvalues, task.summary_label)
     figures["predictive"] = _save(figure, out / "predictive.png")
-    return {"pvalues": pvalues, "num_draws": draws, "num_nonfinite_excluded": excluded}
+    return PredictiveChecks(pvalues=pvalues, num_draws=draws, num_nonfinite_excluded=excluded)
 
 
 def _local_c2st(
     task: Task, test: dict, samples: np.ndarray, x_obs: np.ndarray, num_null: int, seed: int
-) -> dict[str, Any]:
+) -> LocalC2st:
     """Local C2ST at each observation, calibrated on the test set (one draw per pair).
 
     The classifier sees the task's summaries of x (x itself, flattened, except for maps).
@@ -320,32 +365,33 @@ def _local_c2st(
     noise falls as 1/sqrt(M), and its cost is the null's refits, not the evaluation.
     """
     draws = min(samples.shape[1], len(test["theta"]))
-    result = diagnostics.local_c2st(
-        test["theta"],
-        task.summary(test["x"]),
-        test["samples"][:, 0],
-        samples[:, :draws],
-        task.summary(x_obs),
+    with _step(f"local C2ST ({num_null} null fits)"):
+        result = diagnostics.local_c2st(
+            test["theta"],
+            task.summary(test["x"]),
+            test["samples"][:, 0],
+            samples[:, :draws],
+            task.summary(x_obs),
+            num_null=num_null,
+            seed=seed,
+            progress=Progress(num_null, "null fits", log).update,
+        )
+    return LocalC2st(
+        statistic=result.statistic.tolist(),
+        pvalue=result.pvalue.tolist(),
+        dispersion_correlation=result.dispersion_correlation.tolist(),
         num_null=num_null,
-        seed=seed,
-        progress=Progress(num_null, "null fits", log).update,
+        num_calibration=len(test["theta"]),
+        num_draws=draws,
     )
-    return {
-        "statistic": result.statistic.tolist(),
-        "pvalue": result.pvalue.tolist(),
-        "dispersion_correlation": result.dispersion_correlation.tolist(),
-        "num_null": num_null,
-        "num_calibration": len(test["theta"]),
-        "num_draws": draws,
-    }
 
 
-def _sbc(test: dict, names: list[str], out: Path, figures: dict[str, str]) -> dict[str, Any]:
+def _sbc(test: dict, names: list[str], out: Path, figures: dict[str, str]) -> Sbc:
     ranks = diagnostics.sbc_ranks(test["samples"], test["theta"])
     num_samples = test["samples"].shape[1]
     pvalues = diagnostics.sbc_uniformity_pvalues(ranks, num_samples)
     figures["sbc"] = _save(plots.plot_sbc_ranks(ranks, num_samples, names), out / "sbc.png")
-    return {"pvalues": {name: float(p) for name, p in zip(names, pvalues, strict=True)}}
+    return Sbc(pvalues={name: float(p) for name, p in zip(names, pvalues, strict=True)})
 
 
 def _c2st_and_corner(
@@ -354,37 +400,38 @@ def _c2st_and_corner(
     names: list[str],
     out: Path,
     figures: dict[str, str],
-    *,
     seed: int,
     max_samples: int | None,
     folds: int,
-) -> dict[str, Any] | None:
-    posterior = read_samples(observation_samples)["samples"]
-    theta, x, reference = read_reference(observations)
-    if len(posterior) != len(x):
-        raise ValueError(
-            f"{observation_samples} has samples for {len(posterior)} observations but "
-            f"{observations} holds {len(x)}; resample the observations"
+) -> C2stScores | None:
+    """C2ST at each observation (None without a reference), and the first one's corner plot."""
+    with _step("C2ST against the reference posteriors"):
+        posterior = read_samples(observation_samples)["samples"]
+        theta, x, reference = read_reference(observations)
+        if len(posterior) != len(x):
+            raise ValueError(
+                f"{observation_samples} has samples for {len(posterior)} observations but "
+                f"{observations} holds {len(x)}; resample the observations"
+            )
+        corner = plots.plot_corner(
+            posterior[0],
+            names,
+            reference=None if reference is None else reference[0],
+            theta_true=None if theta is None else theta[0],
         )
-    corner = plots.plot_corner(
-        posterior[0],
-        names,
-        reference=None if reference is None else reference[0],
-        theta_true=None if theta is None else theta[0],
-    )
-    figures["corner"] = _save(corner, out / "corner.png")
-    if reference is None:
-        return None
-    values = diagnostics.c2st_batched(
-        reference, posterior, seed=seed, num_folds=folds, max_samples=max_samples
-    )
-    figures["c2st"] = _save(plots.plot_c2st(values), out / "c2st.png")
-    return _c2st_summary(values)
+        figures["corner"] = _save(corner, out / "corner.png")
+        if reference is None:
+            return None
+        values = diagnostics.c2st_batched(
+            reference, posterior, seed=seed, num_folds=folds, max_samples=max_samples
+        )
+        figures["c2st"] = _save(plots.plot_c2st(values), out / "c2st.png")
+        return C2stScores.of(values)
 
 
 def _widths(
     task: Task, samples: np.ndarray, reference: np.ndarray | None, theta: np.ndarray
-) -> dict[str, Any] | None:
+) -> Widths | None:
     """How wide the posterior is at each observation, against the exact one and the Fisher bound.
 
     ``std_ratio`` (per parameter, mean over the observations) is the estimator's standard
@@ -401,14 +448,13 @@ def _widths(
         return None
     names = list(task.parameter_names)
     std = samples.std(axis=1)
-    result: dict[str, Any] = {"posterior_std": std.tolist()}
 
-    def per_parameter(ratio: np.ndarray) -> dict[str, Any]:
-        return {
-            "per_observation": ratio.tolist(),
-            "mean": dict(zip(names, ratio.mean(axis=0).tolist(), strict=True)),
-        }
+    def per_parameter(ratio: np.ndarray) -> WidthRatio:
+        return WidthRatio(
+            ratio.tolist(), dict(zip(names, ratio.mean(axis=0).tolist(), strict=True))
+        )
 
+    widths: dict[str, Any] = {"posterior_std": std.tolist()}
     if reference is not None:
         reference_std = reference.std(axis=1)
         constant = ~(np.ptp(reference, axis=1) > 0)  # std of equal floats may not be 0
@@ -418,23 +464,15 @@ def _widths(
                 f"the reference samples of observation {observation} do not vary in "
                 f"{names[parameter]}: no width to compare with; recompute the observations"
             )
-        result["reference_std"] = reference_std.tolist()
-        result["std_ratio"] = per_parameter(std / reference_std)
+        widths["reference_std"] = reference_std.tolist()
+        widths["std_ratio"] = per_parameter(std / reference_std)
     if fisher is not None:
         bound = np.sqrt(np.diagonal(np.linalg.inv(fisher(theta)), axis1=1, axis2=2))
-        result["cramer_rao_std"] = bound.tolist()
-        result["std_over_cramer_rao"] = per_parameter(std / bound)
+        widths["cramer_rao_std"] = bound.tolist()
+        widths["std_over_cramer_rao"] = per_parameter(std / bound)
         if reference is not None:
-            result["reference_over_cramer_rao"] = per_parameter(reference.std(axis=1) / bound)
-    return result
-
-
-def _c2st_summary(values: np.ndarray) -> dict[str, Any]:
-    return {
-        "per_observation": values.tolist(),
-        "mean": float(values.mean()),
-        "max": float(values.max()),
-    }
+            widths["reference_over_cramer_rao"] = per_parameter(reference.std(axis=1) / bound)
+    return Widths(**widths)
 
 
 def score_budget(
@@ -446,7 +484,7 @@ def score_budget(
     seed: int,
     max_samples: int | None,
     folds: int = 5,
-) -> dict[str, Any]:
+) -> BudgetScore:
     """C2ST of one budget's posterior at the observations; writes and returns ``out`` (JSON).
 
     The budget study's score: the same observations, reference and classifier settings as
@@ -468,9 +506,9 @@ def score_budget(
     values = diagnostics.c2st_batched(
         reference, samples["samples"], seed=seed, num_folds=folds, max_samples=max_samples
     )
-    result = {"task": task, "budget": budget, "c2st": _c2st_summary(values)}
+    result = BudgetScore(task=task, budget=budget, c2st=C2stScores.of(values))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(Path(out), result)
+    result.write(Path(out))
     log.info("budget %d: C2ST mean %.3f, max %.3f", budget, values.mean(), values.max())
     return result
 
@@ -478,7 +516,3 @@ def score_budget(
 def _save(figure: Figure, path: Path) -> str:
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path.name
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic.write_json(path, data, indent=2)

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline import atomic, plots
+from pipeline.metrics import ReferenceInfo, ValidationMetrics
 from pipeline.provenance import config_digest
 from pipeline.report.results import TaskResults, TrainingCurve, load_task
 
@@ -66,19 +67,19 @@ class Check:
         return {None: self.reason, True: "PASS", False: "FAIL"}[self.passed]
 
 
-def evaluate_checks(validation: dict[str, Any], thresholds: Thresholds) -> list[Check]:
+def evaluate_checks(validation: ValidationMetrics, thresholds: Thresholds) -> list[Check]:
     """C2ST, TARP, HPD and predictive-coverage checks of one ``validation/metrics.json``."""
-    c2st = validation["c2st"]
-    coverage = validation["coverage"]
-    skipped = validation.get("skipped", {})
+    c2st = validation.c2st
+    coverage = validation.coverage
+    skipped = validation.skipped
     c2st_reason = "n/a — " + skipped["c2st"] if "c2st" in skipped else NO_REFERENCE
     return [
-        Check("C2ST", None if c2st is None else c2st["max"], thresholds.c2st_max, c2st_reason),
-        Check("TARP", coverage["tarp_max_deviation"], thresholds.coverage_max_deviation),
-        Check("HPD", coverage["hpd_max_deviation"], thresholds.coverage_max_deviation),
+        Check("C2ST", None if c2st is None else c2st.max, thresholds.c2st_max, c2st_reason),
+        Check("TARP", coverage.tarp_max_deviation, thresholds.coverage_max_deviation),
+        Check("HPD", coverage.hpd_max_deviation, thresholds.coverage_max_deviation),
         Check(
             "Predictive",
-            coverage["predictive_max_deviation"],
+            coverage.predictive_max_deviation,
             thresholds.coverage_max_deviation,
             "n/a — no simulator",
         ),
@@ -202,11 +203,12 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
     if results.budgets:
         budget_figure = plots.plot_c2st_budget(
             np.array([score.budget for score in results.budgets]),
-            np.array([score.per_observation for score in results.budgets]),
+            np.array([score.c2st.per_observation for score in results.budgets]),
             threshold=thresholds.c2st_max,
         )
         figures["c2st_budget"] = figure_png(budget_figure)
-    coverage = results.validation["coverage"]
+    coverage = results.validation.coverage
+    local = results.validation.local_c2st
     return {
         "name": results.name,
         "anchor": anchor,
@@ -216,42 +218,35 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "validation": results.validation,
         "coverage_rows": list(
             zip(
-                coverage["levels"],
-                coverage["tarp"],
-                coverage["hpd"],
-                coverage["predictive"] or [None] * len(coverage["levels"]),
+                coverage.levels,
+                coverage.tarp,
+                coverage.hpd,
+                coverage.predictive or [None] * len(coverage.levels),
                 strict=True,
             )
         ),
         "local_c2st_rows": list(
-            zip(
-                results.validation["local_c2st"]["statistic"],
-                results.validation["local_c2st"]["pvalue"],
-                results.validation["local_c2st"]["dispersion_correlation"],
-                strict=True,
-            )
+            zip(local.statistic, local.pvalue, local.dispersion_correlation, strict=True)
         ),
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
         "budgets": results.budgets,
-        "reference": reference_summary(results.validation.get("reference")),
+        "reference": reference_summary(results.validation.reference),
     }
 
 
-def reference_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
-    """How the reference was drawn and its worst convergence figures over the observations.
-
-    ``info`` is ``metrics.json["reference"]`` (None for results written before it existed).
-    """
-    if not isinstance(info, dict) or not isinstance(info.get("diagnostics"), list):
+def reference_summary(info: ReferenceInfo | None) -> dict[str, Any] | None:
+    """How the reference was drawn and its worst convergence figures over the observations
+    (None where the observations have no reference)."""
+    if info is None:
         return None
-    rows = [row for row in info["diagnostics"] if isinstance(row, dict)]
+    rows = info.diagnostics
 
     def worst(key: str, pick: Any) -> float | None:
         values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
         return pick(values) if values else None
 
     return {
-        "method": str(info.get("method", "unknown")),
+        "method": info.method,
         "rhat_max": worst("rhat_max", max),
         "ess_bulk_min": worst("ess_bulk_min", min),
         "seconds": worst("seconds", max),

@@ -12,7 +12,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pipeline.metrics import BudgetScore, MetricsError, ValidationMetrics
+
+Metrics = TypeVar("Metrics", ValidationMetrics, BudgetScore)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NUMBER = (int, float)
@@ -41,52 +45,12 @@ PROVENANCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "hostname": str,
     "created": str,
 }
-VALIDATION_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "task": str,
-    "parameter_names": list,
-    "num_test": int,
-    "num_posterior_samples": int,
-    "num_nonfinite_excluded": int,
-    "coverage": dict,
-    "sbc": dict,
-    "c2st": (dict, type(None)),
-    "predictive": (dict, type(None)),
-    "local_c2st": dict,
-    "figures": dict,
-}
-COVERAGE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "levels": list,
-    "tarp": list,
-    "hpd": list,
-    "predictive": (list, type(None)),
-    "tarp_max_deviation": NUMBER,
-    "hpd_max_deviation": NUMBER,
-    "predictive_max_deviation": (*NUMBER, type(None)),
-    "predictive_num_excluded": int,
-}
-PREDICTIVE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "pvalues": list,
-    "num_draws": int,
-    "num_nonfinite_excluded": list,
-}
-LOCAL_C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "statistic": list,
-    "pvalue": list,
-    "dispersion_correlation": list,
-    "num_null": int,
-    "num_calibration": int,
-    "num_draws": int,
-}
-C2ST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "per_observation": list,
-    "mean": NUMBER,
-    "max": NUMBER,
-}
 FIGURES = ("corner", "coverage", "sbc")
 
 
 class ResultsError(ValueError):
-    """A result file exists but does not hold what the report needs."""
+    """A result file exists but does not hold what the report needs (:class:`MetricsError`
+    for the validate stage's files, with the stage to rerun)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +70,7 @@ class TaskResults:
     Arguments:
         name: The task's name, as given to the report.
         posterior: Contents of ``model/posterior.json``.
-        validation: Contents of ``validation/metrics.json``.
+        validation: ``validation/metrics.json``.
         curve: Training and validation losses from ``model/metrics.csv``.
         figures: PNG bytes of the validation figures, by key of ``metrics.json["figures"]``.
         budgets: C2ST at each budget of the budget study, ascending (empty without one).
@@ -114,20 +78,10 @@ class TaskResults:
 
     name: str
     posterior: dict[str, Any]
-    validation: dict[str, Any]
+    validation: ValidationMetrics
     curve: TrainingCurve
     figures: dict[str, bytes]
     budgets: list[BudgetScore] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class BudgetScore:
-    """C2ST per observation of the model trained on ``budget`` simulations."""
-
-    budget: int
-    per_observation: list[float]
-    mean: float
-    max: float
 
 
 def load_task(
@@ -148,8 +102,7 @@ def load_task(
     check_fields(posterior, POSTERIOR_FIELDS, posterior_path)
     check_fields(posterior["provenance"], PROVENANCE_FIELDS, posterior_path, "provenance.")
     validation_path = task_dir / "validation" / "metrics.json"
-    validation = read_json(validation_path, validate)
-    check_validation(validation, validation_path)
+    validation = read_metrics(ValidationMetrics, validation_path, validate)
     check_same_task(spec or task, posterior, posterior_path, validation, validation_path)
     return TaskResults(
         name=task,
@@ -164,17 +117,23 @@ def load_task(
 def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:
     """Reads ``task_dir/budget-N/c2st.json`` (written by ``pipeline c2st``)."""
     path = task_dir / f"budget-{budget}" / "c2st.json"
-    data = read_json(path, f"run the budget study (simulate.budgets) for task {task}")
-    check_fields(data, {"task": str, "budget": int, "c2st": dict}, path)
-    check_fields(data["c2st"], C2ST_FIELDS, path, "c2st.")
-    check_numbers(data["c2st"]["per_observation"], path, "c2st.per_observation")
-    if data["task"] != task or data["budget"] != budget:
+    score = read_metrics(
+        BudgetScore, path, f"run the budget study (simulate.budgets) for task {task}"
+    )
+    if score.task != task or score.budget != budget:
         raise ResultsError(
-            f"{path} holds task {data['task']!r} at budget {data['budget']}, not {task!r} at "
-            f"{budget}"
+            f"{path} holds task {score.task!r} at budget {score.budget}, not {task!r} at {budget}"
         )
-    c2st = data["c2st"]
-    return BudgetScore(budget, c2st["per_observation"], c2st["mean"], c2st["max"])
+    return score
+
+
+def read_metrics(kind: type[Metrics], path: Path, hint: str) -> Metrics:
+    """Reads a result file of :mod:`pipeline.metrics`; errors name the file, field and fix."""
+    require_file(path, hint)
+    try:
+        return kind.read(path)  # type: ignore[attr-defined]
+    except MetricsError as error:
+        raise ResultsError(f"{error}; {hint} again") from None
 
 
 def require_file(path: Path, hint: str) -> None:
@@ -210,53 +169,18 @@ def check_fields(
             raise ResultsError(f"{path}: field {prefix}{key!r} has the wrong type")
 
 
-def check_numbers(values: list[Any], path: Path, key: str) -> None:
-    """Raises ``ResultsError`` unless ``values`` is a list of numbers."""
-    if not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in values):
-        raise ResultsError(f"{path}: field {key!r} should be a list of numbers")
-
-
-def check_validation(validation: dict[str, Any], path: Path) -> None:
-    """Checks the fields of ``validation/metrics.json`` that the report reads."""
-    check_fields(validation, VALIDATION_FIELDS, path)
-    coverage = validation["coverage"]
-    check_fields(coverage, COVERAGE_FIELDS, path, "coverage.")
-    curves = [key for key in ("levels", "tarp", "hpd", "predictive") if coverage[key] is not None]
-    for key in curves:
-        check_numbers(coverage[key], path, f"coverage.{key}")
-    if len({len(coverage[key]) for key in curves}) != 1:
-        raise ResultsError(f"{path}: coverage levels, tarp, hpd and predictive differ in length")
-    if validation["predictive"] is not None:
-        check_fields(validation["predictive"], PREDICTIVE_FIELDS, path, "predictive.")
-        check_numbers(validation["predictive"]["pvalues"], path, "predictive.pvalues")
-    local = validation["local_c2st"]
-    check_fields(local, LOCAL_C2ST_FIELDS, path, "local_c2st.")
-    for key in ("statistic", "pvalue", "dispersion_correlation"):
-        check_numbers(local[key], path, f"local_c2st.{key}")
-    if len({len(local[key]) for key in ("statistic", "pvalue", "dispersion_correlation")}) != 1:
-        raise ResultsError(f"{path}: local_c2st fields differ in length")
-    check_fields(validation["sbc"], {"pvalues": dict}, path, "sbc.")
-    pvalues = validation["sbc"]["pvalues"]
-    check_numbers(list(pvalues.values()), path, "sbc.pvalues")
-    if set(pvalues) != set(validation["parameter_names"]):
-        raise ResultsError(f"{path}: sbc.pvalues keys differ from parameter_names")
-    if validation["c2st"] is not None:
-        check_fields(validation["c2st"], C2ST_FIELDS, path, "c2st.")
-        check_numbers(validation["c2st"]["per_observation"], path, "c2st.per_observation")
-
-
 def check_same_task(
     task: str,
     posterior: dict[str, Any],
     posterior_path: Path,
-    validation: dict[str, Any],
+    validation: ValidationMetrics,
     validation_path: Path,
 ) -> None:
     """Refuses results that were written for another task or another parametrisation."""
-    for data, path in ((posterior, posterior_path), (validation, validation_path)):
-        if data["task"] != task:
-            raise ResultsError(f"{path} holds results of task {data['task']!r}, not {task!r}")
-    if posterior["parameter_names"] != validation["parameter_names"]:
+    for found, path in ((posterior["task"], posterior_path), (validation.task, validation_path)):
+        if found != task:
+            raise ResultsError(f"{path} holds results of task {found!r}, not {task!r}")
+    if posterior["parameter_names"] != validation.parameter_names:
         raise ResultsError(
             f"{validation_path}: parameter_names differ from those in {posterior_path}"
         )
@@ -295,14 +219,16 @@ def _cell_float(cell: str | None, path: Path, line: int) -> float:
         raise ResultsError(f"{path}, line {line}: {cell!r} is not a number") from None
 
 
-def read_figures(validation_dir: Path, validation: dict[str, Any], hint: str) -> dict[str, bytes]:
+def read_figures(
+    validation_dir: Path, validation: ValidationMetrics, hint: str
+) -> dict[str, bytes]:
     """Reads the PNG figures listed in ``metrics.json``; C2ST's only when it was computed."""
     keys = (
         FIGURES
-        + (("c2st",) if validation["c2st"] is not None else ())
-        + (("predictive",) if validation["predictive"] is not None else ())
+        + (("c2st",) if validation.c2st is not None else ())
+        + (("predictive",) if validation.predictive is not None else ())
     )
-    listed = validation["figures"]
+    listed = validation.figures
     metrics_path = validation_dir / "metrics.json"
     figures = {}
     for key in keys:

@@ -1,0 +1,262 @@
+"""What the validate stage concludes (``validation/metrics.json``) and the budget study scores
+(``budget-N/c2st.json``): one typed definition that the stages write and the report reads back.
+
+Reading checks every field against its type here, so a file that lacks a field, holds the wrong
+type or curves of different lengths is refused with the file and the field named, before any
+page is built on it. Unknown fields are refused too: they mean a file of another version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from pipeline import atomic
+
+T = TypeVar("T")
+
+
+class MetricsError(ValueError):
+    """A result file exists but does not hold what its definition says."""
+
+
+@dataclass(frozen=True)
+class C2stScores:
+    """C2ST accuracy at each observation (0.5: indistinguishable from the reference)."""
+
+    per_observation: list[float]
+    mean: float
+    max: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> C2stScores:
+        """The scores of ``values``, shape ``(n_obs,)``."""
+        return cls(values.tolist(), float(values.mean()), float(values.max()))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Coverage curves on the test set at ``levels``, and each curve's largest distance from
+    the diagonal; ``predictive`` (data space) is None where the task has no simulator."""
+
+    levels: list[float]
+    tarp: list[float]
+    hpd: list[float]
+    tarp_max_deviation: float
+    hpd_max_deviation: float
+    predictive: list[float] | None
+    predictive_max_deviation: float | None
+    predictive_num_excluded: int
+
+    def __post_init__(self) -> None:
+        curves = [self.levels, self.tarp, self.hpd]
+        if self.predictive is not None:
+            curves.append(self.predictive)
+        if len({len(curve) for curve in curves}) != 1:
+            raise MetricsError("levels, tarp, hpd and predictive differ in length")
+
+
+@dataclass(frozen=True)
+class Sbc:
+    """Uniformity p-value of each parameter's SBC ranks, by parameter name."""
+
+    pvalues: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PredictiveChecks:
+    """Posterior predictive p-value at each observation, from ``num_draws`` simulated draws of
+    which ``num_nonfinite_excluded[i]`` were NaN or inf at observation ``i``."""
+
+    pvalues: list[float]
+    num_draws: int
+    num_nonfinite_excluded: list[int]
+
+
+@dataclass(frozen=True)
+class LocalC2st:
+    """Local C2ST at each observation, calibrated on ``num_calibration`` test pairs."""
+
+    statistic: list[float]
+    pvalue: list[float]
+    dispersion_correlation: list[float]
+    num_null: int
+    num_calibration: int
+    num_draws: int
+
+    def __post_init__(self) -> None:
+        if not len(self.statistic) == len(self.pvalue) == len(self.dispersion_correlation):
+            raise MetricsError("statistic, pvalue and dispersion_correlation differ in length")
+
+
+@dataclass(frozen=True)
+class WidthRatio:
+    """A ratio of standard deviations: ``per_observation`` (n_obs, D), ``mean`` over the
+    observations by parameter name."""
+
+    per_observation: list[list[float]]
+    mean: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Posterior standard deviations (n_obs, D) against the reference's and the Cramer-Rao
+    bound's, where each exists."""
+
+    posterior_std: list[list[float]]
+    reference_std: list[list[float]] | None = None
+    std_ratio: WidthRatio | None = None
+    cramer_rao_std: list[list[float]] | None = None
+    std_over_cramer_rao: WidthRatio | None = None
+    reference_over_cramer_rao: WidthRatio | None = None
+
+
+@dataclass(frozen=True)
+class ObservationsInfo:
+    """How many observations were validated, and whether they are real data (no truth)."""
+
+    num: int
+    real: bool
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """How the reference posterior samples were drawn: the method, and one dict of
+    convergence figures per observation (e.g. ``rhat_max``, ``ess_bulk_min``, ``seconds``)."""
+
+    method: str
+    diagnostics: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    """Everything ``pipeline validate`` concludes about one task.
+
+    ``skipped`` names each diagnostic that could not run (``c2st``, ``predictive``) with the
+    reason; the matching field is then None. ``figures`` maps figure keys to PNG file names
+    in the same folder.
+    """
+
+    task: str
+    parameter_names: list[str]
+    num_test: int
+    num_posterior_samples: int
+    num_nonfinite_excluded: int
+    observations: ObservationsInfo
+    skipped: dict[str, str]
+    coverage: Coverage
+    sbc: Sbc
+    c2st: C2stScores | None
+    widths: Widths | None
+    predictive: PredictiveChecks | None
+    local_c2st: LocalC2st
+    reference: ReferenceInfo | None
+    figures: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if set(self.sbc.pvalues) != set(self.parameter_names):
+            raise MetricsError("sbc.pvalues keys differ from parameter_names")
+
+    def write(self, path: Path) -> None:
+        """Writes the metrics as JSON, atomically."""
+        atomic.write_json(Path(path), dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> ValidationMetrics:
+        """Reads and checks ``path``; raises :class:`MetricsError` naming it and the field."""
+        return read(cls, path)
+
+
+@dataclass(frozen=True)
+class BudgetScore:
+    """C2ST at the observations of the model trained on the first ``budget`` simulations."""
+
+    task: str
+    budget: int
+    c2st: C2stScores
+
+    def write(self, path: Path) -> None:
+        """Writes the score as JSON, atomically."""
+        atomic.write_json(Path(path), dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> BudgetScore:
+        """Reads and checks ``path``; raises :class:`MetricsError` naming it and the field."""
+        return read(cls, path)
+
+
+def read(kind: type[T], path: Path) -> T:
+    """Parses ``path`` (JSON) as ``kind``, a dataclass of this module."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MetricsError(f"{path} is not valid JSON ({error})") from error
+    try:
+        return from_json(kind, data)
+    except MetricsError as error:
+        raise MetricsError(f"{path}: {error}") from None
+
+
+def from_json(kind: type[T], data: Any, field: str = "") -> T:
+    """``data`` (parsed JSON) as ``kind``: a dataclass, ``X | None``, ``list[X]``,
+    ``dict[str, X]``, ``int``, ``float``, ``str``, ``bool`` or ``Any``, checked recursively.
+
+    Raises:
+        MetricsError: A field is missing, unknown or of the wrong type (named by its path,
+            e.g. ``coverage.tarp[3]``), or a dataclass's own check fails.
+    """
+    where = field or "the file"
+    if kind is Any:
+        return data
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is types.UnionType:
+        if data is None and type(None) in args:
+            return None  # type: ignore[return-value]
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return from_json(inner, data, field)
+    if dataclasses.is_dataclass(kind):
+        return _dataclass_from_json(kind, data, field)
+    if origin is list:
+        if not isinstance(data, list):
+            raise MetricsError(f"field {where} should be a list")
+        return [from_json(args[0], item, f"{field}[{i}]") for i, item in enumerate(data)]  # type: ignore[return-value]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise MetricsError(f"field {where} should be an object")
+        return {key: from_json(args[1], value, f"{field}.{key}") for key, value in data.items()}  # type: ignore[return-value]
+    # JSON true/false load as bool, a subclass of int, yet are never a valid count or value.
+    accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}[kind]
+    if not isinstance(data, accepted) or (isinstance(data, bool) and kind is not bool):
+        raise MetricsError(f"field {where} should be of type {kind.__name__}")
+    return kind(data)  # type: ignore[call-arg]
+
+
+def _dataclass_from_json(kind: type[T], data: Any, field: str) -> T:
+    if not isinstance(data, dict):
+        raise MetricsError(f"field {field or 'the file'} should be an object")
+    prefix = f"{field}." if field else ""
+    hints = typing.get_type_hints(kind)
+    fields = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise MetricsError(
+            f"unknown field {prefix + unknown[0]!r} (a file of another version of the pipeline?)"
+        )
+    values = {}
+    for name, spec in fields.items():
+        if name in data:
+            values[name] = from_json(hints[name], data[name], prefix + name)
+        elif spec.default is dataclasses.MISSING:
+            raise MetricsError(f"missing field {prefix + name!r}")
+    try:
+        return kind(**values)
+    except MetricsError as error:
+        raise MetricsError(f"{field}: {error}" if field else str(error)) from None
