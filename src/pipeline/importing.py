@@ -488,52 +488,94 @@ def import_simulations(
         raise ValueError(f"block_rows must be positive, got {block_rows}")
     with ExitStack() as stack:
         rows = {role: stack.enter_context(open_array(s, role)) for role, s in sources.items()}
-        check_shapes(task, rows["theta"], rows["x"], names)
-        start, stop = resolve_rows(start, stop, rows["x"].shape[0])
-        block = block_rows or default_block_rows(task, rows["theta"], rows["x"], stop - start)
-        check_within_prior(task, rows["theta"], start, stop, block, names["theta"])
-        log.info(
-            "importing rows [%d, %d) of %s and %s into %s for task %s, %d rows per block",
-            start,
-            stop,
-            names["theta"],
-            names["x"],
-            out,
-            task.name,
-            block,
-        )
-        # The SHA-256 reads the files whole (1.3 GB/s on the 2-core CI VM, as fast as an
-        # uncompressed copy): on its own thread (hashlib and reads release the GIL) it overlaps
-        # the copy instead of adding to it.
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        start, stop, block = _plan_rows(task, rows, names, start, stop, block_rows)
+        _log_plan(task, names, out, (start, stop), block)
+        attrs = _copy_and_hash(task, rows, sources, out, (start, stop), block, compression)
+    _log_written(task, out, stop - start, attrs["num_nonfinite"])
+    return attrs
+
+
+def _plan_rows(
+    task: Task,
+    rows: dict[str, Rows],
+    names: dict[str, str],
+    start: int,
+    stop: int | None,
+    block_rows: int | None,
+) -> tuple[int, int, int]:
+    """Checks the open sources ``rows`` against ``task`` and each other, and the rows
+    ``[start, stop)`` against the prior; returns those rows resolved and the rows per block."""
+    check_shapes(task, rows["theta"], rows["x"], names)
+    start, stop = resolve_rows(start, stop, rows["x"].shape[0])
+    block = block_rows or default_block_rows(task, rows["theta"], rows["x"], stop - start)
+    check_within_prior(task, rows["theta"], start, stop, block, names["theta"])
+    return start, stop, block
+
+
+def _log_plan(
+    task: Task, names: dict[str, str], out: Path, span: tuple[int, int], block: int
+) -> None:
+    """Logs which rows ``span = (start, stop)`` of which sources go where, ``block`` at a time."""
+    log.info(
+        "importing rows [%d, %d) of %s and %s into %s for task %s, %d rows per block",
+        span[0],
+        span[1],
+        names["theta"],
+        names["x"],
+        out,
+        task.name,
+        block,
+    )
+
+
+def _copy_and_hash(
+    task: Task,
+    rows: dict[str, Rows],
+    sources: dict[str, Source],
+    out: Path,
+    span: tuple[int, int],
+    block: int,
+    compression: str,
+) -> dict[str, Any]:
+    """Copies the rows ``span`` into ``out`` (:func:`_copy_rows`) while hashing ``sources``;
+    returns the attributes written.
+
+    The SHA-256 reads the files whole (1.3 GB/s on the 2-core CI VM, as fast as an uncompressed
+    copy): on its own thread (hashlib and reads release the GIL) it overlaps the copy instead of
+    adding to it.
+    """
+    start, stop = span
+    with ThreadPoolExecutor(max_workers=1) as pool:
         described = pool.submit(describe_sources, sources)
-        attrs = _copy_rows(
+        return _copy_rows(
             task,
             rows,
             out,
-            (start, stop),
+            span,
             block,
             lambda: imported_attrs(task, described.result(), start, stop, compression),
             compression,
         )
-    num_nonfinite = attrs["num_nonfinite"]
+
+
+def _log_written(task: Task, out: Path, num_rows: int, num_nonfinite: int) -> None:
+    """Logs what ``out`` holds, ``num_rows`` rows, with a warning when some are not finite."""
     if num_nonfinite:
         log.warning(
             "%d of %d imported rows contain NaN or inf; they are kept in %s, flagged by "
             "'num_nonfinite', and excluded from training and validation",
             num_nonfinite,
-            stop - start,
+            num_rows,
             out,
         )
     log.info(
         "wrote %s: theta (%d, %d), x (%d, %s)",
         out,
-        stop - start,
+        num_rows,
         task.dim_theta,
-        stop - start,
+        num_rows,
         ", ".join(map(str, task.x_shape)),
     )
-    return attrs
 
 
 def check_within_prior(

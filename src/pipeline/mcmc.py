@@ -34,8 +34,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import emcee
 
 LogProb = Callable[[np.ndarray], np.ndarray]
 
@@ -107,6 +111,9 @@ def sample_emcee(
 ) -> MCMCResult:
     """Samples ``log_prob`` with emcee from the ensemble ``initial`` and checks convergence.
 
+    Long because this docstring documents its fourteen arguments; the body is the loop of steps
+    1-4 of the module docstring, each step a helper below.
+
     Arguments:
         log_prob: Vectorised log-density (up to a constant): ``(n, D)`` to ``(n,)``, ``-inf``
             outside the support.
@@ -142,8 +149,36 @@ def sample_emcee(
         ValueError: If ``initial`` has the wrong shape or a walker starts outside the support.
         RuntimeError: If R-hat or ESS still fail after ``max_extensions`` extensions.
     """
-    import emcee  # here, not at the top: importing the task registry stays fast
+    initial = _checked_initial(
+        log_prob, initial, num_samples, label, num_chains, min_draws_per_walker
+    )
+    num_walkers = initial.shape[0]
+    draws_per_walker = max(math.ceil(num_samples / num_walkers), min_draws_per_walker)
+    sampler = _seeded_sampler(log_prob, initial, moves, rng)
+    _first_run(sampler, initial, burn_in, burn_in_factor, draws_per_walker)
+    for extension in range(max_extensions + 1):
+        pool = _thinned_pool(
+            sampler.get_chain(), burn_in, burn_in_factor, draws_per_walker, num_chains
+        )
+        ess_floor = max(min_ess, min_ess_fraction * pool.size)
+        if pool.enough and pool.rhat <= max_rhat and pool.ess >= ess_floor:
+            break
+        if extension == max_extensions:
+            raise _not_converged(label, sampler, pool, max_extensions, max_rhat, ess_floor)
+        steps = _extension_steps(sampler.iteration, pool, draws_per_walker)
+        sampler.run_mcmc(None, steps, progress=False)
+    return _result(sampler, pool, num_samples, rng)
 
+
+def _checked_initial(
+    log_prob: LogProb,
+    initial: np.ndarray,
+    num_samples: int,
+    label: str,
+    num_chains: int,
+    min_draws_per_walker: int,
+) -> np.ndarray:
+    """``initial`` as float64 ``(W, D)`` after checking it and the sizes against each other."""
     initial = np.asarray(initial, dtype=np.float64)
     if initial.ndim != 2 or initial.shape[0] < 2 * initial.shape[1] or initial.shape[0] % 2:
         raise ValueError(
@@ -159,66 +194,155 @@ def sample_emcee(
         )
     if not np.all(np.isfinite(log_prob(initial))):
         raise ValueError(f"{label}: some walkers start where the log-density is not finite")
+    return initial
+
+
+def _seeded_sampler(
+    log_prob: LogProb, initial: np.ndarray, moves: list | None, rng: np.random.Generator
+) -> emcee.EnsembleSampler:
+    """An ensemble sampler for the walkers ``initial`` ``(W, D)``, its state seeded by ``rng``."""
+    import emcee  # here, not at the top: importing the task registry stays fast
+
     num_walkers, dim = initial.shape
     if moves is None:
         moves = [emcee.moves.DEMove()]
     sampler = emcee.EnsembleSampler(num_walkers, dim, log_prob, vectorize=True, moves=moves)
     sampler.random_state = np.random.RandomState(rng.integers(0, 2**32, size=4)).get_state()
+    return sampler
 
-    # A first run: a rough autocorrelation time from the second half of the initial burn-in
-    # sets the length of the production run, which then re-estimates it.
+
+def _first_run(
+    sampler: emcee.EnsembleSampler,
+    initial: np.ndarray,
+    burn_in: int,
+    burn_in_factor: float,
+    draws_per_walker: int,
+) -> None:
+    """Runs the initial burn-in from ``initial`` ``(W, D)``, then the production run.
+
+    A rough autocorrelation time from the second half of the burn-in sets the length of the
+    production run, which then re-estimates it.
+    """
     sampler.run_mcmc(initial, burn_in, progress=False)
     tau = _autocorr_time(sampler.get_chain()[burn_in // 2 :])
-    draws_per_walker = max(math.ceil(num_samples / num_walkers), min_draws_per_walker)
     first = math.ceil(burn_in_factor * tau) + draws_per_walker * math.ceil(tau)
     sampler.run_mcmc(None, first, progress=False)
-    for extension in range(max_extensions + 1):
-        full = sampler.get_chain()  # (steps, W, D)
-        tau = _autocorr_time(full[burn_in:])
-        burned = max(burn_in, math.ceil(burn_in_factor * tau))
-        chain = full[burned:]
-        # draws_per_walker draws per walker, spaced evenly over the chain, at least one
-        # autocorrelation time apart (further once the run has been extended), ending with
-        # the last step: the pool, (W, draws, D).
-        available = len(chain) // max(1, math.ceil(tau))
-        enough = available >= draws_per_walker
-        thin = max(1, math.ceil(tau)) * max(1, available // draws_per_walker)
-        pool = chain[::-1][::thin][:draws_per_walker][::-1].transpose(1, 0, 2)
-        rhat, ess = _diagnostics(pool, num_chains)
-        pool_size = pool.shape[0] * pool.shape[1]
-        ess_floor = max(min_ess, min_ess_fraction * pool_size)
-        if enough and rhat <= max_rhat and ess >= ess_floor:
-            break
-        if extension == max_extensions:
-            raise RuntimeError(
-                f"{label}: MCMC did not converge after {sampler.iteration} steps of "
-                f"{num_walkers} walkers ({max_extensions} extensions): R-hat {rhat:.4f} "
-                f"(at most {max_rhat}), bulk ESS {ess:.0f} of {pool_size} draws {thin} steps "
-                f"apart (at least {ess_floor:.0f}), autocorrelation time {tau:.1f} steps, "
-                f"acceptance {np.mean(sampler.acceptance_fraction):.3f}. The posterior may be "
-                "multimodal or far narrower than the starting ensemble"
-            )
-        # Too few draws one autocorrelation time apart: top up, by at least half the run, as
-        # the estimate grows with the chain (on narrow slcp posteriors, small top-ups chased a
-        # growing tau until the extensions ran out). A failed check: double the run, which
-        # doubles the spacing of the draws.
-        missing = max(draws_per_walker * math.ceil(tau) - len(chain), 0) + len(chain) // 4
-        top_up = max(missing + thin, sampler.iteration // 2)
-        sampler.run_mcmc(None, sampler.iteration if enough else top_up, progress=False)
 
-    flat = pool.reshape(-1, dim)
+
+@dataclass(frozen=True, eq=False)  # arrays: no field-wise ==
+class _Pool:
+    """The thinned draws of the run so far and the numbers that judge them.
+
+    Attributes:
+        draws: The kept draws, shape ``(W, draws_per_walker, D)``.
+        tau: Integrated autocorrelation time in steps, maximum over parameters.
+        burned: Steps per walker discarded as burn-in.
+        chain_length: Steps per walker after the burn-in.
+        thin: Steps between kept draws.
+        enough: Whether the chain holds ``draws_per_walker`` draws one ``tau`` apart.
+        rhat: Rank-normalised split R-hat of ``draws``, maximum over parameters.
+        ess: Bulk effective sample size of ``draws``, minimum over parameters.
+    """
+
+    draws: np.ndarray
+    tau: float
+    burned: int
+    chain_length: int
+    thin: int
+    enough: bool
+    rhat: float
+    ess: float
+
+    @property
+    def size(self) -> int:
+        """Number of kept draws, walkers x draws per walker."""
+        return self.draws.shape[0] * self.draws.shape[1]
+
+
+def _thinned_pool(
+    full: np.ndarray,
+    burn_in: int,
+    burn_in_factor: float,
+    draws_per_walker: int,
+    num_chains: int,
+) -> _Pool:
+    """The pool of the chain ``full`` ``(steps, W, D)``, and its R-hat and ESS.
+
+    After a burn-in of ``burn_in_factor`` autocorrelation times (at least ``burn_in`` steps),
+    ``draws_per_walker`` draws per walker, spaced evenly over the rest of the chain, at least
+    one autocorrelation time apart (further once the run has been extended), ending with the
+    last step.
+    """
+    tau = _autocorr_time(full[burn_in:])
+    burned = max(burn_in, math.ceil(burn_in_factor * tau))
+    chain = full[burned:]
+    available = len(chain) // max(1, math.ceil(tau))
+    thin = max(1, math.ceil(tau)) * max(1, available // draws_per_walker)
+    draws = chain[::-1][::thin][:draws_per_walker][::-1].transpose(1, 0, 2)
+    rhat, ess = _diagnostics(draws, num_chains)
+    return _Pool(
+        draws=draws,
+        tau=tau,
+        burned=burned,
+        chain_length=len(chain),
+        thin=thin,
+        enough=available >= draws_per_walker,
+        rhat=rhat,
+        ess=ess,
+    )
+
+
+def _extension_steps(iteration: int, pool: _Pool, draws_per_walker: int) -> int:
+    """Steps to add to a run of ``iteration`` steps whose ``pool`` fell short.
+
+    Too few draws one autocorrelation time apart: top up, by at least half the run, as the
+    estimate grows with the chain (on narrow slcp posteriors, small top-ups chased a growing
+    tau until the extensions ran out). A failed check: double the run, which doubles the
+    spacing of the draws.
+    """
+    if pool.enough:
+        return iteration
+    missing = max(draws_per_walker * math.ceil(pool.tau) - pool.chain_length, 0)
+    missing += pool.chain_length // 4
+    return max(missing + pool.thin, iteration // 2)
+
+
+def _not_converged(
+    label: str,
+    sampler: emcee.EnsembleSampler,
+    pool: _Pool,
+    max_extensions: int,
+    max_rhat: float,
+    ess_floor: float,
+) -> RuntimeError:
+    """The error that names the target and the numbers of the last ``pool`` that failed."""
+    return RuntimeError(
+        f"{label}: MCMC did not converge after {sampler.iteration} steps of "
+        f"{pool.draws.shape[0]} walkers ({max_extensions} extensions): R-hat {pool.rhat:.4f} "
+        f"(at most {max_rhat}), bulk ESS {pool.ess:.0f} of {pool.size} draws {pool.thin} steps "
+        f"apart (at least {ess_floor:.0f}), autocorrelation time {pool.tau:.1f} steps, "
+        f"acceptance {np.mean(sampler.acceptance_fraction):.3f}. The posterior may be "
+        "multimodal or far narrower than the starting ensemble"
+    )
+
+
+def _result(
+    sampler: emcee.EnsembleSampler, pool: _Pool, num_samples: int, rng: np.random.Generator
+) -> MCMCResult:
+    """``num_samples`` draws of the converged ``pool`` without replacement, and its numbers."""
+    flat = pool.draws.reshape(-1, pool.draws.shape[2])
     samples = flat[rng.permutation(len(flat))[:num_samples]]
     return MCMCResult(
         samples=samples,
-        rhat=rhat,
-        ess=ess,
-        pool_size=pool_size,
+        rhat=pool.rhat,
+        ess=pool.ess,
+        pool_size=pool.size,
         acceptance=float(np.mean(sampler.acceptance_fraction)),
-        autocorr_time=float(tau),
-        thin=thin,
+        autocorr_time=float(pool.tau),
+        thin=pool.thin,
         num_steps=int(sampler.iteration),
-        burn_in=int(burned),
-        num_walkers=num_walkers,
+        burn_in=int(pool.burned),
+        num_walkers=pool.draws.shape[0],
     )
 
 

@@ -195,18 +195,8 @@ def plot_corner(
             ``k = min(D, max_dims)``.
     """
     samples = np.asarray(samples, dtype=float)
-    if samples.ndim != 2 or samples.shape[0] < 2:
-        raise ValueError(f"samples must have shape (M, D) with M >= 2, got {samples.shape}")
+    _check_corner(samples, parameter_names, reference, theta_true, max_dims)
     dim = samples.shape[1]
-    if len(parameter_names) != dim:
-        raise ValueError(f"got {len(parameter_names)} parameter names for samples of dim {dim}")
-    if reference is not None and (np.ndim(reference) != 2 or np.shape(reference)[1] != dim):
-        raise ValueError(f"reference must have shape (M', {dim}), got {np.shape(reference)}")
-    if theta_true is not None and np.shape(theta_true) != (dim,):
-        raise ValueError(f"theta_true must have shape ({dim},), got {np.shape(theta_true)}")
-    if max_dims < 1:
-        raise ValueError(f"max_dims must be >= 1, got {max_dims}")
-
     k = min(dim, max_dims)
     samples = samples[:, :k]
     reference = None if reference is None else np.asarray(reference, dtype=float)[:, :k]
@@ -219,68 +209,133 @@ def plot_corner(
     axes = fig.subplots(k, k, squeeze=False)
     for i in range(k):
         for j in range(k):
-            ax = axes[i, j]
             if j > i:
-                fig.delaxes(ax)
+                fig.delaxes(axes[i, j])
                 continue
             if i == j:
-                bins = np.linspace(low[i], high[i], 41)
-                ax.hist(
-                    samples[:, i],
-                    bins=bins,
-                    density=True,
-                    histtype="stepfilled",
-                    color=SAMPLES_COLOR,
-                    alpha=0.5,
-                )
-                if reference is not None:
-                    ax.hist(
-                        reference[:, i],
-                        bins=bins,
-                        density=True,
-                        histtype="step",
-                        color=REFERENCE_COLOR,
-                        linewidth=1.2,
-                    )
-                if theta_true is not None:
-                    ax.axvline(theta_true[i], color=TRUTH_COLOR, linewidth=1.0)
-                ax.set_yticks([])
-                ax.set_xlim(low[i], high[i])
+                _plot_marginal(axes[i, i], i, samples, reference, theta_true, low, high)
             else:
-                extent = (low[j], high[j], low[i], high[i])
-                _contours(ax, samples[:, j], samples[:, i], extent, SAMPLES_COLOR, True)
-                if reference is not None:
-                    _contours(ax, reference[:, j], reference[:, i], extent, REFERENCE_COLOR, False)
-                if theta_true is not None:
-                    ax.axvline(theta_true[j], color=TRUTH_COLOR, linewidth=0.8)
-                    ax.axhline(theta_true[i], color=TRUTH_COLOR, linewidth=0.8)
-                    ax.plot(theta_true[j], theta_true[i], "s", color=TRUTH_COLOR, markersize=3)
-                ax.set_xlim(low[j], high[j])
-                ax.set_ylim(low[i], high[i])
-                if j == 0:
-                    ax.set_ylabel(parameter_names[i])
-                else:
-                    ax.tick_params(labelleft=False)
-            # Three ticks per axis keep a 10 x 10 grid legible.
-            ax.xaxis.set_major_locator(MaxNLocator(3))
-            if i != j:
-                ax.yaxis.set_major_locator(MaxNLocator(3))
-            if i == k - 1:
-                ax.set_xlabel(parameter_names[j])
-                ax.tick_params(axis="x", labelrotation=45, labelsize="small")
-            else:
-                ax.tick_params(labelbottom=False)
-            ax.tick_params(axis="y", labelsize="small")
+                _plot_pair(axes[i, j], i, j, samples, reference, theta_true, low, high)
+            _label_corner_axes(axes[i, j], i, j, k, parameter_names)
+    _corner_legend(fig, reference, theta_true)
+    if k < dim:
+        fig.suptitle(f"first {k} of {dim} parameters")
+    return fig
 
+
+def _check_corner(
+    samples: np.ndarray,
+    parameter_names: list[str],
+    reference: np.ndarray | None,
+    theta_true: np.ndarray | None,
+    max_dims: int,
+) -> None:
+    """Raises unless the arguments of :func:`plot_corner` fit ``samples`` ``(M, D)``."""
+    if samples.ndim != 2 or samples.shape[0] < 2:
+        raise ValueError(f"samples must have shape (M, D) with M >= 2, got {samples.shape}")
+    dim = samples.shape[1]
+    if len(parameter_names) != dim:
+        raise ValueError(f"got {len(parameter_names)} parameter names for samples of dim {dim}")
+    if reference is not None and (np.ndim(reference) != 2 or np.shape(reference)[1] != dim):
+        raise ValueError(f"reference must have shape (M', {dim}), got {np.shape(reference)}")
+    if theta_true is not None and np.shape(theta_true) != (dim,):
+        raise ValueError(f"theta_true must have shape ({dim},), got {np.shape(theta_true)}")
+    if max_dims < 1:
+        raise ValueError(f"max_dims must be >= 1, got {max_dims}")
+
+
+def _plot_marginal(
+    ax: Axes,
+    i: int,
+    samples: np.ndarray,
+    reference: np.ndarray | None,
+    theta_true: np.ndarray | None,
+    low: np.ndarray,
+    high: np.ndarray,
+) -> None:
+    """Histograms of parameter ``i`` on the diagonal of the corner plot.
+
+    ``samples`` ``(M, k)``, ``reference`` ``(M', k)``, ``theta_true`` ``(k,)`` and the axis
+    limits ``low`` and ``high`` ``(k,)`` hold the ``k`` parameters shown.
+    """
+    bins = np.linspace(low[i], high[i], 41)
+    ax.hist(
+        samples[:, i],
+        bins=bins,
+        density=True,
+        histtype="stepfilled",
+        color=SAMPLES_COLOR,
+        alpha=0.5,
+    )
+    if reference is not None:
+        ax.hist(
+            reference[:, i],
+            bins=bins,
+            density=True,
+            histtype="step",
+            color=REFERENCE_COLOR,
+            linewidth=1.2,
+        )
+    if theta_true is not None:
+        ax.axvline(theta_true[i], color=TRUTH_COLOR, linewidth=1.0)
+    ax.set_yticks([])
+    ax.set_xlim(low[i], high[i])
+
+
+def _plot_pair(
+    ax: Axes,
+    i: int,
+    j: int,
+    samples: np.ndarray,
+    reference: np.ndarray | None,
+    theta_true: np.ndarray | None,
+    low: np.ndarray,
+    high: np.ndarray,
+) -> None:
+    """Contours of parameter ``i`` (vertical) against ``j``, below the diagonal; the arrays
+    as in :func:`_plot_marginal`."""
+    extent = (low[j], high[j], low[i], high[i])
+    _contours(ax, samples[:, j], samples[:, i], extent, SAMPLES_COLOR, True)
+    if reference is not None:
+        _contours(ax, reference[:, j], reference[:, i], extent, REFERENCE_COLOR, False)
+    if theta_true is not None:
+        ax.axvline(theta_true[j], color=TRUTH_COLOR, linewidth=0.8)
+        ax.axhline(theta_true[i], color=TRUTH_COLOR, linewidth=0.8)
+        ax.plot(theta_true[j], theta_true[i], "s", color=TRUTH_COLOR, markersize=3)
+    ax.set_xlim(low[j], high[j])
+    ax.set_ylim(low[i], high[i])
+
+
+def _label_corner_axes(ax: Axes, i: int, j: int, k: int, parameter_names: list[str]) -> None:
+    """Names and ticks of the panel in row ``i``, column ``j`` of ``k``: tick labels on the
+    outer edges only."""
+    if i != j:
+        if j == 0:
+            ax.set_ylabel(parameter_names[i])
+        else:
+            ax.tick_params(labelleft=False)
+    # Three ticks per axis keep a 10 x 10 grid legible.
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    if i != j:
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+    if i == k - 1:
+        ax.set_xlabel(parameter_names[j])
+        ax.tick_params(axis="x", labelrotation=45, labelsize="small")
+    else:
+        ax.tick_params(labelbottom=False)
+    ax.tick_params(axis="y", labelsize="small")
+
+
+def _corner_legend(
+    fig: Figure, reference: np.ndarray | None, theta_true: np.ndarray | None
+) -> None:
+    """The legend: posterior, and the reference and true value where drawn."""
     handles = [Patch(color=SAMPLES_COLOR, alpha=0.5, label="posterior")]
     if reference is not None:
         handles.append(Line2D([], [], color=REFERENCE_COLOR, label="reference"))
     if theta_true is not None:
         handles.append(Line2D([], [], color=TRUTH_COLOR, marker="s", label="true value"))
     fig.legend(handles=handles, loc="upper right", frameon=False)
-    if k < dim:
-        fig.suptitle(f"first {k} of {dim} parameters")
-    return fig
 
 
 def plot_training_curves(

@@ -161,25 +161,7 @@ def tarp_coverage(
     theta = np.asarray(theta, dtype=float)
     levels = _check_levels(levels)
     _check_samples_theta(samples, theta)
-    dim = theta.shape[1]
-
-    if (low is None) != (high is None):
-        raise ValueError("give both low and high (the prior box) or neither")
-    if low is not None:
-        low = np.broadcast_to(np.asarray(low, dtype=float), (dim,))
-        high = np.broadcast_to(np.asarray(high, dtype=float), (dim,))
-        _check_finite("low", low)
-        _check_finite("high", high)
-        if np.any(high <= low):
-            raise ValueError(f"the prior box needs high > low, got low={low} and high={high}")
-        shift, scale = low, high - low
-        box_low, box_high = np.zeros(dim), np.ones(dim)
-    else:
-        shift, scale = theta.mean(axis=0), theta.std(axis=0)
-        # A constant parameter carries no coverage information; scale 1 keeps it finite.
-        scale = np.where(scale > 0, scale, 1.0)
-        normalised = (theta - shift) / scale
-        box_low, box_high = normalised.min(axis=0), normalised.max(axis=0)
+    shift, scale, box_low, box_high = _tarp_box(theta, low, high)
 
     samples = (samples - shift) / scale
     theta = (theta - shift) / scale
@@ -189,6 +171,39 @@ def tarp_coverage(
     distance_true = np.linalg.norm(theta - reference, axis=-1)
     alpha = np.mean(distance_samples < distance_true[:, None], axis=1)
     return _coverage(alpha, levels)
+
+
+def _tarp_box(
+    theta: np.ndarray, low: np.ndarray | None, high: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How :func:`tarp_coverage` normalises each dimension, and its box of reference points.
+
+    Arguments:
+        theta: True parameters, shape ``(n, D)``.
+        low: Lower corner of the prior box, broadcast to ``(D,)``, or ``None``.
+        high: Upper corner of the prior box, broadcast to ``(D,)``, or ``None``.
+
+    Returns:
+        ``shift`` and ``scale``, shape ``(D,)`` each, that map a parameter to
+        ``(theta - shift) / scale``, and the lower and upper corners of the box in those units,
+        shape ``(D,)`` each.
+    """
+    dim = theta.shape[1]
+    if (low is None) != (high is None):
+        raise ValueError("give both low and high (the prior box) or neither")
+    if low is not None:
+        low = np.broadcast_to(np.asarray(low, dtype=float), (dim,))
+        high = np.broadcast_to(np.asarray(high, dtype=float), (dim,))
+        _check_finite("low", low)
+        _check_finite("high", high)
+        if np.any(high <= low):
+            raise ValueError(f"the prior box needs high > low, got low={low} and high={high}")
+        return low, high - low, np.zeros(dim), np.ones(dim)
+    shift, scale = theta.mean(axis=0), theta.std(axis=0)
+    # A constant parameter carries no coverage information; scale 1 keeps it finite.
+    scale = np.where(scale > 0, scale, 1.0)
+    normalised = (theta - shift) / scale
+    return shift, scale, normalised.min(axis=0), normalised.max(axis=0)
 
 
 def sbc_ranks(samples: np.ndarray, theta: np.ndarray) -> np.ndarray:

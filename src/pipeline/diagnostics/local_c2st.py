@@ -276,21 +276,60 @@ def local_c2st(
     theta_q_cal = np.asarray(theta_q_cal, dtype=float)
     theta_q_obs = np.asarray(theta_q_obs, dtype=float)
     x_obs = np.asarray(x_obs, dtype=float)
-    num, dim = _check_calibration(theta_cal, x_cal, theta_q_cal)
+    _, dim = _check_calibration(theta_cal, x_cal, theta_q_cal)
     _check_observations(theta_q_obs, x_obs, dim, x_cal.shape[1:])
+    hidden_units = _hidden_units(num_null, hidden_units, dim + x_cal[0].size)  # D + F
+    features, labels, evaluate = _classifier_data(
+        theta_cal, x_cal, theta_q_cal, theta_q_obs, x_obs
+    )
+    seeds = np.random.SeedSequence(seed).spawn(num_null + 1)
+    probability = _probabilities(features, labels, evaluate, seeds[0], False, hidden_units)
+    probability = probability.reshape(theta_q_obs.shape[:2])
+    null_statistic = _null_statistics(
+        features, labels, evaluate, seeds[1:], hidden_units, probability.shape, n_jobs, progress
+    )
+    return _result(probability, null_statistic, theta_q_obs)
+
+
+def _hidden_units(num_null: int, hidden_units: int | None, num_features: int) -> int:
+    """Checks ``num_null`` and ``hidden_units``; the width of the classifiers' hidden layers,
+    by default ten per feature of ``(theta, x)``, at most :data:`MAX_HIDDEN_UNITS`."""
     if num_null < MIN_NULL:
         raise ValueError(
             f"num_null must be >= {MIN_NULL} (so that a p-value can reach 0.05), got {num_null}"
         )
     if hidden_units is not None and hidden_units < 1:
         raise ValueError(f"hidden_units must be >= 1 or None, got {hidden_units}")
+    if hidden_units is None:
+        hidden_units = min(10 * num_features, MAX_HIDDEN_UNITS)
+    return hidden_units
 
-    num_obs, num_draws = theta_q_obs.shape[:2]
+
+def _classifier_data(
+    theta_cal: np.ndarray,
+    x_cal: np.ndarray,
+    theta_q_cal: np.ndarray,
+    theta_q_obs: np.ndarray,
+    x_obs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The classifiers' training rows, their labels and the rows to evaluate, z-scored.
+
+    Arguments:
+        theta_cal: Shape ``(N, D)``.
+        x_cal: Shape ``(N, F)`` or ``(N, *x_shape)``.
+        theta_q_cal: Shape ``(N, D)``.
+        theta_q_obs: Shape ``(n_obs, M, D)``.
+        x_obs: Shape ``(n_obs, F)`` or ``(n_obs, *x_shape)``.
+
+    Returns:
+        ``features`` ``(2 N, D + F)``: the pairs ``(theta_q_cal, x_cal)``, then
+        ``(theta_cal, x_cal)``; ``labels`` ``(2 N,)``: 0 for the first ``N`` rows, 1 for the
+        others; ``evaluate`` ``(n_obs * M, D + F)``: every draw at ``x_o`` next to ``x_o``,
+        all observations in one block.
+    """
+    num, (num_obs, num_draws, dim) = len(theta_cal), theta_q_obs.shape
     x_cal = x_cal.reshape(num, -1)
     x_obs = x_obs.reshape(num_obs, -1)
-    if hidden_units is None:
-        hidden_units = min(10 * (dim + x_cal.shape[1]), MAX_HIDDEN_UNITS)
-
     theta_mean, theta_std = _zscore(np.concatenate([theta_q_cal, theta_cal]))
     x_mean, x_std = _zscore(x_cal)
     theta_cal = (theta_cal - theta_mean) / theta_std
@@ -300,7 +339,6 @@ def local_c2st(
         [np.concatenate([theta_q_cal, x_cal], axis=1), np.concatenate([theta_cal, x_cal], axis=1)]
     )
     labels = np.concatenate([np.zeros(num), np.ones(num)])
-    # Every draw at x_o next to x_o, all observations in one block: (n_obs * M, D + F).
     evaluate = np.concatenate(
         [
             ((theta_q_obs - theta_mean) / theta_std).reshape(num_obs * num_draws, dim),
@@ -308,22 +346,40 @@ def local_c2st(
         ],
         axis=1,
     )
+    return features, labels, evaluate
 
-    seeds = np.random.SeedSequence(seed).spawn(num_null + 1)
-    shape = (num_obs, num_draws)
-    probability = _probabilities(features, labels, evaluate, seeds[0], False, hidden_units)
-    probability = probability.reshape(shape)
-    statistic = _statistic(probability)
+
+def _null_statistics(
+    features: np.ndarray,
+    labels: np.ndarray,
+    evaluate: np.ndarray,
+    seeds: list[np.random.SeedSequence],
+    hidden_units: int,
+    shape: tuple[int, int],
+    n_jobs: int,
+    progress: Callable[[int], None] | None,
+) -> np.ndarray:
+    """``T`` per observation of one classifier per seed, trained on permuted labels, on
+    ``n_jobs`` processes; shape ``(len(seeds), n_obs)``, ``shape`` being ``(n_obs, M)``."""
     fits = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_null_statistic)(features, labels, evaluate, child, hidden_units, shape)
-        for child in seeds[1:]
+        for child in seeds
     )
     null_statistic = []
     for fit in fits:  # in order of the seeds, whatever n_jobs
         null_statistic.append(fit)
         if progress is not None:
             progress(1)
-    null_statistic = np.stack(null_statistic)  # (num_null, n_obs)
+    return np.stack(null_statistic)
+
+
+def _result(
+    probability: np.ndarray, null_statistic: np.ndarray, theta_q_obs: np.ndarray
+) -> LocalC2ST:
+    """The test's result from ``d_m`` ``(n_obs, M)``, the null statistics ``(num_null, n_obs)``
+    and the draws ``theta_q_obs`` ``(n_obs, M, D)``."""
+    statistic = _statistic(probability)
+    num_null = len(null_statistic)
     pvalue = (1.0 + np.sum(null_statistic >= statistic, axis=0)) / (num_null + 1.0)
     distances = _squared_mahalanobis(theta_q_obs)  # Spearman: squared or not is the same
     return LocalC2ST(
