@@ -38,3 +38,39 @@ def test_observe_replaces_with_overwrite(tmp_path: Path) -> None:
         cli.main([*argv, "--num-reference-samples", "10", "--out", str(out), "--overwrite"]) == 0
     )
     assert out.read_bytes()[:4] == b"\x89HDF"
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        ["observe", "--task", "two_moons", "--num-observations", "3"],
+        ["simulate", "--task", "two_moons", "--num-simulations", "10"],
+    ],
+)
+def test_an_output_that_cannot_be_written_fails_before_the_work(
+    tmp_path: Path, capsys, monkeypatch, stage
+) -> None:
+    """A file where the output's folder should be stops the stage before any simulation or
+    reference is drawn, naming the path and the fix."""
+    from pipeline.tasks.two_moons import TwoMoons
+
+    def never(*args, **kwargs):
+        raise AssertionError("the stage started its work before checking its output")
+
+    monkeypatch.setattr(TwoMoons, "simulate", never)
+    monkeypatch.setattr(TwoMoons, "reference", never)
+    (tmp_path / "blocker").write_text("")
+    out = tmp_path / "blocker" / "out.h5"
+    assert cli.main([*stage, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot make the folder of {out}" in error and "choose another --out" in error
+
+
+def test_references_that_cannot_fit_are_refused_before_any_is_drawn(tmp_path: Path, capsys):
+    argv = ["observe", "--task", "two_moons", "--num-observations", "1000"]
+    argv += ["--num-reference-samples", "10000000000", "--out", str(tmp_path / "obs.h5")]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "1000 observations with 10000000000 reference samples each take" in error
+    assert "lower observations.num_reference_samples" in error
+    assert not (tmp_path / "obs.h5").exists()

@@ -23,6 +23,27 @@ log = logging.getLogger(__name__)
 HOST = socket.gethostname().split(".")[0]
 
 
+def check_new(path: Path, *, overwrite: bool) -> None:
+    """Refuses an existing ``path`` unless ``overwrite``, and makes its folder now: an output
+    that cannot be written fails before the work, not after it.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        OSError: The folder cannot be made or written (a file in the way, no permission).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(
+            error.errno, f"cannot make the folder of {path} ({error}); choose another --out"
+        ) from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write in {path.parent}; choose another --out")
+
+
 def temporary_sibling(path: Path) -> Path:
     """``.NAME.tmp-HOST-PID`` in ``path``'s folder: which process on which node writes it."""
     return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")

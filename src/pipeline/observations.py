@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline import importing, storage
+from pipeline import atomic, importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
+from pipeline.resources import available_memory, free_disk, size_text
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 
@@ -44,10 +46,10 @@ def make_observations(
     Raises:
         FileExistsError: If ``out`` exists and ``overwrite`` is false.
     """
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    atomic.check_new(Path(out), overwrite=overwrite)
     if num_observations <= 0:
         raise ValueError(f"--num-observations must be positive, got {num_observations}")
+    check_size(task, num_observations, num_reference_samples, Path(out))
     thetas, xs, references, diagnostics = [], [], [], []
     progress = Progress(num_observations, "observations", log)
     for j in range(num_observations):
@@ -81,6 +83,23 @@ def make_observations(
         f.attrs["complete"] = True
 
 
+def check_size(task: Task, num_observations: int, num_reference_samples: int, out: Path) -> None:
+    """Refuses, before any reference is drawn, observations and reference samples that memory
+    or the disk holding ``out`` cannot hold."""
+    references = num_reference_samples if task.has_reference else 0
+    row = task.dim_theta * (1 + references) + math.prod(task.x_shape)
+    size = num_observations * row * 4  # float32
+    available = available_memory()
+    folder, free = free_disk(out)
+    for room, what in ((available / 2, "half the available memory"), (free, f"free in {folder}")):
+        if size > room:
+            raise ValueError(
+                f"{num_observations} observations with {references} reference samples each "
+                f"take {size_text(size)}, more than the {size_text(room)} {what}; lower "
+                "observations.num_reference_samples or observations.num_observations"
+            )
+
+
 def import_observations(task: Task, source: str, out: Path, *, overwrite: bool = False) -> None:
     """Writes a user's observed data to ``out`` in the layout of :func:`make_observations`,
     without true ``theta`` or reference samples (attribute ``real = True``).
@@ -95,8 +114,7 @@ def import_observations(task: Task, source: str, out: Path, *, overwrite: bool =
             or inf (naming the observation).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    atomic.check_new(out, overwrite=overwrite)
     path, x = read_observed_for(task, source)
     shape = tuple(task.x_shape)
     identity = {

@@ -69,7 +69,7 @@ def _git(cwd: Path, *args: str) -> str:
 
 def hardware() -> str:
     """The machine in a few words: CPU model and cores, and GPUs if torch was imported."""
-    cpu = platform.processor() or platform.machine()
+    cpu = platform.machine()  # not platform.processor(), which starts `uname -p`
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline import atomic, storage
 from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
@@ -258,8 +258,7 @@ def sample(
             finite row, or the samples cannot fit in memory or on disk.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    atomic.check_new(out, overwrite=overwrite)
     posterior, document = load_posterior(model)
     spec = posterior.spec
     made_for = observation_task(observations)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import atomic, storage
 from pipeline.locking import OutputBusyError, OutputLock
 from pipeline.parallel import Comm
 from pipeline.progress import Progress
@@ -247,8 +247,7 @@ def check_output(out: Path, *, overwrite: bool, merge: str, compression: str) ->
         raise ValueError(
             f"--compression must be one of {', '.join(storage.COMPRESSIONS)}, got {compression!r}"
         )
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; delete it or pass --overwrite to replace it")
+    atomic.check_new(out, overwrite=overwrite)
 
 
 def run(
