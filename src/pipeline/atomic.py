@@ -33,7 +33,7 @@ def check_new(path: Path, *, overwrite: bool) -> None:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
