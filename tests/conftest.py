@@ -169,8 +169,9 @@ def assert_same_outputs(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 # Test tiers. A test is "integration" when it starts a process or a service (Snakemake, mpiexec,
-# a `pipeline` command, SLURM, Chromium), directly or through a fixture; the rest, the fast tier
-# (`pytest -m "not integration"`), runs in-process. Marked here from the code itself, so that a
+# a `pipeline` command, SLURM, Chromium), directly or through a fixture, or is marked slow, mpi,
+# slurm or browser; the rest, the fast tier (`pytest -m "not integration" -n 2`), runs
+# in-process in seconds. Marked here from the code itself, so that a
 # new test lands in the right tier without anyone remembering to mark it.
 STARTS_A_PROCESS = ("subprocess.", "run_snakemake(", "snakemake(", "tool(", "chromium")
 INTEGRATION_MARKERS = ("slow", "mpi", "slurm", "browser")

@@ -188,6 +188,7 @@ def test_reference_matches_the_prior_box_grid() -> None:
     np.testing.assert_allclose(samples.std(axis=0), std, rtol=0.03)
 
 
+@pytest.mark.slow  # 64^2 maps: seconds
 def test_fisher_bound_matches_the_posterior_of_large_maps() -> None:
     """With 256^2 maps the posterior is Gaussian with covariance F^-1 (Bernstein-von Mises),
     far from the prior's edges; this checks the Fisher matrix against the exact likelihood."""

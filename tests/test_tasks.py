@@ -165,7 +165,12 @@ def sbc_pvalues(
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in MCMC_NAMES else n for n in NAMES]
+    "name",
+    [
+        # MCMC references, and the 32^2 map's 1024-pixel likelihood: seconds each.
+        pytest.param(n, marks=pytest.mark.slow) if n in MCMC_NAMES or n == "grf_cosmology_32" else n
+        for n in NAMES
+    ],
 )
 def test_reference_is_calibrated(name: str, tasks: dict[str, Task]) -> None:
     task = tasks[name]

@@ -82,6 +82,7 @@ def run(experiment: Path, shrink: float, **options) -> dict:
     )
 
 
+@pytest.mark.slow  # 300 test pairs, predictive simulations and 19 local C2ST refits: seconds
 def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     metrics = run(experiment, 1.0)
     # The file reads back as what validate returned: the report sees what validate concluded.
@@ -107,6 +108,7 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     assert metrics.widths.std_over_cramer_rao is None  # no Fisher matrix for this task
 
 
+@pytest.mark.slow  # as above
 def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
     metrics = run(experiment, 0.5)
     coverage = metrics.coverage
@@ -176,6 +178,7 @@ def test_test_samples_without_x_are_refused(experiment: Path) -> None:
     assert not (experiment / "old").exists()
 
 
+@pytest.mark.slow  # simulates 32^2 maps for the predictive checks: seconds
 def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path: Path) -> None:
     """grf_cosmology_32 with its exact posterior as the estimator: predictive checks and local
     C2ST run on the band-power summaries (8 values, not 1024 pixels), and the widths are
