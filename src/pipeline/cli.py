@@ -7,7 +7,6 @@ reads argv, environment-driven config or Snakemake.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -55,37 +54,20 @@ def setup_logging(log_file: Path | None) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from pipeline import parallel, simulation
+    from pipeline import simulation
     from pipeline.tasks import get_task
 
     options = SimulateOptions.from_args(args)
-    plan = _simulation_plan(args.task, options)
-    comm = parallel.world()
-    if args.chunk is not None:
-        if comm.Get_size() > 1:
-            raise ValueError(
-                f"--chunk computes one chunk in one process, but {comm.Get_size()} MPI ranks "
-                "started; run it without mpiexec/srun (or drop --chunk to spread all chunks)"
-            )
-        task = get_task(args.task)
-        simulation.run_chunk(plan, task, args.out, args.chunk, compression=options.compression)
-        return
-    if args.fit_chunks:
-        plan = plan.fitted_to(comm.Get_size())
-    try:
-        simulation.run(
-            plan,
-            get_task(args.task),
-            args.out,
-            comm,
-            overwrite=args.overwrite,
-            merge=options.merge,
-            compression=options.compression,
-        )
-    except Exception as error:
-        if comm.Get_size() > 1:
-            parallel.abort_on_error(comm, error)
-        raise
+    simulation.simulate(
+        _simulation_plan(args.task, options),
+        get_task(args.task),
+        args.out,
+        overwrite=args.overwrite,
+        merge=options.merge,
+        compression=options.compression,
+        chunk=args.chunk,
+        fit_chunks=args.fit_chunks,
+    )
 
 
 def _simulation_plan(task: str, options: SimulateOptions):
@@ -209,22 +191,18 @@ def cmd_c2st(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pipeline.report import Thresholds, write_report
-    from pipeline.report.build import load_results, render_report
-    from pipeline.report.index import experiment_summary, write_summary
+    from pipeline.report.stage import report_experiment
 
-    options = ReportOptions.from_args(args)
-    config = json.loads(args.config_json) if args.config_json else {}
-    thresholds = Thresholds(
-        c2st_max=options.c2st_max, coverage_max_deviation=options.coverage_max_deviation
+    report_experiment(
+        args.experiment_dir,
+        args.tasks,
+        ReportOptions.from_args(args),
+        args.out,
+        config=json_object(args.config_json, "--config-json") if args.config_json else {},
+        specs=args.task_specs,
+        budgets=args.budgets,
+        summary=args.summary,
     )
-    results = load_results(args.experiment_dir, args.tasks, args.budgets, args.task_specs)
-    settings = {"config": config, "thresholds": thresholds, "title": options.title}
-    html = render_report(args.experiment_dir, results, **settings)
-    if args.summary is not None:
-        write_summary(experiment_summary(args.experiment_dir, results, **settings), args.summary)
-    write_report(html, args.out)
-    log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -242,7 +220,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print("\n".join(describe(args.file)))
 
 
+# add(name, handler, help, parents) -> the subcommand's parser (see build_parser).
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """``pipeline``'s parser: one subcommand per stage, each with the common flags."""
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -262,11 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
         handler: Callable[[argparse.Namespace], None],
         text: str,
         parents: Sequence[argparse.ArgumentParser] = (),
-    ):
+    ) -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[common, *parents], help=text, description=text)
         command.set_defaults(handler=handler)
         return command
 
+    for commands in (
+        _simulation_commands,
+        _import_command,
+        _observe_command,
+        _train_command,
+        _sample_command,
+        _validation_commands,
+        _report_commands,
+        _inspect_command,
+    ):
+        commands(add)
+    return parser
+
+
+def _simulation_commands(add: AddCommand) -> None:
+    """``simulate`` and ``merge``, which share the plan's flags."""
     plan = argparse.ArgumentParser(add_help=False)
     plan.add_argument("--task", required=True)
     plan.add_argument("--out", type=Path, required=True)
@@ -288,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
+
+def _import_command(add: AddCommand) -> None:
+    """``import``: archived simulations."""
     text = "import existing (theta, x) arrays (.npy, .npz:MEMBER, .h5:DATASET) for training"
     p = add("import", cmd_import, text)
     p.add_argument("--task", required=True)
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
+
+def _observe_command(add: AddCommand) -> None:
+    """``observe``: synthetic observations or real ones."""
     text = "draw observations with truths and reference posteriors, or read real ones (--from)"
     p = add("observe", cmd_observe, text)
     p.add_argument("--task", required=True)
@@ -326,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
 
+
+def _train_command(add: AddCommand) -> None:
+    """``train``."""
     p = add("train", cmd_train, "train a neural posterior estimator (Lightning, DDP-ready)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model folder")
@@ -336,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=Path, help="default: OUT.checkpoints/<digest>")
     p.add_argument("--overwrite", action="store_true", help="replace a posterior in --out")
 
+
+def _sample_command(add: AddCommand) -> None:
+    """``sample``."""
     p = add("sample", cmd_sample, "draw posterior samples for observations (.npy or .h5)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
@@ -343,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
 
+
+def _validation_commands(add: AddCommand) -> None:
+    """``validate`` and ``c2st`` (the budget study's score)."""
     p = add("validate", cmd_validate, "coverage (TARP, HPD, SBC) and C2ST; metrics.json + PNGs")
     p.add_argument("--test-samples", type=Path, required=True)
     p.add_argument("--observation-samples", type=Path, required=True)
@@ -356,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     C2stOptions.add_flags(p, required="budget")
     p.add_argument("--out", type=Path, required=True, help="JSON file")
 
+
+def _report_commands(add: AddCommand) -> None:
+    """``report`` (one experiment) and ``index`` (every experiment)."""
     p = add("report", cmd_report, "write one self-contained HTML report per experiment")
     p.add_argument("--experiment-dir", type=Path, required=True)
     p.add_argument("--tasks", nargs="+", required=True, help="task folder names")
@@ -378,9 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, required=True, help="folder of experiment folders")
     p.add_argument("--out", type=Path, required=True)
 
+
+def _inspect_command(add: AddCommand) -> None:
+    """``inspect``: what an HDF5 file holds."""
     p = add("inspect", cmd_inspect, "print an HDF5 file's attributes, shapes and NaN counts")
     p.add_argument("file", type=Path)
-    return parser
 
 
 def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import atomic, storage
+from pipeline import atomic, parallel, storage
 from pipeline.locking import OutputBusyError, OutputLock
 from pipeline.parallel import Comm
 from pipeline.progress import Progress
@@ -248,6 +248,43 @@ def check_output(out: Path, *, overwrite: bool, merge: str, compression: str) ->
             f"--compression must be one of {', '.join(storage.COMPRESSIONS)}, got {compression!r}"
         )
     atomic.check_new(out, overwrite=overwrite)
+
+
+def simulate(
+    plan: SimulationPlan,
+    task: Task,
+    out: Path,
+    *,
+    overwrite: bool,
+    merge: str,
+    compression: str,
+    chunk: int | None = None,
+    fit_chunks: bool = False,
+) -> None:
+    """The simulate stage in this process's MPI world (one process without a launcher).
+
+    With ``chunk``, only the chunk starting at that index, into its shard, with no merge (one
+    job per chunk, then :func:`merge`); otherwise every chunk spread over the ranks and merged
+    into ``out`` (:func:`run`), the chunks shrunk to give every rank one with ``fit_chunks``.
+    A failure on one rank aborts them all, so that none waits for it forever.
+    """
+    comm = parallel.world()
+    if chunk is not None:
+        if comm.Get_size() > 1:
+            raise ValueError(
+                f"--chunk computes one chunk in one process, but {comm.Get_size()} MPI ranks "
+                "started; run it without mpiexec/srun (or drop --chunk to spread all chunks)"
+            )
+        run_chunk(plan, task, out, chunk, compression=compression)
+        return
+    if fit_chunks:
+        plan = plan.fitted_to(comm.Get_size())
+    try:
+        run(plan, task, out, comm, overwrite=overwrite, merge=merge, compression=compression)
+    except Exception as error:
+        if comm.Get_size() > 1:
+            parallel.abort_on_error(comm, error)
+        raise
 
 
 def run(
