@@ -56,21 +56,21 @@ def check_predictive_draws():
     """Refuses, before any job, predictive draws that the validate stage would refuse at the end.
 
     The predictive check estimates the covariance of x's summaries (x itself except for maps)
-    from its draws, so it needs more draws than there are summaries; the draws are simulated
-    from posterior samples, so there must be as many.
-    (The rule of pipeline.diagnostics.predictive, whose lower bound of 20 the schema enforces;
-    importing it here would load scikit-learn in every Snakemake start, 1.7 s, jobs included.)
+    from its draws (pipeline.predictive_draws); the draws are simulated from posterior samples,
+    so there must be as many.
     """
+    from pipeline.predictive_draws import min_predictive_draws
+
     draws = config["validate"]["predictive_draws"]
     for name, task in TASK_OBJECTS.items():
         if not task.has_simulator:
             continue  # no predictive checks without a simulator
-        features = task.summary_size
-        if draws <= features:
+        needed = min_predictive_draws(task.summary_size)
+        if draws < needed:
             raise ValueError(
                 f"validate.predictive_draws={draws} is too few for task {name}, whose x has "
-                f"{features} summary values: the predictive check needs more draws than that; "
-                f"set it to at least {features + 1}"
+                f"{task.summary_size} summary values: the predictive check needs at least "
+                f"{needed} draws; set it to at least {needed}"
             )
     for key in ("num_test_samples", "num_observation_samples"):
         if draws > config["sample"][key]:

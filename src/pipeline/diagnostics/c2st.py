@@ -24,21 +24,17 @@ from __future__ import annotations
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
+
+from pipeline.diagnostics.common import check_finite, check_ndim, mlp_classifier, zscore
 
 __all__ = ["c2st", "c2st_batched"]
 
 
 def _check_inputs(p: np.ndarray, q: np.ndarray, ndim: int, layout: str) -> None:
     for name, array in (("p", p), ("q", q)):
-        if array.ndim != ndim:
-            raise ValueError(f"{name} must have shape {layout}, got shape {array.shape}")
-        bad = ~np.isfinite(array)
-        if bad.any():
-            raise ValueError(
-                f"{name} holds {int(bad.sum())} NaN or inf entries out of {array.size}"
-            )
+        check_ndim(name, array, ndim, layout)
+        check_finite(name, array)
     if p.shape[-1] < 1:
         raise ValueError(f"p and q need at least one dimension, got shape {p.shape}")
     if p.shape[-1] != q.shape[-1]:
@@ -71,18 +67,6 @@ def _sample_size(
     return size
 
 
-def _classifier(dim: int, seed: int, early_stopping: bool) -> MLPClassifier:
-    return MLPClassifier(
-        activation="relu",
-        hidden_layer_sizes=(10 * dim, 10 * dim),
-        max_iter=10000,
-        solver="adam",
-        early_stopping=early_stopping,
-        validation_fraction=0.1,
-        random_state=seed,
-    )
-
-
 def _c2st(
     p: np.ndarray, q: np.ndarray, size: int, seed: int, num_folds: int, early_stopping: bool
 ) -> float:
@@ -92,14 +76,12 @@ def _c2st(
     if len(q) > size:
         q = q[rng.choice(len(q), size, replace=False)]
 
-    mean, std = p.mean(axis=0), p.std(axis=0)
-    # A dimension constant in p would divide by zero; any scale keeps the test valid.
-    std = np.where(std > 0, std, 1.0)
+    mean, std = zscore(p)
     data = np.concatenate([p, q]) - mean
     data /= std
     target = np.concatenate([np.zeros(size), np.ones(size)])
 
-    classifier = _classifier(p.shape[1], seed, early_stopping)
+    classifier = mlp_classifier(10 * p.shape[1], seed, early_stopping=early_stopping)
     folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     # Threaded BLAS on these small matrices is up to 20x slower than one thread (measured on
     # 2 cores), and one thread per job is what joblib parallelism over observations wants.

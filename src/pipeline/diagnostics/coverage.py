@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from pipeline.diagnostics.common import check_finite, check_levels, check_ndim, coverage_at
+
 __all__ = [
     "DEFAULT_LEVELS",
     "hpd_coverage",
@@ -37,30 +39,6 @@ __all__ = [
 ]
 
 DEFAULT_LEVELS = np.linspace(0.05, 0.95, 19)
-
-
-def _check_finite(name: str, array: np.ndarray, *, allow_neg_inf: bool = False) -> None:
-    bad = np.isnan(array) | (np.isposinf(array) if allow_neg_inf else np.isinf(array))
-    if bad.any():
-        kind = "NaN or +inf" if allow_neg_inf else "NaN or inf"
-        raise ValueError(f"{name} holds {int(bad.sum())} {kind} entries out of {array.size}")
-
-
-def _check_ndim(name: str, array: np.ndarray, ndim: int, layout: str) -> None:
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have shape {layout}, got shape {array.shape}")
-
-
-def _check_levels(levels: np.ndarray) -> np.ndarray:
-    levels = np.asarray(levels, dtype=float)
-    _check_ndim("levels", levels, 1, "(L,)")
-    if levels.size == 0 or not np.all((levels >= 0) & (levels <= 1)):
-        raise ValueError(f"levels must be a non-empty array in [0, 1], got {levels}")
-    return levels
-
-
-def _coverage(alpha: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    return np.mean(alpha[:, None] < levels[None, :], axis=0)
 
 
 def hpd_coverage(
@@ -87,9 +65,9 @@ def hpd_coverage(
     """
     log_prob_samples = np.asarray(log_prob_samples, dtype=float)
     log_prob_true = np.asarray(log_prob_true, dtype=float)
-    levels = _check_levels(levels)
-    _check_ndim("log_prob_samples", log_prob_samples, 2, "(n, M)")
-    _check_ndim("log_prob_true", log_prob_true, 1, "(n,)")
+    levels = check_levels(levels)
+    check_ndim("log_prob_samples", log_prob_samples, 2, "(n, M)")
+    check_ndim("log_prob_true", log_prob_true, 1, "(n,)")
     if log_prob_samples.shape[0] != log_prob_true.shape[0]:
         raise ValueError(
             f"log_prob_samples has shape {log_prob_samples.shape} but log_prob_true has shape "
@@ -99,16 +77,16 @@ def hpd_coverage(
         raise ValueError(
             f"need at least 1 pair and 2 samples per pair, got shape {log_prob_samples.shape}"
         )
-    _check_finite("log_prob_samples", log_prob_samples, allow_neg_inf=True)
-    _check_finite("log_prob_true", log_prob_true, allow_neg_inf=True)
+    check_finite("log_prob_samples", log_prob_samples, allow_neg_inf=True)
+    check_finite("log_prob_true", log_prob_true, allow_neg_inf=True)
 
     alpha = np.mean(log_prob_samples > log_prob_true[:, None], axis=1)
-    return _coverage(alpha, levels)
+    return coverage_at(alpha, levels)
 
 
 def _check_samples_theta(samples: np.ndarray, theta: np.ndarray) -> None:
-    _check_ndim("samples", samples, 3, "(n, M, D)")
-    _check_ndim("theta", theta, 2, "(n, D)")
+    check_ndim("samples", samples, 3, "(n, M, D)")
+    check_ndim("theta", theta, 2, "(n, D)")
     if samples.shape[0] != theta.shape[0] or samples.shape[2] != theta.shape[1]:
         raise ValueError(
             f"samples has shape {samples.shape} but theta has shape {theta.shape}: "
@@ -118,8 +96,8 @@ def _check_samples_theta(samples: np.ndarray, theta: np.ndarray) -> None:
         raise ValueError(
             f"need at least 1 pair, 2 samples and 1 dimension, got samples shape {samples.shape}"
         )
-    _check_finite("samples", samples)
-    _check_finite("theta", theta)
+    check_finite("samples", samples)
+    check_finite("theta", theta)
 
 
 def tarp_coverage(
@@ -159,7 +137,7 @@ def tarp_coverage(
     """
     samples = np.asarray(samples, dtype=float)
     theta = np.asarray(theta, dtype=float)
-    levels = _check_levels(levels)
+    levels = check_levels(levels)
     _check_samples_theta(samples, theta)
     shift, scale, box_low, box_high = _tarp_box(theta, low, high)
 
@@ -170,7 +148,7 @@ def tarp_coverage(
     distance_samples = np.linalg.norm(samples - reference[:, None, :], axis=-1)
     distance_true = np.linalg.norm(theta - reference, axis=-1)
     alpha = np.mean(distance_samples < distance_true[:, None], axis=1)
-    return _coverage(alpha, levels)
+    return coverage_at(alpha, levels)
 
 
 def _tarp_box(
@@ -194,8 +172,8 @@ def _tarp_box(
     if low is not None:
         low = np.broadcast_to(np.asarray(low, dtype=float), (dim,))
         high = np.broadcast_to(np.asarray(high, dtype=float), (dim,))
-        _check_finite("low", low)
-        _check_finite("high", high)
+        check_finite("low", low)
+        check_finite("high", high)
         if np.any(high <= low):
             raise ValueError(f"the prior box needs high > low, got low={low} and high={high}")
         return low, high - low, np.zeros(dim), np.ones(dim)
@@ -248,7 +226,7 @@ def sbc_histogram(
         Counts, shape ``(B, D)``, and uniform bin probabilities, shape ``(B,)``.
     """
     ranks = np.asarray(ranks)
-    _check_ndim("ranks", ranks, 2, "(n, D)")
+    check_ndim("ranks", ranks, 2, "(n, D)")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if ranks.shape[0] < 1 or ranks.shape[1] < 1:
@@ -309,6 +287,6 @@ def max_coverage_deviation(levels: np.ndarray, coverage: np.ndarray) -> float:
             f"levels has shape {levels.shape} but coverage has shape {coverage.shape}: "
             "both need the same non-empty shape (L,)"
         )
-    _check_finite("levels", levels)
-    _check_finite("coverage", coverage)
+    check_finite("levels", levels)
+    check_finite("coverage", coverage)
     return float(np.max(np.abs(coverage - levels)))

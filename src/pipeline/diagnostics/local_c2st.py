@@ -54,11 +54,11 @@ from dataclasses import dataclass
 import numpy as np
 from joblib import Parallel, delayed
 from scipy import stats
-from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-from pipeline.diagnostics.coverage import _check_finite, _check_ndim
-from pipeline.diagnostics.predictive import MIN_DRAWS, _squared_mahalanobis
+from pipeline.diagnostics.common import check_finite, check_ndim, mlp_classifier, zscore
+from pipeline.diagnostics.predictive import squared_mahalanobis
+from pipeline.predictive_draws import MIN_DRAWS
 
 __all__ = ["MIN_NULL", "MIN_PAIRS", "LocalC2ST", "local_c2st"]
 
@@ -106,7 +106,7 @@ def _check_calibration(
     theta_cal: np.ndarray, x_cal: np.ndarray, theta_q_cal: np.ndarray
 ) -> tuple[int, int]:
     """Returns ``(N, D)``."""
-    _check_ndim("theta_cal", theta_cal, 2, "(N, D)")
+    check_ndim("theta_cal", theta_cal, 2, "(N, D)")
     if theta_q_cal.shape != theta_cal.shape:
         raise ValueError(
             f"theta_q_cal has shape {theta_q_cal.shape} but theta_cal has shape "
@@ -128,16 +128,16 @@ def _check_calibration(
             f"local_c2st needs at least {MIN_PAIRS} calibration pairs (theta_cal, x_cal, "
             f"theta_q_cal), got N={num}"
         )
-    _check_finite("theta_cal", theta_cal)
-    _check_finite("x_cal", x_cal)
-    _check_finite("theta_q_cal", theta_q_cal)
+    check_finite("theta_cal", theta_cal)
+    check_finite("x_cal", x_cal)
+    check_finite("theta_q_cal", theta_q_cal)
     return num, dim
 
 
 def _check_observations(
     theta_q_obs: np.ndarray, x_obs: np.ndarray, dim: int, x_shape: tuple[int, ...]
 ) -> None:
-    _check_ndim("theta_q_obs", theta_q_obs, 3, "(n_obs, M, D)")
+    check_ndim("theta_q_obs", theta_q_obs, 3, "(n_obs, M, D)")
     if theta_q_obs.shape[2] != dim:
         raise ValueError(
             f"theta_q_obs has D={theta_q_obs.shape[2]} (shape {theta_q_obs.shape}) but "
@@ -158,14 +158,8 @@ def _check_observations(
             f"{MIN_DRAWS}, and more than D + 1 for the draws' covariance), got "
             f"M={theta_q_obs.shape[1]}"
         )
-    _check_finite("theta_q_obs", theta_q_obs)
-    _check_finite("x_obs", x_obs)
-
-
-def _zscore(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = reference.mean(axis=0), reference.std(axis=0)
-    # A constant feature would divide by zero; any scale keeps the test valid.
-    return mean, np.where(std > 0, std, 1.0)
+    check_finite("theta_q_obs", theta_q_obs)
+    check_finite("x_obs", x_obs)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -196,15 +190,7 @@ def _probabilities(
     if permute:
         swap = rng.random(len(labels) // 2) < 0.5
         labels = np.concatenate([swap, ~swap]).astype(float)
-    classifier = MLPClassifier(
-        activation="relu",
-        hidden_layer_sizes=(hidden_units, hidden_units),
-        max_iter=10000,
-        solver="adam",
-        early_stopping=True,
-        validation_fraction=0.1,
-        random_state=int(rng.integers(2**31 - 1)),
-    )
+    classifier = mlp_classifier(hidden_units, int(rng.integers(2**31 - 1)), early_stopping=True)
     # One BLAS thread: faster on these small matrices and right for joblib workers (c2st.py).
     with threadpool_limits(limits=1):
         classifier.fit(features, labels)
@@ -330,8 +316,8 @@ def _classifier_data(
     num, (num_obs, num_draws, dim) = len(theta_cal), theta_q_obs.shape
     x_cal = x_cal.reshape(num, -1)
     x_obs = x_obs.reshape(num_obs, -1)
-    theta_mean, theta_std = _zscore(np.concatenate([theta_q_cal, theta_cal]))
-    x_mean, x_std = _zscore(x_cal)
+    theta_mean, theta_std = zscore(np.concatenate([theta_q_cal, theta_cal]))
+    x_mean, x_std = zscore(x_cal)
     theta_cal = (theta_cal - theta_mean) / theta_std
     theta_q_cal = (theta_q_cal - theta_mean) / theta_std
     x_cal = (x_cal - x_mean) / x_std
@@ -381,7 +367,7 @@ def _result(
     statistic = _statistic(probability)
     num_null = len(null_statistic)
     pvalue = (1.0 + np.sum(null_statistic >= statistic, axis=0)) / (num_null + 1.0)
-    distances = _squared_mahalanobis(theta_q_obs)  # Spearman: squared or not is the same
+    distances = squared_mahalanobis(theta_q_obs)  # Spearman: squared or not is the same
     return LocalC2ST(
         statistic=statistic,
         pvalue=pvalue,

@@ -28,18 +28,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.diagnostics.coverage import (
-    DEFAULT_LEVELS,
-    _check_finite,
-    _check_levels,
-    _check_ndim,
-    _coverage,
-)
+from pipeline.diagnostics.common import check_finite, check_levels, check_ndim, coverage_at
+from pipeline.diagnostics.coverage import DEFAULT_LEVELS
+from pipeline.predictive_draws import MIN_DRAWS, min_predictive_draws
 
-__all__ = ["MIN_DRAWS", "predictive_coverage", "predictive_intervals", "predictive_pvalues"]
-
-# The smallest p-value of S draws is 1 / (S + 1); S >= 19 lets it reach 0.05, and 20 rounds up.
-MIN_DRAWS = 20
+__all__ = ["predictive_coverage", "predictive_intervals", "predictive_pvalues"]
 # Added to the diagonal of the correlation matrix (features in units of standard deviation).
 RIDGE = 1e-6
 
@@ -66,19 +59,19 @@ def _flatten_data(
         raise ValueError(
             f"need at least 1 observation and 1 feature, got {name_obs} shape {x_obs.shape}"
         )
-    needed = max(MIN_DRAWS, features + 1)
+    needed = min_predictive_draws(features)
     if draws < needed:
         raise ValueError(
             f"x_pred needs at least {needed} predictive draws per observation (at least "
             f"{MIN_DRAWS}, so that a p-value can reach 0.05, and more than F={features}, so "
             f"that the covariance has full rank), got S={draws}"
         )
-    _check_finite(name_obs, x_obs)
-    _check_finite("x_pred", x_pred)
+    check_finite(name_obs, x_obs)
+    check_finite("x_pred", x_pred)
     return x_obs.reshape(num, features), x_pred.reshape(num, draws, features)
 
 
-def _squared_mahalanobis(points: np.ndarray) -> np.ndarray:
+def squared_mahalanobis(points: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each point from the mean of its set.
 
     Mean and covariance are those of the set itself, scaled and regularised as described in
@@ -107,7 +100,7 @@ def _squared_mahalanobis(points: np.ndarray) -> np.ndarray:
 
 def _pooled_distances(x: np.ndarray, x_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distances of ``x`` (n, F) and of the draws (n, S, F) in the pooled set of S + 1."""
-    distances = _squared_mahalanobis(np.concatenate([x[:, None, :], x_pred], axis=1))
+    distances = squared_mahalanobis(np.concatenate([x[:, None, :], x_pred], axis=1))
     return distances[:, 0], distances[:, 1:]
 
 
@@ -191,11 +184,11 @@ def predictive_coverage(
     """
     x_rep = np.asarray(x_rep, dtype=float)
     x_pred = np.asarray(x_pred, dtype=float)
-    levels = _check_levels(levels)
+    levels = check_levels(levels)
     x_rep, x_pred = _flatten_data("x_rep", x_rep, x_pred)
     distance_rep, distance_pred = _pooled_distances(x_rep, x_pred)
     alpha = np.mean(distance_pred < distance_rep[:, None], axis=1)
-    return _coverage(alpha, levels)
+    return coverage_at(alpha, levels)
 
 
 def predictive_intervals(x_pred: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
@@ -210,7 +203,7 @@ def predictive_intervals(x_pred: np.ndarray, quantiles: np.ndarray) -> np.ndarra
     """
     x_pred = np.asarray(x_pred, dtype=float)
     quantiles = np.asarray(quantiles, dtype=float)
-    _check_ndim("quantiles", quantiles, 1, "(Q,)")
+    check_ndim("quantiles", quantiles, 1, "(Q,)")
     if quantiles.size == 0 or not np.all((quantiles >= 0) & (quantiles <= 1)):
         raise ValueError(f"quantiles must be a non-empty array in [0, 1], got {quantiles}")
     if x_pred.ndim < 3:
@@ -219,5 +212,5 @@ def predictive_intervals(x_pred: np.ndarray, quantiles: np.ndarray) -> np.ndarra
         raise ValueError(
             f"need at least 1 observation, 2 draws and 1 feature, got x_pred shape {x_pred.shape}"
         )
-    _check_finite("x_pred", x_pred)
+    check_finite("x_pred", x_pred)
     return np.moveaxis(np.quantile(x_pred, quantiles, axis=1), 0, 1)
