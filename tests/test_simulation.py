@@ -157,7 +157,7 @@ def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
     shards = sorted(simulation.shard_dir(moved / "virtual.h5").iterdir())
     assert len(shards) == 4
     shards[2].unlink()
-    with pytest.raises(storage.SimulationFileError, match=r"1 of them are missing .*chunk-0+1400"):
+    with pytest.raises(storage.DataFileError, match=r"1 of them are missing .*chunk-0+1400"):
         storage.read_simulations(moved / "virtual.h5")
 
 
@@ -281,7 +281,7 @@ def test_merge_names_missing_shards_and_writes_nothing(tmp_path):
     plan = simulation.SimulationPlan("two_moons", 2500, 3, 1000)
     out, task = tmp_path / "sims.h5", get_task("two_moons")
     simulation.run_chunk(plan, task, out, 0)
-    with pytest.raises(storage.SimulationFileError, match=r"2 of 3 shards .*chunk-0+1000-"):
+    with pytest.raises(storage.DataFileError, match=r"2 of 3 shards .*chunk-0+1000-"):
         simulation.merge(plan, task, out, overwrite=False)
     assert not out.exists()
     with pytest.raises(ValueError, match="--chunk 700 is not the start of a chunk"):
@@ -562,7 +562,7 @@ def test_a_shard_of_another_run_is_never_merged(tmp_path, monkeypatch):
 
     monkeypatch.setattr(simulation, "write_shard", write_and_intrude)
     with pytest.raises(
-        storage.SimulationFileError, match=r"belongs to another run \(task 'two_moons', seed 9"
+        storage.DataFileError, match=r"belongs to another run \(task 'two_moons', seed 9"
     ):
         simulate(out, seed=3)
     assert not out.exists()

@@ -59,7 +59,7 @@ def test_truncated_file_is_reported(tmp_path):
     write(path, n=2000)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(storage.SimulationFileError, match=r"sims\.h5.*(truncated|corrupt)"):
+    with pytest.raises(storage.DataFileError, match=r"sims\.h5.*(truncated|corrupt)"):
         storage.read_simulations(path)
 
 
@@ -68,7 +68,7 @@ def test_missing_dataset_is_named(tmp_path):
     with h5py.File(path, "w") as f:
         f["theta"] = np.zeros((3, 2))
         f.attrs["complete"] = True
-    with pytest.raises(storage.SimulationFileError, match="no dataset 'x'"):
+    with pytest.raises(storage.DataFileError, match="no dataset 'x'"):
         storage.read_simulations(path)
 
 
@@ -76,7 +76,7 @@ def test_incomplete_file_is_refused(tmp_path):
     path = tmp_path / "sims.h5"
     with h5py.File(path, "w") as f:
         f["theta"], f["x"] = np.zeros((3, 2)), np.zeros((3, 2))
-    with pytest.raises(storage.SimulationFileError, match="incomplete"):
+    with pytest.raises(storage.DataFileError, match="incomplete"):
         storage.read_simulations(path)
 
 
@@ -85,14 +85,14 @@ def test_row_mismatch_is_refused(tmp_path):
     with h5py.File(path, "w") as f:
         f["theta"], f["x"] = np.zeros((3, 2)), np.zeros((4, 2))
         f.attrs["complete"] = True
-    with pytest.raises(storage.SimulationFileError, match="3 rows but x has 4"):
+    with pytest.raises(storage.DataFileError, match="3 rows but x has 4"):
         storage.read_simulations(path)
 
 
 def test_wrong_task_is_refused(tmp_path):
     path = tmp_path / "sims.h5"
     write(path)
-    with pytest.raises(storage.SimulationFileError, match="'two_moons', expected 'sn_cosmology'"):
+    with pytest.raises(storage.DataFileError, match="'two_moons', expected 'sn_cosmology'"):
         storage.read_simulations(path, task="sn_cosmology")
 
 

@@ -168,7 +168,9 @@ def sbc_pvalues(
     "name",
     [
         # MCMC references, and the 32^2 map's 1024-pixel likelihood: seconds each.
-        pytest.param(n, marks=pytest.mark.slow) if n in MCMC_NAMES or n == "grf_cosmology_32" else n
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in MCMC_NAMES or n == "grf_cosmology_32"
+        else n
         for n in NAMES
     ],
 )

@@ -151,11 +151,11 @@ class StreamRows:
                     break
                 filled += got
         except _READ_ERRORS as error:
-            raise storage.SimulationFileError(
+            raise storage.DataFileError(
                 f"cannot read {self.name} (corrupt or truncated file?): {error}"
             ) from None
         if filled != size:
-            raise storage.SimulationFileError(
+            raise storage.DataFileError(
                 f"{self.name} ends early (truncated file?): rows [{start}, {stop}) need "
                 f"{size} bytes, got {filled}"
             )
@@ -175,7 +175,7 @@ def open_array(source: Source | str, role: str = "array") -> Iterator[Rows]:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        pipeline.storage.SimulationFileError: If it is unreadable, lacks the member, or does
+        pipeline.storage.DataFileError: If it is unreadable, lacks the member, or does
             not hold an array of real numbers.
     """
     source = parse_source(source)
@@ -187,7 +187,7 @@ def open_array(source: Source | str, role: str = "array") -> Iterator[Rows]:
     opener = {"npy": _open_npy, "npz": _open_npz, "hdf5": _open_hdf5}[source.kind]
     with opener(source, name) as rows:
         if len(rows.shape) == 0:
-            raise storage.SimulationFileError(f"{name} is a single number, not an array of rows")
+            raise storage.DataFileError(f"{name} is a single number, not an array of rows")
         yield rows
 
 
@@ -209,7 +209,7 @@ def _open_npz(source: Source, name: str) -> Iterator[Rows]:
     try:
         archive = zipfile.ZipFile(source.path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"{name}: {source.path} is not a readable .npz archive (truncated, or not written "
             f"by numpy.savez?): {error}"
         ) from None
@@ -220,7 +220,7 @@ def _open_npz(source: Source, name: str) -> Iterator[Rows]:
         with archive.open(info) as file:
             shape, fortran, dtype = _read_header(file, name, "an array saved by numpy.savez")
             if fortran and len(shape) > 1:
-                raise storage.SimulationFileError(
+                raise storage.DataFileError(
                     f"{name} is stored in Fortran (column) order, whose rows cannot be streamed "
                     "from an archive; save it C-ordered (np.savez(..., x=np.ascontiguousarray(x)))"
                     " or as a .npy file"
@@ -235,7 +235,7 @@ def _open_hdf5(source: Source, name: str) -> Iterator[Rows]:
     try:
         file = h5py.File(source.path, "r")
     except OSError as error:
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"{name}: {source.path} is not a readable HDF5 file (truncated or corrupt?): {error}"
         ) from None
     with file:
@@ -271,7 +271,7 @@ class _HDF5Rows:
             if count:
                 self.dataset.read_direct(block, np.s_[start:stop])
         except OSError as error:
-            raise storage.SimulationFileError(
+            raise storage.DataFileError(
                 f"cannot read {self.name} (corrupt or truncated file?): {error}"
             ) from None
         return block
@@ -289,7 +289,7 @@ def _choose_member(source: Source, present: list[str], name: str, what: str) -> 
     else:
         problem = f"{source.path} holds {len(present)} {what}s; name one as {source.path}:NAME"
     shown = ", ".join(present[:20]) + (f", ... ({len(present)} in all)" if present[20:] else "")
-    raise storage.SimulationFileError(f"{name}: {problem}. Present: {shown or 'none'}")
+    raise storage.DataFileError(f"{name}: {problem}. Present: {shown or 'none'}")
 
 
 def _read_header(file: IO[bytes], name: str, expected: str) -> tuple[tuple, bool, np.dtype]:
@@ -309,10 +309,10 @@ def _read_header(file: IO[bytes], name: str, expected: str) -> tuple[tuple, bool
         problem = f"format version {version[0]}.{version[1]}, which numpy writes only for "
         problem += "structured dtypes with non-ASCII field names"
     except _READ_ERRORS as error:
-        if isinstance(error, storage.SimulationFileError):
+        if isinstance(error, storage.DataFileError):
             raise
         problem = str(error)
-    raise storage.SimulationFileError(
+    raise storage.DataFileError(
         f"{name} is not readable as {expected} (truncated or another format?): {problem}"
     )
 
@@ -320,7 +320,7 @@ def _read_header(file: IO[bytes], name: str, expected: str) -> tuple[tuple, bool
 def _check_size(rows: StreamRows, size: int, name: str) -> None:
     needed = rows.offset + rows.shape[0] * rows.row_bytes if rows.shape else rows.offset
     if size < needed:
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"{name} is truncated: its header announces shape {rows.shape} of {rows.dtype} "
             f"({needed} bytes with the header) but it holds {size} bytes; copy it again"
         )
@@ -341,7 +341,7 @@ def _check_real(dtype: np.dtype, name: str) -> None:
         why = "strings"
     else:
         why = f"values of kind {dtype.kind!r}"
-    raise storage.SimulationFileError(
+    raise storage.DataFileError(
         f"{name} has dtype {dtype}: {why}. The importer needs real numbers (float or integer "
         "arrays, stored as float32); convert it, e.g. np.save(path, np.asarray(a, dtype=float))"
     )
@@ -477,7 +477,7 @@ def import_simulations(
         FileExistsError: If ``out`` exists and ``overwrite`` is false.
         FileNotFoundError: If a source file does not exist.
         ValueError: For unreadable sources, shapes that do not fit the task or each other, an
-            empty or out-of-range row range (:class:`pipeline.storage.SimulationFileError` for
+            empty or out-of-range row range (:class:`pipeline.storage.DataFileError` for
             problems with a file).
     """
     out = Path(out)

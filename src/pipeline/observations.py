@@ -189,7 +189,7 @@ def read_reference(path: Path) -> tuple[np.ndarray | None, np.ndarray, np.ndarra
         with h5py.File(path, "r") as f:
             real = bool(f.attrs.get("real", False))
             if not f.attrs.get("complete", False) or "x" not in f or not (real or "theta" in f):
-                raise storage.SimulationFileError(
+                raise storage.DataFileError(
                     f"{path} is incomplete or lacks 'theta'/'x'; rerun `pipeline observe`"
                 )
             theta = f["theta"][...] if "theta" in f else None
@@ -213,16 +213,14 @@ def read_reference_info(path: Path) -> dict[str, Any] | None:
     try:
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False):
-                raise storage.SimulationFileError(
-                    f"{path} is incomplete; rerun `pipeline observe`"
-                )
+                raise storage.DataFileError(f"{path} is incomplete; rerun `pipeline observe`")
             if "reference" not in f.attrs:
                 return None
             info = storage.decode_attr(f.attrs["reference"])
     except OSError as error:
         raise storage.unreadable(path, error) from None
     if not isinstance(info, dict) or "method" not in info or "diagnostics" not in info:
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"{path}: attribute 'reference' is not a JSON object with 'method' and "
             "'diagnostics'; rerun `pipeline observe`"
         )

@@ -61,7 +61,7 @@ def read_observations(
         try:
             with h5py.File(path, "r") as f:
                 if "x" not in f:
-                    raise storage.SimulationFileError(f"{path} has no dataset 'x'")
+                    raise storage.DataFileError(f"{path} has no dataset 'x'")
                 x = f["x"][...]
                 theta = f["theta"][...] if "theta" in f else None
         except OSError as error:
@@ -235,7 +235,7 @@ def read_samples(path: Path) -> dict[str, np.ndarray | dict]:
     try:
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False) or "samples" not in f:
-                raise storage.SimulationFileError(
+                raise storage.DataFileError(
                     f"{path} is incomplete or has no 'samples'; rerun `pipeline sample`"
                 )
             data: dict = {name: f[name][...] for name in f}

@@ -211,7 +211,7 @@ def valid_shard_attrs(
     """The attributes of ``path`` if it is a complete shard of this plan's chunk, else ``None``."""
     try:
         attrs = storage.read_attrs(path)
-    except (FileNotFoundError, storage.SimulationFileError):
+    except (FileNotFoundError, storage.DataFileError):
         return None
     expected = {**identity, "index_start": start, "index_stop": stop}
     matches = all(attrs.get(k) == v for k, v in expected.items())
@@ -419,7 +419,7 @@ def merge(
     ]
     missing = [path for path, attrs in zip(paths, found, strict=True) if attrs is None]
     if missing:
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"{len(missing)} of {len(found)} shards of {out} are missing or incomplete "
             f"(first: {missing[0]}); simulate those chunks (pipeline simulate --chunk START) "
             "before merging"
@@ -504,13 +504,13 @@ def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: lis
             continue
         try:
             found = storage.read_attrs(path)
-        except (FileNotFoundError, storage.SimulationFileError) as error:
-            raise storage.SimulationFileError(
+        except (FileNotFoundError, storage.DataFileError) as error:
+            raise storage.DataFileError(
                 f"shard {path} of {out} disappeared or broke before the merge ({error}); "
                 "another run may be writing the same --out. Rerun to recompute it"
             ) from None
         theirs = ", ".join(f"{key} {found.get(key)!r}" for key in (*identity, "index_start"))
-        raise storage.SimulationFileError(
+        raise storage.DataFileError(
             f"shard {path} belongs to another run ({theirs}), not to this one "
             f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
             f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "

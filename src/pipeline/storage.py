@@ -46,8 +46,9 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
 }
 
 
-class SimulationFileError(ValueError):
-    """A simulation file is missing, corrupt, incomplete or does not match what was expected."""
+class DataFileError(ValueError):
+    """An HDF5 file of the pipeline (simulations, observations, posterior samples) is corrupt,
+    incomplete or not what the stage reading it expected."""
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Simulations:
 HDF5_LEFT_OPEN: list[h5py.File] = []
 
 
-def unreadable(path: Path, error: Exception) -> SimulationFileError | OSError:
+def unreadable(path: Path, error: Exception) -> DataFileError | OSError:
     """The error for a file h5py cannot read: truncated, corrupt or not HDF5 at all, unless
     the error was a full disk (HDF5 reports failed writes of other files this way too)."""
     if atomic.is_disk_full(error):
@@ -84,9 +85,7 @@ def unreadable(path: Path, error: Exception) -> SimulationFileError | OSError:
             f"disk full (or quota reached) while working with {path}: free space on its file "
             "system and rerun; finished files are kept",
         )
-    return SimulationFileError(
-        f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}"
-    )
+    return DataFileError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}")
 
 
 def finite_rows(array: np.ndarray) -> np.ndarray:
@@ -210,7 +209,7 @@ def _row_ranges(sources: Sequence[Path]) -> tuple[list[tuple[int, int]], tuple, 
         ranges.append((start, start + n))
         start += n
     if len(shapes) != 1:
-        raise SimulationFileError(
+        raise DataFileError(
             f"cannot merge {len(sources)} files whose rows differ in shape: {sorted(shapes)}"
         )
     theta_row, x_row = shapes.pop()
@@ -385,7 +384,7 @@ def _file_attrs(f: h5py.File, path: Path, task: str | None) -> dict[str, Any]:
     """``f``'s decoded attributes; raises if ``task`` is given and the file holds another."""
     attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
     if task is not None and attrs.get("task") != task:
-        raise SimulationFileError(
+        raise DataFileError(
             f"{path} holds simulations of task {attrs.get('task')!r}, expected {task!r}"
         )
     return attrs
@@ -400,7 +399,7 @@ def read_simulations(path: Path, *, task: str | None = None) -> Simulations:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        SimulationFileError: If it is not a readable HDF5 file, lacks ``theta`` or ``x``, is
+        DataFileError: If it is not a readable HDF5 file, lacks ``theta`` or ``x``, is
             incomplete, has mismatched row counts, or was made for another task.
     """
     with open_simulations(path) as f:
@@ -425,7 +424,7 @@ class open_simulations:  # noqa: N801 - context manager that validates while ope
                 f"simulation file {path} does not exist; run `pipeline simulate` to create it"
             )
         if path.suffix.lower() in (".npy", ".npz", ".csv", ".txt", ".fits"):
-            raise SimulationFileError(
+            raise DataFileError(
                 f"{path} is not a simulation file of the pipeline (HDF5 with theta and x): "
                 "convert your arrays with `pipeline import --task TASK --theta SOURCE --x "
                 "SOURCE --out FILE` and use that file"
@@ -433,7 +432,7 @@ class open_simulations:  # noqa: N801 - context manager that validates while ope
         try:
             self.file = h5py.File(path, "r")
         except OSError as error:
-            raise SimulationFileError(
+            raise DataFileError(
                 f"{path} is not a readable HDF5 file ({error}). {_WHOSE_FILE}"
             ) from None
         try:
@@ -457,25 +456,25 @@ _WHOSE_FILE = (
 def _check_layout(f: h5py.File, path: Path) -> None:
     missing = [name for name in ("theta", "x") if name not in f]
     if missing:
-        raise SimulationFileError(
+        raise DataFileError(
             f"{path} has no dataset {' or '.join(map(repr, missing))}; expected 'theta' (N, D) "
             "and 'x' (N, ...) as `pipeline simulate` writes them. For your own file, name its "
             "datasets: `pipeline import --theta FILE:DATASET --x FILE:DATASET`"
         )
     if not f.attrs.get("complete", False):
-        raise SimulationFileError(f"{path} is incomplete (no 'complete' attribute). {_WHOSE_FILE}")
+        raise DataFileError(f"{path} is incomplete (no 'complete' attribute). {_WHOSE_FILE}")
     missing = missing_sources(f, path)
     if missing:
-        raise SimulationFileError(
+        raise DataFileError(
             f"{path} maps shards as a virtual dataset, and {len(missing)} of them are missing "
             f"(first: {missing[0]}). Rerun `pipeline simulate` with the same options to "
             "recompute them, or use --merge copy for a self-contained file."
         )
     theta, x = f["theta"], f["x"]
     if theta.ndim != 2:
-        raise SimulationFileError(f"{path}: theta must have shape (N, D), found {theta.shape}")
+        raise DataFileError(f"{path}: theta must have shape (N, D), found {theta.shape}")
     if len(theta) != len(x):
-        raise SimulationFileError(
+        raise DataFileError(
             f"{path}: theta has {len(theta)} rows but x has {len(x)}; the file is inconsistent"
         )
 

@@ -37,7 +37,7 @@ from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_poste
 from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import launched_by_mpi
 from pipeline.provenance import config_digest, provenance
-from pipeline.storage import SimulationFileError
+from pipeline.storage import DataFileError
 from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ def open_training_data(
     """The data module over ``data`` (split, scaled, checked) and the task its file names.
 
     Raises:
-        SimulationFileError: If the file names no task.
+        DataFileError: If the file names no task.
         ValueError: If its rows do not have the task's shapes.
     """
     datamodule = SimulationDataModule(
@@ -408,7 +408,7 @@ def open_training_data(
     )
     datamodule.setup("fit")
     if "task" not in datamodule.attrs:
-        raise SimulationFileError(
+        raise DataFileError(
             f"{data} names no task (attribute 'task'), so its parameters and shapes are "
             "unknown. Import your arrays with `pipeline import --task TASK ...`, which records it"
         )
