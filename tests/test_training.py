@@ -10,9 +10,9 @@ import torch
 
 from pipeline import simulation, storage
 from pipeline.models.posterior import load_posterior
-from pipeline.parallel import SerialComm
+from pipeline.parallel import Layout, SerialComm, launch_layout
 from pipeline.tasks import get_task
-from pipeline.training import Layout, TrainConfig, check_checkpoints, launch_layout, train
+from pipeline.training import TrainConfig, check_checkpoints, train
 from tests.conftest import run_env, tool
 
 TINY = {

@@ -2,7 +2,7 @@
 
 The same call runs as one process, under Lightning's own launcher (``devices > 1``), under
 ``torchrun``, under ``mpiexec`` and under ``srun``: devices per node and node count are read from
-the launcher's environment (:func:`launch_layout`), never hard-coded.
+the launcher's environment (:func:`pipeline.parallel.launch_layout`), never hard-coded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -35,7 +34,7 @@ from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.options import Options, OptionsError, option
-from pipeline.parallel import launched_by_mpi
+from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, provenance
 from pipeline.storage import DataFileError
 from pipeline.tasks import Task, get_task
@@ -89,64 +88,6 @@ class TrainConfig(Options):
         """The fields that shape the weights (not where they run), for the checkpoint digest."""
         where = ("devices", "accelerator", "num_workers", "compile", "max_time")
         return {k: v for k, v in asdict(self).items() if k not in where}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where this process sits: devices per node, nodes, and the launcher that said so."""
-
-    devices: int
-    num_nodes: int
-    launcher: str
-
-
-def launch_layout(requested_devices: int) -> Layout:
-    """Reads devices per node and node count from the launcher's environment.
-
-    ``torchrun`` sets ``LOCAL_WORLD_SIZE``/``WORLD_SIZE``; ``srun`` sets ``SLURM_NTASKS`` and
-    ``SLURM_NNODES``; ``mpiexec`` sets PMI variables and the local size comes from a shared-memory
-    split of the world communicator. Without a launcher, ``requested_devices`` processes are
-    started by Lightning itself.
-
-    Raises:
-        ValueError: If the launcher's numbers are inconsistent (naming the variable to fix).
-    """
-    env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
-        return Layout(local, _nodes(world, local, "torchrun --nproc_per_node"), "torchrun")
-    if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1 and (
-        "SLURM_PROCID" in env and not launched_by_mpi_only()
-    ):
-        world = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
-        nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
-        if world % nodes:
-            raise ValueError(
-                f"SLURM runs {world} tasks on {nodes} nodes: set --ntasks-per-node so every "
-                "node runs the same number of tasks (one per device)"
-            )
-        return Layout(world // nodes, nodes, "slurm")
-    if launched_by_mpi():
-        from mpi4py import MPI
-
-        world = MPI.COMM_WORLD.Get_size()
-        local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-        return Layout(local, _nodes(world, local, "mpiexec -ppn"), "mpi")
-    return Layout(requested_devices, 1, "lightning")
-
-
-def launched_by_mpi_only() -> bool:
-    """Whether ``mpiexec`` (not ``srun``) launched us inside a SLURM allocation."""
-    return launched_by_mpi() and "SLURM_STEP_ID" not in os.environ
-
-
-def _nodes(world: int, local: int, fix: str) -> int:
-    if world % local:
-        raise ValueError(
-            f"{world} processes cannot be spread evenly with {local} per node; set `{fix}` so "
-            "every node runs the same number of processes (one per device)"
-        )
-    return world // local
 
 
 def build_trainer(
