@@ -60,8 +60,8 @@ def _lazy(module: str, cls: str, **options: Any) -> Callable[[], Task]:
     first called.
 
     sn_cosmology and the field tasks import astropy (about 1.5 s and 70 MiB for its cosmology).
-    Imported with the registry, that was paid by every MPI rank of every run, whatever the task,
-    and cut the 2-rank parallel efficiency of simulate (see benchmarks/README.md).
+    Imported with the registry, it would be paid by every MPI rank of every run, whatever the
+    task, and cut the parallel efficiency of simulate (see benchmarks/README.md).
     """
     path = f"pipeline.tasks.{module}"
 
