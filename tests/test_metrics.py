@@ -17,6 +17,7 @@ from pipeline.metrics import (
     Coverage,
     LocalC2st,
     MetricsError,
+    Misspecification,
     ObservationsInfo,
     PredictiveChecks,
     ReferenceInfo,
@@ -47,6 +48,7 @@ def metrics() -> ValidationMetrics:
         ),
         predictive=PredictiveChecks([0.4, 0.9], 100, [0, 3]),
         local_c2st=LocalC2st([0.01, 0.02], [0.5, 0.6], [0.1, -0.2], 100, 10, 10),
+        misspecification=Misspecification([0.5, 0.01], [0.2, 0.3], [0.4, 0.02], 10, 100),
         reference=ReferenceInfo("rejection", [{"seconds": 1.5}, {"seconds": 2}]),
         figures={"coverage": "coverage.png"},
     )
@@ -85,6 +87,7 @@ def as_json() -> dict[str, Any]:
             "local_c2st: statistic, pvalue and dispersion_correlation differ",
         ),
         (lambda d: d["widths"]["std_ratio"].update(mean=3), "widths.std_ratio.mean should be"),
+        (lambda d: d["misspecification"]["surprise"].pop(), "misspecification: typicality, s"),
     ],
 )
 def test_malformed_files_are_refused_naming_the_field(change: Any, message: str) -> None:
@@ -101,3 +104,8 @@ def test_optional_parts_may_be_null_and_not_json_is_named(tmp_path: Path) -> Non
     path.write_text('{"task": ')
     with pytest.raises(MetricsError, match=f"{path} is not valid JSON"):
         ValidationMetrics.read(path)
+
+
+def test_flagged_observations_lie_below_the_level() -> None:
+    tests = Misspecification(None, [0.5, 0.01, 0.03], [0.5, 0.01, 0.03], 100, 10)
+    assert tests.flagged(0.05) == [1, 2] and tests.flagged(0.02) == [1]

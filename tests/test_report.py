@@ -112,6 +112,13 @@ def validation_json(
             "num_draws": 50,
         },
         "sbc": {"pvalues": {"theta_0": 0.4, "theta_1": 0.002}},
+        "misspecification": {
+            "typicality": [0.5, 0.2],
+            "surprise": [0.3, 0.9],
+            "pvalue": [0.6, 0.4],
+            "num_simulations": 50,
+            "num_draws": 1000,
+        },
         "c2st": None
         if c2st is None
         else {"per_observation": [0.5, c2st], "mean": (0.5 + c2st) / 2, "max": c2st},
@@ -152,12 +159,17 @@ def page(tmp_path_factory: pytest.TempPathFactory, png: bytes) -> str:
     return build(write_experiment(tmp_path_factory.mktemp("results") / "tiny", png))
 
 
-def build(experiment: Path, tasks: list[str] | None = None, config: dict | None = None) -> str:
+def build(
+    experiment: Path,
+    tasks: list[str] | None = None,
+    config: dict | None = None,
+    thresholds: Thresholds = THRESHOLDS,
+) -> str:
     return build_report(
         experiment,
         list(TASKS) if tasks is None else tasks,
         config=CONFIG if config is None else config,
-        thresholds=THRESHOLDS,
+        thresholds=thresholds,
         title="Tiny experiment",
     )
 
@@ -227,8 +239,9 @@ def test_summary_shows_pass_and_fail(page: str) -> None:
     assert [row[0] for row in rows] == list(TASKS)
     for row, (_, _, _, expected) in zip(rows, TASKS.values(), strict=True):
         assert row[1] == "1000"  # num_train + num_val + excluded: the training budget
-        statuses = [cell.split(" (")[0] for cell in row[2:7]]
+        statuses = [cell.split(" (")[0] for cell in [*row[2:6], row[7]]]
         assert statuses == expected
+        assert row[6] == "all 2"  # both observations consistent with the simulations
 
 
 @pytest.mark.parametrize(
@@ -256,7 +269,34 @@ def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "two_moons", png, 0.9, 0.0, 0.0)
     [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
     assert row[2] == "FAIL (0.9)"
-    assert row[6] == "FAIL"
+    assert row[7] == "FAIL"
+
+
+@pytest.mark.parametrize(("c2st", "expected"), [(0.55, "FLAGGED"), (0.9, "FAIL")])
+def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
+    tmp_path: Path, png: bytes, c2st: float, expected: str
+) -> None:
+    """Observation 1's combined p-value 0.001 lies below 0.05 / 2: it is flagged in the
+    summary, the task's section, summary.json and the index; a failing check still FAILs."""
+    write_task(tmp_path, "two_moons", png, c2st, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["misspecification"] |= {"typicality": [0.5, 0.0005], "pvalue": [0.6, 0.001]}
+    path.write_text(json.dumps(metrics))
+    page = build(tmp_path, ["two_moons"])
+    [row] = [row for row in parse(page).summary_rows if row]
+    assert row[6] == "not: observation 1 (p = 0.001)"
+    assert row[7] == expected
+    text = " ".join(re.sub(r"<[^>]+>", " ", page).split())
+    assert "1 0.5 0.9 0.6 consistent with the simulations" not in text
+    assert "1 0.0005 0.9 0.001 not consistent with the simulations" in text
+    summary = write_summary_of(tmp_path, tasks=["two_moons"])
+    assert summary["verdict"] == expected
+    assert summary["tasks"][0]["flagged_observations"] == [1]
+    # At level 0.001 over 2 observations (0.0005 each) nothing is flagged: the level is the
+    # report's option.
+    quiet = build(tmp_path, ["two_moons"], thresholds=Thresholds(0.6, 0.1, 0.001))
+    assert [row for row in parse(quiet).summary_rows if row][0][6] == "all 2"
 
 
 def test_user_text_is_escaped(tmp_path: Path, png: bytes) -> None:
@@ -400,10 +440,12 @@ def test_failed_build_keeps_old_report(experiment: Path) -> None:
     assert out.read_text() == "old"
 
 
-def write_summary_of(experiment: Path, title: str = "Tiny experiment") -> dict[str, Any]:
+def write_summary_of(
+    experiment: Path, title: str = "Tiny experiment", tasks: list[str] | None = None
+) -> dict[str, Any]:
     summary = experiment_summary(
         experiment,
-        load_results(experiment, list(TASKS)),
+        load_results(experiment, list(TASKS) if tasks is None else tasks),
         config=CONFIG,
         thresholds=THRESHOLDS,
         title=title,

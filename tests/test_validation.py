@@ -106,6 +106,10 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     ratios = np.array(list(metrics.widths.std_ratio.mean.values()))
     assert ratios.shape == (10,) and np.all(np.abs(ratios - 1) < 0.1), ratios
     assert metrics.widths.std_over_cramer_rao is None  # no Fisher matrix for this task
+    # Observations drawn like the test set: three p-values per test, each in (0, 1].
+    tests = metrics.misspecification
+    assert len(tests.typicality) == len(tests.surprise) == len(tests.pvalue) == 3
+    assert all(0 < p <= 1 for p in tests.typicality + tests.surprise + tests.pvalue)
 
 
 @pytest.mark.slow  # as above

@@ -97,6 +97,32 @@ class LocalC2st:
 
 
 @dataclass(frozen=True)
+class Misspecification:
+    """Whether each observation looks like the test simulations (see
+    :mod:`pipeline.diagnostics.misspecification`): a data-space p-value (``typicality``, None
+    where there are too few simulations for the summaries' covariance) and an estimator-space
+    one (``surprise``), each per observation; ``pvalue`` combines them (Bonferroni: twice the
+    smaller, at most 1), so that its false-positive rate stays at most the level."""
+
+    typicality: list[float] | None
+    surprise: list[float]
+    pvalue: list[float]
+    num_simulations: int
+    num_draws: int
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.surprise), len(self.pvalue)}
+        if self.typicality is not None:
+            lengths.add(len(self.typicality))
+        if len(lengths) != 1:
+            raise MetricsError("typicality, surprise and pvalue differ in length")
+
+    def flagged(self, level: float) -> list[int]:
+        """Indices of the observations whose combined p-value lies below ``level``."""
+        return [i for i, p in enumerate(self.pvalue) if p < level]
+
+
+@dataclass(frozen=True)
 class WidthRatio:
     """A ratio of standard deviations: ``per_observation`` (n_obs, D), ``mean`` over the
     observations by parameter name."""
@@ -157,6 +183,7 @@ class ValidationMetrics:
     widths: Widths | None
     predictive: PredictiveChecks | None
     local_c2st: LocalC2st
+    misspecification: Misspecification
     reference: ReferenceInfo | None
     figures: dict[str, str]
 

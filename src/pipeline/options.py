@@ -327,3 +327,9 @@ class ReportOptions(Options):
         maximum=1,
         help="coverage passes when TARP and HPD stay this close to the diagonal",
     )
+    misspecification_level: float = option(
+        0.05,
+        exclusive_minimum=0,
+        maximum=1,
+        help="level of the misspecification tests over a task's observations together",
+    )

@@ -24,6 +24,7 @@ from pipeline.metrics import (
     C2stScores,
     Coverage,
     LocalC2st,
+    Misspecification,
     ObservationsInfo,
     PredictiveChecks,
     ReferenceInfo,
@@ -33,6 +34,7 @@ from pipeline.metrics import (
     Widths,
 )
 from pipeline.observations import read_reference, read_reference_info
+from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
 from pipeline.tasks import Task, get_task
@@ -75,7 +77,6 @@ def validate(
         observation_samples, observations, names, out, figures, seed, c2st_max_samples, c2st_folds
     )
     checks = _predictive_checks(task, observed, x_obs, predictive_draws, seed, out, figures)
-    local = _local_c2st(task, test, observed["samples"], x_obs, local_c2st_null, seed)
     result = ValidationMetrics(
         task=str(test["attrs"]["task"]),
         parameter_names=names,
@@ -89,7 +90,8 @@ def validate(
         c2st=c2st,
         widths=_widths(task, observed["samples"], reference, theta_obs),
         predictive=checks,
-        local_c2st=local,
+        local_c2st=_local_c2st(task, test, observed["samples"], x_obs, local_c2st_null, seed),
+        misspecification=misspecification_tests(task, test, observed),
         reference=_reference_info(observations),
         figures=figures,
     )
@@ -382,6 +384,36 @@ def _local_c2st(
         dispersion_correlation=result.dispersion_correlation.tolist(),
         num_null=num_null,
         num_calibration=len(test["theta"]),
+        num_draws=draws,
+    )
+
+
+def misspecification_tests(task: Task, test: dict, observed: dict) -> Misspecification:
+    """Is each observation one the simulator could have produced? Its summaries' typicality
+    among the test simulations', and the estimator's sharpness there against its sharpness at
+    the test simulations (:mod:`pipeline.diagnostics.misspecification`).
+
+    Both sides use as many posterior draws per ``x``; test pairs whose draws have a non-finite
+    log-density are left out of the estimator-space reference.
+    """
+    with _step("misspecification tests at the observations"):
+        draws = min(test["samples"].shape[1], observed["samples"].shape[1])
+        sims = test["log_prob"][:, :draws]
+        sims = sims[np.isfinite(sims).all(axis=1)]
+        surprise = diagnostics.surprise_pvalues(
+            diagnostics.posterior_sharpness(observed["log_prob"], draws),
+            diagnostics.posterior_sharpness(sims),
+        )
+        typicality = None
+        x_sims = task.summary(test["x"])
+        if len(x_sims) >= min_predictive_draws(x_sims.shape[1]):
+            typicality = diagnostics.typicality_pvalues(task.summary(observed["x"]), x_sims)
+        smaller = surprise if typicality is None else np.minimum(surprise, typicality)
+    return Misspecification(
+        typicality=None if typicality is None else typicality.tolist(),
+        surprise=surprise.tolist(),
+        pvalue=np.minimum(1.0, (1 if typicality is None else 2) * smaller).tolist(),
+        num_simulations=len(sims),
         num_draws=draws,
     )
 

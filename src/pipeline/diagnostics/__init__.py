@@ -12,6 +12,11 @@ from pipeline.diagnostics.coverage import (
     tarp_coverage,
 )
 from pipeline.diagnostics.local_c2st import LocalC2ST, local_c2st
+from pipeline.diagnostics.misspecification import (
+    posterior_sharpness,
+    surprise_pvalues,
+    typicality_pvalues,
+)
 from pipeline.diagnostics.predictive import (
     predictive_coverage,
     predictive_intervals,
@@ -26,11 +31,14 @@ __all__ = [
     "hpd_coverage",
     "local_c2st",
     "max_coverage_deviation",
+    "posterior_sharpness",
     "predictive_coverage",
     "predictive_intervals",
     "predictive_pvalues",
     "sbc_histogram",
     "sbc_ranks",
     "sbc_uniformity_pvalues",
+    "surprise_pvalues",
     "tarp_coverage",
+    "typicality_pvalues",
 ]

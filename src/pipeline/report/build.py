@@ -34,13 +34,17 @@ class Thresholds:
         c2st_max: Largest C2ST accuracy over observations (0.5 means indistinguishable).
         coverage_max_deviation: Largest absolute gap between credibility level and the
             empirical coverage, for TARP and HPD coverage alike.
+        misspecification_level: Level of the misspecification tests over a task's
+            observations together: an observation is flagged as not consistent with the
+            simulations when its p-value lies below this over the number of observations.
     """
 
     c2st_max: float
     coverage_max_deviation: float
+    misspecification_level: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("c2st_max", "coverage_max_deviation"):
+        for name in ("c2st_max", "coverage_max_deviation", "misspecification_level"):
             value = getattr(self, name)
             # Written as a negated range test so that NaN is refused too.
             if not 0.0 <= value <= 1.0:
@@ -86,9 +90,20 @@ def evaluate_checks(validation: ValidationMetrics, thresholds: Thresholds) -> li
     ]
 
 
-def verdict(checks: list[Check]) -> str:
-    """``PASS`` when every applicable check passes, else ``FAIL``."""
-    return "FAIL" if any(check.passed is False for check in checks) else "PASS"
+def verdict(checks: list[Check], flagged: Sequence[int] = ()) -> str:
+    """``FAIL`` when an applicable check fails; else ``FLAGGED`` when an observation is not
+    consistent with the simulations (the estimator is calibrated, but its posterior there is
+    not to be trusted), else ``PASS``."""
+    if any(check.passed is False for check in checks):
+        return "FAIL"
+    return "FLAGGED" if flagged else "PASS"
+
+
+def flagged_observations(validation: ValidationMetrics, thresholds: Thresholds) -> list[int]:
+    """Observations not consistent with the simulations at the thresholds' level, shared by
+    the task's observations (Bonferroni: a correct model flags none with that probability)."""
+    tests = validation.misspecification
+    return tests.flagged(thresholds.misspecification_level / max(len(tests.pvalue), 1))
 
 
 def training_curve_figure(curve: TrainingCurve) -> Figure:
@@ -199,6 +214,7 @@ def render_report(
 def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> dict[str, Any]:
     """What the page shows of one task."""
     checks = evaluate_checks(results.validation, thresholds)
+    flagged = flagged_observations(results.validation, thresholds)
     figures = dict(results.figures, training=figure_png(training_curve_figure(results.curve)))
     if results.budgets:
         budget_figure = plots.plot_c2st_budget(
@@ -213,7 +229,9 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "name": results.name,
         "anchor": anchor,
         "checks": checks,
-        "verdict": verdict(checks),
+        "verdict": verdict(checks, flagged),
+        "flagged": flagged,
+        "consistency_rows": consistency_rows(results.validation, flagged),
         "posterior": results.posterior,
         "validation": results.validation,
         "coverage_rows": list(
@@ -232,6 +250,16 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "budgets": results.budgets,
         "reference": reference_summary(results.validation.reference),
     }
+
+
+def consistency_rows(validation: ValidationMetrics, flagged: list[int]) -> list[dict[str, Any]]:
+    """One row per observation: its misspecification p-values and whether it is flagged."""
+    tests = validation.misspecification
+    typicality = tests.typicality or [None] * len(tests.pvalue)
+    return [
+        {"typicality": t, "surprise": s, "pvalue": p, "flagged": i in flagged}
+        for i, (t, s, p) in enumerate(zip(typicality, tests.surprise, tests.pvalue, strict=True))
+    ]
 
 
 def reference_summary(info: ReferenceInfo | None) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from pipeline.provenance import config_digest
 from pipeline.report.build import (
     Thresholds,
     evaluate_checks,
+    flagged_observations,
     template_environment,
     verdict,
     write_report,
@@ -44,10 +45,12 @@ def experiment_summary(
     rows = []
     for task in results:
         checks = evaluate_checks(task.validation, thresholds)
+        flagged = flagged_observations(task.validation, thresholds)
         rows.append(
             {
                 "name": task.name,
-                "verdict": verdict(checks),
+                "verdict": verdict(checks, flagged),
+                "flagged_observations": flagged,
                 "checks": [
                     {
                         "name": c.name,
@@ -64,7 +67,9 @@ def experiment_summary(
         "title": title,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config_digest": config_digest(config),
-        "verdict": "FAIL" if any(row["verdict"] == "FAIL" for row in rows) else "PASS",
+        "verdict": next(
+            (v for v in ("FAIL", "FLAGGED") if any(row["verdict"] == v for row in rows)), "PASS"
+        ),
         "tasks": rows,
     }
 

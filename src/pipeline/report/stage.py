@@ -29,7 +29,9 @@ def report_experiment(
     """The report stage: ``out`` (the page) and, if given, ``summary`` (the verdicts, for the
     index), both from one reading of the tasks' results (see :func:`load_results`)."""
     thresholds = Thresholds(
-        c2st_max=options.c2st_max, coverage_max_deviation=options.coverage_max_deviation
+        c2st_max=options.c2st_max,
+        coverage_max_deviation=options.coverage_max_deviation,
+        misspecification_level=options.misspecification_level,
     )
     results = load_results(experiment_dir, tasks, budgets, specs)
     settings = {"config": config, "thresholds": thresholds, "title": options.title}

@@ -20,6 +20,7 @@ from functools import cached_property
 
 import astropy.units as u
 import numpy as np
+from scipy import stats
 
 from pipeline.tasks.base import BoxUniform, Reference, Task, sample_cells
 from pipeline.tasks.power_spectrum import LinearPower
@@ -51,7 +52,7 @@ class FieldCosmology(Task):
     x_unit = ""
     # A block of 100 maps of 256^2 pixels holds ~50 MB of complex modes; smaller maps less.
     seed_block_size = 100
-    summary_label = "|k| band (log power)"
+    summary_label = "|k| band (log power), then pixel skewness and kurtosis"
 
     def __init__(
         self,
@@ -160,16 +161,25 @@ class FieldCosmology(Task):
     # Summaries for posterior predictive checks.
 
     def summary(self, x: np.ndarray) -> np.ndarray:
-        """Log band powers ``log(mean |X_k|^2 / N^2)`` in 8 log-spaced ``|k|`` bands:
-        ``(n, N, N)`` to ``(n, 8)``; what predictive checks and local C2ST compare."""
+        """Log band powers ``log(mean |X_k|^2 / N^2)`` in 8 log-spaced ``|k|`` bands, then the
+        skewness and excess kurtosis of the pixel values: ``(n, N, N)`` to ``(n, 10)``; what
+        predictive checks, local C2ST and the misspecification tests compare.
+
+        The power spectrum says nothing of the one-point distribution: a lognormal field has
+        exactly a Gaussian one's spectrum (``lognormal_cosmology``), and only its skewness and
+        tails tell them apart.
+        """
         x = np.asarray(x, dtype=np.float64).reshape(-1, *self.x_shape)
         power = np.abs(np.fft.rfft2(x)) ** 2 / self.num_pixels**2
         weights = self._band_weights
-        return np.log(power.reshape(len(x), -1) @ weights / weights.sum(axis=0))
+        bands = np.log(power.reshape(len(x), -1) @ weights / weights.sum(axis=0))
+        pixels = x.reshape(len(x), -1)
+        moments = [stats.skew(pixels, axis=1), stats.kurtosis(pixels, axis=1)]
+        return np.concatenate([bands, np.stack(moments, axis=1)], axis=1)
 
     @property
     def summary_size(self) -> int:
-        return SUMMARY_BANDS
+        return SUMMARY_BANDS + 2
 
     @cached_property
     def _band_weights(self) -> np.ndarray:
