@@ -20,6 +20,7 @@ from pipeline.metrics import (
     Misspecification,
     ObservationsInfo,
     PredictiveChecks,
+    Recovery,
     ReferenceInfo,
     Sbc,
     ValidationMetrics,
@@ -49,6 +50,7 @@ def metrics() -> ValidationMetrics:
         predictive=PredictiveChecks([0.4, 0.9], 100, [0, 3]),
         local_c2st=LocalC2st([0.01, 0.02], [0.5, 0.6], [0.1, -0.2], 100, 10, 10),
         misspecification=Misspecification([0.5, 0.01], [0.2, 0.3], [0.4, 0.02], 10, 100),
+        recovery=Recovery({"a": 0.1, "b": -2.0}, {"a": 0.7, "b": 0.1}, {"a": 1, "b": 0.3}, 2),
         reference=ReferenceInfo("rejection", [{"seconds": 1.5}, {"seconds": 2}]),
         figures={"coverage": "coverage.png"},
     )

@@ -64,3 +64,59 @@ def test_sharpness_uses_as_many_draws_as_asked_and_refuses_nan() -> None:
         posterior_sharpness(np.array([[np.nan, 1.0]]))
     with pytest.raises(ValueError, match="at least 19 simulations"):
         surprise_pvalues(np.zeros(1), np.zeros(5))
+
+
+def test_recovery_of_known_parameters() -> None:
+    """Exact Gaussian posteriors recover the truth (coverage 0.68 / 0.95, no bias); posteriors
+    shifted by one standard deviation show a bias of -1 and lose coverage."""
+    from pipeline.diagnostics import marginal_recovery
+
+    rng = np.random.default_rng(3)
+    theta = rng.normal(size=(2000, 2))
+    centre = theta + rng.normal(size=theta.shape)  # the posterior mean scatters by 1 sd
+    samples = centre[:, None, :] + rng.normal(size=(2000, 400, 2))
+    bias, inside_68, inside_95 = marginal_recovery(samples, theta)
+    # 2000 observations: a coverage fraction's sd is at most 0.011; the bias's 0.022.
+    np.testing.assert_allclose(bias, 0, atol=0.07)
+    np.testing.assert_allclose(inside_68, 0.68, atol=0.04)
+    np.testing.assert_allclose(inside_95, 0.95, atol=0.03)
+    bias, inside_68, _ = marginal_recovery(samples - 1.0, theta)
+    np.testing.assert_allclose(bias, -1, atol=0.07)
+    assert np.all(inside_68 < 0.55)
+
+
+def test_mock_observations_come_from_the_other_model(tmp_path) -> None:
+    from pipeline.observations import make_observations, read_mock_of, read_reference
+    from pipeline.tasks import get_task
+
+    task = get_task("sn_cosmology")
+    make_observations(task, 3, 100, 5, tmp_path / "own.h5")
+    make_observations(task, 3, 100, 5, tmp_path / "mock.h5", mock=get_task("sn_cosmology_offset"))
+    theta, x, reference = read_reference(tmp_path / "own.h5")
+    theta_mock, x_mock, no_reference = read_reference(tmp_path / "mock.h5")
+    # The same parameters and noise, then the mock model's offset of 0.1 mag; no reference
+    # (the task's would be the posterior of another model).
+    np.testing.assert_array_equal(theta_mock, theta)
+    np.testing.assert_allclose(x_mock - x, 0.1, atol=1e-5)
+    assert reference is not None and no_reference is None
+    assert read_mock_of(tmp_path / "mock.h5") == "sn_cosmology_offset"
+    assert read_mock_of(tmp_path / "own.h5") is None
+    with pytest.raises(ValueError, match="mocks must share the parameters"):
+        make_observations(task, 1, 0, 5, tmp_path / "bad.h5", mock=get_task("two_moons"))
+
+
+def test_mock_configs_are_checked_before_any_job() -> None:
+    from pipeline.tasks.experiment import resolve_tasks
+
+    def resolve(mocks, observed=None):
+        return resolve_tasks(["sn_cosmology"], {}, {}, observed or {}, {}, [], mocks=mocks)
+
+    assert resolve({"sn_cosmology": "sn_cosmology_offset"})["sn_cosmology"].name == "sn_cosmology"
+    with pytest.raises(ValueError, match="config 'mocks' names two_moons, which config 'tasks'"):
+        resolve({"two_moons": "sn_cosmology_offset"})
+    with pytest.raises(ValueError, match="config mocks.sn_cosmology: mock model 'two_moons' has"):
+        resolve({"sn_cosmology": "two_moons"})
+    with pytest.raises(ValueError, match="config mocks.sn_cosmology: unknown task 'sn_offset'"):
+        resolve({"sn_cosmology": "sn_offset"})
+    with pytest.raises(ValueError, match="observed.sn_cosmology and mocks.sn_cosmology both"):
+        resolve({"sn_cosmology": "sn_cosmology_offset"}, {"sn_cosmology": "x.npy"})

@@ -90,7 +90,7 @@ def validation_json(
         "num_test": 50,
         "num_posterior_samples": 1000,
         "num_nonfinite_excluded": 0,
-        "observations": {"num": 2, "real": False},
+        "observations": {"num": 2, "real": False, "mock_of": None},
         "skipped": {},
         "coverage": {
             "levels": [0.1, 0.5, 0.9],
@@ -118,6 +118,12 @@ def validation_json(
             "pvalue": [0.6, 0.4],
             "num_simulations": 50,
             "num_draws": 1000,
+        },
+        "recovery": {
+            "bias": {"theta_0": 0.1, "theta_1": -0.2},
+            "coverage_68": {"theta_0": 0.5, "theta_1": 1.0},
+            "coverage_95": {"theta_0": 1.0, "theta_1": 1.0},
+            "num_observations": 2,
         },
         "c2st": None
         if c2st is None

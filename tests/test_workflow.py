@@ -313,3 +313,25 @@ def test_slurm_profile_plans_the_dag_with_cluster_resources(workdir):
     assert re.search(r"srun --mpi=pmi2 -n 4 pipeline simulate", text), text[-3000:]
     assert "Shell command: srun pipeline train" in text, text[-3000:]
     assert "tasks_per_node=4, gres=gpu:4" in text and "--threads 8" in text
+
+
+def test_mocks_of_another_model_run_through_the_dag(workdir):
+    """sn_cosmology trained on its own simulations, observed through mocks of
+    sn_cosmology_offset: the observation file names the mock model, C2ST is skipped with that
+    reason, and the report shows the mocks, the recovery of the truths and the tests."""
+    config = write_config(
+        workdir, tasks=["sn_cosmology"], mocks={"sn_cosmology": "sn_cosmology_offset"}
+    )
+    snakemake(workdir, "--configfile", str(config))
+    experiment = workdir / "results/tiny"
+    with h5py.File(experiment / "sn_cosmology/observations.h5") as f:
+        assert f.attrs["mock_of"] == "sn_cosmology_offset" and "reference_samples" not in f
+    metrics = json.loads((experiment / "sn_cosmology/validation/metrics.json").read_text())
+    assert metrics["observations"]["mock_of"] == "sn_cosmology_offset"
+    assert metrics["c2st"] is None
+    assert "mock observations of another model (sn_cosmology_offset)" in metrics["skipped"]["c2st"]
+    assert set(metrics["recovery"]["bias"]) == {"Omega_m", "w0"}
+    assert len(metrics["misspecification"]["pvalue"]) == 2
+    text = " ".join(re.sub(r"<[^>]+>", " ", (experiment / "report.html").read_text()).split())
+    assert "Mock observations of another forward model , sn_cosmology_offset" in text
+    assert "Recovery of the true parameters over the 2 observations" in text

@@ -132,6 +132,8 @@ def cmd_observe(args: argparse.Namespace) -> None:
     from pipeline.tasks import get_task
 
     options = ObserveOptions.from_args(args)
+    if args.source is not None and args.mock_of is not None:
+        raise ValueError("--from reads real data and --mock-of draws mocks: give one of them")
     if args.source is not None:
         import_observations(get_task(args.task), args.source, args.out, overwrite=args.overwrite)
         return
@@ -142,6 +144,7 @@ def cmd_observe(args: argparse.Namespace) -> None:
         options.seed,
         args.out,
         overwrite=args.overwrite,
+        mock=None if args.mock_of is None else get_task(args.mock_of),
     )
 
 
@@ -327,6 +330,12 @@ def _observe_command(add: AddCommand) -> None:
         dest="source",
         metavar="FILE",
         help="real observed data instead: x.npy (n_obs, *x_shape) or file.h5[:dataset]",
+    )
+    p.add_argument(
+        "--mock-of",
+        metavar="TASK",
+        help="draw x from this other forward model of the same parameters (mock observations, "
+        "no reference): what the model concludes from data it does not describe",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)

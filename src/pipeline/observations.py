@@ -37,23 +37,33 @@ def make_observations(
     out: Path,
     *,
     overwrite: bool = False,
+    mock: Task | None = None,
 ) -> None:
     """Draws observations (and reference posteriors) and writes them atomically to ``out``.
 
     Observation ``j`` uses the generator ``default_rng([seed, j])``, its reference posterior
     ``default_rng([seed, j, 1])``: adding observations never changes the earlier ones.
 
+    With ``mock``, another forward model of the same parameters: ``theta`` from ``task``'s
+    prior, ``x`` from ``mock``'s simulator, no reference posterior (``task``'s would answer
+    another question), and the file records ``mock_of``: mock observations that test what a
+    model of ``task`` concludes from data it does not describe.
+
     Raises:
         FileExistsError: If ``out`` exists and ``overwrite`` is false.
+        ValueError: If ``mock`` has other parameters or another shape of ``x`` than ``task``.
     """
     atomic.check_new(Path(out), overwrite=overwrite)
     if num_observations <= 0:
         raise ValueError(f"--num-observations must be positive, got {num_observations}")
+    if mock is not None:
+        check_mock(task, mock)
+        num_reference_samples = 0
     check_size(task, num_observations, num_reference_samples, Path(out))
     thetas, xs, references, diagnostics = [], [], [], []
     progress = Progress(num_observations, "observations", log)
     for j in range(num_observations):
-        theta, x = _draw_finite(task, np.random.default_rng([seed, j]), j)
+        theta, x = _draw_finite(task, np.random.default_rng([seed, j]), j, mock)
         thetas.append(theta)
         xs.append(x)
         if task.has_reference and num_reference_samples > 0:
@@ -66,9 +76,7 @@ def make_observations(
             diagnostics.append({**reference.diagnostics, "seconds": seconds})
             log.info("observation %d: %s reference, %s", j, reference.method, diagnostics[-1])
         progress.update(1)
-    identity = {"task": task.name, "seed": seed, "num_reference_samples": num_reference_samples}
-    if (digest := source_digest(task)) is not None:
-        identity["task_digest"] = digest
+    identity = _identity(task, seed, num_reference_samples, mock)
     with storage.atomic_h5(out) as f:
         f["theta"] = np.asarray(thetas, dtype=np.float32)
         f["x"] = np.asarray(xs, dtype=np.float32)
@@ -81,6 +89,21 @@ def make_observations(
         f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
         f.attrs["provenance"] = storage.encode_attr(provenance(identity))
         f.attrs["complete"] = True
+
+
+def _identity(
+    task: Task, seed: int, num_reference_samples: int, mock: Task | None
+) -> dict[str, Any]:
+    """What the observations depend on: the task (and its definition's digest), the seed, the
+    reference size, and the mock model where there is one."""
+    identity = {"task": task.name, "seed": seed, "num_reference_samples": num_reference_samples}
+    if (digest := source_digest(task)) is not None:
+        identity["task_digest"] = digest
+    if mock is not None:
+        identity["mock_of"] = mock.name
+        if (digest := source_digest(mock)) is not None:
+            identity["mock_digest"] = digest
+    return identity
 
 
 def check_size(task: Task, num_observations: int, num_reference_samples: int, out: Path) -> None:
@@ -170,13 +193,47 @@ def read_observed(source: str) -> tuple[Path, np.ndarray]:
         return parsed.path, np.array(rows[0 : rows.shape[0]])
 
 
-def _draw_finite(task: Task, rng: np.random.Generator, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """One ``(theta, x)``; retried (a few times) if the simulator returns NaN or inf."""
+def check_mock(task: Task, mock: Task) -> None:
+    """Refuses a mock model that cannot stand in for ``task``'s simulator."""
+    if not mock.has_simulator:
+        raise ValueError(f"mock model {mock.name!r} has no simulator to draw observations with")
+    if tuple(mock.parameter_names) != tuple(task.parameter_names):
+        raise ValueError(
+            f"mock model {mock.name!r} has parameters {list(mock.parameter_names)}, task "
+            f"{task.name!r} {list(task.parameter_names)}: mocks must share the parameters "
+            "whose recovery they test"
+        )
+    if tuple(mock.x_shape) != tuple(task.x_shape):
+        raise ValueError(
+            f"mock model {mock.name!r} makes x of shape {tuple(mock.x_shape)}, task "
+            f"{task.name!r} expects {tuple(task.x_shape)}"
+        )
+
+
+def _draw_finite(
+    task: Task, rng: np.random.Generator, j: int, mock: Task | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One ``(theta, x)``, ``x`` from ``mock`` if given; retried (a few times) if the simulator
+    returns NaN or inf."""
     for _ in range(100):
-        theta, x = task.simulate_block(1, rng)
+        if mock is None:
+            theta, x = task.simulate_block(1, rng)
+        else:
+            theta = task.prior.sample(1, rng)
+            x = mock.simulate(theta, rng)
         if np.isfinite(x).all():
             return theta[0], x[0]
     raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")
+
+
+def read_mock_of(path: Path) -> str | None:
+    """The mock model an observation file's ``x`` came from (None: the task's own simulator,
+    or real data)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return storage.decode_attr(f.attrs["mock_of"]) if "mock_of" in f.attrs else None
+    except OSError as error:
+        raise storage.unreadable(Path(path), error) from None
 
 
 def read_reference(path: Path) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:

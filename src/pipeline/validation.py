@@ -27,13 +27,14 @@ from pipeline.metrics import (
     Misspecification,
     ObservationsInfo,
     PredictiveChecks,
+    Recovery,
     ReferenceInfo,
     Sbc,
     ValidationMetrics,
     WidthRatio,
     Widths,
 )
-from pipeline.observations import read_reference, read_reference_info
+from pipeline.observations import read_mock_of, read_reference, read_reference_info
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
@@ -83,8 +84,8 @@ def validate(
         num_test=int(len(test["theta"])),
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
-        observations=ObservationsInfo(num=int(len(x_obs)), real=theta_obs is None),
-        skipped=_skipped(task, theta_obs, reference),
+        observations=ObservationsInfo(len(x_obs), theta_obs is None, read_mock_of(observations)),
+        skipped=_skipped(task, theta_obs, reference, read_mock_of(observations)),
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
@@ -92,16 +93,25 @@ def validate(
         predictive=checks,
         local_c2st=_local_c2st(task, test, observed["samples"], x_obs, local_c2st_null, seed),
         misspecification=misspecification_tests(task, test, observed),
+        recovery=_recovery(names, observed, theta_obs),
         reference=_reference_info(observations),
         figures=figures,
     )
     result.write(out / "metrics.json")
-    c2st_text = "n/a" if c2st is None else f"mean {c2st.mean:.3f}"
-    log.info(
-        "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s",
-        *(coverage.tarp_max_deviation, coverage.hpd_max_deviation, c2st_text),
-    )
+    _log_headline(result)
     return result
+
+
+def _log_headline(result: ValidationMetrics) -> None:
+    """The figures a reader of the log wants first."""
+    c2st = "n/a" if result.c2st is None else f"mean {result.c2st.mean:.3f}"
+    flagged = result.misspecification.flagged(0.05 / max(len(result.misspecification.pvalue), 1))
+    log.info(
+        "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s, observations not consistent "
+        "with the simulations (Bonferroni level 0.05): %s",
+        *(result.coverage.tarp_max_deviation, result.coverage.hpd_max_deviation, c2st),
+        flagged or "none",
+    )
 
 
 def _test_set_diagnostics(
@@ -168,7 +178,12 @@ def _read_test_samples(path: Path) -> dict[str, Any]:
     return test
 
 
-def _skipped(task: Task, theta_obs: np.ndarray | None, reference: np.ndarray | None) -> dict:
+def _skipped(
+    task: Task,
+    theta_obs: np.ndarray | None,
+    reference: np.ndarray | None,
+    mock_of: str | None = None,
+) -> dict:
     """The diagnostics that cannot run for this task and observations, with the reason."""
     skipped: dict[str, str] = {}
     if not task.has_simulator:
@@ -180,6 +195,8 @@ def _skipped(task: Task, theta_obs: np.ndarray | None, reference: np.ndarray | N
         skipped["c2st"] = (
             "real observations have no reference posterior"
             if theta_obs is None
+            else f"mock observations of another model ({mock_of}) have no reference posterior"
+            if mock_of is not None
             else "the task has no reference posterior"
         )
     return skipped
@@ -386,6 +403,22 @@ def _local_c2st(
         num_calibration=len(test["theta"]),
         num_draws=draws,
     )
+
+
+def _recovery(names: list[str], observed: dict, theta_obs: np.ndarray | None) -> Recovery | None:
+    """Bias and marginal coverage of the true parameters at the observations (None for real
+    data, which has no truth)."""
+    if theta_obs is None:
+        return None
+    index = np.asarray(observed["attrs"].get("observation_index", range(len(observed["x"]))))
+    bias, inside_68, inside_95 = diagnostics.marginal_recovery(
+        observed["samples"].astype(np.float64), theta_obs[index].astype(np.float64)
+    )
+
+    def named(values: np.ndarray) -> dict[str, float]:
+        return dict(zip(names, values.tolist(), strict=True))
+
+    return Recovery(named(bias), named(inside_68), named(inside_95), len(index))
 
 
 def misspecification_tests(task: Task, test: dict, observed: dict) -> Misspecification:

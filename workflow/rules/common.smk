@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from pipeline.options import SampleOptions, SimulateOptions
+from pipeline.tasks import get_task
 from pipeline.tasks.experiment import resolve_tasks
 
 
@@ -21,6 +22,7 @@ TASK_OBJECTS = resolve_tasks(
     config["observed"],
     config["task_train"],
     config["simulate"]["budgets"],
+    mocks=config["mocks"],
 )
 SIMULATED = [name for name in config["tasks"] if name not in config["data"]]
 IMPORTED = [name for name in config["tasks"] if name in config["data"]]
@@ -32,6 +34,22 @@ def task_files(wildcards):
     """The files that define a user's task (its Python file, task file, program): editing one
     reruns what the task simulates."""
     return [os.path.relpath(path) for path in TASK_OBJECTS[wildcards.task].source_files]
+
+
+MOCK_OBJECTS = {name: get_task(spec) for name, spec in config["mocks"].items()}
+
+
+def mock_files(wildcards):
+    """The files that define the task's mock model, if it has one (as task_files)."""
+    mock = MOCK_OBJECTS.get(wildcards.task)
+    return [] if mock is None else [os.path.relpath(path) for path in mock.source_files]
+
+
+def mock_arguments(name):
+    """['--mock-of', SPEC] for a task whose observations are mocks of another model, else []
+    (quoted one by one in the shell command)."""
+    spec = config["mocks"].get(name)
+    return [] if spec is None else ["--mock-of", spec]
 
 
 def one_of(names):

@@ -83,6 +83,7 @@ else:
 rule observe:
     input:
         task_files,
+        mock_files,
     output:
         task_path("observations.h5"),
     log:
@@ -97,6 +98,7 @@ rule observe:
         task=lambda wildcards: task_spec(wildcards.task),
         # The config's observations section is the stage's options (ObserveOptions).
         options=json.dumps(config["observations"], sort_keys=True),
+        mock=lambda wildcards: mock_arguments(wildcards.task),
     shell:
-        "pipeline observe --task {params.task:q} --options {params.options:q}"
+        "pipeline observe --task {params.task:q} --options {params.options:q} {params.mock:q}"
         " --out {output:q} --overwrite --log {log:q}"

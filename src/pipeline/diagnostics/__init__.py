@@ -5,6 +5,7 @@ from pipeline.diagnostics.c2st import c2st, c2st_batched
 from pipeline.diagnostics.coverage import (
     DEFAULT_LEVELS,
     hpd_coverage,
+    marginal_recovery,
     max_coverage_deviation,
     sbc_histogram,
     sbc_ranks,
@@ -30,6 +31,7 @@ __all__ = [
     "c2st_batched",
     "hpd_coverage",
     "local_c2st",
+    "marginal_recovery",
     "max_coverage_deviation",
     "posterior_sharpness",
     "predictive_coverage",

@@ -31,6 +31,7 @@ from pipeline.diagnostics.common import check_finite, check_levels, check_ndim, 
 __all__ = [
     "DEFAULT_LEVELS",
     "hpd_coverage",
+    "marginal_recovery",
     "max_coverage_deviation",
     "sbc_histogram",
     "sbc_ranks",
@@ -290,3 +291,28 @@ def max_coverage_deviation(levels: np.ndarray, coverage: np.ndarray) -> float:
     check_finite("levels", levels)
     check_finite("coverage", coverage)
     return float(np.max(np.abs(coverage - levels)))
+
+
+def marginal_recovery(
+    samples: np.ndarray, theta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How well posteriors recover known parameters, one parameter at a time.
+
+    Arguments:
+        samples: Posterior samples at each of ``n`` observations, shape ``(n, M, D)``.
+        theta: The parameters that made each observation, shape ``(n, D)``.
+
+    Returns:
+        Per parameter, shape ``(D,)`` each: the mean over observations of
+        ``(posterior mean - theta) / posterior std`` (bias in posterior widths; near 0 when
+        unbiased), and the fractions of observations whose ``theta`` lies inside the central 68 %
+        and 95 % marginal credible intervals (0.68 and 0.95 when calibrated).
+    """
+    _check_samples_theta(samples, theta)
+    std = samples.std(axis=1)
+    z = (samples.mean(axis=1) - theta) / np.where(std > 0, std, np.inf)
+    inside = {}
+    for level in (0.68, 0.95):
+        low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
+        inside[level] = np.mean((theta >= low) & (theta <= high), axis=0)
+    return z.mean(axis=0), inside[0.68], inside[0.95]

@@ -83,6 +83,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "gaussian_linear": _lazy("gaussian_linear", "GaussianLinear"),
     "two_moons": _lazy("two_moons", "TwoMoons"),
     "sn_cosmology": _lazy("sn_cosmology", "SNCosmology"),
+    "sn_cosmology_offset": _lazy("sn_cosmology", "SNCosmologyOffset"),
     "gaussian_mixture": _lazy("gaussian_mixture", "GaussianMixture"),
     "slcp": _lazy("slcp", "SLCP"),
     "bernoulli_glm": _lazy("bernoulli_glm", "BernoulliGLM"),

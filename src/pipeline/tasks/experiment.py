@@ -19,6 +19,7 @@ def resolve_tasks(
     observed: Mapping[str, str],
     task_train: Mapping[str, Any],
     budgets: Sequence[int],
+    mocks: Mapping[str, str] | None = None,
 ) -> dict[str, Task]:
     """Each of ``tasks`` resolved as every job will resolve it (``task_modules[name]`` or the
     name itself), after checking that the per-task keys fit together.
@@ -26,7 +27,8 @@ def resolve_tasks(
     Raises:
         ValueError: Naming the config key at fault and what to write instead.
     """
-    for key, block in (("data", data), ("observed", observed)):
+    mocks = mocks or {}
+    for key, block in (("data", data), ("observed", observed), ("mocks", mocks)):
         stray = sorted(set(block) - set(tasks))
         if stray:
             raise ValueError(
@@ -44,9 +46,26 @@ def resolve_tasks(
         _check_sources(name, task, data, observed, budgets)
         if name in data:
             _check_data(name, task, data[name])
+        if name in mocks:
+            _check_mock(name, task, mocks[name], observed)
         if name in observed:
             _check_observed(name, task, observed[name])
     return resolved
+
+
+def _check_mock(name: str, task: Task, spec: str, observed: Mapping[str, str]) -> None:
+    """The mock model resolves and can stand in for the task's simulator."""
+    from pipeline.observations import check_mock
+
+    if name in observed:
+        raise ValueError(
+            f"config observed.{name} and mocks.{name} both give {name}'s observations: real data "
+            "or mocks of another model, not both"
+        )
+    try:
+        check_mock(task, get_task(spec))
+    except (TaskError, ValueError) as error:
+        raise ValueError(f"config mocks.{name}: {error}") from None
 
 
 def _check_data(name: str, task: Task, block: Mapping[str, Any]) -> None:

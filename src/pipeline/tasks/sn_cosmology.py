@@ -110,6 +110,29 @@ class SNCosmology(Task):
         return centres, widths, self.distance_modulus(centres)
 
 
+class SNCosmologyOffset(SNCosmology):
+    """``sn_cosmology_offset``: :class:`SNCosmology` with every distance modulus 0.1 mag too
+    bright or faint by a miscalibrated zero point, ``x + 0.1``: a forward model the simulations of
+    ``sn_cosmology`` do not contain, for misspecification experiments
+    (``mocks: {sn_cosmology: sn_cosmology_offset}``). Its exact posterior is ``sn_cosmology``'s at
+    ``x - 0.1``."""
+
+    name = "sn_cosmology_offset"
+    offset: float = 0.1
+
+    def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy distance moduli plus the offset: ``(n, 2)`` to ``(n, 40)``."""
+        return super().simulate(theta, rng) + self.offset
+
+    def reference_posterior(
+        self, x_obs: np.ndarray, num_samples: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Samples of the gridded exact posterior, shape ``(num_samples, 2)``."""
+        return super().reference_posterior(
+            self.check_observation(x_obs) - self.offset, num_samples, rng
+        )
+
+
 def distance_modulus(
     omega_m: np.ndarray, w0: np.ndarray, redshifts: np.ndarray, hubble_constant: u.Quantity
 ) -> np.ndarray:
