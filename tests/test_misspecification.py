@@ -60,8 +60,10 @@ def test_sharpness_uses_as_many_draws_as_asked_and_refuses_nan() -> None:
     np.testing.assert_allclose(posterior_sharpness(log_prob), [4.0, 1.0])
     with pytest.raises(ValueError, match=r"num_draws must be in \[1, 3\]"):
         posterior_sharpness(log_prob, num_draws=4)
-    with pytest.raises(ValueError, match="log_prob holds 1 NaN or inf"):
-        posterior_sharpness(np.array([[np.nan, 1.0]]))
+    assert np.isnan(posterior_sharpness(np.array([[np.nan, 1.0]])))[0]
+    np.testing.assert_allclose(surprise_pvalues(np.array([np.inf]), np.arange(99.0)), 0.02)
+    with pytest.raises(ValueError, match="score_obs holds NaN"):
+        surprise_pvalues(np.array([np.nan]), np.arange(99.0))
     with pytest.raises(ValueError, match="at least 19 simulations"):
         surprise_pvalues(np.zeros(1), np.zeros(5))
 

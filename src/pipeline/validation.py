@@ -427,16 +427,16 @@ def misspecification_tests(task: Task, test: dict, observed: dict) -> Misspecifi
     the test simulations (:mod:`pipeline.diagnostics.misspecification`).
 
     Both sides use as many posterior draws per ``x``; test pairs whose draws have a non-finite
-    log-density are left out of the estimator-space reference.
+    log-density are left out of the estimator-space reference, and an observation's such draws
+    make it as surprising as it gets.
     """
     with _step("misspecification tests at the observations"):
         draws = min(test["samples"].shape[1], observed["samples"].shape[1])
-        sims = test["log_prob"][:, :draws]
-        sims = sims[np.isfinite(sims).all(axis=1)]
-        surprise = diagnostics.surprise_pvalues(
-            diagnostics.posterior_sharpness(observed["log_prob"], draws),
-            diagnostics.posterior_sharpness(sims),
-        )
+        sims = diagnostics.posterior_sharpness(test["log_prob"], draws)
+        sims = sims[np.isfinite(sims)]
+        # A density that is not finite at an observation's own draws: as surprising as it gets.
+        score = diagnostics.posterior_sharpness(observed["log_prob"], draws)
+        surprise = diagnostics.surprise_pvalues(np.nan_to_num(score, nan=np.inf), sims)
         typicality = None
         x_sims = task.summary(test["x"])
         if len(x_sims) >= min_predictive_draws(x_sims.shape[1]):

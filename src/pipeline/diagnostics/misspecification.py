@@ -71,6 +71,7 @@ def posterior_sharpness(log_prob: np.ndarray, num_draws: int | None = None) -> n
 
     The first ``num_draws`` draws only (all by default): the test set and the observations must
     use as many for their scores to be exchangeable, since the mean's noise falls with ``M``.
+    A row holding NaN or inf scores NaN or inf: the caller decides what that means.
     """
     log_prob = np.asarray(log_prob, dtype=float)
     check_ndim("log_prob", log_prob, 2, "(n, M)")
@@ -78,7 +79,6 @@ def posterior_sharpness(log_prob: np.ndarray, num_draws: int | None = None) -> n
         if not 1 <= num_draws <= log_prob.shape[1]:
             raise ValueError(f"num_draws must be in [1, {log_prob.shape[1]}], got {num_draws}")
         log_prob = log_prob[:, :num_draws]
-    check_finite("log_prob", log_prob)
     return log_prob.mean(axis=1)
 
 
@@ -89,8 +89,9 @@ def surprise_pvalues(score_obs: np.ndarray, score_sims: np.ndarray) -> np.ndarra
     smaller tail, each tail counting the observation itself.
 
     Arguments:
-        score_obs: Scores of the observations, shape ``(n,)`` (e.g. :func:`posterior_sharpness`).
-        score_sims: The same score at the ``N >= 19`` simulations, shape ``(N,)``.
+        score_obs: Scores of the observations, shape ``(n,)`` (e.g. :func:`posterior_sharpness`);
+            an infinite score is as extreme as it gets (p = 2 / (N + 1)), NaN is refused.
+        score_sims: The same score at the ``N >= 19`` simulations, finite, shape ``(N,)``.
 
     Returns:
         p-values in ``[2 / (N + 1), 1]``, shape ``(n,)``.
@@ -103,7 +104,8 @@ def surprise_pvalues(score_obs: np.ndarray, score_sims: np.ndarray) -> np.ndarra
         raise ValueError(
             f"need at least 19 simulations for a p-value that can reach 0.1, got {len(score_sims)}"
         )
-    check_finite("score_obs", score_obs)
+    if np.isnan(score_obs).any():
+        raise ValueError("score_obs holds NaN; map an undefined score to inf (most extreme)")
     check_finite("score_sims", score_sims)
     upper = 1 + np.sum(score_sims[None, :] >= score_obs[:, None], axis=1)
     lower = 1 + np.sum(score_sims[None, :] <= score_obs[:, None], axis=1)
