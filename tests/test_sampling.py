@@ -129,9 +129,9 @@ def test_a_model_of_another_task_is_refused(posterior, tmp_path, capsys):
 
 
 def test_samples_memory_or_disk_cannot_hold_are_refused_before_sampling(tmp_path, monkeypatch):
-    from pipeline import sampling
+    from pipeline import resources, sampling
 
     sampling.check_sample_size(5, 1000, 2, tmp_path / "s.h5")  # 60 kB: fine
-    monkeypatch.setattr(sampling, "available_memory", lambda: 10**6)
+    monkeypatch.setattr(resources, "available_memory", lambda: 10**6)
     with pytest.raises(ValueError, match=r"take 60.0 MB, more than the 500.0 kB half the avail"):
         sampling.check_sample_size(5, 10**6, 2, tmp_path / "s.h5")

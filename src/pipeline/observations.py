@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import atomic, importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
-from pipeline.resources import available_memory, free_disk, size_text
+from pipeline.resources import require_room
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 
@@ -111,16 +111,12 @@ def check_size(task: Task, num_observations: int, num_reference_samples: int, ou
     or the disk holding ``out`` cannot hold."""
     references = num_reference_samples if task.has_reference else 0
     row = task.dim_theta * (1 + references) + math.prod(task.x_shape)
-    size = num_observations * row * 4  # float32
-    available = available_memory()
-    folder, free = free_disk(out)
-    for room, what in ((available / 2, "half the available memory"), (free, f"free in {folder}")):
-        if size > room:
-            raise ValueError(
-                f"{num_observations} observations with {references} reference samples each "
-                f"take {size_text(size)}, more than the {size_text(room)} {what}; lower "
-                "observations.num_reference_samples or observations.num_observations"
-            )
+    require_room(
+        num_observations * row * 4,  # float32
+        out,
+        f"{num_observations} observations with {references} reference samples each",
+        "lower observations.num_reference_samples or observations.num_observations",
+    )
 
 
 def import_observations(task: Task, source: str, out: Path, *, overwrite: bool = False) -> None:

@@ -34,3 +34,17 @@ def size_text(num_bytes: float) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1000
     return f"{num_bytes:.1f} TB"
+
+
+def require_room(size: int, out: Path, what: str, fix: str) -> None:
+    """Refuses, before the work, ``size`` bytes of ``what`` that half the available memory or
+    the disk holding ``out`` cannot hold; the message names both sizes and the ``fix``."""
+    folder, free = free_disk(out)
+    for room, where in (
+        (available_memory() / 2, "half the available memory"),
+        (free, f"free in {folder}"),
+    ):
+        if size > room:
+            raise ValueError(
+                f"{what} take {size_text(size)}, more than the {size_text(room)} {where}; {fix}"
+            )

@@ -19,7 +19,7 @@ from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
-from pipeline.resources import available_memory, free_disk, size_text
+from pipeline.resources import require_room
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,12 @@ def log_prob_of(posterior: NeuralPosterior, theta: np.ndarray, x: np.ndarray) ->
 
 def check_sample_size(num_observations: int, num_samples: int, dim: int, out: Path) -> None:
     """Refuses, before sampling, samples that memory or the disk holding ``out`` cannot hold."""
-    size = num_observations * num_samples * (dim + 1) * 4  # float32 samples and log_prob
-    available = available_memory()
-    folder, free = free_disk(out)
-    for room, what in ((available / 2, "half the available memory"), (free, f"free in {folder}")):
-        if size > room:
-            raise ValueError(
-                f"{num_samples} samples at each of {num_observations} observations take "
-                f"{size_text(size)}, more than the {size_text(room)} {what}; lower --num-samples"
-            )
+    require_room(
+        num_observations * num_samples * (dim + 1) * 4,  # float32 samples and log_prob
+        out,
+        f"{num_samples} samples at each of {num_observations} observations",
+        "lower --num-samples",
+    )
 
 
 def write_samples(
