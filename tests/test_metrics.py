@@ -108,6 +108,14 @@ def test_optional_parts_may_be_null_and_not_json_is_named(tmp_path: Path) -> Non
         ValidationMetrics.read(path)
 
 
-def test_flagged_observations_lie_below_the_level() -> None:
+def test_flagged_observations_follow_benjamini_hochberg() -> None:
     tests = Misspecification(None, [0.5, 0.01, 0.03], [0.5, 0.01, 0.03], 100, 10)
-    assert tests.flagged(0.05) == [1, 2] and tests.flagged(0.02) == [1]
+    # Sorted 0.01 <= 0.05 / 3 and 0.03 <= 0.05 * 2 / 3, 0.5 > 0.05: the first two.
+    assert tests.flagged(0.05) == [1, 2]
+    # At 0.02: 0.01 > 0.02 / 3 and 0.03 > 0.02 * 2 / 3: none.
+    assert tests.flagged(0.02) == []
+    # Ninety of a hundred at the rank tests' floor of 2 / 1001 are all flagged, where a
+    # per-observation correction (0.05 / 100) could flag none.
+    pvalues = [2 / 1001] * 90 + [0.5] * 10
+    many = Misspecification(None, pvalues, pvalues, 1000, 10)
+    assert many.flagged(0.05) == list(range(90))

@@ -282,8 +282,9 @@ def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
 def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     tmp_path: Path, png: bytes, c2st: float, expected: str
 ) -> None:
-    """Observation 1's combined p-value 0.001 lies below 0.05 / 2: it is flagged in the
-    summary, the task's section, summary.json and the index; a failing check still FAILs."""
+    """Observation 1's combined p-value 0.001 passes Benjamini-Hochberg at 0.05 (0.001 <=
+    0.05 / 2): it is flagged in the summary, the task's section and summary.json; a failing
+    check still FAILs."""
     write_task(tmp_path, "two_moons", png, c2st, 0.0, 0.0)
     path = tmp_path / "two_moons" / "validation" / "metrics.json"
     metrics = json.loads(path.read_text())
@@ -299,8 +300,7 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     summary = write_summary_of(tmp_path, tasks=["two_moons"])
     assert summary["verdict"] == expected
     assert summary["tasks"][0]["flagged_observations"] == [1]
-    # At level 0.001 over 2 observations (0.0005 each) nothing is flagged: the level is the
-    # report's option.
+    # At level 0.001 (0.001 > 0.001 / 2) nothing is flagged: the level is the report's option.
     quiet = build(tmp_path, ["two_moons"], thresholds=Thresholds(0.6, 0.1, 0.001))
     assert [row for row in parse(quiet).summary_rows if row][0][6] == "all 2"
 

@@ -105,10 +105,10 @@ def validate(
 def _log_headline(result: ValidationMetrics) -> None:
     """The figures a reader of the log wants first."""
     c2st = "n/a" if result.c2st is None else f"mean {result.c2st.mean:.3f}"
-    flagged = result.misspecification.flagged(0.05 / max(len(result.misspecification.pvalue), 1))
+    flagged = result.misspecification.flagged(0.05)
     log.info(
         "TARP max deviation %.3f, HPD max deviation %.3f, C2ST %s, observations not consistent "
-        "with the simulations (Bonferroni level 0.05): %s",
+        "with the simulations (Benjamini-Hochberg at 0.05): %s",
         *(result.coverage.tarp_max_deviation, result.coverage.hpd_max_deviation, c2st),
         flagged or "none",
     )

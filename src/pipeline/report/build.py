@@ -35,8 +35,8 @@ class Thresholds:
         coverage_max_deviation: Largest absolute gap between credibility level and the
             empirical coverage, for TARP and HPD coverage alike.
         misspecification_level: Level of the misspecification tests over a task's
-            observations together: an observation is flagged as not consistent with the
-            simulations when its p-value lies below this over the number of observations.
+            observations together: observations are flagged as not consistent with the
+            simulations by the Benjamini-Hochberg procedure at this level.
     """
 
     c2st_max: float
@@ -100,10 +100,9 @@ def verdict(checks: list[Check], flagged: Sequence[int] = ()) -> str:
 
 
 def flagged_observations(validation: ValidationMetrics, thresholds: Thresholds) -> list[int]:
-    """Observations not consistent with the simulations at the thresholds' level, shared by
-    the task's observations (Bonferroni: a correct model flags none with that probability)."""
-    tests = validation.misspecification
-    return tests.flagged(thresholds.misspecification_level / max(len(tests.pvalue), 1))
+    """Observations not consistent with the simulations at the thresholds' level, over the
+    task's observations together (see :meth:`pipeline.metrics.Misspecification.flagged`)."""
+    return validation.misspecification.flagged(thresholds.misspecification_level)
 
 
 def training_curve_figure(curve: TrainingCurve) -> Figure:
