@@ -690,3 +690,14 @@ def test_a_users_task_is_checked_against_its_spec(tmp_path: Path, png: bytes) ->
         load_results(tmp_path, ["mine"])
     (result,) = load_results(tmp_path, ["mine"], specs=["my/file.py:Mine"])
     assert result.name == "mine"
+
+
+def test_many_flagged_observations_are_counted_not_listed(tmp_path: Path, png: bytes) -> None:
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    pvalues = [0.002] * 8 + [0.9, 0.8]
+    metrics["misspecification"] |= {"typicality": pvalues, "surprise": pvalues, "pvalue": pvalues}
+    path.write_text(json.dumps(metrics))
+    [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
+    assert row[6] == "not: 8 of 10 (observations 0, 1, 2, 3, 4, …)"

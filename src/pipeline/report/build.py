@@ -231,6 +231,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "verdict": verdict(checks, flagged),
         "flagged": flagged,
         "consistency_rows": consistency_rows(results.validation, flagged),
+        "consistency_text": consistency_text(results.validation, flagged),
         "posterior": results.posterior,
         "validation": results.validation,
         "coverage_rows": list(
@@ -259,6 +260,18 @@ def consistency_rows(validation: ValidationMetrics, flagged: list[int]) -> list[
         {"typicality": t, "surprise": s, "pvalue": p, "flagged": i in flagged}
         for i, (t, s, p) in enumerate(zip(typicality, tests.surprise, tests.pvalue, strict=True))
     ]
+
+
+def consistency_text(validation: ValidationMetrics, flagged: list[int]) -> str:
+    """The summary table's cell on the flagged observations: each with its p-value when there
+    are a few, else their count and the first ones."""
+    pvalues = validation.misspecification.pvalue
+    if len(flagged) <= 3:
+        return "not: " + ", ".join(
+            f"observation {i} (p = {format_number(pvalues[i], 2)})" for i in flagged
+        )
+    first = ", ".join(map(str, flagged[:5]))
+    return f"not: {len(flagged)} of {len(pvalues)} (observations {first}, …)"
 
 
 def reference_summary(info: ReferenceInfo | None) -> dict[str, Any] | None:
