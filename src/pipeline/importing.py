@@ -38,7 +38,7 @@ from typing import IO, Any, Protocol
 import h5py
 import numpy as np
 
-from pipeline import storage
+from pipeline import atomic, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
@@ -642,8 +642,7 @@ def _check_output(
         # The rename at the end would replace the user's archive with the import.
         if out.resolve() == source.path.resolve():
             raise ValueError(f"--out {out} is the {role} source itself; choose another --out")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    atomic.check_new(out, overwrite=overwrite)
 
 
 def _copy_rows(

@@ -158,8 +158,7 @@ def write_simulations(
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; delete it or pass --overwrite to replace it")
+    atomic.check_new(path, overwrite=overwrite)
     if len(theta) != len(x):
         raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
     size = np.asarray(theta).size * 4 + np.asarray(x).size * 4

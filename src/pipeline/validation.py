@@ -70,6 +70,7 @@ def validate(
     theta_obs, x_obs, reference = read_reference(observations)
     observed = read_samples(observation_samples)
     check_lineage(test, test_samples, observed, observation_samples, x_obs, observations)
+    mock_of = read_mock_of(observations)
     figures: dict[str, str] = {}
     coverage, sbc = _test_set_diagnostics(
         task, test, seed, predictive_draws, predictive_replicates, out, figures
@@ -84,8 +85,8 @@ def validate(
         num_test=int(len(test["theta"])),
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
-        observations=ObservationsInfo(len(x_obs), theta_obs is None, read_mock_of(observations)),
-        skipped=_skipped(task, theta_obs, reference, read_mock_of(observations)),
+        observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
+        skipped=_skipped(task, theta_obs, reference, mock_of),
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
