@@ -111,8 +111,8 @@ class SNCosmology(Task):
 
 
 class SNCosmologyOffset(SNCosmology):
-    """``sn_cosmology_offset``: :class:`SNCosmology` with every distance modulus 0.1 mag too
-    bright or faint by a miscalibrated zero point, ``x + 0.1``: a forward model the simulations of
+    """``sn_cosmology_offset``: :class:`SNCosmology` with every distance modulus 0.1 mag
+    fainter by a miscalibrated zero point, ``x + 0.1``: a forward model the simulations of
     ``sn_cosmology`` do not contain, for misspecification experiments
     (``mocks: {sn_cosmology: sn_cosmology_offset}``). Its exact posterior is ``sn_cosmology``'s at
     ``x - 0.1``."""
