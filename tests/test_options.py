@@ -26,6 +26,7 @@ from pipeline.options import (
     OptionsError,
     ReportOptions,
     SampleOptions,
+    SearchOptions,
     SimulateOptions,
     ValidateOptions,
 )
@@ -49,6 +50,7 @@ PAIRS = [
         {n: n for n in ("num_simulations", "seed", "chunk_size", "merge", "compression")},
     ),
     (SampleOptions, "sample", {"num_samples": "num_test_samples", "seed": "seed"}),
+    (SearchOptions, "search", None),
     (
         C2stOptions,
         "validate",
@@ -188,6 +190,11 @@ STAGES = {
         *("--budget", "100", "--out", "{tmp}/c.json"),
     ],
     "report": ["--experiment-dir", "{tmp}/none", "--tasks", "two_moons", "--out", "{tmp}/r"],
+    "search-trial": [
+        *("--data", "{tmp}/none.h5", "--out", "{tmp}/t", "--trial", "0"),
+        *("--space", '{{"learning_rate": {{"low": 0.001, "high": 0.01}}}}'),
+    ],
+    "search-select": ["--scores", "{tmp}/a.json", "--out", "{tmp}/best.json"],
 }
 STAGE_OPTIONS = {
     "simulate": SimulateOptions,
@@ -197,6 +204,8 @@ STAGE_OPTIONS = {
     "validate": ValidateOptions,
     "c2st": C2stOptions,
     "report": ReportOptions,
+    "search-trial": SearchOptions,
+    "search-select": SearchOptions,
 }
 
 

@@ -102,6 +102,19 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             {"validate": {"predictive_draws": 200}, "sample": {"num_test_samples": 100}},
             r"predictive_draws=200 exceeds sample.num_test_samples=100",
         ),
+        (
+            {"search": {"tasks": ["slcp"], "space": {"transforms": {"low": 1, "high": 3}}}},
+            r"search.tasks names slcp, not in tasks",
+        ),
+        ({"search": {"tasks": ["two_moons"]}}, r"search.space: expected a mapping of training"),
+        (
+            {"search": {"tasks": ["two_moons"], "space": {"seed": {"low": 0, "high": 3}}}},
+            r"search.space.seed: seed cannot be searched",
+        ),
+        (
+            {"search": {"tasks": ["two_moons"], "space": {"flow": {"choices": ["glow"]}}}},
+            r"search.space.flow: flow must be one of 'nsf', 'maf', 'naf', got 'glow'",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):
@@ -335,3 +348,47 @@ def test_mocks_of_another_model_run_through_the_dag(workdir):
     text = " ".join(re.sub(r"<[^>]+>", " ", (experiment / "report.html").read_text()).split())
     assert "Mock observations of another forward model , sn_cosmology_offset" in text
     assert "Recovery of the true parameters over the 2 observations" in text
+
+
+SEARCH = {
+    "tasks": ["two_moons"],
+    "trials": 4,
+    "parallel": 2,
+    "startup": 2,
+    "held_out": 50,
+    "coverage_samples": 20,
+    "space": {
+        "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+        "flow_hidden": {"choices": [[16], [32]]},
+    },
+}
+
+
+def test_a_search_runs_as_jobs_and_resumes_without_rerunning_finished_trials(workdir):
+    """A search stopped after its first generation (trials 0 and 1 done) resumes with trials 2
+    and 3 only; the task's model is trained with the chosen options and the report shows the
+    trials."""
+    config = write_config(workdir, tasks=["two_moons"], search=SEARCH)
+    search = Path("results/tiny/two_moons/search")
+    first = [search / f"trial-{i:03d}/score.json" for i in (0, 1)]
+    snakemake(workdir, *map(str, first), "--configfile", str(config))
+    search, first = workdir / search, [workdir / path for path in first]
+    assert not (search / "trial-002").exists()
+    stamps = [path.stat().st_mtime_ns for path in first]
+    result = snakemake(workdir, "--configfile", str(config))
+    ran = re.findall(r"^search_trial\s+(\d+)$", result.stdout + result.stderr, re.MULTILINE)
+    assert ran == ["2"], result.stdout + result.stderr
+    assert [path.stat().st_mtime_ns for path in first] == stamps
+    choice = json.loads((search / "best.json").read_text())
+    posterior = json.loads((workdir / "results/tiny/two_moons/model/posterior.json").read_text())
+    assert posterior["search"]["chosen"] == choice["chosen"]
+    for name, value in choice["options"].items():
+        assert posterior["train_config"][name] == value
+    assert [row["trial"] for row in choice["trials"]] == [0, 1, 2, 3]
+    trial_2 = json.loads((search / "trial-002/score.json").read_text())
+    assert trial_2["history"] == [0, 1]
+    text = " ".join(
+        re.sub(r"<[^>]+>", " ", (workdir / "results/tiny/report.html").read_text()).split()
+    )
+    assert "Hyperparameter search" in text
+    assert f"Chosen: trial {choice['chosen']}" in text

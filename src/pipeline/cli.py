@@ -18,6 +18,7 @@ from pipeline.options import (
     ObserveOptions,
     ReportOptions,
     SampleOptions,
+    SearchOptions,
     SimulateOptions,
     ValidateOptions,
     json_object,
@@ -156,9 +157,50 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = config.replaced(json_object(args.options, "--options"), source="--options")
     flags = {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
     config = config.replaced(flags, source="command line")
+    search = None
+    if args.chosen:
+        from pipeline.search.select import read_choice
+        from pipeline.storage import read_attrs
+
+        attrs = read_attrs(args.data)
+        choice = read_choice(args.chosen, attrs.get("task"), str(attrs.get("config_digest")))
+        config = config.replaced(choice.options, source=str(args.chosen))
+        search = {"path": str(args.chosen), "chosen": choice.chosen, "reason": choice.reason}
+        search |= {"search_digest": choice.search_digest, "options": choice.options}
     train(
-        args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite
+        args.data,
+        args.out,
+        config,
+        checkpoint_dir=args.checkpoint_dir,
+        overwrite=args.overwrite,
+        search=search,
     )
+
+
+def cmd_search_trial(args: argparse.Namespace) -> None:
+    from pipeline.search.space import SearchSpace
+    from pipeline.search.trial import run_trial
+    from pipeline.training import TrainConfig
+
+    base = TrainConfig.from_dict(json_object(args.train_options, "--train-options"))
+    space = SearchSpace.from_dict(json_object(args.space, "--space"), "--space")
+    options = SearchOptions.from_args(args)
+    run_trial(
+        args.data,
+        args.out,
+        base,
+        space,
+        options,
+        args.trial,
+        args.history,
+        overwrite=args.overwrite,
+    )
+
+
+def cmd_search_select(args: argparse.Namespace) -> None:
+    from pipeline.search.select import select
+
+    select(args.scores, args.out, SearchOptions.from_args(args), overwrite=args.overwrite)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -258,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         _import_command,
         _observe_command,
         _train_command,
+        _search_commands,
         _sample_command,
         _validation_commands,
         _report_commands,
@@ -352,6 +395,35 @@ def _train_command(add: AddCommand) -> None:
     p.add_argument("--devices", type=int, help="processes Lightning starts without a launcher")
     p.add_argument("--checkpoint-dir", type=Path, help="default: OUT.checkpoints/<digest>")
     p.add_argument("--overwrite", action="store_true", help="replace a posterior in --out")
+    p.add_argument(
+        "--chosen",
+        type=Path,
+        help="options chosen by a search (`pipeline search-select`'s file), over --options",
+    )
+
+
+def _search_commands(add: AddCommand) -> None:
+    """``search-trial`` and ``search-select``: a hyperparameter search's jobs."""
+    text = "propose one trial's training options from the earlier trials, train and score it"
+    p = add("search-trial", cmd_search_trial, text)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the trial's folder")
+    p.add_argument("--trial", type=int, required=True, help="the trial's number, from 0")
+    p.add_argument("--train-options", default="{}", help="JSON of the options not searched")
+    p.add_argument("--space", required=True, help="JSON of {option: {low, high, log} or choices}")
+    p.add_argument(
+        "--history", type=Path, nargs="*", default=[], help="score.json of every earlier trial"
+    )
+    SearchOptions.add_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace the trial's results")
+    text = "choose the trial to train with: lowest held-out loss, calibration among near-equals"
+    p = add("search-select", cmd_search_select, text)
+    p.add_argument(
+        "--scores", type=Path, nargs="+", required=True, help="every trial's score.json"
+    )
+    SearchOptions.add_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, required=True, help="the choice (JSON)")
 
 
 def _sample_command(add: AddCommand) -> None:
@@ -425,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
     sys.unraisablehook = _unraisable
-    if args.command in ("train", "sample"):
+    if args.command in ("train", "search-trial", "sample"):
         import torch
 
         torch.set_num_threads(max(args.threads, 1))

@@ -28,6 +28,7 @@ __all__ = [
     "OptionsError",
     "ReportOptions",
     "SampleOptions",
+    "SearchOptions",
     "SimulateOptions",
     "ValidateOptions",
     "json_object",
@@ -311,6 +312,32 @@ class C2stOptions(Options):
     seed: int = option(5, minimum=0, help="seed of the classifier")
     max_samples: int = option(0, minimum=0, help="samples per class (0: all)")
     folds: int = option(5, minimum=2, help="cross-validation folds")
+
+
+@dataclass(frozen=True)
+class SearchOptions(Options):
+    """``pipeline search-trial`` and ``search-select``: how many trials, and how they are
+    proposed, scored and chosen (the space searched is :class:`pipeline.search.SearchSpace`)."""
+
+    trials: int = option(20, minimum=1, help="trials in the search")
+    parallel: int = option(
+        2, minimum=1, help="trials proposed together from the same earlier results (run at once)"
+    )
+    seed: int = option(0, minimum=0, help="seed of the proposals")
+    startup: int = option(
+        10, minimum=1, help="trials proposed at random before TPE models the results"
+    )
+    held_out: int = option(
+        1000, minimum=10, help="validation simulations each trial is scored on (at most)"
+    )
+    coverage_samples: int = option(
+        200, minimum=10, help="posterior samples per held-out simulation for HPD coverage"
+    )
+    tolerance: float = option(
+        1.0,
+        minimum=0,
+        help="held-out losses this many standard errors above the best count as equal",
+    )
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ nothing accumulates in pyplot's global list of open figures.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 from scipy import stats
 from scipy.ndimage import gaussian_filter
 
@@ -493,3 +496,61 @@ def plot_skipped(title: str, reason: str) -> Figure:
     axes.text(0.5, 0.65, f"{title}: not computed", ha="center", va="center", weight="bold")
     axes.text(0.5, 0.3, reason, ha="center", va="center", wrap=True, fontsize="small")
     return figure
+
+
+def plot_search(
+    options: dict[str, list[Any]],
+    loss: np.ndarray,
+    coverage_deviation: np.ndarray,
+    chosen: int,
+    *,
+    log_scale: Sequence[str] = (),
+) -> Figure:
+    """A hyperparameter search: each trial's held-out loss against each searched option,
+    coloured by how far its HPD coverage lies from the diagonal, the chosen trial ringed.
+
+    Arguments:
+        options: Each searched option's value in every completed trial, ``n`` values each;
+            numbers are placed on an axis (log scale for names in ``log_scale``), other values
+            (flows, widths) as categories.
+        loss: Held-out loss of each trial, shape ``(n,)``.
+        coverage_deviation: Largest distance of HPD coverage from the diagonal, shape ``(n,)``.
+        chosen: Index of the chosen trial among the ``n``.
+    """
+    loss = np.asarray(loss, dtype=float)
+    coverage_deviation = np.asarray(coverage_deviation, dtype=float)
+    if not options or loss.ndim != 1 or loss.shape != coverage_deviation.shape:
+        raise ValueError(
+            f"need at least one option and loss and coverage_deviation of one shape (n,), got "
+            f"{len(options)} options and shapes {loss.shape} and {coverage_deviation.shape}"
+        )
+    if any(len(values) != len(loss) for values in options.values()):
+        raise ValueError(f"every option needs {len(loss)} values, one per trial")
+    fig = Figure(figsize=(3.2 * len(options) + 1.0, 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(options), sharey=True, squeeze=False)[0])
+    high = max(float(coverage_deviation.max()), 0.1)
+    for ax, (name, values) in zip(axes, options.items(), strict=True):
+        position = _axis_positions(ax, values, log=name in log_scale)
+        points = ax.scatter(
+            position, loss, c=coverage_deviation, cmap="viridis", vmin=0, vmax=high, s=25
+        )
+        ax.scatter(
+            position[chosen], loss[chosen], s=140, facecolors="none", edgecolors="C3", lw=1.5
+        )
+        ax.set_xlabel(name)
+    axes[0].set_ylabel("held-out loss (−log q)")
+    fig.colorbar(points, ax=list(axes), label="HPD coverage, largest deviation")
+    return fig
+
+
+def _axis_positions(ax: Axes, values: list[Any], *, log: bool) -> np.ndarray:
+    """Where each value sits on ``ax``: numbers as themselves, other values as categories."""
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short decade collide
+        return np.asarray(values, dtype=float)
+    labels = sorted({str(v) for v in values})
+    ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize="small")
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    return np.array([labels.index(str(v)) for v in values], dtype=float)

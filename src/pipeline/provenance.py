@@ -21,6 +21,7 @@ PACKAGES = (
     "torch",
     "lightning",
     "zuko",
+    "optuna",
     "h5py",
     "astropy",
     "mpi4py",

@@ -252,10 +252,12 @@ def train(
     callbacks: Sequence[Callback] = (),
     *,
     overwrite: bool = False,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Trains NPE on ``data`` and writes ``posterior.pt``, ``posterior.json``, ``metrics.csv``.
 
-    ``callbacks`` (Lightning callbacks) run beside the pipeline's own, e.g. to watch a metric.
+    ``callbacks`` (Lightning callbacks) run beside the pipeline's own, e.g. to watch a metric;
+    ``search`` (the search that chose the options, when one did) is recorded in the metadata.
     Returns the metadata written (on the global rank 0; ``None`` on other ranks).
 
     Raises:
@@ -288,6 +290,8 @@ def train(
     if not trainer.is_global_zero:
         return None
     metadata = run_metadata(task, config, datamodule, layout, data, data_digest, seconds)
+    if search is not None:
+        metadata["search"] = search
     export(posterior, trainer, config, out, checkpoint_dir, metadata)
     default_parent = default_checkpoint_dir(out, config, data_digest).parent
     if checkpoint_dir.parent == default_parent:

@@ -10,7 +10,7 @@ if TRAINED_BUDGETS:
 
     use rule train as train_budget with:
         input:
-            task_path("sims/train-{budget}.h5"),
+            data=task_path("sims/train-{budget}.h5"),
         output:
             posterior=task_path("budget-{budget}/model/posterior.pt"),
             spec=task_path("budget-{budget}/model/posterior.json"),

@@ -5,7 +5,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.options import SampleOptions, SimulateOptions
+from pipeline.options import SampleOptions, SearchOptions, SimulateOptions
 from pipeline.tasks import get_task
 from pipeline.tasks.experiment import resolve_tasks
 
@@ -205,6 +205,53 @@ def train_environment(wildcards):
     """The conda environment of one task's training: torch's CUDA build for accelerator gpu."""
     gpu = json.loads(train_options(wildcards))["accelerator"] == "gpu"
     return str(Path(workflow.basedir) / "envs" / ("train-gpu.yaml" if gpu else "pipeline.yaml"))
+
+
+SEARCH = config["search"]
+SEARCHED = SEARCH["tasks"]
+
+
+def check_search():
+    """Refuses, before any job starts, a search of an unlisted task or of an invalid space."""
+    if not SEARCHED:
+        return
+    unknown = [name for name in SEARCHED if name not in config["tasks"]]
+    if unknown:
+        raise ValueError(
+            f"search.tasks names {', '.join(unknown)}, not in tasks ({', '.join(config['tasks'])})"
+        )
+    # Imports torch, so only when a search is configured.
+    from pipeline.search.space import SearchSpace
+
+    SearchSpace.from_dict(SEARCH["space"], "search.space")
+
+
+check_search()
+
+
+def search_trials(task):
+    """The score files of every trial of one task's search."""
+    name = "search/trial-{trial:03d}/score.json"
+    return [task_path(name).format(task=task, trial=i) for i in range(SEARCH["trials"])]
+
+
+def search_history(wildcards):
+    """The scores a trial is proposed from: every trial of the earlier generations."""
+    start = int(wildcards.trial) // SEARCH["parallel"] * SEARCH["parallel"]
+    return search_trials(wildcards.task)[:start]
+
+
+def search_choice(wildcards):
+    """The searched options of a task's main model (none for budget models, which keep the
+    task's options: a choice made at one number of simulations need not suit another)."""
+    if wildcards.task not in SEARCHED or "budget" in wildcards.keys():
+        return []
+    return [task_path("search/best.json").format(task=wildcards.task)]
+
+
+def chosen_flag(wildcards):
+    """`pipeline train`'s --chosen FILE when a search chose the options (else nothing)."""
+    return [flag for path in search_choice(wildcards) for flag in ("--chosen", path)]
 
 
 def train_options(wildcards):

@@ -2,7 +2,8 @@
 # the outputs of a failed job, and a retry must find the checkpoints to resume from.
 rule train:
     input:
-        task_path("sims/train.h5"),
+        data=task_path("sims/train.h5"),
+        chosen=search_choice,
     output:
         posterior=task_path("model/posterior.pt"),
         spec=task_path("model/posterior.json"),
@@ -15,6 +16,7 @@ rule train:
         train_environment
     params:
         options=train_options,
+        chosen=chosen_flag,
         model_dir=lambda wildcards, output: Path(output.posterior).parent,
     threads: 1
     resources:
@@ -22,5 +24,6 @@ rule train:
         # still start --devices of its own); "srun" under SLURM starts the allocation's tasks.
         mpi="",
     shell:
-        "{resources.mpi} pipeline train --data {input:q} --out {params.model_dir:q}"
-        " --options {params.options:q} --threads {threads} --overwrite --log {log:q}"
+        "{resources.mpi} pipeline train --data {input.data:q} --out {params.model_dir:q}"
+        " --options {params.options:q} {params.chosen:q} --threads {threads} --overwrite"
+        " --log {log:q}"

@@ -22,6 +22,8 @@ from pipeline import atomic, plots
 from pipeline.metrics import ReferenceInfo, ValidationMetrics
 from pipeline.provenance import config_digest
 from pipeline.report.results import TaskResults, TrainingCurve, load_task
+from pipeline.search.records import describe_range
+from pipeline.search.select import SearchChoice
 
 NO_REFERENCE = "n/a — no reference posterior"
 
@@ -249,6 +251,29 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "figures": {key: png_data_uri(png) for key, png in figures.items()},
         "budgets": results.budgets,
         "reference": reference_summary(results.validation.reference),
+        "search": search_context(results.search),
+    }
+
+
+def search_context(choice: SearchChoice | None) -> dict[str, Any] | None:
+    """The search that chose a task's training options: its ranges, trials and figure."""
+    if choice is None:
+        return None
+    space = choice.search["space"]
+    complete = [row for row in choice.trials if row.loss is not None and math.isfinite(row.loss)]
+    figure = plots.plot_search(
+        {name: [row.options[name] for row in complete] for name in space},
+        np.array([row.loss for row in complete]),
+        np.array([row.coverage_max_deviation for row in complete]),
+        chosen=[row.trial for row in complete].index(choice.chosen),
+        log_scale=[name for name, spec in space.items() if spec.get("log")],
+    )
+    return {
+        "choice": choice,
+        "ranges": {name: describe_range(spec) for name, spec in space.items()},
+        "num_failed": len(choice.trials) - len(complete),
+        "train_seconds": sum(row.train_seconds or 0.0 for row in choice.trials),
+        "figure": png_data_uri(figure_png(figure)),
     }
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.metrics import BudgetScore, MetricsError, ValidationMetrics
+from pipeline.search.records import SearchError
+from pipeline.search.select import SearchChoice, read_choice
 
 Metrics = TypeVar("Metrics", ValidationMetrics, BudgetScore)
 
@@ -74,6 +76,7 @@ class TaskResults:
         curve: Training and validation losses from ``model/metrics.csv``.
         figures: PNG bytes of the validation figures, by key of ``metrics.json["figures"]``.
         budgets: C2ST at each budget of the budget study, ascending (empty without one).
+        search: The hyperparameter search that chose the training options, if one did.
     """
 
     name: str
@@ -82,6 +85,7 @@ class TaskResults:
     curve: TrainingCurve
     figures: dict[str, bytes]
     budgets: list[BudgetScore] = field(default_factory=list)
+    search: SearchChoice | None = None
 
 
 def load_task(
@@ -111,7 +115,34 @@ def load_task(
         curve=read_training_curve(task_dir / "model" / "metrics.csv", train),
         figures=read_figures(task_dir / "validation", validation, validate),
         budgets=[read_budget(task_dir, spec or task, n) for n in sorted(budgets)],
+        search=read_search(task_dir, posterior, posterior_path),
     )
+
+
+def read_search(
+    task_dir: Path, posterior: dict[str, Any], posterior_path: Path
+) -> SearchChoice | None:
+    """``task_dir/search/best.json`` when the model says a search chose its options (it must
+    then be that search's choice), else None."""
+    recorded = posterior.get("search")
+    if recorded is None:
+        return None
+    path = task_dir / "search" / "best.json"
+    hint = f"{posterior_path} was trained with options a search chose; run its search-select"
+    require_file(path, hint)
+    try:
+        choice = read_choice(path)
+    except SearchError as error:
+        raise ResultsError(str(error)) from None
+    if not isinstance(recorded, dict) or (choice.search_digest, choice.chosen) != (
+        recorded.get("search_digest"),
+        recorded.get("chosen"),
+    ):
+        raise ResultsError(
+            f"{path} is not the search choice the model was trained with ({posterior_path} "
+            f"records {recorded!r}); train the task again"
+        )
+    return choice
 
 
 def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:

@@ -1,0 +1,50 @@
+# Hyperparameter search (search.tasks): trials as jobs, then the choice the train rule reads.
+# Trial i is proposed from every trial of the earlier generations (search.parallel trials each):
+# its inputs are their scores, so its options never depend on which jobs happened to run first.
+
+
+wildcard_constraints:
+    trial=r"\d+",
+
+
+rule search_trial:
+    input:
+        data=task_path("sims/train.h5"),
+        history=search_history,
+    output:
+        task_path("search/trial-{trial}/score.json"),
+    log:
+        log_path("search/{task}/trial-{trial}.log"),
+    benchmark:
+        benchmark_path("search/{task}/trial-{trial}.tsv")
+    conda:
+        train_environment
+    params:
+        options=train_options,
+        space=json.dumps(SEARCH["space"], sort_keys=True),
+        search=stage_options(SearchOptions, "search"),
+        out=lambda wildcards, output: Path(output[0]).parent,
+    threads: 1
+    resources:
+        mpi="",
+    shell:
+        "{resources.mpi} pipeline search-trial --data {input.data:q} --out {params.out:q}"
+        " --trial {wildcards.trial} --history {input.history:q}"
+        " --train-options {params.options:q} --space {params.space:q}"
+        " --options {params.search:q} --threads {threads} --overwrite --log {log:q}"
+
+
+rule search_select:
+    input:
+        lambda wildcards: search_trials(wildcards.task),
+    output:
+        task_path("search/best.json"),
+    log:
+        log_path("search/{task}/select.log"),
+    conda:
+        "../../envs/pipeline.yaml"
+    params:
+        search=stage_options(SearchOptions, "search"),
+    shell:
+        "pipeline search-select --scores {input:q} --options {params.search:q} --overwrite"
+        " --out {output:q} --log {log:q}"
