@@ -228,3 +228,49 @@ def test_a_users_task_runs_by_its_path_in_every_slurm_job(cluster, tmp_path):
         assert f.attrs["mpi_ranks"] == 2
         assert f.attrs["task"] == "examples/oscillator/oscillator.py:Oscillator"
     assert (workdir / "results/oscillator/report.html").exists()
+
+
+SEARCH = {
+    "tasks": ["two_moons"],
+    "trials": 4,
+    "parallel": 2,
+    "startup": 2,
+    "held_out": 50,
+    "coverage_samples": 20,
+    "space": {
+        "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+        "transforms": {"low": 1, "high": 3},
+    },
+}
+
+
+def test_a_search_runs_its_trials_as_slurm_jobs_and_chooses_as_locally(cluster, tmp_path):
+    """Four trials (two generations) as sbatch jobs: the same proposals, scores and choice as
+    the same search run locally, since a trial depends on the earlier generations' files only."""
+    workdirs = {}
+    for where in ("local", "slurm"):
+        (tmp_path / where).mkdir()
+        workdir = copy_workflow(tmp_path / where)
+        config = experiment_config(workdir, name="search")
+        settings = yaml.safe_load(config.read_text())
+        settings["search"] = SEARCH
+        settings["task_train"]["two_moons"] |= {"max_epochs": 20, "patience": 20}
+        config.write_text(yaml.safe_dump(settings))
+        target = "results/search/two_moons/search/best.json"
+        if where == "local":
+            run_snakemake(workdir, "--cores", "2", target, "--configfile", str(config))
+        else:
+            profile = sized_profile(workdir, search_trial={"runtime": 60, "mem_mb": 1000})
+            run_snakemake(workdir, target, "--configfile", str(config), profile=profile)
+        workdirs[where] = workdir / "results/search/two_moons/search"
+    jobs = [job for job in cluster.jobs() if Path(job["workdir"]) == workdirs["slurm"].parents[3]]
+    trials = [job for job in jobs if job["comment"].startswith("rule_search_trial")]
+    assert sorted(job["state"] for job in trials) == ["COMPLETED"] * 4, jobs
+    for trial in range(4):
+        local, slurm = (
+            json.loads((folder / f"trial-{trial:03d}/score.json").read_text())
+            for folder in (workdirs["local"], workdirs["slurm"])
+        )
+        assert (slurm["options"], slurm["held_out"]) == (local["options"], local["held_out"])
+    local, slurm = (json.loads((w / "best.json").read_text()) for w in workdirs.values())
+    assert (slurm["chosen"], slurm["options"]) == (local["chosen"], local["options"])
