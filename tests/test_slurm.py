@@ -230,23 +230,11 @@ def test_a_users_task_runs_by_its_path_in_every_slurm_job(cluster, tmp_path):
     assert (workdir / "results/oscillator/report.html").exists()
 
 
-SEARCH = {
-    "tasks": ["two_moons"],
-    "trials": 4,
-    "parallel": 2,
-    "startup": 2,
-    "held_out": 50,
-    "coverage_samples": 20,
-    "space": {
-        "learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
-        "transforms": {"low": 1, "high": 3},
-    },
-}
-
-
 def test_a_search_runs_its_trials_as_slurm_jobs_and_chooses_as_locally(cluster, tmp_path):
     """Four trials (two generations) as sbatch jobs: the same proposals, scores and choice as
     the same search run locally, since a trial depends on the earlier generations' files only."""
+    from tests.test_workflow import SEARCH
+
     workdirs = {}
     for where in ("local", "slurm"):
         (tmp_path / where).mkdir()
