@@ -70,12 +70,14 @@ def propose(
     study = optuna.create_study(direction="minimize", sampler=sampler)
     distributions = space.distributions()
     for record in history:
-        state = (
-            optuna.trial.TrialState.COMPLETE if record.complete else (optuna.trial.TrialState.FAIL)
-        )
+        # A trial that diverged, or gave a held-out truth zero density, tells TPE nothing to
+        # model a loss on; Optuna keeps it as failed.
+        scored = record.complete and math.isfinite(record.loss)
+        state = optuna.trial.TrialState.COMPLETE if scored else optuna.trial.TrialState.FAIL
+        value = record.loss if scored else None
         study.add_trial(
             optuna.trial.create_trial(
-                state=state, value=record.loss, params=record.params, distributions=distributions
+                state=state, value=value, params=record.params, distributions=distributions
             )
         )
     return study.ask(distributions).params
@@ -202,10 +204,10 @@ def run_trial(
     else:
         if metadata is None:
             return None
-        document |= {"status": "complete", "message": "", **_scored(out, data, config, options)}
         document["training"] = {
             k: metadata[k] for k in ("epochs", "best_val_loss", "train_seconds")
         }
+        document |= _scored(out, data, config, options, trial)
     atomic.write_json(out / SCORE, document, indent=1, sort_keys=True)
     held_out = document["held_out"]
     if held_out is not None:
@@ -219,8 +221,16 @@ def run_trial(
     return document
 
 
-def _scored(out: Path, data: Path, config: TrainConfig, options: SearchOptions) -> dict[str, Any]:
+def _scored(
+    out: Path, data: Path, config: TrainConfig, options: SearchOptions, trial: int
+) -> dict[str, Any]:
+    """The trial's status and held-out score; a posterior that cannot be sampled inside the
+    prior at a held-out simulation is a failed trial, as a diverged one is."""
     posterior, _ = load_posterior(out / MODEL)
     theta, x = validation_rows(data, config, options.held_out)
-    score = held_out_score(posterior, theta, x, options.coverage_samples, options.seed)
-    return {"held_out": score.as_dict()}
+    try:
+        score = held_out_score(posterior, theta, x, options.coverage_samples, options.seed)
+    except RuntimeError as error:
+        log.warning("trial %d failed: %s", trial, error)
+        return {"status": "unsampled", "message": str(error), "held_out": None}
+    return {"status": "complete", "message": "", "held_out": score.as_dict()}
