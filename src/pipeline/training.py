@@ -32,7 +32,7 @@ from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
 from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
-from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, save_posterior
+from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, provenance
@@ -41,6 +41,8 @@ from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
+# Options that shape a normalizing flow only (compile: FMPE's losses draw from a generator).
+NPE_ONLY = ("flow", "transforms", "compile")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -49,9 +51,14 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 class TrainConfig(Options):
     """Hyper-parameters of training; every field shapes the trained weights."""
 
-    flow: Literal[tuple(FLOWS)] = option("nsf", help="flow family (zuko)")
-    transforms: int = option(3, minimum=1, help="flow transformations")
-    flow_hidden: tuple[int, ...] = option((64, 64), minimum=1, help="hidden widths of the flow")
+    method: Literal[METHODS] = option(
+        "npe", help="npe: a normalizing flow; fmpe: a flow-matching vector field"
+    )
+    flow: Literal[tuple(FLOWS)] = option("nsf", help="flow family (zuko), for npe")
+    transforms: int = option(3, minimum=1, help="flow transformations, for npe")
+    flow_hidden: tuple[int, ...] = option(
+        (64, 64), minimum=1, help="hidden widths of the flow (npe) or vector field (fmpe)"
+    )
     embedding: Literal[EMBEDDINGS] = option("mlp", help="embedding network of x")
     embedding_dim: int = option(32, minimum=1, help="width of the embedding")
     embedding_hidden: tuple[int, ...] = option(
@@ -83,6 +90,15 @@ class TrainConfig(Options):
                 f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
                 "on CPU use 32-true"
             )
+        if self.method == "fmpe":
+            defaults = {f.name: f.default for f in fields(self)}
+            other = [name for name in NPE_ONLY if getattr(self, name) != defaults[name]]
+            if other:
+                raise OptionsError(
+                    f"{source}: {', '.join(other)} are options of method npe, which fmpe has "
+                    "no use for (its vector field's widths are flow_hidden); remove them or "
+                    "set method: npe"
+                )
 
     def shaping(self) -> dict[str, Any]:
         """The fields that shape the weights (not where they run), for the checkpoint digest."""
@@ -283,6 +299,7 @@ def train(
         lr_schedule=config.lr_schedule,
         max_epochs=config.max_epochs,
         compile=config.compile,
+        seed=config.seed,
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
@@ -315,6 +332,7 @@ def run_metadata(
         "task": task.name,
         "parameter_names": list(task.parameter_names),
         "parameter_units": list(task.parameter_units),
+        "method": config.method,
         "flow": config.flow,
         "embedding": config.embedding,
         "ensemble": config.ensemble,

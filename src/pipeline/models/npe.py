@@ -1,8 +1,10 @@
-"""Neural posterior estimation (NPE) as a LightningModule: minimise -log q(theta | x)."""
+"""Neural posterior estimation as a LightningModule: minimise -log q(theta | x) (NPE) or the
+flow-matching loss of a vector field (FMPE)."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from pipeline.models.posterior import NeuralPosterior
@@ -15,8 +17,9 @@ LR_SCHEDULES = ("plateau", "cosine", "constant")
 class NPE(pl.LightningModule):
     """Trains a :class:`NeuralPosterior` by maximum likelihood on ``(theta, x)`` pairs.
 
-    ``train_loss`` is the members' mean negative log-likelihood; ``val_loss`` (which early
-    stopping and checkpointing watch) is the posterior's, the mixture of the members.
+    ``train_loss`` is the members' mean loss (negative log-likelihood for NPE, flow matching for
+    FMPE); ``val_loss`` (which early stopping and checkpointing watch) is
+    :meth:`NeuralPosterior.validation_loss`: the mixture's for NPE.
 
     Arguments:
         posterior: The estimator (standardisation, embedding, flow).
@@ -25,7 +28,8 @@ class NPE(pl.LightningModule):
         lr_schedule: One of :data:`LR_SCHEDULES`.
         lr_patience: Epochs without validation improvement before ``plateau`` halves the step.
         max_epochs: The horizon of ``cosine``.
-        compile: Whether to compile the posterior's log-density with ``torch.compile``.
+        compile: Whether to compile the posterior's losses with ``torch.compile``.
+        seed: Seed of FMPE's draws of times and noise (with the step, batch and rank).
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class NPE(pl.LightningModule):
         lr_patience: int = 5,
         max_epochs: int = 200,
         compile: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -45,21 +50,34 @@ class NPE(pl.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.lr_schedule, self.lr_patience, self.max_epochs = lr_schedule, lr_patience, max_epochs
+        self.seed = seed
         # Compiled callables share the posterior's parameters; the state dict is unchanged.
-        self._member_log_prob = posterior.member_log_prob
-        self._log_prob = posterior.log_prob
+        self._member_loss = posterior.member_loss
+        self._validation_loss = posterior.validation_loss
         if compile:
-            self._member_log_prob = torch.compile(posterior.member_log_prob)
-            self._log_prob = torch.compile(posterior.log_prob)
+            self._member_loss = torch.compile(posterior.member_loss)
+            self._validation_loss = torch.compile(posterior.validation_loss)
 
-    def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _generator(self, *key: int) -> torch.Generator | None:
+        """FMPE's draws of times and noise, from ``(seed, *key)`` alone: a resumed run and
+        every validation epoch see the same draws. NPE draws nothing."""
+        if self.posterior.spec.method == "npe":
+            return None
+        seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _common_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, index: int
+    ) -> torch.Tensor:
         theta, x = batch
         if stage == "train":
-            # Members learn side by side, each by its own likelihood (a deep ensemble), not
-            # the mixture's: that keeps them diverse. For one member the two are the same.
-            loss = -self._member_log_prob(theta, x).mean()
+            # Members learn side by side, each by its own loss (a deep ensemble), not the
+            # mixture's: that keeps them diverse. For one member the two are the same.
+            generator = self._generator(0, self.global_step, self.global_rank)
+            loss = self._member_loss(theta, x, generator).mean()
         else:
-            loss = -self._log_prob(theta, x).mean()
+            generator = self._generator(1, index, self.global_rank)
+            loss = self._validation_loss(theta, x, generator).mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",
@@ -72,11 +90,13 @@ class NPE(pl.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        return self._common_step(batch, "train", index)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        return self._common_step(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], index: int
+    ) -> torch.Tensor:
+        return self._common_step(batch, "val", index)
 
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(

@@ -23,8 +23,12 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.models.embeddings import build_embedding
+from pipeline.models.flow_matching import FlowMatching
 from pipeline.models.flows import build_flow
 
+# "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
+# by flow matching (pipeline.models.flow_matching).
+METHODS = ("npe", "fmpe")
 WEIGHTS = "posterior.pt"
 SPEC = "posterior.json"
 
@@ -44,6 +48,7 @@ class PosteriorSpec:
     low: tuple[float, ...] | None = None
     high: tuple[float, ...] | None = None
     ensemble: int = 1
+    method: str = "npe"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -54,16 +59,21 @@ class PosteriorSpec:
 
 
 class Member(nn.Module):
-    """One density estimator of the ensemble: an embedding of x feeding a conditional flow."""
+    """One density estimator of the ensemble: an embedding of x feeding a conditional flow
+    (``npe``) or a flow-matching vector field (``fmpe``)."""
 
     def __init__(self, spec: PosteriorSpec) -> None:
         super().__init__()
+        if spec.method not in METHODS:
+            raise ValueError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
         self.embedding, context = build_embedding(
             spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
         )
-        self.flow = build_flow(
-            spec.flow, len(spec.parameter_names), context, spec.transforms, spec.flow_hidden
-        )
+        features = len(spec.parameter_names)
+        if spec.method == "fmpe":
+            self.flow = FlowMatching(features, context, spec.flow_hidden)
+        else:
+            self.flow = build_flow(spec.flow, features, context, spec.transforms, spec.flow_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """The distribution of standardised theta given standardised ``x`` (N, *x_shape)."""
@@ -110,12 +120,37 @@ class NeuralPosterior(nn.Module):
         z = (theta - self.theta_mean) / self.theta_std
         x = (x - self.x_mean) / self.x_std
         jacobian = self.theta_std.log().sum()
-        return torch.stack([member(x).log_prob(z) for member in self.members]) - jacobian
+        log_q = torch.stack([member(x).log_prob(z) for member in self.members]) - jacobian
+        # zuko's ODE solver returns a graph over the weights even under no_grad (FMPE).
+        return log_q if torch.is_grad_enabled() else log_q.detach()
 
     def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N)."""
         log_q = self.member_log_prob(theta, x)
         return torch.logsumexp(log_q, dim=0) - math.log(len(self.members))
+
+    def member_loss(
+        self, theta: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Each member's training loss of each pair: ``theta`` (N, D), ``x`` (N, *x_shape) ->
+        (K, N): ``-log q_k`` for NPE, the flow-matching loss for FMPE (``generator`` draws its
+        times and noise)."""
+        if self.spec.method == "npe":
+            return -self.member_log_prob(theta, x)
+        z = (theta - self.theta_mean) / self.theta_std
+        x = (x - self.x_mean) / self.x_std
+        return torch.stack(
+            [member.flow.loss(z, member.embedding(x), generator) for member in self.members]
+        )
+
+    def validation_loss(
+        self, theta: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The loss early stopping watches, per pair (N,): ``-log q`` of the mixture for NPE;
+        for FMPE the members' mean flow-matching loss (a density needs an ODE solve)."""
+        if self.spec.method == "fmpe":
+            return self.member_loss(theta, x, generator).mean(dim=0)
+        return -self.log_prob(theta, x)
 
     def sample_and_log_prob(
         self, x: torch.Tensor, num_samples: int
@@ -125,7 +160,8 @@ class NeuralPosterior(nn.Module):
             z, log_q = self.members[0]((x - self.x_mean) / self.x_std).rsample_and_log_prob(
                 (num_samples,)
             )
-            return z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
+            theta, log_q = z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
+            return (theta, log_q) if torch.is_grad_enabled() else (theta.detach(), log_q.detach())
         # Each draw comes from a member chosen uniformly; a member draws only its own share (not
         # M per observation, then discarded: that made sampling K times dearer), each draw
         # conditioned on its observation's embedding, computed once per observation.
@@ -138,6 +174,7 @@ class NeuralPosterior(nn.Module):
                 context = member.embedding(x_standard)[observation]  # (draws of k, C)
                 z[draw, observation] = member.flow(context).rsample()
         theta = z * self.theta_std + self.theta_mean
+        theta = theta if torch.is_grad_enabled() else theta.detach()
         return theta, self.log_prob(theta, x)
 
 
