@@ -161,21 +161,37 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
 
 
 LONG = {"max_epochs": 120, "patience": 120}  # ~10 s: long enough to be killed midway
+# Each estimator family's options over TINY (transforms back to its default: an npe option).
+METHOD_OPTIONS = {"npe": {}, "fmpe": {"method": "fmpe", "transforms": 3}}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
-    """Weights of a run of LONG that nothing interrupts."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    command = _train_command(folder, data, LONG)
-    subprocess.run(command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL)
-    return torch.load(folder / "model" / "posterior.pt", weights_only=True)
+    """Weights of a run of LONG that nothing interrupts, per method (each trained once)."""
+    weights = {}
+
+    def of(method: str) -> dict[str, torch.Tensor]:
+        if method not in weights:
+            folder = tmp_path_factory.mktemp(f"uninterrupted-{method}")
+            command = _train_command(folder, data, {**LONG, **METHOD_OPTIONS[method]})
+            subprocess.run(
+                command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL
+            )
+            weights[method] = torch.load(folder / "model" / "posterior.pt", weights_only=True)
+        return weights[method]
+
+    return of
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_training_resumes_to_the_uninterrupted_weights(data, tmp_path, kill, uninterrupted):
-    options = LONG
+@pytest.mark.parametrize(
+    ("method", "kill"),
+    [("npe", signal.SIGTERM), ("npe", signal.SIGKILL), ("fmpe", signal.SIGKILL)],
+)
+def test_killed_training_resumes_to_the_uninterrupted_weights(
+    data, tmp_path, method, kill, uninterrupted
+):
+    options = {**LONG, **METHOD_OPTIONS[method]}
     ckpt = tmp_path / "ckpt"
     command = [*_train_command(tmp_path, data, options), "--checkpoint-dir", str(ckpt)]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)
@@ -203,9 +219,11 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(data, tmp_path, ki
     ]
     assert epochs[0] == "0" and epochs[-1] == str(LONG["max_epochs"] - 1)  # history kept
     assert not ckpt.exists()
-    # Each epoch's batches depend on (seed, epoch) alone: resuming changes nothing (CPU).
+    # Each epoch's batches (and FMPE's draws) depend on (seed, epoch, step) alone: resuming
+    # changes nothing (CPU).
     resumed = torch.load(tmp_path / "model" / "posterior.pt", weights_only=True)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    expected = uninterrupted(method)
+    assert all(torch.equal(resumed[k], expected[k]) for k in resumed)
 
 
 def test_schedules_clipping_and_streaming_train(data, tmp_path):
@@ -233,6 +251,9 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"max_epochs": "3"}, r"max_epochs must be an integer, got '3' \(default: 200\)"),
         ({"compile": "no"}, "compile must be true or false, got 'no'"),
         ({"flow_hidden": 64}, "flow_hidden must be a list of integers, got 64"),
+        ({"method": "nle"}, "method must be one of 'npe', 'fmpe', got 'nle'"),
+        ({"method": "fmpe", "flow": "maf"}, "flow are options of method npe, which fmpe has"),
+        ({"method": "fmpe", "transforms": 5}, "transforms are options of method npe"),
     ],
 )
 def test_bad_training_options_are_refused(options, message):
@@ -279,11 +300,14 @@ def test_ddp_with_lightning_launcher(tmp_path, data):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_ddp_under_mpiexec(tmp_path, data):
-    command = _train_command(tmp_path, data, {"max_epochs": 2}, [tool("mpiexec"), "-n", "2"])
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_ddp_under_mpiexec(tmp_path, data, method):
+    options = {"max_epochs": 2, **METHOD_OPTIONS[method]}
+    command = _train_command(tmp_path, data, options, [tool("mpiexec"), "-n", "2"])
     subprocess.run(command, check=True, env=run_env(), timeout=600)
     document = json.loads((tmp_path / "model" / "posterior.json").read_text())
     assert document["world_size"] == 2 and document["launcher"] == "mpi"
+    assert document["method"] == document["spec"]["method"] == method
 
 
 @pytest.mark.slow
