@@ -89,11 +89,35 @@ def test_proposals_depend_on_seed_trial_and_history_only():
     history = [record(i, loss=1.0 - 0.1 * i) for i in range(4)]
     first = propose(space, history, seed=0, trial=4, startup=2)
     assert propose(space, history, seed=0, trial=4, startup=2) == first
-    assert propose(space, list(reversed(history))[::-1], seed=0, trial=4, startup=2) == first
     # Another trial, seed or history gives another proposal.
     assert propose(space, history, seed=0, trial=5, startup=2) != first
     assert propose(space, history, seed=1, trial=4, startup=2) != first
     assert propose(space, history[:2], seed=0, trial=4, startup=2) != first
+
+
+@pytest.mark.parametrize(
+    ("space", "base", "message"),
+    [
+        (
+            {"method": {"choices": ["npe", "fmpe"]}, "transforms": {"low": 2, "high": 5}},
+            {},
+            "transforms cannot be searched where method may be fmpe",
+        ),
+        ({"flow": {"choices": ["nsf", "maf"]}}, {"method": "fmpe"}, "flow cannot be searched"),
+        (
+            {"method": {"choices": ["npe", "fmpe"]}},
+            {"flow": "maf"},
+            "search.space.method: method fmpe has no flow",
+        ),
+    ],
+)
+def test_a_space_is_checked_against_the_tasks_own_options(space, base, message):
+    """Values valid on their own, but not with the task's other options: refused before any
+    trial, not inside one."""
+    from pipeline.training import TrainConfig
+
+    with pytest.raises(OptionsError, match=message):
+        SearchSpace.from_dict(space).check_against(TrainConfig.from_dict(base))
 
 
 def test_a_trial_is_proposed_from_exactly_the_earlier_generations():
@@ -239,3 +263,59 @@ def test_train_refuses_a_file_that_is_not_a_choice(search, data, tmp_path, capsy
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "m")]
     assert cli.main([*argv, "--chosen", str(search["scores"][0])]) == 2
     assert "its kind is 'search-trial', not 'search-choice'" in capsys.readouterr().err
+
+
+def edited_copy(path: Path, out: Path, change) -> Path:
+    document = json.loads(path.read_text())
+    change(document)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document))
+    return out
+
+
+def test_trials_scored_on_other_rows_or_edited_are_refused(search, tmp_path):
+    scores = search["scores"]
+
+    def other_rows(document):
+        document["held_out"]["rows_digest"] = "other"
+
+    copy = edited_copy(scores[1], tmp_path / "1/score.json", other_rows)
+    with pytest.raises(SearchError, match="scored on different held-out simulations"):
+        read_trials([scores[0], copy, scores[2]], SearchOptions(**OPTIONS))
+
+    def edited(document):
+        document["search"]["seed"] = 3
+
+    copy = edited_copy(scores[1], tmp_path / "e/score.json", edited)
+    with pytest.raises(SearchError, match="does not match its digest"):
+        read_trial(copy)
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(SearchError, match="is not the score of a search trial"):
+        read_trial(tmp_path / "list.json")
+
+
+def test_choosing_with_other_search_options_is_refused(search):
+    with pytest.raises(SearchError, match=r"other search options: seed 0 \(given 7\)"):
+        read_trials(search["scores"], SearchOptions(**{**OPTIONS, "seed": 7}))
+
+
+def test_training_with_other_options_than_the_trials_is_refused(search, data, tmp_path, capsys):
+    options = json.dumps({**TINY, "max_epochs": 5})
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--options", options]
+    assert cli.main([*argv, "--chosen", str(search["best"])]) == 2
+    assert "max_epochs: 5 (search: 4)" in capsys.readouterr().err
+
+
+def test_a_posterior_that_cannot_be_sampled_is_a_failed_trial(data, tmp_path, monkeypatch):
+    from pipeline.sampling import SamplingError
+    from pipeline.search import trial
+
+    def refuse(*args, **kwargs):
+        raise SamplingError("fewer than 1e-03 of the posterior samples ... inside the prior")
+
+    monkeypatch.setattr(trial, "held_out_score", refuse)
+    out = tmp_path / "unsampled"
+    assert cli.main(trial_argv(data, out, 0, [])) == 0
+    score = json.loads((out / "score.json").read_text())
+    assert score["status"] == "unsampled" and score["held_out"] is None
+    assert "inside the prior" in score["message"]

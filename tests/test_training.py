@@ -252,8 +252,9 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"compile": "no"}, "compile must be true or false, got 'no'"),
         ({"flow_hidden": 64}, "flow_hidden must be a list of integers, got 64"),
         ({"method": "nle"}, "method must be one of 'npe', 'fmpe', got 'nle'"),
-        ({"method": "fmpe", "flow": "maf"}, "flow are options of method npe, which fmpe has"),
-        ({"method": "fmpe", "transforms": 5}, "transforms are options of method npe"),
+        ({"method": "fmpe", "flow": "maf"}, "method fmpe has no flow \\(options of npe's"),
+        ({"method": "fmpe", "transforms": 5}, "method fmpe has no transforms"),
+        ({"method": "fmpe", "compile": True}, "compile is not available with method fmpe"),
     ],
 )
 def test_bad_training_options_are_refused(options, message):

@@ -115,6 +115,18 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             {"search": {"tasks": ["two_moons"], "space": {"flow": {"choices": ["glow"]}}}},
             r"search.space.flow: flow must be one of 'nsf', 'maf', 'naf', got 'glow'",
         ),
+        (
+            {
+                "search": {
+                    "tasks": ["two_moons"],
+                    "space": {
+                        "method": {"choices": ["npe", "fmpe"]},
+                        "transforms": {"low": 1, "high": 3},
+                    },
+                }
+            },
+            r"search.space \(task two_moons\): transforms cannot be searched where method",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):
@@ -376,8 +388,7 @@ def test_a_search_runs_as_jobs_and_resumes_without_rerunning_finished_trials(wor
     assert not (search / "trial-002").exists()
     stamps = [path.stat().st_mtime_ns for path in first]
     result = snakemake(workdir, "--configfile", str(config))
-    ran = re.findall(r"^search_trial\s+(\d+)$", result.stdout + result.stderr, re.MULTILINE)
-    assert ran == ["2"], result.stdout + result.stderr
+    assert ran_trials(result) == ["002", "003"], result.stdout + result.stderr
     assert [path.stat().st_mtime_ns for path in first] == stamps
     choice = json.loads((search / "best.json").read_text())
     posterior = json.loads((workdir / "results/tiny/two_moons/model/posterior.json").read_text())
@@ -392,3 +403,14 @@ def test_a_search_runs_as_jobs_and_resumes_without_rerunning_finished_trials(wor
     )
     assert "Hyperparameter search" in text
     assert f"Chosen: trial {choice['chosen']}" in text
+    # Two more trials, or another tolerance, keep the four run.
+    more = write_config(
+        workdir, tasks=["two_moons"], search=SEARCH | {"trials": 6, "tolerance": 2}
+    )
+    assert ran_trials(snakemake(workdir, "-n", "--configfile", str(more))) == ["004", "005"]
+
+
+def ran_trials(result: subprocess.CompletedProcess) -> list[str]:
+    """The search trials a Snakemake run (or plan) printed, by number."""
+    found = re.findall(r"wildcards: task=\w+, trial=(\d+)", result.stdout + result.stderr)
+    return sorted(set(found))

@@ -159,12 +159,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = config.replaced(flags, source="command line")
     search = None
     if args.chosen:
-        from pipeline.search.select import read_choice
+        from pipeline.search.select import check_base, read_choice
         from pipeline.storage import read_attrs
 
         attrs = read_attrs(args.data)
-        choice = read_choice(args.chosen, attrs.get("task"), str(attrs.get("config_digest")))
+        digest = str(attrs.get("config_digest", "unknown"))
+        choice = read_choice(args.chosen, attrs.get("task"), digest)
         config = config.replaced(choice.options, source=str(args.chosen))
+        check_base(choice, config.shaping(), args.chosen)
         search = {"path": str(args.chosen), "chosen": choice.chosen, "reason": choice.reason}
         search |= {"search_digest": choice.search_digest, "options": choice.options}
     train(

@@ -30,6 +30,10 @@ SAMPLES_PER_CALL = 2**18
 MIN_ACCEPTANCE = 1e-3
 
 
+class SamplingError(RuntimeError):
+    """A posterior puts (almost) no mass inside the prior at some observation."""
+
+
 @dataclass
 class PosteriorSamples:
     """Posterior draws for ``n`` observations.
@@ -148,7 +152,7 @@ def _sample_batch(
         samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled
         drawn[short] += num_samples
         if (filled < MIN_ACCEPTANCE * drawn).any():
-            raise RuntimeError(
+            raise SamplingError(
                 f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of some observations "
                 "fall inside the prior: the observations are likely outside what the model was "
                 "trained on (check their shape, units and scale)"

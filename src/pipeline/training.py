@@ -41,8 +41,8 @@ from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-# Options that shape a normalizing flow only (compile: FMPE's losses draw from a generator).
-NPE_ONLY = ("flow", "transforms", "compile")
+# Options of a normalizing flow that FMPE's vector field has no use for.
+NPE_ONLY = ("flow", "transforms")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -95,9 +95,14 @@ class TrainConfig(Options):
             other = [name for name in NPE_ONLY if getattr(self, name) != defaults[name]]
             if other:
                 raise OptionsError(
-                    f"{source}: {', '.join(other)} are options of method npe, which fmpe has "
-                    "no use for (its vector field's widths are flow_hidden); remove them or "
-                    "set method: npe"
+                    f"{source}: method fmpe has no {' or '.join(other)} (options of npe's "
+                    "normalizing flows; fmpe's vector field takes its widths from flow_hidden): "
+                    "leave them at their defaults or set method: npe"
+                )
+            if self.compile:
+                raise OptionsError(
+                    f"{source}: compile is not available with method fmpe (its losses draw "
+                    "from a generator at each step); set compile: false"
                 )
 
     def shaping(self) -> dict[str, Any]:

@@ -221,12 +221,24 @@ def check_search():
             f"search.tasks names {', '.join(unknown)}, not in tasks ({', '.join(config['tasks'])})"
         )
     # Imports torch, so only when a search is configured.
+    from types import SimpleNamespace
+
     from pipeline.search.space import SearchSpace
+    from pipeline.training import TrainConfig
 
-    SearchSpace.from_dict(SEARCH["space"], "search.space")
+    space = SearchSpace.from_dict(SEARCH["space"], "search.space")
+    for name in SEARCHED:
+        options = json.loads(train_options(SimpleNamespace(task=name)))
+        base = TrainConfig.from_dict(options, f"the training options of {name}")
+        space.check_against(base, f"search.space (task {name})")
 
 
-check_search()
+
+def search_trial_options():
+    """The search options a trial depends on: not trials or tolerance, so that adding trials or
+    choosing again keeps the trials already run."""
+    options = json.loads(stage_options(SearchOptions, "search"))
+    return json.dumps({k: v for k, v in options.items() if k not in ("trials", "tolerance")})
 
 
 def search_trials(task):
@@ -258,6 +270,9 @@ def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}
     return json.dumps(options, sort_keys=True)
+
+
+check_search()
 
 
 # Resources a profile may set: Snakemake's own, the SLURM executor's, and the rules' `mpi`

@@ -22,7 +22,7 @@ rule search_trial:
     params:
         options=train_options,
         space=json.dumps(SEARCH["space"], sort_keys=True),
-        search=stage_options(SearchOptions, "search"),
+        search=search_trial_options(),
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: 1
     resources:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.provenance import config_digest
+
 __all__ = ["SearchError", "TrialRecord", "describe_range", "history_of", "read_trial"]
 
 
@@ -42,7 +44,7 @@ def read_trial(path: Path, digest: str | None = None) -> TrialRecord:
     """
     try:
         document = json.loads(Path(path).read_text())
-        if document.get("kind") != "search-trial":
+        if not isinstance(document, dict) or document.get("kind") != "search-trial":
             raise KeyError("kind")
         held_out = document["held_out"] or {}
         record = TrialRecord(
@@ -57,6 +59,8 @@ def read_trial(path: Path, digest: str | None = None) -> TrialRecord:
             document=document,
         )
         found = str(document["search_digest"])
+        if config_digest(document["search"]) != found:
+            raise ValueError("its search description does not match its digest (edited?)")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SearchError(
             f"{path} is not the score of a search trial ({type(error).__name__}: {error}); "

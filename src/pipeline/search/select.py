@@ -20,9 +20,11 @@ from pipeline.options import SearchOptions
 from pipeline.provenance import provenance
 from pipeline.search.records import SearchError, TrialRecord, read_trial
 
-__all__ = ["Choice", "SearchChoice", "TrialRow", "choose", "read_choice", "select"]
+__all__ = ["Choice", "SearchChoice", "TrialRow", "check_base", "choose", "read_choice", "select"]
 
 log = logging.getLogger(__name__)
+# The search options a trial records and depends on (pipeline.search.trial.search_identity).
+SEARCH_KEYS = ("seed", "parallel", "startup", "held_out", "coverage_samples")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,14 @@ def read_trials(paths: list[Path], options: SearchOptions) -> list[TrialRecord]:
         raise SearchError("no trial scores given; pass --trials with every trial's score.json")
     first = read_trial(paths[0])
     records = [first] + [read_trial(p, first.document["search_digest"]) for p in paths[1:]]
+    identity = first.document["search"]
+    differ = [k for k in SEARCH_KEYS if identity.get(k) != getattr(options, k)]
+    if differ:
+        found = ", ".join(f"{k} {identity.get(k)} (given {getattr(options, k)})" for k in differ)
+        raise SearchError(
+            f"the trials were run with other search options: {found}; choose with the "
+            "options they were run with, or run the search again"
+        )
     numbers = sorted(r.trial for r in records)
     if numbers != list(range(options.trials)):
         raise SearchError(
@@ -206,3 +216,22 @@ def read_choice(
             "this data"
         )
     return choice
+
+
+def check_base(choice: SearchChoice, shaping: dict[str, Any], path: Path) -> None:
+    """Refuses training options that differ from those the search's trials started from
+    (``shaping``: :meth:`TrainConfig.shaping` with the chosen options applied): the model would
+    not be the chosen trial's.
+
+    Raises:
+        SearchError: naming the options that differ.
+    """
+    expected = json.loads(json.dumps(choice.search["base"] | choice.options))
+    found = json.loads(json.dumps(shaping))
+    differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if differ:
+        pairs = ", ".join(f"{k}: {found.get(k)!r} (search: {expected.get(k)!r})" for k in differ)
+        raise SearchError(
+            f"{path} was chosen by trials trained with other options than these ({pairs}); "
+            "train with the search's options, or without --chosen"
+        )

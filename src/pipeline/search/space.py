@@ -24,7 +24,7 @@ from optuna.distributions import (
 
 from pipeline.options import OptionsError
 from pipeline.search.records import describe_range
-from pipeline.training import TrainConfig
+from pipeline.training import NPE_ONLY, TrainConfig
 
 __all__ = ["Dimension", "SearchSpace", "NOT_SEARCHABLE"]
 
@@ -115,6 +115,28 @@ class SearchSpace:
 
     def as_dict(self) -> dict[str, Any]:
         return {d.name: d.as_dict() for d in self.dimensions}
+
+    def check_against(self, base: TrainConfig, source: str = "search.space") -> None:
+        """Refuses a space whose values a task's own options ``base`` cannot take, each value
+        set on its own, or where ``method`` may be fmpe beside options only npe has.
+
+        Raises:
+            OptionsError: naming the option and the value.
+        """
+        methods = {base.method}
+        for dimension in self.dimensions:
+            if dimension.name == "method":
+                methods = set(dimension.choices or ())
+        clash = [name for name in self.names if name in NPE_ONLY]
+        if "fmpe" in methods and clash:
+            raise OptionsError(
+                f"{source}: {', '.join(clash)} cannot be searched where method may be fmpe, "
+                "which has none; search them with method npe only"
+            )
+        for dimension in self.dimensions:
+            values = dimension.choices or (dimension.low, dimension.high)
+            for value in values:
+                base.replaced({dimension.name: value}, source=f"{source}.{dimension.name}")
 
 
 def _dimension(name: Any, spec: Any, source: str) -> Dimension:

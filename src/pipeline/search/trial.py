@@ -28,8 +28,8 @@ from pipeline.diagnostics.coverage import DEFAULT_LEVELS, hpd_coverage, max_cove
 from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SearchOptions
 from pipeline.provenance import config_digest, provenance
-from pipeline.sampling import log_prob_of, sample_posterior
-from pipeline.search.records import TrialRecord, history_of, read_trial
+from pipeline.sampling import SamplingError, log_prob_of, sample_posterior
+from pipeline.search.records import SearchError, TrialRecord, history_of, read_trial
 from pipeline.search.space import SearchSpace
 from pipeline.storage import DataFileError, read_attrs
 from pipeline.training import TrainConfig, TrainingDiverged, train
@@ -176,6 +176,7 @@ def run_trial(
     identity = search_identity(
         attrs["task"], str(attrs.get("config_digest", "unknown")), base, space, options
     )
+    space.check_against(base, "search.space")
     digest = config_digest(identity)
     records = history_of([read_trial(p, digest) for p in history], trial, options.parallel)
     params = propose(space, records, options.seed, trial, options.startup)
@@ -205,9 +206,13 @@ def run_trial(
         if metadata is None:
             return None
         document["training"] = {
-            k: metadata[k] for k in ("epochs", "best_val_loss", "train_seconds")
+            k: metadata[k] for k in ("epochs", "best_val_loss", "train_seconds", "loading")
         }
-        document |= _scored(out, data, config, options, trial)
+        # The rows training held out, however it loaded the data (memory and streaming split
+        # differently).
+        held_out_config = config.replaced({"loading": metadata["loading"]})
+        document |= _scored(out, data, held_out_config, options, trial)
+        _check_same_rows(document, records)
     atomic.write_json(out / SCORE, document, indent=1, sort_keys=True)
     held_out = document["held_out"]
     if held_out is not None:
@@ -230,7 +235,20 @@ def _scored(
     theta, x = validation_rows(data, config, options.held_out)
     try:
         score = held_out_score(posterior, theta, x, options.coverage_samples, options.seed)
-    except RuntimeError as error:
+    except SamplingError as error:
         log.warning("trial %d failed: %s", trial, error)
         return {"status": "unsampled", "message": str(error), "held_out": None}
     return {"status": "complete", "message": "", "held_out": score.as_dict()}
+
+
+def _check_same_rows(document: dict[str, Any], records: list[TrialRecord]) -> None:
+    """Refuses a trial scored on other held-out simulations than the earlier trials: their
+    losses could not be compared."""
+    held_out = document["held_out"]
+    earlier = {r.held_out_digest for r in records if r.held_out_digest is not None}
+    if held_out is not None and earlier and held_out["rows_digest"] not in earlier:
+        raise SearchError(
+            f"trial {document['trial']} held out other simulations than the earlier trials "
+            "(streamed data are split by batch_size): remove batch_size from search.space or "
+            "set train.loading to memory, and run the search again"
+        )
