@@ -287,13 +287,15 @@ KNOWN_RESOURCES = {
 }
 # Rules of either simulate layout (simulate.scatter), so one profile serves both.
 LAYOUT_RULES = {"simulate", "simulate_chunk", "merge_simulations"}
+# Rules that exist only when a search is configured (search.tasks), so one profile serves both.
+SEARCH_RULES = {"search_trial", "search_select"}
 
 
 def check_profile_resources(workflow):
     """Raises naming any resource or rule in the profile's resources that nothing uses."""
     settings = workflow.resource_settings
     named = {"default-resources": dict(settings.default_resources or {})}
-    rules = {r.name for r in workflow.rules} | LAYOUT_RULES
+    rules = {r.name for r in workflow.rules} | LAYOUT_RULES | SEARCH_RULES
     for name, resources in settings.overwrite_resources.items():
         if name not in rules:
             raise ValueError(
