@@ -233,7 +233,6 @@ def check_search():
         space.check_against(base, f"search.space (task {name})")
 
 
-
 def search_trial_options():
     """The search options a trial depends on: not trials or tolerance, so that adding trials or
     choosing again keeps the trials already run."""
