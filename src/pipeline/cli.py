@@ -20,6 +20,7 @@ from pipeline.options import (
     SampleOptions,
     SearchOptions,
     SimulateOptions,
+    TruncateOptions,
     ValidateOptions,
     json_object,
 )
@@ -59,9 +60,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from pipeline.tasks import get_task
 
     options = SimulateOptions.from_args(args)
+    task = get_task(args.task)
+    if (args.truncation is None) != (args.model is None):
+        raise ValueError("--truncation and --model go together: the region and its posterior")
+    if args.truncation is not None:
+        from pipeline.rounds.region import truncated_task
+
+        task = truncated_task(task, args.truncation, args.model)
     simulation.simulate(
         _simulation_plan(args.task, options),
-        get_task(args.task),
+        task,
         args.out,
         overwrite=args.overwrite,
         merge=options.merge,
@@ -80,6 +88,26 @@ def _simulation_plan(task: str, options: SimulateOptions):
         seed=options.seed,
         chunk_size=options.chunk_size,
     )
+
+
+def cmd_truncate(args: argparse.Namespace) -> None:
+    from pipeline.rounds.region import truncate
+
+    options = TruncateOptions.from_args(args)
+    truncation = truncate(args.model, args.observations, args.index, options)
+    truncation.write(args.out, overwrite=args.overwrite)
+
+
+def cmd_stack_rounds(args: argparse.Namespace) -> None:
+    from pipeline.rounds.stack import stack_rounds
+
+    stack_rounds(args.task, args.rounds, args.out, overwrite=args.overwrite)
+
+
+def cmd_select_observation(args: argparse.Namespace) -> None:
+    from pipeline.observations import select_observation
+
+    select_observation(args.observations, args.index, args.out, overwrite=args.overwrite)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -248,6 +276,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         config=json_object(args.config_json, "--config-json") if args.config_json else {},
         specs=args.task_specs,
         budgets=args.budgets,
+        rounds=args.rounds,
         summary=args.summary,
     )
 
@@ -302,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         _import_command,
         _observe_command,
         _train_command,
+        _round_commands,
         _search_commands,
         _sample_command,
         _validation_commands,
@@ -333,6 +363,13 @@ def _simulation_commands(add: AddCommand) -> None:
         help="simulate only the chunk starting at index START into its shard; no merge "
         "(scatter/gather: one job per chunk, then `pipeline merge`)",
     )
+    p.add_argument(
+        "--truncation",
+        type=Path,
+        help="draw theta from the prior truncated to this region (`pipeline truncate`'s file): "
+        "a round of sequential inference; needs --model",
+    )
+    p.add_argument("--model", type=Path, help="the posterior folder --truncation was made from")
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
 
@@ -404,6 +441,30 @@ def _train_command(add: AddCommand) -> None:
     )
 
 
+def _round_commands(add: AddCommand) -> None:
+    """``truncate``, ``stack-rounds`` and ``select-observation``: sequential rounds' jobs."""
+    text = "the region of a round's posterior at one observation that the next round samples"
+    p = add("truncate", cmd_truncate, text)
+    p.add_argument("--model", type=Path, required=True, help="the round's posterior folder")
+    p.add_argument("--observations", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0, help="the observation, from 0")
+    TruncateOptions.add_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, required=True, help="the truncation (JSON)")
+    text = "stack the simulations of rounds 0..r into one training file"
+    p = add("stack-rounds", cmd_stack_rounds, text)
+    p.add_argument("--task", required=True)
+    p.add_argument("--rounds", type=Path, nargs="+", required=True, help="files, in order")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, required=True)
+    text = "write one observation of an observe file alone (the one rounds aim at)"
+    p = add("select-observation", cmd_select_observation, text)
+    p.add_argument("--observations", type=Path, required=True)
+    p.add_argument("--index", type=int, required=True, help="the observation, from 0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, required=True)
+
+
 def _search_commands(add: AddCommand) -> None:
     """``search-trial`` and ``search-select``: a hyperparameter search's jobs."""
     text = "propose one trial's training options from the earlier trials, train and score it"
@@ -468,6 +529,13 @@ def _report_commands(add: AddCommand) -> None:
     )
     p.add_argument(
         "--budgets", nargs="*", type=int, default=[], help="budgets whose C2ST the page plots"
+    )
+    p.add_argument(
+        "--rounds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="sequential rounds that made each task's model (0: amortized); one per --tasks",
     )
     p.add_argument("--config-json", default="", help="the experiment config, shown verbatim")
     ReportOptions.add_flags(p)

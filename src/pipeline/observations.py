@@ -10,6 +10,7 @@ the task's :attr:`~pipeline.tasks.Task.reference_method` and one dict of numbers
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -278,3 +279,39 @@ def read_reference_info(path: Path) -> dict[str, Any] | None:
             "'diagnostics'; rerun `pipeline observe`"
         )
     return info
+
+
+def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = False) -> None:
+    """Writes observation ``index`` of ``path`` (an observe file) alone to ``out``, with its
+    truth and reference where there are any: the one observation sequential rounds aim at.
+
+    ``out`` records ``selected_index`` and the source's digest, so its provenance stays whole.
+
+    Raises:
+        IndexError: If ``path`` has no observation ``index``.
+    """
+    path, out = Path(path), Path(out)
+    atomic.check_new(out, overwrite=overwrite)
+    read_reference(path)  # complete, with the datasets an observe file has
+    try:
+        with h5py.File(path, "r") as f:
+            count = len(f["x"])
+            if not 0 <= index < count:
+                raise IndexError(
+                    f"{path} holds {count} observations; there is no observation {index} "
+                    "(observations count from 0)"
+                )
+            rows = {name: f[name][index : index + 1] for name in f}
+            attrs = {key: storage.decode_attr(value) for key, value in f.attrs.items()}
+    except OSError as error:
+        raise storage.unreadable(path, error) from None
+    if "reference" in attrs:
+        attrs["reference"]["diagnostics"] = attrs["reference"]["diagnostics"][index : index + 1]
+    with open(path, "rb") as file:
+        attrs["selected_from"] = {"digest": hashlib.file_digest(file, "sha256").hexdigest()[:16]}
+    attrs["selected_index"] = index
+    with storage.atomic_h5(out) as f:
+        for name, data in rows.items():
+            f[name] = data
+        for key, value in attrs.items():
+            f.attrs[key] = storage.encode_attr(value)

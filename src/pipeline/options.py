@@ -341,6 +341,33 @@ class SearchOptions(Options):
 
 
 @dataclass(frozen=True)
+class TruncateOptions(Options):
+    """``pipeline truncate``: the region one round leaves to the next (:mod:`pipeline.rounds`)."""
+
+    quantile: float = option(
+        1e-4, exclusive_minimum=0, exclusive_maximum=1, help="posterior mass left outside"
+    )
+    draws: int = option(100000, minimum=100, help="posterior draws that set the threshold")
+    prior_draws: int = option(
+        100000, minimum=100, help="prior draws that measure the region's prior mass"
+    )
+    min_prior_mass: float = option(
+        1e-4,
+        exclusive_minimum=0,
+        maximum=1,
+        help="smallest prior mass of a region: rejection below it is too slow",
+    )
+    seed: int = option(0, minimum=0, help="seed of the draws and of the C2ST")
+
+    def check(self, source: str) -> None:
+        if self.draws * self.quantile < 10:
+            raise OptionsError(
+                f"{source}: quantile {self.quantile:g} of {self.draws} draws rests on fewer "
+                f"than 10 draws; raise draws to at least {math.ceil(10 / self.quantile)}"
+            )
+
+
+@dataclass(frozen=True)
 class ReportOptions(Options):
     """``pipeline report``: title and the thresholds of the verdicts."""
 

@@ -5,7 +5,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.options import SampleOptions, SearchOptions, SimulateOptions
+from pipeline.options import SampleOptions, SearchOptions, SimulateOptions, TruncateOptions
+from pipeline.rounds.records import round_seed
 from pipeline.tasks import get_task
 from pipeline.tasks.experiment import resolve_tasks
 
@@ -24,7 +25,13 @@ TASK_OBJECTS = resolve_tasks(
     config["simulate"]["budgets"],
     mocks=config["mocks"],
 )
-SIMULATED = [name for name in config["tasks"] if name not in config["data"]]
+ROUNDS = config["rounds"]
+ROUNDED = ROUNDS["tasks"]
+NUM_ROUNDS = len(ROUNDS["simulations"])
+# Tasks whose training set the simulate rules make, and whose model the train rule trains;
+# rounded tasks get both from their rounds (rounds.smk).
+SIMULATED = [n for n in config["tasks"] if n not in config["data"] and n not in ROUNDED]
+TRAINED = [n for n in config["tasks"] if n not in ROUNDED]
 IMPORTED = [name for name in config["tasks"] if name in config["data"]]
 OBSERVED = [name for name in config["tasks"] if name in config["observed"]]
 SYNTHETIC = [name for name in config["tasks"] if name not in config["observed"]]
@@ -274,6 +281,115 @@ def train_options(wildcards):
 check_search()
 
 
+def check_rounds():
+    """Refuses, before any job starts, rounds of a task they cannot run for."""
+    if not ROUNDED:
+        return
+    unknown = [name for name in ROUNDED if name not in config["tasks"]]
+    if unknown:
+        raise ValueError(
+            f"rounds.tasks names {', '.join(unknown)}, not in tasks ({', '.join(config['tasks'])})"
+        )
+    clashes = {
+        "data (imported simulations: there is no simulator to run rounds with)": config["data"],
+        "search.tasks (a search at one budget would not suit the rounds)": SEARCHED,
+    }
+    for where, names in clashes.items():
+        both = [name for name in ROUNDED if name in names]
+        if both:
+            raise ValueError(f"rounds.tasks and {where} both name {', '.join(both)}")
+    if config["simulate"]["budgets"]:
+        raise ValueError(
+            "rounds.tasks with simulate.budgets: a budget study trains amortized models on the "
+            "prior's simulations, which rounded tasks do not make; run them as two experiments"
+        )
+    synthetic = [name for name in ROUNDED if name in SYNTHETIC]
+    count = config["observations"]["num_observations"]
+    if synthetic and ROUNDS["observation"] >= count:
+        raise ValueError(
+            f"rounds.observation={ROUNDS['observation']} but observations.num_observations="
+            f"{count}: observations count from 0; choose one below {count}"
+        )
+    TruncateOptions.from_dict(json.loads(truncate_options()), "rounds")
+
+
+def truncate_options():
+    """The truncate stage's options: the rounds section's keys that TruncateOptions names."""
+    return stage_options(TruncateOptions, "rounds")
+
+
+def round_path(index, name):
+    """A file of round ``index`` of a task: rounds/round-INDEX/NAME (``{round}`` kept as is)."""
+    return task_path(f"rounds/round-{index}/{name}")
+
+
+def round_proposal(wildcards):
+    """The files round ``wildcards.round`` draws its parameters by (the test simulations: the
+    round after the last): none for round 0 (the prior), else the previous round's truncation
+    and the posterior that defines it."""
+    index = int(wildcards.round) if "round" in wildcards.keys() else NUM_ROUNDS
+    if index == 0:
+        return []
+    names = ("truncation.json", "model/posterior.pt", "model/posterior.json")
+    return [round_path(index - 1, name).format(task=wildcards.task) for name in names]
+
+
+def round_simulations(wildcards):
+    """The simulation files of rounds 0..``wildcards.round``, in order."""
+    indices = range(int(wildcards.round) + 1)
+    return [round_path(index, "sims.h5").format(task=wildcards.task) for index in indices]
+
+
+def proposal_flags(wildcards, input):
+    """`pipeline simulate`'s --truncation FILE --model DIR for a proposal (none for the prior)."""
+    if not input.proposal:
+        return []
+    return ["--truncation", input.proposal[0], "--model", str(Path(input.proposal[1]).parent)]
+
+
+def round_simulate_options(wildcards):
+    """Round simulations: the round's count, and a seed of (simulate.seed, round)."""
+    index = int(wildcards.round)
+    split = {
+        "num_simulations": ROUNDS["simulations"][index],
+        "seed": round_seed(config["simulate"]["seed"], index),
+    }
+    return stage_options(SimulateOptions, "simulate", **split)
+
+
+def round_test_options(wildcards):
+    """Test simulations of a rounded task: drawn from the last region, seeded apart from the
+    rounds by (simulate.test_seed, number of rounds)."""
+    split = {
+        "num_simulations": config["simulate"]["num_test_simulations"],
+        "seed": round_seed(config["simulate"]["test_seed"], NUM_ROUNDS),
+    }
+    return stage_options(SimulateOptions, "simulate", **split)
+
+
+def observations_of(wildcards):
+    """The observations a task's posterior is sampled and validated at: a rounded task's is
+    the one its rounds aim at (its posterior is valid only there)."""
+    if wildcards.task in ROUNDED:
+        return task_path("rounds/observation.h5")
+    return task_path("observations.h5")
+
+
+def round_counts():
+    """Rounds of each task, in config order (0: amortized), for the report."""
+    return [str(NUM_ROUNDS if name in ROUNDED else 0) for name in config["tasks"]]
+
+
+def round_files(task):
+    """The truncations of a rounded task's rounds (none for the others), for the report."""
+    if task not in ROUNDED:
+        return []
+    return [round_path(index, "truncation.json").format(task=task) for index in range(NUM_ROUNDS)]
+
+
+check_rounds()
+
+
 # Resources a profile may set: Snakemake's own, the SLURM executor's, and the rules' `mpi`
 # (the command that starts ranks) and `tasks`. Anything else is most likely a typo that a
 # scheduler would silently ignore, so it stops the run before any job is submitted.
@@ -288,13 +404,18 @@ KNOWN_RESOURCES = {
 LAYOUT_RULES = {"simulate", "simulate_chunk", "merge_simulations"}
 # Rules that exist only when a search is configured (search.tasks), so one profile serves both.
 SEARCH_RULES = {"search_trial", "search_select"}
+# Rules that exist only when rounds are configured (rounds.tasks).
+ROUND_RULES = {
+    *("select_observation", "round_simulate", "round_stack", "round_train", "truncate"),
+    *("round_model", "round_test_simulate"),
+}
 
 
 def check_profile_resources(workflow):
     """Raises naming any resource or rule in the profile's resources that nothing uses."""
     settings = workflow.resource_settings
     named = {"default-resources": dict(settings.default_resources or {})}
-    rules = {r.name for r in workflow.rules} | LAYOUT_RULES | SEARCH_RULES
+    rules = {r.name for r in workflow.rules} | LAYOUT_RULES | SEARCH_RULES | ROUND_RULES
     for name, resources in settings.overwrite_resources.items():
         if name not in rules:
             raise ValueError(

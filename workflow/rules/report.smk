@@ -4,6 +4,7 @@ rule report:
         models=expand(task_path("model/posterior.json"), task=config["tasks"]),
         curves=expand(task_path("model/metrics.csv"), task=config["tasks"]),
         budgets=[score for task in config["tasks"] for score in budget_scores(task)],
+        rounds=[path for task in config["tasks"] for path in round_files(task)],
     output:
         html=report(
             EXPERIMENT / "report.html",
@@ -24,12 +25,13 @@ rule report:
         tasks=config["tasks"],
         specs=[task_spec(name) for name in config["tasks"]],
         budgets=[str(n) for n in BUDGETS],
+        rounds=round_counts(),
         # The config's report section is the stage's options (ReportOptions).
         options=json.dumps(config["report"], sort_keys=True),
     shell:
         "pipeline report --experiment-dir {params.experiment_dir:q} --tasks {params.tasks:q}"
         " --task-specs {params.specs:q}"
-        " --budgets {params.budgets:q}"
+        " --budgets {params.budgets:q} --rounds {params.rounds:q}"
         " --config-json {params.config:q} --options {params.options:q}"
         " --out {output.html:q} --summary {output.summary:q}"
         " --log {log:q}"

@@ -25,7 +25,7 @@ rule sample_test:
 rule sample_observations:
     input:
         model=task_path("model/posterior.pt"),
-        observations=task_path("observations.h5"),
+        observations=observations_of,
     output:
         task_path("samples/observations.h5"),
     log:

@@ -14,6 +14,8 @@ rule train:
         benchmark_path("train/{task}.tsv")
     conda:
         train_environment
+    wildcard_constraints:
+        task=one_of(TRAINED),
     params:
         options=train_options,
         chosen=chosen_flag,

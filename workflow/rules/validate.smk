@@ -2,7 +2,7 @@ rule validate:
     input:
         test_samples=task_path("samples/test.h5"),
         observation_samples=task_path("samples/observations.h5"),
-        observations=task_path("observations.h5"),
+        observations=observations_of,
     output:
         metrics=task_path("validation/metrics.json"),
         coverage=report(

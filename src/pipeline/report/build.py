@@ -138,12 +138,14 @@ def load_results(
     tasks: list[str],
     budgets: Sequence[int] = (),
     specs: Sequence[str] = (),
+    rounds: Sequence[int] = (),
 ) -> list[TaskResults]:
     """Every task's results, in ``tasks`` order, read once for the page and the summary.
 
     ``budgets`` are the budget study's simulation counts; each task's C2ST at each is read.
     ``specs`` (one per task, optional) are the task specs the outputs record, where they differ
-    from the folder names (a user's tasks, by import path or task file).
+    from the folder names (a user's tasks, by import path or task file). ``rounds`` (one per
+    task, optional): how many sequential rounds made each task's model (0: amortized).
 
     Raises:
         FileNotFoundError: A task folder, result file or figure is missing.
@@ -155,10 +157,13 @@ def load_results(
         raise ValueError(f"tasks repeat a name: {tasks}")
     if specs and len(specs) != len(tasks):
         raise ValueError(f"{len(specs)} task specs for {len(tasks)} tasks")
+    if rounds and len(rounds) != len(tasks):
+        raise ValueError(f"{len(rounds)} round counts for {len(tasks)} tasks")
     specs = list(specs) or [None] * len(tasks)
+    rounds = list(rounds) or [0] * len(tasks)
     return [
-        load_task(Path(experiment_dir), task, budgets, spec)
-        for task, spec in zip(tasks, specs, strict=True)
+        load_task(Path(experiment_dir), task, budgets, spec, count)
+        for task, spec, count in zip(tasks, specs, rounds, strict=True)
     ]
 
 
@@ -252,6 +257,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "budgets": results.budgets,
         "reference": reference_summary(results.validation.reference),
         "search": search_context(results.search),
+        "rounds": results.rounds,
     }
 
 

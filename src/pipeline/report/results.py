@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import storage
 from pipeline.metrics import BudgetScore, MetricsError, ValidationMetrics
+from pipeline.rounds.records import TRUNCATION, Truncation, file_digest
 from pipeline.search.records import SearchError
 from pipeline.search.select import SearchChoice, read_choice
 
@@ -77,6 +79,7 @@ class TaskResults:
         figures: PNG bytes of the validation figures, by key of ``metrics.json["figures"]``.
         budgets: C2ST at each budget of the budget study, ascending (empty without one).
         search: The hyperparameter search that chose the training options, if one did.
+        rounds: The sequential rounds that made the model, in order (empty: amortized).
     """
 
     name: str
@@ -86,15 +89,42 @@ class TaskResults:
     figures: dict[str, bytes]
     budgets: list[BudgetScore] = field(default_factory=list)
     search: SearchChoice | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of sequential inference, as the report shows it.
+
+    Arguments:
+        index: The round, from 0.
+        num_simulations: Simulations the round ran.
+        proposal_mass: Prior mass of the region its parameters were drawn from (1: the prior).
+        c2st: C2ST of its posterior at the observation against the reference (None: none).
+        region_mass: Prior mass of the region its posterior leaves to the next round.
+        train_seconds: Time its training took.
+    """
+
+    index: int
+    num_simulations: int
+    proposal_mass: float
+    c2st: float | None
+    region_mass: float
+    train_seconds: float
 
 
 def load_task(
-    experiment_dir: Path, task: str, budgets: Sequence[int] = (), spec: str | None = None
+    experiment_dir: Path,
+    task: str,
+    budgets: Sequence[int] = (),
+    spec: str | None = None,
+    rounds: int = 0,
 ) -> TaskResults:
     """Reads and checks ``experiment_dir/task``'s training, validation and budget outputs.
 
     ``spec`` is what the outputs record as their task (the task's import path or file for a
-    user's task; by default the folder's name, as for built-in tasks).
+    user's task; by default the folder's name, as for built-in tasks). ``rounds``: how many
+    sequential rounds made the model (0: an amortized model).
     """
     task_dir = experiment_dir / task
     train = f"run `pipeline train` for task {task}"
@@ -116,7 +146,39 @@ def load_task(
         figures=read_figures(task_dir / "validation", validation, validate),
         budgets=[read_budget(task_dir, spec or task, n) for n in sorted(budgets)],
         search=read_search(task_dir, posterior, posterior_path),
+        rounds=read_rounds(task_dir, rounds),
     )
+
+
+def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
+    """The ``count`` rounds under ``task_dir/rounds``; the last must have made the model."""
+    records, proposal_mass = [], 1.0
+    for index in range(count):
+        folder = task_dir / "rounds" / f"round-{index}"
+        hint = f"run round {index} of task {task_dir.name} (rounds.tasks)"
+        require_file(folder / TRUNCATION, hint)
+        try:
+            truncation = Truncation.read(folder / TRUNCATION)
+        except ValueError as error:
+            raise ResultsError(str(error)) from None
+        model = read_json(folder / "model" / "posterior.json", hint)
+        records.append(
+            RoundRecord(
+                index=index,
+                num_simulations=int(storage.read_attrs(folder / "sims.h5")["num_simulations"]),
+                proposal_mass=proposal_mass,
+                c2st=truncation.c2st,
+                region_mass=truncation.prior_mass,
+                train_seconds=float(model.get("train_seconds", float("nan"))),
+            )
+        )
+        proposal_mass = truncation.prior_mass
+    if count and truncation.model_digest != file_digest(task_dir / "model" / "posterior.pt"):
+        raise ResultsError(
+            f"{task_dir / 'model' / 'posterior.pt'} is not the posterior of the last round "
+            f"({count - 1}); rerun the rounds of task {task_dir.name}"
+        )
+    return records
 
 
 def read_search(

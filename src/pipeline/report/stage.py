@@ -24,6 +24,7 @@ def report_experiment(
     config: dict[str, Any],
     specs: Sequence[str] = (),
     budgets: Sequence[int] = (),
+    rounds: Sequence[int] = (),
     summary: Path | None = None,
 ) -> None:
     """The report stage: ``out`` (the page) and, if given, ``summary`` (the verdicts, for the
@@ -33,7 +34,7 @@ def report_experiment(
         coverage_max_deviation=options.coverage_max_deviation,
         misspecification_level=options.misspecification_level,
     )
-    results = load_results(experiment_dir, tasks, budgets, specs)
+    results = load_results(experiment_dir, tasks, budgets, specs, rounds)
     settings = {"config": config, "thresholds": thresholds, "title": options.title}
     html = render_report(experiment_dir, results, **settings)
     if summary is not None:

@@ -1,0 +1,197 @@
+"""The truncated prior a round simulates from, and the stage that finds it (``truncate``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.diagnostics import c2st
+from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
+from pipeline.observations import read_reference
+from pipeline.options import TruncateOptions
+from pipeline.rounds.records import Truncation, TruncationError, file_digest, region_advice
+from pipeline.sampling import sample_posterior
+from pipeline.tasks import Prior, Task, get_task
+
+log = logging.getLogger(__name__)
+
+# Rows of theta per log-density evaluation: bounded memory, few Python round trips.
+STEP = 65536
+
+
+class TruncatedPrior:
+    """The prior restricted to ``log q(theta | x_o) >= threshold``, sampled by rejection.
+
+    Arguments:
+        prior: The task's prior.
+        posterior: The posterior that defines the region (eval mode).
+        x_obs: The observation, shape ``x_shape``.
+        truncation: The threshold, the region's prior mass (which sizes the batches) and the
+            acceptance rate below which sampling stops with :class:`TruncationError`.
+    """
+
+    def __init__(
+        self,
+        prior: Prior,
+        posterior: NeuralPosterior,
+        x_obs: np.ndarray,
+        truncation: Truncation,
+    ) -> None:
+        self.prior = prior
+        self.posterior = posterior
+        self.x_obs = torch.as_tensor(np.asarray(x_obs, dtype=np.float32))
+        self.truncation = truncation
+
+    @torch.no_grad()
+    def log_q(self, theta: np.ndarray) -> np.ndarray:
+        """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,)."""
+        out = np.empty(len(theta), dtype=np.float64)
+        for start in range(0, len(theta), STEP):
+            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)
+            x = self.x_obs.expand(len(rows), *self.x_obs.shape)
+            out[start : start + STEP] = self.posterior.log_prob(rows, x).double().numpy()
+        return out
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans."""
+        inside = np.isfinite(self.prior.log_prob(theta))
+        inside[inside] = self.log_q(theta[inside]) >= self.truncation.threshold
+        return inside
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` draws of the truncated prior, shape ``(n, D)``; ``rng`` is the only source of
+        randomness (batches are sized from the recorded prior mass, not from timing)."""
+        floor = self.truncation.min_prior_mass
+        batch = min(max(math.ceil(1.2 * n / max(self.truncation.prior_mass, floor)), 64), 10**6)
+        limit = n / floor
+        kept, count, drawn = [], 0, 0
+        while count < n:
+            if drawn >= limit:
+                raise TruncationError(
+                    f"only {count} of {drawn} prior draws fell in the truncated region "
+                    f"(acceptance {count / drawn:.2e}, below min_prior_mass {floor:g}); "
+                    f"{region_advice(self.truncation.quantile)}"
+                )
+            theta = self.prior.sample(batch, rng)
+            keep = theta[self.accepts(theta)]
+            kept.append(keep)
+            count, drawn = count + len(keep), drawn + batch
+        return np.concatenate(kept)[:n]
+
+
+class TruncatedTask(Task):
+    """``task`` with its parameters drawn from a :class:`TruncatedPrior`: what a round's
+    simulate job runs. Everything else (names, shapes, simulator) is ``task``'s own."""
+
+    def __init__(self, task: Task, region: TruncatedPrior, files: Sequence[Path]) -> None:
+        if task.prior is None:
+            raise ValueError(
+                f"task {task.name!r} has no prior, so it cannot draw parameters to simulate "
+                "rounds from; add one (rounds need a simulator and a prior)"
+            )
+        self.task = task
+        self.region = region
+        self.name = task.name
+        self.parameter_names = tuple(task.parameter_names)
+        self.parameter_units = tuple(task.parameter_units)
+        self.x_shape = tuple(task.x_shape)
+        self.x_unit = task.x_unit
+        self.seed_block_size = task.seed_block_size
+        # The proposal's files are part of the definition: other files, other data.
+        self.source_files = (*task.source_files, *map(Path, files))
+
+    @property
+    def prior(self) -> Prior:
+        return self.task.prior
+
+    def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.task.simulate(theta, rng)
+
+    def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        theta = self.region.sample(n, rng)
+        return theta, self.task.simulate(theta, rng)
+
+
+def truncated_task(task: Task, truncation_path: Path, model: Path) -> TruncatedTask:
+    """``task`` simulating from the region of ``truncation_path``, defined by the posterior in
+    ``model``; raises naming both files if the truncation was made from another posterior."""
+    truncation = Truncation.read(truncation_path)
+    posterior, document = load_posterior(model)
+    if document["task"] != truncation.task:
+        raise ValueError(
+            f"{truncation_path} truncates task {truncation.task!r}, but {model} is a posterior "
+            f"of {document['task']!r}; pass the model the truncation was computed from"
+        )
+    if file_digest(Path(model) / WEIGHTS) != truncation.model_digest:
+        raise ValueError(
+            f"{truncation_path} was computed from other weights than {Path(model) / WEIGHTS} "
+            f"(digest {truncation.model_digest}); rerun `pipeline truncate` on this model"
+        )
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(task.x_shape)
+    region = TruncatedPrior(task.prior, posterior, x_obs, truncation)
+    files = (Path(truncation_path), Path(model) / WEIGHTS)
+    return TruncatedTask(task, region, files)
+
+
+def truncate(model: Path, observations: Path, index: int, options: TruncateOptions) -> Truncation:
+    """The truncate stage: the region the posterior in ``model`` leaves at observation
+    ``index`` of ``observations``, its prior mass, and C2ST against the reference if any.
+
+    Raises:
+        IndexError: If ``observations`` has no observation ``index``.
+        TruncationError: If fewer than ``options.min_prior_mass`` of the prior draws fall in
+            the region (the next round could not sample it).
+    """
+    posterior, document = load_posterior(model)
+    task = get_task(document["task"])
+    theta_true, xs, references = read_reference(observations)
+    if not 0 <= index < len(xs):
+        raise IndexError(
+            f"{observations} holds {len(xs)} observations; there is no observation {index} "
+            f"(rounds.observation counts from 0)"
+        )
+    x_obs = xs[index].astype(np.float32)
+    torch.manual_seed(options.seed)
+    spec = posterior.spec
+    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
+    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    draws = sample_posterior(posterior, x_obs[None], options.draws, low=low, high=high)
+    threshold = float(np.quantile(draws.log_prob[0].astype(np.float64), options.quantile))
+    partial = Truncation(
+        task=document["task"],
+        threshold=threshold,
+        quantile=options.quantile,
+        prior_mass=1.0,
+        num_draws=options.draws,
+        num_prior_draws=options.prior_draws,
+        min_prior_mass=options.min_prior_mass,
+        model_digest=file_digest(Path(model) / WEIGHTS),
+        observation={"file": file_digest(Path(observations)), "index": index},
+        x_obs=x_obs.reshape(-1).astype(float).tolist(),
+    )
+    region = TruncatedPrior(task.prior, posterior, x_obs, partial)
+    rng = np.random.default_rng([options.seed, 1])
+    mass = float(region.accepts(task.prior.sample(options.prior_draws, rng)).mean())
+    log.info(
+        "threshold %.3f (quantile %g); prior mass of the region %.3g",
+        threshold,
+        options.quantile,
+        mass,
+    )
+    if mass < options.min_prior_mass:
+        raise TruncationError(
+            f"{mass * options.prior_draws:.0f} of {options.prior_draws} prior draws fell in the "
+            f"region of {model} at observation {index} (prior mass {mass:.2e}, below "
+            f"min_prior_mass {options.min_prior_mass:g}): {region_advice(options.quantile)}"
+        )
+    score = None
+    if references is not None:
+        score = c2st(references[index], draws.samples[0], seed=options.seed)
+        log.info("C2ST against the reference at observation %d: %.3f", index, score)
+    return Truncation(**{**asdict(partial), "prior_mass": mass, "c2st": score})
