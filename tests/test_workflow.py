@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from pipeline.tasks import TASKS
-from tests.conftest import ROOT, copy_workflow, run_snakemake
+from tests.conftest import (
+    ROOT,
+    assert_same_outputs,
+    copy_workflow,
+    planned_jobs,
+    run_snakemake,
+)
 from tests.test_browser import render
 
 CORE_TASKS = ["gaussian_linear", "two_moons", "sn_cosmology"]
@@ -127,6 +133,23 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             },
             r"search.space \(task two_moons\): transforms cannot be searched where method",
         ),
+        (
+            {"rounds": {"tasks": ["slcp"]}},
+            r"rounds.tasks names slcp, not in tasks",
+        ),
+        (
+            {"rounds": {"tasks": ["two_moons"], "observation": 2}},
+            r"rounds.observation=2 but observations.num_observations=2: observations count from",
+        ),
+        (
+            {"rounds": {"tasks": ["two_moons"]}, "simulate": {"budgets": [100]}},
+            r"rounds.tasks with simulate.budgets",
+        ),
+        (
+            {"rounds": {"tasks": ["two_moons"], "draws": 1000}},
+            r"rounds: quantile 0.0001 of 1000 draws rests on fewer than 10 draws",
+        ),
+        ({"rounds": {"tasks": ["two_moons"], "simulations": []}}, r"\[\] should be non-empty"),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):
@@ -414,3 +437,71 @@ def ran_trials(result: subprocess.CompletedProcess) -> list[str]:
     """The search trials a Snakemake run (or plan) printed, by number."""
     found = re.findall(r"wildcards: task=\w+, trial=(\d+)", result.stdout + result.stderr)
     return sorted(set(found))
+
+
+ROUNDS = {
+    "tasks": ["two_moons"],
+    "observation": 1,
+    "simulations": [300, 300],
+    "quantile": 1.0e-3,
+    "draws": 20000,
+    "prior_draws": 20000,
+}
+
+
+def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round_alone(
+    workdir, tmp_path_factory
+):
+    """Rounds stopped after round 0 (as a killed run would be) resume at round 1, keep round 0,
+    and end with the outputs of an uninterrupted run; one more round plans only its own jobs
+    and those downstream; the report shows the rounds."""
+    config = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS)
+    round_0 = Path("results/tiny/two_moons/rounds/round-0")
+    snakemake(workdir, str(round_0 / "truncation.json"), "--configfile", str(config))
+    assert not (workdir / round_0.parent / "round-1").exists()
+    kept = sorted(path for path in (workdir / round_0).rglob("*") if path.is_file())
+    stamps = [path.stat().st_mtime_ns for path in kept]
+    resumed = snakemake(workdir, "--configfile", str(config))
+    assert ran_rounds(resumed) == ["1"], resumed.stdout + resumed.stderr
+    assert [path.stat().st_mtime_ns for path in kept] == stamps
+    straight = copy_workflow(tmp_path_factory.mktemp("straight"))
+    straight_config = write_config(straight, tasks=["two_moons"], rounds=ROUNDS)
+    snakemake(straight, "--configfile", str(straight_config))
+    assert_same_outputs(round_outputs(workdir), round_outputs(straight))
+    task = workdir / "results/tiny/two_moons"
+    with h5py.File(task / "samples/observations.h5") as samples:
+        assert samples["samples"].shape[0] == 1  # the one observation the rounds aim at
+    text = " ".join(re.sub(r"<[^>]+>", " ", (task.parent / "report.html").read_text()).split())
+    assert "Sequential rounds" in text
+    assert "trained in 2 rounds at one observation" in text
+    more = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS | {"simulations": [300] * 3})
+    plan = snakemake(workdir, "-n", "--configfile", str(more))
+    assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr
+    assert planned_jobs(plan)["round_train"] == 1
+
+
+def ran_rounds(result: subprocess.CompletedProcess) -> list[str]:
+    """The rounds whose jobs a Snakemake run (or plan) printed."""
+    found = re.findall(r"wildcards: task=\w+, round=(\d+)", result.stdout + result.stderr)
+    return sorted(set(found))
+
+
+def round_outputs(workdir: Path) -> dict[str, object]:
+    """What a tiny rounds run computed: each round's simulations and weights, the test
+    simulations, samples and validation numbers."""
+    import torch
+
+    task = workdir / "results/tiny/two_moons"
+    found: dict[str, object] = {}
+    names = [*sorted(task.glob("rounds/round-*/sims.h5")), task / "sims/test.h5"]
+    for path in [*names, task / "samples/test.h5", task / "samples/observations.h5"]:
+        with h5py.File(path, "r") as f:
+            for key, dataset in f.items():
+                found[f"{path.relative_to(task)}:{key}"] = dataset[()]
+    for path in [*sorted(task.glob("rounds/round-*/model/posterior.pt"))]:
+        for key, tensor in torch.load(path, weights_only=True).items():
+            found[f"{path.relative_to(task)}:{key}"] = tensor.numpy()
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    found["c2st"] = metrics["c2st"]["per_observation"]
+    found["coverage"] = metrics["coverage"]["tarp"] + metrics["coverage"]["hpd"]
+    return found

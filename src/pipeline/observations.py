@@ -288,7 +288,7 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
     ``out`` records ``selected_index`` and the source's digest, so its provenance stays whole.
 
     Raises:
-        IndexError: If ``path`` has no observation ``index``.
+        ValueError: If ``path`` has no observation ``index``.
     """
     path, out = Path(path), Path(out)
     atomic.check_new(out, overwrite=overwrite)
@@ -297,7 +297,7 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
         with h5py.File(path, "r") as f:
             count = len(f["x"])
             if not 0 <= index < count:
-                raise IndexError(
+                raise ValueError(
                     f"{path} holds {count} observations; there is no observation {index} "
                     "(observations count from 0)"
                 )

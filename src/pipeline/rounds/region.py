@@ -144,7 +144,7 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
     ``index`` of ``observations``, its prior mass, and C2ST against the reference if any.
 
     Raises:
-        IndexError: If ``observations`` has no observation ``index``.
+        ValueError: If ``observations`` has no observation ``index``.
         TruncationError: If fewer than ``options.min_prior_mass`` of the prior draws fall in
             the region (the next round could not sample it).
     """
@@ -152,7 +152,7 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
     task = get_task(document["task"])
     theta_true, xs, references = read_reference(observations)
     if not 0 <= index < len(xs):
-        raise IndexError(
+        raise ValueError(
             f"{observations} holds {len(xs)} observations; there is no observation {index} "
             f"(rounds.observation counts from 0)"
         )

@@ -1,0 +1,198 @@
+"""Sequential rounds (pipeline.rounds): regions, their sampling, their files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pipeline import storage
+from pipeline.cli import main
+from pipeline.models.posterior import load_posterior
+from pipeline.observations import select_observation
+from pipeline.options import OptionsError, TruncateOptions
+from pipeline.rounds.records import Truncation, TruncationError, round_seed
+from pipeline.rounds.region import TruncatedPrior, truncate, truncated_task
+from pipeline.rounds.stack import stack_rounds
+from pipeline.sampling import sample_posterior
+from pipeline.tasks import get_task
+from tests.conftest import run_env, tool
+
+TASK = get_task("two_moons")
+# Enough posterior and prior draws that the quantile and the prior mass are estimated to a few
+# thousandths (binomial standard errors below 0.005), yet truncate takes a second.
+OPTIONS = TruncateOptions(quantile=0.1, draws=20000, prior_draws=20000, min_prior_mass=1e-3)
+
+
+@pytest.fixture(scope="module")
+def round0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small two_moons posterior (round 0) and two observations with references."""
+    folder = tmp_path_factory.mktemp("round0")
+    options = json.dumps({"max_epochs": 20, "transforms": 2, "flow_hidden": [32, 32]})
+    steps = [
+        ["simulate", "--task", "two_moons", "--num-simulations", "1000", "--seed", "1"],
+        ["train", "--data", str(folder / "sims.h5"), "--options", options],
+        ["observe", "--task", "two_moons", "--num-observations", "2"],
+        # 1000 reference samples: C2ST (in truncate) on 10^4 would dominate the module's time.
+    ]
+    steps[2] += ["--num-reference-samples", "1000"]
+    outs = ["sims.h5", "model", "observations.h5"]
+    for step, out in zip(steps, outs, strict=True):
+        assert main([*step, "--out", str(folder / out)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def truncated(round0: Path) -> Path:
+    """round0 with the region of its posterior at observation 0 (truncation.json)."""
+    truncation = truncate(round0 / "model", round0 / "observations.h5", 0, OPTIONS)
+    truncation.write(round0 / "truncation.json", overwrite=True)
+    return round0
+
+
+def region_of(folder: Path, truncation: Truncation) -> TruncatedPrior:
+    posterior, _ = load_posterior(folder / "model")
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32)
+    return TruncatedPrior(TASK.prior, posterior, x_obs, truncation)
+
+
+def test_a_region_holds_one_minus_the_quantile_of_the_posterior_and_its_prior_mass(round0):
+    truncation = truncate(round0 / "model", round0 / "observations.h5", 1, OPTIONS)
+    region = region_of(round0, truncation)
+    posterior, _ = load_posterior(round0 / "model")
+    torch.manual_seed(7)
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32)[None]
+    fresh = sample_posterior(posterior, x_obs, 20000, low=TASK.prior.low, high=TASK.prior.high)
+    inside = np.mean(fresh.log_prob[0] >= truncation.threshold)
+    # 1 - quantile, up to the threshold's and this check's sampling errors (~0.003 each).
+    assert inside == pytest.approx(0.9, abs=0.015)
+    prior_draws = TASK.prior.sample(20000, np.random.default_rng(11))
+    assert np.mean(region.accepts(prior_draws)) == pytest.approx(truncation.prior_mass, abs=0.02)
+    assert 0.01 < truncation.prior_mass < 0.9
+    assert truncation.observation["index"] == 1
+    assert 0.4 < truncation.c2st < 1  # the observation has a reference
+
+
+def test_the_truncated_prior_is_the_prior_restricted_to_the_region(truncated):
+    region = region_of(truncated, Truncation.read(truncated / "truncation.json"))
+    samples = region.sample(2000, np.random.default_rng(5))
+    assert samples.shape == (2000, 2)
+    assert region.accepts(samples).all()
+    np.testing.assert_array_equal(samples, region.sample(2000, np.random.default_rng(5)))
+    prior_draws = TASK.prior.sample(40000, np.random.default_rng(6))
+    restricted = prior_draws[region.accepts(prior_draws)]
+    for dim in range(2):
+        # Same distribution: a fixed-seed KS test far from rejection (p well above 0.01).
+        assert stats.ks_2samp(samples[:, dim], restricted[:, dim]).pvalue > 0.01
+
+
+def test_a_region_that_holds_nothing_stops_naming_the_quantile(truncated):
+    round0 = truncated
+    truncation = Truncation.read(truncated / "truncation.json")
+    empty = Truncation(**{**truncation.__dict__, "threshold": float("inf")})
+    with pytest.raises(TruncationError, match=r"0 of \d+ prior draws .* Lower rounds.quantile"):
+        region_of(round0, empty).sample(10, np.random.default_rng(0))
+    strict = TruncateOptions(quantile=0.5, draws=2000, prior_draws=2000, min_prior_mass=1.0)
+    with pytest.raises(TruncationError, match=r"rounds.quantile \(now 0.5\) to widen"):
+        truncate(round0 / "model", round0 / "observations.h5", 0, strict)
+
+
+def test_too_few_draws_for_the_quantile_are_refused():
+    with pytest.raises(OptionsError, match="raise draws to at least 100000"):
+        TruncateOptions.from_dict({"quantile": 1e-4, "draws": 20000})
+
+
+def test_round_seeds_differ_between_rounds_and_repeat_for_the_same_round():
+    seeds = [round_seed(1, index) for index in range(5)]
+    assert len(set(seeds)) == 5
+    assert seeds == [round_seed(1, index) for index in range(5)]
+    assert round_seed(2, 0) != seeds[0]
+
+
+def simulate_round(folder: Path, out: Path, *extra: str) -> np.ndarray:
+    """Round 1's simulations from round 0's region; returns their theta."""
+    args = ["simulate", "--task", "two_moons", "--num-simulations", "600"]
+    args += ["--seed", str(round_seed(1, 1)), "--truncation", str(folder / "truncation.json")]
+    assert main([*args, "--model", str(folder / "model"), "--out", str(out), *extra]) == 0
+    return storage.read_simulations(out).theta
+
+
+def test_round_simulations_lie_in_the_region_whatever_the_chunks(truncated, tmp_path):
+    theta = simulate_round(truncated, tmp_path / "a.h5", "--chunk-size", "600")
+    again = simulate_round(truncated, tmp_path / "b.h5", "--chunk-size", "250")
+    np.testing.assert_array_equal(theta, again)
+    truncation = Truncation.read(truncated / "truncation.json")
+    assert region_of(truncated, truncation).accepts(theta).all()
+    attrs = storage.read_attrs(tmp_path / "a.h5")
+    assert "task_digest" in attrs  # the proposal's files are part of the data's identity
+
+
+def test_a_truncation_of_other_weights_is_refused(truncated, tmp_path):
+    model = shutil.copytree(truncated / "model", tmp_path / "model")
+    state = torch.load(model / "posterior.pt", weights_only=True)
+    name = next(iter(state))
+    torch.save({**state, name: state[name] + 1e-3}, model / "posterior.pt")
+    with pytest.raises(ValueError, match="computed from other weights than"):
+        truncated_task(TASK, truncated / "truncation.json", model)
+
+
+def test_simulate_refuses_a_truncation_without_its_model(truncated, tmp_path, capsys):
+    args = ["simulate", "--task", "two_moons", "--num-simulations", "10", "--out"]
+    args += [str(tmp_path / "x.h5"), "--truncation", str(truncated / "truncation.json")]
+    assert main(args) == 2
+    assert "--truncation and --model go together" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+def test_two_mpi_ranks_simulate_the_same_round(truncated, tmp_path):
+    serial = simulate_round(truncated, tmp_path / "serial.h5", "--chunk-size", "300")
+    command = [tool("mpiexec"), "-n", "2", tool("pipeline"), "simulate", "--task", "two_moons"]
+    command += ["--num-simulations", "600", "--seed", str(round_seed(1, 1)), "--chunk-size"]
+    command += ["300", "--truncation", str(truncated / "truncation.json"), "--model"]
+    command += [str(truncated / "model"), "--out", str(tmp_path / "mpi.h5")]
+    subprocess.run(command, check=True, env=run_env(), timeout=300)
+    parallel = storage.read_simulations(tmp_path / "mpi.h5")
+    np.testing.assert_array_equal(serial, parallel.theta)
+
+
+def test_stacked_rounds_hold_every_round_in_order(truncated, tmp_path):
+    round1 = tmp_path / "round1.h5"
+    simulate_round(truncated, round1, "--chunk-size", "600")
+    sources = [truncated / "sims.h5", round1]
+    stack_rounds("two_moons", sources, tmp_path / "train.h5", overwrite=False)
+    stacked = storage.read_simulations(tmp_path / "train.h5")
+    parts = [storage.read_simulations(path) for path in sources]
+    np.testing.assert_array_equal(stacked.x, np.concatenate([p.x for p in parts]))
+    np.testing.assert_array_equal(stacked.theta, np.concatenate([p.theta for p in parts]))
+    attrs = storage.read_attrs(tmp_path / "train.h5")
+    assert [entry["file"] for entry in attrs["rounds"]] == [str(path) for path in sources]
+    with pytest.raises(FileExistsError):
+        stack_rounds("two_moons", sources, tmp_path / "train.h5", overwrite=False)
+
+
+def test_stacking_another_tasks_simulations_is_refused(truncated, tmp_path):
+    other = tmp_path / "other.h5"
+    args = ["simulate", "--task", "gaussian_linear", "--num-simulations", "50"]
+    assert main([*args, "--out", str(other)]) == 0
+    sources = [truncated / "sims.h5", other]
+    with pytest.raises(storage.DataFileError, match="holds simulations of task 'gaussian_linear'"):
+        stack_rounds("two_moons", sources, tmp_path / "t.h5", overwrite=False)
+
+
+def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path):
+    out = tmp_path / "one.h5"
+    select_observation(round0 / "observations.h5", 1, out)
+    with h5py.File(round0 / "observations.h5") as f, h5py.File(out) as g:
+        for name in ("theta", "x", "reference_samples"):
+            np.testing.assert_array_equal(g[name][...], f[name][1:2])
+        assert storage.decode_attr(g.attrs["selected_index"]) == 1
+        assert len(storage.decode_attr(g.attrs["reference"])["diagnostics"]) == 1
+    with pytest.raises(ValueError, match="holds 2 observations; there is no observation 2"):
+        select_observation(round0 / "observations.h5", 2, tmp_path / "none.h5")
