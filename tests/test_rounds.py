@@ -16,12 +16,12 @@ from scipy import stats
 from pipeline import storage
 from pipeline.cli import main
 from pipeline.models.posterior import load_posterior
-from pipeline.observations import select_observation
+from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
 from pipeline.rounds.records import Truncation, TruncationError, round_seed
 from pipeline.rounds.region import TruncatedPrior, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
-from pipeline.sampling import sample_posterior
+from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
 from tests.conftest import run_env, tool
 
@@ -77,7 +77,38 @@ def test_a_region_holds_one_minus_the_quantile_of_the_posterior_and_its_prior_ma
     assert np.mean(region.accepts(prior_draws)) == pytest.approx(truncation.prior_mass, abs=0.02)
     assert 0.01 < truncation.prior_mass < 0.9
     assert truncation.observation["index"] == 1
-    assert 0.4 < truncation.c2st < 1  # the observation has a reference
+    assert truncation.c2st is not None  # the observation has a reference
+
+
+def test_a_real_observation_has_a_region_but_no_c2st(round0, tmp_path):
+    _, x, _ = read_reference(round0 / "observations.h5")
+    np.save(tmp_path / "x.npy", x[:1])
+    real = tmp_path / "real.h5"
+    assert (
+        main(
+            [
+                "observe",
+                "--task",
+                "two_moons",
+                "--from",
+                str(tmp_path / "x.npy"),
+                "--out",
+                str(real),
+            ]
+        )
+        == 0
+    )
+    truncation = truncate(round0 / "model", real, 0, OPTIONS)
+    assert truncation.c2st is None
+    assert truncation.prior_mass > 0
+
+
+def test_observations_of_another_task_are_refused(round0, tmp_path):
+    other = tmp_path / "mixture.h5"
+    args = ["observe", "--task", "gaussian_mixture", "--num-observations", "1"]
+    assert main([*args, "--num-reference-samples", "0", "--out", str(other)]) == 0
+    with pytest.raises(ValueError, match="holds observations of task 'gaussian_mixture'"):
+        truncate(round0 / "model", other, 0, OPTIONS)
 
 
 def test_the_truncated_prior_is_the_prior_restricted_to_the_region(truncated):
@@ -116,22 +147,47 @@ def test_round_seeds_differ_between_rounds_and_repeat_for_the_same_round():
     assert round_seed(2, 0) != seeds[0]
 
 
-def simulate_round(folder: Path, out: Path, *extra: str) -> np.ndarray:
+def simulate_round(folder: Path, out: Path, *extra: str, n: int = 600) -> np.ndarray:
     """Round 1's simulations from round 0's region; returns their theta."""
-    args = ["simulate", "--task", "two_moons", "--num-simulations", "600"]
+    args = ["simulate", "--task", "two_moons", "--num-simulations", str(n)]
     args += ["--seed", str(round_seed(1, 1)), "--truncation", str(folder / "truncation.json")]
     assert main([*args, "--model", str(folder / "model"), "--out", str(out), *extra]) == 0
     return storage.read_simulations(out).theta
 
 
 def test_round_simulations_lie_in_the_region_whatever_the_chunks(truncated, tmp_path):
-    theta = simulate_round(truncated, tmp_path / "a.h5", "--chunk-size", "600")
-    again = simulate_round(truncated, tmp_path / "b.h5", "--chunk-size", "250")
+    # 2500 simulations span three seed blocks of 1000: chunks of 700 cut across them.
+    theta = simulate_round(truncated, tmp_path / "a.h5", "--chunk-size", "2500", n=2500)
+    again = simulate_round(truncated, tmp_path / "b.h5", "--chunk-size", "700", n=2500)
     np.testing.assert_array_equal(theta, again)
     truncation = Truncation.read(truncated / "truncation.json")
     assert region_of(truncated, truncation).accepts(theta).all()
     attrs = storage.read_attrs(tmp_path / "a.h5")
-    assert "task_digest" in attrs  # the proposal's files are part of the data's identity
+    assert attrs["proposal"]["model"] == truncation.model_digest
+    assert attrs["proposal"]["threshold"] == truncation.threshold
+
+
+def test_a_truncation_of_another_task_is_refused(truncated):
+    with pytest.raises(ValueError, match="is a region of task 'two_moons', not of 'gaussian_m"):
+        truncated_task(
+            TASK, "gaussian_mixture", truncated / "truncation.json", truncated / "model"
+        )
+
+
+def test_test_samples_are_restricted_to_the_region(truncated, tmp_path):
+    simulate_round(truncated, tmp_path / "test.h5", "--chunk-size", "600", n=20)
+    args = ["sample", "--model", str(truncated / "model"), "--observations"]
+    args += [str(tmp_path / "test.h5"), "--num-samples", "200", "--out"]
+    region = ["--truncation", str(truncated / "truncation.json")]
+    assert main([*args, str(tmp_path / "samples.h5"), *region]) == 0
+    assert main([*args, str(tmp_path / "free.h5")]) == 0
+    truncation = Truncation.read(truncated / "truncation.json")
+    accepts = region_of(truncated, truncation).accepts
+    restricted = read_samples(tmp_path / "samples.h5")
+    assert accepts(restricted["samples"].reshape(-1, 2)).all()
+    assert restricted["attrs"]["truncation"]["threshold"] == truncation.threshold
+    # Without the restriction some test posteriors reach outside the region.
+    assert not accepts(read_samples(tmp_path / "free.h5")["samples"].reshape(-1, 2)).all()
 
 
 def test_a_truncation_of_other_weights_is_refused(truncated, tmp_path):
@@ -140,7 +196,7 @@ def test_a_truncation_of_other_weights_is_refused(truncated, tmp_path):
     name = next(iter(state))
     torch.save({**state, name: state[name] + 1e-3}, model / "posterior.pt")
     with pytest.raises(ValueError, match="computed from other weights than"):
-        truncated_task(TASK, truncated / "truncation.json", model)
+        truncated_task(TASK, "two_moons", truncated / "truncation.json", model)
 
 
 def test_simulate_refuses_a_truncation_without_its_model(truncated, tmp_path, capsys):
@@ -175,6 +231,20 @@ def test_stacked_rounds_hold_every_round_in_order(truncated, tmp_path):
     assert [entry["file"] for entry in attrs["rounds"]] == [str(path) for path in sources]
     with pytest.raises(FileExistsError):
         stack_rounds("two_moons", sources, tmp_path / "train.h5", overwrite=False)
+
+
+def test_a_stack_out_of_order_or_with_a_round_twice_is_refused(truncated, tmp_path):
+    round1 = tmp_path / "round1.h5"
+    simulate_round(truncated, round1, "--chunk-size", "600")
+    prior = truncated / "sims.h5"
+    cases = {
+        "drawn from the prior; stack round 0": [prior, round1, prior],
+        "drawn from a truncated region; stack round 0": [round1, prior],
+        "repeats another file of the stack": [prior, round1, round1],
+    }
+    for message, sources in cases.items():
+        with pytest.raises(ValueError, match=message):
+            stack_rounds("two_moons", sources, tmp_path / "t.h5", overwrite=False)
 
 
 def test_stacking_another_tasks_simulations_is_refused(truncated, tmp_path):

@@ -473,7 +473,7 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
         assert samples["samples"].shape[0] == 1  # the one observation the rounds aim at
     text = " ".join(re.sub(r"<[^>]+>", " ", (task.parent / "report.html").read_text()).split())
     assert "Sequential rounds" in text
-    assert "trained in 2 rounds at one observation" in text
+    assert "trained in 2 rounds at one observation, observation 1 of the task" in text
     more = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS | {"simulations": [300] * 3})
     plan = snakemake(workdir, "-n", "--configfile", str(more))
     assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr

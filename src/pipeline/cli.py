@@ -61,14 +61,18 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     options = SimulateOptions.from_args(args)
     task = get_task(args.task)
+    plan = _simulation_plan(args.task, options)
     if (args.truncation is None) != (args.model is None):
         raise ValueError("--truncation and --model go together: the region and its posterior")
     if args.truncation is not None:
+        from dataclasses import replace
+
         from pipeline.rounds.region import truncated_task
 
-        task = truncated_task(task, args.truncation, args.model)
+        task = truncated_task(task, args.task, args.truncation, args.model)
+        plan = replace(plan, proposal=task.proposal)
     simulation.simulate(
-        _simulation_plan(args.task, options),
+        plan,
         task,
         args.out,
         overwrite=args.overwrite,
@@ -91,9 +95,11 @@ def _simulation_plan(task: str, options: SimulateOptions):
 
 
 def cmd_truncate(args: argparse.Namespace) -> None:
+    from pipeline.atomic import check_new
     from pipeline.rounds.region import truncate
 
     options = TruncateOptions.from_args(args)
+    check_new(args.out, overwrite=args.overwrite)
     truncation = truncate(args.model, args.observations, args.index, options)
     truncation.write(args.out, overwrite=args.overwrite)
 
@@ -237,7 +243,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from pipeline.sampling import sample
 
     options = SampleOptions.from_args(args)
-    sample(args.model, args.observations, args.out, options, overwrite=args.overwrite)
+    sample(
+        args.model,
+        args.observations,
+        args.out,
+        options,
+        overwrite=args.overwrite,
+        truncation=args.truncation,
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -494,6 +507,12 @@ def _sample_command(add: AddCommand) -> None:
     p = add("sample", cmd_sample, "draw posterior samples for observations (.npy or .h5)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--observations", type=Path, required=True)
+    p.add_argument(
+        "--truncation",
+        type=Path,
+        help="restrict the draws to this region of the model (`pipeline truncate`'s file): "
+        "for simulations drawn from a sequential round's truncated prior",
+    )
     SampleOptions.add_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True)
@@ -567,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log)
     sys.unraisablehook = _unraisable
-    if args.command in ("train", "search-trial", "sample"):
+    uses_torch = ("train", "search-trial", "sample", "truncate")
+    if args.command in uses_torch or getattr(args, "truncation", None) is not None:
         import torch
 
         torch.set_num_threads(max(args.threads, 1))

@@ -299,7 +299,7 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
             if not 0 <= index < count:
                 raise ValueError(
                     f"{path} holds {count} observations; there is no observation {index} "
-                    "(observations count from 0)"
+                    "(observations count from 0; in the config, rounds.observation)"
                 )
             rows = {name: f[name][index : index + 1] for name in f}
             attrs = {key: storage.decode_attr(value) for key, value in f.attrs.items()}
@@ -308,8 +308,10 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
     if "reference" in attrs:
         attrs["reference"]["diagnostics"] = attrs["reference"]["diagnostics"][index : index + 1]
     with open(path, "rb") as file:
-        attrs["selected_from"] = {"digest": hashlib.file_digest(file, "sha256").hexdigest()[:16]}
+        digest = hashlib.file_digest(file, "sha256").hexdigest()[:16]
+    attrs["selected_from"] = {"digest": digest, "provenance": attrs.pop("provenance", None)}
     attrs["selected_index"] = index
+    attrs["provenance"] = provenance({"selected_from": digest, "index": index})
     with storage.atomic_h5(out) as f:
         for name, data in rows.items():
             f[name] = data

@@ -7,6 +7,7 @@ box are rejected and redrawn (as the ``sbi`` package does), vectorised over obse
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +104,18 @@ def sample_posterior(
     *,
     low: np.ndarray | None = None,
     high: np.ndarray | None = None,
+    region: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> PosteriorSamples:
-    """Draws ``num_samples`` posterior samples per observation, restricted to ``[low, high]``.
+    """Draws ``num_samples`` posterior samples per observation, restricted to ``[low, high]``
+    and, if given, to ``region``.
 
     Arguments:
         posterior: The trained estimator (eval mode).
         x: Observations, shape ``(n, *x_shape)``.
         num_samples: Samples ``M`` per observation.
         low, high: Prior box, shape ``(D,)``; ``None`` for unbounded priors.
+        region: Which rows of ``theta`` (k, D) lie in the region the posterior is valid in,
+            ``(k,)`` booleans: a sequential round's truncated prior.
     """
     n, dim = len(x), len(posterior.spec.parameter_names)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
@@ -119,7 +124,8 @@ def sample_posterior(
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
-        s, lp = _sample_batch(posterior, torch.as_tensor(x[start:stop]), num_samples, low, high)
+        batch = torch.as_tensor(x[start:stop])
+        s, lp = _sample_batch(posterior, batch, num_samples, low, high, region)
         samples[start:stop], log_prob[start:stop] = s, lp
         progress.update(stop - start)
     return PosteriorSamples(samples, log_prob)
@@ -132,6 +138,7 @@ def _sample_batch(
     num_samples: int,
     low: np.ndarray | None,
     high: np.ndarray | None,
+    region: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     n, dim = len(x), len(posterior.spec.parameter_names)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
@@ -147,6 +154,8 @@ def _sample_batch(
         inside = np.isfinite(lp)
         if low is not None:
             inside &= np.all((theta >= low) & (theta <= high), axis=-1)
+        if region is not None:
+            inside[inside] = region(theta[inside])
         part_samples, part_log_prob, part_filled = samples[short], log_prob[short], filled[short]
         _fill(part_samples, part_log_prob, part_filled, theta, lp, inside)
         samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled
@@ -154,8 +163,8 @@ def _sample_batch(
         if (filled < MIN_ACCEPTANCE * drawn).any():
             raise SamplingError(
                 f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of some observations "
-                "fall inside the prior: the observations are likely outside what the model was "
-                "trained on (check their shape, units and scale)"
+                "fall inside the prior (and the round's region, if any): the observations are "
+                "likely outside what the model was trained on (check their shape, units and scale)"
             )
         short = np.flatnonzero(filled < num_samples)
     return samples, log_prob
@@ -247,11 +256,22 @@ def read_samples(path: Path) -> dict[str, np.ndarray | dict]:
 
 
 def sample(
-    model: Path, observations: Path, out: Path, options: SampleOptions, *, overwrite: bool
+    model: Path,
+    observations: Path,
+    out: Path,
+    options: SampleOptions,
+    *,
+    overwrite: bool,
+    truncation: Path | None = None,
 ) -> PosteriorSamples:
     """The sample stage: ``options.num_samples`` posterior draws at each finite observation
     of ``observations`` (an observe file, HDF5 with ``x``, or ``.npy``) from the posterior
     saved in ``model``, written to ``out`` with their provenance; returns them.
+
+    With ``truncation`` (the region of this posterior from ``pipeline truncate``), the draws
+    are restricted to that region: simulations drawn from a sequential round's truncated prior
+    have the posterior ``p(theta | x)`` restricted to the region, and coverage must compare
+    them with that.
 
     Raises:
         FileExistsError: If ``out`` exists and ``overwrite`` is false.
@@ -281,7 +301,12 @@ def sample(
     torch.manual_seed(options.seed)
     low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
     high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
-    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high)
+    region, restricted = None, None
+    if truncation is not None:
+        from pipeline.rounds.region import region_of_model
+
+        region, restricted = region_of_model(truncation, model, posterior)
+    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high, region=region)
     attrs = {
         "task": document["task"],
         "parameter_names": list(spec.parameter_names),
@@ -290,6 +315,7 @@ def sample(
         "low": None if low is None else low.tolist(),
         "high": None if high is None else high.tolist(),
         "num_nonfinite_excluded": int((~finite).sum()),
+        "truncation": restricted,
         "observation_index": np.flatnonzero(finite).tolist(),
         "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
     }

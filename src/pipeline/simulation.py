@@ -54,6 +54,8 @@ class SimulationPlan:
     num_simulations: int
     seed: int
     chunk_size: int
+    # Where theta comes from when not the prior: a sequential round's region (pipeline.rounds).
+    proposal: dict[str, Any] | None = None
 
     def chunks(self) -> list[tuple[int, int]]:
         """Index ranges ``[start, stop)`` of the chunks, in order."""
@@ -83,6 +85,8 @@ class SimulationPlan:
         """The fields that determine each simulation (not their count), recorded in every file:
         for a user's task also the digest of the files that define it."""
         identity = {"task": self.task, "seed": self.seed, "seed_block_size": task.seed_block_size}
+        if self.proposal is not None:
+            identity["proposal"] = self.proposal
         digest = source_digest(task)
         return identity if digest is None else {**identity, "task_digest": digest}
 

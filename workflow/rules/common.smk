@@ -375,6 +375,19 @@ def observations_of(wildcards):
     return task_path("observations.h5")
 
 
+def test_region(wildcards):
+    """The region a rounded task's test simulations were drawn from (its last round's): their
+    posterior samples are restricted to it. None for amortized tasks."""
+    if wildcards.task not in ROUNDED:
+        return []
+    return [round_path(NUM_ROUNDS - 1, "truncation.json").format(task=wildcards.task)]
+
+
+def region_flags(wildcards, input):
+    """`pipeline sample`'s --truncation FILE for test simulations from a region (else none)."""
+    return [flag for path in input.region for flag in ("--truncation", path)]
+
+
 def round_counts():
     """Rounds of each task, in config order (0: amortized), for the report."""
     return [str(NUM_ROUNDS if name in ROUNDED else 0) for name in config["tasks"]]

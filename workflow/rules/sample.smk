@@ -2,6 +2,7 @@ rule sample_test:
     input:
         model=task_path("model/posterior.pt"),
         observations=task_path("sims/test.h5"),
+        region=test_region,
     output:
         task_path("samples/test.h5"),
     log:
@@ -15,10 +16,11 @@ rule sample_test:
             SampleOptions, "sample", num_samples=config["sample"]["num_test_samples"]
         ),
         model_dir=lambda wildcards, input: Path(input.model).parent,
+        region=region_flags,
     threads: 1
     shell:
         "pipeline sample --model {params.model_dir:q} --observations {input.observations:q}"
-        " --options {params.options:q} --out {output:q} --overwrite"
+        " --options {params.options:q} {params.region:q} --out {output:q} --overwrite"
         " --threads {threads} --log {log:q}"
 
 

@@ -98,6 +98,7 @@ class RoundRecord:
 
     Arguments:
         index: The round, from 0.
+        observation: The observation (of the task's observations) the rounds aim at.
         num_simulations: Simulations the round ran.
         proposal_mass: Prior mass of the region its parameters were drawn from (1: the prior).
         c2st: C2ST of its posterior at the observation against the reference (None: none).
@@ -106,6 +107,7 @@ class RoundRecord:
     """
 
     index: int
+    observation: int
     num_simulations: int
     proposal_mass: float
     c2st: float | None
@@ -165,6 +167,7 @@ def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
         records.append(
             RoundRecord(
                 index=index,
+                observation=int(truncation.observation.get("selected_index", 0)),
                 num_simulations=int(storage.read_attrs(folder / "sims.h5")["num_simulations"]),
                 proposal_mass=proposal_mass,
                 c2st=truncation.c2st,
@@ -173,12 +176,25 @@ def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
             )
         )
         proposal_mass = truncation.prior_mass
-    if count and truncation.model_digest != file_digest(task_dir / "model" / "posterior.pt"):
-        raise ResultsError(
-            f"{task_dir / 'model' / 'posterior.pt'} is not the posterior of the last round "
-            f"({count - 1}); rerun the rounds of task {task_dir.name}"
-        )
+    if count:
+        check_last_round(task_dir, truncation, folder / TRUNCATION)
     return records
+
+
+def check_last_round(task_dir: Path, truncation: Truncation, path: Path) -> None:
+    """Raises unless the task's model is the last round's and its test simulations were drawn
+    from the last round's region (``path``)."""
+    rerun = f"rerun the rounds of task {task_dir.name}"
+    model = task_dir / "model" / "posterior.pt"
+    if truncation.model_digest != file_digest(model):
+        raise ResultsError(f"{model} is not the posterior of the last round; {rerun}")
+    test = task_dir / "sims" / "test.h5"
+    proposal = storage.read_attrs(test).get("proposal") or {}
+    if proposal.get("truncation") != file_digest(path):
+        raise ResultsError(
+            f"{test} was not drawn from the last round's region ({path}): its coverage would "
+            f"not be the posterior's there; {rerun}"
+        )
 
 
 def read_search(

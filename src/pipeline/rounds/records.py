@@ -49,7 +49,8 @@ class Truncation:
         num_draws: Posterior draws the threshold was estimated from.
         num_prior_draws: Prior draws the prior mass was estimated from.
         model_digest: SHA-256 of the posterior weights the region is defined by.
-        observation: ``{"file": digest, "index": j}``: which observation ``x_o`` is.
+        observation: ``{"file": digest, "index": j, "selected_index": k}``: which observation
+            ``x_o`` is (row ``j`` of the file; ``k`` of the task's observations).
         x_obs: ``x_o`` itself (flattened), so that a simulate job needs no other file.
         c2st: C2ST of the posterior draws against the reference at ``x_o`` (None without one).
     """

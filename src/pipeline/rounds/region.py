@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
 from pipeline.observations import read_reference
 from pipeline.options import TruncateOptions
 from pipeline.rounds.records import Truncation, TruncationError, file_digest, region_advice
-from pipeline.sampling import sample_posterior
+from pipeline.sampling import observation_task, sample_posterior
 from pipeline.tasks import Prior, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,13 @@ class TruncatedPrior:
 
     @torch.no_grad()
     def log_q(self, theta: np.ndarray) -> np.ndarray:
-        """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,)."""
+        """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,); x_o is embedded once per step
+        (a map task's embedding would otherwise run once per prior draw)."""
         out = np.empty(len(theta), dtype=np.float64)
+        x = self.x_obs[None]
         for start in range(0, len(theta), STEP):
-            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)
-            x = self.x_obs.expand(len(rows), *self.x_obs.shape)
-            out[start : start + STEP] = self.posterior.log_prob(rows, x).double().numpy()
+            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)[:, None]
+            out[start : start + STEP] = self.posterior.log_prob(rows, x)[:, 0].double().numpy()
         return out
 
     def accepts(self, theta: np.ndarray) -> np.ndarray:
@@ -90,6 +91,7 @@ class TruncatedTask(Task):
     simulate job runs. Everything else (names, shapes, simulator) is ``task``'s own."""
 
     def __init__(self, task: Task, region: TruncatedPrior, files: Sequence[Path]) -> None:
+        """``files``: the truncation file, then the weights that define the region."""
         if task.prior is None:
             raise ValueError(
                 f"task {task.name!r} has no prior, so it cannot draw parameters to simulate "
@@ -97,6 +99,13 @@ class TruncatedTask(Task):
             )
         self.task = task
         self.region = region
+        truncation = region.truncation
+        self.proposal = {
+            "truncation": file_digest(Path(files[0])),
+            "model": truncation.model_digest,
+            "threshold": truncation.threshold,
+            "prior_mass": truncation.prior_mass,
+        }
         self.name = task.name
         self.parameter_names = tuple(task.parameter_names)
         self.parameter_units = tuple(task.parameter_units)
@@ -118,10 +127,16 @@ class TruncatedTask(Task):
         return theta, self.task.simulate(theta, rng)
 
 
-def truncated_task(task: Task, truncation_path: Path, model: Path) -> TruncatedTask:
-    """``task`` simulating from the region of ``truncation_path``, defined by the posterior in
-    ``model``; raises naming both files if the truncation was made from another posterior."""
+def truncated_task(task: Task, spec: str, truncation_path: Path, model: Path) -> TruncatedTask:
+    """``task`` (given as ``spec``: its name or import path) simulating from the region of
+    ``truncation_path``, defined by the posterior in ``model``; raises naming the files if the
+    truncation is of another task or was made from another posterior."""
     truncation = Truncation.read(truncation_path)
+    if truncation.task != spec:
+        raise ValueError(
+            f"{truncation_path} is a region of task {truncation.task!r}, not of {spec!r}; "
+            "simulate that task's rounds with its own truncation"
+        )
     posterior, document = load_posterior(model)
     if document["task"] != truncation.task:
         raise ValueError(
@@ -139,6 +154,42 @@ def truncated_task(task: Task, truncation_path: Path, model: Path) -> TruncatedT
     return TruncatedTask(task, region, files)
 
 
+def region_of_model(
+    truncation_path: Path, model: Path, posterior: NeuralPosterior
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, object]]:
+    """The region of ``truncation_path`` as a test of rows of theta, for the posterior loaded
+    from ``model`` (which must be the one that defined it), and what to record of it."""
+    truncation = Truncation.read(truncation_path)
+    if file_digest(Path(model) / WEIGHTS) != truncation.model_digest:
+        raise ValueError(
+            f"{truncation_path} is the region of other weights than {Path(model) / WEIGHTS}; "
+            "restrict samples only to the region of the posterior they are drawn from"
+        )
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posterior.spec.x_shape)
+    region = TruncatedPrior(_prior_of(truncation.task), posterior, x_obs, truncation)
+    record = {"digest": file_digest(Path(truncation_path)), "threshold": truncation.threshold}
+    return region.accepts, record
+
+
+def _prior_of(task: str) -> Prior:
+    prior = get_task(task).prior
+    if prior is None:
+        raise ValueError(f"task {task!r} has no prior, so it has no truncated region")
+    return prior
+
+
+def selected_index(observations: Path, index: int) -> int:
+    """Which observation of the task's observations ``index`` of ``observations`` is: the
+    index it had before ``pipeline select-observation`` picked it, else ``index`` itself."""
+    import h5py
+
+    if Path(observations).suffix == ".npy":
+        return index
+    with h5py.File(observations, "r") as f:
+        chosen = f.attrs.get("selected_index")
+    return index if chosen is None else int(chosen)
+
+
 def truncate(model: Path, observations: Path, index: int, options: TruncateOptions) -> Truncation:
     """The truncate stage: the region the posterior in ``model`` leaves at observation
     ``index`` of ``observations``, its prior mass, and C2ST against the reference if any.
@@ -150,7 +201,18 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
     """
     posterior, document = load_posterior(model)
     task = get_task(document["task"])
-    theta_true, xs, references = read_reference(observations)
+    made_for = observation_task(observations)
+    if made_for is not None and made_for != document["task"]:
+        raise ValueError(
+            f"{observations} holds observations of task {made_for!r}, but {model} is a "
+            f"posterior of task {document['task']!r}; truncate with the model of that task"
+        )
+    _, xs, references = read_reference(observations)
+    if xs.shape[1:] != tuple(posterior.spec.x_shape):
+        raise ValueError(
+            f"{observations}: observations have shape {xs.shape}, expected (n_obs, "
+            f"{', '.join(map(str, posterior.spec.x_shape))}) for the posterior in {model}"
+        )
     if not 0 <= index < len(xs):
         raise ValueError(
             f"{observations} holds {len(xs)} observations; there is no observation {index} "
@@ -172,7 +234,11 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
         num_prior_draws=options.prior_draws,
         min_prior_mass=options.min_prior_mass,
         model_digest=file_digest(Path(model) / WEIGHTS),
-        observation={"file": file_digest(Path(observations)), "index": index},
+        observation={
+            "file": file_digest(Path(observations)),
+            "index": index,
+            "selected_index": selected_index(observations, index),
+        },
         x_obs=x_obs.reshape(-1).astype(float).tolist(),
     )
     region = TruncatedPrior(task.prior, posterior, x_obs, partial)

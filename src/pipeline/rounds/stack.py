@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +19,29 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
     Arguments:
         task: The task as the simulations record it (name or import path).
 
-    Raises naming the file if a source holds another task's simulations.
+    Raises naming the file if a source holds another task's simulations, or the sources are
+    not one round each: the prior's first, then regions, none twice.
     """
     atomic.check_new(Path(out), overwrite=overwrite)
     found = [storage.read_attrs(source, task=task) for source in sources]
+    proposals = [json.dumps(attrs.get("proposal"), sort_keys=True) for attrs in found]
+    seeds = [attrs.get("seed") for attrs in found]
+    for index, (source, attrs) in enumerate(zip(sources, found, strict=True)):
+        if (attrs.get("proposal") is None) != (index == 0):
+            drawn = "the prior" if attrs.get("proposal") is None else "a truncated region"
+            raise ValueError(
+                f"{source} (round {index} of the stack) holds simulations drawn from {drawn}; "
+                "stack round 0 (the prior) first, then the rounds of the regions, in order"
+            )
+    for index, source in enumerate(sources):
+        if proposals.count(proposals[index]) > 1 or seeds.count(seeds[index]) > 1:
+            raise ValueError(
+                f"{source} repeats another file of the stack (same proposal or seed): each "
+                "round's simulations belong in the stack once"
+            )
     rounds = [
-        {"file": str(source), "config_digest": attrs.get("config_digest")}
+        {"file": str(source), "config_digest": attrs.get("config_digest"), "seed": attrs["seed"]}
+        | ({"proposal": attrs["proposal"]} if "proposal" in attrs else {})
         for source, attrs in zip(sources, found, strict=True)
     ]
     made_by = provenance({"task": task, "rounds": rounds})
