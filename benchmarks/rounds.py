@@ -1,0 +1,169 @@
+"""Sequential rounds against amortized NPE and against ``sbi``'s TSNPE (issue: sequential
+inference as a DAG), at the five reference observations of a task.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rounds.py run --tasks two_moons \
+        --observations 0 1 2 3 4 --results results          # the pipeline, one experiment each
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rounds.py peer --tasks two_moons \
+        --observations 0 1 --results results                # sbi 0.27 (pip install -e ".[bench]")
+    .venv/bin/python benchmarks/rounds.py table --tasks two_moons --results results
+
+``run``: for each task and observation ``k``, the pipeline with the rounds of
+``config/experiments/rounds.yaml`` (4 x 2500 simulations) aimed at observation ``k``, as the
+experiment
+``rounds_<task>_obs<k>`` (``snakemake --cores CORES``). ``peer``: ``sbi``'s truncated sequential
+NPE on the same task, observation and rounds: ``NPE`` at its defaults, each round's proposal the
+``RestrictedPrior`` of ``get_density_thresholder`` at the same quantile, the same simulator,
+10^4 samples at the observation, scored by the validate stage's C2ST (5 folds, seed 5) against
+the pipeline run's reference. ``table``: per observation the C2ST of every round, the final
+posterior's C2ST and coverage (TARP and HPD on test simulations from the last region), wall
+time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^4 and 10^5 simulations
+from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_SAMPLES = 10**4
+
+
+def experiment(task: str, observation: int) -> str:
+    return f"rounds_{task}_obs{observation}"
+
+
+def rounds_settings() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "config/experiments/rounds.yaml").read_text())["rounds"]
+
+
+def run(task: str, observation: int, results: Path, cores: int) -> None:
+    """The pipeline's rounds for ``task`` at ``observation``, as their own experiment."""
+    rounds = {**rounds_settings(), "tasks": [task], "observation": observation}
+    config = {
+        "experiment": experiment(task, observation),
+        "results": str(results),
+        "tasks": [task],
+        "rounds": rounds,
+    }
+    path = results / f"{experiment(task, observation)}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path)]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    print(f"{task} observation {observation}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def collect(task: str, observation: int, results: Path) -> dict[str, Any]:
+    """What the pipeline's rounds at ``observation`` reached, from their files."""
+    folder = results / experiment(task, observation)
+    rounds = sorted((folder / task / "rounds").glob("round-*/truncation.json"))
+    truncations = [json.loads(path.read_text()) for path in rounds]
+    metrics = json.loads((folder / task / "validation/metrics.json").read_text())
+    coverage = metrics["coverage"]
+    levels = np.asarray(coverage["levels"])
+    return {
+        "round_c2st": [round(t["c2st"], 4) for t in truncations],
+        "region_prior_mass": [round(t["prior_mass"], 4) for t in truncations],
+        "c2st": round(metrics["c2st"]["mean"], 4),
+        "tarp_max_deviation": round(float(np.max(np.abs(coverage["tarp"] - levels))), 4),
+        "hpd_max_deviation": round(float(np.max(np.abs(coverage["hpd"] - levels))), 4),
+        "wall_seconds": round(stage_seconds(folder / "benchmarks"), 1),
+    }
+
+
+def stage_seconds(folder: Path) -> float:
+    """Seconds of every job of a run (Snakemake's benchmark files), summed."""
+    total = 0.0
+    for path in folder.rglob("*.tsv"):
+        with open(path) as file:
+            total += sum(float(row["s"]) for row in csv.DictReader(file, delimiter="\t"))
+    return total
+
+
+def amortized(task: str, observation: int) -> dict[str, float]:
+    """Our amortized posterior's C2ST at this observation, by budget (``results/peer.json``)."""
+    entries = json.loads((RESULTS / "peer.json").read_text())["entries"]
+    return {
+        str(e["budget"]): e["ours"]["c2st"][observation]
+        for e in entries
+        if e["task"] == task and e["budget"] in (10**4, 10**5)
+    }
+
+
+def peer(task_name: str, observation: int, results: Path) -> dict[str, Any]:
+    """``sbi``'s TSNPE on the same task, observation and rounds; C2ST against the reference."""
+    import torch
+    from sbi.inference import NPE
+    from sbi.utils import RestrictedPrior, get_density_thresholder
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer import torch_prior
+
+    from pipeline.diagnostics import c2st
+    from pipeline.observations import read_reference
+    from pipeline.tasks import get_task
+
+    task = get_task(task_name)
+    folder = results / experiment(task_name, observation) / task_name
+    _, x_obs, reference = read_reference(folder / "observations.h5")
+    x_o = torch.from_numpy(x_obs[observation].reshape(-1)).float()
+    settings = rounds_settings()
+    prior = torch_prior(task)
+    torch.manual_seed(0)
+    rng = np.random.default_rng([0, observation])
+    inference, proposal, start = NPE(prior=prior, show_progress_bars=False), prior, time.time()
+    scores = []
+    for count in settings["simulations"]:
+        theta = proposal.sample((count,))
+        x = task.simulate(theta.numpy().astype(np.float64), rng)
+        x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(count, -1))
+        estimator = inference.append_simulations(theta, x).train(force_first_round_loss=True)
+        posterior = inference.build_posterior(estimator).set_default_x(x_o)
+        samples = posterior.sample((NUM_SAMPLES,), show_progress_bars=False).numpy()
+        scores.append(round(c2st(reference[observation], samples, seed=5), 4))
+        accept = get_density_thresholder(posterior, quantile=settings.get("quantile", 1e-4))
+        proposal = RestrictedPrior(prior, accept, posterior=posterior, sample_with="rejection")
+        print(f"sbi {task_name} observation {observation}: C2ST {scores}", flush=True)
+    return {"round_c2st": scores, "c2st": scores[-1], "seconds": round(time.time() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("run", "peer", "table"))
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--observations", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--cores", type=int, default=1)
+    args = parser.parse_args()
+    output = RESULTS / "rounds.json"
+    saved = json.loads(output.read_text()) if output.exists() else {}
+    for task in args.tasks:
+        for k in args.observations:
+            key = f"{task}/{k}"
+            if args.action == "run":
+                run(task, k, args.results.resolve(), args.cores)
+            elif args.action == "peer":
+                saved.setdefault(key, {})["sbi"] = peer(task, k, args.results.resolve())
+            else:
+                found = collect(task, k, args.results.resolve())
+                saved[key] = {**saved.get(key, {}), "ours": found, "amortized": amortized(task, k)}
+            output.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+    if args.action == "table":
+        for key, entry in sorted(saved.items()):
+            print(key, json.dumps(entry))
+
+
+if __name__ == "__main__":
+    main()
