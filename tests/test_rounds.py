@@ -23,6 +23,7 @@ from pipeline.rounds.region import TruncatedPrior, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
+from pipeline.validation import _outside_region
 from tests.conftest import run_env, tool
 
 TASK = get_task("two_moons")
@@ -233,6 +234,29 @@ def test_stacked_rounds_hold_every_round_in_order(truncated, tmp_path):
         stack_rounds("two_moons", sources, tmp_path / "train.h5", overwrite=False)
 
 
+def test_simulations_whose_posterior_misses_the_region_are_left_out_and_counted(
+    truncated, tmp_path
+):
+    # A small region (half the posterior's mass) and simulations from the prior, not from it:
+    # many posteriors lie wholly outside.
+    small = TruncateOptions(quantile=0.5, draws=2000, prior_draws=20000, min_prior_mass=1e-4)
+    truncation = truncate(truncated / "model", truncated / "observations.h5", 0, small)
+    truncation.write(tmp_path / "truncation.json", overwrite=False)
+    args = ["simulate", "--task", "two_moons", "--num-simulations", "60", "--seed", "9"]
+    assert main([*args, "--out", str(tmp_path / "prior.h5")]) == 0
+    args = ["sample", "--model", str(truncated / "model"), "--observations"]
+    args += [str(tmp_path / "prior.h5"), "--num-samples", "20"]
+    args += ["--truncation", str(tmp_path / "truncation.json")]
+    assert main([*args, "--out", str(tmp_path / "samples.h5")]) == 0
+    found = read_samples(tmp_path / "samples.h5")
+    outside = found["attrs"]["num_outside_region_excluded"]
+    assert 0 < outside < 60
+    assert len(found["samples"]) == len(found["attrs"]["observation_index"]) == 60 - outside
+    assert np.isfinite(found["samples"]).all()
+    prior = storage.read_simulations(tmp_path / "prior.h5")
+    np.testing.assert_array_equal(found["x"], prior.x[found["attrs"]["observation_index"]])
+
+
 def test_a_stack_out_of_order_or_with_a_round_twice_is_refused(truncated, tmp_path):
     round1 = tmp_path / "round1.h5"
     simulate_round(truncated, round1, "--chunk-size", "600")
@@ -266,3 +290,9 @@ def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path
         assert len(storage.decode_attr(g.attrs["reference"])["diagnostics"]) == 1
     with pytest.raises(ValueError, match="holds 2 observations; there is no observation 2"):
         select_observation(round0 / "observations.h5", 2, tmp_path / "none.h5")
+
+
+def test_validation_says_how_many_test_simulations_coverage_left_out():
+    test = {"attrs": {"num_outside_region_excluded": 3}, "theta": np.zeros((7, 2))}
+    assert "3 of 10 test simulations left out of coverage" in _outside_region(test)["region"]
+    assert _outside_region({"attrs": {}, "theta": np.zeros((7, 2))}) == {}

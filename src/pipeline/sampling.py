@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SAMPLES_PER_CALL = 2**18
 # Give up on an observation when fewer than this fraction of its samples land in the prior box.
 MIN_ACCEPTANCE = 1e-3
+# Restricted to a round's region, a test simulation near the region's edge may keep only a sliver
+# of its posterior inside: it is sampled down to this acceptance (after 1 / it draws), then left
+# out of the samples and counted, rather than failing every other observation.
+REGION_MIN_ACCEPTANCE = 1e-4
 
 
 class SamplingError(RuntimeError):
@@ -42,10 +46,13 @@ class PosteriorSamples:
     Attributes:
         samples: Shape ``(n, M, D)``.
         log_prob: log q(sample | x), shape ``(n, M)``.
+        sampled: Which observations were sampled, shape ``(n,)``; only observations whose
+            posterior has too little mass in a region are not (their rows are NaN).
     """
 
     samples: np.ndarray
     log_prob: np.ndarray
+    sampled: np.ndarray | None = None
 
 
 def read_observations(
@@ -120,15 +127,16 @@ def sample_posterior(
     n, dim = len(x), len(posterior.spec.parameter_names)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
+    sampled = np.ones(n, dtype=bool)
     per_call = max(1, SAMPLES_PER_CALL // num_samples)
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
         batch = torch.as_tensor(x[start:stop])
-        s, lp = _sample_batch(posterior, batch, num_samples, low, high, region)
-        samples[start:stop], log_prob[start:stop] = s, lp
+        s, lp, ok = _sample_batch(posterior, batch, num_samples, low, high, region)
+        samples[start:stop], log_prob[start:stop], sampled[start:stop] = s, lp, ok
         progress.update(stop - start)
-    return PosteriorSamples(samples, log_prob)
+    return PosteriorSamples(samples, log_prob, sampled)
 
 
 @torch.no_grad()
@@ -139,17 +147,21 @@ def _sample_batch(
     low: np.ndarray | None,
     high: np.ndarray | None,
     region: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples, log-densities and which observations were sampled (see PosteriorSamples)."""
     n, dim = len(x), len(posterior.spec.parameter_names)
-    samples = np.empty((n, num_samples, dim), dtype=np.float32)
-    log_prob = np.empty((n, num_samples), dtype=np.float32)
+    samples = np.full((n, num_samples, dim), np.nan, dtype=np.float32)
+    log_prob = np.full((n, num_samples), np.nan, dtype=np.float32)
     filled = np.zeros(n, dtype=np.int64)
     drawn = np.zeros(n, dtype=np.int64)
+    sampled = np.ones(n, dtype=bool)
     short = np.arange(n)
+    # A region may accept few draws: larger rounds reach a verdict in a few passes.
+    count = num_samples if region is None else max(num_samples, 4096)
     while len(short):
         # Only observations still missing samples are redrawn: one observation whose posterior
         # leans on the prior's edge must not make every other observation pay for it.
-        theta, lp = posterior.sample_and_log_prob(x[short], num_samples)
+        theta, lp = posterior.sample_and_log_prob(x[short], count)
         theta, lp = theta.transpose(0, 1).numpy(), lp.transpose(0, 1).numpy()  # (n', M, D)
         inside = np.isfinite(lp)
         if low is not None:
@@ -159,15 +171,21 @@ def _sample_batch(
         part_samples, part_log_prob, part_filled = samples[short], log_prob[short], filled[short]
         _fill(part_samples, part_log_prob, part_filled, theta, lp, inside)
         samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled
-        drawn[short] += num_samples
-        if (filled < MIN_ACCEPTANCE * drawn).any():
+        drawn[short] += count
+        if region is not None:
+            hopeless = (filled < REGION_MIN_ACCEPTANCE * drawn) & (
+                drawn >= 1 / REGION_MIN_ACCEPTANCE
+            )
+            sampled &= ~hopeless
+        elif (filled < MIN_ACCEPTANCE * drawn).any():
             raise SamplingError(
                 f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of some observations "
-                "fall inside the prior (and the round's region, if any): the observations are "
-                "likely outside what the model was trained on (check their shape, units and scale)"
+                "fall inside the prior: the observations are likely outside what the model was "
+                "trained on (check their shape, units and scale)"
             )
-        short = np.flatnonzero(filled < num_samples)
-    return samples, log_prob
+        short = np.flatnonzero((filled < num_samples) & sampled)
+    samples[~sampled], log_prob[~sampled] = np.nan, np.nan
+    return samples, log_prob, sampled
 
 
 def _fill(
@@ -307,6 +325,25 @@ def sample(
 
         region, restricted = region_of_model(truncation, model, posterior)
     result = sample_posterior(posterior, x, options.num_samples, low=low, high=high, region=region)
+    index = np.flatnonzero(finite)
+    outside = int((~result.sampled).sum())
+    if outside:
+        if outside == len(x):
+            raise SamplingError(
+                f"no observation of {observations} has {REGION_MIN_ACCEPTANCE:.0e} of its "
+                f"posterior mass in the region of {truncation}: they were not drawn from it"
+            )
+        log.warning(
+            "excluding %d of %d observations whose posterior has under %.0e of its mass in the "
+            "region of %s",
+            outside,
+            len(x),
+            REGION_MIN_ACCEPTANCE,
+            truncation,
+        )
+        keep = result.sampled
+        x, theta, index = x[keep], None if theta is None else theta[keep], index[keep]
+        result = PosteriorSamples(result.samples[keep], result.log_prob[keep], None)
     attrs = {
         "task": document["task"],
         "parameter_names": list(spec.parameter_names),
@@ -316,7 +353,8 @@ def sample(
         "high": None if high is None else high.tolist(),
         "num_nonfinite_excluded": int((~finite).sum()),
         "truncation": restricted,
-        "observation_index": np.flatnonzero(finite).tolist(),
+        "num_outside_region_excluded": outside if truncation is not None else None,
+        "observation_index": index.tolist(),
         "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}

@@ -86,7 +86,7 @@ def validate(
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
         observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
-        skipped=_skipped(task, theta_obs, reference, mock_of),
+        skipped=_skipped(task, theta_obs, reference, mock_of) | _outside_region(test),
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
@@ -177,6 +177,19 @@ def _read_test_samples(path: Path) -> dict[str, Any]:
             f"{path} has no 'x' (written by an older `pipeline sample`); rerun the sample stage"
         )
     return test
+
+
+def _outside_region(test: dict) -> dict[str, str]:
+    """The test simulations that coverage leaves out because sampling their posterior inside a
+    round's region failed (``pipeline sample --truncation``), if any."""
+    outside = int(test["attrs"].get("num_outside_region_excluded", 0))
+    if not outside:
+        return {}
+    total = outside + len(test["theta"])
+    return {
+        "region": f"{outside} of {total} test simulations left out of coverage: their posterior "
+        "has too little mass in the last round's region to be sampled by rejection"
+    }
 
 
 def _skipped(
