@@ -131,27 +131,35 @@ def truncated_task(task: Task, spec: str, truncation_path: Path, model: Path) ->
     """``task`` (given as ``spec``: its name or import path) simulating from the region of
     ``truncation_path``, defined by the posterior in ``model``; raises naming the files if the
     truncation is of another task or was made from another posterior."""
-    truncation = Truncation.read(truncation_path)
-    if truncation.task != spec:
+    truncated_for = Truncation.read(truncation_path).task
+    if truncated_for != spec:
         raise ValueError(
-            f"{truncation_path} is a region of task {truncation.task!r}, not of {spec!r}; "
+            f"{truncation_path} is a region of task {truncated_for!r}, not of {spec!r}; "
             "simulate that task's rounds with its own truncation"
         )
     posterior, document = load_posterior(model)
-    if document["task"] != truncation.task:
+    if document["task"] != truncated_for:
         raise ValueError(
-            f"{truncation_path} truncates task {truncation.task!r}, but {model} is a posterior "
+            f"{truncation_path} truncates task {truncated_for!r}, but {model} is a posterior "
             f"of {document['task']!r}; pass the model the truncation was computed from"
         )
+    region = load_region(truncation_path, model, posterior, task.prior)
+    return TruncatedTask(task, region, (Path(truncation_path), Path(model) / WEIGHTS))
+
+
+def load_region(
+    truncation_path: Path, model: Path, posterior: NeuralPosterior, prior: Prior
+) -> TruncatedPrior:
+    """The region of ``truncation_path`` for the posterior loaded from ``model``; raises unless
+    those are the weights that defined it."""
+    truncation = Truncation.read(truncation_path)
     if file_digest(Path(model) / WEIGHTS) != truncation.model_digest:
         raise ValueError(
             f"{truncation_path} was computed from other weights than {Path(model) / WEIGHTS} "
             f"(digest {truncation.model_digest}); rerun `pipeline truncate` on this model"
         )
-    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(task.x_shape)
-    region = TruncatedPrior(task.prior, posterior, x_obs, truncation)
-    files = (Path(truncation_path), Path(model) / WEIGHTS)
-    return TruncatedTask(task, region, files)
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posterior.spec.x_shape)
+    return TruncatedPrior(prior, posterior, x_obs, truncation)
 
 
 def region_of_model(
@@ -160,13 +168,7 @@ def region_of_model(
     """The region of ``truncation_path`` as a test of rows of theta, for the posterior loaded
     from ``model`` (which must be the one that defined it), and what to record of it."""
     truncation = Truncation.read(truncation_path)
-    if file_digest(Path(model) / WEIGHTS) != truncation.model_digest:
-        raise ValueError(
-            f"{truncation_path} is the region of other weights than {Path(model) / WEIGHTS}; "
-            "restrict samples only to the region of the posterior they are drawn from"
-        )
-    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posterior.spec.x_shape)
-    region = TruncatedPrior(_prior_of(truncation.task), posterior, x_obs, truncation)
+    region = load_region(truncation_path, model, posterior, _prior_of(truncation.task))
     record = {"digest": file_digest(Path(truncation_path)), "threshold": truncation.threshold}
     return region.accepts, record
 
