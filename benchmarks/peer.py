@@ -1,9 +1,10 @@
-"""Accuracy against the peer: C2ST of our NPE and of the ``sbi`` package's NPE, per task and
-budget, on the same simulations, observations and reference posteriors (issue: validated
-posteriors). Needs ``sbi`` beside the project (``pip install -e ".[bench]"``).
+"""Accuracy against the peer: C2ST of our estimator and of the ``sbi`` package's estimator of
+the same family (NPE, FMPE or NLE), per task and budget, on the same simulations, observations
+and reference posteriors. Needs ``sbi`` beside the project (``pip install -e ".[bench]"``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peer.py --tasks two_moons slcp \
         --budgets 1000 10000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peer.py --method nle --tasks bernoulli_glm
 
 For every task and budget N, exactly as the pipeline does it: the first N training simulations
 of seed 1 (``pipeline simulate``), the five observations of seed 3 with 10^4 reference samples
@@ -13,7 +14,14 @@ for the task (``config/config.yaml``); the peer with ``sbi.inference.NPE(prior)`
 defaults (a MAF, batches of 200, Adam at 5e-4, stop after 20 epochs without improvement) and
 samples with ``build_posterior()`` (rejection of samples outside the prior's support). One CPU
 thread each, one after the other in this process. Results are merged into
-``benchmarks/results/peer.json`` (one entry per task and budget, so runs can be split).
+``benchmarks/results/peer.json`` (one entry per task, budget, seed and method, so runs can be
+split).
+
+``--method fmpe`` or ``nle``: ours with the experiment's global ``train:`` options (the per-task
+blocks are tuned for npe) and :data:`METHOD_OPTIONS`; the peer is ``sbi.inference.FMPE`` or
+``NLE`` at their defaults, NLE's posterior sampled by ``build_posterior()``'s MCMC with
+``slice_np_vectorized`` over 20 chains (``sbi``'s recommended vectorised sampler). Ours samples
+NLE with the sample stage's default ensemble settings.
 
 ``--ours-from results/EXPERIMENT`` takes ours from a pipeline run instead of training it here (at
 10^5 simulations training takes tens of minutes per task): its training file, observations and
@@ -48,15 +56,35 @@ from pipeline.training import TrainConfig, train
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "peer.json"
 NUM_SAMPLES = 10**4
+METHODS = ("npe", "fmpe", "nle")
+# Ours, per family other than npe, over the experiment's global train: options.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    # The better of the two settings measured first (benchmarks/README.md, FMPE).
+    "fmpe": {
+        "method": "fmpe",
+        "flow_hidden": [128, 128, 128, 128],
+        "lr_schedule": "cosine",
+        "max_epochs": 300,
+        "patience": 300,
+    },
+    # sbi's NLE flow: a MAF of 5 transforms (its MCMC calls the flow thousands of times, and a
+    # MAF evaluates about 15 times faster than zuko's NSF at 10 features).
+    "nle": {"method": "nle", "flow": "maf", "transforms": 5},
+}
 
 
 def pipeline_settings() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-def project_config(task: str, seed: int) -> TrainConfig:
-    """The training options the default experiment uses for ``task``."""
+def project_config(task: str, seed: int, method: str = "npe") -> TrainConfig:
+    """The training options the default experiment uses for ``task`` (npe), or its global
+    options with :data:`METHOD_OPTIONS` (another family)."""
     config = pipeline_settings()
+    if method != "npe":
+        return TrainConfig.from_dict(
+            {**config.get("train", {}), **METHOD_OPTIONS[method], "seed": seed}
+        )
     options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
     return TrainConfig.from_dict({**options, "seed": seed})
 
@@ -85,10 +113,10 @@ def torch_prior(task: Task) -> torch.distributions.Distribution:
 
 
 def ours(
-    task: str, data: Path, folder: Path, x_obs: np.ndarray, seed: int
+    task: str, data: Path, folder: Path, x_obs: np.ndarray, seed: int, method: str
 ) -> tuple[dict[str, Any], np.ndarray]:
     start = time.perf_counter()
-    metadata = train(data, folder, project_config(task, seed))
+    metadata = train(data, folder, project_config(task, seed, method))
     seconds = time.perf_counter() - start
     posterior, _ = load_posterior(folder)
     spec = posterior.spec
@@ -103,7 +131,12 @@ def ours(
 
 
 def ours_from_pipeline(
-    experiment: Path, task: str, budget: int, x_obs: np.ndarray, settings: dict[str, Any]
+    experiment: Path,
+    task: str,
+    budget: int,
+    x_obs: np.ndarray,
+    settings: dict[str, Any],
+    method: str = "npe",
 ) -> tuple[dict[str, Any], Path]:
     """Our C2ST and training time at ``budget`` from the pipeline run in ``experiment``, and its
     training file; raises unless that run used this budget, these seeds and these observations."""
@@ -122,6 +155,8 @@ def ours_from_pipeline(
         )
     metrics = json.loads((folder / "validation" / "metrics.json").read_text())
     metadata = json.loads((folder / "model" / "posterior.json").read_text())
+    if metadata.get("method", "npe") != method:
+        raise SystemExit(f"{folder / 'model'} is {metadata.get('method')}, not {method}")
     values = metrics["c2st"]["per_observation"]
     run = {
         "train_seconds": metadata["train_seconds"],
@@ -135,19 +170,25 @@ def ours_from_pipeline(
 
 
 def peer(
-    task: Task, sims: storage.Simulations, x_obs: np.ndarray, seed: int
+    task: Task, sims: storage.Simulations, x_obs: np.ndarray, seed: int, method: str
 ) -> tuple[dict[str, Any], np.ndarray]:
-    from sbi.inference import NPE
+    from sbi import inference as sbi_inference
 
     torch.manual_seed(seed)
     finite = storage.finite_rows(sims.x)
     theta = torch.from_numpy(sims.theta[finite]).float()
     x = torch.from_numpy(sims.x[finite].reshape(int(finite.sum()), -1)).float()
     start = time.perf_counter()
-    inference = NPE(prior=torch_prior(task), show_progress_bars=False)
+    family = getattr(sbi_inference, method.upper())
+    inference = family(prior=torch_prior(task), show_progress_bars=False)
     inference.append_simulations(theta, x).train()
     seconds = time.perf_counter() - start
-    posterior = inference.build_posterior()
+    if method == "nle":
+        posterior = inference.build_posterior(
+            mcmc_method="slice_np_vectorized", mcmc_parameters={"num_chains": 20}
+        )
+    else:
+        posterior = inference.build_posterior()
     start = time.perf_counter()
     samples = np.stack(
         [
@@ -175,7 +216,12 @@ def score(reference: np.ndarray, samples: np.ndarray, validate: dict[str, Any]) 
 
 
 def run_task(
-    name: str, budgets: list[int], folder: Path, seed: int, ours_from: Path | None = None
+    name: str,
+    budgets: list[int],
+    folder: Path,
+    seed: int,
+    ours_from: Path | None = None,
+    method: str = "npe",
 ) -> list[dict[str, Any]]:
     settings = pipeline_settings()
     task = get_task(name)
@@ -194,24 +240,25 @@ def run_task(
     entries = []
     for budget in budgets:
         if ours_from is not None:
-            mine, data = ours_from_pipeline(ours_from, name, budget, x_obs, settings)
+            mine, data = ours_from_pipeline(ours_from, name, budget, x_obs, settings, method)
         else:
             data = folder / f"{name}-{budget}.h5"
             plan = simulation.SimulationPlan(
                 name, budget, settings["simulate"]["seed"], min(budget, 10**4)
             )
             simulation.run(plan, task, data, SerialComm(), overwrite=True)
-            mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed)
+            mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed, method)
             mine |= score(reference, samples, settings["validate"])
         sims = storage.read_simulations(data)
         print(f"{name} N={budget} ours {mine}", flush=True)
-        theirs, samples = peer(task, sims, x_obs, seed)
+        theirs, samples = peer(task, sims, x_obs, seed, method)
         theirs |= score(reference, samples, settings["validate"])
         print(f"{name} N={budget} sbi  {theirs}", flush=True)
         entry = {
             "task": name,
             "budget": budget,
             "seed": seed,
+            "method": method,
             "ours": mine,
             "sbi": theirs,
             "c2st_mean_difference": round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
@@ -222,7 +269,8 @@ def run_task(
 
 
 def save(entry: dict[str, Any]) -> None:
-    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget and seed.
+    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget, seed and
+    method (entries without one are npe's).
 
     Holds a lock on the file meanwhile: runs split over cores (``--tasks`` each) share it.
     """
@@ -234,8 +282,11 @@ def save(entry: dict[str, Any]) -> None:
     with open(RESULTS.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
-        key = (entry["task"], entry["budget"], entry["seed"])
-        kept = [e for e in results["entries"] if (e["task"], e["budget"], e["seed"]) != key]
+
+        def key(e: dict[str, Any]) -> tuple:
+            return e["task"], e["budget"], e["seed"], e.get("method", "npe")
+
+        kept = [e for e in results["entries"] if key(e) != key(entry)]
         results = {
             "machine": {
                 "host": platform.node(),
@@ -245,7 +296,7 @@ def save(entry: dict[str, Any]) -> None:
                 "sbi": sbi.__version__,
             },
             "threads": 1,
-            "entries": sorted([*kept, entry], key=lambda e: (e["task"], e["budget"], e["seed"])),
+            "entries": sorted([*kept, entry], key=key),
         }
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -255,6 +306,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
     parser.add_argument("--seed", type=int, default=0, help="training seed of both estimators")
+    parser.add_argument("--method", choices=METHODS, default="npe", help="estimator family")
     parser.add_argument(
         "--ours-from",
         type=Path,
@@ -267,7 +319,7 @@ def main() -> None:
         entries = [
             e
             for name in args.tasks
-            for e in run_task(name, args.budgets, folder, args.seed, args.ours_from)
+            for e in run_task(name, args.budgets, folder, args.seed, args.ours_from, args.method)
         ]
     finally:
         shutil.rmtree(folder, ignore_errors=True)

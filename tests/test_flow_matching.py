@@ -89,5 +89,5 @@ def test_an_fmpe_ensemble_saves_and_loads_with_weights_only(tmp_path):
 
 
 def test_an_unknown_method_is_refused_when_the_model_is_built():
-    with pytest.raises(ValueError, match="unknown method 'nle'; choose one of npe, fmpe"):
-        NeuralPosterior(PosteriorSpec(**{**SPEC.__dict__, "method": "nle"}))
+    with pytest.raises(ValueError, match="unknown method 'nre'; choose one of npe, fmpe, nle"):
+        NeuralPosterior(PosteriorSpec(**{**SPEC.__dict__, "method": "nre"}))

@@ -109,6 +109,8 @@ def test_proposals_depend_on_seed_trial_and_history_only():
             {"flow": "maf"},
             "search.space.method: method fmpe has no flow",
         ),
+        ({"method": {"choices": ["npe", "nle"]}}, {}, "method nle cannot be searched"),
+        ({"learning_rate": {"low": 1e-4, "high": 1e-2}}, {"method": "nle"}, "nle cannot be"),
     ],
 )
 def test_a_space_is_checked_against_the_tasks_own_options(space, base, message):

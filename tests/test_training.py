@@ -161,8 +161,13 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
 
 
 LONG = {"max_epochs": 120, "patience": 120}  # ~10 s: long enough to be killed midway
-# Each estimator family's options over TINY (transforms back to its default: an npe option).
-METHOD_OPTIONS = {"npe": {}, "fmpe": {"method": "fmpe", "transforms": 3}}
+# Each estimator family's options over TINY, with the options it has not (fmpe: transforms;
+# nle: the embedding's) back at their defaults.
+METHOD_OPTIONS = {
+    "npe": {},
+    "fmpe": {"method": "fmpe", "transforms": 3},
+    "nle": {"method": "nle", "embedding_dim": 32, "embedding_hidden": [64, 64]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +191,12 @@ def uninterrupted(data, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "kill"),
-    [("npe", signal.SIGTERM), ("npe", signal.SIGKILL), ("fmpe", signal.SIGKILL)],
+    [
+        ("npe", signal.SIGTERM),
+        ("npe", signal.SIGKILL),
+        ("fmpe", signal.SIGKILL),
+        ("nle", signal.SIGKILL),
+    ],
 )
 def test_killed_training_resumes_to_the_uninterrupted_weights(
     data, tmp_path, method, kill, uninterrupted
@@ -251,7 +261,9 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"max_epochs": "3"}, r"max_epochs must be an integer, got '3' \(default: 200\)"),
         ({"compile": "no"}, "compile must be true or false, got 'no'"),
         ({"flow_hidden": 64}, "flow_hidden must be a list of integers, got 64"),
-        ({"method": "nle"}, "method must be one of 'npe', 'fmpe', got 'nle'"),
+        ({"method": "nre"}, "method must be one of 'npe', 'fmpe', 'nle', got 'nre'"),
+        ({"method": "nle", "embedding": "identity"}, "method nle has no embedding \\(nle's flow"),
+        ({"method": "nle", "embedding_dim": 8}, "method nle has no embedding_dim"),
         ({"method": "fmpe", "flow": "maf"}, "method fmpe has no flow \\(options of npe's"),
         ({"method": "fmpe", "transforms": 5}, "method fmpe has no transforms"),
         ({"method": "fmpe", "compile": True}, "compile is not available with method fmpe"),

@@ -150,6 +150,13 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             r"rounds: quantile 0.0001 of 1000 draws rests on fewer than 10 draws",
         ),
         ({"rounds": {"tasks": ["two_moons"], "simulations": []}}, r"\[\] should be non-empty"),
+        (
+            {
+                "rounds": {"tasks": ["two_moons"]},
+                "task_train": {"two_moons": {"method": "nle"}},
+            },
+            r"rounds.tasks names two_moons, trained with method nle",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):

@@ -250,6 +250,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         options,
         overwrite=args.overwrite,
         truncation=args.truncation,
+        iid=args.iid,
     )
 
 
@@ -512,6 +513,12 @@ def _sample_command(add: AddCommand) -> None:
         type=Path,
         help="restrict the draws to this region of the model (`pipeline truncate`'s file): "
         "for simulations drawn from a sequential round's truncated prior",
+    )
+    p.add_argument(
+        "--iid",
+        action="store_true",
+        help="the rows of --observations are independent observations of one theta: one "
+        "posterior from all of them (a model trained with method nle)",
     )
     SampleOptions.add_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

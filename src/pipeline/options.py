@@ -286,6 +286,19 @@ class SampleOptions(Options):
 
     num_samples: int = option(1000, minimum=2, help="posterior samples per observation")
     seed: int = option(4, minimum=0, help="seed of posterior sampling")
+    mcmc_walkers: int = option(32, minimum=8, help="walkers of each NLE posterior's ensemble")
+    mcmc_burn_in: int = option(300, minimum=0, help="MCMC steps discarded as burn-in (NLE)")
+    mcmc_thin: int = option(10, minimum=1, help="MCMC steps between kept draws (NLE)")
+    mcmc_extensions: int = option(
+        2, minimum=0, help="times an unconverged NLE chain is extended (thinning doubled)"
+    )
+
+    def check(self, source: str) -> None:
+        if self.mcmc_walkers % 2:
+            raise OptionsError(
+                f"{source}: mcmc_walkers must be even (the ensemble moves in two halves), got "
+                f"{self.mcmc_walkers}"
+            )
 
 
 @dataclass(frozen=True)

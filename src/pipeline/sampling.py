@@ -1,14 +1,16 @@
 """The sample stage: posterior samples and their log-densities for many observations at once.
 
 For a prior with bounded support the flow may put a little mass outside it; samples outside the
-box are rejected and redrawn (as the ``sbi`` package does), vectorised over observations.
+box are rejected and redrawn (as the ``sbi`` package does), vectorised over observations. A
+likelihood estimator (NLE) is sampled by MCMC instead (:mod:`pipeline.ensemble`), which stays
+inside the prior by construction and vouches for each observation's chains by R-hat and ESS.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic, storage
+from pipeline.ensemble import EnsembleSettings, sample_ensemble
 from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
@@ -46,13 +49,17 @@ class PosteriorSamples:
     Attributes:
         samples: Shape ``(n, M, D)``.
         log_prob: log q(sample | x), shape ``(n, M)``.
-        sampled: Which observations were sampled, shape ``(n,)``; only observations whose
-            posterior has too little mass in a region are not (their rows are NaN).
+        sampled: Which observations were sampled, shape ``(n,)``; observations whose
+            posterior has too little mass in a region, or whose MCMC did not converge, are
+            not (their rows are NaN).
+        mcmc: For NLE, each observation's chain diagnostics, shape ``(n,)`` each: ``rhat``,
+            ``ess``, ``acceptance``, ``thin``, ``converged``.
     """
 
     samples: np.ndarray
     log_prob: np.ndarray
     sampled: np.ndarray | None = None
+    mcmc: dict[str, np.ndarray] | None = None
 
 
 def read_observations(
@@ -112,9 +119,12 @@ def sample_posterior(
     low: np.ndarray | None = None,
     high: np.ndarray | None = None,
     region: Callable[[np.ndarray], np.ndarray] | None = None,
+    mcmc: EnsembleSettings | None = None,
+    iid: bool = False,
 ) -> PosteriorSamples:
     """Draws ``num_samples`` posterior samples per observation, restricted to ``[low, high]``
-    and, if given, to ``region``.
+    and, if given, to ``region``; an NLE posterior by MCMC with the settings ``mcmc``, and with
+    ``iid`` one posterior given all rows of ``x`` as independent observations (NLE only).
 
     Arguments:
         posterior: The trained estimator (eval mode).
@@ -123,7 +133,18 @@ def sample_posterior(
         low, high: Prior box, shape ``(D,)``; ``None`` for unbounded priors.
         region: Which rows of ``theta`` (k, D) lie in the region the posterior is valid in,
             ``(k,)`` booleans: a sequential round's truncated prior.
+        mcmc: The ensemble sampler's settings (NLE only); default :class:`EnsembleSettings`.
     """
+    if posterior.is_likelihood:
+        if region is not None:
+            raise ValueError("an NLE posterior cannot be restricted to a round's region yet")
+        settings = mcmc or EnsembleSettings()
+        return sample_likelihood_posterior(posterior, x, num_samples, settings, iid=iid)
+    if iid:
+        raise ValueError(
+            f"--iid combines independent observations into one posterior, which needs a "
+            f"likelihood: this model is {posterior.spec.method}; train with method nle"
+        )
     n, dim = len(x), len(posterior.spec.parameter_names)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
@@ -137,6 +158,75 @@ def sample_posterior(
         samples[start:stop], log_prob[start:stop], sampled[start:stop] = s, lp, ok
         progress.update(stop - start)
     return PosteriorSamples(samples, log_prob, sampled)
+
+
+def sample_likelihood_posterior(
+    posterior: NeuralPosterior,
+    x: np.ndarray,
+    num_samples: int,
+    settings: EnsembleSettings,
+    *,
+    iid: bool = False,
+) -> PosteriorSamples:
+    """``num_samples`` draws of ``q(x | theta) p(theta)`` per observation ``x`` (n, F) by the
+    batched ensemble sampler, from the prior's draws; observations whose chains fail R-hat or
+    ESS are marked not sampled (NaN rows), with their diagnostics kept.
+
+    With ``iid``, the ``n`` rows are independent observations of one ``theta``: one posterior,
+    ``prod_i q(x_i | theta) p(theta)``, of shape ``(1, M, D)``.
+    """
+    if iid:
+        return _sample_iid(posterior, x, num_samples, settings)
+    n, dim = len(x), len(posterior.spec.parameter_names)
+    prior = posterior.prior
+    # The prior's draws come from NumPy: seed it from torch's generator, which the stage seeds.
+    rng = np.random.default_rng(int(torch.randint(2**62, ())))
+    samples = np.empty((n, num_samples, dim), dtype=np.float32)
+    log_prob = np.empty((n, num_samples), dtype=np.float32)
+    kinds = {"rhat": float, "ess": float, "acceptance": float, "thin": int, "converged": bool}
+    mcmc = {name: np.empty(n, dtype=kind) for name, kind in kinds.items()}
+    per_call = max(1, SAMPLES_PER_CALL // max(num_samples, settings.candidates))
+    progress = Progress(n, "observations", log)
+    for start in range(0, n, per_call):
+        stop = min(start + per_call, n)
+        batch = torch.as_tensor(x[start:stop], dtype=torch.float32)
+
+        def target(theta: torch.Tensor, rows: torch.Tensor, batch: torch.Tensor = batch):
+            # (n', W, D) walkers -> the posterior's (W, n', D) layout and back.
+            return posterior.log_prob(theta.transpose(0, 1), batch[rows]).transpose(0, 1)
+
+        candidates = prior.sample((stop - start) * settings.candidates, rng)
+        candidates = torch.as_tensor(candidates, dtype=torch.float32)
+        candidates = candidates.reshape(stop - start, settings.candidates, dim)
+        result = sample_ensemble(target, candidates, num_samples, settings)
+        samples[start:stop], log_prob[start:stop] = result.samples, result.log_prob
+        for name in mcmc:
+            mcmc[name][start:stop] = getattr(result, name)
+        progress.update(stop - start)
+    samples[~mcmc["converged"]], log_prob[~mcmc["converged"]] = np.nan, np.nan
+    return PosteriorSamples(samples, log_prob, mcmc["converged"].copy(), mcmc)
+
+
+def _sample_iid(
+    posterior: NeuralPosterior, x: np.ndarray, num_samples: int, settings: EnsembleSettings
+) -> PosteriorSamples:
+    """One posterior from the independent rows of ``x`` (see sample_likelihood_posterior)."""
+    rng = np.random.default_rng(int(torch.randint(2**62, ())))
+    x_all = torch.as_tensor(x, dtype=torch.float32)
+
+    def target(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return posterior.iid_log_prob(theta, x_all)  # (1, W, D) -> (1, W)
+
+    candidates = posterior.prior.sample(settings.candidates, rng)
+    candidates = torch.as_tensor(candidates, dtype=torch.float32)[None]
+    result = sample_ensemble(target, candidates, num_samples, settings)
+    mcmc = {
+        name: np.asarray(getattr(result, name))
+        for name in ("rhat", "ess", "acceptance", "thin", "converged")
+    }
+    samples, log_prob = result.samples.copy(), result.log_prob.copy()
+    samples[~result.converged], log_prob[~result.converged] = np.nan, np.nan
+    return PosteriorSamples(samples, log_prob, result.converged.copy(), mcmc)
 
 
 @torch.no_grad()
@@ -239,7 +329,8 @@ def write_samples(
     x: np.ndarray | None = None,
 ) -> None:
     """Writes ``samples`` (n, M, D), ``log_prob`` (n, M), the conditioning ``x`` (n, ...) when
-    given and, for test sets, the truths ``theta`` (n, D) and ``log_prob_true`` (n,)."""
+    given, for test sets the truths ``theta`` (n, D) and ``log_prob_true`` (n,), and for NLE
+    each observation's chain diagnostics ``mcmc_rhat``, ``mcmc_ess``, ... (n,)."""
     arrays = (result.samples, result.log_prob, x, theta, log_prob_true)
     size = sum(np.asarray(a).size * 4 for a in arrays if a is not None)
     with storage.atomic_h5(out, expected_bytes=size) as f:
@@ -250,6 +341,8 @@ def write_samples(
         if theta is not None:
             f["theta"] = theta.astype(np.float32)
             f["log_prob_true"] = log_prob_true
+        for name, values in (result.mcmc or {}).items():
+            f[f"mcmc_{name}"] = values
         for key, value in attrs.items():
             f.attrs[key] = storage.encode_attr(value)
         f.attrs["complete"] = True
@@ -281,10 +374,14 @@ def sample(
     *,
     overwrite: bool,
     truncation: Path | None = None,
+    iid: bool = False,
 ) -> PosteriorSamples:
     """The sample stage: ``options.num_samples`` posterior draws at each finite observation
     of ``observations`` (an observe file, HDF5 with ``x``, or ``.npy``) from the posterior
     saved in ``model``, written to ``out`` with their provenance; returns them.
+
+    With ``iid`` (an NLE model), the finite rows are independent observations of one theta and
+    get one posterior: ``samples`` (1, M, D), ``x`` (1, n, *x_shape), attribute ``iid`` = n.
 
     With ``truncation`` (the region of this posterior from ``pipeline truncate``), the draws
     are restricted to that region: simulations drawn from a sequential round's truncated prior
@@ -315,6 +412,15 @@ def sample(
     x, theta = x[finite], None if theta is None else theta[finite]
     if len(x) == 0:
         raise ValueError(f"{observations} holds no finite observation")
+    if iid and truncation is not None:
+        raise ValueError("--iid and --truncation cannot be combined")
+    if iid and theta is not None:
+        if not np.all(theta == theta[:1]):
+            raise ValueError(
+                f"the rows of {observations} have different true theta, so they are not "
+                "independent observations of one theta: sample them without --iid"
+            )
+        theta = theta[:1]
     check_sample_size(len(x), options.num_samples, len(spec.parameter_names), out)
     torch.manual_seed(options.seed)
     low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
@@ -324,26 +430,43 @@ def sample(
         from pipeline.rounds.region import region_of_model
 
         region, restricted = region_of_model(truncation, model, posterior)
-    result = sample_posterior(posterior, x, options.num_samples, low=low, high=high, region=region)
+    settings = EnsembleSettings(
+        walkers=options.mcmc_walkers,
+        burn_in=options.mcmc_burn_in,
+        thin=options.mcmc_thin,
+        max_extensions=options.mcmc_extensions,
+    )
+    result = sample_posterior(
+        posterior,
+        x,
+        options.num_samples,
+        low=low,
+        high=high,
+        region=region,
+        mcmc=settings,
+        iid=iid,
+    )
     index = np.flatnonzero(finite)
-    outside = int((~result.sampled).sum())
-    if outside:
-        if outside == len(x):
-            raise SamplingError(
-                f"no observation of {observations} has {REGION_MIN_ACCEPTANCE:.0e} of its "
-                f"posterior mass in the region of {truncation}: they were not drawn from it"
-            )
-        log.warning(
-            "excluding %d of %d observations whose posterior has under %.0e of its mass in the "
-            "region of %s",
-            outside,
-            len(x),
-            REGION_MIN_ACCEPTANCE,
-            truncation,
+    if iid:
+        log.info("one posterior from %d independent observations", len(x))
+        x, index = x[None], index[:1]
+    if result.mcmc is not None:
+        log_mcmc(result.mcmc, settings, observations, test_set=theta is not None and not iid)
+    excluded = int((~result.sampled).sum())
+    if excluded:
+        reason = (
+            f"their posterior has under {REGION_MIN_ACCEPTANCE:.0e} of its mass in the region "
+            f"of {truncation}"
+            if truncation is not None
+            else "their MCMC chains did not converge"
         )
+        if excluded == len(x):
+            raise SamplingError(f"no observation of {observations} could be sampled: {reason}")
+        log.warning("excluding %d of %d observations: %s", excluded, len(x), reason)
         keep = result.sampled
         x, theta, index = x[keep], None if theta is None else theta[keep], index[keep]
-        result = PosteriorSamples(result.samples[keep], result.log_prob[keep], None)
+        mcmc = None if result.mcmc is None else {k: v[keep] for k, v in result.mcmc.items()}
+        result = PosteriorSamples(result.samples[keep], result.log_prob[keep], None, mcmc)
     attrs = {
         "task": document["task"],
         "parameter_names": list(spec.parameter_names),
@@ -353,12 +476,54 @@ def sample(
         "high": None if high is None else high.tolist(),
         "num_nonfinite_excluded": int((~finite).sum()),
         "truncation": restricted,
-        "num_outside_region_excluded": outside if truncation is not None else None,
+        "num_outside_region_excluded": excluded if truncation is not None else None,
+        "method": spec.method,
+        "mcmc": asdict(settings) if result.mcmc is not None else None,
+        "num_unconverged_excluded": excluded if spec.method == "nle" else None,
+        "iid": len(x[0]) if iid else None,
         "observation_index": index.tolist(),
         "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}
-    log_prob_true = None if theta is None else log_prob_of(posterior, theta, x)
+    if theta is None:
+        log_prob_true = None
+    elif iid:
+        with torch.no_grad():
+            log_prob_true = posterior.iid_log_prob(torch.as_tensor(theta), torch.as_tensor(x[0]))
+        log_prob_true = log_prob_true.numpy()
+    else:
+        log_prob_true = log_prob_of(posterior, theta, x)
     write_samples(out, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
     log.info("wrote %s: samples %s", out, result.samples.shape)
     return result
+
+
+def log_mcmc(
+    mcmc: dict[str, np.ndarray], settings: EnsembleSettings, observations: Path, *, test_set: bool
+) -> None:
+    """Logs the chains' diagnostics; unconverged chains at real (not test) observations are an
+    error, since their samples would be the result a user reads.
+
+    Raises:
+        SamplingError: If an observation of a file without true ``theta`` did not converge,
+            naming it, its R-hat and ESS, and the options that give the chains more steps.
+    """
+    log.info(
+        "MCMC: R-hat up to %.3f, ESS down to %.0f, acceptance %.2f-%.2f over %d observations",
+        float(mcmc["rhat"].max()),
+        float(mcmc["ess"].min()),
+        float(mcmc["acceptance"].min()),
+        float(mcmc["acceptance"].max()),
+        len(mcmc["rhat"]),
+    )
+    failed = np.flatnonzero(~mcmc["converged"])
+    if len(failed) and not test_set:
+        worst = ", ".join(
+            f"{i} (R-hat {mcmc['rhat'][i]:.3f}, ESS {mcmc['ess'][i]:.0f})" for i in failed[:5]
+        )
+        raise SamplingError(
+            f"the MCMC chains at observations {worst} of {observations} did not converge "
+            f"(R-hat above {settings.max_rhat} or ESS under {settings.min_ess_fraction:.0%} of "
+            f"the samples after {settings.max_extensions} extensions); give them more steps: "
+            "raise mcmc_thin, mcmc_burn_in or mcmc_extensions"
+        )

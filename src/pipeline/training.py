@@ -38,11 +38,14 @@ from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, provenance
 from pipeline.storage import DataFileError
 from pipeline.tasks import Task, get_task
+from pipeline.tasks.base import prior_document
 
 log = logging.getLogger(__name__)
 
 # Options of a normalizing flow that FMPE's vector field has no use for.
 NPE_ONLY = ("flow", "transforms")
+# Options of the embedding of x, which NLE (a flow over x itself) has no use for.
+EMBEDDING_ONLY = ("embedding", "embedding_dim", "embedding_hidden")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -52,7 +55,9 @@ class TrainConfig(Options):
     """Hyper-parameters of training; every field shapes the trained weights."""
 
     method: Literal[METHODS] = option(
-        "npe", help="npe: a normalizing flow; fmpe: a flow-matching vector field"
+        "npe",
+        help="npe: a normalizing flow; fmpe: a flow-matching vector field; nle: a flow over x "
+        "(the likelihood), sampled by MCMC",
     )
     flow: Literal[tuple(FLOWS)] = option("nsf", help="flow family (zuko), for npe")
     transforms: int = option(3, minimum=1, help="flow transformations, for npe")
@@ -90,8 +95,16 @@ class TrainConfig(Options):
                 f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
                 "on CPU use 32-true"
             )
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.method == "nle":
+            other = [name for name in EMBEDDING_ONLY if getattr(self, name) != defaults[name]]
+            if other:
+                raise OptionsError(
+                    f"{source}: method nle has no {' or '.join(other)} (nle's flow models x "
+                    "itself given theta, with no embedding of x): leave them at their defaults "
+                    "or set method: npe"
+                )
         if self.method == "fmpe":
-            defaults = {f.name: f.default for f in fields(self)}
             other = [name for name in NPE_ONLY if getattr(self, name) != defaults[name]]
             if other:
                 raise OptionsError(
@@ -472,10 +485,25 @@ def _spec(config: TrainConfig, task: Any) -> PosteriorSpec:
     """The architecture: the options both dataclasses name alike, plus the task's shapes."""
     bounds = None if task.prior is None else task.prior.bounds
     shared = {f.name for f in fields(PosteriorSpec)} & {f.name for f in fields(TrainConfig)}
+    extra = {}
+    if config.method == "nle":
+        if task.prior is None:
+            raise OptionsError(
+                f"method nle needs the prior of task {task.name!r} to turn the likelihood into a "
+                "posterior, and the task declares none: add a prior to the task, or use npe"
+            )
+        if len(task.x_shape) != 1:
+            raise OptionsError(
+                f"method nle models x itself, which must be a vector; task {task.name!r} has x "
+                f"of shape {tuple(task.x_shape)}: use npe or fmpe (with an embedding of x), or "
+                "a task whose x is a vector of summaries"
+            )
+        extra["prior"] = prior_document(task.prior)
     return PosteriorSpec(
         parameter_names=tuple(task.parameter_names),
         x_shape=tuple(task.x_shape),
         low=None if bounds is None else tuple(map(float, bounds[0])),
         high=None if bounds is None else tuple(map(float, bounds[1])),
+        extra=extra,
         **{name: getattr(config, name) for name in shared},
     )

@@ -1,5 +1,9 @@
 """The neural posterior q(theta | x): standardisation, embedding and flow in one ``nn.Module``.
 
+With ``method: nle`` the flows model the likelihood ``q(x | theta)`` instead, and the posterior
+is ``q(x | theta) p(theta)`` up to a constant: the prior travels in the spec, and samples come
+from MCMC (:mod:`pipeline.ensemble`, driven by :func:`pipeline.sampling.sample_posterior`).
+
 An ensemble of ``K`` members (each its own embedding and flow, from its own initialisation) is
 the equal-weight mixture of their densities: deep ensembles widen a posterior that one network,
 trained on few simulations, makes over-confident (Hermans et al. 2022, "A Trust Crisis In
@@ -25,10 +29,11 @@ from pipeline import atomic
 from pipeline.models.embeddings import build_embedding
 from pipeline.models.flow_matching import FlowMatching
 from pipeline.models.flows import build_flow
+from pipeline.tasks.base import Prior, prior_from_document
 
 # "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
-# by flow matching (pipeline.models.flow_matching).
-METHODS = ("npe", "fmpe")
+# by flow matching (pipeline.models.flow_matching); "nle": a conditional flow over x given theta.
+METHODS = ("npe", "fmpe", "nle")
 WEIGHTS = "posterior.pt"
 SPEC = "posterior.json"
 
@@ -60,23 +65,36 @@ class PosteriorSpec:
 
 class Member(nn.Module):
     """One density estimator of the ensemble: an embedding of x feeding a conditional flow
-    (``npe``) or a flow-matching vector field (``fmpe``)."""
+    (``npe``) or a flow-matching vector field (``fmpe``); for ``nle`` a flow over x whose
+    context is theta itself."""
 
     def __init__(self, spec: PosteriorSpec) -> None:
         super().__init__()
         if spec.method not in METHODS:
             raise ValueError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
+        features = len(spec.parameter_names)
+        if spec.method == "nle":
+            if len(spec.x_shape) != 1:
+                raise ValueError(
+                    f"method nle models x itself, which must be a vector; this x has shape "
+                    f"{spec.x_shape}: use npe or fmpe (with an embedding), or summaries of x"
+                )
+            self.embedding = nn.Identity()
+            self.flow = build_flow(
+                spec.flow, spec.x_shape[0], features, spec.transforms, spec.flow_hidden
+            )
+            return
         self.embedding, context = build_embedding(
             spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
         )
-        features = len(spec.parameter_names)
         if spec.method == "fmpe":
             self.flow = FlowMatching(features, context, spec.flow_hidden)
         else:
             self.flow = build_flow(spec.flow, features, context, spec.transforms, spec.flow_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.distributions.Distribution:
-        """The distribution of standardised theta given standardised ``x`` (N, *x_shape)."""
+        """The distribution of standardised theta given standardised ``x`` (N, *x_shape); for
+        ``nle``, of standardised x given standardised theta (N, D)."""
         return self.flow(self.embedding(x))
 
 
@@ -111,21 +129,70 @@ class NeuralPosterior(nn.Module):
         self.register_buffer("theta_std", _or(theta_std, torch.ones(dim)))
         self.register_buffer("x_mean", _or(x_mean, torch.zeros(spec.x_shape)))
         self.register_buffer("x_std", _or(x_std, torch.ones(spec.x_shape)))
+        self.prior: Prior | None = None
+        if spec.method == "nle":
+            if "prior" not in spec.extra:
+                raise ValueError("method nle needs the prior in spec.extra['prior']")
+            self.prior = prior_from_document(spec.extra["prior"])
+
+    @property
+    def is_likelihood(self) -> bool:
+        """Whether the members model ``q(x | theta)`` (NLE) rather than ``q(theta | x)``."""
+        return self.spec.method == "nle"
 
     def member_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log q_k(theta | x) of every member k.
+        """log q_k(theta | x) of every member k; for NLE the likelihood log q_k(x | theta).
 
         Shapes: ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (K, ..., N).
         """
         z = (theta - self.theta_mean) / self.theta_std
         x = (x - self.x_mean) / self.x_std
+        if self.is_likelihood:
+            x = x.expand(*z.shape[:-1], x.shape[-1])
+            jacobian = self.x_std.log().sum()
+            log_q = torch.stack([member(z).log_prob(x) for member in self.members]) - jacobian
+            return log_q if torch.is_grad_enabled() else log_q.detach()
         jacobian = self.theta_std.log().sum()
         log_q = torch.stack([member(x).log_prob(z) for member in self.members]) - jacobian
         # zuko's ODE solver returns a graph over the weights even under no_grad (FMPE).
         return log_q if torch.is_grad_enabled() else log_q.detach()
 
     def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N)."""
+        """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N).
+
+        For NLE, ``log q(x | theta) + log p(theta)``: the posterior up to a constant that
+        depends on x alone (HPD ranks and MCMC need no more); -inf outside the prior.
+        """
+        log_q = self._mixture_log_prob(theta, x)
+        if not self.is_likelihood:
+            return log_q
+        log_prior = self.prior.log_prob(theta.detach().cpu().double().numpy())
+        log_prior = torch.as_tensor(log_prior, dtype=log_q.dtype, device=log_q.device)
+        # A theta outside the prior may still get a finite (meaningless) likelihood.
+        return torch.where(torch.isfinite(log_prior), log_q + log_prior, -math.inf)
+
+    def iid_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """NLE's posterior given ``n`` independent observations of one ``theta``, up to a
+        constant: ``sum_i log q(x_i | theta) + log p(theta)``.
+
+        Shapes: ``theta`` (..., D), ``x`` (n, *x_shape) -> (...).
+
+        Raises:
+            TypeError: For NPE and FMPE, whose ``q(theta | x)`` cannot combine observations.
+        """
+        if not self.is_likelihood:
+            raise TypeError(
+                f"a {self.spec.method} posterior q(theta | x) cannot combine independent "
+                "observations after training; train with method nle"
+            )
+        rows = theta[..., None, :].expand(*theta.shape[:-1], len(x), theta.shape[-1])
+        log_likelihood = self._mixture_log_prob(rows, x).sum(dim=-1)
+        log_prior = self.prior.log_prob(theta.detach().cpu().double().numpy())
+        log_prior = torch.as_tensor(log_prior, dtype=log_likelihood.dtype)
+        return torch.where(torch.isfinite(log_prior), log_likelihood + log_prior, -math.inf)
+
+    def _mixture_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The members' equal-weight mixture of :meth:`member_log_prob`: (..., N)."""
         log_q = self.member_log_prob(theta, x)
         return torch.logsumexp(log_q, dim=0) - math.log(len(self.members))
 
@@ -135,7 +202,7 @@ class NeuralPosterior(nn.Module):
         """Each member's training loss of each pair: ``theta`` (N, D), ``x`` (N, *x_shape) ->
         (K, N): ``-log q_k`` for NPE, the flow-matching loss for FMPE (``generator`` draws its
         times and noise)."""
-        if self.spec.method == "npe":
+        if self.spec.method != "fmpe":
             return -self.member_log_prob(theta, x)
         z = (theta - self.theta_mean) / self.theta_std
         x = (x - self.x_mean) / self.x_std
@@ -146,16 +213,25 @@ class NeuralPosterior(nn.Module):
     def validation_loss(
         self, theta: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The loss early stopping watches, per pair (N,): ``-log q`` of the mixture for NPE;
-        for FMPE the members' mean flow-matching loss (a density needs an ODE solve)."""
+        """The loss early stopping watches, per pair (N,): ``-log q`` of the mixture for NPE
+        and NLE; for FMPE the members' mean flow-matching loss (a density needs an ODE solve)."""
         if self.spec.method == "fmpe":
             return self.member_loss(theta, x, generator).mean(dim=0)
-        return -self.log_prob(theta, x)
+        return -self._mixture_log_prob(theta, x)
 
     def sample_and_log_prob(
         self, x: torch.Tensor, num_samples: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draws ``num_samples`` per observation: ``x`` (N, *x_shape) -> (M, N, D), (M, N)."""
+        """Draws ``num_samples`` per observation: ``x`` (N, *x_shape) -> (M, N, D), (M, N).
+
+        Raises:
+            TypeError: For NLE, whose posterior is sampled by MCMC with diagnostics that this
+                signature cannot return: use :func:`pipeline.sampling.sample_posterior`.
+        """
+        if self.is_likelihood:
+            raise TypeError(
+                "an NLE posterior is sampled by MCMC: use pipeline.sampling.sample_posterior"
+            )
         if len(self.members) == 1:
             z, log_q = self.members[0]((x - self.x_mean) / self.x_std).rsample_and_log_prob(
                 (num_samples,)

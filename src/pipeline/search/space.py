@@ -127,6 +127,12 @@ class SearchSpace:
         for dimension in self.dimensions:
             if dimension.name == "method":
                 methods = set(dimension.choices or ())
+        if "nle" in methods:
+            raise OptionsError(
+                f"{source}: method nle cannot be searched: trials are scored by the held-out "
+                "density of theta given x, which an NLE posterior only has up to a constant "
+                "that differs between observations; search npe or fmpe"
+            )
         clash = [name for name in self.names if name in NPE_ONLY]
         if "fmpe" in methods and clash:
             raise OptionsError(

@@ -122,6 +122,31 @@ class MultivariateNormal:
 
 
 Prior = BoxUniform | DiagonalNormal | MultivariateNormal
+PRIORS = {kind.__name__: kind for kind in (BoxUniform, DiagonalNormal, MultivariateNormal)}
+
+
+def prior_document(prior: Prior) -> dict:
+    """The prior as JSON-ready data, e.g. ``{"kind": "BoxUniform", "low": [..], "high": [..]}``:
+    what a saved likelihood estimator needs to turn into a posterior."""
+    fields = {name: np.asarray(value).tolist() for name, value in vars(prior).items()}
+    return {"kind": type(prior).__name__, **{k: v for k, v in fields.items() if k[0] != "_"}}
+
+
+def prior_from_document(document: dict) -> Prior:
+    """Inverse of :func:`prior_document`.
+
+    Raises:
+        ValueError: If the kind is not one of :data:`PRIORS`.
+    """
+    fields = dict(document)
+    kind = PRIORS.get(fields.pop("kind", None))
+    if kind is None:
+        raise ValueError(f"unknown prior {document.get('kind')!r}; one of {', '.join(PRIORS)}")
+    return kind(**{k: _tuples(v) for k, v in fields.items()})
+
+
+def _tuples(value: list) -> tuple:
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
 
 
 @dataclass(frozen=True, eq=False)  # arrays: no field-wise ==

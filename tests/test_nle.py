@@ -1,0 +1,280 @@
+"""Neural likelihood estimation: the batched ensemble sampler, the likelihood-times-prior
+posterior, and the sample stage's handling of chains that do not converge."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline import cli
+from pipeline.ensemble import EnsembleSettings, initial_walkers, sample_ensemble
+from pipeline.models.posterior import (
+    NeuralPosterior,
+    PosteriorSpec,
+    load_posterior,
+    save_posterior,
+)
+from pipeline.sampling import SamplingError, sample_posterior
+from pipeline.tasks.base import prior_document, prior_from_document
+
+BOX = {"kind": "BoxUniform", "low": [-1.0, -1.0], "high": [1.0, 1.0]}
+SPEC = PosteriorSpec(
+    parameter_names=("a", "b"),
+    x_shape=(3,),
+    flow="nsf",
+    transforms=1,
+    flow_hidden=(16,),
+    low=(-1.0, -1.0),
+    high=(1.0, 1.0),
+    method="nle",
+    extra={"prior": BOX},
+)
+
+
+def gaussians(mean: torch.Tensor, scale: torch.Tensor):
+    """Log-densities of N Gaussians, one per observation: walkers (n, W, D) of ``rows``."""
+
+    def log_prob(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        z = (theta - mean[rows][:, None]) / scale[rows][:, None, None]
+        return -0.5 * z.square().sum(-1)
+
+    return log_prob
+
+
+def test_the_ensemble_sampler_draws_every_observations_own_target():
+    torch.manual_seed(0)
+    mean = torch.tensor([[0.0, 0.0, 0.0], [3.0, 1.0, -1.0], [1.0, 1.0, 1.0]])
+    scale = torch.tensor([1.0, 0.1, 2.0])
+    candidates = torch.rand(3, 4096, 3) * 20 - 10
+    result = sample_ensemble(gaussians(mean, scale), candidates, 2000, EnsembleSettings())
+    assert result.samples.shape == (3, 2000, 3) and result.converged.all()
+    assert (result.rhat < 1.05).all() and (result.ess >= 200).all()
+    # ESS >= 200 per parameter: the mean's standard error is under 0.07 scale; 0.25 is 3.5 of
+    # them. The standard deviation's relative error is about 1 / sqrt(2 ESS) = 5%; 15% is 3.
+    z = (result.samples.mean(1) - mean.numpy()) / scale.numpy()[:, None]
+    assert np.abs(z).max() < 0.25
+    ratio = result.samples.std(1) / scale.numpy()[:, None]
+    assert np.abs(ratio - 1).max() < 0.15
+    # The stored log-densities are the target's at the samples.
+    rows = torch.arange(3)
+    expected = gaussians(mean, scale)(torch.as_tensor(result.samples), rows)
+    np.testing.assert_allclose(result.log_prob, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_chains_that_cannot_converge_are_flagged_not_called_converged():
+    torch.manual_seed(0)
+    mean, scale = torch.zeros(1, 4), torch.tensor([0.01])
+    # Started far out, with no burn-in, a thinning of 1 and no extension: the chains are still
+    # travelling towards the target while the pool is kept.
+    candidates = torch.rand(1, 64, 4) * 5 + 5
+    settings = EnsembleSettings(burn_in=0, thin=1, max_extensions=0, candidates=64)
+    result = sample_ensemble(gaussians(mean, scale), candidates, 256, settings)
+    assert not result.converged[0] and result.rhat[0] > 1.05
+
+
+def test_initial_walkers_refuse_an_observation_of_zero_likelihood():
+    def log_prob(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        values = -theta.square().sum(-1)
+        values[rows == 1] = -torch.inf
+        return values
+
+    with pytest.raises(ValueError, match=r"observations \[1\] have a finite likelihood at fewer"):
+        initial_walkers(log_prob, torch.randn(2, 100, 2), 32)
+
+
+def test_every_prior_round_trips_through_its_document():
+    from pipeline.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    for name in ("two_moons", "gaussian_linear", "bernoulli_glm"):  # box, diagonal, full normal
+        prior = get_task(name).prior
+        copy = prior_from_document(json.loads(json.dumps(prior_document(prior))))
+        theta = prior.sample(10, rng)
+        np.testing.assert_allclose(copy.log_prob(theta), prior.log_prob(theta))
+    with pytest.raises(ValueError, match="unknown prior 'Cauchy'"):
+        prior_from_document({"kind": "Cauchy"})
+
+
+def test_an_nle_posterior_is_likelihood_times_prior_and_saves_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    posterior = NeuralPosterior(SPEC, theta_std=torch.tensor([0.1, 0.1])).eval()
+    theta = torch.tensor([[0.5, -0.5], [2.0, 0.0]])  # the second is outside the prior's box
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        log_q = posterior.log_prob(theta, x)
+        likelihood = -posterior.validation_loss(theta, x)
+    assert torch.isclose(log_q[0], likelihood[0] - np.log(4.0))  # box of area 4
+    assert log_q[1] == -torch.inf and torch.isfinite(likelihood[1])
+    save_posterior(posterior, tmp_path, {"task": "test"})
+    loaded, document = load_posterior(tmp_path)  # torch.load(..., weights_only=True)
+    assert document["spec"]["extra"]["prior"] == BOX and loaded.is_likelihood
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_prob(theta, x), log_q)
+    with pytest.raises(TypeError, match="sampled by MCMC"):
+        loaded.sample_and_log_prob(x, 10)
+
+
+@pytest.mark.slow
+def test_nle_samples_follow_the_likelihood_times_prior_on_a_grid():
+    """The MCMC's draws against the exact posterior of the same (untrained) network, on a grid
+    over the prior's box: every transpose, standardisation and the prior must be right."""
+    torch.manual_seed(1)
+    posterior = NeuralPosterior(SPEC, theta_std=torch.tensor([0.2, 0.2])).eval()
+    x = torch.randn(2, 3) * 2
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 201)] * 2, indexing="ij"), -1)
+    grid = grid.reshape(-1, 1, 2).expand(-1, 2, 2)  # (G, N, D): every point at both x
+    with torch.no_grad():
+        weights = torch.softmax(posterior.log_prob(grid, x), dim=0)  # (G, N)
+    exact_mean = (weights[..., None] * grid).sum(0).numpy()
+    exact_std = ((weights[..., None] * grid.square()).sum(0).numpy() - exact_mean**2) ** 0.5
+    torch.manual_seed(2)
+    result = sample_posterior(posterior, x.numpy(), 4000)
+    assert result.mcmc["converged"].all() and result.sampled.all()
+    # ESS >= 400 (10% of 4000): the mean's standard error is at most 0.05 std; 0.25 is 5.
+    z = (result.samples.mean(1) - exact_mean) / exact_std
+    assert np.abs(z).max() < 0.25, (result.samples.mean(1), exact_mean)
+    assert np.abs(result.samples.std(1) / exact_std - 1).max() < 0.15
+    assert (np.abs(result.samples) <= 1).all()
+
+
+@pytest.fixture
+def model(tmp_path):
+    torch.manual_seed(0)
+    posterior = NeuralPosterior(SPEC, theta_std=torch.tensor([0.2, 0.2]))
+    folder = tmp_path / "model"
+    save_posterior(posterior, folder, {"task": "custom", "provenance": {}})
+    return folder
+
+
+def sample_cli(model, observations, out, *, iid: bool = False, **options) -> int:
+    flags = ["--iid"] if iid else []
+    return cli.main(
+        [
+            "sample",
+            "--model",
+            str(model),
+            "--observations",
+            str(observations),
+            "--out",
+            str(out),
+            "--options",
+            json.dumps({"num_samples": 200, **options}),
+            *flags,
+        ]
+    )
+
+
+def test_the_sample_stage_records_each_observations_chain_diagnostics(tmp_path, model):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3, 3)).astype("f4"))
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "samples.h5") == 0
+    with h5py.File(tmp_path / "samples.h5") as f:
+        assert f["samples"].shape == (3, 200, 2)
+        assert f["mcmc_converged"][...].all() and (f["mcmc_rhat"][...] < 1.05).all()
+        assert f["mcmc_ess"].shape == (3,) and f.attrs["method"] == "nle"
+        assert json.loads(f.attrs["mcmc"])["walkers"] == 32
+
+
+def test_unconverged_chains_at_an_observation_are_an_error_naming_the_fix(
+    tmp_path, model, capsys
+):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(2, 3)).astype("f4"))
+    starved = {"mcmc_burn_in": 0, "mcmc_thin": 1, "mcmc_extensions": 0, "mcmc_walkers": 8}
+    code = sample_cli(model, tmp_path / "x.npy", tmp_path / "samples.h5", **starved)
+    error = capsys.readouterr().err
+    assert code != 0 and "did not converge" in error and "raise mcmc_thin" in error, error
+    assert not (tmp_path / "samples.h5").exists()
+
+
+def test_an_odd_number_of_walkers_is_refused(tmp_path, model, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((1, 3), dtype="f4"))
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "s.h5", mcmc_walkers=9) != 0
+    assert "mcmc_walkers must be even" in capsys.readouterr().err
+
+
+def test_a_task_whose_x_is_not_a_vector_cannot_train_nle():
+    from pipeline.options import OptionsError
+    from pipeline.tasks import get_task
+    from pipeline.training import TrainConfig, _spec
+
+    with pytest.raises(OptionsError, match=r"method nle models x itself, which must be a vector"):
+        _spec(TrainConfig(method="nle"), get_task("grf_cosmology"))
+
+
+def test_samples_of_nle_are_refused_a_rounds_region():
+    posterior = NeuralPosterior(SPEC).eval()
+    with pytest.raises(ValueError, match="cannot be restricted to a round's region"):
+        sample_posterior(posterior, np.zeros((1, 3), "f4"), 10, region=lambda t: t[:, 0] > 0)
+
+
+def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, monkeypatch):
+    """In a test set, an observation whose chains fail is left out of coverage and counted (one
+    hard posterior must not fail the thousand others); in observations it is an error (above)."""
+    import pipeline.sampling as sampling
+
+    real = sampling.sample_ensemble
+
+    def first_fails(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.converged[0] = False
+        return result
+
+    monkeypatch.setattr(sampling, "sample_ensemble", first_fails)
+    with h5py.File(tmp_path / "test.h5", "w") as f:
+        f["theta"] = np.zeros((3, 2), "f4")
+        f["x"] = np.random.default_rng(0).normal(size=(3, 3)).astype("f4")
+    assert sample_cli(model, tmp_path / "test.h5", tmp_path / "samples.h5") == 0
+    with h5py.File(tmp_path / "samples.h5") as f:
+        assert f["samples"].shape == (2, 200, 2) and f.attrs["num_unconverged_excluded"] == 1
+        assert json.loads(f.attrs["observation_index"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_independent_observations_combine_into_one_posterior_on_a_grid():
+    """``--iid``: the rows are observations of one theta, whose posterior is the product of
+    their likelihoods and the prior; MCMC against the grid of the same product."""
+    torch.manual_seed(1)
+    posterior = NeuralPosterior(SPEC, theta_std=torch.tensor([0.2, 0.2])).eval()
+    x = torch.randn(6, 3)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 201)] * 2, indexing="ij"), -1)
+    grid = grid.reshape(-1, 2)
+    with torch.no_grad():
+        weights = torch.softmax(posterior.iid_log_prob(grid, x), dim=0)[:, None]  # (G, 1)
+        one = posterior.log_prob(grid[:, None], x[:1])[:, 0]
+        torch.testing.assert_close(posterior.iid_log_prob(grid, x[:1]), one)
+    exact_mean = (weights * grid).sum(0).numpy()
+    exact_std = ((weights * grid.square()).sum(0).numpy() - exact_mean**2) ** 0.5
+    torch.manual_seed(2)
+    result = sample_posterior(posterior, x.numpy(), 4000, iid=True)
+    assert result.samples.shape == (1, 4000, 2) and result.mcmc["converged"].all()
+    # As for one observation above: 0.25 standard deviations is 5 standard errors of the mean.
+    assert np.abs((result.samples[0].mean(0) - exact_mean) / exact_std).max() < 0.25
+    assert np.abs(result.samples[0].std(0) / exact_std - 1).max() < 0.15
+
+
+def test_the_iid_sample_stage_writes_one_posterior_and_refuses_what_it_cannot_combine(
+    tmp_path, model, capsys
+):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(4, 3)).astype("f4"))
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "s.h5", iid=True) == 0
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["samples"].shape == (1, 200, 2) and f["x"].shape == (1, 4, 3)
+        assert f.attrs["iid"] == 4
+    with h5py.File(tmp_path / "test.h5", "w") as f:
+        f["theta"], f["x"] = rng.normal(size=(4, 2)).astype("f4"), rng.normal(size=(4, 3))
+    assert sample_cli(model, tmp_path / "test.h5", tmp_path / "t.h5", iid=True) != 0
+    assert "have different true theta" in capsys.readouterr().err
+
+
+def test_only_a_likelihood_combines_independent_observations():
+    from pipeline.models.posterior import PosteriorSpec as Spec
+
+    npe = NeuralPosterior(Spec(parameter_names=("a", "b"), x_shape=(3,))).eval()
+    with pytest.raises(ValueError, match="needs a likelihood: this model is npe"):
+        sample_posterior(npe, np.zeros((3, 3), "f4"), 10, iid=True)
+    with pytest.raises(TypeError, match="train with method nle"):
+        npe.iid_log_prob(torch.zeros(2), torch.zeros(3, 3))
