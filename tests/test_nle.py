@@ -278,3 +278,26 @@ def test_only_a_likelihood_combines_independent_observations():
         sample_posterior(npe, np.zeros((3, 3), "f4"), 10, iid=True)
     with pytest.raises(TypeError, match="train with method nle"):
         npe.iid_log_prob(torch.zeros(2), torch.zeros(3, 3))
+
+
+def test_validation_records_the_chains_and_names_the_simulations_left_out():
+    from pipeline.validation import _mcmc, _unconverged
+
+    test = {
+        "theta": np.zeros((8, 2)),
+        "mcmc_rhat": np.array([1.01, 1.03] * 4),
+        "mcmc_ess": np.array([300.0, 150.0] * 4),
+        "mcmc_acceptance": np.full(8, 0.25),
+        "attrs": {"num_unconverged_excluded": 2},
+    }
+    observed = {"mcmc_rhat": np.array([1.002]), "mcmc_ess": np.array([2500.0]), "attrs": {}}
+    mcmc = _mcmc(test, observed)
+    assert (mcmc.test_rhat_max, mcmc.test_ess_min, mcmc.num_unconverged_excluded) == (
+        1.03,
+        150.0,
+        2,
+    )
+    assert mcmc.observation_rhat == [1.002]
+    assert "2 of 10 test simulations left out" in _unconverged(test)["mcmc"]
+    # NPE's samples carry no chains: nothing recorded, nothing skipped.
+    assert _mcmc({"attrs": {}}, {"attrs": {}}) is None and _unconverged({"attrs": {}}) == {}

@@ -167,6 +167,20 @@ class ObservationsInfo:
 
 
 @dataclass(frozen=True)
+class Mcmc:
+    """How an NLE posterior's MCMC fared (:mod:`pipeline.ensemble`): the worst split R-hat and
+    bulk ESS, and the mean acceptance, over the test simulations kept, those left out because
+    their chains did not converge, and each observation's R-hat and ESS."""
+
+    test_rhat_max: float
+    test_ess_min: float
+    test_acceptance_mean: float
+    num_unconverged_excluded: int
+    observation_rhat: list[float]
+    observation_ess: list[float]
+
+
+@dataclass(frozen=True)
 class Recovery:
     """How the posteriors recover the true parameters at the observations, per parameter name:
     ``bias``, the mean of (posterior mean - truth) / posterior std (0 when unbiased), and the
@@ -214,6 +228,7 @@ class ValidationMetrics:
     recovery: Recovery | None
     reference: ReferenceInfo | None
     figures: dict[str, str]
+    mcmc: Mcmc | None = None
 
     def __post_init__(self) -> None:
         if set(self.sbc.pvalues) != set(self.parameter_names):

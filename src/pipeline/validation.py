@@ -24,6 +24,7 @@ from pipeline.metrics import (
     C2stScores,
     Coverage,
     LocalC2st,
+    Mcmc,
     Misspecification,
     ObservationsInfo,
     PredictiveChecks,
@@ -86,7 +87,9 @@ def validate(
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
         observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
-        skipped=_skipped(task, theta_obs, reference, mock_of) | _outside_region(test),
+        skipped=_skipped(task, theta_obs, reference, mock_of)
+        | _outside_region(test)
+        | _unconverged(test),
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
@@ -97,6 +100,7 @@ def validate(
         recovery=_recovery(names, observed, theta_obs),
         reference=_reference_info(observations),
         figures=figures,
+        mcmc=_mcmc(test, observed),
     )
     result.write(out / "metrics.json")
     _log_headline(result)
@@ -190,6 +194,33 @@ def _outside_region(test: dict) -> dict[str, str]:
         "region": f"{outside} of {total} test simulations left out of coverage: their posterior "
         "has too little mass in the last round's region to be sampled by rejection"
     }
+
+
+def _unconverged(test: dict) -> dict[str, str]:
+    """The test simulations that coverage leaves out because their MCMC did not converge
+    (NLE), if any."""
+    left_out = int(test["attrs"].get("num_unconverged_excluded", 0))
+    if not left_out:
+        return {}
+    total = left_out + len(test["theta"])
+    return {
+        "mcmc": f"{left_out} of {total} test simulations left out of coverage: their MCMC chains "
+        "did not converge (R-hat or ESS) within the sample stage's budget"
+    }
+
+
+def _mcmc(test: dict, observed: dict) -> Mcmc | None:
+    """The chains' diagnostics of an NLE posterior's samples; None for other estimators."""
+    if "mcmc_rhat" not in test or "mcmc_rhat" not in observed:
+        return None
+    return Mcmc(
+        test_rhat_max=float(np.max(test["mcmc_rhat"])),
+        test_ess_min=float(np.min(test["mcmc_ess"])),
+        test_acceptance_mean=float(np.mean(test["mcmc_acceptance"])),
+        num_unconverged_excluded=int(test["attrs"].get("num_unconverged_excluded", 0)),
+        observation_rhat=[float(v) for v in observed["mcmc_rhat"]],
+        observation_ess=[float(v) for v in observed["mcmc_ess"]],
+    )
 
 
 def _skipped(
