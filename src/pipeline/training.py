@@ -95,28 +95,29 @@ class TrainConfig(Options):
                 f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
                 "on CPU use 32-true"
             )
-        defaults = {f.name: f.default for f in fields(self)}
-        if self.method == "nle":
-            other = [name for name in EMBEDDING_ONLY if getattr(self, name) != defaults[name]]
+        # Options the method has no use for, and why: set, they would silently do nothing.
+        unused = {
+            "nle": (EMBEDDING_ONLY, "nle's flow models x itself given theta, with no embedding"),
+            "fmpe": (
+                NPE_ONLY,
+                "options of npe's normalizing flows; fmpe's vector field takes "
+                "its widths from flow_hidden",
+            ),
+        }
+        if self.method in unused:
+            names, why = unused[self.method]
+            defaults = {f.name: f.default for f in fields(self)}
+            other = [name for name in names if getattr(self, name) != defaults[name]]
             if other:
                 raise OptionsError(
-                    f"{source}: method nle has no {' or '.join(other)} (nle's flow models x "
-                    "itself given theta, with no embedding of x): leave them at their defaults "
-                    "or set method: npe"
-                )
-        if self.method == "fmpe":
-            other = [name for name in NPE_ONLY if getattr(self, name) != defaults[name]]
-            if other:
-                raise OptionsError(
-                    f"{source}: method fmpe has no {' or '.join(other)} (options of npe's "
-                    "normalizing flows; fmpe's vector field takes its widths from flow_hidden): "
+                    f"{source}: method {self.method} has no {' or '.join(other)} ({why}): "
                     "leave them at their defaults or set method: npe"
                 )
-            if self.compile:
-                raise OptionsError(
-                    f"{source}: compile is not available with method fmpe (its losses draw "
-                    "from a generator at each step); set compile: false"
-                )
+        if self.method == "fmpe" and self.compile:
+            raise OptionsError(
+                f"{source}: compile is not available with method fmpe (its losses draw from a "
+                "generator at each step); set compile: false"
+            )
 
     def shaping(self) -> dict[str, Any]:
         """The fields that shape the weights (not where they run), for the checkpoint digest."""
