@@ -206,12 +206,21 @@ def peer(
 
 
 def score(reference: np.ndarray, samples: np.ndarray, validate: dict[str, Any]) -> dict[str, Any]:
-    values = c2st_batched(
-        reference, samples, seed=validate["seed"], num_folds=validate["c2st_folds"]
-    )
+    """C2ST per observation; an observation without samples (NLE chains that did not converge)
+    scores None and the mean is over the others."""
+    scored = np.isfinite(samples).all(axis=(1, 2))
+    values = np.full(len(samples), np.nan)
+    if scored.any():
+        values[scored] = c2st_batched(
+            reference[scored],
+            samples[scored],
+            seed=validate["seed"],
+            num_folds=validate["c2st_folds"],
+        )
     return {
-        "c2st": [round(float(v), 4) for v in values],
-        "c2st_mean": round(float(values.mean()), 4),
+        "c2st": [round(float(v), 4) if ok else None for v, ok in zip(values, scored, strict=True)],
+        "c2st_mean": round(float(np.nanmean(values)), 4) if scored.any() else None,
+        "num_unconverged": int((~scored).sum()),
     }
 
 
@@ -261,7 +270,9 @@ def run_task(
             "method": method,
             "ours": mine,
             "sbi": theirs,
-            "c2st_mean_difference": round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
+            "c2st_mean_difference": None
+            if None in (mine["c2st_mean"], theirs["c2st_mean"])
+            else round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
         }
         save(entry)  # at once: a later task's failure must not lose this one's figures
         entries.append(entry)
@@ -325,9 +336,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for e in entries:
         print(
-            f"{e['task']:>16} N={e['budget']:>6}: ours {e['ours']['c2st_mean']:.3f} "
-            f"({e['ours']['train_seconds']:.0f} s), sbi {e['sbi']['c2st_mean']:.3f} "
-            f"({e['sbi']['train_seconds']:.0f} s), difference {e['c2st_mean_difference']:+.3f}"
+            f"{e['task']:>16} N={e['budget']:>6}: ours {e['ours']['c2st_mean']} "
+            f"({e['ours']['train_seconds']:.0f} s), sbi {e['sbi']['c2st_mean']} "
+            f"({e['sbi']['train_seconds']:.0f} s), difference {e['c2st_mean_difference']}"
         )
 
 

@@ -60,7 +60,7 @@ class EnsembleSettings:
     walkers: int = 32
     burn_in: int = 300
     thin: int = 10
-    max_extensions: int = 2
+    max_extensions: int = 4
     max_rhat: float = 1.05
     min_ess_fraction: float = 0.1
     candidates: int = 1024

@@ -290,7 +290,7 @@ class SampleOptions(Options):
     mcmc_burn_in: int = option(300, minimum=0, help="MCMC steps discarded as burn-in (NLE)")
     mcmc_thin: int = option(10, minimum=1, help="MCMC steps between kept draws (NLE)")
     mcmc_extensions: int = option(
-        2, minimum=0, help="times an unconverged NLE chain is extended (thinning doubled)"
+        4, minimum=0, help="times an unconverged NLE chain is extended (thinning doubled)"
     )
 
     def check(self, source: str) -> None:
