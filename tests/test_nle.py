@@ -301,3 +301,10 @@ def test_validation_records_the_chains_and_names_the_simulations_left_out():
     assert "2 of 10 test simulations left out" in _unconverged(test)["mcmc"]
     # NPE's samples carry no chains: nothing recorded, nothing skipped.
     assert _mcmc({"attrs": {}}, {"attrs": {}}) is None and _unconverged({"attrs": {}}) == {}
+
+
+def test_an_observation_of_the_wrong_shape_is_refused_before_any_chain(tmp_path, model, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), dtype="f4"))  # the model's x has 3 entries
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "s.h5") != 0
+    assert "observations have shape (2, 4), expected (n_obs, 3)" in capsys.readouterr().err
+    assert not (tmp_path / "s.h5").exists()
