@@ -21,6 +21,7 @@ from pipeline.models.posterior import (
 from pipeline.sampling import SamplingError, sample_posterior
 from pipeline.tasks.base import prior_document, prior_from_document
 
+SETTINGS = EnsembleSettings()
 BOX = {"kind": "BoxUniform", "low": [-1.0, -1.0], "high": [1.0, 1.0]}
 SPEC = PosteriorSpec(
     parameter_names=("a", "b"),
@@ -308,3 +309,12 @@ def test_an_observation_of_the_wrong_shape_is_refused_before_any_chain(tmp_path,
     assert sample_cli(model, tmp_path / "x.npy", tmp_path / "s.h5") != 0
     assert "observations have shape (2, 4), expected (n_obs, 3)" in capsys.readouterr().err
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_a_few_samples_still_rest_on_enough_draws_to_be_checked():
+    """Five samples from 32 walkers: the pool keeps 10 draws per walker, so R-hat and ESS are
+    defined and a Gaussian passes; only the first five draws are returned."""
+    torch.manual_seed(0)
+    mean, scale = torch.zeros(2, 2), torch.ones(2)
+    result = sample_ensemble(gaussians(mean, scale), torch.randn(2, 1024, 2) * 3, 5, SETTINGS)
+    assert result.samples.shape == (2, 5, 2) and result.converged.all()

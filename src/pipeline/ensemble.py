@@ -51,6 +51,9 @@ JITTER = 1e-5
 # whenever its two partners sit in those modes (ter Braak 2006): multimodal posteriors (slcp)
 # keep their walkers balanced between modes.
 JUMP_EVERY = 10
+# Fewest draws per walker in the pool, so that R-hat and ESS rest on enough draws per chain when
+# few samples are asked for (pipeline.mcmc's default too).
+MIN_DRAWS_PER_WALKER = 10
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ def sample_ensemble(
     for _ in range(settings.burn_in):
         clock += 1
         walkers, current, _ = de_step(log_prob, walkers, current, rows, clock % JUMP_EVERY == 0)
-    draws = math.ceil(num_samples / w)
+    draws = max(math.ceil(num_samples / w), MIN_DRAWS_PER_WALKER)
     enough_ess = settings.min_ess_fraction * w * draws
     thin = np.full(n, settings.thin)
     pool = np.empty((n, w, draws, dim), dtype=np.float32)

@@ -524,6 +524,6 @@ def log_mcmc(
         raise SamplingError(
             f"the MCMC chains at observations {worst} of {observations} did not converge "
             f"(R-hat above {settings.max_rhat} or ESS under {settings.min_ess_fraction:.0%} of "
-            f"the samples after {settings.max_extensions} extensions); give them more steps: "
+            f"the draws kept after {settings.max_extensions} extensions); give them more steps: "
             "raise mcmc_thin, mcmc_burn_in or mcmc_extensions"
         )
