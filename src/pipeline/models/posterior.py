@@ -188,7 +188,9 @@ class NeuralPosterior(nn.Module):
         rows = theta[..., None, :].expand(*theta.shape[:-1], len(x), theta.shape[-1])
         log_likelihood = self._mixture_log_prob(rows, x).sum(dim=-1)
         log_prior = self.prior.log_prob(theta.detach().cpu().double().numpy())
-        log_prior = torch.as_tensor(log_prior, dtype=log_likelihood.dtype)
+        log_prior = torch.as_tensor(
+            log_prior, dtype=log_likelihood.dtype, device=log_likelihood.device
+        )
         return torch.where(torch.isfinite(log_prior), log_likelihood + log_prior, -math.inf)
 
     def _mixture_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
