@@ -18,7 +18,7 @@ from pipeline.models.posterior import (
     load_posterior,
     save_posterior,
 )
-from pipeline.sampling import SamplingError, sample_posterior
+from pipeline.sampling import sample_posterior
 from pipeline.tasks.base import prior_document, prior_from_document
 
 SETTINGS = EnsembleSettings()
@@ -179,9 +179,7 @@ def test_the_sample_stage_records_each_observations_chain_diagnostics(tmp_path, 
         assert json.loads(f.attrs["mcmc"])["walkers"] == 32
 
 
-def test_unconverged_chains_at_an_observation_are_an_error_naming_the_fix(
-    tmp_path, model, capsys
-):
+def test_unconverged_chains_at_an_observation_are_an_error_naming_the_fix(tmp_path, model, capsys):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(2, 3)).astype("f4"))
     starved = {"mcmc_burn_in": 0, "mcmc_thin": 1, "mcmc_extensions": 0, "mcmc_walkers": 8}
     code = sample_cli(model, tmp_path / "x.npy", tmp_path / "samples.h5", **starved)
@@ -282,7 +280,7 @@ def test_only_a_likelihood_combines_independent_observations():
 
 
 def test_validation_records_the_chains_and_names_the_simulations_left_out():
-    from pipeline.validation import _mcmc, _unconverged
+    from pipeline.validation import _left_out, _mcmc
 
     test = {
         "theta": np.zeros((8, 2)),
@@ -299,9 +297,9 @@ def test_validation_records_the_chains_and_names_the_simulations_left_out():
         2,
     )
     assert mcmc.observation_rhat == [1.002]
-    assert "2 of 10 test simulations left out" in _unconverged(test)["mcmc"]
+    assert "2 of 10 test simulations left out" in _left_out(test)["mcmc"]
     # NPE's samples carry no chains: nothing recorded, nothing skipped.
-    assert _mcmc({"attrs": {}}, {"attrs": {}}) is None and _unconverged({"attrs": {}}) == {}
+    assert _mcmc({"attrs": {}}, {"attrs": {}}) is None and _left_out({"attrs": {}}) == {}
 
 
 def test_an_observation_of_the_wrong_shape_is_refused_before_any_chain(tmp_path, model, capsys):

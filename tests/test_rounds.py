@@ -23,7 +23,7 @@ from pipeline.rounds.region import TruncatedPrior, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
-from pipeline.validation import _outside_region
+from pipeline.validation import _left_out
 from tests.conftest import run_env, tool
 
 TASK = get_task("two_moons")
@@ -294,5 +294,5 @@ def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path
 
 def test_validation_says_how_many_test_simulations_coverage_left_out():
     test = {"attrs": {"num_outside_region_excluded": 3}, "theta": np.zeros((7, 2))}
-    assert "3 of 10 test simulations left out of coverage" in _outside_region(test)["region"]
-    assert _outside_region({"attrs": {}, "theta": np.zeros((7, 2))}) == {}
+    assert "3 of 10 test simulations left out of coverage" in _left_out(test)["region"]
+    assert _left_out({"attrs": {}, "theta": np.zeros((7, 2))}) == {}

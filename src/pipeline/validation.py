@@ -87,9 +87,7 @@ def validate(
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
         observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
-        skipped=_skipped(task, theta_obs, reference, mock_of)
-        | _outside_region(test)
-        | _unconverged(test),
+        skipped=_skipped(task, theta_obs, reference, mock_of) | _left_out(test),
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
@@ -183,30 +181,30 @@ def _read_test_samples(path: Path) -> dict[str, Any]:
     return test
 
 
-def _outside_region(test: dict) -> dict[str, str]:
-    """The test simulations that coverage leaves out because sampling their posterior inside a
-    round's region failed (``pipeline sample --truncation``), if any."""
-    outside = int(test["attrs"].get("num_outside_region_excluded", 0))
-    if not outside:
-        return {}
-    total = outside + len(test["theta"])
-    return {
-        "region": f"{outside} of {total} test simulations left out of coverage: their posterior "
-        "has too little mass in the last round's region to be sampled by rejection"
-    }
+# Test simulations the sample stage could not sample: the attribute that counts them, and why.
+LEFT_OUT = {
+    "region": (
+        "num_outside_region_excluded",
+        "their posterior has too little mass in the last round's region to be sampled by "
+        "rejection",
+    ),
+    "mcmc": (
+        "num_unconverged_excluded",
+        "their MCMC chains did not converge (R-hat or ESS) within the sample stage's budget",
+    ),
+}
 
 
-def _unconverged(test: dict) -> dict[str, str]:
-    """The test simulations that coverage leaves out because their MCMC did not converge
-    (NLE), if any."""
-    left_out = int(test["attrs"].get("num_unconverged_excluded", 0))
-    if not left_out:
-        return {}
-    total = left_out + len(test["theta"])
-    return {
-        "mcmc": f"{left_out} of {total} test simulations left out of coverage: their MCMC chains "
-        "did not converge (R-hat or ESS) within the sample stage's budget"
-    }
+def _left_out(test: dict) -> dict[str, str]:
+    """The test simulations that coverage leaves out, by cause (a round's region, NLE chains
+    that did not converge), as skipped checks."""
+    skipped = {}
+    for check, (attribute, why) in LEFT_OUT.items():
+        count = int(test["attrs"].get(attribute, 0))
+        if count:
+            total = count + len(test["theta"])
+            skipped[check] = f"{count} of {total} test simulations left out of coverage: {why}"
+    return skipped
 
 
 def _mcmc(test: dict, observed: dict) -> Mcmc | None:
