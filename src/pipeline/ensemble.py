@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.mcmc import batched_diagnostics
+
 log = logging.getLogger(__name__)
 
 # Walkers ``(n, W, D)`` of the observations ``rows`` (n indices) to their log-densities
@@ -96,6 +98,12 @@ class EnsembleResult:
     acceptance: np.ndarray
     thin: np.ndarray
     converged: np.ndarray
+
+    @property
+    def diagnostics(self) -> dict[str, np.ndarray]:
+        """Everything but the samples, by name (what the samples file stores as ``mcmc_*``)."""
+        names = ("rhat", "ess", "acceptance", "thin", "converged")
+        return {name: getattr(self, name) for name in names}
 
 
 def initial_walkers(
@@ -162,17 +170,10 @@ def de_step(
 
 
 def diagnostics(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Max split R-hat over 4 walker groups and min bulk ESS over walkers, per observation, of
-    pools ``(N, W, draws, D)``: the checks of :func:`pipeline.mcmc._diagnostics`, batched."""
-    from arviz_stats.base import array_stats  # ~1 s to import (scipy.signal)
-
-    n, walkers, draws, dim = pool.shape
-    per_group = walkers // NUM_CHAINS
-    groups = pool[:, : NUM_CHAINS * per_group].reshape(n, NUM_CHAINS, per_group, draws, dim)
-    groups = groups.transpose(0, 1, 3, 2, 4).reshape(n, NUM_CHAINS, draws * per_group, dim)
-    rhat = np.max(array_stats.rhat(groups, chain_axis=1, draw_axis=2), axis=-1)
-    ess = np.min(array_stats.ess(pool, chain_axis=1, draw_axis=2, method="bulk"), axis=-1)
-    # A constant chain (every move refused) has no R-hat or ESS: it is not converged.
+    """:func:`pipeline.mcmc.batched_diagnostics` of pools ``(N, W, draws, D)`` over
+    :data:`NUM_CHAINS` walker groups; a chain that never moved has no R-hat or ESS and is
+    scored as not converged (R-hat inf, ESS 0)."""
+    rhat, ess = batched_diagnostics(pool, NUM_CHAINS)
     return np.nan_to_num(rhat, nan=np.inf), np.nan_to_num(ess, nan=0.0)
 
 
@@ -209,10 +210,10 @@ def sample_ensemble(
     pool = np.empty((n, w, draws, dim), dtype=np.float32)
     pool_log_prob = np.empty((n, w, draws), dtype=np.float32)
     acceptance, rhat, ess = np.zeros(n), np.full(n, np.inf), np.zeros(n)
-    todo = np.arange(n)  # observations still running; as a tensor for torch's indexing
+    todo = np.arange(n)  # observations still running
     for extension in range(settings.max_extensions + 1):
         steps = int(thin[todo[0]])  # every observation still running has the same thinning
-        index = torch.as_tensor(todo)
+        index = torch.as_tensor(todo)  # torch indexes tensors with tensors
         accepted = torch.zeros(len(todo))
         part_walkers, part_current = walkers[index], current[index]
         for draw in range(draws):

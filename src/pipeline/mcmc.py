@@ -359,16 +359,23 @@ def _diagnostics(pool: np.ndarray, num_chains: int) -> tuple[float, float]:
     falls when walkers disagree (the between-chain variance enters it), so walkers stuck in
     different modes fail the ESS check even where every group holds a balanced share of them.
     """
+    if pool.shape[1] < 4:  # split R-hat and ESS need at least two draws per half chain
+        return float("nan"), float("nan")
+    rhat, ess = batched_diagnostics(pool[None], num_chains)
+    return float(rhat[0]), float(ess[0])
+
+
+def batched_diagnostics(pool: np.ndarray, num_chains: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_diagnostics` of ``N`` pools at once: ``(N, W, draws, D)`` -> max R-hat and min
+    bulk ESS over parameters, each ``(N,)`` (NaN where a chain never moved)."""
     from arviz_stats.base import array_stats  # ~1 s to import (scipy.signal)
 
-    walkers, draws, dim = pool.shape
-    if draws < 4:  # split R-hat and ESS need at least two draws per half chain
-        return float("nan"), float("nan")
+    n, walkers, draws, dim = pool.shape
     per_group = walkers // num_chains
-    groups = pool[: num_chains * per_group].reshape(num_chains, per_group, draws, dim)
-    groups = groups.transpose(0, 2, 1, 3).reshape(num_chains, draws * per_group, dim)
-    rhat = float(np.max(array_stats.rhat(groups, chain_axis=0, draw_axis=1)))
-    ess = float(np.min(array_stats.ess(pool, chain_axis=0, draw_axis=1, method="bulk")))
+    groups = pool[:, : num_chains * per_group].reshape(n, num_chains, per_group, draws, dim)
+    groups = groups.transpose(0, 1, 3, 2, 4).reshape(n, num_chains, draws * per_group, dim)
+    rhat = np.max(array_stats.rhat(groups, chain_axis=1, draw_axis=2), axis=-1)
+    ess = np.min(array_stats.ess(pool, chain_axis=1, draw_axis=2, method="bulk"), axis=-1)
     return rhat, ess
 
 

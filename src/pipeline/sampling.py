@@ -183,8 +183,7 @@ def sample_likelihood_posterior(
     rng = np.random.default_rng(int(torch.randint(2**62, ())))
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
-    kinds = {"rhat": float, "ess": float, "acceptance": float, "thin": int, "converged": bool}
-    mcmc = {name: np.empty(n, dtype=kind) for name, kind in kinds.items()}
+    mcmc: dict[str, np.ndarray] = {}
     per_call = max(1, SAMPLES_PER_CALL // max(num_samples, settings.candidates))
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
@@ -200,11 +199,10 @@ def sample_likelihood_posterior(
         candidates = candidates.reshape(stop - start, settings.candidates, dim)
         result = sample_ensemble(target, candidates, num_samples, settings)
         samples[start:stop], log_prob[start:stop] = result.samples, result.log_prob
-        for name in mcmc:
-            mcmc[name][start:stop] = getattr(result, name)
+        for name, values in result.diagnostics.items():
+            mcmc.setdefault(name, np.empty(n, dtype=values.dtype))[start:stop] = values
         progress.update(stop - start)
-    samples[~mcmc["converged"]], log_prob[~mcmc["converged"]] = np.nan, np.nan
-    return PosteriorSamples(samples, log_prob, mcmc["converged"].copy(), mcmc)
+    return _flagged(samples, log_prob, mcmc)
 
 
 def _sample_iid(
@@ -220,13 +218,16 @@ def _sample_iid(
     candidates = posterior.prior.sample(settings.candidates, rng)
     candidates = torch.as_tensor(candidates, dtype=torch.float32)[None]
     result = sample_ensemble(target, candidates, num_samples, settings)
-    mcmc = {
-        name: np.asarray(getattr(result, name))
-        for name in ("rhat", "ess", "acceptance", "thin", "converged")
-    }
-    samples, log_prob = result.samples.copy(), result.log_prob.copy()
-    samples[~result.converged], log_prob[~result.converged] = np.nan, np.nan
-    return PosteriorSamples(samples, log_prob, result.converged.copy(), mcmc)
+    return _flagged(result.samples.copy(), result.log_prob.copy(), result.diagnostics)
+
+
+def _flagged(
+    samples: np.ndarray, log_prob: np.ndarray, mcmc: dict[str, np.ndarray]
+) -> PosteriorSamples:
+    """MCMC's samples with the rows of unconverged observations NaN and marked not sampled."""
+    converged = mcmc["converged"]
+    samples[~converged], log_prob[~converged] = np.nan, np.nan
+    return PosteriorSamples(samples, log_prob, converged.copy(), mcmc)
 
 
 @torch.no_grad()

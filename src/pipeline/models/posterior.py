@@ -164,12 +164,7 @@ class NeuralPosterior(nn.Module):
         depends on x alone (HPD ranks and MCMC need no more); -inf outside the prior.
         """
         log_q = self._mixture_log_prob(theta, x)
-        if not self.is_likelihood:
-            return log_q
-        log_prior = self.prior.log_prob(theta.detach().cpu().double().numpy())
-        log_prior = torch.as_tensor(log_prior, dtype=log_q.dtype, device=log_q.device)
-        # A theta outside the prior may still get a finite (meaningless) likelihood.
-        return torch.where(torch.isfinite(log_prior), log_q + log_prior, -math.inf)
+        return self._times_prior(log_q, theta) if self.is_likelihood else log_q
 
     def iid_log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """NLE's posterior given ``n`` independent observations of one ``theta``, up to a
@@ -186,7 +181,11 @@ class NeuralPosterior(nn.Module):
                 "observations after training; train with method nle"
             )
         rows = theta[..., None, :].expand(*theta.shape[:-1], len(x), theta.shape[-1])
-        log_likelihood = self._mixture_log_prob(rows, x).sum(dim=-1)
+        return self._times_prior(self._mixture_log_prob(rows, x).sum(dim=-1), theta)
+
+    def _times_prior(self, log_likelihood: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """``log_likelihood + log p(theta)`` (NLE), -inf outside the prior: a theta there may
+        still get a finite (meaningless) likelihood. Shapes (...) and (..., D) -> (...)."""
         log_prior = self.prior.log_prob(theta.detach().cpu().double().numpy())
         log_prior = torch.as_tensor(
             log_prior, dtype=log_likelihood.dtype, device=log_likelihood.device
