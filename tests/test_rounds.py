@@ -19,7 +19,7 @@ from pipeline.models.posterior import load_posterior
 from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
 from pipeline.rounds.records import Truncation, TruncationError, round_seed
-from pipeline.rounds.region import TruncatedPrior, truncate, truncated_task
+from pipeline.rounds.region import TruncatedPrior, load_region, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
@@ -61,7 +61,7 @@ def truncated(round0: Path) -> Path:
 def region_of(folder: Path, truncation: Truncation) -> TruncatedPrior:
     posterior, _ = load_posterior(folder / "model")
     x_obs = np.asarray(truncation.x_obs, dtype=np.float32)
-    return TruncatedPrior(TASK.prior, posterior, x_obs, truncation)
+    return TruncatedPrior(TASK.prior, [posterior], x_obs, truncation)
 
 
 def test_a_region_holds_one_minus_the_quantile_of_the_posterior_and_its_prior_mass(round0):
@@ -149,7 +149,7 @@ def test_round_seeds_differ_between_rounds_and_repeat_for_the_same_round():
 
 
 def simulate_round(folder: Path, out: Path, *extra: str, n: int = 600) -> np.ndarray:
-    """Round 1's simulations from round 0's region; returns their theta."""
+    """The next round's simulations from the region in ``folder``; returns their theta."""
     args = ["simulate", "--task", "two_moons", "--num-simulations", str(n)]
     args += ["--seed", str(round_seed(1, 1)), "--truncation", str(folder / "truncation.json")]
     assert main([*args, "--model", str(folder / "model"), "--out", str(out), *extra]) == 0
@@ -205,6 +205,80 @@ def test_simulate_refuses_a_truncation_without_its_model(truncated, tmp_path, ca
     args += [str(tmp_path / "x.h5"), "--truncation", str(truncated / "truncation.json")]
     assert main(args) == 2
     assert "--truncation and --model go together" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def nested(truncated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Round 1: simulations from round 0's region, a posterior trained on rounds 0 and 1, and
+    its region at observation 0 inside round 0's (round1/truncation.json)."""
+    folder = tmp_path_factory.mktemp("round1")
+    simulate_round(truncated, folder / "sims.h5", n=1000)
+    stack_rounds(
+        "two_moons",
+        [truncated / "sims.h5", folder / "sims.h5"],
+        folder / "train.h5",
+        overwrite=False,
+    )
+    options = json.dumps({"max_epochs": 10, "transforms": 2, "flow_hidden": [32, 32]})
+    args = ["train", "--data", str(folder / "train.h5"), "--options", options]
+    assert main([*args, "--out", str(folder / "model")]) == 0
+    args = ["truncate", "--model", str(folder / "model"), "--observations"]
+    args += [str(truncated / "observations.h5"), "--within", str(truncated / "truncation.json")]
+    args += ["--region-models", str(truncated / "model"), "--options"]
+    args += [json.dumps(OPTIONS.__dict__), "--out", str(folder / "truncation.json")]
+    assert main(args) == 0
+    return folder
+
+
+def test_a_rounds_region_lies_inside_the_earlier_rounds_regions(truncated, nested):
+    outer = Truncation.read(truncated / "truncation.json")
+    inner = Truncation.read(nested / "truncation.json")
+    assert inner.within == outer.levels and len(inner.levels) == 2
+    models = [truncated / "model", nested / "model"]
+    region = load_region(nested / "truncation.json", models, TASK.prior)
+    prior_draws = TASK.prior.sample(20000, np.random.default_rng(8))
+    inside = region.accepts(prior_draws)
+    own = region.log_q(prior_draws) >= inner.threshold
+    assert not (inside & ~region_of(truncated, outer).accepts(prior_draws)).any()
+    # Round 1's own region reaches outside round 0's: nesting is what keeps it inside.
+    assert (own & ~inside).any()
+    # Prior mass of the intersection, to 3 binomial standard errors of 20000 draws each.
+    assert np.mean(inside) == pytest.approx(inner.prior_mass, abs=0.01)
+    theta = simulate_round(nested, nested / "round2.h5", "--region-models", str(models[0]))
+    assert region.accepts(theta).all()
+
+
+def test_a_nested_region_needs_every_earlier_rounds_model_in_order(
+    truncated, nested, tmp_path, capsys
+):
+    models = [truncated / "model", nested / "model"]
+    with pytest.raises(ValueError, match="is the region of 2 rounds' posteriors .* --region-mod"):
+        truncated_task(TASK, "two_moons", nested / "truncation.json", models[1])
+    with pytest.raises(ValueError, match="other weights than .* for its round 0"):
+        truncated_task(TASK, "two_moons", nested / "truncation.json", models[0], [models[1]])
+    simulate_round(nested, tmp_path / "test.h5", "--region-models", str(models[0]), n=20)
+    args = ["sample", "--model", str(models[1]), "--observations", str(tmp_path / "test.h5")]
+    args += ["--num-samples", "50", "--truncation", str(nested / "truncation.json")]
+    assert main([*args, "--out", str(tmp_path / "alone.h5")]) == 2
+    assert "pass the earlier rounds' models with --region-models" in capsys.readouterr().err
+    args += ["--region-models", str(models[0])]
+    assert main([*args, "--out", str(tmp_path / "samples.h5")]) == 0
+    found = read_samples(tmp_path / "samples.h5")
+    region = load_region(nested / "truncation.json", models, TASK.prior)
+    assert region.accepts(found["samples"].reshape(-1, 2)).all()
+    assert found["attrs"]["truncation"]["levels"] == 2
+
+
+def test_a_region_within_another_observations_region_is_refused(truncated, nested):
+    with pytest.raises(ValueError, match="at another observation than observation 1"):
+        truncate(
+            nested / "model",
+            truncated / "observations.h5",
+            1,
+            OPTIONS,
+            truncated / "truncation.json",
+            [truncated / "model"],
+        )
 
 
 @pytest.mark.mpi

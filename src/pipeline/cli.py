@@ -64,12 +64,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     plan = _simulation_plan(args.task, options)
     if (args.truncation is None) != (args.model is None):
         raise ValueError("--truncation and --model go together: the region and its posterior")
+    if args.region_models and args.truncation is None:
+        raise ValueError("--region-models are the models of --truncation's region; pass both")
     if args.truncation is not None:
         from dataclasses import replace
 
         from pipeline.rounds.region import truncated_task
 
-        task = truncated_task(task, args.task, args.truncation, args.model)
+        task = truncated_task(task, args.task, args.truncation, args.model, args.region_models)
         plan = replace(plan, proposal=task.proposal)
     simulation.simulate(
         plan,
@@ -100,7 +102,11 @@ def cmd_truncate(args: argparse.Namespace) -> None:
 
     options = TruncateOptions.from_args(args)
     check_new(args.out, overwrite=args.overwrite)
-    truncation = truncate(args.model, args.observations, args.index, options)
+    if args.region_models and args.within is None:
+        raise ValueError("--region-models are the models of --within's region; pass both")
+    truncation = truncate(
+        args.model, args.observations, args.index, options, args.within, args.region_models
+    )
     truncation.write(args.out, overwrite=args.overwrite)
 
 
@@ -250,6 +256,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         options,
         overwrite=args.overwrite,
         truncation=args.truncation,
+        region_models=args.region_models,
         iid=args.iid,
     )
 
@@ -384,6 +391,7 @@ def _simulation_commands(add: AddCommand) -> None:
         "a round of sequential inference; needs --model",
     )
     p.add_argument("--model", type=Path, help="the posterior folder --truncation was made from")
+    add_region_models(p)
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
 
@@ -455,6 +463,19 @@ def _train_command(add: AddCommand) -> None:
     )
 
 
+def add_region_models(p: argparse.ArgumentParser) -> None:
+    """``--region-models``: the earlier rounds' posteriors a nested region lies inside."""
+    p.add_argument(
+        "--region-models",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="the posterior folders of the earlier rounds whose regions this one lies inside, "
+        "round 0's first (as the truncation file lists them)",
+    )
+
+
 def _round_commands(add: AddCommand) -> None:
     """``truncate``, ``stack-rounds`` and ``select-observation``: sequential rounds' jobs."""
     text = "the region of a round's posterior at one observation that the next round samples"
@@ -462,6 +483,13 @@ def _round_commands(add: AddCommand) -> None:
     p.add_argument("--model", type=Path, required=True, help="the round's posterior folder")
     p.add_argument("--observations", type=Path, required=True)
     p.add_argument("--index", type=int, default=0, help="the observation, from 0")
+    p.add_argument(
+        "--within",
+        type=Path,
+        help="the previous round's truncation: the new region is its intersection with this "
+        "posterior's (nested regions); needs --region-models",
+    )
+    add_region_models(p)
     TruncateOptions.add_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--out", type=Path, required=True, help="the truncation (JSON)")
@@ -514,6 +542,7 @@ def _sample_command(add: AddCommand) -> None:
         help="restrict the draws to this region of the model (`pipeline truncate`'s file): "
         "for simulations drawn from a sequential round's truncated prior",
     )
+    add_region_models(p)
     p.add_argument(
         "--iid",
         action="store_true",

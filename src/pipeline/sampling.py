@@ -9,7 +9,7 @@ inside the prior by construction and vouches for each observation's chains by R-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -375,6 +375,7 @@ def sample(
     *,
     overwrite: bool,
     truncation: Path | None = None,
+    region_models: Sequence[Path] = (),
     iid: bool = False,
 ) -> PosteriorSamples:
     """The sample stage: ``options.num_samples`` posterior draws at each finite observation
@@ -385,9 +386,10 @@ def sample(
     get one posterior: ``samples`` (1, M, D), ``x`` (1, n, *x_shape), attribute ``iid`` = n.
 
     With ``truncation`` (the region of this posterior from ``pipeline truncate``), the draws
-    are restricted to that region: simulations drawn from a sequential round's truncated prior
-    have the posterior ``p(theta | x)`` restricted to the region, and coverage must compare
-    them with that.
+    are restricted to that region (nested in the regions of the earlier rounds' posteriors
+    ``region_models``, round 0's first): simulations drawn from a sequential round's truncated
+    prior have the posterior ``p(theta | x)`` restricted to the region, and coverage must
+    compare them with that.
 
     Raises:
         FileExistsError: If ``out`` exists and ``overwrite`` is false.
@@ -415,6 +417,8 @@ def sample(
         raise ValueError(f"{observations} holds no finite observation")
     if iid and truncation is not None:
         raise ValueError("--iid and --truncation cannot be combined")
+    if region_models and truncation is None:
+        raise ValueError("--region-models are the models of --truncation's region; pass both")
     if iid and theta is not None:
         if not np.all(theta == theta[:1]):
             raise ValueError(
@@ -430,7 +434,7 @@ def sample(
     if truncation is not None:
         from pipeline.rounds.region import region_of_model
 
-        region, restricted = region_of_model(truncation, model, posterior)
+        region, restricted = region_of_model(truncation, model, posterior, document, region_models)
     settings = EnsembleSettings(
         walkers=options.mcmc_walkers,
         burn_in=options.mcmc_burn_in,

@@ -333,15 +333,36 @@ def round_path(index, name):
     return task_path(f"rounds/round-{index}/{name}")
 
 
+def region_files(task, last):
+    """Round ``last``'s truncation, then the posteriors (weights, JSON) of rounds 0..``last``
+    that define its nested region."""
+    files = [round_path(last, "truncation.json")]
+    for index in range(last + 1):
+        files += [round_path(index, "model/posterior.pt"), round_path(index, "model/posterior.json")]
+    return [path.format(task=task) for path in files]
+
+
+def region_models(files):
+    """The model folders among ``region_files``, round 0's first."""
+    return [str(Path(path).parent) for path in files if path.endswith(".pt")]
+
+
+def models_flag(models):
+    """`--region-models DIR...` for the earlier rounds' posteriors (none for round 0's)."""
+    return ["--region-models", *models] if models else []
+
+
 def round_proposal(wildcards):
     """The files round ``wildcards.round`` draws its parameters by (the test simulations: the
-    round after the last): none for round 0 (the prior), else the previous round's truncation
-    and the posterior that defines it."""
+    round after the last): none for round 0 (the prior), else the previous round's region."""
     index = int(wildcards.round) if "round" in wildcards.keys() else NUM_ROUNDS
-    if index == 0:
-        return []
-    names = ("truncation.json", "model/posterior.pt", "model/posterior.json")
-    return [round_path(index - 1, name).format(task=wildcards.task) for name in names]
+    return region_files(wildcards.task, index - 1) if index > 0 else []
+
+
+def round_within(wildcards):
+    """The region round ``wildcards.round``'s truncation lies inside (the previous round's)."""
+    index = int(wildcards.round)
+    return region_files(wildcards.task, index - 1) if index > 0 else []
 
 
 def round_simulations(wildcards):
@@ -351,10 +372,19 @@ def round_simulations(wildcards):
 
 
 def proposal_flags(wildcards, input):
-    """`pipeline simulate`'s --truncation FILE --model DIR for a proposal (none for the prior)."""
+    """`pipeline simulate`'s --truncation FILE --model DIR [--region-models DIR...] for a
+    proposal (none for the prior)."""
     if not input.proposal:
         return []
-    return ["--truncation", input.proposal[0], "--model", str(Path(input.proposal[1]).parent)]
+    models = region_models(input.proposal)
+    return ["--truncation", input.proposal[0], "--model", models[-1], *models_flag(models[:-1])]
+
+
+def within_flags(wildcards, input):
+    """`pipeline truncate`'s --within FILE --region-models DIR... (none for round 0)."""
+    if not input.within:
+        return []
+    return ["--within", input.within[0], *models_flag(region_models(input.within))]
 
 
 def round_simulate_options(wildcards):
@@ -386,16 +416,20 @@ def observations_of(wildcards):
 
 
 def test_region(wildcards):
-    """The region a rounded task's test simulations were drawn from (its last round's): their
-    posterior samples are restricted to it. None for amortized tasks."""
+    """The region a rounded task's test simulations were drawn from (its last round's), with
+    the posteriors that define it: their posterior samples are restricted to it. None for
+    amortized tasks."""
     if wildcards.task not in ROUNDED:
         return []
-    return [round_path(NUM_ROUNDS - 1, "truncation.json").format(task=wildcards.task)]
+    return region_files(wildcards.task, NUM_ROUNDS - 1)
 
 
 def region_flags(wildcards, input):
-    """`pipeline sample`'s --truncation FILE for test simulations from a region (else none)."""
-    return [flag for path in input.region for flag in ("--truncation", path)]
+    """`pipeline sample`'s --truncation FILE [--region-models DIR...] for test simulations from
+    a region (else none); the last round's posterior is the sampled model itself."""
+    if not input.region:
+        return []
+    return ["--truncation", input.region[0], *models_flag(region_models(input.region)[:-1])]
 
 
 def round_counts():

@@ -1,6 +1,7 @@
 # Sequential inference (rounds.tasks): round r simulates from the region round r-1's posterior
-# leaves at the observation, trains on rounds 0..r, and truncates again. The number of rounds is
-# in the config, so the DAG is static: adding a round adds its jobs and keeps the others.
+# leaves at the observation inside the earlier rounds' regions, trains on rounds 0..r, and
+# truncates again. The number of rounds is in the config, so the DAG is static: adding a round
+# adds its jobs and keeps the others.
 
 # Defined only when rounds are configured, like the search rules (snakemake --containerize).
 
@@ -104,6 +105,7 @@ if ROUNDED:
             posterior=round_path("{round}", "model/posterior.pt"),
             spec=round_path("{round}", "model/posterior.json"),
             observation=task_path("rounds/observation.h5"),
+            within=round_within,
         output:
             round_path("{round}", "truncation.json"),
         log:
@@ -115,10 +117,12 @@ if ROUNDED:
         params:
             options=truncate_options(),
             model_dir=lambda wildcards, input: Path(input.posterior).parent,
+            within=within_flags,
         threads: 1
         shell:
             "pipeline truncate --model {params.model_dir:q} --observations {input.observation:q}"
-            " --index 0 --options {params.options:q} --out {output:q} --threads {threads}"
+            " --index 0 {params.within:q} --options {params.options:q} --out {output:q}"
+            " --threads {threads}"
             " --overwrite --log {log:q}"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ class Truncation:
             ``x_o`` is (row ``j`` of the file; ``k`` of the task's observations).
         x_obs: ``x_o`` itself (flattened), so that a simulate job needs no other file.
         c2st: C2ST of the posterior draws against the reference at ``x_o`` (None without one).
+        within: The earlier rounds' regions this one lies inside, round 0's first, each
+            ``{"model_digest": ..., "threshold": ...}``: the region is their intersection with
+            ``log q(theta | x_o) >= threshold``, so the regions of successive rounds are nested.
     """
 
     task: str
@@ -66,6 +69,13 @@ class Truncation:
     observation: dict[str, Any]
     x_obs: list[float]
     c2st: float | None = None
+    within: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def levels(self) -> list[dict[str, Any]]:
+        """Every region the truncated prior must lie in, round 0's first and this one last:
+        ``[{"model_digest": ..., "threshold": ...}, ...]``."""
+        return [*self.within, {"model_digest": self.model_digest, "threshold": self.threshold}]
 
     def write(self, path: Path, *, overwrite: bool) -> None:
         atomic.check_new(Path(path), overwrite=overwrite)

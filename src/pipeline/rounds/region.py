@@ -26,43 +26,59 @@ STEP = 65536
 
 
 class TruncatedPrior:
-    """The prior restricted to ``log q(theta | x_o) >= threshold``, sampled by rejection.
+    """The prior restricted to the region of one round and of every round before it, sampled
+    by rejection.
+
+    The region of round ``r`` is ``log q_k(theta | x_o) >= t_k`` for every ``k <= r`` (inside
+    the prior): nested regions keep the proposals of all rounds so far of one density ratio to
+    the prior inside the last region, so a posterior trained on all rounds' simulations is the
+    true posterior there (up to the network's error) for every ``x``, not only at ``x_o``.
 
     Arguments:
         prior: The task's prior.
-        posterior: The posterior that defines the region (eval mode).
+        posteriors: The posteriors that define the regions, round 0's first (eval mode), one
+            per level of ``truncation.levels``.
         x_obs: The observation, shape ``x_shape``.
-        truncation: The threshold, the region's prior mass (which sizes the batches) and the
+        truncation: The thresholds, the region's prior mass (which sizes the batches) and the
             acceptance rate below which sampling stops with :class:`TruncationError`.
     """
 
     def __init__(
         self,
         prior: Prior,
-        posterior: NeuralPosterior,
+        posteriors: Sequence[NeuralPosterior],
         x_obs: np.ndarray,
         truncation: Truncation,
     ) -> None:
+        if len(posteriors) != len(truncation.levels):
+            raise ValueError(
+                f"the region has {len(truncation.levels)} levels (rounds) but "
+                f"{len(posteriors)} posteriors were given"
+            )
         self.prior = prior
-        self.posterior = posterior
+        self.posteriors = list(posteriors)
         self.x_obs = torch.as_tensor(np.asarray(x_obs, dtype=np.float32))
         self.truncation = truncation
 
     @torch.no_grad()
-    def log_q(self, theta: np.ndarray) -> np.ndarray:
-        """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,); x_o is embedded once per step
-        (a map task's embedding would otherwise run once per prior draw)."""
+    def log_q(self, theta: np.ndarray, level: int = -1) -> np.ndarray:
+        """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,) under the posterior of
+        ``level`` (the last by default); x_o is embedded once per step (a map task's embedding
+        would otherwise run once per prior draw)."""
+        posterior = self.posteriors[level]
         out = np.empty(len(theta), dtype=np.float64)
         x = self.x_obs[None]
         for start in range(0, len(theta), STEP):
             rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)[:, None]
-            out[start : start + STEP] = self.posterior.log_prob(rows, x)[:, 0].double().numpy()
+            out[start : start + STEP] = posterior.log_prob(rows, x)[:, 0].double().numpy()
         return out
 
     def accepts(self, theta: np.ndarray) -> np.ndarray:
-        """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans."""
+        """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans. Each level's
+        posterior is evaluated only on the rows the earlier levels kept."""
         inside = np.isfinite(self.prior.log_prob(theta))
-        inside[inside] = self.log_q(theta[inside]) >= self.truncation.threshold
+        for level, bound in enumerate(self.truncation.levels):
+            inside[inside] = self.log_q(theta[inside], level) >= bound["threshold"]
         return inside
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -127,49 +143,85 @@ class TruncatedTask(Task):
         return theta, self.task.simulate(theta, rng)
 
 
-def truncated_task(task: Task, spec: str, truncation_path: Path, model: Path) -> TruncatedTask:
+def truncated_task(
+    task: Task,
+    spec: str,
+    truncation_path: Path,
+    model: Path,
+    within_models: Sequence[Path] = (),
+) -> TruncatedTask:
     """``task`` (given as ``spec``: its name or import path) simulating from the region of
-    ``truncation_path``, defined by the posterior in ``model``; raises naming the files if the
-    truncation is of another task or was made from another posterior."""
+    ``truncation_path``, defined by the posterior in ``model`` inside the regions of the
+    earlier rounds' posteriors ``within_models`` (round 0's first); raises naming the files if
+    the truncation is of another task or was made from other posteriors."""
     truncated_for = Truncation.read(truncation_path).task
     if truncated_for != spec:
         raise ValueError(
             f"{truncation_path} is a region of task {truncated_for!r}, not of {spec!r}; "
             "simulate that task's rounds with its own truncation"
         )
-    posterior, document = load_posterior(model)
-    if document["task"] != truncated_for:
-        raise ValueError(
-            f"{truncation_path} truncates task {truncated_for!r}, but {model} is a posterior "
-            f"of {document['task']!r}; pass the model the truncation was computed from"
-        )
-    region = load_region(truncation_path, model, posterior, task.prior)
-    return TruncatedTask(task, region, (Path(truncation_path), Path(model) / WEIGHTS))
+    models = [*map(Path, within_models), Path(model)]
+    region = load_region(truncation_path, models, task.prior)
+    files = (Path(truncation_path), *(folder / WEIGHTS for folder in models))
+    return TruncatedTask(task, region, files)
 
 
 def load_region(
-    truncation_path: Path, model: Path, posterior: NeuralPosterior, prior: Prior
+    truncation_path: Path,
+    models: Sequence[Path],
+    prior: Prior,
+    loaded: dict[Path, NeuralPosterior] | None = None,
 ) -> TruncatedPrior:
-    """The region of ``truncation_path`` for the posterior loaded from ``model``; raises unless
-    those are the weights that defined it."""
+    """The region of ``truncation_path`` for the posteriors in ``models`` (round 0's first, the
+    one it was made from last); raises unless those are, in order, the weights that defined
+    its levels. ``loaded``: posteriors already in memory, by folder."""
     truncation = Truncation.read(truncation_path)
-    if file_digest(Path(model) / WEIGHTS) != truncation.model_digest:
+    levels = truncation.levels
+    if len(models) != len(levels):
         raise ValueError(
-            f"{truncation_path} was computed from other weights than {Path(model) / WEIGHTS} "
-            f"(digest {truncation.model_digest}); rerun `pipeline truncate` on this model"
+            f"{truncation_path} is the region of {len(levels)} rounds' posteriors (round 0 "
+            f"first), but {len(models)} model folders were given; pass the earlier rounds' "
+            "models with --region-models"
         )
-    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posterior.spec.x_shape)
-    return TruncatedPrior(prior, posterior, x_obs, truncation)
+    posteriors = []
+    for round_index, (folder, level) in enumerate(zip(map(Path, models), levels, strict=True)):
+        if file_digest(folder / WEIGHTS) != level["model_digest"]:
+            raise ValueError(
+                f"{truncation_path} was computed from other weights than {folder / WEIGHTS} "
+                f"for its round {round_index} (digest {level['model_digest']}); pass that "
+                "round's model, or rerun `pipeline truncate` on these models"
+            )
+        posterior, document = (loaded or {}).get(folder) or load_posterior(folder)
+        if document["task"] != truncation.task:
+            raise ValueError(
+                f"{truncation_path} truncates task {truncation.task!r}, but {folder} is a "
+                f"posterior of {document['task']!r}; pass the models the truncation was "
+                "computed from"
+            )
+        posteriors.append(posterior)
+    x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posteriors[-1].spec.x_shape)
+    return TruncatedPrior(prior, posteriors, x_obs, truncation)
 
 
 def region_of_model(
-    truncation_path: Path, model: Path, posterior: NeuralPosterior
+    truncation_path: Path,
+    model: Path,
+    posterior: NeuralPosterior,
+    document: dict,
+    within_models: Sequence[Path] = (),
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, object]]:
     """The region of ``truncation_path`` as a test of rows of theta, for the posterior loaded
-    from ``model`` (which must be the one that defined it), and what to record of it."""
+    from ``model`` (which must be the one that defined it; ``document`` its JSON) inside the
+    regions of ``within_models``, and what to record of it."""
     truncation = Truncation.read(truncation_path)
-    region = load_region(truncation_path, model, posterior, _prior_of(truncation.task))
-    record = {"digest": file_digest(Path(truncation_path)), "threshold": truncation.threshold}
+    models = [*map(Path, within_models), Path(model)]
+    loaded = {Path(model): (posterior, document)}
+    region = load_region(truncation_path, models, _prior_of(truncation.task), loaded)
+    record = {
+        "digest": file_digest(Path(truncation_path)),
+        "threshold": truncation.threshold,
+        "levels": len(truncation.levels),
+    }
     return region.accepts, record
 
 
@@ -192,12 +244,24 @@ def selected_index(observations: Path, index: int) -> int:
     return index if chosen is None else int(chosen)
 
 
-def truncate(model: Path, observations: Path, index: int, options: TruncateOptions) -> Truncation:
+def truncate(
+    model: Path,
+    observations: Path,
+    index: int,
+    options: TruncateOptions,
+    within: Path | None = None,
+    within_models: Sequence[Path] = (),
+) -> Truncation:
     """The truncate stage: the region the posterior in ``model`` leaves at observation
     ``index`` of ``observations``, its prior mass, and C2ST against the reference if any.
 
+    With ``within`` (the previous round's truncation, made from ``within_models``, round 0's
+    first), the region is the intersection of that region with this posterior's, and its
+    prior mass is the intersection's.
+
     Raises:
-        ValueError: If ``observations`` has no observation ``index``.
+        ValueError: If ``observations`` has no observation ``index``, or ``within`` is a
+            region of another task or observation.
         TruncationError: If fewer than ``options.min_prior_mass`` of the prior draws fall in
             the region (the next round could not sample it).
     """
@@ -221,6 +285,17 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
             f"(rounds.observation counts from 0)"
         )
     x_obs = xs[index].astype(np.float32)
+    outer = None
+    if within is not None:
+        outer = load_region(within, within_models, task.prior)
+        if outer.truncation.task != document["task"] or not np.array_equal(
+            outer.x_obs.numpy().reshape(-1), x_obs.reshape(-1)
+        ):
+            raise ValueError(
+                f"{within} is a region of task {outer.truncation.task!r} at another observation "
+                f"than observation {index} of {observations}; truncate each round within the "
+                "previous round's region of the same observation"
+            )
     torch.manual_seed(options.seed)
     spec = posterior.spec
     low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
@@ -242,8 +317,10 @@ def truncate(model: Path, observations: Path, index: int, options: TruncateOptio
             "selected_index": selected_index(observations, index),
         },
         x_obs=x_obs.reshape(-1).astype(float).tolist(),
+        within=[] if outer is None else outer.truncation.levels,
     )
-    region = TruncatedPrior(task.prior, posterior, x_obs, partial)
+    posteriors = [posterior] if outer is None else [*outer.posteriors, posterior]
+    region = TruncatedPrior(task.prior, posteriors, x_obs, partial)
     rng = np.random.default_rng([options.seed, 1])
     mass = float(region.accepts(task.prior.sample(options.prior_draws, rng)).mean())
     log.info(
