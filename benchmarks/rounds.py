@@ -9,15 +9,16 @@ inference as a DAG), at the five reference observations of a task.
 
 ``run``: for each task and observation ``k``, the pipeline with the rounds of
 ``config/experiments/rounds.yaml`` (4 x 2500 simulations) aimed at observation ``k``, as the
-experiment
-``rounds_<task>_obs<k>`` (``snakemake --cores CORES``). ``peer``: ``sbi``'s truncated sequential
-NPE on the same task, observation and rounds: ``NPE`` at its defaults, each round's proposal the
-``RestrictedPrior`` of ``get_density_thresholder`` at the same quantile, the same simulator,
-10^4 samples at the observation, scored by the validate stage's C2ST (5 folds, seed 5) against
-the pipeline run's reference. ``table``: per observation the C2ST of every round, the final
-posterior's C2ST and coverage (TARP and HPD on test simulations from the last region), wall
-time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^4 and 10^5 simulations
-from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
+experiment ``rounds_<task>_obs<k>`` (``snakemake --cores CORES``). ``peer``: ``sbi``'s
+truncated sequential NPE on the same task, observation and rounds: ``NPE`` at its defaults,
+each round's proposal the ``RestrictedPrior`` of ``get_density_thresholder`` at the same
+quantile, the same simulator, 10^4 samples at the observation, scored by the validate stage's
+C2ST (5 folds, seed 5) against the pipeline run's reference. ``nesting``: where the last
+region's test simulations lie against each earlier round's own region, and HPD coverage inside
+all of them against the rest (printed). ``table``: per observation the C2ST of every round, the
+final posterior's C2ST and coverage (TARP and HPD on test simulations from the last region),
+wall time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^4 and 10^5
+simulations from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
 """
 
 from __future__ import annotations
@@ -139,9 +140,53 @@ def peer(task_name: str, observation: int, results: Path) -> dict[str, Any]:
     return {"round_c2st": scores, "c2st": scores[-1], "seconds": round(time.time() - start, 1)}
 
 
+def nesting(task_name: str, observation: int, results: Path) -> dict[str, Any]:
+    """Where the last region's test simulations lie against each earlier round's own region
+    (its posterior's HPD region alone, as regions were before they nested), and the HPD
+    coverage of those inside every earlier region against the others."""
+    from pipeline.diagnostics.coverage import DEFAULT_LEVELS, hpd_coverage
+    from pipeline.models.posterior import load_posterior
+    from pipeline.rounds.records import Truncation
+    from pipeline.rounds.region import TruncatedPrior
+    from pipeline.sampling import log_prob_of, read_samples
+    from pipeline.storage import read_simulations
+    from pipeline.tasks import get_task
+
+    folder = results / experiment(task_name, observation) / task_name
+    prior = get_task(task_name).prior
+    found = read_samples(folder / "samples/test.h5")
+    test = read_simulations(folder / "sims/test.h5")
+    index = np.asarray(found["attrs"]["observation_index"])
+    theta, x = test.theta[index], test.x[index]
+    inside = []
+    for path in sorted((folder / "rounds").glob("round-*/truncation.json"))[:-1]:
+        own = Truncation.read(path)
+        own = Truncation(**{**own.__dict__, "within": []})
+        posterior, _ = load_posterior(path.parent / "model")
+        x_obs = np.asarray(own.x_obs, dtype=np.float32).reshape(posterior.spec.x_shape)
+        inside.append(TruncatedPrior(prior, [posterior], x_obs, own).accepts(theta))
+    everywhere = np.all(inside, axis=0)
+    posterior, _ = load_posterior(folder / "model")
+    log_q = log_prob_of(posterior, theta, x)
+
+    def deviation(rows: np.ndarray) -> float | None:
+        if rows.sum() < 20:
+            return None
+        coverage = hpd_coverage(found["log_prob"][rows], log_q[rows])
+        return round(float(np.max(np.abs(coverage - DEFAULT_LEVELS))), 4)
+
+    return {
+        "num_test": int(len(theta)),
+        "outside_round": [round(float(1 - np.mean(rows)), 4) for rows in inside],
+        "outside_any": round(float(1 - np.mean(everywhere)), 4),
+        "hpd_max_deviation_inside_all": deviation(everywhere),
+        "hpd_max_deviation_outside_some": deviation(~everywhere),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "peer", "table"))
+    parser.add_argument("action", choices=("run", "peer", "table", "nesting"))
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--observations", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--results", type=Path, default=ROOT / "results")
@@ -154,6 +199,10 @@ def main() -> None:
             key = f"{task}/{k}"
             if args.action == "run":
                 run(task, k, args.results.resolve(), args.cores)
+            elif args.action == "nesting":
+                found = nesting(task, k, args.results.resolve())
+                print(key, json.dumps(found), flush=True)
+                continue
             elif args.action == "peer":
                 saved.setdefault(key, {})["sbi"] = peer(task, k, args.results.resolve())
             else:
