@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.models.posterior import load_posterior
 from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
+from pipeline.report.results import ResultsError, read_rounds
 from pipeline.rounds.records import Truncation, TruncationError, round_seed
 from pipeline.rounds.region import TruncatedPrior, load_region, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
@@ -267,6 +268,26 @@ def test_a_nested_region_needs_every_earlier_rounds_model_in_order(
     region = load_region(nested / "truncation.json", models, TASK.prior)
     assert region.accepts(found["samples"].reshape(-1, 2)).all()
     assert found["attrs"]["truncation"]["levels"] == 2
+
+
+def test_the_report_refuses_rounds_whose_regions_do_not_nest(truncated, nested, tmp_path):
+    task_dir = tmp_path / "two_moons"
+    for index, source in enumerate([truncated, nested]):
+        folder = task_dir / "rounds" / f"round-{index}"
+        folder.mkdir(parents=True)
+        shutil.copytree(source / "model", folder / "model")
+        shutil.copy(source / "sims.h5", folder / "sims.h5")
+        shutil.copy(source / "truncation.json", folder / "truncation.json")
+    shutil.copytree(nested / "model", task_dir / "model")
+    (task_dir / "sims").mkdir()
+    shutil.copy(truncated / "sims.h5", task_dir / "sims/test.h5")
+    # Nested rounds pass on to the checks of the last round (here: test data from the prior).
+    with pytest.raises(ResultsError, match="was not drawn from the last round's region"):
+        read_rounds(task_dir, 2)
+    alone = truncate(nested / "model", truncated / "observations.h5", 0, OPTIONS)
+    alone.write(task_dir / "rounds/round-1/truncation.json", overwrite=True)
+    with pytest.raises(ResultsError, match="round-1/truncation.json is not a region inside rou"):
+        read_rounds(task_dir, 2)
 
 
 def test_a_region_within_another_observations_region_is_refused(truncated, nested):

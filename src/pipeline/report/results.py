@@ -154,7 +154,7 @@ def load_task(
 
 def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
     """The ``count`` rounds under ``task_dir/rounds``; the last must have made the model."""
-    records, proposal_mass = [], 1.0
+    records, proposal_mass, outer = [], 1.0, []
     for index in range(count):
         folder = task_dir / "rounds" / f"round-{index}"
         hint = f"run round {index} of task {task_dir.name} (rounds.tasks)"
@@ -163,6 +163,15 @@ def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
             truncation = Truncation.read(folder / TRUNCATION)
         except ValueError as error:
             raise ResultsError(str(error)) from None
+        if truncation.within != outer:
+            expected = "the prior alone" if index == 0 else f"round {index - 1}'s region"
+            raise ResultsError(
+                f"{folder / TRUNCATION} is not a region inside {expected} (its `within` lists "
+                "other regions, or none: `pipeline truncate --within` missing or given another "
+                "round's truncation), so the rounds' proposals do not nest and the last "
+                f"posterior is not the posterior inside its region; {hint} again"
+            )
+        outer = truncation.levels
         model = read_json(folder / "model" / "posterior.json", hint)
         records.append(
             RoundRecord(
