@@ -338,7 +338,7 @@ def region_files(task, last):
     that define its nested region."""
     files = [round_path(last, "truncation.json")]
     for index in range(last + 1):
-        files += [round_path(index, "model/posterior.pt"), round_path(index, "model/posterior.json")]
+        files += [round_path(index, f"model/posterior.{suffix}") for suffix in ("pt", "json")]
     return [path.format(task=task) for path in files]
 
 
@@ -354,14 +354,9 @@ def models_flag(models):
 
 def round_proposal(wildcards):
     """The files round ``wildcards.round`` draws its parameters by (the test simulations: the
-    round after the last): none for round 0 (the prior), else the previous round's region."""
+    round after the last): none for round 0 (the prior), else the previous round's region,
+    which is also the region round ``wildcards.round``'s own truncation lies inside."""
     index = int(wildcards.round) if "round" in wildcards.keys() else NUM_ROUNDS
-    return region_files(wildcards.task, index - 1) if index > 0 else []
-
-
-def round_within(wildcards):
-    """The region round ``wildcards.round``'s truncation lies inside (the previous round's)."""
-    index = int(wildcards.round)
     return region_files(wildcards.task, index - 1) if index > 0 else []
 
 

@@ -105,7 +105,7 @@ if ROUNDED:
             posterior=round_path("{round}", "model/posterior.pt"),
             spec=round_path("{round}", "model/posterior.json"),
             observation=task_path("rounds/observation.h5"),
-            within=round_within,
+            within=round_proposal,
         output:
             round_path("{round}", "truncation.json"),
         log:

@@ -170,11 +170,11 @@ def load_region(
     truncation_path: Path,
     models: Sequence[Path],
     prior: Prior,
-    loaded: dict[Path, NeuralPosterior] | None = None,
+    loaded: dict[Path, tuple[NeuralPosterior, dict]] | None = None,
 ) -> TruncatedPrior:
     """The region of ``truncation_path`` for the posteriors in ``models`` (round 0's first, the
     one it was made from last); raises unless those are, in order, the weights that defined
-    its levels. ``loaded``: posteriors already in memory, by folder."""
+    its levels. ``loaded``: posteriors already in memory (with their JSON), by folder."""
     truncation = Truncation.read(truncation_path)
     levels = truncation.levels
     if len(models) != len(levels):
