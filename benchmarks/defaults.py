@@ -31,15 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402  (benchmarks/peer.py: data, training, sampling and scoring)
 
-from pipeline import simulation  # noqa: E402
+from pipeline import diagnostics, simulation, storage  # noqa: E402
+from pipeline.models.posterior import load_posterior  # noqa: E402
 from pipeline.observations import make_observations, read_reference  # noqa: E402
 from pipeline.parallel import SerialComm  # noqa: E402
+from pipeline.sampling import log_prob_of, sample_posterior  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
 from pipeline.training import TrainConfig  # noqa: E402
 
@@ -73,17 +76,53 @@ def inputs(name: str, budget: int, cache: Path) -> tuple[Path, Path]:
 
 
 def measure(
-    name: str, budget: int, options: dict[str, Any], seed: int, cache: Path
+    name: str, budget: int, options: dict[str, Any], seed: int, cache: Path, num_test: int
 ) -> dict[str, Any]:
-    """Trains with ``options`` on ``name``'s first ``budget`` simulations and scores it."""
+    """Trains with ``options`` on ``name``'s first ``budget`` simulations and scores it: C2ST
+    at the observations and, with ``num_test``, coverage on that many test simulations."""
     data, observations = inputs(name, budget, cache)
     _, x_obs, reference = read_reference(observations)
     config = TrainConfig.from_dict({**options, "seed": seed}, source="--options")
     # peer.ours looks project_config up at call time: here it answers the candidate's options.
-    peer.project_config = lambda task, seed: config
+    peer.project_config = lambda task, seed, method: config
     with tempfile.TemporaryDirectory(prefix="bench-defaults-") as folder:
-        run, samples = peer.ours(name, data, Path(folder) / "model", x_obs, seed)
+        run, samples = peer.ours(name, data, Path(folder) / "model", x_obs, seed, "npe")
+        if num_test:
+            run |= coverage(name, Path(folder) / "model", num_test, seed, cache)
     return run | peer.score(reference, samples, peer.pipeline_settings()["validate"])
+
+
+def coverage(name: str, model: Path, num_test: int, seed: int, cache: Path) -> dict[str, Any]:
+    """TARP and HPD deviations from the diagonal of the posterior in ``model`` on ``num_test``
+    test simulations (the experiment's test seed), with the sample and validate stages' sizes
+    and seeds: positive HPD deviation means under-confident, negative over-confident."""
+    settings = peer.pipeline_settings()
+    test = cache / f"{name}-test-{num_test}.h5"
+    if not test.exists():
+        plan = simulation.SimulationPlan(name, num_test, settings["simulate"]["test_seed"], 1000)
+        simulation.run(plan, get_task(name), test, SerialComm(), overwrite=True)
+    simulations = storage.read_simulations(test, task=name)
+    theta, x = np.asarray(simulations.theta), np.asarray(simulations.x)
+    posterior, _ = load_posterior(model)
+    spec = posterior.spec
+    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
+    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    torch.manual_seed(settings["sample"]["seed"] + seed)
+    drawn = sample_posterior(
+        posterior, x, settings["sample"]["num_test_samples"], low=low, high=high
+    )
+    log_prob_true = log_prob_of(posterior, theta, x)
+    levels = diagnostics.DEFAULT_LEVELS
+    rng = np.random.default_rng(settings["validate"]["seed"])
+    tarp = diagnostics.tarp_coverage(drawn.samples, theta, levels, low=low, high=high, rng=rng)
+    hpd = diagnostics.hpd_coverage(drawn.log_prob, log_prob_true, levels)
+    signed = hpd - levels
+    return {
+        "num_test": num_test,
+        "tarp_deviation": diagnostics.max_coverage_deviation(levels, tarp),
+        "hpd_deviation": diagnostics.max_coverage_deviation(levels, hpd),
+        "hpd_signed": float(signed[np.argmax(np.abs(signed))]),
+    }
 
 
 def save(candidate: str, name: str, budget: int, seed: int, entry: dict[str, Any]) -> None:
@@ -119,6 +158,9 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[10000])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--cache", type=Path, default=CACHE, help="simulations, observations")
+    parser.add_argument(
+        "--coverage", type=int, default=0, metavar="N", help="TARP and HPD on N test simulations"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
@@ -128,11 +170,16 @@ def main() -> None:
     candidate = args.options.stem
     for name in args.tasks:
         for budget in args.budgets:
-            run = measure(name, budget, options, args.seed, args.cache)
+            run = measure(name, budget, options, args.seed, args.cache, args.coverage)
             save(candidate, name, budget, args.seed, run | {"options": options})
             print(
                 f"{candidate} {name} N={budget}: C2ST {run['c2st_mean']:.3f} {run['c2st']}, "
-                f"train {run['train_seconds']:.0f} s, {run['epochs']} epochs",
+                f"train {run['train_seconds']:.0f} s, {run['epochs']} epochs"
+                + (
+                    f", TARP {run['tarp_deviation']:.3f}, HPD {run['hpd_signed']:+.3f}"
+                    if args.coverage
+                    else ""
+                ),
                 flush=True,
             )
 
