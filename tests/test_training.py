@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import simulation, storage
+from pipeline.models.embeddings import Flatten
 from pipeline.models.posterior import load_posterior
 from pipeline.parallel import Layout, SerialComm, launch_layout
 from pipeline.tasks import get_task
@@ -67,6 +68,38 @@ def test_trained_posterior_loads_without_lightning(data, tmp_path):
     assert not (tmp_path / "model.checkpoints").exists() or not any(
         (tmp_path / "model.checkpoints").iterdir()
     )
+
+
+@pytest.mark.parametrize(
+    ("task", "method", "flow", "embedding"),
+    [
+        ("two_moons", "npe", "nsf", "mlp"),  # 2 parameters
+        ("slcp", "npe", "nsf", "mlp"),  # 5
+        ("bernoulli_glm", "npe", "maf", "identity"),  # 10, x a vector
+        ("grf_cosmology_32", "npe", "nsf", "mlp"),  # 2, x a map
+        ("bernoulli_glm", "nle", "maf", "auto"),  # nle has no embedding
+        ("bernoulli_glm", "fmpe", "auto", "identity"),  # fmpe has no flow family
+    ],
+)
+def test_auto_stands_for_a_flow_and_embedding_chosen_by_the_tasks_shapes(
+    task, method, flow, embedding
+):
+    chosen = TrainConfig(method=method).for_task(get_task(task))
+    assert (chosen.flow, chosen.embedding) == (flow, embedding)
+    explicit = TrainConfig(flow="naf", embedding="mlp").for_task(get_task("bernoulli_glm"))
+    assert (explicit.flow, explicit.embedding) == ("naf", "mlp")  # a choice made is kept
+
+
+def test_a_model_trained_with_auto_records_what_it_stood_for(tmp_path):
+    data = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("gaussian_linear", 300, 1, 300)
+    simulation.run(plan, get_task("gaussian_linear"), data, SerialComm(), overwrite=False)
+    metadata = train(data, tmp_path / "model", TrainConfig.from_dict({**TINY, "ensemble": 1}))
+    assert (metadata["flow"], metadata["embedding"]) == ("maf", "identity")
+    assert metadata["train_config"]["flow"] == "maf"
+    posterior, document = load_posterior(tmp_path / "model")
+    assert document["spec"]["flow"] == "maf" and document["spec"]["embedding"] == "identity"
+    assert isinstance(posterior.members[0].embedding, Flatten)  # x itself
 
 
 def test_ensemble_trains_distinct_members_and_round_trips(data, tmp_path):

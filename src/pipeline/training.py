@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipeline import atomic
+from pipeline.architecture import AUTO, auto_embedding, auto_flow
 from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
 from pipeline.models.flows import FLOWS
@@ -59,21 +60,25 @@ class TrainConfig(Options):
         help="npe: a normalizing flow; fmpe: a flow-matching vector field; nle: a flow over x "
         "(the likelihood), sampled by MCMC",
     )
-    flow: Literal[tuple(FLOWS)] = option("nsf", help="flow family (zuko), for npe")
+    flow: Literal[(AUTO, *FLOWS)] = option(
+        AUTO, help="flow family (zuko); auto: nsf, or maf from 8 parameters and for nle"
+    )
     transforms: int = option(3, minimum=1, help="flow transformations, for npe")
     flow_hidden: tuple[int, ...] = option(
         (64, 64), minimum=1, help="hidden widths of the flow (npe) or vector field (fmpe)"
     )
-    embedding: Literal[EMBEDDINGS] = option("mlp", help="embedding network of x")
+    embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
+        AUTO, help="embedding network of x; auto: mlp, or x itself (a vector) from 8 parameters"
+    )
     embedding_dim: int = option(32, minimum=1, help="width of the embedding")
     embedding_hidden: tuple[int, ...] = option(
         (64, 64), minimum=1, help="hidden widths of the embedding"
     )
-    ensemble: int = option(1, minimum=1, help="flows trained side by side (their mixture)")
+    ensemble: int = option(4, minimum=1, help="flows trained side by side (their mixture)")
     batch_size: int = option(256, minimum=1, help="samples per batch and process")
     learning_rate: float = option(1e-3, exclusive_minimum=0, help="AdamW step size")
     lr_schedule: Literal[LR_SCHEDULES] = option("plateau", help="step size schedule")
-    weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay")
+    weight_decay: float = option(0.01, minimum=0, help="AdamW weight decay")
     gradient_clip: float = option(0.0, minimum=0, help="largest gradient norm (0: none)")
     max_epochs: int = option(200, minimum=1, help="upper bound on epochs")
     max_time: float = option(0.0, minimum=0, help="upper bound in minutes (0: none)")
@@ -118,6 +123,16 @@ class TrainConfig(Options):
                 f"{source}: compile is not available with method fmpe (its losses draw from a "
                 "generator at each step); set compile: false"
             )
+
+    def for_task(self, task: Task) -> TrainConfig:
+        """These options with ``auto`` replaced by what it stands for on ``task``'s shapes
+        (:mod:`pipeline.architecture`); an option the method refuses stays ``auto``."""
+        changes = {}
+        if self.flow == AUTO and self.method != "fmpe":
+            changes["flow"] = auto_flow(self.method, len(task.parameter_names))
+        if self.embedding == AUTO and self.method != "nle":
+            changes["embedding"] = auto_embedding(len(task.parameter_names), tuple(task.x_shape))
+        return self.replaced(changes, source="auto") if changes else self
 
     def shaping(self) -> dict[str, Any]:
         """The fields that shape the weights (not where they run), for the checkpoint digest."""
@@ -308,6 +323,7 @@ def train(
     pl.seed_everything(config.seed, workers=True, verbose=False)
     layout = launch_layout(config.devices)
     datamodule, task = open_training_data(data, config, layout)
+    config = config.for_task(task)
     data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
     posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
