@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import simulation, storage
+from pipeline.architecture import auto_embedding
 from pipeline.models.embeddings import Flatten
 from pipeline.models.posterior import load_posterior
 from pipeline.parallel import Layout, SerialComm, launch_layout
@@ -75,7 +76,7 @@ def test_trained_posterior_loads_without_lightning(data, tmp_path):
     [
         ("two_moons", "npe", "nsf", "mlp"),  # 2 parameters
         ("slcp", "npe", "nsf", "mlp"),  # 5
-        ("bernoulli_glm", "npe", "maf", "identity"),  # 10, x a vector
+        ("bernoulli_glm", "npe", "maf", "identity"),  # 10, x a vector of 10
         ("grf_cosmology_32", "npe", "nsf", "mlp"),  # 2, x a map
         ("bernoulli_glm", "nle", "maf", "auto"),  # nle has no embedding
         ("bernoulli_glm", "fmpe", "auto", "identity"),  # fmpe has no flow family
@@ -86,6 +87,8 @@ def test_auto_stands_for_a_flow_and_embedding_chosen_by_the_tasks_shapes(
 ):
     chosen = TrainConfig(method=method).for_task(get_task(task))
     assert (chosen.flow, chosen.embedding) == (flow, embedding)
+    long = auto_embedding(10, (65,)), auto_embedding(10, (64,)), auto_embedding(10, (8, 8))
+    assert long == ("mlp", "identity", "mlp")  # a long vector or a map goes through the MLP
     explicit = TrainConfig(flow="naf", embedding="mlp").for_task(get_task("bernoulli_glm"))
     assert (explicit.flow, explicit.embedding) == ("naf", "mlp")  # a choice made is kept
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 AUTO = "auto"
 # Parameters from which a MAF on x itself replaces an NSF on an MLP embedding.
 MANY_PARAMETERS = 8
+# x itself feeds every transform of every member: a longer vector (a spectrum, a map) goes
+# through the MLP, whose one first layer compresses it. The gain was measured at 10 features.
+MAX_RAW_FEATURES = 64
 # A MAF's density costs about 15 times less than an NSF's at 10 features, which an MCMC pays at
 # every step; on the reference tasks it was also the more accurate likelihood.
 NLE_FLOW = "maf"
@@ -26,8 +29,9 @@ def auto_flow(method: str, num_parameters: int) -> str:
 
 
 def auto_embedding(num_parameters: int, x_shape: tuple[int, ...]) -> str:
-    """The embedding of ``x`` for ``auto``: ``x`` itself only where it is a vector, since a
-    flow conditioned on every pixel of a map would be the MLP's first layer many times over."""
-    if num_parameters >= MANY_PARAMETERS and len(x_shape) == 1:
+    """The embedding of ``x`` for ``auto``: ``x`` itself from ``MANY_PARAMETERS`` parameters
+    where ``x`` is a vector of at most ``MAX_RAW_FEATURES``, an MLP otherwise."""
+    short_vector = len(x_shape) == 1 and x_shape[0] <= MAX_RAW_FEATURES
+    if num_parameters >= MANY_PARAMETERS and short_vector:
         return "identity"
     return "mlp"

@@ -68,7 +68,7 @@ class TrainConfig(Options):
         (64, 64), minimum=1, help="hidden widths of the flow (npe) or vector field (fmpe)"
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
-        AUTO, help="embedding network of x; auto: mlp, or x itself (a vector) from 8 parameters"
+        AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"
     )
     embedding_dim: int = option(32, minimum=1, help="width of the embedding")
     embedding_hidden: tuple[int, ...] = option(
