@@ -3,9 +3,10 @@
 The rule comes from training one set of options on every shipped reference task at 10^3 and
 10^4 simulations (``benchmarks/defaults.py``; figures in ``benchmarks/README.md``, "global
 defaults"): with 2 to 5 parameters a spline flow (NSF) on an MLP embedding of ``x`` was the most
-accurate; with 10 parameters an affine autoregressive flow (MAF) on ``x`` itself was, by up to
-0.08 of C2ST at 10^3 simulations, because the splines' and the embedding's extra weights overfit
-few simulations of many parameters. Between 6 and 9 parameters nothing was measured.
+accurate (on ``x`` itself it lost 0.06 of C2ST on slcp); with 10 parameters an affine
+autoregressive flow (MAF) on ``x`` itself was, by up to 0.08 at 10^3 simulations, and it is
+``x`` itself that counts there (a MAF on an MLP embedding did as badly as the NSF). Between 6
+and 9 parameters nothing was measured.
 """
 
 from __future__ import annotations
