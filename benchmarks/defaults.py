@@ -105,8 +105,7 @@ def coverage(name: str, model: Path, num_test: int, seed: int, cache: Path) -> d
     theta, x = np.asarray(simulations.theta), np.asarray(simulations.x)
     posterior, _ = load_posterior(model)
     spec = posterior.spec
-    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
-    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    low, high = spec.box()
     torch.manual_seed(settings["sample"]["seed"] + seed)
     drawn = sample_posterior(
         posterior, x, settings["sample"]["num_test_samples"], low=low, high=high

@@ -120,8 +120,7 @@ def ours(
     seconds = time.perf_counter() - start
     posterior, _ = load_posterior(folder)
     spec = posterior.spec
-    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
-    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    low, high = spec.box()
     torch.manual_seed(seed)
     start = time.perf_counter()
     samples = sample_posterior(posterior, x_obs, NUM_SAMPLES, low=low, high=high).samples

@@ -428,8 +428,7 @@ def sample(
         theta = theta[:1]
     check_sample_size(len(x), options.num_samples, len(spec.parameter_names), out)
     torch.manual_seed(options.seed)
-    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
-    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    low, high = spec.box()
     region, restricted = None, None
     if truncation is not None:
         from pipeline.rounds.region import region_of_model

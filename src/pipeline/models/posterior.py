@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +56,13 @@ class PosteriorSpec:
     ensemble: int = 1
     method: str = "npe"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def box(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The prior's bounds ``(low, high)`` as float32 arrays of shape ``(D,)``; ``None``
+        each for an unbounded prior."""
+        low = None if self.low is None else np.asarray(self.low, dtype=np.float32)
+        high = None if self.high is None else np.asarray(self.high, dtype=np.float32)
+        return low, high
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PosteriorSpec:

@@ -298,8 +298,7 @@ def truncate(
             )
     torch.manual_seed(options.seed)
     spec = posterior.spec
-    low = None if spec.low is None else np.asarray(spec.low, dtype=np.float32)
-    high = None if spec.high is None else np.asarray(spec.high, dtype=np.float32)
+    low, high = spec.box()
     draws = sample_posterior(posterior, x_obs[None], options.draws, low=low, high=high)
     threshold = float(np.quantile(draws.log_prob[0].astype(np.float64), options.quantile))
     partial = Truncation(

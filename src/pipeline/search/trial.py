@@ -114,8 +114,7 @@ def held_out_score(
     torch.manual_seed(seed)
     log_q = log_prob_of(posterior, theta, x).astype(float)
     spec = posterior.spec
-    low = None if spec.low is None else np.asarray(spec.low)
-    high = None if spec.high is None else np.asarray(spec.high)
+    low, high = spec.box()
     draws = sample_posterior(posterior, x, num_samples, low=low, high=high)
     nll = -log_q
     # A truth of zero density is as bad a score as there is; it must not be averaged away.
