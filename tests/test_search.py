@@ -64,6 +64,7 @@ def test_a_space_round_trips_and_decodes_lists():
         ({"learning_rat": {"low": 1, "high": 2}}, "not a training option (did you mean"),
         ({"seed": {"low": 0, "high": 9}}, "seed cannot be searched: every trial starts"),
         ({"val_fraction": {"low": 0.1, "high": 0.2}}, "scored on the same held-out"),
+        ({"ensemble": {"choices": [1, 4]}}, "the loss favours the largest ensemble"),
         ({"learning_rate": 0.01}, "expected {low: ..., high: ...} or {choices: [...]}"),
         ({"learning_rate": {"low": 1e-3}}, "give either choices, or low and high"),
         ({"learning_rate": {"low": 1e-3, "high": 1e-2, "step": 1}}, "got keys"),
@@ -152,7 +153,13 @@ def test_failed_trials_are_skipped_and_all_failed_is_an_error():
 
 # ---- Through the CLI: trials, choice and training on real (tiny) data ----------------------
 
-TINY = {"max_epochs": 4, "patience": 4, "embedding_hidden": [16], "embedding_dim": 8}
+TINY = {
+    "max_epochs": 4,
+    "patience": 4,
+    "embedding_hidden": [16],
+    "embedding_dim": 8,
+    "ensemble": 1,
+}
 CLI_SPACE = {
     "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
     "transforms": {"low": 1, "high": 2},
@@ -223,6 +230,32 @@ def test_the_model_trained_with_the_choice_is_the_chosen_trials(search):
     assert all(torch.equal(chosen[k], final[k]) for k in chosen)  # same options, seed and data
     recorded = json.loads((search["model"] / "posterior.json").read_text())["search"]
     assert recorded["chosen"] == choice.chosen and recorded["options"] == choice.options
+
+
+def test_trials_train_members_and_the_chosen_options_train_the_tasks_ensemble(
+    search, data, tmp_path
+):
+    """Trials train search.members flows (1) whatever train.ensemble; the model trained with
+    the choice is the task's ensemble of flows with the chosen options."""
+    task = {**TINY, "ensemble": 2}
+    out = tmp_path / "trial-0"
+    argv = trial_argv(data, out, 0, [])
+    argv[argv.index("--train-options") + 1] = json.dumps(task)
+    assert cli.main(argv) == 0
+    score = json.loads((out / "score.json").read_text())
+    assert score["train_config"]["ensemble"] == 1 and score["search"]["members"] == 1
+    assert json.loads((out / "model/posterior.json").read_text())["ensemble"] == 1
+    best = tmp_path / "best.json"
+    options = json.dumps({**OPTIONS, "trials": 1})
+    argv = ["search-select", "--scores", str(out / "score.json"), "--options", options]
+    assert cli.main([*argv, "--out", str(best)]) == 0
+    model = tmp_path / "model"
+    argv = ["train", "--data", str(data), "--out", str(model), "--options", json.dumps(task)]
+    assert cli.main([*argv, "--chosen", str(best)]) == 0
+    trained = json.loads((model / "posterior.json").read_text())
+    assert trained["ensemble"] == 2
+    assert trained["search"]["options"] == score["options"]
+    assert trained["train_config"]["learning_rate"] == score["options"]["learning_rate"]
 
 
 def test_a_diverged_trial_is_a_failed_result_not_a_failed_job(data, tmp_path):
@@ -299,6 +332,8 @@ def test_trials_scored_on_other_rows_or_edited_are_refused(search, tmp_path):
 def test_choosing_with_other_search_options_is_refused(search):
     with pytest.raises(SearchError, match=r"other search options: seed 0 \(given 7\)"):
         read_trials(search["scores"], SearchOptions(**{**OPTIONS, "seed": 7}))
+    with pytest.raises(SearchError, match=r"members 1 \(given 2\)"):
+        read_trials(search["scores"], SearchOptions(**{**OPTIONS, "members": 2}))
 
 
 def test_training_with_other_options_than_the_trials_is_refused(search, data, tmp_path, capsys):

@@ -346,6 +346,9 @@ class SearchOptions(Options):
     coverage_samples: int = option(
         200, minimum=10, help="posterior samples per held-out simulation for HPD coverage"
     )
+    members: int = option(
+        1, minimum=1, help="flows each trial trains (the chosen options train train's ensemble)"
+    )
     tolerance: float = option(
         1.0,
         minimum=0,

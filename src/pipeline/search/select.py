@@ -24,7 +24,7 @@ __all__ = ["Choice", "SearchChoice", "TrialRow", "check_base", "choose", "read_c
 
 log = logging.getLogger(__name__)
 # The search options a trial records and depends on (pipeline.search.trial.search_identity).
-SEARCH_KEYS = ("seed", "parallel", "startup", "held_out", "coverage_samples")
+SEARCH_KEYS = ("seed", "parallel", "startup", "held_out", "coverage_samples", "members")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ NOT_SEARCHABLE = {
     "precision": "it says where training runs; set it in train for every trial",
     "compile": "it says how training runs, not what the model learns",
     "max_time": "a time limit would make trials depend on the machine's speed",
+    "ensemble": (
+        "a mixture's held-out loss is never above its members' mean, so the loss favours the "
+        "largest ensemble whatever the other options; trials train search.members flows each "
+        "(1), and the chosen options then train the task's train.ensemble"
+    ),
 }
 RANGE_KEYS = {"low", "high", "log"}
 

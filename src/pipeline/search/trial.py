@@ -56,6 +56,7 @@ def search_identity(
         "startup": options.startup,
         "held_out": options.held_out,
         "coverage_samples": options.coverage_samples,
+        "members": options.members,
     }
 
 
@@ -180,7 +181,11 @@ def run_trial(
     records = history_of([read_trial(p, digest) for p in history], trial, options.parallel)
     params = propose(space, records, options.seed, trial, options.startup)
     searched = space.options(params)
-    config = base.replaced(searched, source=f"search trial {trial}")
+    # A trial trains `members` flows whatever `base.ensemble`: the options are searched for one
+    # member, and the final model trains the task's ensemble of them.
+    config = base.replaced(
+        searched | {"ensemble": options.members}, source=f"search trial {trial}"
+    )
     log.info("trial %d proposes %s", trial, json.dumps(searched, sort_keys=True))
     document: dict[str, Any] = {
         "kind": "search-trial",
