@@ -1,14 +1,16 @@
 """What a hyperparameter search costs, and its speed-up from running trials at once.
 
-The same search (two_moons, 8 trials proposed 2 at a time, small flows) runs three ways in fresh
-copies of the workflow, its simulations made beforehand so that only the search is timed:
+The same search (by default two_moons, 8 trials proposed 2 at a time, small flows; or the
+searches of an experiment file, e.g. config/experiments/search.yaml) runs up to three ways in
+fresh copies of the workflow, its simulations made beforehand so that only the search is timed:
 locally with ``--cores 1`` (one trial at a time, the peer), locally with ``--cores 2`` (two at
 once), and as sbatch jobs on the one-node test cluster of tests/slurm_cluster.py (root; installs
-slurm-wlm and munge when absent; ``--no-slurm`` skips it). Reports wall times, their ratios to
-the one-core run, the trials' summed training time, and checks that all three chose the same
-trial with the same options (the proposals depend on the earlier generations' scores only).
+slurm-wlm and munge when absent). Reports wall times, their ratios to the first run, the trials'
+summed training time, and checks that all runs chose the same trials with the same options (the
+proposals depend on the earlier generations' scores only).
 
-    .venv/bin/python benchmarks/search.py [--out benchmarks/results/search.json] [--no-slurm]
+    .venv/bin/python benchmarks/search.py [--out benchmarks/results/search.json]
+        [--experiment FILE [--tasks TASK ...]] [--runs one_core two_cores slurm]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,6 +34,8 @@ from tests.slurm_cluster import SlurmCluster  # noqa: E402
 from pipeline.provenance import hardware  # noqa: E402
 
 TRIALS = 8
+RUNS = {"one_core": "1", "two_cores": "2", "slurm": ""}
+TIMEOUT = 6 * 3600  # a full search of 20 trials takes about an hour
 CONFIG = {
     "experiment": "search-bench",
     "tasks": ["two_moons"],
@@ -50,7 +55,6 @@ CONFIG = {
         },
     },
 }
-SEARCH = "results/search-bench/two_moons/search"
 
 
 def slurm_profile(workdir: Path) -> Path:
@@ -70,53 +74,82 @@ def slurm_profile(workdir: Path) -> Path:
     return folder
 
 
-def timed_search(workdir: Path, *args: str, **kwargs) -> dict[str, object]:
-    """Simulates (untimed), then times the search alone; returns its wall time and choice."""
-    config = workdir / "bench.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    sims = "results/search-bench/two_moons/sims/train.h5"
-    run_snakemake(workdir, sims, "--cores", "2", "--configfile", str(config))
+def experiment(path: Path | None, tasks: list[str] | None) -> dict[str, Any]:
+    """The benchmark's config: the small built-in search, or ``path`` limited to ``tasks``."""
+    config = CONFIG if path is None else yaml.safe_load(path.read_text())
+    if tasks:
+        config = {**config, "tasks": tasks, "search": {**config["search"], "tasks": tasks}}
+    return config
+
+
+def timed_search(workdir: Path, config: dict[str, Any], *args: str, **kwargs) -> dict[str, Any]:
+    """Simulates (untimed), then times the searches alone; returns the wall time and, per
+    task, the trials' summed training time and the choice."""
+    path = workdir / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    root = f"results/{config['experiment']}"
+    tasks = config["search"]["tasks"]
+    sims = [f"{root}/{task}/sims/train.h5" for task in tasks]
+    run_snakemake(workdir, *sims, "--cores", "2", "--configfile", str(path), timeout=TIMEOUT)
+    best = [f"{root}/{task}/search/best.json" for task in tasks]
     start = time.monotonic()
-    run_snakemake(workdir, f"{SEARCH}/best.json", *args, "--configfile", str(config), **kwargs)
+    run_snakemake(workdir, *best, *args, "--configfile", str(path), timeout=TIMEOUT, **kwargs)
     seconds = time.monotonic() - start
-    choice = json.loads((workdir / SEARCH / "best.json").read_text())
-    train = sum(row["train_seconds"] or 0 for row in choice["trials"])
-    return {
-        "seconds": round(seconds, 1),
-        "trials_train_seconds": round(train, 1),
-        "chosen": choice["chosen"],
-        "options": choice["options"],
-    }
+    choices = {}
+    for task, file in zip(tasks, best, strict=True):
+        choice = json.loads((workdir / file).read_text())
+        choices[task] = {
+            "trials_train_seconds": round(
+                sum(r["train_seconds"] or 0 for r in choice["trials"]), 1
+            ),
+            "chosen": choice["chosen"],
+            "options": choice["options"],
+            "losses": [r["loss"] for r in choice["trials"]],
+        }
+    return {"seconds": round(seconds, 1), "tasks": choices}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/search.json")
-    parser.add_argument("--no-slurm", action="store_true", help="skip the SLURM run")
+    parser.add_argument(
+        "--experiment",
+        type=Path,
+        help="a config file with a search (default: the small built-in one)",
+    )
+    parser.add_argument("--tasks", nargs="+", help="search only these of its tasks")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     args = parser.parse_args()
-    runs: dict[str, dict[str, object]] = {}
+    config = experiment(args.experiment, args.tasks)
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
-        for name in ("one_core", "two_cores", "slurm", "cluster"):
+        for name in args.runs:
             (base / name).mkdir()
-        runs["one_core"] = timed_search(copy_workflow(base / "one_core"), "--cores", "1")
-        runs["two_cores"] = timed_search(copy_workflow(base / "two_cores"), "--cores", "2")
-        if not args.no_slurm:
+            workdir = copy_workflow(base / name)
+            if name != "slurm":
+                runs[name] = timed_search(workdir, config, "--cores", RUNS[name])
+                continue
             cluster = SlurmCluster(base / "cluster")
             cluster.start()
             try:
-                slurm = copy_workflow(base / "slurm")
-                runs["slurm"] = timed_search(slurm, profile=slurm_profile(slurm))
+                runs[name] = timed_search(workdir, config, profile=slurm_profile(workdir))
             finally:
                 cluster.stop()
-    peer = runs["one_core"]["seconds"]
+    peer = runs[args.runs[0]]["seconds"]
+    search = config["search"]
     result = {
-        "search": f"two_moons, {TRIALS} trials, 2 per generation, 4000 simulations",
+        "search": f"{', '.join(search['tasks'])}: {search['trials']} trials, "
+        f"{search['parallel']} per generation",
+        "experiment": str(args.experiment or "built in"),
         "runs": runs,
-        "speed_up_over_one_core": {
+        f"speed_up_over_{args.runs[0]}": {
             name: round(peer / run["seconds"], 2) for name, run in runs.items()
         },
-        "same_choice": len({json.dumps([r["chosen"], r["options"]]) for r in runs.values()}) == 1,
+        "same_trials_and_choice": len(
+            {json.dumps(run["tasks"], sort_keys=True) for run in runs.values()}
+        )
+        == 1,
         "machine": hardware(),
     }
     print(json.dumps(result, indent=2))
