@@ -433,6 +433,7 @@ def test_a_search_runs_as_jobs_and_resumes_without_rerunning_finished_trials(wor
     )
     assert "Hyperparameter search" in text
     assert f"Chosen: trial {choice['chosen']}" in text
+    assert "each 1 flow trained on the same simulations (the model above is the task's" in text
     # Two more trials, or another tolerance, keep the four run.
     more = write_config(
         workdir, tasks=["two_moons"], search=SEARCH | {"trials": 6, "tolerance": 2}
