@@ -305,6 +305,28 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     assert [row for row in parse(quiet).summary_rows if row][0][6] == "all 2"
 
 
+def test_misspecification_not_tested_reads_as_such_not_as_a_pass(
+    tmp_path: Path, png: bytes
+) -> None:
+    """A validation that skipped the tests (rounds: the test simulations come from a region
+    chosen at the observation) shows "not tested" in the summary and the reason, no table."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["misspecification"] = None
+    metrics["skipped"] = {"misspecification": "the region was chosen at the observation"}
+    path.write_text(json.dumps(metrics))
+    page = build(tmp_path, ["two_moons"])
+    [row] = [row for row in parse(page).summary_rows if row]
+    assert row[6:8] == ["not tested", "PASS"]
+    text = " ".join(re.sub(r"<[^>]+>", " ", page).split())
+    assert "misspecification : the region was chosen at the observation" in text
+    assert "Is each observation one the simulations explain?" not in text
+    assert (
+        write_summary_of(tmp_path, tasks=["two_moons"])["tasks"][0]["flagged_observations"] == []
+    )
+
+
 def test_user_text_is_escaped(tmp_path: Path, png: bytes) -> None:
     # The "/" in the name nests the folder; the report just joins the name to the path.
     write_task(tmp_path, XSS, png, 0.55, 0.0, 0.0)

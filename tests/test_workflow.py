@@ -482,6 +482,11 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     text = " ".join(re.sub(r"<[^>]+>", " ", (task.parent / "report.html").read_text()).split())
     assert "Sequential rounds" in text
     assert "trained in 2 rounds at one observation, observation 1 of the task" in text
+    # The region was cut around the observation: the misspecification tests would not be
+    # calibrated against its test simulations, so they are skipped with the reason.
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    assert metrics["misspecification"] is None
+    assert "misspecification : the test simulations come from the last round&#39;s region" in text
     more = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS | {"simulations": [300] * 3})
     plan = snakemake(workdir, "-n", "--configfile", str(more))
     assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr

@@ -224,7 +224,7 @@ class ValidationMetrics:
     widths: Widths | None
     predictive: PredictiveChecks | None
     local_c2st: LocalC2st
-    misspecification: Misspecification
+    misspecification: Misspecification | None
     recovery: Recovery | None
     reference: ReferenceInfo | None
     figures: dict[str, str]

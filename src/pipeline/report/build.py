@@ -104,6 +104,8 @@ def verdict(checks: list[Check], flagged: Sequence[int] = ()) -> str:
 def flagged_observations(validation: ValidationMetrics, thresholds: Thresholds) -> list[int]:
     """Observations not consistent with the simulations at the thresholds' level, over the
     task's observations together (see :meth:`pipeline.metrics.Misspecification.flagged`)."""
+    if validation.misspecification is None:
+        return []
     return validation.misspecification.flagged(thresholds.misspecification_level)
 
 
@@ -286,6 +288,8 @@ def search_context(choice: SearchChoice | None) -> dict[str, Any] | None:
 def consistency_rows(validation: ValidationMetrics, flagged: list[int]) -> list[dict[str, Any]]:
     """One row per observation: its misspecification p-values and whether it is flagged."""
     tests = validation.misspecification
+    if tests is None:
+        return []
     typicality = tests.typicality or [None] * len(tests.pvalue)
     return [
         {"typicality": t, "surprise": s, "pvalue": p, "flagged": i in flagged}
@@ -296,6 +300,8 @@ def consistency_rows(validation: ValidationMetrics, flagged: list[int]) -> list[
 def consistency_text(validation: ValidationMetrics, flagged: list[int]) -> str:
     """The summary table's cell on the flagged observations: each with its p-value when there
     are a few, else their count and the first ones."""
+    if validation.misspecification is None:
+        return "not tested"
     pvalues = validation.misspecification.pvalue
     if len(flagged) <= 3:
         return "not: " + ", ".join(
