@@ -24,7 +24,7 @@ from pipeline.rounds.region import TruncatedPrior, load_region, truncate, trunca
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
-from pipeline.validation import _chosen_at, _left_out
+from pipeline.validation import _left_out, _misspecification_skipped
 from tests.conftest import run_env, tool
 
 TASK = get_task("two_moons")
@@ -400,6 +400,6 @@ def test_misspecification_is_not_tested_against_a_region_chosen_at_the_observati
     """Test simulations from a round's region are not exchangeable with the observation the
     region was cut around (bernoulli_glm's rounds flagged 2 of 5 simulated observations at
     p 0.004 and 0.008): validate skips the tests, saying why, rather than raise false alarms."""
-    reason = _chosen_at({"attrs": {"truncation": "{}"}})["misspecification"]
+    reason = _misspecification_skipped({"attrs": {"truncation": "{}"}})["misspecification"]
     assert "chosen at the observation" in reason and "amortized posterior" in reason
-    assert _chosen_at({"attrs": {}}) == {}
+    assert _misspecification_skipped({"attrs": {}}) == {}
