@@ -232,9 +232,7 @@ def test_the_model_trained_with_the_choice_is_the_chosen_trials(search):
     assert recorded["chosen"] == choice.chosen and recorded["options"] == choice.options
 
 
-def test_trials_train_members_and_the_chosen_options_train_the_tasks_ensemble(
-    search, data, tmp_path
-):
+def test_trials_train_members_and_the_chosen_options_train_the_tasks_ensemble(data, tmp_path):
     """Trials train search.members flows (1) whatever train.ensemble; the model trained with
     the choice is the task's ensemble of flows with the chosen options."""
     task = {**TINY, "ensemble": 2}
