@@ -80,6 +80,7 @@ def validate(
         observation_samples, observations, names, out, figures, seed, c2st_max_samples, c2st_folds
     )
     checks = _predictive_checks(task, observed, x_obs, predictive_draws, seed, out, figures)
+    not_tested = _misspecification_skipped(test)
     result = ValidationMetrics(
         task=str(test["attrs"]["task"]),
         parameter_names=names,
@@ -87,18 +88,14 @@ def validate(
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
         observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
-        skipped=_skipped(task, theta_obs, reference, mock_of)
-        | _left_out(test)
-        | _misspecification_skipped(test),
+        skipped=_skipped(task, theta_obs, reference, mock_of) | _left_out(test) | not_tested,
         coverage=coverage,
         sbc=sbc,
         c2st=c2st,
         widths=_widths(task, observed["samples"], reference, theta_obs),
         predictive=checks,
         local_c2st=_local_c2st(task, test, observed["samples"], x_obs, local_c2st_null, seed),
-        misspecification=None
-        if _misspecification_skipped(test)
-        else misspecification_tests(task, test, observed),
+        misspecification=None if not_tested else misspecification_tests(task, test, observed),
         recovery=_recovery(names, observed, theta_obs),
         reference=_reference_info(observations),
         figures=figures,
