@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -205,6 +206,21 @@ def test_unwritable_output_folder_is_named_and_nothing_is_left(tmp_path):
     with pytest.raises(OSError, match=r"cannot make the folder of .*file/sims.h5 .*another --out"):
         simulate(tmp_path / "file" / "sims.h5", n=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_concurrent_chunk_jobs_probing_one_shard_folder_do_not_collide(tmp_path):
+    # Scatter jobs start together and each probes OUT.shards/ first; a probe name shared
+    # between them made one job delete the other's probe, which then failed the job. 8
+    # threads x 200 probes collided within a few calls with a shared name.
+    folder = tmp_path / "sims.h5.shards"
+
+    def probe_many(_):
+        for _ in range(200):
+            simulation.check_writable(folder)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(probe_many, range(8)))
+    assert list(folder.iterdir()) == []
 
 
 def test_inspect_prints_attributes_shapes_and_nonfinite_counts(tmp_path, capsys):

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -313,7 +314,7 @@ def run(
     check_output(out, overwrite=overwrite, merge=merge, compression=compression)
     check_plan(plan, size)
     check_resources(plan, task, out, merge)
-    check_writable(shard_dir(out), rank)
+    check_writable(shard_dir(out))
     # Rank 0 holds the output's lock until the merge is done; every rank learns if it failed.
     with contextlib.ExitStack() as held:
         held.callback(_remove_if_empty, shard_dir(out))  # after the lock's release
@@ -388,7 +389,7 @@ def run_chunk(
     check_resources(plan, task, out)
     start, stop = plan.chunk_at(start)
     path = shard_path(out, start, stop)
-    check_writable(shard_dir(out), 0)
+    check_writable(shard_dir(out))
     listing = storage.list_folder(shard_dir(out))
     if reusable_shard(path, plan.identity(task), start, stop, listing) is not None:
         log.info("chunk [%d, %d) already simulated: %s kept", start, stop, path)
@@ -445,13 +446,13 @@ def check_some_finite(plan: SimulationPlan, num_nonfinite: int, out: Path) -> No
         )
 
 
-def check_writable(folder: Path, rank: int) -> None:
+def check_writable(folder: Path) -> None:
     """Creates ``folder`` and writes a probe file in it, failing with the folder named."""
-    probe = folder / f".probe-rank{rank}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name of its own: ranks and concurrent chunk jobs probe the same folder at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
     except OSError as error:
         raise ValueError(
             f"cannot write simulations to {folder}: {error.strerror or error}. "
