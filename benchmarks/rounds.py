@@ -6,6 +6,7 @@ inference as a DAG), at the five reference observations of a task.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rounds.py peer --tasks two_moons \
         --observations 0 1 --results results                # sbi 0.27 (pip install -e ".[bench]")
     .venv/bin/python benchmarks/rounds.py table --tasks two_moons --results results
+    .venv/bin/python benchmarks/rounds.py curve --tasks bernoulli_glm slcp two_moons
 
 ``run``: for each task and observation ``k``, the pipeline with the rounds of
 ``config/experiments/rounds.yaml`` (4 x 2500 simulations) aimed at observation ``k``, as the
@@ -19,6 +20,10 @@ all of them against the rest (printed). ``table``: per observation the C2ST of e
 final posterior's C2ST and coverage (TARP and HPD on test simulations from the last region),
 wall time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^4 and 10^5
 simulations from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
+``curve``: from that file, per task the mean C2ST after each round against simulations used,
+amortized NPE's at 10^3, 10^4 and 10^5 on the same observations (and the simulations it needs
+to reach the rounds' final C2ST), ``sbi``'s TSNPE beside ours on its observations:
+``benchmarks/results/rounds_curve.json`` and ``rounds_curve.png``.
 """
 
 from __future__ import annotations
@@ -99,8 +104,81 @@ def amortized(task: str, observation: int) -> dict[str, float]:
     return {
         str(e["budget"]): e["ours"]["c2st"][observation]
         for e in entries
-        if e["task"] == task and e["budget"] in (10**4, 10**5)
+        if e["task"] == task and e.get("method", "npe") == "npe" and e["seed"] == 0
     }
+
+
+def rounds_curve(entry: dict[str, Any]) -> list[float]:
+    """C2ST after each round: ``truncate``'s for the earlier rounds, the validate stage's
+    (as amortized's and ``sbi``'s) for the last."""
+    return [*entry["round_c2st"][:-1], entry["c2st"]]
+
+
+def simulations_to_reach(target: float, budgets: list[int], scores: list[float]) -> float | None:
+    """The fewest simulations at which ``scores`` (C2ST by budget, increasing budgets) reach
+    ``target``, interpolated linearly in log(simulations); None if no budget reaches it (the
+    smallest budget if it already does: an upper bound)."""
+    for k, (budget, score) in enumerate(zip(budgets, scores, strict=True)):
+        if score <= target:
+            if k == 0:
+                return float(budget)
+            before, previous = budgets[k - 1], scores[k - 1]
+            fraction = (previous - target) / (previous - score)
+            return float(np.exp(np.log(before) + fraction * np.log(budget / before)))
+    return None
+
+
+def curves(saved: dict[str, Any], tasks: list[str], out: Path) -> dict[str, Any]:
+    """Mean C2ST against simulations per task: the rounds, amortized NPE on the same
+    observations, ``sbi``'s TSNPE with ours on its observations; a figure at ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(np.cumsum(rounds_settings()["simulations"]))
+    rows = (len(tasks) + 1) // 2
+    figure, axes = plt.subplots(rows, 2, figsize=(9, 3.6 * rows), squeeze=False)
+    found: dict[str, Any] = {}
+    for task, axis in zip(tasks, axes.flat, strict=False):
+        keys = sorted(k for k, e in saved.items() if k.startswith(f"{task}/") and "ours" in e)
+        observations = [int(k.split("/")[1]) for k in keys]
+        ours = np.mean([rounds_curve(saved[k]["ours"]) for k in keys], axis=0)
+        scored = [amortized(task, k) for k in observations]
+        budgets = sorted(int(b) for b in scored[0])
+        by_budget = [[entry[str(b)] for b in budgets] for entry in scored]
+        amortized_mean = np.mean(by_budget, axis=0)
+        reach = simulations_to_reach(float(ours[-1]), budgets, list(amortized_mean))
+        found[task] = {
+            "observations": observations,
+            "rounds_simulations": [int(n) for n in steps],
+            "rounds_c2st": [round(float(c), 4) for c in ours],
+            "amortized_simulations": budgets,
+            "amortized_c2st": [round(float(c), 4) for c in amortized_mean],
+            "amortized_simulations_to_reach_rounds": None if reach is None else round(reach),
+        }
+        axis.plot(steps, ours, "o-", label=f"rounds (obs. {', '.join(map(str, observations))})")
+        axis.plot(budgets, amortized_mean, "s-", label="amortized NPE, same obs.")
+        with_sbi = [k for k in keys if "sbi" in saved[k]]
+        if with_sbi:
+            sbi = np.mean([saved[k]["sbi"]["round_c2st"] for k in with_sbi], axis=0)
+            mine = np.mean([rounds_curve(saved[k]["ours"]) for k in with_sbi], axis=0)
+            shown = ", ".join(k.split("/")[1] for k in with_sbi)
+            axis.plot(steps, sbi, "^--", label=f"sbi TSNPE (obs. {shown})")
+            axis.plot(steps, mine, "o:", color="C0", alpha=0.6, label=f"rounds (obs. {shown})")
+            found[task]["sbi"] = {
+                "observations": [int(k.split("/")[1]) for k in with_sbi],
+                "sbi_c2st": [round(float(c), 4) for c in sbi],
+                "rounds_c2st": [round(float(c), 4) for c in mine],
+            }
+        axis.set(xscale="log", xlabel="simulations", ylabel="mean C2ST", title=task)
+        axis.axhline(0.5, color="grey", lw=0.5)
+        axis.legend(fontsize=7)
+    for axis in axes.flat[len(tasks) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    return found
 
 
 def peer(task_name: str, observation: int, results: Path) -> dict[str, Any]:
@@ -186,7 +264,7 @@ def nesting(task_name: str, observation: int, results: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "peer", "table", "nesting"))
+    parser.add_argument("action", choices=("run", "peer", "table", "nesting", "curve"))
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--observations", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--results", type=Path, default=ROOT / "results")
@@ -194,6 +272,12 @@ def main() -> None:
     args = parser.parse_args()
     output = RESULTS / "rounds.json"
     saved = json.loads(output.read_text()) if output.exists() else {}
+    if args.action == "curve":
+        found = curves(saved, args.tasks, RESULTS / "rounds_curve.png")
+        (RESULTS / "rounds_curve.json").write_text(json.dumps(found, indent=1) + "\n")
+        for task, entry in found.items():
+            print(task, json.dumps(entry))
+        return
     for task in args.tasks:
         for k in args.observations:
             key = f"{task}/{k}"
