@@ -18,8 +18,8 @@ C2ST (5 folds, seed 5) against the pipeline run's reference. ``nesting``: where 
 region's test simulations lie against each earlier round's own region, and HPD coverage inside
 all of them against the rest (printed). ``table``: per observation the C2ST of every round, the
 final posterior's C2ST and coverage (TARP and HPD on test simulations from the last region),
-wall time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^4 and 10^5
-simulations from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
+wall time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^3, 10^4 and
+10^5 simulations from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
 ``curve``: from that file, per task the mean C2ST after each round against simulations used,
 amortized NPE's at 10^3, 10^4 and 10^5 on the same observations (and the simulations it needs
 to reach the rounds' final C2ST), ``sbi``'s TSNPE beside ours on its observations:
@@ -142,6 +142,8 @@ def curves(saved: dict[str, Any], tasks: list[str], out: Path) -> dict[str, Any]
     found: dict[str, Any] = {}
     for task, axis in zip(tasks, axes.flat, strict=False):
         keys = sorted(k for k, e in saved.items() if k.startswith(f"{task}/") and "ours" in e)
+        if not keys:
+            raise SystemExit(f"no rounds of {task} in {RESULTS / 'rounds.json'}: `run`, `table`")
         observations = [int(k.split("/")[1]) for k in keys]
         ours = np.mean([rounds_curve(saved[k]["ours"]) for k in keys], axis=0)
         scored = [amortized(task, k) for k in observations]

@@ -209,9 +209,9 @@ def test_unwritable_output_folder_is_named_and_nothing_is_left(tmp_path):
 
 
 def test_concurrent_chunk_jobs_probing_one_shard_folder_do_not_collide(tmp_path):
-    # Scatter jobs start together and each probes OUT.shards/ first; a probe name shared
-    # between them made one job delete the other's probe, which then failed the job. 8
-    # threads x 200 probes collided within a few calls with a shared name.
+    # Scatter jobs start together and each probes OUT.shards/ first. Were the probe's name
+    # shared, one job would delete the other's probe and the other would fail: 8 threads x 200
+    # probes collide within a few calls that way.
     folder = tmp_path / "sims.h5.shards"
 
     def probe_many(_):
