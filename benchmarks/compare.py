@@ -28,12 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pipeline.provenance import hardware  # noqa: E402
+from pipeline.sampling import observation_task  # noqa: E402
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 NUM_SAMPLES = 10**4
@@ -84,15 +86,29 @@ def main() -> None:
     parser.add_argument("--groups", nargs=2, help="the two groups to pair (first minus second)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    named = [entry.partition("=") for entry in args.models]
+    if any(not sep or "-" not in name or not model for name, sep, model in named):
+        parser.error(f"--models takes GROUP-SEED=MODEL_DIR entries, got {' '.join(args.models)}")
+    present = {name.rsplit("-", 1)[0] for name, _, _ in named}
+    if args.groups and not set(args.groups) <= present:
+        parser.error(f"--groups {' '.join(args.groups)}: each must be a GROUP of --models")
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
-    if not (args.work / "obs.h5").exists():
+    observed = args.work / "obs.h5"
+    if not observed.exists():
         observe = ["observe", "--task", args.task, "--num-observations", str(args.observations)]
         observe += ["--num-reference-samples", "10000", "--seed", "3"]
-        run(*observe, "--out", str(args.work / "obs.h5"), "--log", str(args.work / "logs/obs.log"))
+        run(*observe, "--out", str(observed), "--log", str(args.work / "logs/obs.log"))
+    with h5py.File(observed, "r") as file:
+        count = len(file["x"])
+    task = observation_task(observed)
+    if (task, count) != (args.task, args.observations):
+        sys.exit(
+            f"{observed} holds {count} observations of {task}, not "
+            f"{args.observations} of {args.task}: give another --work"
+        )
     groups: dict[str, dict[str, np.ndarray]] = {}
     models: dict[str, Any] = {}
-    for entry in args.models:
-        name, model = entry.split("=", 1)
+    for name, _, model in named:
         group, seed = name.rsplit("-", 1)
         scores = c2st_of(name, Path(model), args.work, args.budget)
         groups.setdefault(group, {})[seed] = scores
