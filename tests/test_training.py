@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline import simulation, storage
 from pipeline.architecture import auto_embedding
@@ -15,7 +16,7 @@ from pipeline.models.posterior import load_posterior
 from pipeline.parallel import Layout, SerialComm, launch_layout
 from pipeline.tasks import get_task
 from pipeline.training import TrainConfig, check_checkpoints, train
-from tests.conftest import run_env, tool
+from tests.conftest import ROOT, run_env, tool
 
 TINY = {
     "max_epochs": 3,
@@ -103,6 +104,31 @@ def test_a_model_trained_with_auto_records_what_it_stood_for(tmp_path):
     posterior, document = load_posterior(tmp_path / "model")
     assert document["spec"]["flow"] == "maf" and document["spec"]["embedding"] == "identity"
     assert isinstance(posterior.members[0].embedding, Flatten)  # x itself
+
+
+def test_the_shipped_linear_conditioner_recovers_the_gaussian_linear_posterior(tmp_path):
+    # config.yaml's gaussian_linear block: one MAF transform with no hidden layer, the exact
+    # family of its posterior N(x / 2, 0.05 I).
+    block = yaml.safe_load((ROOT / "config/config.yaml").read_text())["task_train"]
+    options = {**block["gaussian_linear"], "ensemble": 1, "max_epochs": 60, "patience": 60}
+    # A larger step annealed to zero converges within the 60 epochs.
+    options |= {"learning_rate": 0.01, "batch_size": 128, "lr_schedule": "cosine"}
+    assert options["flow_hidden"] == []
+    data = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("gaussian_linear", 4000, 1, 1000)
+    simulation.run(plan, get_task("gaussian_linear"), data, SerialComm(), overwrite=False)
+    train(data, tmp_path / "model", TrainConfig.from_dict(options))
+    posterior, document = load_posterior(tmp_path / "model")
+    assert document["spec"]["flow_hidden"] == []
+    linear = [m for m in posterior.members[0].flow.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 1  # the conditioner is one (masked) linear map
+    x = torch.full((1, 10), 0.6)
+    with torch.no_grad():
+        theta = posterior.sample_and_log_prob(x, 4000)[0][:, 0].numpy()
+    # The prior's mean is 0 and its sd 0.32: an estimator that ignored x would miss the mean by
+    # 0.3 and the sd by 41 %; training seeds 0-2 missed by at most 0.034 and 10 %.
+    np.testing.assert_allclose(theta.mean(axis=0), 0.3, atol=0.1)
+    np.testing.assert_allclose(theta.std(axis=0), np.sqrt(0.05), rtol=0.2)
 
 
 def test_ensemble_trains_distinct_members_and_round_trips(data, tmp_path):

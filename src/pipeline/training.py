@@ -65,7 +65,9 @@ class TrainConfig(Options):
     )
     transforms: int = option(3, minimum=1, help="flow transformations, for npe")
     flow_hidden: tuple[int, ...] = option(
-        (64, 64), minimum=1, help="hidden widths of the flow (npe) or vector field (fmpe)"
+        (64, 64),
+        minimum=1,
+        help="hidden widths of the flow (npe) or vector field (fmpe); []: linear",
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"
