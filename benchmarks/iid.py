@@ -36,7 +36,14 @@ from pipeline.training import TrainConfig, train
 RESULTS = Path(__file__).resolve().parent / "results" / "iid.json"
 NUM_SAMPLES = 10**4
 # gaussian_linear's block of config/experiments/nle.yaml.
-OPTIONS = {"method": "nle", "flow": "maf", "transforms": 1, "ensemble": 5, "weight_decay": 0.05}
+OPTIONS = {
+    "method": "nle",
+    "flow": "maf",
+    "transforms": 1,
+    "flow_hidden": [],
+    "ensemble": 5,
+    "weight_decay": 0.05,
+}
 
 
 def exact_posterior(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
