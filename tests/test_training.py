@@ -106,6 +106,7 @@ def test_a_model_trained_with_auto_records_what_it_stood_for(tmp_path):
     assert isinstance(posterior.members[0].embedding, Flatten)  # x itself
 
 
+@pytest.mark.slow
 def test_the_shipped_linear_conditioner_recovers_the_gaussian_linear_posterior(tmp_path):
     # config.yaml's gaussian_linear block: one MAF transform with no hidden layer, the exact
     # family of its posterior N(x / 2, 0.05 I).
