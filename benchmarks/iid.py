@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pipeline import simulation
 from pipeline.diagnostics import c2st_batched
@@ -35,15 +36,9 @@ from pipeline.training import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "iid.json"
 NUM_SAMPLES = 10**4
-# gaussian_linear's block of config/experiments/nle.yaml.
-OPTIONS = {
-    "method": "nle",
-    "flow": "maf",
-    "transforms": 1,
-    "flow_hidden": [],
-    "ensemble": 5,
-    "weight_decay": 0.05,
-}
+# gaussian_linear's block of config/experiments/nle.yaml, read so the two cannot drift apart.
+NLE_EXPERIMENT = Path(__file__).resolve().parents[1] / "config/experiments/nle.yaml"
+OPTIONS = yaml.safe_load(NLE_EXPERIMENT.read_text())["task_train"]["gaussian_linear"]
 
 
 def exact_posterior(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
