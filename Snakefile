@@ -2,6 +2,8 @@
 # The library and its CLI live in src/pipeline; rules only wire files together.
 import copy
 
+import yaml
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -10,9 +12,19 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# A task's training block in a --configfile (an experiment) or --config replaces config.yaml's
+# block of that task rather than merging into it: a block's options are chosen together, and
+# config.yaml's (npe's embedding) may not even apply to the experiment's method.
+task_overrides = copy.deepcopy(config.get("task_train", {}))
+for layer in [
+    *(yaml.safe_load(path.read_text()) for path in workflow.config_settings.configfiles),
+    workflow.config_settings.config,
+]:
+    blocks = (layer or {}).get("task_train")
+    if isinstance(blocks, dict):
+        task_overrides.update(copy.deepcopy(blocks))
 # Validation fills in the schema's defaults. Per-task training overrides must stay exactly what
 # was written, or their filled-in defaults would mask every option of `train`.
-task_overrides = copy.deepcopy(config.get("task_train", {}))
 validate(config, "workflow/schemas/config.schema.yaml")
 config["task_train"] = task_overrides
 

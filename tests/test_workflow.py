@@ -346,6 +346,23 @@ def test_experiment_train_options_reach_tasks_unless_overridden_per_task(workdir
     assert options["gaussian_linear"]["max_epochs"] == 1000
 
 
+def test_an_experiments_task_block_replaces_config_yamls_block_of_that_task(workdir):
+    # config.yaml's sn_cosmology block (ensemble 3, embedding_dim 16) is npe's: merged into an
+    # nle block, its embedding made train refuse the options.
+    config = write_config(workdir, task_train={"sn_cosmology": {"method": "nle", "flow": "maf"}})
+    result = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    options = dict(
+        re.findall(
+            r"pipeline train --data results/tiny/(\w+)/sims/train.h5 .*?--options '([^']*)'",
+            result.stdout,
+        )
+    )
+    sn = json.loads(options["sn_cosmology"])
+    assert (sn["method"], sn["flow"], sn["ensemble"], sn["embedding_dim"]) == ("nle", "maf", 1, 8)
+    # A task the experiment has no block for keeps config.yaml's.
+    assert json.loads(options["two_moons"])["max_epochs"] == 300
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
