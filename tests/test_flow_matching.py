@@ -40,6 +40,22 @@ def test_the_vector_field_broadcasts_times_parameters_and_context():
     assert field(torch.rand(4), z[0], c).shape == (4, 2)
 
 
+def test_the_field_in_chunks_is_the_field_in_one_batch(monkeypatch):
+    from pipeline.models import flow_matching
+
+    field = VectorField(features=2, context=5, hidden_features=(16, 16))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        field.output.weight.normal_(generator=generator)  # zero at start: every output would match
+    z, c, t = torch.randn(10, 4, 2), torch.randn(4, 5), torch.rand(10, 4)
+    whole = field(t, z, c)
+    monkeypatch.setattr(flow_matching, "CPU_CHUNK", 7)  # 40 rows: 6 chunks, the last short
+    torch.testing.assert_close(field(t, z, c), whole)
+    torch.testing.assert_close(
+        field(torch.tensor(0.3), z, c), field(torch.full((10, 4), 0.3), z, c)
+    )
+
+
 def test_the_loss_depends_on_its_generator_alone():
     flow = FlowMatching(2, 5, (16,))
     z, c = torch.randn(10, 2), torch.randn(10, 5)
@@ -73,6 +89,40 @@ def test_sampled_log_densities_are_the_densities_of_the_samples(posterior):
     assert theta.shape == (50, 3, 2) and log_q.shape == (50, 3)
     # Both are ODE solves, from opposite ends: equal within the solver's tolerance.
     np.testing.assert_allclose(log_q.numpy(), again.numpy(), atol=2e-2)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_draws_without_densities_are_the_draws_with_them(members):
+    """``densities=False`` skips only the ODE's trace: the same seed gives the same draws (an
+    ensemble's draws take the same path; one member's differ by the solver's tolerance, whose
+    steps the trace changes), their log_prob is NaN, and they stay inside the box."""
+    from pipeline.sampling import sample_posterior
+
+    spec = PosteriorSpec(**{**SPEC.__dict__, "ensemble": members})
+    torch.manual_seed(0)
+    posterior = NeuralPosterior(spec).eval()
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    low, high = -np.ones(2), np.ones(2)
+
+    def draw(densities: bool):
+        torch.manual_seed(1)
+        return sample_posterior(posterior, x, 200, low=low, high=high, densities=densities)
+
+    with_densities, without = draw(True), draw(False)
+    assert np.isfinite(with_densities.log_prob).all() and np.isnan(without.log_prob).all()
+    assert ((without.samples >= low) & (without.samples <= high)).all()
+    np.testing.assert_allclose(without.samples, with_densities.samples, atol=1e-3)
+
+
+def test_an_nle_posterior_is_never_drawn_without_densities():
+    from pipeline.sampling import sample_posterior
+
+    torch.manual_seed(0)
+    box = {"kind": "BoxUniform", "low": [-1.0, -1.0], "high": [1.0, 1.0]}
+    spec = {**SPEC.__dict__, "method": "nle", "flow": "maf", "extra": {"prior": box}}
+    posterior = NeuralPosterior(PosteriorSpec(**spec))
+    with pytest.raises(ValueError, match="MCMC evaluates its density at every step"):
+        sample_posterior(posterior, np.zeros((1, 3)), 10, densities=False)
 
 
 def test_an_fmpe_ensemble_saves_and_loads_with_weights_only(tmp_path):

@@ -28,6 +28,10 @@ __all__ = ["FlowMatching", "VectorField"]
 
 # Noise added at t = 0, so that the field stays smooth where the data are (Wildberger et al.).
 ETA = 1e-3
+# Rows per evaluation of the field on CPU: past a few thousand rows the activations fall out of
+# cache, and an ODE solve of 10^5 draws in one batch took 4.5 times as long as in chunks of 4096
+# (benchmarks/README.md, FMPE). A GPU takes the whole batch.
+CPU_CHUNK = 4096
 
 
 class VectorField(nn.Module):
@@ -60,8 +64,18 @@ class VectorField(nn.Module):
         angle = self.frequencies * t[..., None]
         time = self.time(torch.cat((angle.cos(), angle.sin()), dim=-1))
         shape = torch.broadcast_shapes(z.shape[:-1], c.shape[:-1], time.shape[:-1])
-        z, c = z.expand(*shape, z.shape[-1]), c.expand(*shape, c.shape[-1])
-        h = F.gelu(self.input(torch.cat((z, c), dim=-1)))
+        inputs = torch.cat((z.expand(*shape, z.shape[-1]), c.expand(*shape, c.shape[-1])), dim=-1)
+        time = time.expand(*shape, time.shape[-1])
+        if inputs.device.type != "cpu" or inputs[..., 0].numel() <= CPU_CHUNK:
+            return self._field(inputs, time)
+        rows = inputs.reshape(-1, inputs.shape[-1]).split(CPU_CHUNK)
+        times = time.reshape(-1, time.shape[-1]).split(CPU_CHUNK)
+        out = torch.cat([self._field(r, e) for r, e in zip(rows, times, strict=True)])
+        return out.reshape(*shape, out.shape[-1])
+
+    def _field(self, inputs: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """The network on ``[z, c]`` (..., D + C) and the time's features (..., width)."""
+        h = F.gelu(self.input(inputs))
         for block, norm in zip(self.blocks, self.norms, strict=True):
             h = norm(h + F.gelu(block(h)) + time)
         return self.output(h)

@@ -247,20 +247,37 @@ class NeuralPosterior(nn.Module):
             )
             theta, log_q = z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
             return (theta, log_q) if torch.is_grad_enabled() else (theta.detach(), log_q.detach())
+        theta = self.sample(x, num_samples)
+        return theta, self.log_prob(theta, x)
+
+    def sample(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Draws ``num_samples`` per observation without their densities: ``x`` (N, *x_shape)
+        -> (M, N, D). For FMPE a density costs an ODE solve with the field's trace per member,
+        several times the draw itself.
+
+        Raises:
+            TypeError: For NLE (see :meth:`sample_and_log_prob`).
+        """
+        if self.is_likelihood:
+            raise TypeError(
+                "an NLE posterior is sampled by MCMC: use pipeline.sampling.sample_posterior"
+            )
         # Each draw comes from a member chosen uniformly; a member draws only its own share (not
         # M per observation, then discarded: that made sampling K times dearer), each draw
         # conditioned on its observation's embedding, computed once per observation.
         x_standard = (x - self.x_mean) / self.x_std
-        choice = torch.randint(len(self.members), (num_samples, len(x)), device=x.device)
-        z = torch.empty(num_samples, len(x), len(self.spec.parameter_names), device=x.device)
-        for k, member in enumerate(self.members):
-            draw, observation = torch.nonzero(choice == k, as_tuple=True)
-            if len(draw):
-                context = member.embedding(x_standard)[observation]  # (draws of k, C)
-                z[draw, observation] = member.flow(context).rsample()
+        if len(self.members) == 1:
+            z = self.members[0](x_standard).rsample((num_samples,))
+        else:
+            choice = torch.randint(len(self.members), (num_samples, len(x)), device=x.device)
+            z = torch.empty(num_samples, len(x), len(self.spec.parameter_names), device=x.device)
+            for k, member in enumerate(self.members):
+                draw, observation = torch.nonzero(choice == k, as_tuple=True)
+                if len(draw):
+                    context = member.embedding(x_standard)[observation]  # (draws of k, C)
+                    z[draw, observation] = member.flow(context).rsample()
         theta = z * self.theta_std + self.theta_mean
-        theta = theta if torch.is_grad_enabled() else theta.detach()
-        return theta, self.log_prob(theta, x)
+        return theta if torch.is_grad_enabled() else theta.detach()
 
 
 def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
