@@ -41,7 +41,18 @@ CONFIG = {
     "tasks": ["two_moons"],
     "simulate": {"num_simulations": 4000, "num_test_simulations": 100, "chunk_size": 2000},
     "observations": {"num_observations": 1, "num_reference_samples": 100},
-    "task_train": {"two_moons": {"max_epochs": 60, "patience": 60, "ensemble": 1}},
+    # config.yaml's two_moons block (an experiment's block replaces it), shorter, one flow.
+    "task_train": {
+        "two_moons": {
+            "batch_size": 1024,
+            "learning_rate": 0.003,
+            "flow_hidden": [128, 128],
+            "lr_schedule": "cosine",
+            "max_epochs": 60,
+            "patience": 60,
+            "ensemble": 1,
+        }
+    },
     "search": {
         "tasks": ["two_moons"],
         "trials": TRIALS,

@@ -37,7 +37,18 @@ EPOCHS = 200
 EXPERIMENT = {
     "tasks": ["two_moons"],
     "simulate": {"num_simulations": 5000, "chunk_size": 1250},
-    "task_train": {"two_moons": {"max_epochs": EPOCHS, "patience": EPOCHS, "transforms": 3}},
+    # config.yaml's two_moons block (an experiment's block replaces it) with 3 transforms.
+    "task_train": {
+        "two_moons": {
+            "batch_size": 1024,
+            "learning_rate": 0.003,
+            "flow_hidden": [128, 128],
+            "lr_schedule": "cosine",
+            "max_epochs": EPOCHS,
+            "patience": EPOCHS,
+            "transforms": 3,
+        }
+    },
 }
 
 
