@@ -44,10 +44,7 @@ CONFIG = {
     # config.yaml's two_moons block (an experiment's block replaces it), shorter, one flow.
     "task_train": {
         "two_moons": {
-            "batch_size": 1024,
-            "learning_rate": 0.003,
-            "flow_hidden": [128, 128],
-            "lr_schedule": "cosine",
+            **yaml.safe_load((ROOT / "config/config.yaml").read_text())["task_train"]["two_moons"],
             "max_epochs": 60,
             "patience": 60,
             "ensemble": 1,

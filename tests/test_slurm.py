@@ -33,6 +33,7 @@ from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
+ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 200
 EXPERIMENT = {
     "tasks": ["two_moons"],
@@ -40,10 +41,7 @@ EXPERIMENT = {
     # config.yaml's two_moons block (an experiment's block replaces it) with 3 transforms.
     "task_train": {
         "two_moons": {
-            "batch_size": 1024,
-            "learning_rate": 0.003,
-            "flow_hidden": [128, 128],
-            "lr_schedule": "cosine",
+            **yaml.safe_load((ROOT / "config/config.yaml").read_text())["task_train"]["two_moons"],
             "max_epochs": EPOCHS,
             "patience": EPOCHS,
             "transforms": 3,
