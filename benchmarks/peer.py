@@ -90,8 +90,9 @@ def project_config(task: str, seed: int, method: str = "npe") -> TrainConfig:
     ``config/experiments/nle.yaml`` where it has one."""
     config = pipeline_settings()
     if method != "npe":
-        blocks = yaml.safe_load(NLE_EXPERIMENT.read_text())["task_train"]
-        options = {**METHOD_OPTIONS[method], **(blocks.get(task, {}) if method == "nle" else {})}
+        options = dict(METHOD_OPTIONS[method])
+        if method == "nle":
+            options |= yaml.safe_load(NLE_EXPERIMENT.read_text())["task_train"].get(task, {})
         return TrainConfig.from_dict({**config.get("train", {}), **options, "seed": seed})
     options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
     return TrainConfig.from_dict({**options, "seed": seed})

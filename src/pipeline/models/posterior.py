@@ -262,13 +262,13 @@ class NeuralPosterior(nn.Module):
             raise TypeError(
                 "an NLE posterior is sampled by MCMC: use pipeline.sampling.sample_posterior"
             )
-        # Each draw comes from a member chosen uniformly; a member draws only its own share (not
-        # M per observation, then discarded: that made sampling K times dearer), each draw
-        # conditioned on its observation's embedding, computed once per observation.
         x_standard = (x - self.x_mean) / self.x_std
         if len(self.members) == 1:
             z = self.members[0](x_standard).rsample((num_samples,))
         else:
+            # Each draw comes from a member chosen uniformly; a member draws only its own share
+            # (not M per observation, then discarded: that made sampling K times dearer), each
+            # draw conditioned on its observation's embedding, computed once per observation.
             choice = torch.randint(len(self.members), (num_samples, len(x)), device=x.device)
             z = torch.empty(num_samples, len(x), len(self.spec.parameter_names), device=x.device)
             for k, member in enumerate(self.members):
