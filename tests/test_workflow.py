@@ -346,11 +346,17 @@ def test_experiment_train_options_reach_tasks_unless_overridden_per_task(workdir
     assert options["gaussian_linear"]["max_epochs"] == 1000
 
 
-def test_an_experiments_task_block_replaces_config_yamls_block_of_that_task(workdir):
+@pytest.mark.parametrize("given_as", ["configfile", "config"])
+def test_an_experiments_task_block_replaces_config_yamls_block_of_that_task(workdir, given_as):
     # config.yaml's sn_cosmology block (ensemble 3, embedding_dim 16) is npe's: merged into an
     # nle block, its embedding made train refuse the options.
-    config = write_config(workdir, task_train={"sn_cosmology": {"method": "nle", "flow": "maf"}})
-    result = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    block = {"sn_cosmology": {"method": "nle", "flow": "maf"}}
+    if given_as == "configfile":
+        args = ("--configfile", str(write_config(workdir, task_train=block)))
+    else:
+        tiny = write_config(workdir)
+        args = ("--configfile", str(tiny), "--config", f"task_train={json.dumps(block)}")
+    result = snakemake(workdir, "-n", "-p", *args)
     options = dict(
         re.findall(
             r"pipeline train --data results/tiny/(\w+)/sims/train.h5 .*?--options '([^']*)'",
