@@ -10,20 +10,22 @@ inference as a DAG), at the five reference observations of a task.
 
 ``run``: for each task and observation ``k``, the pipeline with the rounds of
 ``config/experiments/rounds.yaml`` (4 x 2500 simulations) aimed at observation ``k``, as the
-experiment ``rounds_<task>_obs<k>`` (``snakemake --cores CORES``). ``peer``: ``sbi``'s
-truncated sequential NPE on the same task, observation and rounds: ``NPE`` at its defaults,
-each round's proposal the ``RestrictedPrior`` of ``get_density_thresholder`` at the same
-quantile, the same simulator, 10^4 samples at the observation, scored by the validate stage's
-C2ST (5 folds, seed 5) against the pipeline run's reference. ``nesting``: where the last
-region's test simulations lie against each earlier round's own region, and HPD coverage inside
-all of them against the rest (printed). ``table``: per observation the C2ST of every round, the
-final posterior's C2ST and coverage (TARP and HPD on test simulations from the last region),
-wall time, ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^3, 10^4 and
-10^5 simulations from ``results/peer.json``; written to ``benchmarks/results/rounds.json``.
-``curve``: from that file, per task the mean C2ST after each round against simulations used,
-amortized NPE's at 10^3, 10^4 and 10^5 on the same observations (and the simulations it needs
-to reach the rounds' final C2ST), ``sbi``'s TSNPE beside ours on its observations:
-``benchmarks/results/rounds_curve.json`` and ``rounds_curve.png``.
+experiment ``rounds_<task>_obs<k>`` (``snakemake --cores CORES``); with ``--method nle``,
+sequential NLE: every round trains the task's block of ``config/experiments/nle.yaml`` (experiment
+``rounds_<task>_obs<k>_nle``; ``table --method nle`` stores it as ``ours_nle``). ``peer``:
+``sbi``'s truncated sequential NPE on the same task, observation and rounds: ``NPE`` at its
+defaults, each round's proposal the ``RestrictedPrior`` of ``get_density_thresholder`` at the same
+quantile, the same simulator, 10^4 samples at the observation, scored by the validate stage's C2ST
+(5 folds, seed 5) against the pipeline run's reference. ``nesting``: where the last region's test
+simulations lie against each earlier round's own region, and HPD coverage inside all of them
+against the rest (printed). ``table``: per observation the C2ST of every round, the final
+posterior's C2ST and coverage (TARP and HPD on test simulations from the last region), wall time,
+``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^3, 10^4 and 10^5 simulations
+from ``results/peer.json``; written to ``benchmarks/results/rounds.json``. ``curve``: from that
+file, per task the mean C2ST after each round against simulations used, amortized NPE's at 10^3,
+10^4 and 10^5 on the same observations (and the simulations it needs to reach the rounds' final
+C2ST), ``sbi``'s TSNPE beside ours on its observations: ``benchmarks/results/rounds_curve.json``
+and ``rounds_curve.png``.
 """
 
 from __future__ import annotations
@@ -45,24 +47,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NUM_SAMPLES = 10**4
 
 
-def experiment(task: str, observation: int) -> str:
-    return f"rounds_{task}_obs{observation}"
+def experiment(task: str, observation: int, method: str = "npe") -> str:
+    return f"rounds_{task}_obs{observation}" + ("" if method == "npe" else f"_{method}")
+
+
+def nle_block(task: str) -> dict[str, Any]:
+    """The task's training options of ``config/experiments/nle.yaml``."""
+    experiment = yaml.safe_load((ROOT / "config/experiments/nle.yaml").read_text())
+    return experiment["task_train"][task]
 
 
 def rounds_settings() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config/experiments/rounds.yaml").read_text())["rounds"]
 
 
-def run(task: str, observation: int, results: Path, cores: int) -> None:
-    """The pipeline's rounds for ``task`` at ``observation``, as their own experiment."""
+def run(task: str, observation: int, results: Path, cores: int, method: str) -> None:
+    """The pipeline's rounds for ``task`` at ``observation``, as their own experiment; with
+    ``method`` nle, every round trains the task's block of ``config/experiments/nle.yaml``."""
     rounds = {**rounds_settings(), "tasks": [task], "observation": observation}
     config = {
-        "experiment": experiment(task, observation),
+        "experiment": experiment(task, observation, method),
         "results": str(results),
         "tasks": [task],
         "rounds": rounds,
     }
-    path = results / f"{experiment(task, observation)}.yaml"
+    if method == "nle":
+        config["task_train"] = {task: nle_block(task)}
+    path = results / f"{experiment(task, observation, method)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path)]
@@ -71,9 +82,9 @@ def run(task: str, observation: int, results: Path, cores: int) -> None:
     print(f"{task} observation {observation}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def collect(task: str, observation: int, results: Path) -> dict[str, Any]:
+def collect(task: str, observation: int, results: Path, method: str) -> dict[str, Any]:
     """What the pipeline's rounds at ``observation`` reached, from their files."""
-    folder = results / experiment(task, observation)
+    folder = results / experiment(task, observation, method)
     rounds = sorted((folder / task / "rounds").glob("round-*/truncation.json"))
     truncations = [json.loads(path.read_text()) for path in rounds]
     metrics = json.loads((folder / task / "validation/metrics.json").read_text())
@@ -271,6 +282,7 @@ def main() -> None:
     parser.add_argument("--observations", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--method", choices=("npe", "nle"), default="npe")
     args = parser.parse_args()
     output = RESULTS / "rounds.json"
     saved = json.loads(output.read_text()) if output.exists() else {}
@@ -284,15 +296,18 @@ def main() -> None:
         for k in args.observations:
             key = f"{task}/{k}"
             if args.action == "run":
-                run(task, k, args.results.resolve(), args.cores)
+                run(task, k, args.results.resolve(), args.cores, args.method)
             elif args.action == "nesting":
                 found = nesting(task, k, args.results.resolve())
                 print(key, json.dumps(found), flush=True)
                 continue
             elif args.action == "peer":
                 saved.setdefault(key, {})["sbi"] = peer(task, k, args.results.resolve())
+            elif args.method == "nle":
+                found = collect(task, k, args.results.resolve(), "nle")
+                saved.setdefault(key, {})["ours_nle"] = found
             else:
-                found = collect(task, k, args.results.resolve())
+                found = collect(task, k, args.results.resolve(), "npe")
                 saved[key] = {**saved.get(key, {}), "ours": found, "amortized": amortized(task, k)}
             output.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
     if args.action == "table":

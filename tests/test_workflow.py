@@ -150,13 +150,6 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             r"rounds: quantile 0.0001 of 1000 draws rests on fewer than 10 draws",
         ),
         ({"rounds": {"tasks": ["two_moons"], "simulations": []}}, r"\[\] should be non-empty"),
-        (
-            {
-                "rounds": {"tasks": ["two_moons"]},
-                "task_train": {"two_moons": {"method": "nle"}},
-            },
-            r"rounds.tasks names two_moons, trained with method nle",
-        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):
@@ -516,6 +509,34 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     plan = snakemake(workdir, "-n", "--configfile", str(more))
     assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr
     assert planned_jobs(plan)["round_train"] == 1
+
+
+def test_rounds_of_an_nle_posterior_sample_the_last_region_by_mcmc(workdir):
+    """With method nle the rounds run through the DAG: each region is cut from the likelihood's
+    posterior, and the test simulations' chains stay in the last region, so none is left out
+    for lack of mass in it."""
+    from pipeline.rounds.region import load_region
+    from pipeline.sampling import read_samples
+    from pipeline.tasks import get_task
+
+    tiny = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
+    train = {k: v for k, v in tiny["train"].items() if not k.startswith("embedding")}
+    config = write_config(
+        workdir, tasks=["two_moons"], rounds=ROUNDS, train=train | {"method": "nle"}
+    )
+    snakemake(workdir, "--configfile", str(config))
+    task = workdir / "results/tiny/two_moons"
+    test = read_samples(task / "samples/test.h5")
+    assert test["attrs"]["method"] == "nle"
+    assert test["attrs"]["num_outside_region_excluded"] == 0
+    models = [task / f"rounds/round-{k}/model" for k in range(2)]
+    prior = get_task("two_moons").prior
+    region = load_region(task / "rounds/round-1/truncation.json", models, prior)
+    assert region.accepts(test["theta"]).all()
+    assert region.accepts(test["samples"].reshape(-1, 2)).all()
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    left_out = metrics["mcmc"]["num_unconverged_excluded"]
+    assert metrics["num_test"] + left_out == 60 and len(test["theta"]) == metrics["num_test"]
 
 
 def ran_rounds(result: subprocess.CompletedProcess) -> list[str]:

@@ -24,6 +24,7 @@ from pipeline.options import SampleOptions
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.resources import require_room
+from pipeline.tasks.base import Prior
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,14 @@ def sample_posterior(
             for FMPE is several times faster; NPE and FMPE only.
     """
     if posterior.is_likelihood:
-        if region is not None:
-            raise ValueError("an NLE posterior cannot be restricted to a round's region yet")
         if not densities:
             raise ValueError("an NLE posterior's MCMC evaluates its density at every step")
+        if iid and region is not None:
+            raise ValueError("independent observations (iid) cannot be restricted to a region")
         settings = mcmc or EnsembleSettings()
-        return sample_likelihood_posterior(posterior, x, num_samples, settings, iid=iid)
+        return sample_likelihood_posterior(
+            posterior, x, num_samples, settings, iid=iid, region=region
+        )
     if iid:
         raise ValueError(
             f"--iid combines independent observations into one posterior, which needs a "
@@ -172,6 +175,7 @@ def sample_likelihood_posterior(
     settings: EnsembleSettings,
     *,
     iid: bool = False,
+    region: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> PosteriorSamples:
     """``num_samples`` draws of ``q(x | theta) p(theta)`` per observation ``x`` (n, F) by the
     batched ensemble sampler, from the prior's draws; observations whose chains fail R-hat or
@@ -179,6 +183,11 @@ def sample_likelihood_posterior(
 
     With ``iid``, the ``n`` rows are independent observations of one ``theta``: one posterior,
     ``prod_i q(x_i | theta) p(theta)``, of shape ``(1, M, D)``.
+
+    With ``region`` (which rows of theta (k, D) lie in a round's truncated region), the target
+    is that posterior restricted to the region: it is zero outside, and the chains start from
+    prior draws inside it. Unlike a flow's draws, nothing is rejected afterwards, so no
+    observation is left out for lack of mass in the region.
     """
     if iid:
         return _sample_iid(posterior, x, num_samples, settings)
@@ -186,6 +195,7 @@ def sample_likelihood_posterior(
     prior = posterior.prior
     # The prior's draws come from NumPy: seed it from torch's generator, which the stage seeds.
     rng = np.random.default_rng(int(torch.randint(2**62, ())))
+    inside = None if region is None else _region_draws(prior, region, settings.candidates, rng)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     mcmc: dict[str, np.ndarray] = {}
@@ -197,17 +207,62 @@ def sample_likelihood_posterior(
 
         def target(theta: torch.Tensor, rows: torch.Tensor, batch: torch.Tensor = batch):
             # (n', W, D) walkers -> the posterior's (W, n', D) layout and back.
-            return posterior.log_prob(theta.transpose(0, 1), batch[rows]).transpose(0, 1)
+            log_q = posterior.log_prob(theta.transpose(0, 1), batch[rows]).transpose(0, 1)
+            return log_q if region is None else _restricted(log_q, theta, region)
 
-        candidates = prior.sample((stop - start) * settings.candidates, rng)
-        candidates = torch.as_tensor(candidates, dtype=torch.float32)
-        candidates = candidates.reshape(stop - start, settings.candidates, dim)
+        if inside is None:
+            candidates = prior.sample((stop - start) * settings.candidates, rng)
+            candidates = torch.as_tensor(candidates, dtype=torch.float32)
+            candidates = candidates.reshape(stop - start, settings.candidates, dim)
+        else:
+            # One set of draws in the region serves every observation: each picks its own
+            # walkers among them by its own density.
+            candidates = inside.expand(stop - start, -1, -1)
         result = sample_ensemble(target, candidates, num_samples, settings)
         samples[start:stop], log_prob[start:stop] = result.samples, result.log_prob
         for name, values in result.diagnostics.items():
             mcmc.setdefault(name, np.empty(n, dtype=values.dtype))[start:stop] = values
         progress.update(stop - start)
     return _flagged(samples, log_prob, mcmc)
+
+
+def _region_draws(
+    prior: Prior,
+    region: Callable[[np.ndarray], np.ndarray],
+    count: int,
+    rng: np.random.Generator,
+    batch: int = 2**16,
+) -> torch.Tensor:
+    """``count`` prior draws inside ``region`` by rejection, shape ``(1, count, D)``.
+
+    Raises:
+        SamplingError: If fewer than :data:`REGION_MIN_ACCEPTANCE` of the prior's draws fall
+            in the region (after ``count / REGION_MIN_ACCEPTANCE`` draws).
+    """
+    kept, found, drawn = [], 0, 0
+    while found < count:
+        if drawn >= count / REGION_MIN_ACCEPTANCE:
+            raise SamplingError(
+                f"only {found} of {drawn} prior draws fell in the region, too few to start "
+                f"the chains from {count}; the region is smaller than the truncate stage "
+                "measured it (rerun truncate with these models)"
+            )
+        theta = prior.sample(batch, rng)
+        keep = theta[region(theta)]
+        kept.append(keep)
+        found, drawn = found + len(keep), drawn + batch
+    return torch.as_tensor(np.concatenate(kept)[:count], dtype=torch.float32)[None]
+
+
+def _restricted(
+    log_q: torch.Tensor, theta: torch.Tensor, region: Callable[[np.ndarray], np.ndarray]
+) -> torch.Tensor:
+    """``log_q`` (n, W) of walkers ``theta`` (n, W, D), -inf where they leave ``region``; the
+    region's posteriors are evaluated only where ``log_q`` is finite."""
+    finite = torch.isfinite(log_q)
+    inside = torch.zeros_like(finite)
+    inside[finite] = torch.as_tensor(region(theta[finite].numpy()))
+    return torch.where(inside, log_q, torch.full_like(log_q, -torch.inf))
 
 
 def _sample_iid(
@@ -469,11 +524,13 @@ def sample(
     if result.mcmc is not None:
         log_mcmc(result.mcmc, settings, observations, test_set=theta is not None and not iid)
     excluded = int((~result.sampled).sum())
+    # MCMC samples a region exactly, so its observations are left out only for their chains.
+    outside = excluded if spec.method != "nle" else 0
     if excluded:
         reason = (
             f"their posterior has under {REGION_MIN_ACCEPTANCE:.0e} of its mass in the region "
             f"of {truncation}"
-            if truncation is not None
+            if outside
             else "their MCMC chains did not converge"
         )
         if excluded == len(x):
@@ -492,7 +549,7 @@ def sample(
         "high": None if high is None else high.tolist(),
         "num_nonfinite_excluded": int((~finite).sum()),
         "truncation": restricted,
-        "num_outside_region_excluded": excluded if truncation is not None else None,
+        "num_outside_region_excluded": outside if truncation is not None else None,
         "method": spec.method,
         "mcmc": asdict(settings) if result.mcmc is not None else None,
         "num_unconverged_excluded": excluded if spec.method == "nle" else None,

@@ -303,16 +303,6 @@ def check_rounds():
             "rounds.tasks with simulate.budgets: a budget study trains amortized models on the "
             "prior's simulations, which rounded tasks do not make; run them as two experiments"
         )
-    likelihood = [
-        name for name in ROUNDED
-        if {**config["train"], **config["task_train"].get(name, {})}.get("method") == "nle"
-    ]
-    if likelihood:
-        raise ValueError(
-            f"rounds.tasks names {', '.join(likelihood)}, trained with method nle: rounds "
-            "restrict posterior samples to a truncated region, which NLE's MCMC does not do yet; "
-            "use npe for rounded tasks"
-        )
     synthetic = [name for name in ROUNDED if name in SYNTHETIC]
     count = config["observations"]["num_observations"]
     if synthetic and ROUNDS["observation"] >= count:
