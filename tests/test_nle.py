@@ -66,6 +66,17 @@ def test_the_ensemble_sampler_draws_every_observations_own_target():
     np.testing.assert_allclose(result.log_prob, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_the_ensemble_sampler_logs_its_steps_with_rate_and_eta(caplog):
+    torch.manual_seed(0)
+    settings = EnsembleSettings(burn_in=20, thin=2, candidates=64)
+    with caplog.at_level("INFO", logger="pipeline.ensemble"):
+        sample_ensemble(
+            gaussians(torch.zeros(1, 2), torch.ones(1)), torch.randn(1, 64, 2), 64, settings
+        )
+    # 20 burn-in steps, then 10 draws per walker (the floor) of 2 steps each.
+    assert "40/40 MCMC steps (100%)" in caplog.text and "ETA" in caplog.text
+
+
 def test_chains_that_cannot_converge_are_flagged_not_called_converged():
     torch.manual_seed(0)
     mean, scale = torch.zeros(1, 4), torch.tensor([0.01])

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.mcmc import batched_diagnostics
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,13 @@ def sample_ensemble(
     walkers = initial_walkers(log_prob, candidates, w)
     current = log_prob(walkers, rows)
     clock = 0  # steps taken, for the jumps every JUMP_EVERY
+    draws = max(math.ceil(num_samples / w), MIN_DRAWS_PER_WALKER)
+    # A truncate stage's 10^5 draws at one observation are minutes of steps: log them.
+    progress = Progress(settings.burn_in + draws * settings.thin, "MCMC steps", log)
     for _ in range(settings.burn_in):
         clock += 1
         walkers, current, _ = de_step(log_prob, walkers, current, rows, clock % JUMP_EVERY == 0)
-    draws = max(math.ceil(num_samples / w), MIN_DRAWS_PER_WALKER)
+        progress.update(1)
     enough_ess = settings.min_ess_fraction * w * draws
     thin = np.full(n, settings.thin)
     pool = np.empty((n, w, draws, dim), dtype=np.float32)
@@ -213,6 +217,8 @@ def sample_ensemble(
     todo = np.arange(n)  # observations still running
     for extension in range(settings.max_extensions + 1):
         steps = int(thin[todo[0]])  # every observation still running has the same thinning
+        if extension:
+            progress = Progress(draws * steps, f"MCMC steps of extension {extension}", log)
         index = torch.as_tensor(todo)  # torch indexes tensors with tensors
         accepted = torch.zeros(len(todo))
         part_walkers, part_current = walkers[index], current[index]
@@ -223,6 +229,7 @@ def sample_ensemble(
                     log_prob, part_walkers, part_current, index, clock % JUMP_EVERY == 0
                 )
                 accepted += ok.float().mean(dim=1)
+                progress.update(1)
             pool[todo, :, draw] = part_walkers.numpy()
             pool_log_prob[todo, :, draw] = part_current.numpy()
         walkers[index], current[index] = part_walkers, part_current
