@@ -261,7 +261,8 @@ def _restricted(
     region's posteriors are evaluated only where ``log_q`` is finite."""
     finite = torch.isfinite(log_q)
     inside = torch.zeros_like(finite)
-    inside[finite] = torch.as_tensor(region(theta[finite].numpy()))
+    if finite.any():
+        inside[finite] = torch.as_tensor(region(theta[finite].numpy()))
     return torch.where(inside, log_q, torch.full_like(log_q, -torch.inf))
 
 
