@@ -18,7 +18,7 @@ from pipeline.models.posterior import (
     load_posterior,
     save_posterior,
 )
-from pipeline.sampling import SamplingError, sample_posterior
+from pipeline.sampling import sample_posterior
 from pipeline.tasks.base import prior_document, prior_from_document
 
 SETTINGS = EnsembleSettings()
@@ -214,22 +214,29 @@ def test_a_task_whose_x_is_not_a_vector_cannot_train_nle():
         _spec(TrainConfig(method="nle"), get_task("grf_cosmology"))
 
 
+class RightOfBox:
+    """The region a > 0.3 of the box (35 % of its mass), as a round's truncated prior."""
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        return theta[:, 0] > 0.3
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform((0.3, -1.0), (1.0, 1.0), size=(n, 2))
+
+
 def test_samples_of_nle_restricted_to_a_region_are_its_posterior_inside_the_region():
-    """MCMC on the posterior restricted to a round's region (here a > 0.3, 35 % of the box)
-    draws what the unrestricted posterior's draws inside the region are: nothing is rejected."""
+    """MCMC on the posterior restricted to a round's region draws what the unrestricted
+    posterior's draws inside the region are: nothing is rejected."""
     torch.manual_seed(0)
     posterior = NeuralPosterior(SPEC).eval()
     x = np.full((1, 3), 0.5, "f4")
-
-    def region(theta: np.ndarray) -> np.ndarray:
-        return theta[:, 0] > 0.3
-
+    region = RightOfBox()
     torch.manual_seed(1)
     inside = sample_posterior(posterior, x, 8000, region=region)
     torch.manual_seed(2)
     free = sample_posterior(posterior, x, 8000)
-    assert inside.sampled.all() and region(inside.samples.reshape(-1, 2)).all()
-    kept = free.samples[0][region(free.samples[0])]
+    assert inside.sampled.all() and region.accepts(inside.samples.reshape(-1, 2)).all()
+    kept = free.samples[0][region.accepts(free.samples[0])]
     # Chains keep an ESS of at least 10 % (800 draws; the restricted ones ~2800 in the region):
     # the means' standard errors are under 0.6 / sqrt(800) = 0.021 each, so their difference's
     # is under 0.03, and 0.1 is more than 3 of them.
@@ -237,12 +244,29 @@ def test_samples_of_nle_restricted_to_a_region_are_its_posterior_inside_the_regi
     np.testing.assert_allclose(inside.samples[0].std(0), kept.std(0), atol=0.1)
 
 
-def test_a_region_that_no_prior_draw_reaches_is_refused_for_nle():
+def test_a_region_that_no_prior_draw_reaches_stops_nle_naming_the_quantile():
+    """The chains start from the truncated prior's draws, so a region too small to draw them
+    from stops as the next round's simulations would, naming the option to change."""
+    from pipeline.rounds.records import Truncation, TruncationError
+    from pipeline.rounds.region import TruncatedPrior
+
     posterior = NeuralPosterior(SPEC).eval()
-    with pytest.raises(SamplingError, match="too few to start the chains"):
-        sample_posterior(
-            posterior, np.zeros((1, 3), "f4"), 10, region=lambda t: np.zeros(len(t), bool)
-        )
+    x_obs = np.zeros(3, "f4")
+    empty = Truncation(
+        task="test",
+        threshold=float("inf"),
+        quantile=1e-4,
+        prior_mass=0.01,
+        num_draws=10**5,
+        num_prior_draws=10**5,
+        min_prior_mass=1e-3,
+        model_digest="0" * 16,
+        observation={"file": "0" * 16, "index": 0, "selected_index": 0},
+        x_obs=x_obs.tolist(),
+    )
+    region = TruncatedPrior(prior_from_document(BOX), [posterior], x_obs, empty)
+    with pytest.raises(TruncationError, match=r"0 of \d+ prior draws .* rounds.quantile"):
+        sample_posterior(posterior, x_obs[None], 10, region=region)
 
 
 def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, monkeypatch):

@@ -9,9 +9,10 @@ inside the prior by construction and vouches for each observation's chains by R-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -24,7 +25,6 @@ from pipeline.options import SampleOptions
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.resources import require_room
-from pipeline.tasks.base import Prior
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ REGION_MIN_ACCEPTANCE = 1e-4
 
 class SamplingError(RuntimeError):
     """A posterior puts (almost) no mass inside the prior at some observation."""
+
+
+class Region(Protocol):
+    """A sequential round's truncated prior (:class:`pipeline.rounds.region.TruncatedPrior`):
+    the region a posterior trained on its simulations is valid in."""
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        """Which rows of ``theta`` (k, D) lie in the region: ``(k,)`` booleans."""
+        ...
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` draws of the prior restricted to the region, shape ``(n, D)``."""
+        ...
 
 
 @dataclass
@@ -119,7 +132,7 @@ def sample_posterior(
     *,
     low: np.ndarray | None = None,
     high: np.ndarray | None = None,
-    region: Callable[[np.ndarray], np.ndarray] | None = None,
+    region: Region | None = None,
     mcmc: EnsembleSettings | None = None,
     iid: bool = False,
     densities: bool = True,
@@ -133,8 +146,7 @@ def sample_posterior(
         x: Observations, shape ``(n, *x_shape)``.
         num_samples: Samples ``M`` per observation.
         low, high: Prior box, shape ``(D,)``; ``None`` for unbounded priors.
-        region: Which rows of ``theta`` (k, D) lie in the region the posterior is valid in,
-            ``(k,)`` booleans: a sequential round's truncated prior.
+        region: The region the posterior is valid in: a sequential round's truncated prior.
         mcmc: The ensemble sampler's settings (NLE only); default :class:`EnsembleSettings`.
         densities: With ``False``, draws without their densities (``log_prob`` is NaN), which
             for FMPE is several times faster; NPE and FMPE only.
@@ -175,7 +187,7 @@ def sample_likelihood_posterior(
     settings: EnsembleSettings,
     *,
     iid: bool = False,
-    region: Callable[[np.ndarray], np.ndarray] | None = None,
+    region: Region | None = None,
 ) -> PosteriorSamples:
     """``num_samples`` draws of ``q(x | theta) p(theta)`` per observation ``x`` (n, F) by the
     batched ensemble sampler, from the prior's draws; observations whose chains fail R-hat or
@@ -184,10 +196,14 @@ def sample_likelihood_posterior(
     With ``iid``, the ``n`` rows are independent observations of one ``theta``: one posterior,
     ``prod_i q(x_i | theta) p(theta)``, of shape ``(1, M, D)``.
 
-    With ``region`` (which rows of theta (k, D) lie in a round's truncated region), the target
-    is that posterior restricted to the region: it is zero outside, and the chains start from
-    prior draws inside it. Unlike a flow's draws, nothing is rejected afterwards, so no
-    observation is left out for lack of mass in the region.
+    With ``region`` (a round's truncated prior), the target is that posterior restricted to the
+    region: it is zero outside, and the chains start from the truncated prior's draws. Unlike
+    a flow's draws, nothing is rejected afterwards, so no observation is left out for lack of
+    mass in the region.
+
+    Raises:
+        TruncationError: If the region is too small to draw the chains' starting points from
+            by rejection (the truncated prior's own check).
     """
     if iid:
         return _sample_iid(posterior, x, num_samples, settings)
@@ -195,7 +211,10 @@ def sample_likelihood_posterior(
     prior = posterior.prior
     # The prior's draws come from NumPy: seed it from torch's generator, which the stage seeds.
     rng = np.random.default_rng(int(torch.randint(2**62, ())))
-    inside = None if region is None else _region_draws(prior, region, settings.candidates, rng)
+    inside = None
+    if region is not None:
+        draws = region.sample(settings.candidates, rng)
+        inside = torch.as_tensor(draws, dtype=torch.float32)[None]  # (1, candidates, D)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     mcmc: dict[str, np.ndarray] = {}
@@ -226,43 +245,13 @@ def sample_likelihood_posterior(
     return _flagged(samples, log_prob, mcmc)
 
 
-def _region_draws(
-    prior: Prior,
-    region: Callable[[np.ndarray], np.ndarray],
-    count: int,
-    rng: np.random.Generator,
-    batch: int = 2**16,
-) -> torch.Tensor:
-    """``count`` prior draws inside ``region`` by rejection, shape ``(1, count, D)``.
-
-    Raises:
-        SamplingError: If fewer than :data:`REGION_MIN_ACCEPTANCE` of the prior's draws fall
-            in the region (after ``count / REGION_MIN_ACCEPTANCE`` draws).
-    """
-    kept, found, drawn = [], 0, 0
-    while found < count:
-        if drawn >= count / REGION_MIN_ACCEPTANCE:
-            raise SamplingError(
-                f"only {found} of {drawn} prior draws fell in the region, too few to start "
-                f"the chains from {count}; the region is smaller than the truncate stage "
-                "measured it (rerun truncate with these models)"
-            )
-        theta = prior.sample(batch, rng)
-        keep = theta[region(theta)]
-        kept.append(keep)
-        found, drawn = found + len(keep), drawn + batch
-    return torch.as_tensor(np.concatenate(kept)[:count], dtype=torch.float32)[None]
-
-
-def _restricted(
-    log_q: torch.Tensor, theta: torch.Tensor, region: Callable[[np.ndarray], np.ndarray]
-) -> torch.Tensor:
+def _restricted(log_q: torch.Tensor, theta: torch.Tensor, region: Region) -> torch.Tensor:
     """``log_q`` (n, W) of walkers ``theta`` (n, W, D), -inf where they leave ``region``; the
     region's posteriors are evaluated only where ``log_q`` is finite."""
     finite = torch.isfinite(log_q)
     inside = torch.zeros_like(finite)
     if finite.any():
-        inside[finite] = torch.as_tensor(region(theta[finite].numpy()))
+        inside[finite] = torch.as_tensor(region.accepts(theta[finite].numpy()))
     return torch.where(inside, log_q, torch.full_like(log_q, -torch.inf))
 
 
@@ -298,7 +287,7 @@ def _sample_batch(
     num_samples: int,
     low: np.ndarray | None,
     high: np.ndarray | None,
-    region: Callable[[np.ndarray], np.ndarray] | None = None,
+    region: Region | None = None,
     densities: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Samples, log-densities (NaN without ``densities``) and which observations were sampled
@@ -326,7 +315,7 @@ def _sample_batch(
         if low is not None:
             inside &= np.all((theta >= low) & (theta <= high), axis=-1)
         if region is not None:
-            inside[inside] = region(theta[inside])
+            inside[inside] = region.accepts(theta[inside])
         part_samples, part_log_prob, part_filled = samples[short], log_prob[short], filled[short]
         _fill(part_samples, part_log_prob, part_filled, theta, lp, inside)
         samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -209,8 +209,8 @@ def region_of_model(
     posterior: NeuralPosterior,
     document: dict,
     within_models: Sequence[Path] = (),
-) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, object]]:
-    """The region of ``truncation_path`` as a test of rows of theta, for the posterior loaded
+) -> tuple[TruncatedPrior, dict[str, object]]:
+    """The region of ``truncation_path`` (its truncated prior), for the posterior loaded
     from ``model`` (which must be the one that defined it; ``document`` its JSON) inside the
     regions of ``within_models``, and what to record of it."""
     truncation = Truncation.read(truncation_path)
@@ -222,7 +222,7 @@ def region_of_model(
         "threshold": truncation.threshold,
         "levels": len(truncation.levels),
     }
-    return region.accepts, record
+    return region, record
 
 
 def _prior_of(task: str) -> Prior:
