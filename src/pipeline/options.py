@@ -292,6 +292,12 @@ class SampleOptions(Options):
     mcmc_extensions: int = option(
         4, minimum=0, help="times an unconverged NLE chain is extended (thinning doubled)"
     )
+    ode_tolerance: float = option(
+        1e-4,
+        exclusive_minimum=0,
+        maximum=0.1,
+        help="relative tolerance of an FMPE posterior's ODE solver (absolute: a tenth of it)",
+    )
 
     def check(self, source: str) -> None:
         if self.mcmc_walkers % 2:

@@ -456,6 +456,7 @@ def sample(
     out = Path(out)
     atomic.check_new(out, overwrite=overwrite)
     posterior, document = load_posterior(model)
+    posterior.set_ode_tolerance(options.ode_tolerance)
     spec = posterior.spec
     made_for = observation_task(observations)
     if made_for is not None and made_for != document["task"]:
@@ -542,6 +543,7 @@ def sample(
         "num_outside_region_excluded": outside if truncation is not None else None,
         "method": spec.method,
         "mcmc": asdict(settings) if result.mcmc is not None else None,
+        "ode_tolerance": options.ode_tolerance if spec.method == "fmpe" else None,
         "num_unconverged_excluded": excluded if spec.method == "nle" else None,
         "iid": len(x[0]) if iid else None,
         "observation_index": index.tolist(),

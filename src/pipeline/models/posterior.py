@@ -143,6 +143,14 @@ class NeuralPosterior(nn.Module):
                 raise ValueError("method nle needs the prior in spec.extra['prior']")
             self.prior = prior_from_document(spec.extra["prior"])
 
+    def set_ode_tolerance(self, tolerance: float) -> None:
+        """The relative tolerance of an FMPE posterior's ODE solver in sampling and densities
+        (its absolute tolerance a tenth of it); NPE and NLE have no ODE and are left as they
+        are."""
+        for member in self.members:
+            if isinstance(member.flow, FlowMatching):
+                member.flow.tolerance = tolerance
+
     @property
     def is_likelihood(self) -> bool:
         """Whether the members model ``q(x | theta)`` (NLE) rather than ``q(theta | x)``."""
