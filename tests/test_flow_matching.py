@@ -167,12 +167,15 @@ def test_an_nle_posterior_is_never_drawn_without_densities():
 
 
 def test_an_fmpe_ensemble_saves_and_loads_with_weights_only(tmp_path):
-    spec = PosteriorSpec(**{**SPEC.__dict__, "ensemble": 2})
+    """Also with a time embedding other than the default, which the spec must carry."""
+    spec = PosteriorSpec(**{**SPEC.__dict__, "ensemble": 2, "time_features": 4})
     torch.manual_seed(0)
     posterior = NeuralPosterior(spec)
     save_posterior(posterior, tmp_path, {"task": "test"})
-    assert json.loads((tmp_path / "posterior.json").read_text())["spec"]["method"] == "fmpe"
+    saved = json.loads((tmp_path / "posterior.json").read_text())["spec"]
+    assert saved["method"] == "fmpe" and saved["time_features"] == 4
     loaded, _ = load_posterior(tmp_path)
+    assert loaded.members[1].flow.field.time.in_features == 2 * 4
     theta, x = torch.randn(4, 2), torch.randn(4, 3)
     with torch.no_grad():
         torch.testing.assert_close(loaded.log_prob(theta, x), posterior.log_prob(theta, x))

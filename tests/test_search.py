@@ -106,6 +106,12 @@ def test_proposals_depend_on_seed_trial_and_history_only():
         ),
         ({"flow": {"choices": ["nsf", "maf"]}}, {"method": "fmpe"}, "flow cannot be searched"),
         (
+            {"method": {"choices": ["npe", "fmpe"]}, "time_features": {"low": 4, "high": 32}},
+            {},
+            "time_features cannot be searched where method may be npe",
+        ),
+        ({"time_features": {"low": 4, "high": 32}}, {}, "where method may be npe, which has none"),
+        (
             {"method": {"choices": ["npe", "fmpe"]}},
             {"flow": "maf"},
             "search.space.method: method fmpe has no flow",

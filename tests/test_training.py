@@ -330,6 +330,12 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"method": "fmpe", "flow": "maf"}, "method fmpe has no flow \\(options of npe's"),
         ({"method": "fmpe", "transforms": 5}, "method fmpe has no transforms"),
         ({"method": "fmpe", "compile": True}, "compile is not available with method fmpe"),
+        (
+            {"time_features": 8},
+            r"method npe has no time_features \(an option of fmpe's vector field\): leave them "
+            "at their defaults or set method: fmpe",
+        ),
+        ({"method": "nle", "time_features": 8}, "method nle has no time_features"),
     ],
 )
 def test_bad_training_options_are_refused(options, message):

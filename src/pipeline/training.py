@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 NPE_ONLY = ("flow", "transforms")
 # Options of the embedding of x, which NLE (a flow over x itself) has no use for.
 EMBEDDING_ONLY = ("embedding", "embedding_dim", "embedding_hidden")
+# Options of FMPE's vector field, which the flows of NPE and NLE have no use for.
+FMPE_ONLY = ("time_features",)
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -68,6 +70,9 @@ class TrainConfig(Options):
         (64, 64),
         minimum=1,
         help="hidden widths of the flow (npe) or vector field (fmpe); []: linear",
+    )
+    time_features: int = option(
+        16, minimum=1, help="fmpe: sinusoidal features of the time, 1 to 100 half-turns"
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"
@@ -102,23 +107,34 @@ class TrainConfig(Options):
                 f"{source}: precision {self.precision!r} needs a GPU (accelerator: gpu); "
                 "on CPU use 32-true"
             )
-        # Options the method has no use for, and why: set, they would silently do nothing.
+        # Options the method has no use for, why, and the method that has them: set, they would
+        # silently do nothing.
         unused = {
-            "nle": (EMBEDDING_ONLY, "nle's flow models x itself given theta, with no embedding"),
-            "fmpe": (
-                NPE_ONLY,
-                "options of npe's normalizing flows; fmpe's vector field takes "
-                "its widths from flow_hidden",
-            ),
+            "npe": [(FMPE_ONLY, "an option of fmpe's vector field", "fmpe")],
+            "nle": [
+                (
+                    EMBEDDING_ONLY,
+                    "nle's flow models x itself given theta, with no embedding",
+                    "npe",
+                ),
+                (FMPE_ONLY, "an option of fmpe's vector field", "fmpe"),
+            ],
+            "fmpe": [
+                (
+                    NPE_ONLY,
+                    "options of npe's normalizing flows; fmpe's vector field takes "
+                    "its widths from flow_hidden",
+                    "npe",
+                )
+            ],
         }
-        if self.method in unused:
-            names, why = unused[self.method]
-            defaults = {f.name: f.default for f in fields(self)}
+        defaults = {f.name: f.default for f in fields(self)}
+        for names, why, method in unused[self.method]:
             other = [name for name in names if getattr(self, name) != defaults[name]]
             if other:
                 raise OptionsError(
                     f"{source}: method {self.method} has no {' or '.join(other)} ({why}): "
-                    "leave them at their defaults or set method: npe"
+                    f"leave them at their defaults or set method: {method}"
                 )
         if self.method == "fmpe" and self.compile:
             raise OptionsError(

@@ -93,6 +93,7 @@ class FlowMatching(nn.Module):
         context: Width ``C`` of the embedding of ``x``.
         hidden_features: One residual block of the vector field per entry, all of the largest
             width.
+        time_features: Sinusoidal features of the time, at frequencies from 1 to 100 half-turns.
         tolerance: Relative tolerance of the ODE solver in sampling and densities (its absolute
             tolerance is a tenth of it); an attribute, so it can change after training.
     """
@@ -102,10 +103,11 @@ class FlowMatching(nn.Module):
         features: int,
         context: int,
         hidden_features: tuple[int, ...],
+        time_features: int = 16,
         tolerance: float = TOLERANCE,
     ) -> None:
         super().__init__()
-        self.field = VectorField(features, context, hidden_features)
+        self.field = VectorField(features, context, hidden_features, time_features)
         self.tolerance = tolerance
         self.register_buffer("zeros", torch.zeros(features))
         self.register_buffer("ones", torch.ones(features))

@@ -55,6 +55,7 @@ class PosteriorSpec:
     high: tuple[float, ...] | None = None
     ensemble: int = 1
     method: str = "npe"
+    time_features: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def box(self) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -96,7 +97,7 @@ class Member(nn.Module):
             spec.embedding, spec.x_shape, spec.embedding_dim, spec.embedding_hidden
         )
         if spec.method == "fmpe":
-            self.flow = FlowMatching(features, context, spec.flow_hidden)
+            self.flow = FlowMatching(features, context, spec.flow_hidden, spec.time_features)
         else:
             self.flow = build_flow(spec.flow, features, context, spec.transforms, spec.flow_hidden)
 

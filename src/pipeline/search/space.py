@@ -24,7 +24,7 @@ from optuna.distributions import (
 
 from pipeline.options import OptionsError
 from pipeline.search.records import describe_range
-from pipeline.training import NPE_ONLY, TrainConfig
+from pipeline.training import FMPE_ONLY, NPE_ONLY, TrainConfig
 
 __all__ = ["Dimension", "SearchSpace", "NOT_SEARCHABLE"]
 
@@ -123,7 +123,7 @@ class SearchSpace:
 
     def check_against(self, base: TrainConfig, source: str = "search.space") -> None:
         """Refuses a space whose values a task's own options ``base`` cannot take, each value
-        set on its own, or where ``method`` may be fmpe beside options only npe has.
+        set on its own, or where ``method`` may be one that lacks an option searched.
 
         Raises:
             OptionsError: naming the option and the value.
@@ -138,12 +138,13 @@ class SearchSpace:
                 "density of theta given x, which an NLE posterior only has up to a constant "
                 "that differs between observations; search npe or fmpe"
             )
-        clash = [name for name in self.names if name in NPE_ONLY]
-        if "fmpe" in methods and clash:
-            raise OptionsError(
-                f"{source}: {', '.join(clash)} cannot be searched where method may be fmpe, "
-                "which has none; search them with method npe only"
-            )
+        for only, lacking, having in ((NPE_ONLY, "fmpe", "npe"), (FMPE_ONLY, "npe", "fmpe")):
+            clash = [name for name in self.names if name in only]
+            if lacking in methods and clash:
+                raise OptionsError(
+                    f"{source}: {', '.join(clash)} cannot be searched where method may be "
+                    f"{lacking}, which has none; search them with method {having} only"
+                )
         for dimension in self.dimensions:
             values = dimension.choices or (dimension.low, dimension.high)
             for value in values:
@@ -198,8 +199,10 @@ def _range(name: str, spec: dict[str, Any], source: str) -> Dimension:
 
 
 def _checked(name: str, value: Any, source: str) -> Any:
-    """``value`` as the option's type, checked against its bounds by TrainConfig itself."""
-    return getattr(TrainConfig().replaced({name: value}, source=source), name)
+    """``value`` as the option's type, checked against its bounds by TrainConfig itself (of a
+    method that has the option: whether the task's method has it is check_against's to say)."""
+    base = TrainConfig(method="fmpe") if name in FMPE_ONLY else TrainConfig()
+    return getattr(base.replaced({name: value}, source=source), name)
 
 
 def _is_list(name: str) -> bool:
