@@ -145,6 +145,10 @@ def test_the_sample_stage_solves_at_its_ode_tolerance_and_records_it(tmp_path, p
     import h5py
 
     from pipeline.cli import main
+    from pipeline.options import SampleOptions
+
+    # The stage's default is the model's own (options.py does not import the models).
+    assert SampleOptions().ode_tolerance == TOLERANCE
 
     save_posterior(posterior, tmp_path / "model", {"task": "test", "provenance": {}})
     np.save(tmp_path / "x.npy", np.zeros((2, 3), dtype=np.float32))
