@@ -31,6 +31,7 @@ from pipeline import atomic
 from pipeline.architecture import AUTO, auto_embedding, auto_flow
 from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
+from pipeline.models.flow_matching import TIME_FEATURES
 from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
@@ -72,7 +73,7 @@ class TrainConfig(Options):
         help="hidden widths of the flow (npe) or vector field (fmpe); []: linear",
     )
     time_features: int = option(
-        16, minimum=1, help="fmpe: sinusoidal features of the time, 1 to 100 half-turns"
+        TIME_FEATURES, minimum=1, help="fmpe: sinusoidal features of the time, 1 to 100 half-turns"
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.models.embeddings import build_embedding
-from pipeline.models.flow_matching import FlowMatching
+from pipeline.models.flow_matching import TIME_FEATURES, FlowMatching
 from pipeline.models.flows import build_flow
 from pipeline.tasks.base import Prior, prior_from_document
 
@@ -55,7 +55,7 @@ class PosteriorSpec:
     high: tuple[float, ...] | None = None
     ensemble: int = 1
     method: str = "npe"
-    time_features: int = 16
+    time_features: int = TIME_FEATURES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def box(self) -> tuple[np.ndarray | None, np.ndarray | None]:
