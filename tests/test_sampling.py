@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
-from pipeline.sampling import _fill, read_observations, sample_posterior
+from pipeline.sampling import MIN_REDRAW, _fill, _redraw_count, read_observations, sample_posterior
 
 
 def _posterior(members: int = 1, theta_std: float = 1.0, seed: int = 0) -> NeuralPosterior:
@@ -55,6 +55,42 @@ def test_samples_respect_the_prior_box_and_shapes(posterior):
         .numpy()
     )
     np.testing.assert_allclose(recomputed.T, result.log_prob, rtol=1e-4, atol=1e-4)
+
+
+def test_draws_rejected_by_the_box_are_replaced_by_a_pass_of_their_own_size(monkeypatch):
+    # An untrained flow of theta_std 0.5 puts a few tens of percent of its draws outside
+    # [-1, 1]^2.
+    posterior = _posterior(theta_std=0.5)
+    passes = []
+    draw = posterior.sample_and_log_prob
+
+    def recorded(x, num_samples):
+        theta, log_prob = draw(x, num_samples)
+        passes.append(theta)
+        return theta, log_prob
+
+    monkeypatch.setattr(posterior, "sample_and_log_prob", recorded)
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    result = sample_posterior(posterior, x, 2000, low=np.full(2, -1.0), high=np.full(2, 1.0))
+    assert np.isfinite(result.samples).all() and (np.abs(result.samples) <= 1).all()
+    # The second pass draws what the first pass's acceptance needs to fill the largest
+    # shortfall, a fifth to spare, not another 2000.
+    accepted = (passes[0].abs() <= 1).all(dim=-1).sum(dim=0).numpy()  # (3,)
+    assert 0 < (2000 - accepted).max() < 1000
+    needed = np.ceil(1.2 * ((2000 - accepted) / (accepted / 2000)).max())
+    assert len(passes[1]) == max(MIN_REDRAW, needed) < 2000
+
+
+def test_a_pass_after_the_first_draws_what_the_acceptance_needs():
+    # 10 missing at acceptance 0.5: 1.2 x 20 = 24, raised to MIN_REDRAW.
+    assert _redraw_count(np.array([10]), np.array([90]), np.array([180]), 1000) == MIN_REDRAW
+    # The largest need of the observations short sets the pass: 1.2 x 500 / 0.5 = 1200.
+    assert (
+        _redraw_count(np.array([10, 500]), np.array([990, 500]), np.array([1000, 1000]), 5000)
+        == 1200
+    )
+    # Nothing accepted yet: as if one were, and never more than the first pass.
+    assert _redraw_count(np.array([1000]), np.array([0]), np.array([1000]), 1000) == 1000
 
 
 def test_observations_from_npy_and_shape_errors(tmp_path):
