@@ -40,20 +40,43 @@ def test_the_vector_field_broadcasts_times_parameters_and_context():
     assert field(torch.rand(4), z[0], c).shape == (4, 2)
 
 
-def test_the_field_in_chunks_is_the_field_in_one_batch(monkeypatch):
+def test_an_ode_solve_in_chunks_is_the_solve_in_one_batch(posterior, monkeypatch):
+    """Each chunk of rows is its own ODE solve (zuko's solver sizes every step by the worst row
+    of its batch); densities and draws are the batch's, to the solver's tolerance."""
     from pipeline.models import flow_matching
 
-    field = VectorField(features=2, context=5, hidden_features=(16, 16))
     generator = torch.Generator().manual_seed(0)
+    flow = posterior.members[0].flow
     with torch.no_grad():
-        field.output.weight.normal_(generator=generator)  # zero at start: every output would match
-    z, c, t = torch.randn(10, 4, 2), torch.randn(4, 5), torch.rand(10, 4)
-    whole = field(t, z, c)
+        flow.field.output.weight.normal_(0.0, 0.1, generator=generator)  # zero at start
+    flow.tolerance = 1e-5
+    theta, x = torch.randn(10, 4, 2, generator=generator), torch.randn(4, 3, generator=generator)
+
+    def solves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        count = [0]
+        transform = flow.transform
+
+        def counted(c: torch.Tensor):
+            count[0] += 1
+            return transform(c)
+
+        monkeypatch.setattr(flow, "transform", counted)
+        with torch.no_grad():
+            log_q = posterior.log_prob(theta, x)
+            torch.manual_seed(1)
+            draws = posterior.sample(x, 10)
+            torch.manual_seed(1)
+            with_densities = posterior.sample_and_log_prob(x, 10)
+        return log_q, draws, *with_densities, count[0]
+
+    *whole, calls = solves()
+    assert calls == 3  # one solve each
     monkeypatch.setattr(flow_matching, "CPU_CHUNK", 7)  # 40 rows: 6 chunks, the last short
-    torch.testing.assert_close(field(t, z, c), whole)
-    torch.testing.assert_close(
-        field(torch.tensor(0.3), z, c), field(torch.full((10, 4), 0.3), z, c)
-    )
+    *chunked, calls = solves()
+    assert calls == 3 * 6
+    for a, b in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked[1], chunked[2])  # the same noise solves to the same draws
 
 
 def test_the_loss_depends_on_its_generator_alone():

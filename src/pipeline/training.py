@@ -73,7 +73,9 @@ class TrainConfig(Options):
         help="hidden widths of the flow (npe) or vector field (fmpe); []: linear",
     )
     time_features: int = option(
-        TIME_FEATURES, minimum=1, help="fmpe: sinusoidal features of the time, 1 to 100 half-turns"
+        TIME_FEATURES,
+        minimum=1,
+        help="fmpe: sinusoidal features of the time, 0.1 to 10 half-turns",
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"

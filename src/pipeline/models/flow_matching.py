@@ -17,20 +17,22 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Distribution
 from zuko.distributions import DiagNormal, NormalizingFlow
 from zuko.transforms import FreeFormJacobianTransform
 
-__all__ = ["FlowMatching", "VectorField"]
+__all__ = ["FieldFlow", "FlowMatching", "VectorField"]
 
 # Noise added at t = 0, so that the field stays smooth where the data are (Wildberger et al.).
 ETA = 1e-3
-# Rows per evaluation of the field on CPU: past a few thousand rows the activations fall out of
-# cache, and an ODE solve of 10^5 draws in one batch took 4.5 times as long as in chunks of 4096
-# (benchmarks/README.md, FMPE). A GPU takes the whole batch.
+# Rows per ODE solve on CPU. zuko's adaptive solver sizes every step by the worst row of its
+# batch, so smaller batches take fewer steps each, and past a few thousand rows the field's
+# activations fall out of cache (benchmarks/README.md, FMPE). A GPU solves the whole batch.
 CPU_CHUNK = 4096
 # The ODE solver's relative tolerance (its absolute tolerance is a tenth of it). Draws are as good
 # at 10^-3 (the learned field's error dominates), but densities, which HPD coverage ranks, move by
@@ -38,6 +40,10 @@ CPU_CHUNK = 4096
 TOLERANCE = 1e-4
 # Sinusoidal features of the time the field sees (the option time_features).
 TIME_FEATURES = 16
+# Their frequencies, in half-turns over t in [0, 1]. Features up to 100 half-turns let the field
+# wiggle in t where the flow is smooth (near the noise), and the ODE solver took 2.7-3.5 times as
+# many steps for a C2ST no better on four tasks (benchmarks/README.md, FMPE).
+HALF_TURNS = (0.1, 10.0)
 
 
 class VectorField(nn.Module):
@@ -45,7 +51,7 @@ class VectorField(nn.Module):
 
     ``z`` and ``c`` are projected and merged into ``width`` features; each of ``blocks``
     residual blocks adds ``GELU(W h) + T(e(t))`` and normalises (LayerNorm), where ``e(t)`` are
-    sinusoidal features of ``t`` at ``frequencies`` frequencies from 1 to 100 half-turns. A
+    sinusoidal features of ``t`` at ``frequencies`` frequencies over :data:`HALF_TURNS`. A
     plain MLP that sees ``t`` only at its input learns the field's change with ``t`` poorly
     (sbi's FMPE network is built the same way). The output layer starts at zero, so the initial
     field is constant.
@@ -68,23 +74,15 @@ class VectorField(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in hidden_features)
         self.output = nn.Linear(width, features)
         nn.init.zeros_(self.output.weight)
-        self.register_buffer("frequencies", math.pi * torch.logspace(0, 2, frequencies))
+        # A buffer: a saved field keeps the frequencies it was trained with.
+        low, high = (math.log10(h) for h in HALF_TURNS)
+        self.register_buffer("frequencies", math.pi * torch.logspace(low, high, frequencies))
 
     def forward(self, t: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         angle = self.frequencies * t[..., None]
         time = self.time(torch.cat((angle.cos(), angle.sin()), dim=-1))
         shape = torch.broadcast_shapes(z.shape[:-1], c.shape[:-1], time.shape[:-1])
         inputs = torch.cat((z.expand(*shape, z.shape[-1]), c.expand(*shape, c.shape[-1])), dim=-1)
-        time = time.expand(*shape, time.shape[-1])
-        if inputs.device.type != "cpu" or inputs[..., 0].numel() <= CPU_CHUNK:
-            return self._field(inputs, time)
-        rows = inputs.reshape(-1, inputs.shape[-1]).split(CPU_CHUNK)
-        times = time.reshape(-1, time.shape[-1]).split(CPU_CHUNK)
-        out = torch.cat([self._field(r, e) for r, e in zip(rows, times, strict=True)])
-        return out.reshape(*shape, out.shape[-1])
-
-    def _field(self, inputs: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """The network on ``[z, c]`` (..., D + C) and the time's features (..., width)."""
         h = F.gelu(self.input(inputs))
         for block, norm in zip(self.blocks, self.norms, strict=True):
             h = norm(h + F.gelu(block(h)) + time)
@@ -99,7 +97,7 @@ class FlowMatching(nn.Module):
         context: Width ``C`` of the embedding of ``x``.
         hidden_features: One residual block of the vector field per entry, all of the largest
             width.
-        time_features: Sinusoidal features of the time, at frequencies from 1 to 100 half-turns.
+        time_features: Sinusoidal features of the time, at frequencies over :data:`HALF_TURNS`.
         tolerance: Relative tolerance of the ODE solver in sampling and densities (its absolute
             tolerance is a tenth of it); an attribute, so it can change after training.
     """
@@ -118,9 +116,14 @@ class FlowMatching(nn.Module):
         self.register_buffer("zeros", torch.zeros(features))
         self.register_buffer("ones", torch.ones(features))
 
-    def forward(self, c: torch.Tensor) -> NormalizingFlow:
+    def forward(self, c: torch.Tensor) -> FieldFlow:
         """``q(z | c)`` for ``c`` (N, C): the ODE from ``t = 0`` (z) to ``t = 1`` (noise)."""
-        transform = FreeFormJacobianTransform(
+        return FieldFlow(self, c)
+
+    def transform(self, c: torch.Tensor) -> FreeFormJacobianTransform:
+        """The ODE of the field at ``c`` (N, C), from ``z`` (N, D) at ``t = 0`` to noise at
+        ``t = 1``, and its exact log-determinant (the field's trace integrated)."""
+        return FreeFormJacobianTransform(
             f=lambda t, z: self.field(t, z, c),
             t0=c.new_tensor(0.0),
             t1=c.new_tensor(1.0),
@@ -129,7 +132,6 @@ class FlowMatching(nn.Module):
             rtol=self.tolerance,
             exact=True,
         )
-        return NormalizingFlow(transform, DiagNormal(self.zeros, self.ones).expand(c.shape[:-1]))
 
     def loss(
         self, z: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None
@@ -143,3 +145,60 @@ class FlowMatching(nn.Module):
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z_t = (1 - t[..., None]) * z + (t[..., None] + ETA) * noise
         return (self.field(t, z_t, c) - (noise - z)).square().mean(dim=-1)
+
+
+class FieldFlow(Distribution):
+    """``q(z | c)`` of a :class:`FlowMatching` field: zuko's ``NormalizingFlow`` of the field's
+    ODE, solved :data:`CPU_CHUNK` rows at a time on CPU, each chunk with its own steps.
+
+    Shapes: ``c`` (*B, C); ``log_prob(z)``: ``z`` (..., *B, D) -> (..., *B);
+    ``rsample(shape)`` -> (*shape, *B, D).
+    """
+
+    has_rsample = True
+
+    def __init__(self, flow: FlowMatching, c: torch.Tensor) -> None:
+        super().__init__(c.shape[:-1], flow.zeros.shape, validate_args=False)
+        self.flow, self.c = flow, c
+        self.base = DiagNormal(flow.zeros, flow.ones).expand(c.shape[:-1])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self._by_chunks(lambda flow, rows: (flow.log_prob(rows),), z)[0]
+
+    def rsample(self, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        noise = self.base.rsample(shape)
+        return self._by_chunks(lambda flow, rows: (flow.transform.inv(rows),), noise)[0]
+
+    def rsample_and_log_prob(
+        self, shape: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_q = self._by_chunks(_draw_and_log_prob, self.base.rsample(shape))
+        return z, log_q
+
+    def _by_chunks(
+        self,
+        solve: Callable[[NormalizingFlow, torch.Tensor], tuple[torch.Tensor, ...]],
+        z: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """``solve(flow, rows)`` for the rows of ``z`` (..., *B, D) with their ``c``, a chunk
+        at a time; each result's leading dimension (rows) back in ``z``'s batch shape."""
+        shape = torch.broadcast_shapes(z.shape[:-1], self.c.shape[:-1])
+        rows = z.expand(*shape, z.shape[-1]).reshape(-1, z.shape[-1])
+        context = self.c.expand(*shape, self.c.shape[-1]).reshape(-1, self.c.shape[-1])
+        size = CPU_CHUNK if rows.device.type == "cpu" else max(len(rows), 1)
+        parts = []
+        for z_part, c_part in zip(rows.split(size), context.split(size), strict=True):
+            base = DiagNormal(self.flow.zeros, self.flow.ones).expand(c_part.shape[:-1])
+            parts.append(solve(NormalizingFlow(self.flow.transform(c_part), base), z_part))
+        return tuple(
+            torch.cat(results).reshape(*shape, *results[0].shape[1:])
+            for results in zip(*parts, strict=True)
+        )
+
+
+def _draw_and_log_prob(
+    flow: NormalizingFlow, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws that ``noise`` (N, D) at ``t = 1`` solves to, and their log-densities."""
+    z, ladj = flow.transform.inv.call_and_ladj(noise)
+    return z, flow.base.log_prob(noise) - ladj
