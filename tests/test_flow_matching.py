@@ -77,6 +77,11 @@ def test_an_ode_solve_in_chunks_is_the_solve_in_one_batch(posterior, monkeypatch
     for a, b in zip(chunked, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(chunked[1], chunked[2])  # the same noise solves to the same draws
+    with torch.no_grad():  # each row's density is its own observation's
+        alone = torch.stack(
+            [posterior.log_prob(theta[:, j : j + 1], x[j : j + 1]) for j in range(4)]
+        )
+    torch.testing.assert_close(alone[..., 0].T, chunked[0], atol=1e-4, rtol=1e-4)
 
 
 def test_the_loss_depends_on_its_generator_alone():
