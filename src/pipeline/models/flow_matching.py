@@ -41,8 +41,9 @@ TOLERANCE = 1e-4
 # Sinusoidal features of the time the field sees (the option time_features).
 TIME_FEATURES = 16
 # Their frequencies, in half-turns over t in [0, 1]. Features up to 100 half-turns let the field
-# wiggle in t where the flow is smooth (near the noise), and the ODE solver took 2.7-3.5 times as
-# many steps for a C2ST no better on four tasks (benchmarks/README.md, FMPE).
+# wiggle in t where the flow is smooth (near the noise): the ODE solver took 2.7-3.5 times as many
+# steps, for about the same C2ST at 10^4 simulations on four tasks (though 0.025 better on
+# two_moons at 10^3; benchmarks/README.md, FMPE).
 HALF_TURNS = (0.1, 10.0)
 
 
