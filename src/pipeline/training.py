@@ -31,7 +31,7 @@ from pipeline import atomic
 from pipeline.architecture import AUTO, auto_embedding, auto_flow
 from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
-from pipeline.models.flow_matching import TIME_FEATURES
+from pipeline.models.flow_matching import HALF_TURNS, TIME_FEATURES
 from pipeline.models.flows import FLOWS
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
@@ -75,7 +75,7 @@ class TrainConfig(Options):
     time_features: int = option(
         TIME_FEATURES,
         minimum=1,
-        help="fmpe: sinusoidal features of the time, 0.1 to 10 half-turns",
+        help="fmpe: sinusoidal features of the time, {} to {} half-turns".format(*HALF_TURNS),
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"

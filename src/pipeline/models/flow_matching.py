@@ -36,7 +36,7 @@ ETA = 1e-3
 CPU_CHUNK = 4096
 # The ODE solver's relative tolerance (its absolute tolerance is a tenth of it). Draws are as good
 # at 10^-3 (the learned field's error dominates), but densities, which HPD coverage ranks, move by
-# a median 0.01-0.02 nats there against 0.001 here (benchmarks/README.md, FMPE).
+# a median 0.001-0.003 nats there against 0.0001-0.0005 here (benchmarks/README.md, FMPE).
 TOLERANCE = 1e-4
 # Sinusoidal features of the time the field sees (the option time_features).
 TIME_FEATURES = 16
