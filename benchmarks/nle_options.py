@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.diagnostics import c2st_batched
+from pipeline.models.flows import MIXTURES
 from pipeline.models.posterior import load_posterior
 from pipeline.observations import read_reference
 from pipeline.sampling import sample_posterior
@@ -35,6 +36,8 @@ def main() -> None:
     _, x_obs, reference = read_reference(folder / "observations.h5")
     for variant in variants:
         options = {**BASE, **json.loads(variant)}
+        if options["flow"] in MIXTURES:  # a mixture density network has no transforms
+            options.pop("transforms")
         out = Path(tempfile.mkdtemp(prefix="nle-options-")) / "model"
         start = time.perf_counter()
         metadata = train(folder / "sims" / "train.h5", out, TrainConfig.from_dict(options))

@@ -49,6 +49,7 @@ import yaml
 
 from pipeline import simulation, storage
 from pipeline.diagnostics import c2st_batched
+from pipeline.models.flows import MIXTURES
 from pipeline.models.posterior import load_posterior
 from pipeline.observations import make_observations, read_reference
 from pipeline.parallel import SerialComm
@@ -93,6 +94,8 @@ def project_config(task: str, seed: int, method: str = "npe") -> TrainConfig:
         options = dict(METHOD_OPTIONS[method])
         if method == "nle":
             options |= yaml.safe_load(NLE_EXPERIMENT.read_text())["task_train"].get(task, {})
+            if options["flow"] in MIXTURES:  # a mixture density network has no transforms
+                options.pop("transforms")
         return TrainConfig.from_dict({**config.get("train", {}), **options, "seed": seed})
     options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
     return TrainConfig.from_dict({**options, "seed": seed})

@@ -32,7 +32,7 @@ from pipeline.architecture import AUTO, auto_embedding, auto_flow
 from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
 from pipeline.models.flow_matching import HALF_TURNS, TIME_FEATURES
-from pipeline.models.flows import FLOWS
+from pipeline.models.flows import FLOWS, MIXTURES
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.options import Options, OptionsError, option
@@ -45,7 +45,7 @@ from pipeline.tasks.base import prior_document
 log = logging.getLogger(__name__)
 
 # Options of a normalizing flow that FMPE's vector field has no use for.
-NPE_ONLY = ("flow", "transforms")
+NPE_ONLY = ("flow", "transforms", "components")
 # Options of the embedding of x, which NLE (a flow over x itself) has no use for.
 EMBEDDING_ONLY = ("embedding", "embedding_dim", "embedding_hidden")
 # Options of FMPE's vector field, which the flows of NPE and NLE have no use for.
@@ -64,14 +64,18 @@ class TrainConfig(Options):
         "(the likelihood), sampled by MCMC",
     )
     flow: Literal[(AUTO, *FLOWS)] = option(
-        AUTO, help="flow family (zuko); auto: nsf, or maf from 8 parameters and for nle"
+        AUTO,
+        help="flow family (zuko; mdn: a mixture of Gaussians); auto: nsf, or maf from 8 "
+        "parameters and for nle",
     )
-    transforms: int = option(3, minimum=1, help="flow transformations, for npe")
+    transforms: int = option(3, minimum=1, help="flow transformations, for npe and nle")
     flow_hidden: tuple[int, ...] = option(
         (64, 64),
         minimum=1,
-        help="hidden widths of the flow (npe) or vector field (fmpe); []: linear",
+        help="hidden widths of the flow's conditioners, the mdn's network or fmpe's vector "
+        "field; []: linear",
     )
+    components: int = option(4, minimum=1, help="mdn: Gaussians in the mixture")
     time_features: int = option(
         TIME_FEATURES,
         minimum=1,
@@ -139,6 +143,16 @@ class TrainConfig(Options):
                     f"{source}: method {self.method} has no {' or '.join(other)} ({why}): "
                     f"leave them at their defaults or set method: {method}"
                 )
+        if self.flow in MIXTURES and self.transforms != defaults["transforms"]:
+            raise OptionsError(
+                f"{source}: flow {self.flow} is a mixture with no transformations; leave "
+                "transforms at its default and set components"
+            )
+        if self.flow not in MIXTURES and self.components != defaults["components"]:
+            raise OptionsError(
+                f"{source}: components counts the Gaussians of flow mdn, not set here "
+                f"(flow {self.flow}); leave it at its default or set flow: mdn"
+            )
         if self.method == "fmpe" and self.compile:
             raise OptionsError(
                 f"{source}: compile is not available with method fmpe (its losses draw from a "

@@ -48,6 +48,7 @@ class PosteriorSpec:
     flow: str = "nsf"
     transforms: int = 3
     flow_hidden: tuple[int, ...] = (64, 64)
+    components: int = 4
     embedding: str = "mlp"
     embedding_dim: int = 32
     embedding_hidden: tuple[int, ...] = (64, 64)
@@ -90,7 +91,12 @@ class Member(nn.Module):
                 )
             self.embedding = nn.Identity()
             self.flow = build_flow(
-                spec.flow, spec.x_shape[0], features, spec.transforms, spec.flow_hidden
+                spec.flow,
+                spec.x_shape[0],
+                features,
+                spec.transforms,
+                spec.flow_hidden,
+                spec.components,
             )
             return
         self.embedding, context = build_embedding(
@@ -99,7 +105,9 @@ class Member(nn.Module):
         if spec.method == "fmpe":
             self.flow = FlowMatching(features, context, spec.flow_hidden, spec.time_features)
         else:
-            self.flow = build_flow(spec.flow, features, context, spec.transforms, spec.flow_hidden)
+            self.flow = build_flow(
+                spec.flow, features, context, spec.transforms, spec.flow_hidden, spec.components
+            )
 
     def forward(self, x: torch.Tensor) -> torch.distributions.Distribution:
         """The distribution of standardised theta given standardised ``x`` (N, *x_shape); for
@@ -251,9 +259,8 @@ class NeuralPosterior(nn.Module):
                 "an NLE posterior is sampled by MCMC: use pipeline.sampling.sample_posterior"
             )
         if len(self.members) == 1:
-            z, log_q = self.members[0]((x - self.x_mean) / self.x_std).rsample_and_log_prob(
-                (num_samples,)
-            )
+            distribution = self.members[0]((x - self.x_mean) / self.x_std)
+            z, log_q = _draw_and_log_prob(distribution, num_samples)
             theta, log_q = z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
             return (theta, log_q) if torch.is_grad_enabled() else (theta.detach(), log_q.detach())
         theta = self.sample(x, num_samples)
@@ -273,7 +280,7 @@ class NeuralPosterior(nn.Module):
             )
         x_standard = (x - self.x_mean) / self.x_std
         if len(self.members) == 1:
-            z = self.members[0](x_standard).rsample((num_samples,))
+            z = _draw(self.members[0](x_standard), (num_samples,))
         else:
             # Each draw comes from a member chosen uniformly; a member draws only its own share
             # (not M per observation, then discarded: that made sampling K times dearer), each
@@ -284,9 +291,27 @@ class NeuralPosterior(nn.Module):
                 draw, observation = torch.nonzero(choice == k, as_tuple=True)
                 if len(draw):
                     context = member.embedding(x_standard)[observation]  # (draws of k, C)
-                    z[draw, observation] = member.flow(context).rsample()
+                    z[draw, observation] = _draw(member.flow(context), ())
         theta = z * self.theta_std + self.theta_mean
         return theta if torch.is_grad_enabled() else theta.detach()
+
+
+def _draw(distribution: torch.distributions.Distribution, shape: tuple[int, ...]) -> torch.Tensor:
+    """Draws of ``shape`` from a flow (reparametrised: gradients reach the weights) or from a
+    mixture density network, whose discrete choice of component has no reparametrisation."""
+    if distribution.has_rsample:
+        return distribution.rsample(shape)
+    return distribution.sample(shape)
+
+
+def _draw_and_log_prob(
+    distribution: torch.distributions.Distribution, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` draws with their log-densities, as :func:`_draw`."""
+    if distribution.has_rsample:
+        return distribution.rsample_and_log_prob((num_samples,))
+    draws = distribution.sample((num_samples,))
+    return draws, distribution.log_prob(draws)
 
 
 def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
