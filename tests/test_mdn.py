@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import simulation
+from pipeline.models.flows import build_flow
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec, load_posterior
 from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
@@ -83,3 +84,18 @@ def test_an_mdns_draws_come_with_the_density_of_those_draws(ensemble):
 def test_options_of_a_flow_and_of_a_mixture_are_refused_on_the_other(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(options)
+
+
+def test_an_mdns_components_start_together_apart_in_scale_whatever_the_context():
+    """Components started at random places died where no data reached them; started near the
+    centre with scales from 1 to e^-2 they all take part (benchmarks/README.md, NLE)."""
+    torch.manual_seed(0)
+    mdn = build_flow("mdn", features=3, context=2, transforms=1, hidden_features=(), components=3)
+    a, b = mdn(torch.tensor([[-2.0, 1.0]])), mdn(torch.tensor([[3.0, 0.5]]))
+    torch.testing.assert_close(a.base.loc, b.base.loc)
+    torch.testing.assert_close(a.base.scale_tril, b.base.scale_tril)
+    assert a.base.loc.abs().max() < 0.5  # N(0, 0.1^2) in standardised units
+    scales = torch.diagonal(a.base.scale_tril, dim1=-2, dim2=-1)[0]  # (components, features)
+    expected = torch.exp(torch.tensor([0.0, -1.0, -2.0]))[:, None].expand(3, 3)
+    torch.testing.assert_close(scales, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.softmax(a.logits, -1), torch.full((1, 3), 1 / 3))

@@ -47,23 +47,29 @@ def build_flow(
         raise ValueError(f"unknown flow {kind!r}; choose one of {', '.join(FLOWS)}") from None
     if kind in MIXTURES:
         mdn = family(features, context, components=components, hidden_features=hidden_features)
-        _start_at_unit_scale(mdn)
+        _start_apart_in_scale(mdn)
         return mdn
     return family(features, context, transforms=transforms, hidden_features=hidden_features)
 
 
-def _start_at_unit_scale(mdn: zuko.flows.GMM) -> None:
-    """Starts every component as a unit Gaussian at its own random place, whatever the context.
+def _start_apart_in_scale(mdn: zuko.flows.GMM) -> None:
+    """Starts the components near the centre of the (standardised) data with scales from 1 down
+    to e^-2, equally weighted, whatever the context.
 
-    zuko's default initialisation gives each Gaussian a random covariance that swings with the
-    context; on 10-dimensional data (standardised) the training loss was then still 1.3 nats
-    above the exact posterior's after 150 epochs, where this start reaches it in 25. The means
-    differ from the start so that the components do not stay identical.
+    zuko's default start gives each Gaussian a random covariance that swings with the context:
+    on gaussian_linear (10-D, standardised) a linear MDN's loss was still 1.3 nats above the
+    exact posterior's after 150 epochs, where this start reaches it in 25. Components started at
+    random places in the data's unit range died where no data reached them (two linear
+    components on gaussian_mixture stalled 0.5 and 1.0 nats short of the exact loss at both
+    seeds tried); started together they differ by their scales, and three seeds of three reached
+    the exact loss by epoch 100.
     """
     last = mdn.hyper[-1]
     logits, loc, diag, tril = last.bias.split([math.prod(shape) for shape in mdn.shapes])
     with torch.no_grad():
         last.weight.zero_()
-        for bias in (logits, diag, tril):
+        for bias in (logits, tril):
             bias.zero_()
-        loc.normal_()
+        loc.normal_(0.0, 0.1)
+        log_scales = torch.linspace(0.0, -2.0, mdn.components)  # one component: 0
+        diag.copy_(log_scales[:, None].expand(mdn.shapes[2]).reshape(-1))
