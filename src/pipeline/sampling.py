@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # Samples drawn per flow call (observations x samples): bounds memory (~25 MB at D = 10) and
 # sets how often progress is logged.
 SAMPLES_PER_CALL = 2**18
+# An FMPE draw on CPU is an ODE solve (about 4 ms with its density at ten parameters): a call of
+# SAMPLES_PER_CALL draws would log progress every quarter of an hour. Its ODE is solved by
+# chunks of one observation anyway, so smaller calls cost nothing there; a GPU solves a call at
+# once and keeps the large calls.
+FMPE_CPU_SAMPLES_PER_CALL = 2**14
 # Give up on an observation when fewer than this fraction of its samples land in the prior box.
 MIN_ACCEPTANCE = 1e-3
 # Restricted to a round's region, a test simulation near the region's edge may keep only a sliver
@@ -172,7 +177,7 @@ def sample_posterior(
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     sampled = np.ones(n, dtype=bool)
-    per_call = max(1, SAMPLES_PER_CALL // num_samples)
+    per_call = max(1, _samples_per_call(posterior) // num_samples)
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
@@ -181,6 +186,16 @@ def sample_posterior(
         samples[start:stop], log_prob[start:stop], sampled[start:stop] = s, lp, ok
         progress.update(stop - start)
     return PosteriorSamples(samples, log_prob, sampled)
+
+
+def _samples_per_call(posterior: NeuralPosterior) -> int:
+    """Draws per call of the posterior: fewer for FMPE on CPU, so that progress is logged."""
+    on_cpu = posterior.theta_mean.device.type == "cpu"
+    return (
+        FMPE_CPU_SAMPLES_PER_CALL
+        if posterior.spec.method == "fmpe" and on_cpu
+        else SAMPLES_PER_CALL
+    )
 
 
 def sample_likelihood_posterior(
