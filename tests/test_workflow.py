@@ -119,7 +119,8 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
         ),
         (
             {"search": {"tasks": ["two_moons"], "space": {"flow": {"choices": ["glow"]}}}},
-            r"search.space.flow: flow must be one of 'auto', 'nsf', 'maf', 'naf', got 'glow'",
+            r"search.space.flow: flow must be one of 'auto', 'nsf', 'maf', 'naf', 'mdn', "
+            "got 'glow'",
         ),
         (
             {
