@@ -173,7 +173,7 @@ class FieldFlow(Distribution):
     def rsample_and_log_prob(
         self, shape: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        z, log_q = self._by_chunks(_draw_and_log_prob, self.base.rsample(shape))
+        z, log_q = self._by_chunks(_solve_with_log_prob, self.base.rsample(shape))
         return z, log_q
 
     def _by_chunks(
@@ -211,7 +211,7 @@ class FieldFlow(Distribution):
         )
 
 
-def _draw_and_log_prob(
+def _solve_with_log_prob(
     flow: NormalizingFlow, noise: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The draws that ``noise`` (N, D) at ``t = 1`` solves to, and their log-densities."""

@@ -260,7 +260,7 @@ class NeuralPosterior(nn.Module):
             )
         if len(self.members) == 1:
             distribution = self.members[0]((x - self.x_mean) / self.x_std)
-            z, log_q = _draw_and_log_prob(distribution, num_samples)
+            z, log_q = _draws_with_log_prob(distribution, num_samples)
             theta, log_q = z * self.theta_std + self.theta_mean, log_q - self.theta_std.log().sum()
             return (theta, log_q) if torch.is_grad_enabled() else (theta.detach(), log_q.detach())
         theta = self.sample(x, num_samples)
@@ -280,7 +280,7 @@ class NeuralPosterior(nn.Module):
             )
         x_standard = (x - self.x_mean) / self.x_std
         if len(self.members) == 1:
-            z = _draw(self.members[0](x_standard), (num_samples,))
+            z = _draws(self.members[0](x_standard), (num_samples,))
         else:
             # Each draw comes from a member chosen uniformly; a member draws only its own share
             # (not M per observation, then discarded: that made sampling K times dearer), each
@@ -291,12 +291,12 @@ class NeuralPosterior(nn.Module):
                 draw, observation = torch.nonzero(choice == k, as_tuple=True)
                 if len(draw):
                     context = member.embedding(x_standard)[observation]  # (draws of k, C)
-                    z[draw, observation] = _draw(member.flow(context), ())
+                    z[draw, observation] = _draws(member.flow(context), ())
         theta = z * self.theta_std + self.theta_mean
         return theta if torch.is_grad_enabled() else theta.detach()
 
 
-def _draw(distribution: torch.distributions.Distribution, shape: tuple[int, ...]) -> torch.Tensor:
+def _draws(distribution: torch.distributions.Distribution, shape: tuple[int, ...]) -> torch.Tensor:
     """Draws of ``shape`` from a flow (reparametrised: gradients reach the weights) or from a
     mixture density network, whose discrete choice of component has no reparametrisation."""
     if distribution.has_rsample:
@@ -304,10 +304,10 @@ def _draw(distribution: torch.distributions.Distribution, shape: tuple[int, ...]
     return distribution.sample(shape)
 
 
-def _draw_and_log_prob(
+def _draws_with_log_prob(
     distribution: torch.distributions.Distribution, num_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` draws with their log-densities, as :func:`_draw`."""
+    """``num_samples`` draws with their log-densities, as :func:`_draws`."""
     if distribution.has_rsample:
         return distribution.rsample_and_log_prob((num_samples,))
     draws = distribution.sample((num_samples,))
