@@ -66,6 +66,59 @@ def test_the_ensemble_sampler_draws_every_observations_own_target():
     np.testing.assert_allclose(result.log_prob, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_few_observations_asking_for_many_draws_get_larger_ensembles():
+    settings = EnsembleSettings()
+    # A truncate stage: 10^5 draws at one observation. Burn-in (300 steps) may cost a third of
+    # the kept steps' 10^6 evaluations: 1111 walkers, rounded down to a multiple of 8.
+    assert settings.sized(1, 100_000).walkers == 1104
+    assert settings.sized(1, 100_000).candidates == 32 * 1104
+    assert settings.sized(5, 10_000).walkers == 104  # five observations' 10^4 draws
+    assert settings.sized(256, 1000).walkers == 32  # a test set: never fewer than 32
+    assert settings.sized(1, 10**8).walkers == 2048  # at most 2048 stepped together
+    assert settings.sized(4, 10**8).walkers == 512
+    assert EnsembleSettings(walkers=16).sized(1, 100_000).walkers == 16  # as asked
+    assert EnsembleSettings(candidates=4096).sized(1, 100_000).walkers == 128  # 32 per walker
+
+
+def test_a_large_ensemble_draws_its_target():
+    torch.manual_seed(0)
+    mean, scale = torch.tensor([[3.0, 1.0, -1.0]]), torch.tensor([0.1])
+    candidates = torch.rand(1, 8192, 3) * 20 - 10
+    result = sample_ensemble(gaussians(mean, scale), candidates, 30_000, EnsembleSettings())
+    # 30000 draws would afford 333 walkers; 8192 candidates hold 32 each for 256.
+    assert result.walkers[0] == 256 and result.converged[0]
+    assert result.samples.shape == (1, 30_000, 3)
+    # ESS >= 3000 per parameter (10% of the draws): the mean's standard error is under 0.02
+    # scale, so 0.1 is 5 of them; the standard deviation's relative error about 1.3%, 6% is 4.6.
+    z = (result.samples[0].mean(0) - mean[0].numpy()) / 0.1
+    assert np.abs(z).max() < 0.1
+    assert np.abs(result.samples[0].std(0) / 0.1 - 1).max() < 0.06
+
+
+def test_a_support_asked_only_of_accepted_moves_gives_the_draws_of_a_target_zero_outside():
+    mean, scale = torch.tensor([[0.5, 0.0]]), torch.tensor([1.0])
+
+    def inside(theta: torch.Tensor) -> torch.Tensor:
+        asked.append(len(theta))
+        return theta[:, 0] > 0
+
+    def zero_outside(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        log_prob = gaussians(mean, scale)(theta, rows)
+        return torch.where(theta[..., 0] > 0, log_prob, -torch.inf)
+
+    candidates = torch.rand(1, 1024, 2) * 2
+    settings = EnsembleSettings(burn_in=50, thin=2)
+    asked: list[int] = []
+    torch.manual_seed(0)
+    lazy = sample_ensemble(gaussians(mean, scale), candidates, 2000, settings, inside)
+    torch.manual_seed(0)
+    eager = sample_ensemble(zero_outside, candidates, 2000, settings)
+    np.testing.assert_array_equal(lazy.samples, eager.samples)
+    assert (lazy.samples[..., 0] > 0).all()
+    # 32 walkers of 2 halves over 50 + 63 * 2 steps: the support saw only the accepted moves.
+    assert 0 < sum(asked) < 0.8 * 32 * (50 + 63 * 2)
+
+
 def test_the_ensemble_sampler_logs_its_steps_with_rate_and_eta(caplog):
     torch.manual_seed(0)
     settings = EnsembleSettings(burn_in=20, thin=2, candidates=64)
@@ -187,7 +240,17 @@ def test_the_sample_stage_records_each_observations_chain_diagnostics(tmp_path, 
         assert f["samples"].shape == (3, 200, 2)
         assert f["mcmc_converged"][...].all() and (f["mcmc_rhat"][...] < 1.05).all()
         assert f["mcmc_ess"].shape == (3,) and f.attrs["method"] == "nle"
-        assert json.loads(f.attrs["mcmc"])["walkers"] == 32
+        # 200 draws per observation: the burn-in would outweigh the kept steps of more walkers.
+        assert (f["mcmc_walkers"][...] == 32).all()
+        assert json.loads(f.attrs["mcmc"])["walkers"] is None  # the stage's choice
+
+
+def test_the_sample_stage_runs_the_walkers_the_options_ask_for(tmp_path, model):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(1, 3)).astype("f4"))
+    options = {"mcmc_walkers": 16, "num_samples": 5000}
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "samples.h5", **options) == 0
+    with h5py.File(tmp_path / "samples.h5") as f:
+        assert f["samples"].shape == (1, 5000, 2) and f["mcmc_walkers"][0] == 16
 
 
 def test_unconverged_chains_at_an_observation_are_an_error_naming_the_fix(tmp_path, model, capsys):

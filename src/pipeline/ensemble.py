@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Walkers ``(n, W, D)`` of the observations ``rows`` (n indices) to their log-densities
 # ``(n, W)``, -inf outside the support.
 BatchLogProb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Which rows ``(k, D)`` lie in the target's support ``(k,)``, where that is dearer to decide than
+# the log-density (a sequential round's region, defined by earlier rounds' networks): it is
+# asked only of the moves Metropolis accepts, which does not change a single draw.
+Support = Callable[[torch.Tensor], torch.Tensor]
 # Groups of walkers that R-hat compares as chains (as pipeline.mcmc does).
 NUM_CHAINS = 4
 # Relative jitter of differential evolution's step size (emcee's DEMove sigma), so that no two
@@ -57,25 +61,53 @@ JUMP_EVERY = 10
 # Fewest draws per walker in the pool, so that R-hat and ESS rest on enough draws per chain when
 # few samples are asked for (pipeline.mcmc's default too).
 MIN_DRAWS_PER_WALKER = 10
+# Walkers per observation unless the settings fix them: at least MIN_WALKERS, more when few
+# observations ask for many draws each (a truncate stage's 10^5 at one observation). A call of a
+# flow costs nearly as much for 16 rows as for 500 (slcp's likelihood ensemble of eight MAFs on
+# one core: 490 us per walker at 16, 16 us at 1024), so one large ensemble takes far fewer calls
+# than a small one run for longer. Up to WALKERS_PER_CALL walkers are stepped together, and each
+# walker's burn-in may cost at most 1 / BURN_IN_SHARE of the evaluations of the kept steps.
+MIN_WALKERS = 32
+WALKERS_PER_CALL = 2048
+BURN_IN_SHARE = 3
+# Prior draws per walker that sampling-importance-resampling picks the starting walkers from.
+CANDIDATES_PER_WALKER = 32
 
 
 @dataclass(frozen=True)
 class EnsembleSettings:
-    """How long each ensemble runs and what it must reach to be called converged."""
+    """How long each ensemble runs and what it must reach to be called converged.
 
-    walkers: int = 32
+    ``walkers`` and ``candidates`` (per observation) are chosen by :meth:`sized` where ``None``.
+    """
+
+    walkers: int | None = None
     burn_in: int = 300
     thin: int = 10
     max_extensions: int = 4
     max_rhat: float = 1.05
     min_ess_fraction: float = 0.1
-    candidates: int = 1024
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
-        if self.walkers < 2 * NUM_CHAINS or self.walkers % 2:
+        if self.walkers is not None and (self.walkers < 2 * NUM_CHAINS or self.walkers % 2):
             raise ValueError(f"walkers must be even and at least {2 * NUM_CHAINS}")
-        if self.candidates < self.walkers:
+        if self.candidates is not None and self.candidates < (self.walkers or MIN_WALKERS):
             raise ValueError("candidates must be at least walkers")
+
+    def sized(self, observations: int, num_samples: int) -> EnsembleSettings:
+        """These settings with ``walkers`` and ``candidates`` fixed for ``observations``
+        ensembles stepped together, ``num_samples`` draws each (module constants above)."""
+        walkers = self.walkers
+        if walkers is None:
+            affordable = num_samples * self.thin // (BURN_IN_SHARE * max(self.burn_in, 1))
+            walkers = min(affordable, WALKERS_PER_CALL // observations)
+            if self.candidates is not None:
+                walkers = min(walkers, self.candidates // CANDIDATES_PER_WALKER)
+            # A multiple of 2 * NUM_CHAINS: two halves of equal groups.
+            walkers = max(MIN_WALKERS, walkers // (2 * NUM_CHAINS) * 2 * NUM_CHAINS)
+        candidates = self.candidates or CANDIDATES_PER_WALKER * walkers
+        return replace(self, walkers=walkers, candidates=candidates)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +122,7 @@ class EnsembleResult:
         acceptance: Fraction of accepted moves after burn-in, ``(N,)``.
         thin: Steps between kept draws of the last pool, ``(N,)``.
         converged: Whether R-hat and ESS passed, ``(N,)``.
+        walkers: The ensemble's size, ``(N,)``.
     """
 
     samples: np.ndarray
@@ -99,11 +132,12 @@ class EnsembleResult:
     acceptance: np.ndarray
     thin: np.ndarray
     converged: np.ndarray
+    walkers: np.ndarray
 
     @property
     def diagnostics(self) -> dict[str, np.ndarray]:
         """Everything but the samples, by name (what the samples file stores as ``mcmc_*``)."""
-        names = ("rhat", "ess", "acceptance", "thin", "converged")
+        names = ("rhat", "ess", "acceptance", "thin", "converged", "walkers")
         return {name: getattr(self, name) for name in names}
 
 
@@ -139,10 +173,12 @@ def de_step(
     current: torch.Tensor,
     rows: torch.Tensor,
     jump: bool = False,
+    support: Support | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of every walker of every ensemble: each half moves by the scaled difference of
     two distinct walkers of the other half, ``gamma = 2.38 / sqrt(2 D)`` (optimal for a
-    Gaussian target) or 1 if ``jump``, and is accepted by Metropolis (the proposal is symmetric).
+    Gaussian target) or 1 if ``jump``, and is accepted by Metropolis (the proposal is symmetric)
+    if it lies in ``support``.
 
     Shapes: ``walkers`` (n, W, D) of the observations ``rows`` (n,), ``current`` (n, W) -> the
     new walkers, their log-densities and which moves were accepted (n, W).
@@ -164,6 +200,8 @@ def de_step(
         proposed = log_prob(proposal, rows)
         accept = torch.log(torch.rand(n, half)) < proposed - current[:, moving]
         accept &= torch.isfinite(proposed)
+        if support is not None and accept.any():
+            accept[accept.clone()] = support(proposal[accept])
         walkers[:, moving] = torch.where(accept[..., None], proposal, walkers[:, moving])
         current[:, moving] = torch.where(accept, proposed, current[:, moving])
         accepted[:, moving] = accept
@@ -184,20 +222,27 @@ def sample_ensemble(
     candidates: torch.Tensor,
     num_samples: int,
     settings: EnsembleSettings,
+    support: Support | None = None,
 ) -> EnsembleResult:
     """``num_samples`` draws of each of N targets by batched ensemble MCMC (module docstring).
 
     Arguments:
         log_prob: The targets' log-densities up to constants: walkers ``(n, W, D)`` of the
             observations ``rows`` (n indices into the N) -> ``(n, W)``.
-        candidates: Prior draws to start from, ``(N, C, D)`` with ``C >= settings.walkers``.
+        candidates: Prior draws to start from, ``(N, C, D)`` with ``C >= walkers``, inside
+            ``support``.
         num_samples: Samples ``M`` per observation.
-        settings: Ensemble size, burn-in, thinning and the convergence criteria.
+        settings: Ensemble size (where ``None``, :meth:`EnsembleSettings.sized` for these N
+            and M, with ``CANDIDATES_PER_WALKER`` of the C per walker), burn-in, thinning and
+            the convergence criteria.
+        support: Where the targets are not zero besides where ``log_prob`` is finite.
 
     Randomness comes from torch's global generator: seed it for reproducible samples.
     """
-    n, _, dim = candidates.shape
-    w = settings.walkers
+    n, num_candidates, dim = candidates.shape
+    if settings.candidates is None:
+        settings = replace(settings, candidates=num_candidates)
+    w = settings.sized(n, num_samples).walkers
     rows = torch.arange(n)
     walkers = initial_walkers(log_prob, candidates, w)
     current = log_prob(walkers, rows)
@@ -207,7 +252,8 @@ def sample_ensemble(
     progress = Progress(settings.burn_in + draws * settings.thin, "MCMC steps", log)
     for _ in range(settings.burn_in):
         clock += 1
-        walkers, current, _ = de_step(log_prob, walkers, current, rows, clock % JUMP_EVERY == 0)
+        jump = clock % JUMP_EVERY == 0
+        walkers, current, _ = de_step(log_prob, walkers, current, rows, jump, support)
         progress.update(1)
     enough_ess = settings.min_ess_fraction * w * draws
     thin = np.full(n, settings.thin)
@@ -225,8 +271,9 @@ def sample_ensemble(
         for draw in range(draws):
             for _ in range(steps):
                 clock += 1
+                jump = clock % JUMP_EVERY == 0
                 part_walkers, part_current, ok = de_step(
-                    log_prob, part_walkers, part_current, index, clock % JUMP_EVERY == 0
+                    log_prob, part_walkers, part_current, index, jump, support
                 )
                 accepted += ok.float().mean(dim=1)
                 progress.update(1)
@@ -261,4 +308,5 @@ def sample_ensemble(
         acceptance=acceptance,
         thin=thin,
         converged=(rhat <= settings.max_rhat) & (ess >= enough_ess),
+        walkers=np.full(n, w),
     )

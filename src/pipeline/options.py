@@ -286,7 +286,12 @@ class SampleOptions(Options):
 
     num_samples: int = option(1000, minimum=2, help="posterior samples per observation")
     seed: int = option(4, minimum=0, help="seed of posterior sampling")
-    mcmc_walkers: int = option(32, minimum=8, help="walkers of each NLE posterior's ensemble")
+    mcmc_walkers: int = option(
+        0,
+        minimum=0,
+        help="walkers of each NLE posterior's ensemble (0: 32, more where few observations ask "
+        "for many draws each)",
+    )
     mcmc_burn_in: int = option(300, minimum=0, help="MCMC steps discarded as burn-in (NLE)")
     mcmc_thin: int = option(10, minimum=1, help="MCMC steps between kept draws (NLE)")
     mcmc_extensions: int = option(
@@ -300,9 +305,10 @@ class SampleOptions(Options):
     )
 
     def check(self, source: str) -> None:
-        if self.mcmc_walkers % 2:
+        if self.mcmc_walkers % 2 or 0 < self.mcmc_walkers < 8:
             raise OptionsError(
-                f"{source}: mcmc_walkers must be even (the ensemble moves in two halves), got "
+                f"{source}: mcmc_walkers must be even (the ensemble moves in two halves) and at "
+                f"least 8 (two per group of R-hat), or 0 to let the stage choose; got "
                 f"{self.mcmc_walkers}"
             )
 

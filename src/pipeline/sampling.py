@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic, storage
-from pipeline.ensemble import EnsembleSettings, sample_ensemble
+from pipeline.ensemble import EnsembleSettings, Support, sample_ensemble
 from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
@@ -229,33 +229,36 @@ def sample_likelihood_posterior(
     prior = posterior.prior
     # The prior's draws come from NumPy: seed it from torch's generator, which the stage seeds.
     rng = np.random.default_rng(int(torch.randint(2**62, ())))
-    inside = None
+    per_call = max(1, SAMPLES_PER_CALL // max(num_samples, settings.sized(1, 0).candidates))
+    inside, support = None, None
     if region is not None:
-        draws = region.sample(settings.candidates, rng)
+        support = _support_of(region)
+        # Enough for the walkers of the largest call; smaller calls pick fewer among them.
+        count = settings.sized(min(per_call, n), num_samples).candidates
+        draws = region.sample(count, rng)
         inside = torch.as_tensor(draws, dtype=torch.float32)[None]  # (1, candidates, D)
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     mcmc: dict[str, np.ndarray] = {}
-    per_call = max(1, SAMPLES_PER_CALL // max(num_samples, settings.candidates))
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
         batch = torch.as_tensor(x[start:stop], dtype=torch.float32)
+        sized = settings.sized(stop - start, num_samples)
 
         def target(theta: torch.Tensor, rows: torch.Tensor, batch: torch.Tensor = batch):
             # (n', W, D) walkers -> the posterior's (W, n', D) layout and back.
-            log_q = posterior.log_prob(theta.transpose(0, 1), batch[rows]).transpose(0, 1)
-            return log_q if region is None else _restricted(log_q, theta, region)
+            return posterior.log_prob(theta.transpose(0, 1), batch[rows]).transpose(0, 1)
 
         if inside is None:
-            candidates = prior.sample((stop - start) * settings.candidates, rng)
+            candidates = prior.sample((stop - start) * sized.candidates, rng)
             candidates = torch.as_tensor(candidates, dtype=torch.float32)
-            candidates = candidates.reshape(stop - start, settings.candidates, dim)
+            candidates = candidates.reshape(stop - start, sized.candidates, dim)
         else:
             # One set of draws in the region serves every observation: each picks its own
             # walkers among them by its own density.
             candidates = inside.expand(stop - start, -1, -1)
-        result = sample_ensemble(target, candidates, num_samples, settings)
+        result = sample_ensemble(target, candidates, num_samples, settings, support)
         samples[start:stop], log_prob[start:stop] = result.samples, result.log_prob
         for name, values in result.diagnostics.items():
             mcmc.setdefault(name, np.empty(n, dtype=values.dtype))[start:stop] = values
@@ -263,14 +266,13 @@ def sample_likelihood_posterior(
     return _flagged(samples, log_prob, mcmc)
 
 
-def _restricted(log_q: torch.Tensor, theta: torch.Tensor, region: Region) -> torch.Tensor:
-    """``log_q`` (n, W) of walkers ``theta`` (n, W, D), -inf where they leave ``region``; the
-    region's posteriors are evaluated only where ``log_q`` is finite."""
-    finite = torch.isfinite(log_q)
-    inside = torch.zeros_like(finite)
-    if finite.any():
-        inside[finite] = torch.as_tensor(region.accepts(theta[finite].numpy()))
-    return torch.where(inside, log_q, torch.full_like(log_q, -torch.inf))
+def _support_of(region: Region) -> Support:
+    """Which walkers ``(k, D)`` lie in ``region``, as the ensemble sampler asks."""
+
+    def inside(theta: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(region.accepts(theta.numpy()))
+
+    return inside
 
 
 def _sample_iid(
@@ -283,7 +285,7 @@ def _sample_iid(
     def target(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return posterior.iid_log_prob(theta, x_all)  # (1, W, D) -> (1, W)
 
-    candidates = posterior.prior.sample(settings.candidates, rng)
+    candidates = posterior.prior.sample(settings.sized(1, num_samples).candidates, rng)
     candidates = torch.as_tensor(candidates, dtype=torch.float32)[None]
     result = sample_ensemble(target, candidates, num_samples, settings)
     return _flagged(result.samples.copy(), result.log_prob.copy(), result.diagnostics)
@@ -527,7 +529,7 @@ def sample(
 
         region, restricted = region_of_model(truncation, model, posterior, document, region_models)
     settings = EnsembleSettings(
-        walkers=options.mcmc_walkers,
+        walkers=options.mcmc_walkers or None,
         burn_in=options.mcmc_burn_in,
         thin=options.mcmc_thin,
         max_extensions=options.mcmc_extensions,
