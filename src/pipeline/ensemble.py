@@ -16,9 +16,13 @@ Each observation's run
    pool holds at least ``M`` draws;
 3. is checked as :mod:`pipeline.mcmc` checks the references: rank-normalised split R-hat over
    4 groups of walkers (Vehtari et al. 2021) and the bulk ESS with every walker as a chain;
-4. is extended, while a check fails, from where it stopped with the thinning doubled (a new
-   pool), up to ``max_extensions`` times; what still fails is returned flagged as not converged,
-   never as converged.
+4. is extended, while a check fails, from where it stopped with the thinning doubled, up to
+   ``max_extensions`` times; what still fails is returned flagged as not converged, never as
+   converged. Where only the ESS fell short (R-hat passed at every observation still running,
+   so the chains are taken as stationary), the new pool keeps every other draw of the last one
+   and adds as many new draws: the chain thinned twice as much over twice the steps, for half
+   the steps of a fresh pool. Where R-hat failed, the new pool starts afresh, so that what the
+   chains did before they settled leaves the pool.
 
 References:
     | A Markov Chain Monte Carlo version of the genetic algorithm Differential Evolution
@@ -119,7 +123,7 @@ class EnsembleResult:
         log_prob: The target's log-density of each sample, ``(N, M)``.
         rhat: Largest split R-hat over parameters, ``(N,)``.
         ess: Smallest bulk ESS over parameters, ``(N,)``.
-        acceptance: Fraction of accepted moves after burn-in, ``(N,)``.
+        acceptance: Fraction of accepted moves over the last pool's new steps, ``(N,)``.
         thin: Steps between kept draws of the last pool, ``(N,)``.
         converged: Whether R-hat and ESS passed, ``(N,)``.
         walkers: The ensemble's size, ``(N,)``.
@@ -261,14 +265,21 @@ def sample_ensemble(
     pool_log_prob = np.empty((n, w, draws), dtype=np.float32)
     acceptance, rhat, ess = np.zeros(n), np.full(n, np.inf), np.zeros(n)
     todo = np.arange(n)  # observations still running
+    kept = 0  # draws of the last pool that the new one keeps
     for extension in range(settings.max_extensions + 1):
         steps = int(thin[todo[0]])  # every observation still running has the same thinning
+        if kept:
+            # Every other draw, ending at the last one, so the spacing stays ``steps``.
+            first = (draws - 1) % 2
+            pool[todo, :, :kept] = pool[todo, :, first::2]
+            pool_log_prob[todo, :, :kept] = pool_log_prob[todo, :, first::2]
         if extension:
-            progress = Progress(draws * steps, f"MCMC steps of extension {extension}", log)
+            total = (draws - kept) * steps
+            progress = Progress(total, f"MCMC steps of extension {extension}", log)
         index = torch.as_tensor(todo)  # torch indexes tensors with tensors
         accepted = torch.zeros(len(todo))
         part_walkers, part_current = walkers[index], current[index]
-        for draw in range(draws):
+        for draw in range(kept, draws):
             for _ in range(steps):
                 clock += 1
                 jump = clock % JUMP_EVERY == 0
@@ -280,22 +291,25 @@ def sample_ensemble(
             pool[todo, :, draw] = part_walkers.numpy()
             pool_log_prob[todo, :, draw] = part_current.numpy()
         walkers[index], current[index] = part_walkers, part_current
-        acceptance[todo] = (accepted / (draws * steps)).numpy()
+        acceptance[todo] = (accepted / ((draws - kept) * steps)).numpy()
         rhat[todo], ess[todo] = diagnostics(pool[todo])
         failing = np.flatnonzero((rhat > settings.max_rhat) | (ess < enough_ess))
         if len(failing) == 0 or extension == settings.max_extensions:
             break
         todo = failing
         thin[failing] *= 2
+        stationary = bool((rhat[failing] <= settings.max_rhat).all())
+        kept = math.ceil(draws / 2) if stationary else 0
         log.info(
             "MCMC: %d of %d observations not converged yet (R-hat up to %.3f, ESS down to %.0f "
-            "of %.0f needed); extending them with thinning %d",
+            "of %.0f needed); extending them with thinning %d%s",
             len(failing),
             n,
             float(rhat[failing].max()),
             float(ess[failing].min()),
             enough_ess,
             int(thin[failing[0]]),
+            ", keeping every other draw" if kept else " in a new pool",
         )
     # Time-major, so that the M kept are the earliest draws of all walkers alike.
     samples = pool.transpose(0, 2, 1, 3).reshape(n, w * draws, dim)[:, :num_samples]
