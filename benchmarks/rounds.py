@@ -61,9 +61,10 @@ def rounds_settings() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config/experiments/rounds.yaml").read_text())["rounds"]
 
 
-def run(task: str, observation: int, results: Path, cores: int, method: str) -> None:
+def run(task: str, observation: int, results: Path, cores: int, method: str, nolock: bool) -> None:
     """The pipeline's rounds for ``task`` at ``observation``, as their own experiment; with
-    ``method`` nle, every round trains the task's block of ``config/experiments/nle.yaml``."""
+    ``method`` nle, every round trains the task's block of ``config/experiments/nle.yaml``;
+    with ``nolock``, beside another run in this checkout (each writes its own experiment)."""
     rounds = {**rounds_settings(), "tasks": [task], "observation": observation}
     config = {
         "experiment": experiment(task, observation, method),
@@ -77,6 +78,7 @@ def run(task: str, observation: int, results: Path, cores: int, method: str) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path)]
+    command += ["--nolock"] if nolock else []
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
     print(f"{task} observation {observation}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -283,6 +285,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--method", choices=("npe", "nle"), default="npe")
+    parser.add_argument(
+        "--nolock",
+        action="store_true",
+        help="Snakemake's --nolock: run beside another rounds run in this checkout",
+    )
     args = parser.parse_args()
     output = RESULTS / "rounds.json"
     saved = json.loads(output.read_text()) if output.exists() else {}
@@ -296,7 +303,7 @@ def main() -> None:
         for k in args.observations:
             key = f"{task}/{k}"
             if args.action == "run":
-                run(task, k, args.results.resolve(), args.cores, args.method)
+                run(task, k, args.results.resolve(), args.cores, args.method, args.nolock)
             elif args.action == "nesting":
                 found = nesting(task, k, args.results.resolve())
                 print(key, json.dumps(found), flush=True)
