@@ -229,6 +229,7 @@ def sample_likelihood_posterior(
     prior = posterior.prior
     # The prior's draws come from NumPy: seed it from torch's generator, which the stage seeds.
     rng = np.random.default_rng(int(torch.randint(2**62, ())))
+    # Observations per call, bounded by the draws and candidates of the smallest ensemble.
     per_call = max(1, SAMPLES_PER_CALL // max(num_samples, settings.sized(1, 0).candidates))
     inside, support = None, None
     if region is not None:
