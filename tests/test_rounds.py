@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import h5py
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -15,10 +16,17 @@ from scipy import stats
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.models.posterior import load_posterior
+from pipeline.models.npe import NPE
+from pipeline.models.posterior import (
+    NeuralPosterior,
+    PosteriorSpec,
+    load_posterior,
+    log_mean_weight,
+)
 from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
 from pipeline.report.results import ResultsError, read_rounds
+from pipeline.rounds.proposal import StackProposal, stack_proposal
 from pipeline.rounds.records import Truncation, TruncationError, round_seed
 from pipeline.rounds.region import TruncatedPrior, load_region, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
@@ -403,3 +411,132 @@ def test_misspecification_is_not_tested_against_a_region_chosen_at_the_observati
     reason = _misspecification_skipped({"attrs": {"truncation": "{}"}})["misspecification"]
     assert "chosen at the observation" in reason and "amortized posterior" in reason
     assert _misspecification_skipped({"attrs": {}}) == {}
+
+
+def test_the_stacks_proposal_weighs_each_round_by_its_share_over_its_regions_mass(
+    truncated, nested
+):
+    truncation = Truncation.read(truncated / "truncation.json")
+    proposal = stack_proposal(
+        nested / "train.h5", truncated / "truncation.json", [truncated / "model"]
+    )
+    # float32 first: the ratio sees theta as the training batches hold it.
+    theta = TASK.prior.sample(20000, np.random.default_rng(0)).astype(np.float32)
+    inside = region_of(truncated, truncation).accepts(theta.astype(np.float64))
+    w = proposal.ratio(torch.as_tensor(theta)).numpy()
+    # Rounds 0 and 1 hold 1000 simulations each: half the draws from the prior, half from the
+    # region of prior mass m.
+    np.testing.assert_allclose(w[~inside], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(w[inside], 0.5 + 0.5 / truncation.prior_mass, rtol=1e-6)
+    assert proposal.ratio(torch.tensor([[5.0, 5.0]])).item() == 0  # outside the prior's box
+    # A density ratio to the prior: its prior mean is 1, up to the estimated mass (20000 prior
+    # draws each here and in truncate: a standard error below 0.01).
+    assert abs(w.mean() - 1) < 0.03
+
+
+def test_a_proposal_needs_a_stack_of_this_runs_rounds(truncated, nested, tmp_path):
+    region = [truncated / "truncation.json", [truncated / "model"]]
+    with pytest.raises(ValueError, match="is not a stack of rounds .* train without --trunc"):
+        stack_proposal(truncated / "sims.h5", *region)
+    both = [truncated / "model", nested / "model"]
+    with pytest.raises(ValueError, match="a region of 1 levels, but .* has 2: pass the trunc"):
+        stack_proposal(nested / "train.h5", nested / "truncation.json", both)
+    older = tmp_path / "older.h5"
+    shutil.copy(nested / "train.h5", older)
+    with h5py.File(older, "r+") as f:
+        rounds = json.loads(f.attrs["rounds"])
+        older_rounds = [{k: v for k, v in r.items() if k != "num_simulations"} for r in rounds]
+        f.attrs["rounds"] = json.dumps(older_rounds)
+    with pytest.raises(ValueError, match="stack the rounds again with `pipeline stack-rounds"):
+        stack_proposal(older, *region)
+    other = tmp_path / "other.json"
+    document = json.loads((truncated / "truncation.json").read_text())
+    other.write_text(json.dumps({**document, "threshold": document["threshold"] + 1}))
+    with pytest.raises(ValueError, match="round 1 of .* was drawn from another region"):
+        stack_proposal(nested / "train.h5", other, [truncated / "model"])
+
+
+def test_train_takes_the_region_with_the_posteriors_of_its_levels(nested, tmp_path, capsys):
+    args = ["train", "--data", str(nested / "train.h5"), "--out", str(tmp_path / "model")]
+    assert main([*args, "--truncation", str(nested / "truncation.json")]) != 0
+    assert "--truncation and --region-models go together" in capsys.readouterr().err
+
+
+def test_log_mean_weight_has_the_value_and_gradient_of_log_e_q_w():
+    # q = N(mu, 1), w = 0.5 + 2 [theta > 0]: E_q[w] = 0.5 + 2 Phi(mu).
+    torch.manual_seed(0)
+    mu = torch.tensor(0.3, requires_grad=True)
+    q = torch.distributions.Normal(mu, 1.0)
+    draws = q.sample((256, 2000))
+    w = 0.5 + 2.0 * (draws > 0)
+    out = log_mean_weight(w, q.log_prob(draws), floor=0.5)
+    out.mean().backward()
+    expected = 0.5 + 2 * stats.norm.cdf(0.3)
+    # 2000 columns of 256 draws: standard errors near 0.002 (value) and 0.0015 (gradient);
+    # the self-normalised gradient's bias is of order 1/256.
+    assert abs(out.mean().item() - np.log(expected)) < 0.01
+    assert abs(mu.grad.item() - 2 * stats.norm.pdf(0.3) / expected) < 0.01
+    nothing = log_mean_weight(torch.zeros(4, 3), torch.zeros(4, 3), floor=0.5)
+    np.testing.assert_allclose(nothing.numpy(), np.log(0.5 / 4))  # one draw of the floor
+
+
+class HalfLine:
+    """A region of one level, theta > 0, for a proposal without a trained posterior."""
+
+    truncation = Truncation("toy", 0.0, 0.1, 0.5, 1, 1, 1e-3, "", {}, [])
+
+    def depth(self, theta: np.ndarray) -> np.ndarray:
+        return (theta[:, 0] > 0).astype(int)
+
+
+def fit_gaussian(theta: torch.Tensor, x: torch.Tensor, proposal: StackProposal | None):
+    """q(theta | x) Gaussian with a mean linear in x: the exact family of the toy model."""
+    spec = PosteriorSpec(
+        parameter_names=("a",),
+        x_shape=(1,),
+        flow="maf",
+        transforms=1,
+        flow_hidden=(),
+        embedding="identity",
+        ensemble=1,
+    )
+    posterior = NeuralPosterior(spec, theta.mean(0), theta.std(0), x.mean(0), x.std(0))
+    torch.manual_seed(0)
+    module = NPE(posterior, learning_rate=0.01, lr_schedule="constant", proposal=proposal)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(theta, x),
+        batch_size=256,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    trainer = pl.Trainer(
+        max_epochs=40,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader)
+    return posterior.eval()
+
+
+def test_the_normalised_loss_learns_the_posterior_the_plain_loss_cuts_at_the_region():
+    # theta ~ N(0, 1), x ~ N(theta, 0.5^2); half the pairs drawn from theta > 0 (prior mass
+    # 0.5). At x = -0.5 the posterior N(-0.4, 0.447^2) puts 19 % of its mass above 0, which the
+    # proposal weighs three times as much as the rest.
+    rng = np.random.default_rng(0)
+    theta = rng.normal(size=(8000, 1))
+    theta[4000:] = np.abs(theta[4000:])
+    x = theta + 0.5 * rng.normal(size=theta.shape)
+    theta, x = (torch.as_tensor(a, dtype=torch.float32) for a in (theta, x))
+    proposal = StackProposal(HalfLine(), [4000, 4000], [0.5])
+    means = {}
+    for name, used in (("plain", None), ("normalised", proposal)):
+        posterior = fit_gaussian(theta, x, used)
+        with torch.no_grad():
+            means[name] = posterior.sample(torch.tensor([[-0.5]]), 20000).mean().item()
+    # 8000 pairs fit the mean to about 0.01; 20000 draws add 0.003.
+    assert abs(means["normalised"] + 0.4) < 0.04, means
+    assert means["plain"] > -0.4 + 0.08, means

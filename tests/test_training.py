@@ -336,6 +336,11 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
             "at their defaults or set method: fmpe",
         ),
         ({"method": "nle", "time_features": 8}, "method nle has no time_features"),
+        (
+            {"method": "nle", "proposal_draws": 4},
+            "method nle has no proposal_draws \\(a likelihood does not depend on the proposal",
+        ),
+        ({"method": "fmpe", "proposal_draws": 0}, "method fmpe has no proposal_draws"),
     ],
 )
 def test_bad_training_options_are_refused(options, message):

@@ -197,6 +197,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = config.replaced(json_object(args.options, "--options"), source="--options")
     flags = {k: v for k, v in (("seed", args.seed), ("devices", args.devices)) if v is not None}
     config = config.replaced(flags, source="command line")
+    if (args.truncation is None) != (not args.region_models):
+        raise ValueError(
+            "--truncation and --region-models go together: the region the last round was "
+            "drawn from and the posteriors of its levels"
+        )
     search = None
     if args.chosen:
         from pipeline.search.select import check_base, read_choice
@@ -216,6 +221,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint_dir=args.checkpoint_dir,
         overwrite=args.overwrite,
         search=search,
+        truncation=args.truncation,
+        region_models=args.region_models,
     )
 
 
@@ -457,23 +464,28 @@ def _train_command(add: AddCommand) -> None:
     p.add_argument("--checkpoint-dir", type=Path, help="default: OUT.checkpoints/<digest>")
     p.add_argument("--overwrite", action="store_true", help="replace a posterior in --out")
     p.add_argument(
+        "--truncation",
+        type=Path,
+        help="the region the last of --data's stacked rounds was drawn from (`pipeline "
+        "truncate`'s file): npe's loss is normalised over the rounds' proposal",
+    )
+    add_region_models(
+        p, "the posterior folders of --truncation's levels, round 0's first, its own last"
+    )
+    p.add_argument(
         "--chosen",
         type=Path,
         help="options chosen by a search (`pipeline search-select`'s file), over --options",
     )
 
 
-def add_region_models(p: argparse.ArgumentParser) -> None:
+def add_region_models(
+    p: argparse.ArgumentParser,
+    text: str = "the posterior folders of the earlier rounds whose regions this one lies "
+    "inside, round 0's first (as the truncation file lists them)",
+) -> None:
     """``--region-models``: the earlier rounds' posteriors a nested region lies inside."""
-    p.add_argument(
-        "--region-models",
-        type=Path,
-        nargs="+",
-        default=[],
-        metavar="DIR",
-        help="the posterior folders of the earlier rounds whose regions this one lies inside, "
-        "round 0's first (as the truncation file lists them)",
-    )
+    p.add_argument("--region-models", type=Path, nargs="+", default=[], metavar="DIR", help=text)
 
 
 def _round_commands(add: AddCommand) -> None:

@@ -38,6 +38,8 @@ from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, s
 from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, provenance
+from pipeline.rounds.proposal import StackProposal, stack_proposal
+from pipeline.rounds.records import file_digest
 from pipeline.storage import DataFileError
 from pipeline.tasks import Task, get_task
 from pipeline.tasks.base import prior_document
@@ -50,6 +52,9 @@ NPE_ONLY = ("flow", "transforms", "components")
 EMBEDDING_ONLY = ("embedding", "embedding_dim", "embedding_hidden")
 # Options of FMPE's vector field, which the flows of NPE and NLE have no use for.
 FMPE_ONLY = ("time_features",)
+# The correction for the rounds' proposal: NLE's likelihood does not depend on the proposal, and
+# FMPE's loss has no density to normalise.
+PROPOSAL_ONLY = ("proposal_draws",)
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -89,6 +94,12 @@ class TrainConfig(Options):
         (64, 64), minimum=1, help="hidden widths of the embedding"
     )
     ensemble: int = option(4, minimum=1, help="flows trained side by side (their mixture)")
+    proposal_draws: int = option(
+        16,
+        minimum=0,
+        help="npe on rounds' simulations (--truncation): draws of q(theta | x) per pair that "
+        "normalise the loss over the rounds' proposal; 0: the plain loss",
+    )
     batch_size: int = option(256, minimum=1, help="samples per batch and process")
     learning_rate: float = option(1e-3, exclusive_minimum=0, help="AdamW step size")
     lr_schedule: Literal[LR_SCHEDULES] = option("plateau", help="step size schedule")
@@ -125,6 +136,11 @@ class TrainConfig(Options):
                     "npe",
                 ),
                 (FMPE_ONLY, "an option of fmpe's vector field", "fmpe"),
+                (
+                    PROPOSAL_ONLY,
+                    "a likelihood does not depend on the proposal of the parameters",
+                    "npe",
+                ),
             ],
             "fmpe": [
                 (
@@ -132,7 +148,12 @@ class TrainConfig(Options):
                     "options of npe's normalizing flows; fmpe's vector field takes "
                     "its widths from flow_hidden",
                     "npe",
-                )
+                ),
+                (
+                    PROPOSAL_ONLY,
+                    "the flow-matching loss has no density to normalise over a proposal",
+                    "npe",
+                ),
             ],
         }
         defaults = {f.name: f.default for f in fields(self)}
@@ -338,11 +359,16 @@ def train(
     *,
     overwrite: bool = False,
     search: dict[str, Any] | None = None,
+    truncation: Path | None = None,
+    region_models: Sequence[Path] = (),
 ) -> dict[str, Any] | None:
     """Trains NPE on ``data`` and writes ``posterior.pt``, ``posterior.json``, ``metrics.csv``.
 
     ``callbacks`` (Lightning callbacks) run beside the pipeline's own, e.g. to watch a metric;
     ``search`` (the search that chose the options, when one did) is recorded in the metadata.
+    ``truncation`` and ``region_models`` (rounds 0..r-1's posteriors): the region the last of
+    the stacked rounds in ``data`` was drawn from, which NPE's loss is normalised over
+    (:mod:`pipeline.rounds.proposal`).
     Returns the metadata written (on the global rank 0; ``None`` on other ranks).
 
     Raises:
@@ -362,6 +388,7 @@ def train(
     data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
     checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
     posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
+    proposal = rounds_proposal(data, datamodule.attrs, config, truncation, region_models)
     module = NPE(
         posterior,
         learning_rate=config.learning_rate,
@@ -370,6 +397,8 @@ def train(
         max_epochs=config.max_epochs,
         compile=config.compile,
         seed=config.seed,
+        proposal=proposal,
+        proposal_draws=config.proposal_draws,
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
@@ -379,12 +408,41 @@ def train(
     metadata = run_metadata(task, config, datamodule, layout, data, data_digest, seconds)
     if search is not None:
         metadata["search"] = search
+    if proposal is not None:
+        metadata["proposal"] = {"truncation": file_digest(Path(truncation))}
     export(posterior, trainer, config, out, checkpoint_dir, metadata)
     default_parent = default_checkpoint_dir(out, config, data_digest).parent
     if checkpoint_dir.parent == default_parent:
         with contextlib.suppress(OSError):  # other configurations' folders may remain
             checkpoint_dir.parent.rmdir()
     return metadata
+
+
+def rounds_proposal(
+    data: Path,
+    attrs: dict[str, Any],
+    config: TrainConfig,
+    truncation: Path | None,
+    region_models: Sequence[Path],
+) -> StackProposal | None:
+    """The proposal NPE's loss is normalised over: the stacked rounds' of ``data`` (``attrs``
+    its attributes) given their last region, or None where the loss is the plain one (no
+    ``truncation``, method nle or fmpe, ``proposal_draws`` 0), which the log says."""
+    stacked = len(attrs.get("rounds") or [])
+    if truncation is None:
+        if stacked > 1 and config.method == "npe":
+            log.warning(
+                "%s stacks %d rounds drawn from truncated regions; without --truncation the "
+                "loss is not normalised over their proposal (plain TSNPE)",
+                data,
+                stacked,
+            )
+        return None
+    if config.method != "npe" or config.proposal_draws == 0:
+        why = "proposal_draws is 0" if config.method == "npe" else f"method {config.method}"
+        log.info("%s: the loss is not normalised over the rounds' proposal", why)
+        return None
+    return stack_proposal(data, truncation, region_models)
 
 
 def run_metadata(

@@ -365,6 +365,14 @@ def proposal_flags(wildcards, input):
     return ["--truncation", input.proposal[0], "--model", models[-1], *models_flag(models[:-1])]
 
 
+def train_region_flags(wildcards, input):
+    """`pipeline train`'s --truncation FILE --region-models DIR... for a round after the first:
+    the region its simulations were drawn from and every posterior that defines it."""
+    if not input.proposal:
+        return []
+    return ["--truncation", input.proposal[0], *models_flag(region_models(input.proposal))]
+
+
 def within_flags(wildcards, input):
     """`pipeline truncate`'s --within FILE --region-models DIR... (none for round 0)."""
     if not input.within:

@@ -75,10 +75,12 @@ if ROUNDED:
             " --overwrite --log {log:q}"
 
 
-    # As the train rule (same options, checkpoints beside the model, resumable).
+    # As the train rule (same options, checkpoints beside the model, resumable); NPE's loss is
+    # normalised over the proposal the stacked rounds were drawn from (the last region's).
     rule round_train:
         input:
             data=round_path("{round}", "train.h5"),
+            proposal=round_proposal,
         output:
             posterior=round_path("{round}", "model/posterior.pt"),
             spec=round_path("{round}", "model/posterior.json"),
@@ -92,12 +94,14 @@ if ROUNDED:
         params:
             options=train_options,
             model_dir=lambda wildcards, output: Path(output.posterior).parent,
+            proposal=train_region_flags,
         threads: 1
         resources:
             mpi="",
         shell:
             "{resources.mpi} pipeline train --data {input.data:q} --out {params.model_dir:q}"
-            " --options {params.options:q} --threads {threads} --overwrite --log {log:q}"
+            " --options {params.options:q} {params.proposal:q} --threads {threads}"
+            " --overwrite --log {log:q}"
 
 
     rule truncate:

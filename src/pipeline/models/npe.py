@@ -3,11 +3,26 @@ flow-matching loss of a vector field (FMPE)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
 from pipeline.models.posterior import NeuralPosterior
+
+
+class Proposal(Protocol):
+    """A proposal's density relative to the prior, ``ratio`` (rows (n, D) -> (n,)), and its
+    smallest value inside the prior, ``smallest``
+    (:class:`pipeline.rounds.proposal.StackProposal`)."""
+
+    smallest: float
+
+    def ratio(self, theta: torch.Tensor) -> torch.Tensor: ...
+
 
 # "plateau" halves the step after lr_patience epochs without improvement; "cosine" anneals it
 # to zero over max_epochs (one step per epoch); "constant" keeps it.
@@ -29,7 +44,11 @@ class NPE(pl.LightningModule):
         lr_patience: Epochs without validation improvement before ``plateau`` halves the step.
         max_epochs: The horizon of ``cosine``.
         compile: Whether to compile the posterior's losses with ``torch.compile``.
-        seed: Seed of FMPE's draws of times and noise (with the step, batch and rank).
+        seed: Seed of FMPE's draws of times and noise, and of the draws that normalise over
+            ``proposal`` (with the step, batch and rank).
+        proposal: The proposal the pairs were drawn from where it is not the prior (NPE in
+            rounds): the loss adds ``log E_q[w]`` (:mod:`pipeline.rounds.proposal`), by
+            ``proposal_draws`` draws per pair.
     """
 
     def __init__(
@@ -42,6 +61,8 @@ class NPE(pl.LightningModule):
         max_epochs: int = 200,
         compile: bool = False,
         seed: int = 0,
+        proposal: Proposal | None = None,
+        proposal_draws: int = 16,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -51,6 +72,7 @@ class NPE(pl.LightningModule):
         self.weight_decay = weight_decay
         self.lr_schedule, self.lr_patience, self.max_epochs = lr_schedule, lr_patience, max_epochs
         self.seed = seed
+        self.proposal, self.proposal_draws = proposal, proposal_draws
         # Compiled callables share the posterior's parameters; the state dict is unchanged.
         self._member_loss = posterior.member_loss
         self._validation_loss = posterior.validation_loss
@@ -66,6 +88,16 @@ class NPE(pl.LightningModule):
         seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
+    @contextlib.contextmanager
+    def _seeded(self, *key: int) -> Iterator[None]:
+        """torch's global generators seeded from ``(seed, *key)`` inside, restored after: the
+        flows draw from them, and a resumed run must see the same draws."""
+        seed = np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            yield
+
     def _common_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, index: int
     ) -> torch.Tensor:
@@ -74,10 +106,21 @@ class NPE(pl.LightningModule):
             # Members learn side by side, each by its own loss (a deep ensemble), not the
             # mixture's: that keeps them diverse. For one member the two are the same.
             generator = self._generator(0, self.global_step, self.global_rank)
-            loss = self._member_loss(theta, x, generator).mean()
+            loss = self._member_loss(theta, x, generator)
+            if self.proposal is not None:
+                with self._seeded(0, self.global_step, self.global_rank):
+                    loss = loss + self.posterior.member_log_normaliser(
+                        x, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
+                    )
         else:
             generator = self._generator(1, index, self.global_rank)
-            loss = self._validation_loss(theta, x, generator).mean()
+            loss = self._validation_loss(theta, x, generator)
+            if self.proposal is not None:
+                with self._seeded(1, index, self.global_rank):
+                    loss = loss + self.posterior.log_normaliser(
+                        x, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
+                    )
+        loss = loss.mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",

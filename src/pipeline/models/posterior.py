@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from pipeline.tasks.base import Prior, prior_from_document
 METHODS = ("npe", "fmpe", "nle")
 WEIGHTS = "posterior.pt"
 SPEC = "posterior.json"
+# w(theta) of rows theta (n, D) -> (n,): a proposal's density relative to the prior.
+Ratio = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,39 @@ class NeuralPosterior(nn.Module):
             return self.member_loss(theta, x, generator).mean(dim=0)
         return -self._mixture_log_prob(theta, x)
 
+    def member_log_normaliser(
+        self, x: torch.Tensor, ratio: Ratio, draws: int, floor: float
+    ) -> torch.Tensor:
+        """``log E_{q_k(theta' | x)}[w(theta')]`` of each member ``k`` by ``draws`` of its own
+        per ``x`` (N, *x_shape) -> (K, N): what normalises NPE's loss over a proposal of density
+        ``prior * w`` (:mod:`pipeline.rounds.proposal`).
+
+        Value and gradient as :func:`log_mean_weight` (``floor``: the smallest ``w`` inside the
+        prior); the gradient is the score function's, as ``w`` is piecewise constant and the
+        draws' reparametrisation carries none. Draws use torch's global generator: the caller
+        seeds it.
+        """
+        x_standard = (x - self.x_mean) / self.x_std
+        normalisers = []
+        for member in self.members:
+            distribution = member(x_standard)
+            with torch.no_grad():
+                z = distribution.sample((draws,))  # (M, N, D)
+                theta = z * self.theta_std + self.theta_mean
+                w = ratio(theta.flatten(0, 1)).view(draws, len(x))
+            normalisers.append(log_mean_weight(w, distribution.log_prob(z), floor))
+        return torch.stack(normalisers)
+
+    @torch.no_grad()
+    def log_normaliser(
+        self, x: torch.Tensor, ratio: Ratio, draws: int, floor: float
+    ) -> torch.Tensor:
+        """``log E_{q(theta' | x)}[w(theta')]`` of the mixture, its value only (validation):
+        ``x`` (N, *x_shape) -> (N,); as :meth:`member_log_normaliser`."""
+        theta = self.sample(x, draws)
+        w = ratio(theta.flatten(0, 1)).view(draws, len(x))
+        return torch.log(w.mean(dim=0).clamp_min(floor / draws))
+
     def sample_and_log_prob(
         self, x: torch.Tensor, num_samples: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +330,18 @@ class NeuralPosterior(nn.Module):
                     z[draw, observation] = _draws(member.flow(context), ())
         theta = z * self.theta_std + self.theta_mean
         return theta if torch.is_grad_enabled() else theta.detach()
+
+
+def log_mean_weight(w: torch.Tensor, log_q: torch.Tensor, floor: float) -> torch.Tensor:
+    """``log mean_m w_m`` per column of ``w`` (M, N), the weights of draws ``theta'_m`` of
+    ``q``, with the score-function gradient of ``log E_q[w]``: ``log_q`` (M, N) holds
+    ``log q(theta'_m)`` with its graph. The gradient is ``sum_m (w_m / sum w - 1 / M) grad
+    log q(theta'_m)`` (the ``1 / M`` a baseline of expectation zero); a mean of 0 counts as
+    one draw of weight ``floor``. -> (N,)"""
+    draws = len(w)
+    coefficient = w / w.sum(dim=0).clamp_min(floor) - 1.0 / draws
+    score = (coefficient.detach() * log_q).sum(dim=0)
+    return torch.log(w.mean(dim=0).clamp_min(floor / draws)).detach() + score - score.detach()
 
 
 def _draws(distribution: torch.distributions.Distribution, shape: tuple[int, ...]) -> torch.Tensor:

@@ -73,13 +73,21 @@ class TruncatedPrior:
             out[start : start + STEP] = posterior.log_prob(rows, x)[:, 0].double().numpy()
         return out
 
-    def accepts(self, theta: np.ndarray) -> np.ndarray:
-        """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans. Each level's
-        posterior is evaluated only on the rows the earlier levels kept."""
+    def depth(self, theta: np.ndarray) -> np.ndarray:
+        """How many of the nested regions hold each row of ``theta`` (n, D): ``(n,)`` integers,
+        -1 outside the prior, 0 inside the prior only, ``k`` inside the regions of levels
+        ``0..k-1``. Each level's posterior is evaluated only on the rows the earlier levels
+        kept."""
         inside = np.isfinite(self.prior.log_prob(theta))
+        depth = np.where(inside, 0, -1)
         for level, bound in enumerate(self.truncation.levels):
             inside[inside] = self.log_q(theta[inside], level) >= bound["threshold"]
-        return inside
+            depth[inside] += 1
+        return depth
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans."""
+        return self.depth(theta) == len(self.truncation.levels)
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` draws of the truncated prior, shape ``(n, D)``; ``rng`` is the only source of

@@ -40,7 +40,12 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
                 "round's simulations belong in the stack once"
             )
     rounds = [
-        {"file": str(source), "config_digest": attrs.get("config_digest"), "seed": attrs["seed"]}
+        {
+            "file": str(source),
+            "config_digest": attrs.get("config_digest"),
+            "seed": attrs["seed"],
+            "num_simulations": int(attrs["num_simulations"]),
+        }
         | ({"proposal": attrs["proposal"]} if "proposal" in attrs else {})
         for source, attrs in zip(sources, found, strict=True)
     ]
