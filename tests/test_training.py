@@ -341,6 +341,7 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
             "method nle has no proposal_draws \\(a likelihood does not depend on the proposal",
         ),
         ({"method": "fmpe", "proposal_draws": 0}, "method fmpe has no proposal_draws"),
+        ({"method": "nle", "proposal_rows": 8}, "method nle has no proposal_rows"),
     ],
 )
 def test_bad_training_options_are_refused(options, message):

@@ -54,7 +54,7 @@ EMBEDDING_ONLY = ("embedding", "embedding_dim", "embedding_hidden")
 FMPE_ONLY = ("time_features",)
 # The correction for the rounds' proposal: NLE's likelihood does not depend on the proposal, and
 # FMPE's loss has no density to normalise.
-PROPOSAL_ONLY = ("proposal_draws",)
+PROPOSAL_ONLY = ("proposal_draws", "proposal_rows")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -99,6 +99,12 @@ class TrainConfig(Options):
         minimum=0,
         help="npe on rounds' simulations (--truncation): draws of q(theta | x) per pair that "
         "normalise the loss over the rounds' proposal; 0: the plain loss",
+    )
+    proposal_rows: int = option(
+        64,
+        minimum=1,
+        help="npe on rounds' simulations: pairs of each batch whose normaliser is estimated "
+        "(the draws cost more than the loss)",
     )
     batch_size: int = option(256, minimum=1, help="samples per batch and process")
     learning_rate: float = option(1e-3, exclusive_minimum=0, help="AdamW step size")
@@ -399,6 +405,7 @@ def train(
         seed=config.seed,
         proposal=proposal,
         proposal_draws=config.proposal_draws,
+        proposal_rows=config.proposal_rows,
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)

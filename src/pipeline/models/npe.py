@@ -48,7 +48,7 @@ class NPE(pl.LightningModule):
             ``proposal`` (with the step, batch and rank).
         proposal: The proposal the pairs were drawn from where it is not the prior (NPE in
             rounds): the loss adds ``log E_q[w]`` (:mod:`pipeline.rounds.proposal`), by
-            ``proposal_draws`` draws per pair.
+            ``proposal_draws`` draws per pair for ``proposal_rows`` pairs of each batch.
     """
 
     def __init__(
@@ -63,6 +63,7 @@ class NPE(pl.LightningModule):
         seed: int = 0,
         proposal: Proposal | None = None,
         proposal_draws: int = 16,
+        proposal_rows: int = 64,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -73,6 +74,7 @@ class NPE(pl.LightningModule):
         self.lr_schedule, self.lr_patience, self.max_epochs = lr_schedule, lr_patience, max_epochs
         self.seed = seed
         self.proposal, self.proposal_draws = proposal, proposal_draws
+        self.proposal_rows = proposal_rows
         # Compiled callables share the posterior's parameters; the state dict is unchanged.
         self._member_loss = posterior.member_loss
         self._validation_loss = posterior.validation_loss
@@ -102,25 +104,30 @@ class NPE(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, index: int
     ) -> torch.Tensor:
         theta, x = batch
+        # The normaliser's draws cost far more than the loss itself (an autoregressive flow
+        # draws in D passes), so it is estimated on the batch's first rows: batches are
+        # shuffled, so these are a random subset and its mean has the full batch's expectation.
+        rows = x[: self.proposal_rows]
         if stage == "train":
             # Members learn side by side, each by its own loss (a deep ensemble), not the
             # mixture's: that keeps them diverse. For one member the two are the same.
             generator = self._generator(0, self.global_step, self.global_rank)
-            loss = self._member_loss(theta, x, generator)
+            loss = self._member_loss(theta, x, generator).mean()
             if self.proposal is not None:
                 with self._seeded(0, self.global_step, self.global_rank):
-                    loss = loss + self.posterior.member_log_normaliser(
-                        x, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
+                    normaliser = self.posterior.member_log_normaliser(
+                        rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
+                loss = loss + normaliser.mean()
         else:
             generator = self._generator(1, index, self.global_rank)
-            loss = self._validation_loss(theta, x, generator)
+            loss = self._validation_loss(theta, x, generator).mean()
             if self.proposal is not None:
                 with self._seeded(1, index, self.global_rank):
-                    loss = loss + self.posterior.log_normaliser(
-                        x, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
+                    normaliser = self.posterior.log_normaliser(
+                        rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
-        loss = loss.mean()
+                loss = loss + normaliser.mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",
