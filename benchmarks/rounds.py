@@ -85,16 +85,21 @@ def run(task: str, observation: int, results: Path, cores: int, method: str, nol
 
 
 def collect(task: str, observation: int, results: Path, method: str) -> dict[str, Any]:
-    """What the pipeline's rounds at ``observation`` reached, from their files."""
+    """What the pipeline's rounds at ``observation`` reached, from their files; the rounds
+    alone (their C2ST and regions) where the run stopped before validate."""
     folder = results / experiment(task, observation, method)
     rounds = sorted((folder / task / "rounds").glob("round-*/truncation.json"))
     truncations = [json.loads(path.read_text()) for path in rounds]
+    found = {
+        "round_c2st": [round(t["c2st"], 4) for t in truncations],
+        "region_prior_mass": [round(t["prior_mass"], 4) for t in truncations],
+    }
+    if not (folder / task / "validation/metrics.json").exists():
+        return found | {"rounds_seconds": round(stage_seconds(folder / "benchmarks"), 1)}
     metrics = json.loads((folder / task / "validation/metrics.json").read_text())
     coverage = metrics["coverage"]
     levels = np.asarray(coverage["levels"])
-    return {
-        "round_c2st": [round(t["c2st"], 4) for t in truncations],
-        "region_prior_mass": [round(t["prior_mass"], 4) for t in truncations],
+    return found | {
         "c2st": round(metrics["c2st"]["mean"], 4),
         "tarp_max_deviation": round(float(np.max(np.abs(coverage["tarp"] - levels))), 4),
         "hpd_max_deviation": round(float(np.max(np.abs(coverage["hpd"] - levels))), 4),
