@@ -282,6 +282,14 @@ def nesting(task_name: str, observation: int, results: Path) -> dict[str, Any]:
     }
 
 
+def record(output: Path, key: str, found: dict[str, Any]) -> None:
+    """Sets ``found``'s entries under ``key`` in the results file, read afresh: a run beside
+    this one (``peer`` takes minutes, ``run`` hours) may have written it meanwhile."""
+    saved = json.loads(output.read_text()) if output.exists() else {}
+    saved[key] = {**saved.get(key, {}), **found}
+    output.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("run", "peer", "table", "nesting", "curve"))
@@ -297,8 +305,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     output = RESULTS / "rounds.json"
-    saved = json.loads(output.read_text()) if output.exists() else {}
     if args.action == "curve":
+        saved = json.loads(output.read_text())
         found = curves(saved, args.tasks, RESULTS / "rounds_curve.png")
         (RESULTS / "rounds_curve.json").write_text(json.dumps(found, indent=1) + "\n")
         for task, entry in found.items():
@@ -310,20 +318,16 @@ def main() -> None:
             if args.action == "run":
                 run(task, k, args.results.resolve(), args.cores, args.method, args.nolock)
             elif args.action == "nesting":
-                found = nesting(task, k, args.results.resolve())
-                print(key, json.dumps(found), flush=True)
-                continue
+                print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
-                saved.setdefault(key, {})["sbi"] = peer(task, k, args.results.resolve())
+                record(output, key, {"sbi": peer(task, k, args.results.resolve())})
             elif args.method == "nle":
-                found = collect(task, k, args.results.resolve(), "nle")
-                saved.setdefault(key, {})["ours_nle"] = found
+                record(output, key, {"ours_nle": collect(task, k, args.results.resolve(), "nle")})
             else:
                 found = collect(task, k, args.results.resolve(), "npe")
-                saved[key] = {**saved.get(key, {}), "ours": found, "amortized": amortized(task, k)}
-            output.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+                record(output, key, {"ours": found, "amortized": amortized(task, k)})
     if args.action == "table":
-        for key, entry in sorted(saved.items()):
+        for key, entry in sorted(json.loads(output.read_text()).items()):
             print(key, json.dumps(entry))
 
 
