@@ -56,8 +56,8 @@ class StackProposal:
             )
         self.region = region
         shares = np.asarray(counts, dtype=np.float64) / sum(counts)
-        # weights[d + 1]: w of a theta inside exactly d nested regions (weights[0]: outside
-        # the prior, where the proposal never draws).
+        # weights[d + 1]: w of a theta of depth d (TruncatedPrior.depth: inside the prior and
+        # the regions R_1..R_d; -1 outside the prior, where the proposal never draws).
         self.weights = np.concatenate([[0.0], np.cumsum(shares / np.asarray([1.0, *masses]))])
 
     @property
