@@ -278,8 +278,7 @@ class NeuralPosterior(nn.Module):
         """``log E_{q(theta' | x)}[w(theta')]`` of the mixture, its value only (validation):
         ``x`` (N, *x_shape) -> (N,); as :meth:`member_log_normaliser`."""
         theta = self.sample(x, draws)
-        w = ratio(theta.flatten(0, 1)).view(draws, len(x))
-        return torch.log(w.mean(dim=0).clamp_min(floor / draws))
+        return _log_mean(ratio(theta.flatten(0, 1)).view(draws, len(x)), floor)
 
     def sample_and_log_prob(
         self, x: torch.Tensor, num_samples: int
@@ -338,10 +337,15 @@ def log_mean_weight(w: torch.Tensor, log_q: torch.Tensor, floor: float) -> torch
     ``log q(theta'_m)`` with its graph. The gradient is ``sum_m (w_m / sum w - 1 / M) grad
     log q(theta'_m)`` (the ``1 / M`` a baseline of expectation zero); a mean of 0 counts as
     one draw of weight ``floor``. -> (N,)"""
-    draws = len(w)
-    coefficient = w / w.sum(dim=0).clamp_min(floor) - 1.0 / draws
+    coefficient = w / w.sum(dim=0).clamp_min(floor) - 1.0 / len(w)
     score = (coefficient.detach() * log_q).sum(dim=0)
-    return torch.log(w.mean(dim=0).clamp_min(floor / draws)).detach() + score - score.detach()
+    return _log_mean(w, floor).detach() + score - score.detach()
+
+
+def _log_mean(w: torch.Tensor, floor: float) -> torch.Tensor:
+    """``log mean_m w_m`` per column of ``w`` (M, N) -> (N,), a mean of 0 counted as one draw
+    of weight ``floor``."""
+    return torch.log(w.mean(dim=0).clamp_min(floor / len(w)))
 
 
 def _draws(distribution: torch.distributions.Distribution, shape: tuple[int, ...]) -> torch.Tensor:
