@@ -42,7 +42,10 @@ class StackProposal:
 
     Arguments:
         region: The last round's region, whose levels ``0..r-1`` define ``R_1..R_r``.
-        counts: Simulations of rounds ``0..r`` (``n_k``).
+        counts: Simulations of rounds ``0..r`` (``n_k``), those whose ``x`` is not finite
+            included: training drops them by ``x`` alone, which leaves ``p(theta | x)`` of
+            every finite ``x`` as it was, so the proposal to correct for is the one the
+            parameters were drawn from, however unevenly the simulator fails across rounds.
         masses: Prior masses of ``R_1..R_r`` (``m_k``; the prior's own is 1).
     """
 
