@@ -16,7 +16,8 @@ sequential NLE: every round trains the task's block of ``config/experiments/nle.
 ``sbi``'s truncated sequential NPE on the same task, observation and rounds: ``NPE`` at its
 defaults, each round's proposal the ``RestrictedPrior`` of ``get_density_thresholder`` at the same
 quantile, the same simulator, 10^4 samples at the observation, scored by the validate stage's C2ST
-(5 folds, seed 5) against the pipeline run's reference. ``nesting``: where the last region's test
+(5 folds, seed 5) against the pipeline run's reference (with ``--method nle``, sequential NLE's
+run's: the same observations and references). ``nesting``: where the last region's test
 simulations lie against each earlier round's own region, and HPD coverage inside all of them
 against the rest (printed). ``table``: per observation the C2ST of every round, the final
 posterior's C2ST and coverage (TARP and HPD on test simulations from the last region), wall time,
@@ -201,8 +202,9 @@ def curves(saved: dict[str, Any], tasks: list[str], out: Path) -> dict[str, Any]
     return found
 
 
-def peer(task_name: str, observation: int, results: Path) -> dict[str, Any]:
-    """``sbi``'s TSNPE on the same task, observation and rounds; C2ST against the reference."""
+def peer(task_name: str, observation: int, results: Path, method: str) -> dict[str, Any]:
+    """``sbi``'s TSNPE on the same task, observation and rounds; C2ST against the reference of
+    our ``method``'s run there (the same observations and references whichever it is)."""
     import torch
     from sbi.inference import NPE
     from sbi.utils import RestrictedPrior, get_density_thresholder
@@ -215,7 +217,7 @@ def peer(task_name: str, observation: int, results: Path) -> dict[str, Any]:
     from pipeline.tasks import get_task
 
     task = get_task(task_name)
-    folder = results / experiment(task_name, observation) / task_name
+    folder = results / experiment(task_name, observation, method) / task_name
     _, x_obs, reference = read_reference(folder / "observations.h5")
     x_o = torch.from_numpy(x_obs[observation].reshape(-1)).float()
     settings = rounds_settings()
@@ -320,7 +322,7 @@ def main() -> None:
             elif args.action == "nesting":
                 print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
-                record(output, key, {"sbi": peer(task, k, args.results.resolve())})
+                record(output, key, {"sbi": peer(task, k, args.results.resolve(), args.method)})
             elif args.method == "nle":
                 record(output, key, {"ours_nle": collect(task, k, args.results.resolve(), "nle")})
             else:
