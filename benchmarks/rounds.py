@@ -186,7 +186,8 @@ def curves(saved: dict[str, Any], tasks: list[str], out: Path) -> dict[str, Any]
             mine = np.mean([rounds_curve(saved[k]["ours"]) for k in with_sbi], axis=0)
             shown = ", ".join(k.split("/")[1] for k in with_sbi)
             axis.plot(steps, sbi, "^--", label=f"sbi TSNPE (obs. {shown})")
-            axis.plot(steps, mine, "o:", color="C0", alpha=0.6, label=f"rounds (obs. {shown})")
+            if with_sbi != keys:  # else the rounds' own curve
+                axis.plot(steps, mine, "o:", color="C0", alpha=0.6, label=f"rounds (obs. {shown})")
             found[task]["sbi"] = {
                 "observations": [int(k.split("/")[1]) for k in with_sbi],
                 "sbi_c2st": [round(float(c), 4) for c in sbi],
