@@ -22,7 +22,8 @@ simulations lie against each earlier round's own region, and HPD coverage inside
 against the rest (printed). ``table``: per observation the C2ST of every round, the final
 posterior's C2ST and coverage (TARP and HPD on test simulations from the last region), wall time,
 ``sbi``'s C2ST where run, and the amortized posterior's C2ST at 10^3, 10^4 and 10^5 simulations
-from ``results/peer.json``; written to ``benchmarks/results/rounds.json``. ``curve``: from that
+from ``results/peer.json``; written to ``benchmarks/results/rounds.json`` (under ``ours``, or
+``--key``'s name for a variant run at some observations only). ``curve``: from that
 file, per task the mean C2ST after each round against simulations used, amortized NPE's at 10^3,
 10^4 and 10^5 on the same observations (and the simulations it needs to reach the rounds' final
 C2ST), ``sbi``'s TSNPE beside ours on its observations: ``benchmarks/results/rounds_curve.json``
@@ -302,6 +303,12 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--method", choices=("npe", "nle"), default="npe")
     parser.add_argument(
+        "--key",
+        default="ours",
+        help="table: store NPE's runs under this key of rounds.json instead of ours (a variant "
+        "not yet run at every observation, which curve would otherwise mix with the rest)",
+    )
+    parser.add_argument(
         "--nolock",
         action="store_true",
         help="Snakemake's --nolock: run beside another rounds run in this checkout",
@@ -328,7 +335,7 @@ def main() -> None:
                 record(output, key, {"ours_nle": collect(task, k, args.results.resolve(), "nle")})
             else:
                 found = collect(task, k, args.results.resolve(), "npe")
-                record(output, key, {"ours": found, "amortized": amortized(task, k)})
+                record(output, key, {args.key: found, "amortized": amortized(task, k)})
     if args.action == "table":
         for key, entry in sorted(json.loads(output.read_text()).items()):
             print(key, json.dumps(entry))
