@@ -260,6 +260,44 @@ def test_a_rounds_region_lies_inside_the_earlier_rounds_regions(truncated, neste
     assert region.accepts(theta).all()
 
 
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("npe", {}),
+        ("fmpe", {}),
+        # A Gaussian prior: NLE's posterior adds a log-prior that varies from row to row.
+        ("nle", {"prior": {"kind": "DiagonalNormal", "loc": [0.0, 0.5], "scale": [1.0, 2.0]}}),
+    ],
+)
+def test_a_region_decides_every_row_as_the_ensembles_density_does(method, extra):
+    """Members are evaluated one at a time and rows decided early (log_prob_reaches): the
+    verdicts must be those of the whole mixture's density, rows above and below alike."""
+    spec = PosteriorSpec(
+        parameter_names=("a", "b"),
+        x_shape=(3,),
+        flow="maf",
+        transforms=1,
+        flow_hidden=(8,),
+        embedding_hidden=(8,),
+        embedding_dim=4,
+        ensemble=3,
+        method=method,
+        extra=extra,
+    )
+    torch.manual_seed(0)
+    posterior = NeuralPosterior(spec).eval()
+    theta = torch.randn(400, 2) * 2
+    x = torch.randn(1, 3)
+    with torch.no_grad():
+        log_q = posterior.log_prob(theta[:, None], x)[:, 0].double()
+    # Thresholds that put most rows above, about half, and most below.
+    for threshold in np.quantile(log_q.numpy(), [0.1, 0.5, 0.9]):
+        reaches = posterior.log_prob_reaches(theta, x, float(threshold))
+        # Rows within float32 rounding of the threshold may fall either way.
+        clear = (log_q - threshold).abs() > 1e-4
+        assert torch.equal(reaches[clear], (log_q >= threshold)[clear])
+
+
 def test_a_nested_region_needs_every_earlier_rounds_model_in_order(
     truncated, nested, tmp_path, capsys
 ):

@@ -175,15 +175,46 @@ class NeuralPosterior(nn.Module):
         """
         z = (theta - self.theta_mean) / self.theta_std
         x = (x - self.x_mean) / self.x_std
-        if self.is_likelihood:
-            x = x.expand(*z.shape[:-1], x.shape[-1])
-            jacobian = self.x_std.log().sum()
-            log_q = torch.stack([member(z).log_prob(x) for member in self.members]) - jacobian
-            return log_q if torch.is_grad_enabled() else log_q.detach()
-        jacobian = self.theta_std.log().sum()
-        log_q = torch.stack([member(x).log_prob(z) for member in self.members]) - jacobian
+        log_q = torch.stack([self._member_log_q(member, z, x) for member in self.members])
         # zuko's ODE solver returns a graph over the weights even under no_grad (FMPE).
         return log_q if torch.is_grad_enabled() else log_q.detach()
+
+    def _member_log_q(self, member: Member, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One member's log-density in the original units, of standardised ``z`` (..., N, D)
+        and standardised ``x`` (N, *x_shape): log q_k(theta | x), or log q_k(x | theta) for
+        NLE -> (..., N)."""
+        if self.is_likelihood:
+            x = x.expand(*z.shape[:-1], x.shape[-1])
+            return member(z).log_prob(x) - self.x_std.log().sum()
+        return member(x).log_prob(z) - self.theta_std.log().sum()
+
+    @torch.no_grad()
+    def log_prob_reaches(
+        self, theta: torch.Tensor, x: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        """Whether ``log_prob(theta, x) >= threshold`` for rows ``theta`` (M, D) at one
+        observation ``x`` (1, *x_shape): (M,) booleans.
+
+        The members are evaluated one at a time, each on the rows still below ``threshold``:
+        the mixture's density is at least the members' so far (the others only add to it), so
+        a row they already put above it is inside whatever the rest say. Rows in a region's bulk
+        are decided by the first member; only rows outside need them all (a region's test is
+        about twice as fast for four members).
+        """
+        z = ((theta - self.theta_mean) / self.theta_std)[:, None]  # (M, 1, D)
+        x = (x - self.x_mean) / self.x_std
+        offset = torch.full((len(theta),), -math.log(len(self.members)), dtype=torch.float64)
+        if self.is_likelihood:
+            offset = self._times_prior(offset, theta)
+        total = torch.full((len(theta),), -math.inf, dtype=torch.float64)
+        below = torch.arange(len(theta))
+        for member in self.members:
+            log_q = self._member_log_q(member, z[below], x)[:, 0].detach().double()
+            total[below] = torch.logaddexp(total[below], log_q)
+            below = below[total[below] + offset[below] < threshold]
+            if not len(below):
+                break
+        return total + offset >= threshold
 
     def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log q(theta | x): ``theta`` (..., N, D), ``x`` (N, *x_shape) -> (..., N).

@@ -77,13 +77,25 @@ class TruncatedPrior:
         """How many of the nested regions hold each row of ``theta`` (n, D): ``(n,)`` integers,
         -1 outside the prior, 0 inside the prior only, ``k`` inside the regions of levels
         ``0..k-1``. Each level's posterior is evaluated only on the rows the earlier levels
-        kept."""
+        kept, and only as far as it takes to decide them
+        (:meth:`~pipeline.models.posterior.NeuralPosterior.log_prob_reaches`)."""
         inside = np.isfinite(self.prior.log_prob(theta))
         depth = np.where(inside, 0, -1)
         for level, bound in enumerate(self.truncation.levels):
-            inside[inside] = self.log_q(theta[inside], level) >= bound["threshold"]
+            inside[inside] = self._reaches(theta[inside], level, bound["threshold"])
             depth[inside] += 1
         return depth
+
+    def _reaches(self, theta: np.ndarray, level: int, threshold: float) -> np.ndarray:
+        """Whether log q(theta | x_o) >= ``threshold`` under the posterior of ``level``, for
+        rows ``theta`` (n, D) -> (n,) booleans, in steps of :data:`STEP` rows."""
+        posterior = self.posteriors[level]
+        out = np.empty(len(theta), dtype=bool)
+        x = self.x_obs[None]
+        for start in range(0, len(theta), STEP):
+            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)
+            out[start : start + STEP] = posterior.log_prob_reaches(rows, x, threshold).numpy()
+        return out
 
     def accepts(self, theta: np.ndarray) -> np.ndarray:
         """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans."""
