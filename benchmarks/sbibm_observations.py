@@ -14,8 +14,10 @@ sampled by ``pipeline sample`` and scored by ``pipeline c2st`` (10^4 samples per
         --published /tmp/sbibm-results/benchmarking_sbi/results/main_paper.csv
 
 Also scored: the task's own reference method (``Task.reference``) at sbibm's observations
-against sbibm's reference samples, which checks that both references sample one posterior.
-Writes ``benchmarks/results/sbibm_<task>.json`` and prints a table.
+against sbibm's reference samples, which checks that both references sample one posterior;
+with ``--sbi nle --sbi-data FILE``, ``sbi``'s own estimator trained on the same simulations (as
+``benchmarks/peer.py`` trains it). Writes ``benchmarks/results/sbibm_<task>.json`` (keeping the
+models an earlier run scored at the same observations) and prints a table.
 """
 
 from __future__ import annotations
@@ -121,6 +123,25 @@ def score_reference(task_name: str, observations: Path) -> list[float]:
     return values
 
 
+def score_sbi(
+    method: str, data: Path, task_name: str, observations: Path
+) -> tuple[list[float], dict]:
+    """``sbi``'s estimator of ``method`` trained on the simulations in ``data`` as
+    ``benchmarks/peer.py`` trains it (its defaults, seed 0; NLE sampled by slice sampling over
+    20 chains), its C2ST per observation and its times."""
+    from peer import peer
+
+    from pipeline import storage
+    from pipeline.diagnostics import c2st_batched
+    from pipeline.observations import read_reference
+    from pipeline.tasks import get_task
+
+    _, xs, references = read_reference(observations)
+    times, samples = peer(get_task(task_name), storage.read_simulations(data), xs, 0, method)
+    values = c2st_batched(references, samples, seed=SEED, num_folds=5)
+    return [float(value) for value in values], times
+
+
 def published(path: Path, task: str, budget: int, indices: list[int]) -> dict[str, list[float]]:
     """sbibm's published C2ST of every algorithm at ``indices`` (``main_paper.csv`` of
     sbi-benchmark/results), for the algorithms that ran at all of them."""
@@ -149,12 +170,22 @@ def main() -> None:
         metavar="LABEL=DIR",
         help="a trained model folder to score, with its label (repeatable)",
     )
+    parser.add_argument(
+        "--sbi",
+        nargs="+",
+        default=[],
+        choices=("npe", "nle", "fmpe"),
+        help="also train sbi's estimators of these families on --sbi-data (as peer.py does)",
+    )
+    parser.add_argument("--sbi-data", type=Path, help="simulations for --sbi (training file)")
     parser.add_argument("--observations", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--budget", type=int, default=10000, help="for --published's rows")
     parser.add_argument("--published", type=Path, help="sbi-benchmark/results' main_paper.csv")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "sbibm_observations")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.sbi and args.sbi_data is None:
+        parser.error("--sbi needs --sbi-data: the simulations to train sbi's estimators on")
 
     work = args.work / args.task
     work.mkdir(parents=True, exist_ok=True)
@@ -173,11 +204,19 @@ def main() -> None:
             parser.error(f"--model {entry!r}: give LABEL=DIR")
         values, seconds = score_model(Path(folder), observations, work / label)
         result["models"][label] = {"model": folder, "c2st": values, "sample_seconds": seconds}
+    for method in args.sbi:
+        values, times = score_sbi(method, args.sbi_data, args.task, observations)
+        result["models"][f"sbi {method.upper()}"] = {"data": str(args.sbi_data), "c2st": values}
+        result["models"][f"sbi {method.upper()}"] |= times
     if args.published:
         result["published"] = published(args.published, args.task, args.budget, args.observations)
         result["published_budget"] = args.budget
 
     out = args.out or RESULTS / f"sbibm_{args.task}.json"
+    if out.exists():  # models scored before at the same observations stay beside the new ones
+        saved = json.loads(out.read_text())
+        if saved["sbibm_observations"] == args.observations:
+            result["models"] = saved["models"] | result["models"]
     out.write_text(json.dumps(result, indent=1) + "\n")
     rows = [("reference (ours)", result["reference"])]
     rows += [(label, entry["c2st"]) for label, entry in result["models"].items()]
