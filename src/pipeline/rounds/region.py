@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 
 # Rows of theta per log-density evaluation: bounded memory, few Python round trips.
 STEP = 65536
+
+
+def _in_steps(theta: np.ndarray, evaluate: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """``evaluate`` of rows ``theta`` (n, D) -> (n,), :data:`STEP` rows (float32) at a time."""
+    steps = [
+        evaluate(torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)).numpy()
+        for start in range(0, len(theta), STEP)
+    ]
+    return np.concatenate(steps) if steps else np.empty(0)
 
 
 class TruncatedPrior:
@@ -65,13 +74,8 @@ class TruncatedPrior:
         """log q(theta | x_o) of rows ``theta`` (n, D) -> (n,) under the posterior of
         ``level`` (the last by default); x_o is embedded once per step (a map task's embedding
         would otherwise run once per prior draw)."""
-        posterior = self.posteriors[level]
-        out = np.empty(len(theta), dtype=np.float64)
-        x = self.x_obs[None]
-        for start in range(0, len(theta), STEP):
-            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)[:, None]
-            out[start : start + STEP] = posterior.log_prob(rows, x)[:, 0].double().numpy()
-        return out
+        posterior, x = self.posteriors[level], self.x_obs[None]
+        return _in_steps(theta, lambda rows: posterior.log_prob(rows[:, None], x)[:, 0].double())
 
     def depth(self, theta: np.ndarray) -> np.ndarray:
         """How many of the nested regions hold each row of ``theta`` (n, D): ``(n,)`` integers,
@@ -88,14 +92,9 @@ class TruncatedPrior:
 
     def _reaches(self, theta: np.ndarray, level: int, threshold: float) -> np.ndarray:
         """Whether log q(theta | x_o) >= ``threshold`` under the posterior of ``level``, for
-        rows ``theta`` (n, D) -> (n,) booleans, in steps of :data:`STEP` rows."""
-        posterior = self.posteriors[level]
-        out = np.empty(len(theta), dtype=bool)
-        x = self.x_obs[None]
-        for start in range(0, len(theta), STEP):
-            rows = torch.as_tensor(theta[start : start + STEP], dtype=torch.float32)
-            out[start : start + STEP] = posterior.log_prob_reaches(rows, x, threshold).numpy()
-        return out
+        rows ``theta`` (n, D) -> (n,) booleans."""
+        posterior, x = self.posteriors[level], self.x_obs[None]
+        return _in_steps(theta, lambda rows: posterior.log_prob_reaches(rows, x, threshold))
 
     def accepts(self, theta: np.ndarray) -> np.ndarray:
         """Which rows of ``theta`` (n, D) lie in the region: ``(n,)`` booleans."""
