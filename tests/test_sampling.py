@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import sampling
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
-from pipeline.sampling import MIN_REDRAW, _fill, _redraw_count, read_observations, sample_posterior
+from pipeline.sampling import (
+    MIN_REDRAW,
+    REGION_FIRST_DRAWS,
+    _fill,
+    _redraw_count,
+    read_observations,
+    sample_posterior,
+)
 
 
 def _posterior(members: int = 1, theta_std: float = 1.0, seed: int = 0) -> NeuralPosterior:
@@ -79,6 +87,33 @@ def test_draws_rejected_by_the_box_are_replaced_by_a_pass_of_their_own_size(monk
     assert 0 < (2000 - accepted).max() < 1000
     needed = np.ceil(1.2 * ((2000 - accepted) / (accepted / 2000)).max())
     assert len(passes[1]) == max(MIN_REDRAW, needed) < 2000
+
+
+class HalfPlane:
+    """A region of the first parameter above zero (a stand-in for a round's region)."""
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        return theta[:, 0] > 0
+
+
+def test_a_call_restricted_to_a_region_draws_no_more_than_a_call_may(posterior, monkeypatch):
+    # A region's first pass draws REGION_FIRST_DRAWS per observation however few samples are
+    # asked: the observations per call must count those draws, or a call holds
+    # REGION_FIRST_DRAWS / num_samples times the draws that bound its memory.
+    monkeypatch.setattr(sampling, "CPU_SAMPLES_PER_CALL", 3 * REGION_FIRST_DRAWS)
+    calls = []
+    draw = posterior.sample_and_log_prob
+
+    def recorded(x, num_samples):
+        calls.append(len(x) * num_samples)
+        return draw(x, num_samples)
+
+    monkeypatch.setattr(posterior, "sample_and_log_prob", recorded)
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    result = sample_posterior(posterior, x, 50, region=HalfPlane())
+    assert (result.samples[..., 0] > 0).all() and result.sampled.all()
+    assert calls[0] == 3 * REGION_FIRST_DRAWS  # three observations of the first call
+    assert max(calls) <= sampling.CPU_SAMPLES_PER_CALL
 
 
 def test_a_pass_after_the_first_draws_what_the_acceptance_needs():

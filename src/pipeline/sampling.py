@@ -28,11 +28,15 @@ from pipeline.resources import require_room
 
 log = logging.getLogger(__name__)
 
-# Samples drawn per flow call (observations x samples): bounds memory (~25 MB at D = 10) and
-# sets how often progress is logged.
+# Draws per flow call (observations x draws of the first pass): bounds memory, which the flow's
+# intermediate tensors dominate, and sets how often progress is logged. On CPU, calls of 2**16
+# draws of slcp's four spline flows peak at 1.7 GB where 2**18 peaked at 3.8 GB, and ran 1.2
+# times faster (benchmarks/README.md); a GPU keeps the larger calls, as does an NLE posterior's
+# MCMC, whose chains per call it bounds.
 SAMPLES_PER_CALL = 2**18
+CPU_SAMPLES_PER_CALL = 2**16
 # An FMPE draw on CPU is an ODE solve (about 4 ms with its density at ten parameters): a call of
-# SAMPLES_PER_CALL draws would log progress every quarter of an hour. Its ODE is solved by
+# CPU_SAMPLES_PER_CALL draws would log progress every four minutes. Its ODE is solved by
 # chunks of one observation anyway, so smaller calls cost nothing there; a GPU solves a call at
 # once and keeps the large calls.
 FMPE_CPU_SAMPLES_PER_CALL = 2**14
@@ -42,6 +46,9 @@ MIN_ACCEPTANCE = 1e-3
 # of its posterior inside: it is sampled down to this acceptance (after 1 / it draws), then left
 # out of the samples and counted, rather than failing every other observation.
 REGION_MIN_ACCEPTANCE = 1e-4
+# Draws per observation of the first pass restricted to a region, which may accept few of them:
+# larger passes reach a verdict in fewer of them.
+REGION_FIRST_DRAWS = 4096
 # Draws per observation of a pass after the first is at least this: a handful of missing samples
 # would otherwise take several passes, each an ODE solve for FMPE.
 MIN_REDRAW = 128
@@ -177,7 +184,8 @@ def sample_posterior(
     samples = np.empty((n, num_samples, dim), dtype=np.float32)
     log_prob = np.empty((n, num_samples), dtype=np.float32)
     sampled = np.ones(n, dtype=bool)
-    per_call = max(1, _samples_per_call(posterior) // num_samples)
+    # The first pass draws the most per observation; the call's size bounds it.
+    per_call = max(1, _samples_per_call(posterior) // _first_draws(num_samples, region))
     progress = Progress(n, "observations", log)
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
@@ -189,13 +197,10 @@ def sample_posterior(
 
 
 def _samples_per_call(posterior: NeuralPosterior) -> int:
-    """Draws per call of the posterior: fewer for FMPE on CPU, so that progress is logged."""
-    on_cpu = posterior.theta_mean.device.type == "cpu"
-    return (
-        FMPE_CPU_SAMPLES_PER_CALL
-        if posterior.spec.method == "fmpe" and on_cpu
-        else SAMPLES_PER_CALL
-    )
+    """Draws per call of the posterior: fewer on CPU, fewest for FMPE there."""
+    if posterior.theta_mean.device.type != "cpu":
+        return SAMPLES_PER_CALL
+    return FMPE_CPU_SAMPLES_PER_CALL if posterior.spec.method == "fmpe" else CPU_SAMPLES_PER_CALL
 
 
 def sample_likelihood_posterior(
@@ -320,9 +325,7 @@ def _sample_batch(
     drawn = np.zeros(n, dtype=np.int64)
     sampled = np.ones(n, dtype=bool)
     short = np.arange(n)
-    # A region may accept few draws: larger rounds reach a verdict in a few passes.
-    first = num_samples if region is None else max(num_samples, 4096)
-    count = first
+    first = count = _first_draws(num_samples, region)
     while len(short):
         # Only observations still missing samples are redrawn: one observation whose posterior
         # leans on the prior's edge must not make every other observation pay for it.
@@ -358,6 +361,12 @@ def _sample_batch(
             count = _redraw_count(num_samples - filled[short], filled[short], drawn[short], first)
     samples[~sampled], log_prob[~sampled] = np.nan, np.nan
     return samples, log_prob, sampled
+
+
+def _first_draws(num_samples: int, region: Region | None) -> int:
+    """Draws per observation of the first pass: ``num_samples``, or at least
+    ``REGION_FIRST_DRAWS`` where a region may accept few of them."""
+    return num_samples if region is None else max(num_samples, REGION_FIRST_DRAWS)
 
 
 def _redraw_count(missing: np.ndarray, filled: np.ndarray, drawn: np.ndarray, first: int) -> int:
