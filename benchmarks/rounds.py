@@ -12,7 +12,9 @@ inference as a DAG), at the five reference observations of a task.
 ``config/experiments/rounds.yaml`` (4 x 2500 simulations) aimed at observation ``k``, as the
 experiment ``rounds_<task>_obs<k>`` (``snakemake --cores CORES``); with ``--method nle``,
 sequential NLE: every round trains the task's block of ``config/experiments/nle.yaml`` (experiment
-``rounds_<task>_obs<k>_nle``; ``table --method nle`` stores it as ``ours_nle``). ``peer``:
+``rounds_<task>_obs<k>_nle``; ``table --method nle`` stores it as ``ours_nle``); with
+``--train-seed S``, every round trains from seed ``S`` (experiment ``rounds_<task>_obs<k>_seedS``;
+``table --train-seed S --key NAME`` stores it as ``NAME``). ``peer``:
 ``sbi``'s truncated sequential NPE on the same task, observation and rounds: ``NPE`` at its
 defaults, each round's proposal the ``RestrictedPrior`` of ``get_density_thresholder`` at the same
 quantile, the same simulator, 10^4 samples at the observation, scored by the validate stage's C2ST
@@ -49,8 +51,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NUM_SAMPLES = 10**4
 
 
-def experiment(task: str, observation: int, method: str = "npe") -> str:
-    return f"rounds_{task}_obs{observation}" + ("" if method == "npe" else f"_{method}")
+def experiment(task: str, observation: int, method: str = "npe", seed: int = 0) -> str:
+    name = f"rounds_{task}_obs{observation}" + ("" if method == "npe" else f"_{method}")
+    return name + (f"_seed{seed}" if seed else "")
 
 
 def nle_block(task: str) -> dict[str, Any]:
@@ -63,20 +66,26 @@ def rounds_settings() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config/experiments/rounds.yaml").read_text())["rounds"]
 
 
-def run(task: str, observation: int, results: Path, cores: int, method: str, nolock: bool) -> None:
+def run(
+    task: str, observation: int, results: Path, cores: int, method: str, nolock: bool, seed: int
+) -> None:
     """The pipeline's rounds for ``task`` at ``observation``, as their own experiment; with
     ``method`` nle, every round trains the task's block of ``config/experiments/nle.yaml``;
-    with ``nolock``, beside another run in this checkout (each writes its own experiment)."""
+    with ``nolock``, beside another run in this checkout (each writes its own experiment); with
+    ``seed``, every round trains from that seed (another replicate of the same method)."""
     rounds = {**rounds_settings(), "tasks": [task], "observation": observation}
+    name = experiment(task, observation, method, seed)
     config = {
-        "experiment": experiment(task, observation, method),
+        "experiment": name,
         "results": str(results),
         "tasks": [task],
         "rounds": rounds,
     }
     if method == "nle":
         config["task_train"] = {task: nle_block(task)}
-    path = results / f"{experiment(task, observation, method)}.yaml"
+    if seed:
+        config["train"] = {"seed": seed}
+    path = results / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(path)]
@@ -86,10 +95,12 @@ def run(task: str, observation: int, results: Path, cores: int, method: str, nol
     print(f"{task} observation {observation}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def collect(task: str, observation: int, results: Path, method: str) -> dict[str, Any]:
+def collect(
+    task: str, observation: int, results: Path, method: str, seed: int = 0
+) -> dict[str, Any]:
     """What the pipeline's rounds at ``observation`` reached, from their files; the rounds
     alone (their C2ST and regions) where the run stopped before validate."""
-    folder = results / experiment(task, observation, method)
+    folder = results / experiment(task, observation, method, seed)
     rounds = sorted((folder / task / "rounds").glob("round-*/truncation.json"))
     truncations = [json.loads(path.read_text()) for path in rounds]
     found = {
@@ -309,6 +320,13 @@ def main() -> None:
         "not yet run at every observation, which curve would otherwise mix with the rest)",
     )
     parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=0,
+        help="run, table: every round trains from this seed, in the experiment "
+        "rounds_<task>_obs<k>_seed<S> (with table, give it its own --key)",
+    )
+    parser.add_argument(
         "--nolock",
         action="store_true",
         help="Snakemake's --nolock: run beside another rounds run in this checkout",
@@ -326,7 +344,8 @@ def main() -> None:
         for k in args.observations:
             key = f"{task}/{k}"
             if args.action == "run":
-                run(task, k, args.results.resolve(), args.cores, args.method, args.nolock)
+                results = args.results.resolve()
+                run(task, k, results, args.cores, args.method, args.nolock, args.train_seed)
             elif args.action == "nesting":
                 print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
@@ -334,7 +353,7 @@ def main() -> None:
             elif args.method == "nle":
                 record(output, key, {"ours_nle": collect(task, k, args.results.resolve(), "nle")})
             else:
-                found = collect(task, k, args.results.resolve(), "npe")
+                found = collect(task, k, args.results.resolve(), "npe", args.train_seed)
                 record(output, key, {args.key: found, "amortized": amortized(task, k)})
     if args.action == "table":
         for key, entry in sorted(json.loads(output.read_text()).items()):
