@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Draws per flow call (observations x draws of the first pass): bounds memory, which the flow's
 # intermediate tensors dominate, and sets how often progress is logged. On CPU, calls of 2**16
-# draws of slcp's four spline flows peak at 1.7 GB where 2**18 peaked at 3.8 GB, and ran 1.2
+# draws of slcp's four spline flows peak at 1.7 GB where 2**18 peak at 3.8 GB, and run 1.1-1.5
 # times faster (benchmarks/README.md); a GPU keeps the larger calls, as does an NLE posterior's
 # MCMC, whose chains per call it bounds.
 SAMPLES_PER_CALL = 2**18
