@@ -91,6 +91,20 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def record_draws(posterior: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The draws of each call of ``posterior.sample_and_log_prob`` (observations x draws), in
+    call order, appended to the returned list as the calls happen."""
+    calls: list[int] = []
+    draw = posterior.sample_and_log_prob
+
+    def recorded(x, num_samples):
+        calls.append(len(x) * num_samples)
+        return draw(x, num_samples)
+
+    monkeypatch.setattr(posterior, "sample_and_log_prob", recorded)
+    return calls
+
+
 def merged(base: object, changes: object) -> object:
     """``changes`` layered over ``base`` at every depth, as Snakemake layers config files."""
     if not (isinstance(base, dict) and isinstance(changes, dict)):

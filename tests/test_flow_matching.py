@@ -18,6 +18,7 @@ from pipeline.models.posterior import (
     load_posterior,
     save_posterior,
 )
+from tests.conftest import record_draws
 
 SPEC = PosteriorSpec(
     parameter_names=("a", "b"),
@@ -225,14 +226,7 @@ def test_fmpe_on_cpu_samples_in_calls_small_enough_to_log_progress(posterior, mo
     # A call of 2^18 FMPE draws with densities took a quarter of an hour at ten parameters, and
     # progress is logged between calls: calls here hold at most FMPE_CPU_SAMPLES_PER_CALL draws.
     monkeypatch.setattr(sampling, "FMPE_CPU_SAMPLES_PER_CALL", 64)
-    calls = []
-    draw = posterior.sample_and_log_prob
-
-    def recorded(x, num_samples):
-        calls.append(len(x) * num_samples)
-        return draw(x, num_samples)
-
-    monkeypatch.setattr(posterior, "sample_and_log_prob", recorded)
+    calls = record_draws(posterior, monkeypatch)
     x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     with caplog.at_level(logging.INFO, logger="pipeline.sampling"):
         result = sampling.sample_posterior(posterior, x, 32)

@@ -12,6 +12,7 @@ from pipeline.sampling import (
     read_observations,
     sample_posterior,
 )
+from tests.conftest import record_draws
 
 
 def _posterior(members: int = 1, theta_std: float = 1.0, seed: int = 0) -> NeuralPosterior:
@@ -101,14 +102,7 @@ def test_a_call_restricted_to_a_region_draws_no_more_than_a_call_may(posterior, 
     # asked: the observations per call must count those draws, or a call holds
     # REGION_FIRST_DRAWS / num_samples times the draws that bound its memory.
     monkeypatch.setattr(sampling, "CPU_SAMPLES_PER_CALL", 3 * REGION_FIRST_DRAWS)
-    calls = []
-    draw = posterior.sample_and_log_prob
-
-    def recorded(x, num_samples):
-        calls.append(len(x) * num_samples)
-        return draw(x, num_samples)
-
-    monkeypatch.setattr(posterior, "sample_and_log_prob", recorded)
+    calls = record_draws(posterior, monkeypatch)
     x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
     result = sample_posterior(posterior, x, 50, region=HalfPlane())
     assert (result.samples[..., 0] > 0).all() and result.sampled.all()
