@@ -110,6 +110,22 @@ def test_a_call_restricted_to_a_region_draws_no_more_than_a_call_may(posterior, 
     assert max(calls) <= sampling.CPU_SAMPLES_PER_CALL
 
 
+def test_one_observation_asked_for_more_draws_than_a_call_holds_is_drawn_in_several(
+    posterior, monkeypatch
+):
+    # truncate asks 10^5 draws of one observation: the observations per call cannot bound
+    # that call, so its draws are split into calls of at most CPU_SAMPLES_PER_CALL.
+    monkeypatch.setattr(sampling, "CPU_SAMPLES_PER_CALL", 1000)
+    calls = record_draws(posterior, monkeypatch)
+    x = np.random.default_rng(0).normal(size=(1, 3)).astype(np.float32)
+    result = sample_posterior(posterior, x, 2500)
+    assert calls[:3] == [1000, 1000, 500] and max(calls) <= 1000
+    assert result.sampled.all() and np.isfinite(result.samples).all()
+    assert np.isfinite(result.log_prob).all()
+    # The parts are distinct draws, not one call's repeated.
+    assert len(np.unique(result.samples[0, :, 0])) == 2500
+
+
 def test_a_pass_after_the_first_draws_what_the_acceptance_needs():
     # 10 missing at acceptance 0.5: 1.2 x 20 = 24, raised to MIN_REDRAW.
     assert _redraw_count(np.array([10]), np.array([90]), np.array([180]), 1000) == MIN_REDRAW

@@ -28,7 +28,7 @@ from pipeline.resources import require_room
 
 log = logging.getLogger(__name__)
 
-# Draws per flow call (observations x draws of the first pass): bounds memory, which the flow's
+# Draws per flow call (observations x draws per observation): bounds memory, which the flow's
 # intermediate tensors dominate, and sets how often progress is logged. On CPU, calls of 2**16
 # draws of slcp's four spline flows peak at 1.7 GB where 2**18 peak at 3.8 GB, and run 1.1-1.5
 # times faster (benchmarks/README.md); a GPU keeps the larger calls, as does an NLE posterior's
@@ -329,14 +329,8 @@ def _sample_batch(
     while len(short):
         # Only observations still missing samples are redrawn: one observation whose posterior
         # leans on the prior's edge must not make every other observation pay for it.
-        if densities:
-            theta, lp = posterior.sample_and_log_prob(x[short], count)
-            theta, lp = theta.transpose(0, 1).numpy(), lp.transpose(0, 1).numpy()  # (n', M, D)
-            inside = np.isfinite(lp)
-        else:
-            theta = posterior.sample(x[short], count).transpose(0, 1).numpy()
-            lp = np.full(theta.shape[:-1], np.nan, dtype=np.float32)
-            inside = np.isfinite(theta).all(axis=-1)
+        theta, lp = _draw(posterior, x[short], count, densities)
+        inside = np.isfinite(lp) if densities else np.isfinite(theta).all(axis=-1)
         if low is not None:
             inside &= np.all((theta >= low) & (theta <= high), axis=-1)
         if region is not None:
@@ -361,6 +355,30 @@ def _sample_batch(
             count = _redraw_count(num_samples - filled[short], filled[short], drawn[short], first)
     samples[~sampled], log_prob[~sampled] = np.nan, np.nan
     return samples, log_prob, sampled
+
+
+def _draw(
+    posterior: NeuralPosterior, x: torch.Tensor, count: int, densities: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` draws per observation of ``x`` (n', *x_shape) and their log-densities (NaN
+    without ``densities``): shapes (n', count, D) and (n', count), in flow calls of at most a
+    call's draws. The observations per call already bound most calls; one observation asked
+    for more draws than a call holds (``truncate``'s 10^5) is drawn in several."""
+    step = max(1, _samples_per_call(posterior) // len(x))
+    thetas, log_probs = [], []
+    for start in range(0, count, step):
+        size = min(step, count - start)
+        if densities:
+            theta, lp = posterior.sample_and_log_prob(x, size)
+            lp = lp.transpose(0, 1).numpy()
+        else:
+            theta = posterior.sample(x, size)
+            lp = np.full((len(x), size), np.nan, dtype=np.float32)
+        thetas.append(theta.transpose(0, 1).numpy())
+        log_probs.append(lp)
+    if len(thetas) == 1:
+        return thetas[0], log_probs[0]
+    return np.concatenate(thetas, axis=1), np.concatenate(log_probs, axis=1)
 
 
 def _first_draws(num_samples: int, region: Region | None) -> int:
