@@ -59,8 +59,7 @@ def read_sbibm(root: Path, task: str, index: int) -> tuple[np.ndarray, np.ndarra
 def write_observations(task_name: str, indices: list[int], root: Path, out: Path) -> None:
     """sbibm's observations ``indices`` as an observations file of ``pipeline observe``'s
     layout, with sbibm's references as its reference samples."""
-    from pipeline import storage
-    from pipeline.provenance import provenance
+    from pipeline.observations import write_observations as write
     from pipeline.tasks import get_task
 
     task = get_task(task_name)
@@ -76,15 +75,7 @@ def write_observations(task_name: str, indices: list[int], root: Path, out: Path
         "sbibm_observations": indices,
         "num_reference_samples": reference.shape[1],
     }
-    with storage.atomic_h5(out) as f:
-        f["theta"], f["x"] = theta, x
-        f.create_dataset("reference_samples", data=reference)
-        f.attrs["reference"] = storage.encode_attr({"method": "sbibm's reference files"})
-        for key, value in identity.items():
-            f.attrs[key] = storage.encode_attr(value)
-        f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
-        f.attrs["provenance"] = storage.encode_attr(provenance(identity))
-        f.attrs["complete"] = True
+    write(out, task, theta, x, identity, reference, {"method": "sbibm's reference files"})
 
 
 def score_model(model: Path, observations: Path, folder: Path) -> tuple[list[float], float]:

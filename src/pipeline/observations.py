@@ -77,16 +77,39 @@ def make_observations(
             diagnostics.append({**reference.diagnostics, "seconds": seconds})
             log.info("observation %d: %s reference, %s", j, reference.method, diagnostics[-1])
         progress.update(1)
-    identity = _identity(task, seed, num_reference_samples, mock)
+    write_observations(
+        out,
+        task,
+        np.asarray(thetas),
+        np.asarray(xs),
+        _identity(task, seed, num_reference_samples, mock),
+        np.asarray(references) if references else None,
+        {"method": method, "diagnostics": diagnostics} if references else None,
+    )
+
+
+def write_observations(
+    out: Path,
+    task: Task,
+    theta: np.ndarray,
+    x: np.ndarray,
+    identity: dict[str, Any],
+    references: np.ndarray | None = None,
+    reference_info: dict[str, Any] | None = None,
+) -> None:
+    """Writes observations atomically to ``out`` in the layout every stage reads
+    (:func:`read_reference`): ``theta`` (n, D) and ``x`` (n, *x_shape) as float32, reference
+    posterior samples ``references`` (n, S, D) with ``reference_info`` (how they were drawn)
+    where there are some, and ``identity`` (what the observations depend on) as attributes and
+    in the provenance."""
     with storage.atomic_h5(out) as f:
-        f["theta"] = np.asarray(thetas, dtype=np.float32)
-        f["x"] = np.asarray(xs, dtype=np.float32)
-        if references:
+        f["theta"] = np.asarray(theta, dtype=np.float32)
+        f["x"] = np.asarray(x, dtype=np.float32)
+        if references is not None:
             f.create_dataset("reference_samples", data=np.asarray(references, dtype=np.float32))
-            info = {"method": method, "diagnostics": diagnostics}
-            f.attrs["reference"] = storage.encode_attr(info)
+            f.attrs["reference"] = storage.encode_attr(reference_info or {})
         for key, value in identity.items():
-            f.attrs[key] = value
+            f.attrs[key] = storage.encode_attr(value)
         f.attrs["parameter_names"] = storage.encode_attr(list(task.parameter_names))
         f.attrs["provenance"] = storage.encode_attr(provenance(identity))
         f.attrs["complete"] = True
