@@ -351,9 +351,8 @@ def test_a_region_that_no_prior_draw_reaches_stops_nle_naming_the_quantile():
         sample_posterior(posterior, x_obs[None], 10, region=region)
 
 
-def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, monkeypatch):
-    """In a test set, an observation whose chains fail is left out of coverage and counted (one
-    hard posterior must not fail the thousand others); in observations it is an error (above)."""
+@pytest.fixture
+def first_chain_fails(monkeypatch):
     import pipeline.sampling as sampling
 
     real = sampling.sample_ensemble
@@ -364,13 +363,35 @@ def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, 
         return result
 
     monkeypatch.setattr(sampling, "sample_ensemble", first_fails)
-    with h5py.File(tmp_path / "test.h5", "w") as f:
+
+
+def _with_theta(path, **attrs):
+    with h5py.File(path, "w") as f:
         f["theta"] = np.zeros((3, 2), "f4")
         f["x"] = np.random.default_rng(0).normal(size=(3, 3)).astype("f4")
-    assert sample_cli(model, tmp_path / "test.h5", tmp_path / "samples.h5") == 0
+        f.attrs.update(attrs)
+    return path
+
+
+def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, first_chain_fails):
+    """In a test set, an observation whose chains fail is left out of coverage and counted (one
+    hard posterior must not fail the thousand others); in observations it is an error (above)."""
+    test = _with_theta(tmp_path / "test.h5", num_simulations=3)
+    assert sample_cli(model, test, tmp_path / "samples.h5") == 0
     with h5py.File(tmp_path / "samples.h5") as f:
         assert f["samples"].shape == (2, 200, 2) and f.attrs["num_unconverged_excluded"] == 1
         assert json.loads(f.attrs["observation_index"]) == [1, 2]
+
+
+def test_unconverged_chains_at_synthetic_observations_are_an_error(
+    tmp_path, model, first_chain_fails, capsys
+):
+    """``pipeline observe``'s files hold the true theta too, but they are the observations a
+    user reads the posterior of, not a test set: an unconverged one fails the stage."""
+    observed = _with_theta(tmp_path / "observations.h5", num_reference_samples=0)
+    assert sample_cli(model, observed, tmp_path / "samples.h5") != 0
+    assert "observations 0 (R-hat" in capsys.readouterr().err
+    assert not (tmp_path / "samples.h5").exists()
 
 
 @pytest.mark.slow

@@ -1,3 +1,4 @@
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -152,6 +153,12 @@ def test_observations_from_npy_and_shape_errors(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
     with pytest.raises(ValueError, match=r"empty.npy holds no observations \(x has 0 rows\)"):
         read_observations(tmp_path / "empty.npy", (3,))
+    # A true theta of another width would be broadcast into log q(theta_true | x).
+    with h5py.File(tmp_path / "narrow.h5", "w") as f:
+        f["x"], f["theta"] = np.zeros((4, 3)), np.zeros((4, 1))
+    assert read_observations(tmp_path / "narrow.h5", (3,))[1].shape == (4, 1)
+    with pytest.raises(ValueError, match=r"theta has shape \(4, 1\), expected \(4, 2\)"):
+        read_observations(tmp_path / "narrow.h5", (3,), 2)
 
 
 def test_ensemble_density_is_the_mixture_of_its_members():

@@ -92,12 +92,13 @@ class PosteriorSamples:
 
 
 def read_observations(
-    path: Path, x_shape: tuple[int, ...]
+    path: Path, x_shape: tuple[int, ...], num_parameters: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reads observations ``x`` (n, *x_shape) and, from HDF5 files, true ``theta`` (n, D) if any.
 
-    ``path`` is a ``.npy`` array or an HDF5 file with a dataset ``x`` (optionally ``theta``).
-    A single observation of shape ``x_shape`` is promoted to a batch of one.
+    ``path`` is a ``.npy`` array or an HDF5 file with a dataset ``x`` (optionally ``theta``,
+    checked to have ``num_parameters`` columns where given). A single observation of shape
+    ``x_shape`` is promoted to a batch of one.
     """
     path = Path(path)
     if not path.exists():
@@ -123,7 +124,24 @@ def read_observations(
             f"{path}: observations have shape {x.shape}, expected "
             f"(n_obs, {', '.join(map(str, x_shape))}) for this model"
         )
+    expected = (len(x), num_parameters)
+    if theta is not None and num_parameters is not None and theta.shape != expected:
+        raise ValueError(
+            f"{path}: theta has shape {theta.shape}, expected {expected} (one "
+            f"row of the model's {num_parameters} parameters per observation); the file was "
+            "not written for this model's task"
+        )
     return x.astype(np.float32), theta
+
+
+def holds_simulations(path: Path) -> bool:
+    """Whether ``path`` is a file of simulations (``pipeline simulate``'s, an import's or a
+    round's, which record ``num_simulations``): a test set, whose unconverged MCMC chains are
+    left out of coverage, not observations, where they are an error."""
+    if Path(path).suffix == ".npy":
+        return False
+    with h5py.File(path, "r") as f:
+        return "num_simulations" in f.attrs
 
 
 def observation_task(path: Path) -> str | None:
@@ -528,7 +546,7 @@ def sample(
             f"{observations} holds observations of task {made_for!r}, but {model} is a "
             f"posterior of task {document['task']!r}; sample with the model of that task"
         )
-    x, theta = read_observations(observations, spec.x_shape)
+    x, theta = read_observations(observations, spec.x_shape, len(spec.parameter_names))
     finite = storage.finite_rows(x)
     if theta is not None:
         finite &= storage.finite_rows(theta)
@@ -577,7 +595,8 @@ def sample(
         log.info("one posterior from %d independent observations", len(x))
         x, index = x[None], index[:1]
     if result.mcmc is not None:
-        log_mcmc(result.mcmc, settings, observations, test_set=theta is not None and not iid)
+        test_set = holds_simulations(observations) and not iid
+        log_mcmc(result.mcmc, settings, observations, test_set=test_set)
     excluded = int((~result.sampled).sum())
     # MCMC samples a region exactly, so its observations are left out only for their chains.
     outside = excluded if spec.method != "nle" else 0
