@@ -352,6 +352,31 @@ def test_a_region_within_another_observations_region_is_refused(truncated, neste
 
 
 @pytest.mark.mpi
+def test_shards_drawn_from_a_region_are_neither_reused_nor_merged_as_the_priors(
+    truncated, tmp_path, capsys
+):
+    # The same seed, task and chunks: only the region tells the runs apart.
+    out = tmp_path / "sims.h5"
+    prior = ["--task", "two_moons", "--num-simulations", "600", "--seed", str(round_seed(1, 1))]
+    prior += ["--chunk-size", "300", "--out", str(out)]
+    region = ["--truncation", str(truncated / "truncation.json"), "--model"]
+    region += [str(truncated / "model")]
+    for start in ("0", "300"):
+        assert main(["simulate", *prior, *region, "--chunk", start]) == 0
+    assert main(["merge", *prior]) == 2
+    assert "2 of 2 shards" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", *prior, *region]) == 0
+    merged = storage.read_simulations(out).theta
+    truncation = Truncation.read(truncated / "truncation.json")
+    assert region_of(truncated, truncation).accepts(merged).all()
+    # A run from the prior into the same --out draws its own chunks.
+    assert main(["simulate", *prior, "--overwrite"]) == 0
+    assert "already simulated" not in capsys.readouterr().err
+    from_prior = storage.read_simulations(out)
+    assert "proposal" not in storage.read_attrs(out)
+    assert not region_of(truncated, truncation).accepts(from_prior.theta).all()
+
+
 def test_two_mpi_ranks_simulate_the_same_round(truncated, tmp_path):
     serial = simulate_round(truncated, tmp_path / "serial.h5", "--chunk-size", "300")
     command = [tool("mpiexec"), "-n", "2", tool("pipeline"), "simulate", "--task", "two_moons"]

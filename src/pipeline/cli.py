@@ -57,22 +57,9 @@ def setup_logging(log_file: Path | None) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from pipeline import simulation
-    from pipeline.tasks import get_task
 
     options = SimulateOptions.from_args(args)
-    task = get_task(args.task)
-    plan = _simulation_plan(args.task, options)
-    if (args.truncation is None) != (args.model is None):
-        raise ValueError("--truncation and --model go together: the region and its posterior")
-    if args.region_models and args.truncation is None:
-        raise ValueError("--region-models are the models of --truncation's region; pass both")
-    if args.truncation is not None:
-        from dataclasses import replace
-
-        from pipeline.rounds.region import truncated_task
-
-        task = truncated_task(task, args.task, args.truncation, args.model, args.region_models)
-        plan = replace(plan, proposal=task.proposal)
+    task, plan = _task_and_plan(args, options)
     simulation.simulate(
         plan,
         task,
@@ -85,15 +72,31 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     )
 
 
-def _simulation_plan(task: str, options: SimulateOptions):
+def _task_and_plan(args: argparse.Namespace, options: SimulateOptions):
+    """The task ``simulate`` and ``merge`` run (drawing theta from ``--truncation``'s region
+    where given) and their plan, whose identity records that region."""
     from pipeline.simulation import SimulationPlan
+    from pipeline.tasks import get_task
 
-    return SimulationPlan(
-        task=task,
+    task = get_task(args.task)
+    plan = SimulationPlan(
+        task=args.task,
         num_simulations=options.num_simulations,
         seed=options.seed,
         chunk_size=options.chunk_size,
     )
+    if (args.truncation is None) != (args.model is None):
+        raise ValueError("--truncation and --model go together: the region and its posterior")
+    if args.region_models and args.truncation is None:
+        raise ValueError("--region-models are the models of --truncation's region; pass both")
+    if args.truncation is None:
+        return task, plan
+    from dataclasses import replace
+
+    from pipeline.rounds.region import truncated_task
+
+    task = truncated_task(task, args.task, args.truncation, args.model, args.region_models)
+    return task, replace(plan, proposal=task.proposal)
 
 
 def cmd_truncate(args: argparse.Namespace) -> None:
@@ -124,12 +127,12 @@ def cmd_select_observation(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from pipeline import simulation
-    from pipeline.tasks import get_task
 
     options = SimulateOptions.from_args(args)
+    task, plan = _task_and_plan(args, options)
     simulation.merge(
-        _simulation_plan(args.task, options),
-        get_task(args.task),
+        plan,
+        task,
         args.out,
         overwrite=args.overwrite,
         merge=options.merge,
@@ -377,6 +380,14 @@ def _simulation_commands(add: AddCommand) -> None:
     plan.add_argument("--out", type=Path, required=True)
     plan.add_argument("--overwrite", action="store_true", help="replace an existing output")
     SimulateOptions.add_flags(plan)
+    plan.add_argument(
+        "--truncation",
+        type=Path,
+        help="draw theta from the prior truncated to this region (`pipeline truncate`'s file): "
+        "a round of sequential inference; needs --model",
+    )
+    plan.add_argument("--model", type=Path, help="the posterior folder --truncation was made from")
+    add_region_models(plan)
     text = "simulate (theta, x) pairs; run under mpiexec for ranks"
     p = add("simulate", cmd_simulate, text, [plan])
     p.add_argument(
@@ -391,14 +402,6 @@ def _simulation_commands(add: AddCommand) -> None:
         help="simulate only the chunk starting at index START into its shard; no merge "
         "(scatter/gather: one job per chunk, then `pipeline merge`)",
     )
-    p.add_argument(
-        "--truncation",
-        type=Path,
-        help="draw theta from the prior truncated to this region (`pipeline truncate`'s file): "
-        "a round of sequential inference; needs --model",
-    )
-    p.add_argument("--model", type=Path, help="the posterior folder --truncation was made from")
-    add_region_models(p)
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 
 

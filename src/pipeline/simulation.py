@@ -210,6 +210,10 @@ def shard_path(out: Path, start: int, stop: int) -> Path:
     return shard_dir(out) / f"chunk-{start:012d}-{stop:012d}.h5"
 
 
+# Identity keys a run records only where they apply (SimulationPlan.identity).
+OPTIONAL_IDENTITY = ("proposal", "task_digest")
+
+
 def valid_shard_attrs(
     path: Path, identity: dict[str, object], start: int, stop: int
 ) -> dict[str, Any] | None:
@@ -218,7 +222,10 @@ def valid_shard_attrs(
         attrs = storage.read_attrs(path)
     except (FileNotFoundError, storage.DataFileError):
         return None
-    expected = {**identity, "index_start": start, "index_stop": stop}
+    # Keys only some runs record count when absent too: a shard drawn from a round's region
+    # is not a shard of a run from the prior.
+    optional = dict.fromkeys(OPTIONAL_IDENTITY)
+    expected = {**optional, **identity, "index_start": start, "index_stop": stop}
     matches = all(attrs.get(k) == v for k, v in expected.items())
     return attrs if matches and attrs.get("num_simulations") == (stop - start) else None
 
@@ -514,7 +521,8 @@ def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: lis
                 f"shard {path} of {out} disappeared or broke before the merge ({error}); "
                 "another run may be writing the same --out. Rerun to recompute it"
             ) from None
-        theirs = ", ".join(f"{key} {found.get(key)!r}" for key in (*identity, "index_start"))
+        keys = dict.fromkeys([*identity, *OPTIONAL_IDENTITY, "index_start"])
+        theirs = ", ".join(f"{key} {found.get(key)!r}" for key in keys)
         raise storage.DataFileError(
             f"shard {path} belongs to another run ({theirs}), not to this one "
             f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
