@@ -122,6 +122,21 @@ def test_chunk_rows_stay_near_the_target_and_divide_where_they_can(num_rows):
         assert num_rows % rows == 0 and rows >= min(target // 2, num_rows)
 
 
+def test_copy_merge_of_sources_of_unequal_lengths_keeps_every_row(tmp_path):
+    # Rounds of 500, 300 and 300 simulations: the merged file is chunked like the first
+    # source, so the later ones neither line up with its chunks nor fill their last one.
+    rng = np.random.default_rng(0)
+    theta, x = rng.normal(size=(1100, 3)), rng.normal(size=(1100, 2))
+    bounds = [(0, 500), (500, 800), (800, 1100)]
+    sources = [tmp_path / f"s{i}.h5" for i in range(len(bounds))]
+    for source, (start, stop) in zip(sources, bounds, strict=True):
+        storage.write_simulations(source, theta[start:stop], x[start:stop], {}, overwrite=False)
+    storage.merge_copy(tmp_path / "merged.h5", sources, {"task": "t"}, "gzip")
+    merged = storage.read_simulations(tmp_path / "merged.h5")
+    np.testing.assert_array_equal(merged.theta, theta.astype(np.float32))
+    np.testing.assert_array_equal(merged.x, x.astype(np.float32))
+
+
 def test_copy_merge_takes_raw_chunks_where_aligned_and_rewrites_the_rest(tmp_path, monkeypatch):
     # Tiny chunks, so that each source spans many: 8-byte x rows give 4 rows per chunk.
     monkeypatch.setattr(storage, "CHUNK_BYTES", 32)

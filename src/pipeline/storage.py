@@ -261,7 +261,9 @@ def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int, path: Pat
                 target.id.write_direct_chunk((start + offset, *zeros), chunk, mask)
         else:
             for offset in range(0, len(source), rows):
-                target[start + offset : start + offset + rows] = source[offset : offset + rows]
+                # A source's last slice may be shorter than a chunk of the target.
+                stop = min(offset + rows, len(source))
+                target[start + offset : start + stop] = source[offset:stop]
     except OSError as error:
         raise unreadable(path, error) from None
 
