@@ -27,7 +27,7 @@ from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
 from pipeline.report.results import ResultsError, read_rounds
 from pipeline.rounds.proposal import StackProposal, stack_proposal
-from pipeline.rounds.records import Truncation, TruncationError, round_seed
+from pipeline.rounds.records import Truncation, TruncationError, file_digest, round_seed
 from pipeline.rounds.region import TruncatedPrior, load_region, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
@@ -192,14 +192,36 @@ def test_test_samples_are_restricted_to_the_region(truncated, tmp_path):
     args += [str(tmp_path / "test.h5"), "--num-samples", "200", "--out"]
     region = ["--truncation", str(truncated / "truncation.json")]
     assert main([*args, str(tmp_path / "samples.h5"), *region]) == 0
-    assert main([*args, str(tmp_path / "free.h5")]) == 0
     truncation = Truncation.read(truncated / "truncation.json")
     accepts = region_of(truncated, truncation).accepts
     restricted = read_samples(tmp_path / "samples.h5")
     assert accepts(restricted["samples"].reshape(-1, 2)).all()
     assert restricted["attrs"]["truncation"]["threshold"] == truncation.threshold
     # Without the restriction some test posteriors reach outside the region.
-    assert not accepts(read_samples(tmp_path / "free.h5")["samples"].reshape(-1, 2)).all()
+    posterior, _ = load_posterior(truncated / "model")
+    free = sample_posterior(posterior, storage.read_simulations(tmp_path / "test.h5").x, 200)
+    assert not accepts(free.samples.reshape(-1, 2)).all()
+
+
+def test_test_simulations_are_sampled_only_in_the_region_they_were_drawn_from(
+    truncated, tmp_path, capsys
+):
+    region = ["--truncation", str(truncated / "truncation.json")]
+    simulate_round(truncated, tmp_path / "test.h5", "--chunk-size", "600", n=20)
+    other = tmp_path / "other.json"
+    shutil.copy(truncated / "truncation.json", other)
+    other.write_text(other.read_text() + "\n")  # the same region, another file: other digest
+    args = ["sample", "--model", str(truncated / "model"), "--num-samples", "20", "--out"]
+    args += [str(tmp_path / "s.h5"), "--observations"]
+    cases = [
+        (truncated / "sims.h5", region, "drawn from the prior, not from the region"),
+        (tmp_path / "test.h5", [], "drawn from a round's region"),
+        (tmp_path / "test.h5", ["--truncation", str(other)], "drawn from another region"),
+    ]
+    for observations, extra, message in cases:
+        assert main([*args, str(observations), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "s.h5").exists()
 
 
 def test_a_truncation_of_other_weights_is_refused(truncated, tmp_path):
@@ -413,6 +435,10 @@ def test_simulations_whose_posterior_misses_the_region_are_left_out_and_counted(
     truncation.write(tmp_path / "truncation.json", overwrite=False)
     args = ["simulate", "--task", "two_moons", "--num-simulations", "60", "--seed", "9"]
     assert main([*args, "--out", str(tmp_path / "prior.h5")]) == 0
+    # Recorded as drawn from the region, which the sample stage checks before it restricts.
+    digest = file_digest(tmp_path / "truncation.json")
+    with h5py.File(tmp_path / "prior.h5", "r+") as f:
+        f.attrs["proposal"] = json.dumps({"truncation": digest})
     args = ["sample", "--model", str(truncated / "model"), "--observations"]
     args += [str(tmp_path / "prior.h5"), "--num-samples", "20"]
     args += ["--truncation", str(tmp_path / "truncation.json")]

@@ -134,6 +134,39 @@ def read_observations(
     return x.astype(np.float32), theta
 
 
+def check_drawn_from(observations: Path, truncation: Path | None) -> None:
+    """Refuses to sample test simulations restricted to another region than the one their
+    parameters were drawn from (``--truncation``; none for the prior): the posterior of a
+    simulation drawn from a round's region is the posterior restricted to that region, and
+    coverage scored against any other would be wrong without a sign of it."""
+    if Path(observations).suffix == ".npy":
+        return
+    from pipeline.rounds.records import file_digest
+
+    with h5py.File(observations, "r") as f:
+        proposal = storage.decode_attr(f.attrs["proposal"]) if "proposal" in f.attrs else None
+    drawn_from = None if proposal is None else proposal.get("truncation")
+    expected = None if truncation is None else file_digest(Path(truncation))
+    if drawn_from == expected:
+        return
+    if expected is None:
+        raise ValueError(
+            f"{observations} holds simulations drawn from a round's region (its truncation "
+            f"file's digest {drawn_from}), whose posterior is restricted to it: sample them "
+            "with --truncation (that truncation file) and --region-models"
+        )
+    if drawn_from is None:
+        raise ValueError(
+            f"{observations} holds parameters drawn from the prior, not from the region of "
+            f"{truncation}, so their posterior is not restricted to it: sample them without "
+            f"--truncation, or simulate the test set with --truncation {truncation}"
+        )
+    raise ValueError(
+        f"{observations} was drawn from another region (truncation digest {drawn_from}) than "
+        f"{truncation} ({expected}): sample it with the truncation it was drawn from"
+    )
+
+
 def holds_simulations(path: Path) -> bool:
     """Whether ``path`` is a file of simulations (``pipeline simulate``'s, an import's or a
     round's, which record ``num_simulations``): a test set, whose unconverged MCMC chains are
@@ -557,6 +590,8 @@ def sample(
         raise ValueError(f"{observations} holds no finite observation")
     if iid and truncation is not None:
         raise ValueError("--iid and --truncation cannot be combined")
+    if theta is not None:
+        check_drawn_from(observations, truncation)
     if region_models and truncation is None:
         raise ValueError("--region-models are the models of --truncation's region; pass both")
     if iid and theta is not None:
