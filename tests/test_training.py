@@ -15,7 +15,7 @@ from pipeline.models.embeddings import Flatten
 from pipeline.models.posterior import load_posterior
 from pipeline.parallel import Layout, SerialComm, launch_layout
 from pipeline.tasks import get_task
-from pipeline.training import TrainConfig, check_checkpoints, train
+from pipeline.training import TrainConfig, check_checkpoints, default_checkpoint_dir, train
 from tests.conftest import ROOT, run_env, tool
 
 TINY = {
@@ -221,6 +221,11 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
         check_checkpoints(folder, TrainConfig(learning_rate=0.01), "abc", write=True)
     with pytest.raises(ValueError, match="data_digest: 'abc' -> 'xyz'"):
         check_checkpoints(folder, TrainConfig(), "xyz", write=True)
+    # The same stack trained with the loss normalised over a rounds' proposal is another run.
+    with pytest.raises(ValueError, match="proposal: None -> 'f00d'"):
+        check_checkpoints(folder, TrainConfig(), "abc", write=True, proposal="f00d")
+    plain = default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc")
+    assert default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc", "f00d") != plain
 
 
 LONG = {"max_epochs": 120, "patience": 120}  # ~10 s: long enough to be killed midway

@@ -303,20 +303,36 @@ def merge_metrics(files: list[Path], out: Path) -> None:
         writer.writerows(rows)
 
 
+def run_identity(
+    config: TrainConfig, data_digest: str, proposal: str | None = None
+) -> dict[str, Any]:
+    """What a run's checkpoints depend on: the options that shape the fit, the data and, for
+    NPE's loss normalised over a rounds' proposal, that proposal's truncation file (digest):
+    the plain loss and the normalised one are other objectives on the same data."""
+    identity = {"train": config.shaping(), "data_digest": data_digest}
+    return identity if proposal is None else {**identity, "proposal": proposal}
+
+
 def check_checkpoints(
-    checkpoint_dir: Path, config: TrainConfig, data_digest: str, *, write: bool
+    checkpoint_dir: Path,
+    config: TrainConfig,
+    data_digest: str,
+    *,
+    write: bool,
+    proposal: str | None = None,
 ) -> None:
     """Refuses a checkpoint folder made for another configuration or other data.
 
     Arguments:
         write: Whether this process stamps a new folder with the run's identity (rank 0 only).
+        proposal: The digest of the truncation file NPE's loss is normalised over, if any.
 
     Raises:
         ValueError: If the folder holds checkpoints of a different configuration or data,
             naming what differs.
     """
     # Through JSON, so tuples compare equal to the lists read back from the stamp.
-    identity = json.loads(json.dumps({"train": config.shaping(), "data_digest": data_digest}))
+    identity = json.loads(json.dumps(run_identity(config, data_digest, proposal)))
     stamp = checkpoint_dir / "identity.json"
     if stamp.exists():
         try:
@@ -350,9 +366,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return "; ".join(parts)
 
 
-def default_checkpoint_dir(out: Path, config: TrainConfig, data_digest: str) -> Path:
+def default_checkpoint_dir(
+    out: Path, config: TrainConfig, data_digest: str, proposal: str | None = None
+) -> Path:
     """``OUT.checkpoints/<digest>``: a new configuration never resumes another's checkpoint."""
-    digest = config_digest({"train": config.shaping(), "data_digest": data_digest})
+    digest = config_digest(run_identity(config, data_digest, proposal))
     return out.with_name(out.name + ".checkpoints") / digest
 
 
@@ -392,9 +410,11 @@ def train(
     datamodule, task = open_training_data(data, config, layout)
     config = config.for_task(task)
     data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
-    checkpoint_dir = checkpoint_dir or default_checkpoint_dir(out, config, data_digest)
     posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
     proposal = rounds_proposal(data, datamodule.attrs, config, truncation, region_models)
+    proposal_digest = None if proposal is None else file_digest(Path(truncation))
+    default_dir = default_checkpoint_dir(out, config, data_digest, proposal_digest)
+    checkpoint_dir = checkpoint_dir or default_dir
     module = NPE(
         posterior,
         learning_rate=config.learning_rate,
@@ -408,7 +428,13 @@ def train(
         proposal_rows=config.proposal_rows,
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
-    check_checkpoints(checkpoint_dir, config, data_digest, write=trainer.is_global_zero)
+    check_checkpoints(
+        checkpoint_dir,
+        config,
+        data_digest,
+        write=trainer.is_global_zero,
+        proposal=proposal_digest,
+    )
     seconds = fit(trainer, module, datamodule, checkpoint_dir)
     if not trainer.is_global_zero:
         return None
@@ -416,10 +442,9 @@ def train(
     if search is not None:
         metadata["search"] = search
     if proposal is not None:
-        metadata["proposal"] = {"truncation": file_digest(Path(truncation))}
+        metadata["proposal"] = {"truncation": proposal_digest}
     export(posterior, trainer, config, out, checkpoint_dir, metadata)
-    default_parent = default_checkpoint_dir(out, config, data_digest).parent
-    if checkpoint_dir.parent == default_parent:
+    if checkpoint_dir.parent == default_dir.parent:
         with contextlib.suppress(OSError):  # other configurations' folders may remain
             checkpoint_dir.parent.rmdir()
     return metadata
