@@ -479,3 +479,25 @@ def test_a_few_samples_still_rest_on_enough_draws_to_be_checked():
     mean, scale = torch.zeros(2, 2), torch.ones(2)
     result = sample_ensemble(gaussians(mean, scale), torch.randn(2, 1024, 2) * 3, 5, SETTINGS)
     assert result.samples.shape == (2, 5, 2) and result.converged.all()
+
+
+def test_truncate_stops_naming_the_option_when_the_chains_at_the_observation_fail(
+    tmp_path, first_chain_fails
+):
+    """Unconverged draws would set the region's threshold from NaN densities: a region of no
+    prior mass, blamed on the quantile."""
+    from dataclasses import replace
+
+    from pipeline.options import TruncateOptions
+    from pipeline.rounds.region import truncate
+    from pipeline.sampling import SamplingError
+
+    torch.manual_seed(0)
+    posterior = NeuralPosterior(replace(SPEC, x_shape=(2,)), theta_std=torch.tensor([0.2, 0.2]))
+    save_posterior(posterior, tmp_path / "model", {"task": "two_moons", "provenance": {}})
+    observe = ["observe", "--task", "two_moons", "--num-observations", "1"]
+    observe += ["--num-reference-samples", "100", "--out", str(tmp_path / "obs.h5")]
+    assert cli.main(observe) == 0
+    options = TruncateOptions(quantile=0.01, draws=2000, prior_draws=1000, mcmc_extensions=1)
+    with pytest.raises(SamplingError, match=r"after 1 extensions.*rounds.mcmc_extensions"):
+        truncate(tmp_path / "model", tmp_path / "obs.h5", 0, options)

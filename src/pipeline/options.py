@@ -385,6 +385,11 @@ class TruncateOptions(Options):
         maximum=1,
         help="smallest prior mass of a region: rejection below it is too slow",
     )
+    mcmc_extensions: int = option(
+        4,
+        minimum=0,
+        help="times an NLE posterior's unconverged chains are extended (thinning doubled)",
+    )
     seed: int = option(0, minimum=0, help="seed of the draws and of the C2ST")
 
     def check(self, source: str) -> None:

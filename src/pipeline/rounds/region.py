@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from pipeline.diagnostics import c2st
+from pipeline.ensemble import EnsembleSettings
 from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
 from pipeline.observations import read_reference
 from pipeline.options import TruncateOptions
 from pipeline.rounds.records import Truncation, TruncationError, file_digest, region_advice
-from pipeline.sampling import observation_task, sample_posterior
+from pipeline.sampling import SamplingError, observation_task, sample_posterior
 from pipeline.tasks import Prior, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def truncate(
             region of another task or observation.
         TruncationError: If fewer than ``options.min_prior_mass`` of the prior draws fall in
             the region (the next round could not sample it).
+        SamplingError: If an NLE posterior's chains at the observation do not converge.
     """
     posterior, document = load_posterior(model)
     task = get_task(document["task"])
@@ -318,7 +320,19 @@ def truncate(
     torch.manual_seed(options.seed)
     spec = posterior.spec
     low, high = spec.box()
-    draws = sample_posterior(posterior, x_obs[None], options.draws, low=low, high=high)
+    settings = EnsembleSettings(max_extensions=options.mcmc_extensions)
+    draws = sample_posterior(
+        posterior, x_obs[None], options.draws, low=low, high=high, mcmc=settings
+    )
+    if not draws.sampled[0]:
+        rhat, ess = float(draws.mcmc["rhat"][0]), float(draws.mcmc["ess"][0])
+        raise SamplingError(
+            f"the MCMC chains of {model}'s posterior at observation {index} did not converge "
+            f"(R-hat {rhat:.3f}, ESS {ess:.0f} of {options.draws} draws) after "
+            f"{settings.max_extensions} extensions, so they cannot set the region's threshold; "
+            "raise rounds.mcmc_extensions (each doubles the thinning), or train a smoother "
+            "likelihood (an ensemble of flows)"
+        )
     threshold = float(np.quantile(draws.log_prob[0].astype(np.float64), options.quantile))
     partial = Truncation(
         task=document["task"],
