@@ -335,6 +335,7 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"method": "fmpe", "flow": "maf"}, "method fmpe has no flow \\(options of npe's"),
         ({"method": "fmpe", "transforms": 5}, "method fmpe has no transforms"),
         ({"method": "fmpe", "compile": True}, "compile is not available with method fmpe"),
+        ({"method": "fmpe", "flow_hidden": []}, "fmpe's vector field needs at least one hidden"),
         (
             {"time_features": 8},
             r"method npe has no time_features \(an option of fmpe's vector field\): leave them "
@@ -352,6 +353,20 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
 def test_bad_training_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict(options)
+
+
+def test_embedding_options_that_x_itself_does_not_use_are_logged(caplog):
+    from pipeline.tasks import get_task
+    from pipeline.training import warn_unused_embedding_options
+
+    task = get_task("gaussian_linear")  # ten parameters: auto sees x itself
+    config = TrainConfig.from_dict({"embedding_dim": 64}).for_task(task)
+    assert config.embedding == "identity"
+    warn_unused_embedding_options(config, task)
+    assert "embedding_dim unused: task gaussian_linear's posterior sees x itself" in caplog.text
+    caplog.clear()
+    warn_unused_embedding_options(TrainConfig().for_task(task), task)
+    assert "unused" not in caplog.text
 
 
 @pytest.mark.slow

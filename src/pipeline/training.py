@@ -180,6 +180,12 @@ class TrainConfig(Options):
                 f"{source}: components counts the Gaussians of flow mdn, not set here "
                 f"(flow {self.flow}); leave it at its default or set flow: mdn"
             )
+        if self.method == "fmpe" and not self.flow_hidden:
+            raise OptionsError(
+                f"{source}: method fmpe's vector field needs at least one hidden layer, but "
+                "flow_hidden is empty (a linear conditioner is npe's or nle's); set "
+                "flow_hidden, e.g. [128, 128, 128, 128]"
+            )
         if self.method == "fmpe" and self.compile:
             raise OptionsError(
                 f"{source}: compile is not available with method fmpe (its losses draw from a "
@@ -409,6 +415,7 @@ def train(
     layout = launch_layout(config.devices)
     datamodule, task = open_training_data(data, config, layout)
     config = config.for_task(task)
+    warn_unused_embedding_options(config, task)
     data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
     posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
     proposal = rounds_proposal(data, datamodule.attrs, config, truncation, region_models)
@@ -448,6 +455,25 @@ def train(
         with contextlib.suppress(OSError):  # other configurations' folders may remain
             checkpoint_dir.parent.rmdir()
     return metadata
+
+
+def warn_unused_embedding_options(config: TrainConfig, task: Task) -> None:
+    """Logs embedding options that ``x`` itself (``embedding: identity``, auto's choice from
+    8 parameters) has no use for: set in a train block shared by tasks, they are not an error,
+    but they shape nothing here."""
+    defaults = {f.name: f.default for f in fields(config)}
+    unused = [
+        name
+        for name in ("embedding_dim", "embedding_hidden")
+        if getattr(config, name) != defaults[name]
+    ]
+    if config.method != "nle" and config.embedding == "identity" and unused:
+        log.warning(
+            "%s unused: task %s's posterior sees x itself (embedding identity), with no "
+            "embedding network",
+            " and ".join(unused),
+            task.name,
+        )
 
 
 def rounds_proposal(
