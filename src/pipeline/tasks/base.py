@@ -6,6 +6,7 @@ stages wrap it. All arrays are NumPy, float64 inside the task; storage casts to 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -128,8 +129,11 @@ PRIORS = {kind.__name__: kind for kind in (BoxUniform, DiagonalNormal, Multivari
 def prior_document(prior: Prior) -> dict:
     """The prior as JSON-ready data, e.g. ``{"kind": "BoxUniform", "low": [..], "high": [..]}``:
     what a saved likelihood estimator needs to turn into a posterior."""
-    fields = {name: np.asarray(value).tolist() for name, value in vars(prior).items()}
-    return {"kind": type(prior).__name__, **{k: v for k, v in fields.items() if k[0] != "_"}}
+    # The dataclass's fields only: vars() also holds what cached properties computed.
+    values = {
+        f.name: np.asarray(getattr(prior, f.name)).tolist() for f in dataclasses.fields(prior)
+    }
+    return {"kind": type(prior).__name__, **values}
 
 
 def prior_from_document(document: dict) -> Prior:
