@@ -172,6 +172,32 @@ def test_a_simulator_returning_strings_is_named(tmp_path):
         simulation.run(plan, task, tmp_path / "sims.h5", SerialComm(), overwrite=False)
 
 
+def test_observe_refuses_a_simulator_whose_x_has_another_shape(tmp_path, capsys):
+    # x_shape (3, 4) but x flattened to 12 values: observe must refuse it as simulate does,
+    # not write observations no model of the task can read.
+    path = write(
+        tmp_path,
+        "flat.py",
+        """
+        from pipeline.tasks import BoxUniform, Task
+
+        class Flat(Task):
+            parameter_names = ("a",)
+            parameter_units = ("",)
+            x_shape = (3, 4)
+            prior = BoxUniform((0.0,), (1.0,))
+
+            def simulate(self, theta, rng):
+                return rng.normal(size=(len(theta), 12)) + theta
+        """,
+    )
+    out = tmp_path / "observations.h5"
+    args = ["observe", "--task", f"{path}:Flat", "--num-observations", "2", "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "returned theta (1, 1) and x (1, 12)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

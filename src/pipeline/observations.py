@@ -24,6 +24,7 @@ from pipeline import atomic, importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.resources import require_room
+from pipeline.simulation import check_shapes
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 
@@ -241,6 +242,8 @@ def _draw_finite(
         else:
             theta = task.prior.sample(1, rng)
             x = mock.simulate(theta, rng)
+        theta, x = np.asarray(theta), np.asarray(x)
+        check_shapes(mock or task, theta, x, 1)
         if np.isfinite(x).all():
             return theta[0], x[0]
     raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")

@@ -154,7 +154,7 @@ def simulate_range(
     for block in range(start // size, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
         theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
-        _check_shapes(task, theta_block, x_block, size)
+        check_shapes(task, theta_block, x_block, size)
         lo, hi = max(start - block * size, 0), min(stop - block * size, size)
         rows = slice(block * size + lo - start, block * size + hi - start)
         theta[rows], x[rows] = theta_block[lo:hi], x_block[lo:hi]
@@ -185,7 +185,9 @@ class ChunkBuffers:
         return theta[:n], x[:n]
 
 
-def _check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:
+def check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:
+    """Raises naming the fix unless ``task`` returned ``n`` rows of ``theta`` (n, D) and
+    ``x`` (n, *x_shape) of real numbers."""
     expected_theta, expected_x = (n, task.dim_theta), (n, *task.x_shape)
     if theta.shape != expected_theta or x.shape != expected_x:
         raise ValueError(
