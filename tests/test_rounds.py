@@ -115,6 +115,12 @@ def test_a_real_observation_has_a_region_but_no_c2st(round0, tmp_path):
     assert truncation.prior_mass > 0
 
 
+def test_truncate_says_how_to_make_an_observations_file_of_an_npy(round0, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(2, "f4"))
+    with pytest.raises(ValueError, match="pipeline observe --task two_moons --from"):
+        truncate(round0 / "model", tmp_path / "x.npy", 0, OPTIONS)
+
+
 def test_observations_of_another_task_are_refused(round0, tmp_path):
     other = tmp_path / "mixture.h5"
     args = ["observe", "--task", "gaussian_mixture", "--num-observations", "1"]
@@ -485,6 +491,10 @@ def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path
         assert len(storage.decode_attr(g.attrs["reference"])["diagnostics"]) == 1
     with pytest.raises(ValueError, match="holds 2 observations; there is no observation 2"):
         select_observation(round0 / "observations.h5", 2, tmp_path / "none.h5")
+    # Selected again, it is still the task's observation 1.
+    select_observation(out, 0, tmp_path / "again.h5")
+    with h5py.File(tmp_path / "again.h5") as g:
+        assert storage.decode_attr(g.attrs["selected_index"]) == 1
 
 
 def test_validation_says_how_many_test_simulations_coverage_left_out():

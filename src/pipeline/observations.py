@@ -336,7 +336,8 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
     with open(path, "rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()[:16]
     attrs["selected_from"] = {"digest": digest, "provenance": attrs.pop("provenance", None)}
-    attrs["selected_index"] = index
+    # A selection of a selection is still the task's observation its source was.
+    attrs["selected_index"] = attrs.get("selected_index", index)
     attrs["provenance"] = provenance({"selected_from": digest, "index": index})
     with storage.atomic_h5(out) as f:
         for name, data in rows.items():

@@ -294,6 +294,12 @@ def truncate(
             f"{observations} holds observations of task {made_for!r}, but {model} is a "
             f"posterior of task {document['task']!r}; truncate with the model of that task"
         )
+    if Path(observations).suffix == ".npy":
+        raise ValueError(
+            f"truncate reads an observations file, and {observations} is a NumPy array: make "
+            f"one with `pipeline observe --task {document['task']} --from {observations} --out "
+            "observations.h5`"
+        )
     _, xs, references = read_reference(observations)
     if xs.shape[1:] != tuple(posterior.spec.x_shape):
         raise ValueError(
