@@ -32,6 +32,7 @@ from pipeline.rounds.region import TruncatedPrior, load_region, truncate, trunca
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior
 from pipeline.tasks import get_task
+from pipeline.tasks.base import source_digest
 from pipeline.validation import _left_out, _misspecification_skipped
 from tests.conftest import run_env, tool
 
@@ -479,6 +480,34 @@ def test_stacking_another_tasks_simulations_is_refused(truncated, tmp_path):
     sources = [truncated / "sims.h5", other]
     with pytest.raises(storage.DataFileError, match="holds simulations of task 'gaussian_linear'"):
         stack_rounds("two_moons", sources, tmp_path / "t.h5", overwrite=False)
+
+
+def test_a_stack_of_rounds_of_two_definitions_of_a_users_task_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.rounds.region import TruncatedTask
+
+    task = get_task("examples/oscillator/task.yaml")
+    (tmp_path / "truncation.json").write_text("{}")
+    region = SimpleNamespace(
+        truncation=SimpleNamespace(model_digest="m", threshold=-1.0, prior_mass=0.5)
+    )
+    truncated = TruncatedTask(task, region, [tmp_path / "truncation.json"])
+    assert truncated.proposal["task_digest"] == source_digest(task)
+    rng = np.random.default_rng(0)
+    rounds = [tmp_path / "round0.h5", tmp_path / "round1.h5"]
+    # Round 1 drawn after the task's files were edited: its proposal records another digest.
+    edited = {**truncated.proposal, "task_digest": "0123456789abcdef"}
+    definitions = [
+        {"task_digest": source_digest(task), "seed": 1},
+        {"task_digest": "fedcba9876543210", "seed": 2, "proposal": edited},
+    ]
+    for path, attrs in zip(rounds, definitions, strict=True):
+        theta, x = rng.normal(size=(10, task.dim_theta)), rng.normal(size=(10, *task.x_shape))
+        attrs = {"task": task.name, "num_simulations": 10, **attrs}
+        storage.write_simulations(path, theta, x, attrs, overwrite=False)
+    with pytest.raises(ValueError, match="round 1 of the stack.* another definition of task"):
+        stack_rounds(task.name, rounds, tmp_path / "train.h5", overwrite=False)
 
 
 def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path):

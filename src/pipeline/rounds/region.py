@@ -19,6 +19,7 @@ from pipeline.options import TruncateOptions
 from pipeline.rounds.records import Truncation, TruncationError, file_digest, region_advice
 from pipeline.sampling import SamplingError, observation_task, sample_posterior
 from pipeline.tasks import Prior, Task, get_task
+from pipeline.tasks.base import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,10 @@ class TruncatedTask(Task):
             "threshold": truncation.threshold,
             "prior_mass": truncation.prior_mass,
         }
+        # A user's task: the definition simulated, which every round of a stack must share
+        # (this task's own digest also covers the region's files).
+        if (base := source_digest(task)) is not None:
+            self.proposal["task_digest"] = base
         self.name = task.name
         self.parameter_names = tuple(task.parameter_names)
         self.parameter_units = tuple(task.parameter_units)

@@ -33,6 +33,17 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
                 f"{source} (round {index} of the stack) holds simulations drawn from {drawn}; "
                 "stack round 0 (the prior) first, then the rounds of the regions, in order"
             )
+    # A user's task's definition: round 0 records it as its own, later rounds in their proposal.
+    definitions = [found[0].get("task_digest")]
+    definitions += [attrs["proposal"].get("task_digest") for attrs in found[1:]]
+    for index, (source, definition) in enumerate(zip(sources, definitions, strict=True)):
+        if definition != definitions[0]:
+            raise ValueError(
+                f"{source} (round {index} of the stack) was simulated by another definition of "
+                f"task {task!r} (digest {definition}) than round 0 ({definitions[0]}): its "
+                "files changed between rounds. Simulate every round with one definition: "
+                "rerun the rounds from the first whose task differs"
+            )
     for index, source in enumerate(sources):
         if proposals.count(proposals[index]) > 1 or seeds.count(seeds[index]) > 1:
             raise ValueError(
