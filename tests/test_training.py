@@ -336,6 +336,7 @@ def test_schedules_clipping_and_streaming_train(data, tmp_path):
         ({"method": "fmpe", "transforms": 5}, "method fmpe has no transforms"),
         ({"method": "fmpe", "compile": True}, "compile is not available with method fmpe"),
         ({"method": "fmpe", "flow_hidden": []}, "fmpe's vector field needs at least one hidden"),
+        ({"embedding": "cnn", "embedding_hidden": []}, "embedding cnn takes its stages' channels"),
         (
             {"time_features": 8},
             r"method npe has no time_features \(an option of fmpe's vector field\): leave them "

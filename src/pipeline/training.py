@@ -180,6 +180,11 @@ class TrainConfig(Options):
                 f"{source}: components counts the Gaussians of flow mdn, not set here "
                 f"(flow {self.flow}); leave it at its default or set flow: mdn"
             )
+        if self.embedding in ("cnn", "cnn_invariant") and not self.embedding_hidden:
+            raise OptionsError(
+                f"{source}: embedding {self.embedding} takes its stages' channels from "
+                "embedding_hidden, which is empty; give at least one, e.g. [8, 16, 32, 64]"
+            )
         if self.method == "fmpe" and not self.flow_hidden:
             raise OptionsError(
                 f"{source}: method fmpe's vector field needs at least one hidden layer, but "
