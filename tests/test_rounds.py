@@ -25,9 +25,10 @@ from pipeline.models.posterior import (
 )
 from pipeline.observations import read_reference, select_observation
 from pipeline.options import OptionsError, TruncateOptions
+from pipeline.provenance import file_digest
 from pipeline.report.results import ResultsError, read_rounds
 from pipeline.rounds.proposal import StackProposal, stack_proposal
-from pipeline.rounds.records import Truncation, TruncationError, file_digest, round_seed
+from pipeline.rounds.records import Truncation, TruncationError, round_seed
 from pipeline.rounds.region import TruncatedPrior, load_region, truncate, truncated_task
 from pipeline.rounds.stack import stack_rounds
 from pipeline.sampling import read_samples, sample_posterior

@@ -37,6 +37,12 @@ def config_digest(config: Any) -> str:
 
 
 @functools.cache
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (16 hex digits)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
+
+
 def software_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the results, plus Python's (cached)."""
     versions = {"python": platform.python_version()}

@@ -23,7 +23,7 @@ from pipeline.ensemble import EnsembleSettings, Support, sample_ensemble
 from pipeline.models.posterior import NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
-from pipeline.provenance import provenance
+from pipeline.provenance import file_digest, provenance
 from pipeline.resources import require_room
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,6 @@ def check_drawn_from(observations: Path, truncation: Path | None) -> None:
     coverage scored against any other would be wrong without a sign of it."""
     if Path(observations).suffix == ".npy":
         return
-    from pipeline.rounds.records import file_digest
-
     with h5py.File(observations, "r") as f:
         proposal = storage.decode_attr(f.attrs["proposal"]) if "proposal" in f.attrs else None
     drawn_from = None if proposal is None else proposal.get("truncation")

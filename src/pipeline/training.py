@@ -37,9 +37,8 @@ from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
 from pipeline.options import Options, OptionsError, option
 from pipeline.parallel import Layout, launch_layout
-from pipeline.provenance import config_digest, provenance
+from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
-from pipeline.rounds.records import file_digest
 from pipeline.storage import DataFileError
 from pipeline.tasks import Task, get_task
 from pipeline.tasks.base import prior_document

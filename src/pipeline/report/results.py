@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from pipeline import storage
 from pipeline.metrics import BudgetScore, MetricsError, ValidationMetrics
-from pipeline.rounds.records import TRUNCATION, Truncation, file_digest
+from pipeline.provenance import file_digest
+from pipeline.rounds.records import TRUNCATION, Truncation
 from pipeline.search.records import SearchError
 from pipeline.search.select import SearchChoice, read_choice
 

@@ -5,7 +5,6 @@ No torch here: the workflow and the report read these without loading a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +26,6 @@ def round_seed(seed: int, round: int) -> int:
     """The simulation seed of round ``round`` (from 0) of a run seeded ``seed``: distinct
     rounds get unrelated streams, and the same pair always the same one."""
     return int(np.random.SeedSequence([seed, round]).generate_state(1)[0])
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (16 hex digits)."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from pipeline.ensemble import EnsembleSettings
 from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
 from pipeline.observations import read_reference
 from pipeline.options import TruncateOptions
-from pipeline.rounds.records import Truncation, TruncationError, file_digest, region_advice
+from pipeline.provenance import file_digest
+from pipeline.rounds.records import Truncation, TruncationError, region_advice
 from pipeline.sampling import SamplingError, observation_task, sample_posterior
 from pipeline.tasks import Prior, Task, get_task
 from pipeline.tasks.base import source_digest
