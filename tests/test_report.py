@@ -14,6 +14,7 @@ import pytest
 from markupsafe import escape
 
 from pipeline.metrics import ValidationMetrics, from_json
+from pipeline.provenance import file_digest
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
 from pipeline.report.build import Check, evaluate_checks, load_results, verdict
 from pipeline.report.index import build_index, experiment_summary, write_summary
@@ -712,6 +713,21 @@ def test_a_users_task_is_checked_against_its_spec(tmp_path: Path, png: bytes) ->
         load_results(tmp_path, ["mine"])
     (result,) = load_results(tmp_path, ["mine"], specs=["my/file.py:Mine"])
     assert result.name == "mine"
+
+
+def test_a_validation_of_other_weights_than_the_models_is_refused(
+    tmp_path: Path, png: bytes
+) -> None:
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    weights = tmp_path / "two_moons" / "model" / "posterior.pt"
+    weights.write_bytes(b"the weights validated")
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps({**metrics, "model_digest": file_digest(weights)}))
+    (result,) = load_results(tmp_path, ["two_moons"])
+    weights.write_bytes(b"weights retrained after validation")
+    with pytest.raises(ResultsError, match=r"validates other weights .* rerun sample and valid"):
+        load_results(tmp_path, ["two_moons"])
 
 
 def test_many_flagged_observations_are_counted_not_listed(tmp_path: Path, png: bytes) -> None:

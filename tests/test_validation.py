@@ -7,6 +7,7 @@ one. The stage must pass the first and flag the second in every diagnostic that 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -19,16 +20,22 @@ from pipeline.metrics import ValidationMetrics
 from pipeline.observations import make_observations
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
-from pipeline.validation import _predictive_coverage, _widths, validate
+from pipeline.validation import _predictive_coverage, _widths, score_budget, validate
 
 NUM_TEST = 300
 NUM_SAMPLES = 200
 
 
 def posterior_file(
-    path: Path, x: np.ndarray, theta: np.ndarray | None, shrink: float, seed: int
+    path: Path,
+    x: np.ndarray,
+    theta: np.ndarray | None,
+    shrink: float,
+    seed: int,
+    model: str = "exact",
 ) -> None:
-    """Exact posterior samples for each row of ``x``, shrunk about their mean by ``shrink``."""
+    """Exact posterior samples for each row of ``x``, shrunk about their mean by ``shrink``;
+    ``model`` stands for the digest of the weights that would have drawn them."""
     task = get_task("gaussian_linear")
     rng = np.random.default_rng(seed)
     samples = np.stack([task.reference_posterior(row, NUM_SAMPLES, rng) for row in x])
@@ -42,6 +49,7 @@ def posterior_file(
 
     log_prob = np.stack([log_q(s, m[0], s) for s, m in zip(samples, mean, strict=True)])
     attrs = {"task": task.name, "parameter_names": list(task.parameter_names)}
+    attrs["model_digest"] = model
     log_prob_true = None
     if theta is not None:
         log_prob_true = np.array(
@@ -272,4 +280,24 @@ def test_samples_drawn_at_other_observations_or_of_another_task_are_refused(
         f.attrs["task"] = "slcp"
     with pytest.raises(ValueError, match=r"different tasks .*other-task-obs.h5: 'slcp'"):
         check(experiment / "other-task-obs.h5")
+    # Another model's samples at the right observations: its calibration is not this one's.
+    posterior_file(experiment / "other-model-obs.h5", x_obs, None, 1.0, seed=5, model="retrained")
+    with pytest.raises(ValueError, match=r"drawn by different models .*other-model-obs.h5: retr"):
+        check(experiment / "other-model-obs.h5")
+    # Samples at two of the three observations (the third's x was NaN when sampled).
+    posterior_file(experiment / "some-obs.h5", x_obs[[0, 2]], None, 1.0, seed=5)
+    with h5py.File(experiment / "some-obs.h5", "a") as f:
+        f.attrs["observation_index"] = json.dumps([0, 2])
+    with pytest.raises(ValueError, match=r"some-obs.h5 has no samples at observations \[1\]"):
+        check(experiment / "some-obs.h5")
     assert not (experiment / "lineage" / "metrics.json").exists()
+    # pipeline c2st scores one file against the observations' references: the same checks.
+    with pytest.raises(ValueError, match=r"elsewhere-obs.h5 was drawn at other observations"):
+        score_budget(
+            experiment / "elsewhere-obs.h5",
+            experiment / "observations.h5",
+            experiment / "budget.json",
+            budget=100,
+            seed=0,
+            max_samples=None,
+        )

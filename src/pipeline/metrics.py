@@ -229,6 +229,8 @@ class ValidationMetrics:
     reference: ReferenceInfo | None
     figures: dict[str, str]
     mcmc: Mcmc | None = None
+    # The digest of the weights (posterior.pt) whose samples were validated.
+    model_digest: str | None = None
 
     def __post_init__(self) -> None:
         if set(self.sbc.pvalues) != set(self.parameter_names):

@@ -36,13 +36,13 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@functools.cache
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (16 hex digits)."""
+    """SHA-256 of a file's bytes (16 hex digits), read each call: the file may have changed."""
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
+@functools.cache
 def software_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the results, plus Python's (cached)."""
     versions = {"python": platform.python_version()}

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import atomic, storage
 from pipeline.ensemble import EnsembleSettings, Support, sample_ensemble
-from pipeline.models.posterior import NeuralPosterior, load_posterior
+from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
 from pipeline.provenance import file_digest, provenance
@@ -658,6 +658,7 @@ def sample(
         "truncation": restricted,
         "num_outside_region_excluded": outside if truncation is not None else None,
         "method": spec.method,
+        "model_digest": file_digest(Path(model) / WEIGHTS),
         "mcmc": asdict(settings) if result.mcmc is not None else None,
         "ode_tolerance": options.ode_tolerance if spec.method == "fmpe" else None,
         "num_unconverged_excluded": excluded if spec.method == "nle" else None,

@@ -83,6 +83,7 @@ def validate(
     not_tested = _misspecification_skipped(test)
     result = ValidationMetrics(
         task=str(test["attrs"]["task"]),
+        model_digest=str(test["attrs"]["model_digest"]),
         parameter_names=names,
         num_test=int(len(test["theta"])),
         num_posterior_samples=int(test["samples"].shape[1]),
@@ -271,20 +272,48 @@ def check_lineage(
     x_obs: np.ndarray,
     observations: Path,
 ) -> None:
-    """Refuses sample files of different tasks, or observation samples drawn at other ``x`` than
-    the observation file's: validating them would compare posteriors with the wrong truths.
-
-    ``x_obs`` is the observation file's ``x`` (n_obs, ...); the samples file records the ``x``
-    it was drawn at and which observations those were (``observation_index``).
+    """Refuses sample files of different tasks or models, or observation samples not drawn at
+    the observation file's ``x`` (:func:`check_drawn_at`): validating them would compare
+    posteriors with the wrong truths, or one model's calibration with another's observations.
     """
     tasks = {test_path: test["attrs"].get("task"), observed_path: observed["attrs"].get("task")}
-    with h5py.File(observations, "r") as f:
-        if "task" in f.attrs:
-            tasks[observations] = storage.decode_attr(f.attrs["task"])
     if len(set(tasks.values())) > 1:
         named = "; ".join(f"{path}: {task!r}" for path, task in tasks.items())
         raise ValueError(
             f"these files are of different tasks ({named}); resample with the model of this task"
+        )
+    models = {
+        path: samples["attrs"].get("model_digest")
+        for path, samples in ((test_path, test), (observed_path, observed))
+    }
+    if None in models.values():
+        raise ValueError(
+            f"{' and '.join(str(p) for p, d in models.items() if d is None)} do not record the "
+            "model that drew them (written by an older `pipeline sample`); rerun the sample stage"
+        )
+    if len(set(models.values())) > 1:
+        named = "; ".join(f"{path}: {digest}" for path, digest in models.items())
+        raise ValueError(
+            f"these samples were drawn by different models (weights' digests: {named}); sample "
+            "the test set and the observations with the same model"
+        )
+    check_drawn_at(observed, observed_path, x_obs, observations)
+
+
+def check_drawn_at(
+    observed: dict, observed_path: Path, x_obs: np.ndarray, observations: Path
+) -> None:
+    """Refuses observation samples of another task than ``observations``', or not drawn at
+    each of its observations in order: ``x_obs`` is its ``x`` (n_obs, ...), and the samples
+    file records the ``x`` it was drawn at and which observations those were
+    (``observation_index``)."""
+    task = observed["attrs"].get("task")
+    with h5py.File(observations, "r") as f:
+        made_for = storage.decode_attr(f.attrs["task"]) if "task" in f.attrs else task
+    if made_for != task:
+        raise ValueError(
+            f"{observed_path} holds samples of task {task!r}, but {observations} holds "
+            f"observations of task {made_for!r}; sample with the model of that task"
         )
     if "x" not in observed:
         raise ValueError(
@@ -298,6 +327,14 @@ def check_lineage(
         raise ValueError(
             f"{observed_path} was drawn at other observations than those of {observations} "
             "(its x differ); sample the posterior at this observation file again"
+        )
+    missing = sorted(set(range(len(x_obs))) - set(index.tolist()))
+    if missing:
+        raise ValueError(
+            f"{observed_path} has no samples at observations {missing} of {observations} (the "
+            "sample stage leaves out observations whose x is NaN or inf): the diagnostics pair "
+            f"each observation with its samples, so remove those rows from {observations} or "
+            "mend them, then sample again"
         )
 
 
@@ -617,7 +654,8 @@ def score_budget(
     :func:`validate`, so a budget's value is comparable with the main model's.
     """
     samples = read_samples(observation_samples)
-    theta, _, reference = read_reference(observations)
+    theta, x_obs, reference = read_reference(observations)
+    check_drawn_at(samples, observation_samples, x_obs, observations)
     task = str(samples["attrs"]["task"])
     if reference is None:
         raise ValueError(

@@ -141,6 +141,7 @@ def load_task(
     validation_path = task_dir / "validation" / "metrics.json"
     validation = read_metrics(ValidationMetrics, validation_path, validate)
     check_same_task(spec or task, posterior, posterior_path, validation, validation_path)
+    check_same_model(task_dir / "model" / "posterior.pt", validation, validation_path)
     return TaskResults(
         name=task,
         posterior=posterior,
@@ -302,6 +303,20 @@ def check_same_task(
     if posterior["parameter_names"] != validation.parameter_names:
         raise ResultsError(
             f"{validation_path}: parameter_names differ from those in {posterior_path}"
+        )
+
+
+def check_same_model(weights: Path, validation: ValidationMetrics, validation_path: Path) -> None:
+    """Refuses a validation of other weights than the model's: the report would show one
+    model's architecture and training beside another's diagnostics."""
+    if validation.model_digest is None:
+        return  # written before validations recorded their model
+    require_file(weights, "run `pipeline train` for this task, then sample and validate")
+    if file_digest(weights) != validation.model_digest:
+        raise ResultsError(
+            f"{validation_path} validates other weights (digest {validation.model_digest}) "
+            f"than {weights} ({file_digest(weights)}): the model was retrained or replaced "
+            "after validation; rerun sample and validate for this task"
         )
 
 
