@@ -266,6 +266,8 @@ def test_one_observation_and_hdf5_datasets_are_accepted(tmp_path):
     [
         (np.ones((2, 49)), "x.npy", r"shape \(2, 49\) do not fit task .*expected \(n_obs, 50\)"),
         (np.array([[np.nan] * 50, [0.0] * 50]), "x.npy", r"observation\(s\) 0 hold NaN or inf"),
+        # 1e39 is finite in float64 but inf as the float32 every stage reads.
+        (np.array([[0.0] * 50, [1e39] * 50]), "x.npy", r"observation\(s\) 1 hold NaN or inf"),
         (None, "missing.npy", r"observed data .*missing.npy does not exist"),
         (np.ones((2, 50)), "x.h5:nope", r"x.h5 has no dataset 'nope'. Present: x"),
         (b"not an array", "x.npy", r"x.npy is not readable as a .npy file written by numpy.save"),

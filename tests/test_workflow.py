@@ -95,6 +95,10 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
         ({"task_train": {"two_moonz": {}}}, r"config 'task_train' names two_moonz: unknown task"),
         ({"simulate": {"num_simulations": 0}}, r"0 is less than the minimum of 1"),
         (
+            {"simulate": {"seed": 2, "test_seed": 2}},
+            r"simulate.test_seed and simulate.seed are both 2: the test simulations would repeat",
+        ),
+        (
             {"simulat": {"num_simulations": 10}},
             r"Additional properties are not allowed \('simulat'",
         ),

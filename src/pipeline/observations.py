@@ -189,14 +189,22 @@ def read_observed_for(task: Task, source: str) -> tuple[Path, np.ndarray]:
             f"{source}: observed data of shape {x.shape} do not fit task {task.name!r}, whose x "
             f"has shape {shape}: expected ({', '.join(map(str, ('n_obs', *shape)))}) or {shape}"
         )
-    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    # Stored as float32, as every stage reads x: a value beyond its range becomes inf.
+    bad = np.flatnonzero(~finite_in_float32(x.reshape(len(x), -1)).all(axis=1))
     if len(bad):
         raise ValueError(
-            f"{source}: observation(s) {', '.join(map(str, bad[:10]))} hold NaN or inf; the "
-            "posterior is undefined there. Remove or repair them (e.g. mask bad pixels by "
-            "interpolation) before running the pipeline"
+            f"{source}: observation(s) {', '.join(map(str, bad[:10]))} hold NaN or inf (or "
+            "values beyond float32's range, 3.4e38); the posterior is undefined there. Remove "
+            "or repair them (e.g. mask bad pixels by interpolation), or rescale x, before "
+            "running the pipeline"
         )
     return path, x
+
+
+def finite_in_float32(values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` stay finite stored as float32 (elementwise, same shape)."""
+    with np.errstate(over="ignore"):
+        return np.isfinite(np.asarray(values).astype(np.float32))
 
 
 def read_observed(source: str) -> tuple[Path, np.ndarray]:
@@ -244,7 +252,7 @@ def _draw_finite(
             x = mock.simulate(theta, rng)
         theta, x = np.asarray(theta), np.asarray(x)
         check_shapes(mock or task, theta, x, 1)
-        if np.isfinite(x).all():
+        if finite_in_float32(x).all():
             return theta[0], x[0]
     raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")
 

@@ -108,6 +108,20 @@ def check_predictive_draws():
 
 check_predictive_draws()
 
+
+def check_test_seed():
+    """Refuses test simulations drawn with the training simulations' seed: they would be the
+    training set's first rows, and coverage measured on data the model was fitted to."""
+    if config["simulate"]["test_seed"] == config["simulate"]["seed"]:
+        raise ValueError(
+            f"simulate.test_seed and simulate.seed are both {config['simulate']['seed']}: the "
+            "test simulations would repeat the training set's first rows; give test_seed "
+            "another value"
+        )
+
+
+check_test_seed()
+
 EXPERIMENT = Path(config["results"]) / config["experiment"]
 
 
