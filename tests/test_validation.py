@@ -142,6 +142,23 @@ def test_too_many_predictive_draws_is_refused(experiment: Path) -> None:
         run(experiment, 1.0, predictive_draws=500)
 
 
+def test_too_few_test_simulations_are_refused_naming_the_option(experiment: Path) -> None:
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    posterior_file(experiment / "few-test.h5", x[:10], theta[:10], 1.0, seed=4)
+    with h5py.File(experiment / "observations.h5") as f:
+        x_obs = f["x"][...]
+    posterior_file(experiment / "few-obs.h5", x_obs, None, 1.0, seed=5)
+    with pytest.raises(ValueError, match=r"holds 10 test .*\(simulate.num_test_simulations\)"):
+        validate(
+            experiment / "few-test.h5",
+            experiment / "few-obs.h5",
+            experiment / "observations.h5",
+            experiment / "few",
+            seed=0,
+            c2st_max_samples=None,
+        )
+
+
 def test_predictive_replicates_average_out_their_noise() -> None:
     """Data-space coverage of an exact posterior, one fresh replicate per pair against twenty.
 
@@ -301,3 +318,13 @@ def test_samples_drawn_at_other_observations_or_of_another_task_are_refused(
             seed=0,
             max_samples=None,
         )
+
+
+def test_a_skipped_c2st_says_whether_the_task_or_the_observations_lack_a_reference() -> None:
+    from pipeline.validation import _skipped
+
+    theta_obs = np.zeros((1, 10))
+    linear = _skipped(get_task("gaussian_linear"), theta_obs, None, None)["c2st"]
+    assert "observations.num_reference_samples: 0" in linear
+    cosmology = _skipped(get_task("lognormal_cosmology"), np.zeros((1, 2)), None, None)["c2st"]
+    assert cosmology == "the task has no reference posterior"

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline import diagnostics, metrics, plots, storage
+from pipeline.diagnostics.local_c2st import MIN_PAIRS
 from pipeline.metrics import (
     BudgetScore,
     C2stScores,
@@ -181,6 +182,13 @@ def _read_test_samples(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} has no 'x' (written by an older `pipeline sample`); rerun the sample stage"
         )
+    if len(test["theta"]) < MIN_PAIRS:
+        raise ValueError(
+            f"{path} holds {len(test['theta'])} test simulations with samples, and the "
+            f"diagnostics need at least {MIN_PAIRS} (local C2ST calibrates a classifier on "
+            "them; the misspecification tests rank among them): simulate more test "
+            "simulations (simulate.num_test_simulations) and sample them again"
+        )
     return test
 
 
@@ -259,6 +267,9 @@ def _skipped(
             if theta_obs is None
             else f"mock observations of another model ({mock_of}) have no reference posterior"
             if mock_of is not None
+            else "the observations were drawn without reference samples "
+            "(observations.num_reference_samples: 0)"
+            if task.has_reference
             else "the task has no reference posterior"
         )
     return skipped
