@@ -232,6 +232,13 @@ def test_test_simulations_are_sampled_only_in_the_region_they_were_drawn_from(
         assert not (tmp_path / "s.h5").exists()
 
 
+def test_the_training_simulations_are_not_a_test_set(round0, tmp_path, capsys):
+    args = ["sample", "--model", str(round0 / "model"), "--observations", str(round0 / "sims.h5")]
+    assert main([*args, "--num-samples", "20", "--out", str(tmp_path / "s.h5")]) == 2
+    assert "simulated with seed 1, a seed of the data" in capsys.readouterr().err
+    assert load_posterior(round0 / "model")[1]["data"]["seeds"] == [1]
+
+
 def test_a_truncation_of_other_weights_is_refused(truncated, tmp_path):
     model = shutil.copytree(truncated / "model", tmp_path / "model")
     state = torch.load(model / "posterior.pt", weights_only=True)
@@ -336,7 +343,9 @@ def test_a_nested_region_needs_every_earlier_rounds_model_in_order(
         truncated_task(TASK, "two_moons", nested / "truncation.json", models[1])
     with pytest.raises(ValueError, match="other weights than .* for its round 0"):
         truncated_task(TASK, "two_moons", nested / "truncation.json", models[0], [models[1]])
-    simulate_round(nested, tmp_path / "test.h5", "--region-models", str(models[0]), n=20)
+    # A seed of its own: round 1's seed would draw the training round's parameters again.
+    extra = ["--region-models", str(models[0]), "--seed", "77"]
+    simulate_round(nested, tmp_path / "test.h5", *extra, n=20)
     args = ["sample", "--model", str(models[1]), "--observations", str(tmp_path / "test.h5")]
     args += ["--num-samples", "50", "--truncation", str(nested / "truncation.json")]
     assert main([*args, "--out", str(tmp_path / "alone.h5")]) == 2

@@ -165,6 +165,22 @@ def check_drawn_from(observations: Path, truncation: Path | None) -> None:
     )
 
 
+def check_held_out(observations: Path, document: dict, model: Path) -> None:
+    """Refuses test simulations drawn with a seed of the model's training data (``document``
+    its JSON): they repeat training rows, and coverage on them reads a fit to its own data
+    as calibration."""
+    if not holds_simulations(observations):
+        return
+    with h5py.File(observations, "r") as f:
+        seed = storage.decode_attr(f.attrs["seed"]) if "seed" in f.attrs else None
+    if seed is not None and seed in document.get("data", {}).get("seeds", []):
+        raise ValueError(
+            f"{observations} was simulated with seed {seed}, a seed of the data {model} was "
+            "trained on: its rows repeat training rows. Sample held-out simulations (another "
+            "seed: simulate.test_seed)"
+        )
+
+
 def holds_simulations(path: Path) -> bool:
     """Whether ``path`` is a file of simulations (``pipeline simulate``'s, an import's or a
     round's, which record ``num_simulations``): a test set, whose unconverged MCMC chains are
@@ -590,6 +606,7 @@ def sample(
         raise ValueError("--iid and --truncation cannot be combined")
     if theta is not None:
         check_drawn_from(observations, truncation)
+        check_held_out(observations, document, model)
     if region_models and truncation is None:
         raise ValueError("--region-models are the models of --truncation's region; pass both")
     if iid and theta is not None:

@@ -536,9 +536,22 @@ def run_metadata(
         "launcher": layout.launcher,
         "batch_size": config.batch_size,
         "train_config": asdict(config),
-        "data": {"path": str(data), "config_digest": data_digest},
+        "data": {
+            "path": str(data),
+            "config_digest": data_digest,
+            "seeds": simulation_seeds(datamodule.attrs),
+        },
         "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
     }
+
+
+def simulation_seeds(attrs: dict[str, Any]) -> list[int]:
+    """The simulation seeds a training file's rows were drawn with (``attrs`` its attributes):
+    one run's, or each stacked round's; none for imported data. Simulation ``i`` depends on
+    ``(seed, i)`` only, so a test set of one of these seeds repeats training rows."""
+    if attrs.get("rounds"):
+        return [int(entry["seed"]) for entry in attrs["rounds"]]
+    return [] if attrs.get("seed") is None else [int(attrs["seed"])]
 
 
 def open_training_data(
