@@ -4,6 +4,7 @@ import signal
 import subprocess
 import time
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -226,6 +227,41 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
         check_checkpoints(folder, TrainConfig(), "abc", write=True, proposal="f00d")
     plain = default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc")
     assert default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc", "f00d") != plain
+
+
+class PlateauState(pl.Callback):
+    """The plateau scheduler's state (its best loss, bad epochs, learning rate) at the start of
+    each epoch; with ``crash_at``, the run dies there, as a killed process would."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.states: dict[int, tuple[float, int, float]] = {}
+        self.crash_at = crash_at
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        lr = scheduler.optimizer.param_groups[0]["lr"]
+        self.states[trainer.current_epoch] = (scheduler.best, scheduler.num_bad_epochs, lr)
+        if trainer.current_epoch == self.crash_at:
+            raise RuntimeError("killed")
+
+
+def test_a_resumed_run_takes_the_plateau_step_of_the_epoch_it_resumes_after(data, tmp_path):
+    # Learning rate 0.03: the loss stalls and the step halves at epoch 20 of 30 (one flow).
+    options = {**TINY, "max_epochs": 30, "patience": 30, "learning_rate": 0.03, "ensemble": 1}
+    config = TrainConfig.from_dict(options)
+    whole = PlateauState()
+    train(data, tmp_path / "whole", config, tmp_path / "whole-ckpt", callbacks=[whole])
+    with pytest.raises(RuntimeError, match="killed"):
+        train(data, tmp_path / "part", config, tmp_path / "ckpt", [PlateauState(crash_at=20)])
+    resumed = PlateauState()
+    train(data, tmp_path / "part", config, tmp_path / "ckpt", callbacks=[resumed])
+    first = min(resumed.states)  # the epoch after the last checkpoint's
+    assert 0 < first <= 20
+    assert resumed.states[first] == whole.states[first]
+    assert min(lr for _, _, lr in whole.states.values()) < 0.03  # the step did halve it
+    weights = [torch.load(tmp_path / run / "posterior.pt") for run in ("whole", "part")]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
 
 
 LONG = {"max_epochs": 120, "patience": 120}  # ~10 s: long enough to be killed midway

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -72,6 +72,7 @@ class NPE(pl.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.lr_schedule, self.lr_patience, self.max_epochs = lr_schedule, lr_patience, max_epochs
+        self._plateau_loss: float | None = None  # set by a checkpoint this run resumes from
         self.seed = seed
         self.proposal, self.proposal_draws = proposal, proposal_draws
         self.proposal_rows = proposal_rows
@@ -147,6 +148,25 @@ class NPE(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], index: int
     ) -> torch.Tensor:
         return self._common_step(batch, "val", index)
+
+    # Lightning writes an epoch's checkpoint before the plateau scheduler steps on that epoch's
+    # validation loss, and a run resumed from it starts the next epoch without that step: its
+    # learning rate would then halve at other epochs than the uninterrupted run's. The
+    # checkpoint keeps the loss, and a resumed run takes the step before its first epoch.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loss = self.trainer.callback_metrics.get("val_loss")
+        checkpoint["plateau_loss"] = None if loss is None else float(loss)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._plateau_loss = checkpoint.get("plateau_loss")
+
+    def on_train_start(self) -> None:
+        loss, self._plateau_loss = self._plateau_loss, None
+        if loss is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau:
+                config.scheduler.step(loss)
 
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(
