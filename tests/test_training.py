@@ -512,3 +512,17 @@ def test_a_diverged_training_saves_nothing_and_fails_naming_the_fix(data, tmp_pa
     assert "weight tensors hold NaN or inf; no model was saved" in message
     assert "Lower learning_rate (now 1e+09), set gradient_clip" in message
     assert not (out / "posterior.pt").exists() and not (out / "posterior.json").exists()
+
+
+def test_a_constant_column_keeps_unit_scale_and_the_moments_are_exact():
+    from pipeline.data import Moments
+
+    rng = np.random.default_rng(0)
+    rows = np.column_stack([np.full(1000, 0.7, np.float32), rng.normal(5.0, 2.0, 1000)])
+    moments = Moments()
+    moments.add(rows)  # sum_sq - n mean^2 left a deviation of 1e-7 here
+    mean, std = moments.mean_std()
+    # The constant sums to exactly zero about the first row: no rounding residue to scale by.
+    assert std[0] == 0 and mean[0] == np.float32(0.7)
+    np.testing.assert_allclose(mean[1], rows[:, 1].mean(), rtol=1e-6)
+    np.testing.assert_allclose(std[1], rows[:, 1].std(ddof=1), rtol=1e-6)

@@ -224,22 +224,34 @@ class SimulationDataModule(pl.LightningDataModule):
 
 
 class Moments:
-    """Running count, sum and sum of squares of rows (float64), for means and deviations."""
+    """Running count, sum and sum of squares of rows (float64) about the first row, for means
+    and deviations.
+
+    About the first row, not zero: a constant column then sums to exactly zero, where
+    ``sum_sq - n mean^2`` left a rounding residue (a deviation of 1e-8 for a constant 0.7),
+    which z-scoring would have blown up by 10^8 instead of leaving the column at unit scale.
+    """
 
     def __init__(self) -> None:
-        self.n, self.sum, self.sum_sq = 0, 0.0, 0.0
+        self.n, self.shift, self.sum, self.sum_sq = 0, 0.0, 0.0, 0.0
 
     def add(self, rows: np.ndarray) -> None:
         """Adds ``rows`` of shape ``(n, ...)``."""
         rows = rows.astype(np.float64)
+        if len(rows) == 0:
+            return
+        if self.n == 0:
+            self.shift = rows[0].copy()
+        rows = rows - self.shift
         self.n += len(rows)
         self.sum = self.sum + rows.sum(0)
         self.sum_sq = self.sum_sq + (rows * rows).sum(0)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and unbiased standard deviation over the rows, float32, shape ``rows[0]``."""
-        mean = self.sum / self.n
-        var = (self.sum_sq - self.n * mean * mean) / max(self.n - 1, 1)
+        offset = self.sum / self.n
+        mean = self.shift + offset
+        var = (self.sum_sq - self.n * offset * offset) / max(self.n - 1, 1)
         return torch.from_numpy(mean).float(), torch.from_numpy(
             np.sqrt(np.maximum(var, 0))
         ).float()
