@@ -167,6 +167,21 @@ def test_nonfinite_rows_are_excluded_and_reported(tmp_path):
     assert np.isfinite(metadata["best_val_loss"])
 
 
+def test_streamed_blocks_whose_every_row_is_nan_are_left_out(tmp_path):
+    # Streamed in blocks of 100 rows, of which the first three are all NaN: the splits draw
+    # whole blocks, so one of them would get a batch of no rows.
+    out = tmp_path / "sims.h5"
+    rng = np.random.default_rng(0)
+    theta, x = rng.uniform(-1, 1, (2000, 2)), rng.normal(size=(2000, 2))
+    x[:300] = np.nan
+    storage.write_simulations(out, theta, x, {"task": "two_moons"}, overwrite=False)
+    options = {**TINY, "loading": "stream", "batch_size": 100, "max_epochs": 2}
+    metadata = train(out, tmp_path / "model", TrainConfig.from_dict(options))
+    assert metadata["num_nonfinite_excluded"] == 300
+    assert metadata["num_train"] + metadata["num_val"] == 1700
+    assert np.isfinite(metadata["best_val_loss"])
+
+
 @pytest.mark.parametrize("loading", ["memory", "stream"])
 def test_extreme_rows_are_refused_by_name_before_training(tmp_path, loading):
     # Ten finite rows of 1e38 among 2000: z-scored with them, every other x would be ~0.

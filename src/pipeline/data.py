@@ -154,11 +154,13 @@ class SimulationDataModule(pl.LightningDataModule):
         theta_moments, x_moments = Moments(), Moments()
         counts = {"train": 0, "val": 0}
         val_blocks = set(self._val_items.tolist())
-        outliers, flagged = None, []
+        outliers, flagged, empty = None, [], set()
         for block in range(num_blocks):
             theta, x = blocks.read(block)
             split = "val" if block in val_blocks else "train"
             counts[split] += len(theta)
+            if not len(theta):
+                empty.add(block)  # every row NaN or inf: no batch to train or score on
             # The first block fixes the medians: blocks are contiguous rows of the file.
             if outliers is None and len(theta):
                 outliers = Outliers(theta, x)
@@ -177,6 +179,8 @@ class SimulationDataModule(pl.LightningDataModule):
                 f"{self.path}: a split has no finite simulation (train {counts['train']}, "
                 f"validation {counts['val']}); check the simulator for NaN"
             )
+        self._train_items = np.array([b for b in self._train_items if b not in empty])
+        self._val_items = np.array([b for b in self._val_items if b not in empty])
         self._moments = (*theta_moments.mean_std(), *x_moments.mean_std())
         self.num_nonfinite = num_rows - counts["train"] - counts["val"]
         if self.num_nonfinite:
