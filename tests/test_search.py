@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,20 @@ def test_proposals_depend_on_seed_trial_and_history_only():
         ),
         ({"method": {"choices": ["npe", "nle"]}}, {}, "method nle cannot be searched"),
         ({"learning_rate": {"low": 1e-4, "high": 1e-2}}, {"method": "nle"}, "nle cannot be"),
+        # Each value is valid alone; together a trial would propose what training refuses.
+        (
+            {"flow": {"choices": ["nsf", "mdn"]}, "transforms": {"low": 1, "high": 4}},
+            {},
+            r'could propose \{"flow": "mdn", "transforms": 1\}, which is refused \(.*flow mdn',
+        ),
+        (
+            {
+                "embedding": {"choices": ["mlp", "cnn"]},
+                "embedding_hidden": {"choices": [[16], []]},
+            },
+            {},
+            r'"embedding": "cnn", "embedding_hidden": \[\]\}, which is refused',
+        ),
     ],
 )
 def test_a_space_is_checked_against_the_tasks_own_options(space, base, message):
@@ -360,3 +375,24 @@ def test_a_posterior_that_cannot_be_sampled_is_a_failed_trial(data, tmp_path, mo
     score = json.loads((out / "score.json").read_text())
     assert score["status"] == "unsampled" and score["held_out"] is None
     assert "inside the prior" in score["message"]
+
+
+def test_too_few_held_out_rows_to_compare_trials_are_refused(tmp_path):
+    from pipeline import storage
+    from pipeline.search.trial import validation_rows
+    from pipeline.training import TrainConfig
+
+    rng = np.random.default_rng(0)
+    out = tmp_path / "sims.h5"
+    storage.write_simulations(
+        out,
+        rng.normal(size=(40, 2)),
+        rng.normal(size=(40, 2)),
+        {"task": "two_moons"},
+        overwrite=False,
+    )
+    config = TrainConfig.from_dict({"val_fraction": 0.1})  # 4 of 40 rows held out
+    with pytest.raises(SearchError, match=r"holds out 4 rows .* raise val_fraction"):
+        validation_rows(out, config, 100)
+    theta, x = validation_rows(out, config.replaced({"val_fraction": 0.5}), 100)
+    assert theta.shape == (20, 2) and x.shape == (20, 2)

@@ -10,6 +10,7 @@ not spend an hour of trials to find that one value was out of bounds.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import typing
 from dataclasses import dataclass, fields
@@ -123,7 +124,8 @@ class SearchSpace:
 
     def check_against(self, base: TrainConfig, source: str = "search.space") -> None:
         """Refuses a space whose values a task's own options ``base`` cannot take, each value
-        set on its own, or where ``method`` may be one that lacks an option searched.
+        set on its own or together with the others' (every combination of choices and range
+        ends), or where ``method`` may be one that lacks an option searched.
 
         Raises:
             OptionsError: naming the option and the value.
@@ -145,10 +147,21 @@ class SearchSpace:
                     f"{source}: {', '.join(clash)} cannot be searched where method may be "
                     f"{lacking}, which has none; search them with method {having} only"
                 )
-        for dimension in self.dimensions:
-            values = dimension.choices or (dimension.low, dimension.high)
+        grids = [d.choices or (d.low, d.high) for d in self.dimensions]
+        for dimension, values in zip(self.dimensions, grids, strict=True):
             for value in values:
                 base.replaced({dimension.name: value}, source=f"{source}.{dimension.name}")
+        # Values can clash only together (flow mdn with transforms, a cnn embedding with no
+        # stages): every combination of choices and range ends, before any trial proposes one.
+        for values in itertools.product(*grids):
+            combination = dict(zip(self.names, values, strict=True))
+            try:
+                base.replaced(combination, source=source)
+            except OptionsError as error:
+                raise OptionsError(
+                    f"{source}: a trial could propose {json.dumps(combination)}, which is "
+                    f"refused ({error}); narrow the space so that no such combination remains"
+                ) from None
 
 
 def _dimension(name: Any, spec: Any, source: str) -> Dimension:

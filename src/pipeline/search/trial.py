@@ -36,6 +36,9 @@ from pipeline.training import TrainConfig, TrainingDiverged, train
 
 __all__ = ["HeldOut", "held_out_score", "propose", "run_trial", "search_identity"]
 
+# Held-out rows below which a trial's loss has no usable standard error.
+MIN_HELD_OUT = 10
+
 log = logging.getLogger(__name__)
 SCORE, MODEL = "score.json", "model"
 
@@ -144,6 +147,12 @@ def validation_rows(data: Path, config: TrainConfig, limit: int) -> tuple[np.nda
         count += len(theta)
         if count >= limit:
             break
+    if count < MIN_HELD_OUT:
+        raise SearchError(
+            f"{data}: training holds out {count} rows (val_fraction {config.val_fraction}), "
+            f"and a trial's held-out loss needs at least {MIN_HELD_OUT} for its standard "
+            "error, by which trials are compared; raise val_fraction or simulate more"
+        )
     return np.concatenate(thetas)[:limit], np.concatenate(xs)[:limit]
 
 
