@@ -71,6 +71,11 @@ def test_trained_posterior_loads_without_lightning(data, tmp_path):
     assert not (tmp_path / "model.checkpoints").exists() or not any(
         (tmp_path / "model.checkpoints").iterdir()
     )
+    # New weights beside the old JSON (a save killed between its two renames) are refused,
+    # though the architecture matches.
+    torch.save({k: v + 1e-3 for k, v in state.items()}, tmp_path / "model" / "posterior.pt")
+    with pytest.raises(ValueError, match="is not the file .* was saved with"):
+        load_posterior(tmp_path / "model")
 
 
 @pytest.mark.parametrize(

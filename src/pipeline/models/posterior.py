@@ -31,6 +31,7 @@ from pipeline import atomic
 from pipeline.models.embeddings import build_embedding
 from pipeline.models.flow_matching import TIME_FEATURES, FlowMatching
 from pipeline.models.flows import build_flow
+from pipeline.provenance import file_digest
 from pipeline.tasks.base import Prior, prior_from_document
 
 # "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
@@ -403,11 +404,17 @@ def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
 
 
 def save_posterior(posterior: NeuralPosterior, folder: Path, metadata: dict[str, Any]) -> None:
-    """Writes ``posterior.pt`` (state dict) and ``posterior.json`` (spec + ``metadata``)."""
+    """Writes ``posterior.pt`` (state dict) and ``posterior.json`` (spec + ``metadata`` + the
+    weights' digest).
+
+    Two files cannot be replaced at once: the JSON names the digest of its weights, so a save
+    killed between the two renames leaves a pair that :func:`load_posterior` refuses, not new
+    weights read as the old run's."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(folder / WEIGHTS) as temporary:
         torch.save(posterior.state_dict(), temporary)
-    document = {"spec": asdict(posterior.spec), **metadata}
+        digest = file_digest(temporary)
+    document = {"spec": asdict(posterior.spec), **metadata, "weights_digest": digest}
     atomic.write_json(folder / SPEC, document, indent=2, sort_keys=True)
 
 
@@ -431,6 +438,13 @@ def load_posterior(folder: Path) -> tuple[NeuralPosterior, dict[str, Any]]:
             f"{folder / SPEC} is not a posterior description written by `pipeline train` "
             f"({type(error).__name__}: {error}); train again into {folder} with --overwrite"
         ) from None
+    recorded = document.get("weights_digest")
+    if recorded is not None and file_digest(folder / WEIGHTS) != recorded:
+        raise ValueError(
+            f"{folder / WEIGHTS} is not the file {folder / SPEC} was saved with (digest "
+            f"{file_digest(folder / WEIGHTS)}, recorded {recorded}): a save was interrupted "
+            f"or one file replaced; train again into {folder} with --overwrite"
+        )
     posterior = NeuralPosterior(spec)
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     try:
