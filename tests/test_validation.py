@@ -228,6 +228,7 @@ def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path:
             pairs = zip(x, theta, strict=True)
             log_true = np.array([task.log_likelihood(row, t[None])[0] for row, t in pairs])
         attrs = {"task": task.name, "parameter_names": list(task.parameter_names)}
+        attrs["model_digest"] = "exact"  # stands for the weights that would have drawn them
         result = PosteriorSamples(samples.astype(np.float32), log_prob.astype(np.float32))
         write_samples(path, result, attrs, theta=theta, log_prob_true=log_true, x=x)
 
