@@ -162,6 +162,16 @@ def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
         storage.read_simulations(moved / "virtual.h5")
 
 
+def test_a_virtual_file_whose_shard_another_run_rewrote_is_refused(tmp_path):
+    out = tmp_path / "virtual.h5"
+    simulate(out, n=2000, chunk_size=1000, merge="virtual", seed=1)
+    # Another seed's chunk job into the same folder: the file would now read its rows.
+    other = simulation.SimulationPlan("two_moons", 2000, 2, 1000)
+    simulation.run_chunk(other, get_task("two_moons"), out, 1000)
+    with pytest.raises(storage.DataFileError, match=r"1 of them were written again .*-0+1000-"):
+        storage.read_simulations(out)
+
+
 def test_compression_changes_the_bytes_not_the_data(tmp_path):
     reference = simulate(tmp_path / "gzip.h5", n=1500, chunk_size=500)
     for compression in ("lzf", "none"):

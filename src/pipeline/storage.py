@@ -17,6 +17,7 @@ fill values).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -288,8 +289,10 @@ def merge_virtual(
         "theta": h5py.VirtualLayout(shape=(n, *theta_row), dtype=np.float32),
         "x": h5py.VirtualLayout(shape=(n, *x_row), dtype=np.float32),
     }
+    stamps = {}
     for source, (start, stop) in zip(sources, ranges, strict=True):
         relative = os.path.relpath(Path(source).resolve(), path.parent.resolve())
+        stamps[relative] = source_stamp(Path(source))
         for name, row in (("theta", theta_row), ("x", x_row)):
             layouts[name][start:stop] = h5py.VirtualSource(
                 relative, name, shape=(stop - start, *row)
@@ -297,7 +300,27 @@ def merge_virtual(
     with atomic_h5(path) as f:
         for name, layout in layouts.items():
             f.create_virtual_dataset(name, layout, fillvalue=np.nan)
-        finish_file(f, attrs, n)
+        finish_file(f, {**attrs, "source_stamps": stamps}, n)
+
+
+def source_stamp(path: Path) -> str:
+    """A digest of a simulation file's attributes, which record what made it and when: a
+    shard written again (another run into the same folder) gets another stamp."""
+    with h5py.File(path, "r") as f:
+        attrs = {key: decode_attr(value) for key, value in f.attrs.items()}
+    text = json.dumps(attrs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_sources(f: h5py.File, path: Path) -> list[str]:
+    """Shards of a virtual file ``f`` (at ``path``) written again since it was merged: what
+    it reads is no longer what it describes."""
+    if "source_stamps" not in f.attrs:
+        return []
+    stamps = decode_attr(f.attrs["source_stamps"])
+    return sorted(
+        name for name, stamp in stamps.items() if source_stamp(path.parent / name) != stamp
+    )
 
 
 def missing_sources(f: h5py.File, path: Path) -> list[str]:
@@ -470,6 +493,14 @@ def _check_layout(f: h5py.File, path: Path) -> None:
             f"{path} maps shards as a virtual dataset, and {len(missing)} of them are missing "
             f"(first: {missing[0]}). Rerun `pipeline simulate` with the same options to "
             "recompute them, or use --merge copy for a self-contained file."
+        )
+    changed = changed_sources(f, Path(path))
+    if changed:
+        raise DataFileError(
+            f"{path} maps shards as a virtual dataset, and {len(changed)} of them were written "
+            f"again after it was merged (first: {changed[0]}): another run wrote into its shard "
+            "folder, so the file no longer reads the data it describes. Rerun `pipeline "
+            "simulate` with its options and --overwrite, or use --merge copy"
         )
     theta, x = f["theta"], f["x"]
     if theta.ndim != 2:
