@@ -390,6 +390,20 @@ def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size, fit):
 
 
 @pytest.mark.mpi
+def test_fitted_chunks_leave_ranks_idle_when_there_are_fewer_simulations(tmp_path):
+    # A workflow sets its ranks once (the SLURM profile's tasks); a split of two simulations
+    # on three ranks must run, not ask for a chunk size it already has.
+    serial = simulate(tmp_path / "serial.h5", n=2, chunk_size=1000)
+    out = tmp_path / "mpi.h5"
+    command = [tool("mpiexec"), "-n", "3", tool("pipeline"), "simulate", "--task", "two_moons"]
+    command += ["--num-simulations", "2", "--seed", "3", "--fit-chunks", "--out", str(out)]
+    command += ["--log", str(tmp_path / "sim.log")]
+    subprocess.run(command, check=True, env=run_env(), timeout=300)
+    np.testing.assert_array_equal(serial.x, storage.read_simulations(out).x)
+    assert "2 chunk(s) for 3 MPI ranks: 1 rank(s) stay idle" in (tmp_path / "sim.log").read_text()
+
+
+@pytest.mark.mpi
 def test_failing_rank_aborts_the_job(tmp_path):
     command = [
         tool("mpiexec"),

@@ -294,7 +294,16 @@ def simulate(
     if fit_chunks:
         plan = plan.fitted_to(comm.Get_size())
     try:
-        run(plan, task, out, comm, overwrite=overwrite, merge=merge, compression=compression)
+        run(
+            plan,
+            task,
+            out,
+            comm,
+            overwrite=overwrite,
+            merge=merge,
+            compression=compression,
+            allow_idle=fit_chunks,
+        )
     except Exception as error:
         if comm.Get_size() > 1:
             parallel.abort_on_error(comm, error)
@@ -310,6 +319,7 @@ def run(
     overwrite: bool,
     merge: str = "copy",
     compression: str = "gzip",
+    allow_idle: bool = False,
 ) -> None:
     """Simulates ``plan`` on this rank's chunks; rank 0 then merges everything into ``out``.
 
@@ -318,10 +328,25 @@ def run(
             (``out`` maps the shards, which stay in ``OUT.shards/``).
         compression: HDF5 filter of the shards and the copy, a key of
             :data:`pipeline.storage.COMPRESSIONS`.
+        allow_idle: Let ranks beyond the chunks' count wait (``--fit-chunks``: a workflow's
+            ranks are set once for splits of any size); otherwise that is an error.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     check_output(out, overwrite=overwrite, merge=merge, compression=compression)
-    check_plan(plan, size)
+    valid = plan.num_simulations > 0 and plan.chunk_size > 0
+    num_chunks = len(plan.chunks()) if valid else 0
+    if allow_idle and 0 < num_chunks < size:
+        if rank == 0:
+            log.warning(
+                "%d simulations make %d chunk(s) for %d MPI ranks: %d rank(s) stay idle",
+                plan.num_simulations,
+                num_chunks,
+                size,
+                size - num_chunks,
+            )
+        check_plan(plan, num_chunks)
+    else:
+        check_plan(plan, size)
     check_resources(plan, task, out, merge)
     check_writable(shard_dir(out))
     # Rank 0 holds the output's lock until the merge is done; every rank learns if it failed.
