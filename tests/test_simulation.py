@@ -266,6 +266,15 @@ def test_fitted_plan_gives_every_rank_a_chunk():
     simulation.check_plan(fitted, 3)
     # Small chunks are kept; only too few chunks are split.
     assert simulation.SimulationPlan("two_moons", 100, 0, 10).fitted_to(3).chunk_size == 10
+    # In whole seed blocks: a block cut between two ranks would be simulated by both.
+    blocks = simulation.SimulationPlan("two_moons", 2500, 0, 2500)
+    assert blocks.fitted_to(2, seed_block_size=1000).chunks() == [(0, 2000), (2000, 2500)]
+    assert blocks.fitted_to(4, seed_block_size=1000).chunks() == [
+        (0, 1000),
+        (1000, 2000),
+        (2000, 2500),
+    ]
+    assert simulation.SimulationPlan("two_moons", 20, 0, 20).fitted_to(4, 1000).chunk_size == 20
 
 
 @pytest.mark.parametrize("merge", ["copy", "virtual"])
@@ -392,7 +401,7 @@ def test_mpi_ranks_give_identical_files(tmp_path, ranks, chunk_size, fit):
 @pytest.mark.mpi
 def test_fitted_chunks_leave_ranks_idle_when_there_are_fewer_simulations(tmp_path):
     # A workflow sets its ranks once (the SLURM profile's tasks); a split of two simulations
-    # on three ranks must run, not ask for a chunk size it already has.
+    # (one seed block, so one chunk) on three ranks must run, not ask for another chunk size.
     serial = simulate(tmp_path / "serial.h5", n=2, chunk_size=1000)
     out = tmp_path / "mpi.h5"
     command = [tool("mpiexec"), "-n", "3", tool("pipeline"), "simulate", "--task", "two_moons"]
@@ -400,7 +409,7 @@ def test_fitted_chunks_leave_ranks_idle_when_there_are_fewer_simulations(tmp_pat
     command += ["--log", str(tmp_path / "sim.log")]
     subprocess.run(command, check=True, env=run_env(), timeout=300)
     np.testing.assert_array_equal(serial.x, storage.read_simulations(out).x)
-    assert "2 chunk(s) for 3 MPI ranks: 1 rank(s) stay idle" in (tmp_path / "sim.log").read_text()
+    assert "1 chunk(s) for 3 MPI ranks: 2 rank(s) stay idle" in (tmp_path / "sim.log").read_text()
 
 
 @pytest.mark.mpi

@@ -72,14 +72,19 @@ class SimulationPlan:
             )
         return start, min(start + self.chunk_size, self.num_simulations)
 
-    def fitted_to(self, num_ranks: int) -> SimulationPlan:
-        """This plan with chunks small enough that each of ``num_ranks`` ranks gets one.
+    def fitted_to(self, num_ranks: int, seed_block_size: int = 1) -> SimulationPlan:
+        """This plan with chunks small enough that each of ``num_ranks`` ranks gets one, in
+        whole seed blocks of ``seed_block_size`` where the plan has enough of them.
 
-        The data do not depend on the chunk size, so this only changes how work is cut.
+        The data do not depend on the chunk size, so this only changes how work is cut. A chunk
+        simulates every seed block it touches in full (its generator draws the whole block), so
+        a block cut between two chunks is simulated twice: fitted chunks are rounded up to whole
+        blocks, and ranks beyond the blocks' count stay idle.
         """
         if self.num_simulations <= 0 or self.chunk_size <= 0:
             return self  # check_plan names the bad option
         fair = -(-self.num_simulations // num_ranks)
+        fair = -(-fair // seed_block_size) * seed_block_size
         return replace(self, chunk_size=min(self.chunk_size, fair))
 
     def identity(self, task: Task) -> dict[str, object]:
@@ -292,7 +297,7 @@ def simulate(
         run_chunk(plan, task, out, chunk, compression=compression)
         return
     if fit_chunks:
-        plan = plan.fitted_to(comm.Get_size())
+        plan = plan.fitted_to(comm.Get_size(), task.seed_block_size)
     try:
         run(
             plan,
