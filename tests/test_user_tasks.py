@@ -198,6 +198,44 @@ def test_observe_refuses_a_simulator_whose_x_has_another_shape(tmp_path, capsys)
     assert not out.exists()
 
 
+def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(tmp_path):
+    from pipeline.tasks.base import source_digest
+
+    # A class whose simulator lives in a helper module beside its file.
+    write(tmp_path, "impl.py", "SHIFT = 0.0\n")
+    write(
+        tmp_path,
+        "model.py",
+        """
+        from pipeline.tasks import BoxUniform, Task
+
+        class Model(Task):
+            parameter_names = ("a",)
+            parameter_units = ("",)
+            x_shape = (1,)
+            prior = BoxUniform((0.0,), (1.0,))
+
+            def simulate(self, theta, rng):
+                from impl import SHIFT
+                return theta + SHIFT
+        """,
+    )
+    spec = f"{tmp_path}/model.py:Model"
+    before = source_digest(get_task(spec))
+    write(tmp_path, "impl.py", "SHIFT = 5.0\n")
+    assert source_digest(get_task(spec)) != before
+    # A script an interpreter runs, named in the command.
+    write(tmp_path, "sim.py", "print(0.5)\n")
+    command = "command: [python3, sim.py, '{seed}', '{theta}']"
+    task_file = TASK_FILE.replace('python: "sim.py:simulate"', command)
+    (tmp_path / "task.yaml").write_text(textwrap.dedent(task_file).replace("[2]", "[1]"))
+    task = get_task(str(tmp_path / "task.yaml"))
+    assert (tmp_path / "sim.py").resolve() in task.source_files
+    before = source_digest(task)
+    write(tmp_path, "sim.py", "print(5.5)\n")
+    assert source_digest(get_task(str(tmp_path / "task.yaml"))) != before
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

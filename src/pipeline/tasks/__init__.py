@@ -35,6 +35,7 @@ from pipeline.tasks.base import (
     Reference,
     Task,
     check_task,
+    python_sources,
 )
 
 __all__ = [
@@ -121,7 +122,7 @@ def get_task(spec: str) -> Task:
     elif ":" in spec:
         task, module = _from_import_path(spec)
         source = getattr(module, "__file__", None)
-        task.source_files = (Path(source).resolve(),) if source else ()
+        task.source_files = python_sources(source) if source else ()
     else:
         known = ", ".join(sorted(TASKS))
         raise TaskError(

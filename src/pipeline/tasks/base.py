@@ -308,6 +308,13 @@ class Task(ABC):
         return theta, self.simulate(theta, rng)
 
 
+def python_sources(module_file: str | Path) -> tuple[Path, ...]:
+    """A user's Python module and the modules beside it, which it may import (a helper, the
+    simulator's implementation): the files that define its task, resolved and sorted."""
+    path = Path(module_file).resolve()
+    return (path, *sorted(p.resolve() for p in path.parent.glob("*.py") if p.resolve() != path))
+
+
 def source_digest(task: Task) -> str | None:
     """SHA-256 (16 hex digits) of the contents of ``task.source_files``; None without any."""
     if not task.source_files:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.tasks.base import BoxUniform, DiagonalNormal, Prior, Task
+from pipeline.tasks.base import BoxUniform, DiagonalNormal, Prior, Task, python_sources
 
 KEYS = ("title", "parameters", "prior", "x", "seed_block_size", "simulator")
 Simulator = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -146,13 +146,16 @@ def load_task_file(path: Path) -> DeclaredTask:
 
 
 def _simulator_files(simulator: Simulator | None) -> tuple[Path, ...]:
-    """The file a simulator's code lives in: a Python function's module, a program's binary."""
+    """The files a simulator's code lives in: a Python function's module and the modules
+    beside it; a program's binary and every argument naming a file (a script an interpreter
+    runs, ``python3 sim.py {seed} {theta}``, relative to the folder the program runs in)."""
     command = getattr(simulator, "command", None)
     if command is not None:
-        program = Path(command[0])
-        return (program,) if program.is_absolute() and program.is_file() else ()
+        cwd = Path(getattr(simulator, "cwd", "."))
+        named = [cwd / argument for argument in command if "{" not in argument]
+        return tuple(dict.fromkeys(path.resolve() for path in named if path.is_file()))
     source = getattr(inspect.getmodule(simulator), "__file__", None)
-    return (Path(source).resolve(),) if source else ()
+    return python_sources(source) if source else ()
 
 
 def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
