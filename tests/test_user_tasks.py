@@ -236,6 +236,33 @@ def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(tmp
     assert source_digest(get_task(str(tmp_path / "task.yaml"))) != before
 
 
+def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_path):
+    # As observe --mock-of would load them: b's "from impl import SHIFT" would get a's impl.
+    model = """
+        from impl import SHIFT
+        from pipeline.tasks import BoxUniform, Task
+
+        class Model(Task):
+            parameter_names = ("a",)
+            parameter_units = ("",)
+            x_shape = (1,)
+            prior = BoxUniform((0.0,), (1.0,))
+
+            def simulate(self, theta, rng):
+                return theta + SHIFT
+        """
+    for folder, shift in (("a", 0.0), ("b", 100.0)):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder, "impl.py", f"SHIFT = {shift}\n")
+        write(tmp_path / folder, "task_model.py", model)
+    get_task(f"{tmp_path}/a/task_model.py:Model")
+    try:
+        with pytest.raises(TaskError, match=r"impl.py beside it shares its module name with .*a/"):
+            get_task(f"{tmp_path}/b/task_model.py:Model")
+    finally:
+        __import__("sys").modules.pop("impl", None)  # leave no user module to other tests
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

@@ -211,6 +211,27 @@ def _import(module: str, spec: str) -> Any:
         ) from error
 
 
+# Folders of the user task files this process imported (each added to sys.path).
+_USER_FOLDERS: set[Path] = set()
+
+
+def _check_module_names(path: Path, spec: str) -> None:
+    """Refuses a task file beside a module whose name this process already imported from
+    another task file's folder (another task's ``impl.py``): Python imports a name once per
+    process, so ``from impl import Model`` here would run the other task's code."""
+    for module_file in sorted(path.parent.glob("*.py")):
+        source = getattr(sys.modules.get(module_file.stem), "__file__", None)
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if source.parent in _USER_FOLDERS and source != module_file.resolve():
+            raise TaskError(
+                f"task {spec!r}: {module_file.name} beside it shares its module name with "
+                f"{source}, which this run already imported (another task's), so importing "
+                f"{module_file.stem!r} here would give that file; rename one of them"
+            )
+
+
 def _load_file(path: Path, spec: str) -> Any:
     """Imports a Python file by path, once per process (as a module named after its path)."""
     if not path.is_file():
@@ -227,8 +248,15 @@ def _load_file(path: Path, spec: str) -> Any:
     sys.modules[name] = module
     # As when the file runs as a script, it may import the modules beside it (searched after
     # the installed packages, so a user's file never shadows one of them).
+    _check_module_names(resolved, spec)
+    _USER_FOLDERS.add(resolved.parent)
     if str(resolved.parent) not in sys.path:
         sys.path.append(str(resolved.parent))
+    # While it runs, the other task files' folders are off the path: its imports must find
+    # the modules beside it, not a same-named one beside a task file imported earlier.
+    others = [entry for entry in sys.path if Path(entry) in _USER_FOLDERS - {resolved.parent}]
+    for entry in others:
+        sys.path.remove(entry)
     try:
         loader.loader.exec_module(module)
     except Exception as error:  # the user's code: report it as theirs, not as a crash of ours
@@ -236,4 +264,6 @@ def _load_file(path: Path, spec: str) -> Any:
         raise TaskError(
             f"task {spec!r}: importing {path} failed: {type(error).__name__}: {error}"
         ) from error
+    finally:
+        sys.path.extend(others)
     return module
