@@ -196,6 +196,23 @@ def test_compression_changes_the_bytes_not_the_data(tmp_path):
         )
 
 
+def test_a_virtual_file_states_the_compression_of_the_shards_it_maps(tmp_path):
+    # The shards kept from an lzf run are mapped as they are, whatever the rerun asked.
+    out, task = tmp_path / "virtual.h5", get_task("two_moons")
+    plan = simulation.SimulationPlan("two_moons", 1000, 3, 500)
+    for compression, overwrite in (("lzf", False), ("gzip", True)):
+        simulation.run(
+            plan,
+            task,
+            out,
+            SerialComm(),
+            overwrite=overwrite,
+            merge="virtual",
+            compression=compression,
+        )
+    assert storage.read_simulations(out).attrs["compression"] == "lzf"
+
+
 def test_every_shard_carries_its_provenance(tmp_path):
     out = tmp_path / "sims.h5"
     simulate(out, task="sn_cosmology", n=100, chunk_size=40, merge="virtual")

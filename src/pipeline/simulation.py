@@ -603,6 +603,18 @@ def merge_shards(
         if not keep_shards:
             shutil.rmtree(shard_dir(out))
     else:
+        # The file reads the shards as they are: shards kept from a run with another
+        # compression keep theirs, which the file must state (lzf is h5py's alone).
+        found = sorted({storage.compression_of(shard) for shard in shards})
+        attrs["compression"] = found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
+        if found != [compression]:
+            log.warning(
+                "%s maps shards compressed with %s (kept from an earlier run), not %s; "
+                "rerun with --merge copy for one compression",
+                out,
+                ", ".join(found),
+                compression,
+            )
         # Every rank wrote or verified its shards: their shapes follow from the plan.
         storage.merge_virtual(out, shards, attrs, (chunks, (task.dim_theta,), task.x_shape))
         # Shards of an earlier plan (another chunk size or count) would only take up space.

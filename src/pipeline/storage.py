@@ -303,6 +303,12 @@ def merge_virtual(
         finish_file(f, {**attrs, "source_stamps": stamps}, n)
 
 
+def compression_of(path: Path) -> str:
+    """The :data:`COMPRESSIONS` name of the filter a simulation file's ``x`` is stored with."""
+    with h5py.File(path, "r") as f:
+        return f["x"].compression or "none"
+
+
 def source_stamp(path: Path) -> str:
     """A digest of a simulation file's attributes, which record what made it and when: a
     shard written again (another run into the same folder) gets another stamp."""
