@@ -291,7 +291,12 @@ def test_fitted_plan_gives_every_rank_a_chunk():
         (1000, 2000),
         (2000, 2500),
     ]
-    assert simulation.SimulationPlan("two_moons", 20, 0, 20).fitted_to(4, 1000).chunk_size == 20
+    assert simulation.SimulationPlan("two_moons", 20, 0, 20).fitted_to(4, 1000).chunk_size == 1000
+    # A configured chunk smaller than a block is rounded up too: four chunks of 300 would
+    # each simulate block 0 in full.
+    assert simulation.SimulationPlan("two_moons", 1000, 0, 300).fitted_to(4, 1000).chunks() == [
+        (0, 1000)
+    ]
 
 
 @pytest.mark.parametrize("merge", ["copy", "virtual"])

@@ -480,6 +480,17 @@ ROUNDS = {
 }
 
 
+def test_a_rounds_experiment_plans_with_its_own_seeds_and_default_options_left_out(workdir):
+    # Every task rounded: their seeds are derived per round, so equal simulate seeds are fine.
+    simulate = {"seed": 2, "test_seed": 2, "num_simulations": 600, "num_test_simulations": 60}
+    config = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS, simulate=simulate)
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    truncate = [line for line in plan.stdout.splitlines() if "pipeline truncate" in line]
+    assert truncate, plan.stdout
+    # A default a round never needed stays out of its params: adding it reran no round.
+    assert all("mcmc_extensions" not in line for line in truncate)
+
+
 def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round_alone(
     workdir, tmp_path_factory
 ):

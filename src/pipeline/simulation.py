@@ -83,9 +83,9 @@ class SimulationPlan:
         """
         if self.num_simulations <= 0 or self.chunk_size <= 0:
             return self  # check_plan names the bad option
-        fair = -(-self.num_simulations // num_ranks)
-        fair = -(-fair // seed_block_size) * seed_block_size
-        return replace(self, chunk_size=min(self.chunk_size, fair))
+        chunk = min(self.chunk_size, -(-self.num_simulations // num_ranks))
+        # Rounded up, not down: a chunk's memory is its blocks' anyway (each drawn whole).
+        return replace(self, chunk_size=-(-chunk // seed_block_size) * seed_block_size)
 
     def identity(self, task: Task) -> dict[str, object]:
         """The fields that determine each simulation (not their count), recorded in every file:

@@ -111,8 +111,9 @@ check_predictive_draws()
 
 def check_test_seed():
     """Refuses test simulations drawn with the training simulations' seed: they would be the
-    training set's first rows, and coverage measured on data the model was fitted to."""
-    if config["simulate"]["test_seed"] == config["simulate"]["seed"]:
+    training set's first rows, and coverage measured on data the model was fitted to (rounds
+    derive each round's seed, and imports have none, so only tasks simulated from the prior)."""
+    if SIMULATED and config["simulate"]["test_seed"] == config["simulate"]["seed"]:
         raise ValueError(
             f"simulate.test_seed and simulate.seed are both {config['simulate']['seed']}: the "
             "test simulations would repeat the training set's first rows; give test_seed "
@@ -328,8 +329,14 @@ def check_rounds():
 
 
 def truncate_options():
-    """The truncate stage's options: the rounds section's keys that TruncateOptions names."""
-    return stage_options(TruncateOptions, "rounds")
+    """The truncate stage's options: the rounds section's keys that TruncateOptions names,
+    mcmc_extensions only where it is not its default (an NPE round never uses it, and a new
+    key in a job's params would rerun every round made before it existed)."""
+    options = json.loads(stage_options(TruncateOptions, "rounds"))
+    default = TruncateOptions.mcmc_extensions
+    if options.get("mcmc_extensions") == default:
+        del options["mcmc_extensions"]
+    return json.dumps(options, sort_keys=True)
 
 
 def round_path(index, name):

@@ -5,7 +5,8 @@
 if not config["simulate"]["scatter"]:
 
     # {resources.mpi} launches the ranks: mpiexec locally, srun in the SLURM profile. Chunks
-    # shrink to give every rank one (--fit-chunks); the data do not depend on it.
+    # shrink, in whole seed blocks, to give every rank one where there are enough blocks
+    # (--fit-chunks; other ranks stay idle); the data do not depend on it.
     rule simulate:
         input:
             task_files,

@@ -124,8 +124,8 @@ class SearchSpace:
 
     def check_against(self, base: TrainConfig, source: str = "search.space") -> None:
         """Refuses a space whose values a task's own options ``base`` cannot take, each value
-        set on its own or together with the others' (every combination of choices and range
-        ends), or where ``method`` may be one that lacks an option searched.
+        set on its own or with another option's (every pair of choices and range ends), or
+        where ``method`` may be one that lacks an option searched.
 
         Raises:
             OptionsError: naming the option and the value.
@@ -151,17 +151,20 @@ class SearchSpace:
         for dimension, values in zip(self.dimensions, grids, strict=True):
             for value in values:
                 base.replaced({dimension.name: value}, source=f"{source}.{dimension.name}")
-        # Values can clash only together (flow mdn with transforms, a cnn embedding with no
-        # stages): every combination of choices and range ends, before any trial proposes one.
-        for values in itertools.product(*grids):
-            combination = dict(zip(self.names, values, strict=True))
-            try:
-                base.replaced(combination, source=source)
-            except OptionsError as error:
-                raise OptionsError(
-                    f"{source}: a trial could propose {json.dumps(combination)}, which is "
-                    f"refused ({error}); narrow the space so that no such combination remains"
-                ) from None
+        # Values can clash together (flow mdn with transforms, a cnn embedding with no stages):
+        # every pair of options' choices and range ends, before any trial proposes one. Pairs,
+        # not the whole product, which grows exponentially with the options searched; the
+        # options' checks each relate two of them.
+        for i, j in itertools.combinations(range(len(self.dimensions)), 2):
+            for values in itertools.product(grids[i], grids[j]):
+                combination = dict(zip((self.names[i], self.names[j]), values, strict=True))
+                try:
+                    base.replaced(combination, source=source)
+                except OptionsError as error:
+                    raise OptionsError(
+                        f"{source}: a trial could propose {json.dumps(combination)}, which is "
+                        f"refused ({error}); narrow the space so that no such pair remains"
+                    ) from None
 
 
 def _dimension(name: Any, spec: Any, source: str) -> Dimension:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tasks.base import (
+    USER_MODULE_PREFIX,
     BoxUniform,
     DiagonalNormal,
     MultivariateNormal,
@@ -122,7 +123,12 @@ def get_task(spec: str) -> Task:
     elif ":" in spec:
         task, module = _from_import_path(spec)
         source = getattr(module, "__file__", None)
-        task.source_files = python_sources(source) if source else ()
+        # A file given by path may import the files beside it; an installed or importable
+        # module's folder holds other packages' files, so only the module itself counts.
+        beside = spec.rpartition(":")[0].endswith(".py")
+        task.source_files = (
+            () if not source else python_sources(source) if beside else (Path(source).resolve(),)
+        )
     else:
         known = ", ".join(sorted(TASKS))
         raise TaskError(
@@ -240,15 +246,15 @@ def _load_file(path: Path, spec: str) -> Any:
             f"directory, here {Path.cwd()})"
         )
     resolved = path.resolve()
-    name = "pipeline_user_task_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    name = USER_MODULE_PREFIX + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
     if name in sys.modules:
         return sys.modules[name]
+    _check_module_names(resolved, spec)
     loader = importlib.util.spec_from_file_location(name, resolved)
     module = importlib.util.module_from_spec(loader)
     sys.modules[name] = module
     # As when the file runs as a script, it may import the modules beside it (searched after
     # the installed packages, so a user's file never shadows one of them).
-    _check_module_names(resolved, spec)
     _USER_FOLDERS.add(resolved.parent)
     if str(resolved.parent) not in sys.path:
         sys.path.append(str(resolved.parent))

@@ -308,6 +308,10 @@ class Task(ABC):
         return theta, self.simulate(theta, rng)
 
 
+# The name of a module imported from a user's file by path begins with this.
+USER_MODULE_PREFIX = "pipeline_user_task_"
+
+
 def python_sources(module_file: str | Path) -> tuple[Path, ...]:
     """A user's Python module and the modules beside it, which it may import (a helper, the
     simulator's implementation): the files that define its task, resolved and sorted."""

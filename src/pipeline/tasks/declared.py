@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.tasks.base import BoxUniform, DiagonalNormal, Prior, Task, python_sources
+from pipeline.tasks.base import (
+    USER_MODULE_PREFIX,
+    BoxUniform,
+    DiagonalNormal,
+    Prior,
+    Task,
+    python_sources,
+)
 
 KEYS = ("title", "parameters", "prior", "x", "seed_block_size", "simulator")
 Simulator = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -154,8 +161,14 @@ def _simulator_files(simulator: Simulator | None) -> tuple[Path, ...]:
         cwd = Path(getattr(simulator, "cwd", "."))
         named = [cwd / argument for argument in command if "{" not in argument]
         return tuple(dict.fromkeys(path.resolve() for path in named if path.is_file()))
-    source = getattr(inspect.getmodule(simulator), "__file__", None)
-    return python_sources(source) if source else ()
+    module = inspect.getmodule(simulator)
+    source = getattr(module, "__file__", None)
+    if not source:
+        return ()
+    # A file the task file names (loaded by path) may import the files beside it; an
+    # importable module's folder holds other packages' files, so only the module counts.
+    by_path = module.__name__.startswith(USER_MODULE_PREFIX)
+    return python_sources(source) if by_path else (Path(source).resolve(),)
 
 
 def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
