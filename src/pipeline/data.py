@@ -232,8 +232,8 @@ class Moments:
     and deviations.
 
     About the first row, not zero: a constant column then sums to exactly zero, where
-    ``sum_sq - n mean^2`` left a rounding residue (a deviation of 1e-8 for a constant 0.7),
-    which z-scoring would have blown up by 10^8 instead of leaving the column at unit scale.
+    ``sum_sq - n mean^2`` leaves a rounding residue (a deviation of 1e-7 for a constant 0.7 over
+    1000 rows) that z-scoring would scale by 10^7 instead of leaving the column at unit scale.
     """
 
     def __init__(self) -> None:
