@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -198,28 +199,36 @@ def test_observe_refuses_a_simulator_whose_x_has_another_shape(tmp_path, capsys)
     assert not out.exists()
 
 
-def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(tmp_path):
+# A task class whose simulator takes its shift from a helper module beside its file.
+MODEL_WITH_HELPER = """
+    from impl import SHIFT
+    from pipeline.tasks import BoxUniform, Task
+
+    class Model(Task):
+        parameter_names = ("a",)
+        parameter_units = ("",)
+        x_shape = (1,)
+        prior = BoxUniform((0.0,), (1.0,))
+
+        def simulate(self, theta, rng):
+            return theta + SHIFT
+    """
+
+
+@pytest.fixture
+def forget_impl():
+    """Leaves no user helper module named impl bound in this process for other tests."""
+    yield
+    sys.modules.pop("impl", None)
+
+
+def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(
+    tmp_path, forget_impl
+):
     from pipeline.tasks.base import source_digest
 
-    # A class whose simulator lives in a helper module beside its file.
     write(tmp_path, "impl.py", "SHIFT = 0.0\n")
-    write(
-        tmp_path,
-        "model.py",
-        """
-        from pipeline.tasks import BoxUniform, Task
-
-        class Model(Task):
-            parameter_names = ("a",)
-            parameter_units = ("",)
-            x_shape = (1,)
-            prior = BoxUniform((0.0,), (1.0,))
-
-            def simulate(self, theta, rng):
-                from impl import SHIFT
-                return theta + SHIFT
-        """,
-    )
+    write(tmp_path, "model.py", MODEL_WITH_HELPER)
     spec = f"{tmp_path}/model.py:Model"
     before = source_digest(get_task(spec))
     write(tmp_path, "impl.py", "SHIFT = 5.0\n")
@@ -242,32 +251,16 @@ def test_an_importable_modules_task_is_defined_by_that_module_alone():
     assert [path.name for path in task.source_files] == ["two_moons.py"]
 
 
-def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_path):
+def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_path, forget_impl):
     # As observe --mock-of would load them: b's "from impl import SHIFT" would get a's impl.
-    model = """
-        from impl import SHIFT
-        from pipeline.tasks import BoxUniform, Task
-
-        class Model(Task):
-            parameter_names = ("a",)
-            parameter_units = ("",)
-            x_shape = (1,)
-            prior = BoxUniform((0.0,), (1.0,))
-
-            def simulate(self, theta, rng):
-                return theta + SHIFT
-        """
     for folder, shift in (("a", 0.0), ("b", 100.0)):
         (tmp_path / folder).mkdir()
         write(tmp_path / folder, "impl.py", f"SHIFT = {shift}\n")
-        write(tmp_path / folder, "task_model.py", model)
+        write(tmp_path / folder, "task_model.py", MODEL_WITH_HELPER)
     get_task(f"{tmp_path}/a/task_model.py:Model")
-    try:
-        for _ in range(2):  # refused alike when asked again: nothing half-imported was kept
-            with pytest.raises(TaskError, match=r"impl.py beside it shares its module name with"):
-                get_task(f"{tmp_path}/b/task_model.py:Model")
-    finally:
-        __import__("sys").modules.pop("impl", None)  # leave no user module to other tests
+    for _ in range(2):  # refused alike when asked again: nothing half-imported was kept
+        with pytest.raises(TaskError, match=r"impl.py beside it shares its module name with"):
+            get_task(f"{tmp_path}/b/task_model.py:Model")
 
 
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -70,23 +71,35 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def observed_x(experiment: Path) -> np.ndarray:
+    """The experiment's observations' x."""
+    with h5py.File(experiment / "observations.h5") as f:
+        return f["x"][...]
+
+
+def validate_files(
+    experiment: Path, test: str, observed: str, out: str, **options: Any
+) -> ValidationMetrics:
+    """The validate stage on two sample files of ``experiment`` against its observations."""
+    return validate(
+        experiment / test,
+        experiment / observed,
+        experiment / "observations.h5",
+        experiment / out,
+        seed=0,
+        c2st_max_samples=None,
+        **options,
+    )
+
+
 def run(experiment: Path, shrink: float, **options) -> dict:
     theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
     name = f"shrink-{shrink}"
     posterior_file(experiment / f"{name}-test.h5", x, theta, shrink, seed=4)
-    with h5py.File(experiment / "observations.h5") as f:
-        x_obs = f["x"][...]
-    posterior_file(experiment / f"{name}-obs.h5", x_obs, None, shrink, seed=5)
+    posterior_file(experiment / f"{name}-obs.h5", observed_x(experiment), None, shrink, seed=5)
     settings = {"local_c2st_null": 19, "predictive_draws": 50, **options}
-    return validate(
-        experiment / f"{name}-test.h5",
-        experiment / f"{name}-obs.h5",
-        experiment / "observations.h5",
-        experiment / name,
-        seed=0,
-        c2st_max_samples=None,
-        c2st_folds=2,
-        **settings,
+    return validate_files(
+        experiment, f"{name}-test.h5", f"{name}-obs.h5", name, c2st_folds=2, **settings
     )
 
 
@@ -145,18 +158,9 @@ def test_too_many_predictive_draws_is_refused(experiment: Path) -> None:
 def test_too_few_test_simulations_are_refused_naming_the_option(experiment: Path) -> None:
     theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
     posterior_file(experiment / "few-test.h5", x[:10], theta[:10], 1.0, seed=4)
-    with h5py.File(experiment / "observations.h5") as f:
-        x_obs = f["x"][...]
-    posterior_file(experiment / "few-obs.h5", x_obs, None, 1.0, seed=5)
+    posterior_file(experiment / "few-obs.h5", observed_x(experiment), None, 1.0, seed=5)
     with pytest.raises(ValueError, match=r"holds 10 test .*\(simulate.num_test_simulations\)"):
-        validate(
-            experiment / "few-test.h5",
-            experiment / "few-obs.h5",
-            experiment / "observations.h5",
-            experiment / "few",
-            seed=0,
-            c2st_max_samples=None,
-        )
+        validate_files(experiment, "few-test.h5", "few-obs.h5", "few")
 
 
 def test_predictive_replicates_average_out_their_noise() -> None:
@@ -196,14 +200,7 @@ def test_test_samples_without_x_are_refused(experiment: Path) -> None:
     with h5py.File(experiment / "old-test.h5", "a") as f:
         del f["x"]
     with pytest.raises(ValueError, match=r"old-test.h5 has no 'x' .* rerun the sample stage"):
-        validate(
-            experiment / "old-test.h5",
-            experiment / "unused-obs.h5",
-            experiment / "observations.h5",
-            experiment / "old",
-            seed=0,
-            c2st_max_samples=None,
-        )
+        validate_files(experiment, "old-test.h5", "unused-obs.h5", "old")
     assert not (experiment / "old").exists()
 
 
@@ -233,16 +230,12 @@ def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path:
         write_samples(path, result, attrs, theta=theta, log_prob_true=log_true, x=x)
 
     write(tmp_path / "test.h5", x, theta, 50)
-    with h5py.File(tmp_path / "observations.h5") as f:
-        x_obs = f["x"][...]
-    write(tmp_path / "obs.h5", x_obs, None, 500)
-    metrics = validate(
-        tmp_path / "test.h5",
-        tmp_path / "obs.h5",
-        tmp_path / "observations.h5",
-        tmp_path / "out",
-        seed=0,
-        c2st_max_samples=None,
+    write(tmp_path / "obs.h5", observed_x(tmp_path), None, 500)
+    metrics = validate_files(
+        tmp_path,
+        "test.h5",
+        "obs.h5",
+        "out",
         c2st_folds=2,
         local_c2st_null=19,
         predictive_draws=20,
@@ -277,19 +270,11 @@ def test_samples_drawn_at_other_observations_or_of_another_task_are_refused(
     references: refused, naming the files, before anything is computed."""
     theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
     posterior_file(experiment / "lineage-test.h5", x[:50], theta[:50], 1.0, seed=4)
-    with h5py.File(experiment / "observations.h5") as f:
-        x_obs = f["x"][...]
+    x_obs = observed_x(experiment)
     posterior_file(experiment / "elsewhere-obs.h5", x_obs + 0.5, None, 1.0, seed=5)
 
     def check(observation_samples: Path) -> None:
-        validate(
-            experiment / "lineage-test.h5",
-            observation_samples,
-            experiment / "observations.h5",
-            experiment / "lineage",
-            seed=0,
-            c2st_max_samples=None,
-        )
+        validate_files(experiment, "lineage-test.h5", observation_samples.name, "lineage")
 
     with pytest.raises(ValueError, match=r"elsewhere-obs.h5 was drawn at other observations than"):
         check(experiment / "elsewhere-obs.h5")
