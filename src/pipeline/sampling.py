@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -134,16 +134,26 @@ def read_observations(
     return x.astype(np.float32), theta
 
 
-def check_drawn_from(observations: Path, truncation: Path | None) -> None:
-    """Refuses to sample test simulations restricted to another region than the one their
-    parameters were drawn from (``--truncation``; none for the prior): the posterior of a
-    simulation drawn from a round's region is the posterior restricted to that region, and
-    coverage scored against any other would be wrong without a sign of it."""
-    if Path(observations).suffix == ".npy":
-        return
-    with h5py.File(observations, "r") as f:
-        proposal = storage.decode_attr(f.attrs["proposal"]) if "proposal" in f.attrs else None
-    drawn_from = None if proposal is None else proposal.get("truncation")
+def recorded_attrs(path: Path) -> dict[str, Any]:
+    """The decoded attributes of an HDF5 observation or simulation file: what made it; none
+    for ``.npy`` arrays and missing files (read_observations names those)."""
+    path = Path(path)
+    if path.suffix == ".npy" or not path.exists():
+        return {}
+    try:
+        with h5py.File(path, "r") as f:
+            return {key: storage.decode_attr(value) for key, value in f.attrs.items()}
+    except OSError as error:
+        raise storage.unreadable(path, error) from None
+
+
+def check_drawn_from(observations: Path, attrs: dict[str, Any], truncation: Path | None) -> None:
+    """Refuses to sample test simulations (``attrs``: their file's) restricted to another
+    region than the one their parameters were drawn from (``--truncation``; none for the
+    prior): the posterior of a simulation drawn from a round's region is the posterior
+    restricted to that region, and coverage scored against any other would be wrong without a
+    sign of it."""
+    drawn_from = (attrs.get("proposal") or {}).get("truncation")
     expected = None if truncation is None else file_digest(Path(truncation))
     if drawn_from == expected:
         return
@@ -165,14 +175,11 @@ def check_drawn_from(observations: Path, truncation: Path | None) -> None:
     )
 
 
-def check_held_out(observations: Path, document: dict, model: Path) -> None:
-    """Refuses test simulations drawn with a seed of the model's training data (``document``
-    its JSON): they repeat training rows, and coverage on them reads a fit to its own data
-    as calibration."""
-    if not holds_simulations(observations):
-        return
-    with h5py.File(observations, "r") as f:
-        seed = storage.decode_attr(f.attrs["seed"]) if "seed" in f.attrs else None
+def check_held_out(observations: Path, attrs: dict[str, Any], document: dict, model: Path) -> None:
+    """Refuses test simulations (``attrs``: their file's) drawn with a seed of the model's
+    training data (``document`` its JSON): they repeat training rows, and coverage on them
+    reads a fit to its own data as calibration."""
+    seed = attrs.get("seed") if holds_simulations(attrs) else None
     if seed is not None and seed in document.get("data", {}).get("seeds", []):
         raise ValueError(
             f"{observations} was simulated with seed {seed}, a seed of the data {model} was "
@@ -181,28 +188,19 @@ def check_held_out(observations: Path, document: dict, model: Path) -> None:
         )
 
 
-def holds_simulations(path: Path) -> bool:
-    """Whether ``path`` is a file of simulations (``pipeline simulate``'s, an import's or a
-    round's, which record ``num_simulations``): a test set, whose unconverged MCMC chains are
-    left out of coverage, not observations, where they are an error."""
-    if Path(path).suffix == ".npy":
-        return False
-    with h5py.File(path, "r") as f:
-        return "num_simulations" in f.attrs
+def holds_simulations(attrs: dict[str, Any]) -> bool:
+    """Whether a file (``attrs``: its attributes) is a file of simulations (``pipeline
+    simulate``'s, an import's or a round's, which record ``num_simulations``): a test set,
+    whose unconverged MCMC chains are left out of coverage, not observations, where they are
+    an error."""
+    return "num_simulations" in attrs
 
 
 def observation_task(path: Path) -> str | None:
     """The task an HDF5 observation or simulation file says it holds; None for ``.npy`` arrays
     and files that do not say."""
-    path = Path(path)
-    if path.suffix == ".npy" or not path.exists():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            task = f.attrs.get("task")
-    except OSError as error:
-        raise storage.unreadable(path, error) from None
-    return None if task is None else str(storage.decode_attr(task))
+    task = recorded_attrs(path).get("task")
+    return None if task is None else str(task)
 
 
 def sample_posterior(
@@ -587,7 +585,8 @@ def sample(
     posterior, document = load_posterior(model)
     posterior.set_ode_tolerance(options.ode_tolerance)
     spec = posterior.spec
-    made_for = observation_task(observations)
+    recorded = recorded_attrs(observations)
+    made_for = None if recorded.get("task") is None else str(recorded["task"])
     if made_for is not None and made_for != document["task"]:
         raise ValueError(
             f"{observations} holds observations of task {made_for!r}, but {model} is a "
@@ -605,8 +604,8 @@ def sample(
     if iid and truncation is not None:
         raise ValueError("--iid and --truncation cannot be combined")
     if theta is not None:
-        check_drawn_from(observations, truncation)
-        check_held_out(observations, document, model)
+        check_drawn_from(observations, recorded, truncation)
+        check_held_out(observations, recorded, document, model)
     if region_models and truncation is None:
         raise ValueError("--region-models are the models of --truncation's region; pass both")
     if iid and theta is not None:
@@ -645,7 +644,7 @@ def sample(
         log.info("one posterior from %d independent observations", len(x))
         x, index = x[None], index[:1]
     if result.mcmc is not None:
-        test_set = holds_simulations(observations) and not iid
+        test_set = holds_simulations(recorded) and not iid
         log_mcmc(result.mcmc, settings, observations, test_set=test_set)
     excluded = int((~result.sampled).sum())
     # MCMC samples a region exactly, so its observations are left out only for their chains.
@@ -675,7 +674,8 @@ def sample(
         "truncation": restricted,
         "num_outside_region_excluded": outside if truncation is not None else None,
         "method": spec.method,
-        "model_digest": file_digest(Path(model) / WEIGHTS),
+        # Recorded at save; weights saved before that are digested here.
+        "model_digest": document.get("weights_digest") or file_digest(Path(model) / WEIGHTS),
         "mcmc": asdict(settings) if result.mcmc is not None else None,
         "ode_tolerance": options.ode_tolerance if spec.method == "fmpe" else None,
         "num_unconverged_excluded": excluded if spec.method == "nle" else None,
