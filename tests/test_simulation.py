@@ -1,3 +1,4 @@
+import os
 import shutil
 import signal
 import subprocess
@@ -612,6 +613,30 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(t
     # Released (as when its holder exits, however it exits): the output is free again.
     assert simulate(out, seed=2).attrs["seed"] == 2
     assert not simulation.shard_dir(out).exists()
+
+
+def test_a_lock_file_removed_by_its_releasing_holder_is_not_taken(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder released (and removed) it must
+    not lock that removed file: a third run would lock a new one beside it."""
+    from pipeline import locking
+
+    flock = locking.fcntl.flock
+    released = []
+
+    def holder_releases_first(fd, operation):
+        if not released:  # the holder's exit, between this run's open and its flock
+            released.append(True)
+            (tmp_path / ".lock").unlink()
+        flock(fd, operation)
+
+    monkeypatch.setattr(locking.fcntl, "flock", holder_releases_first)
+    with locking.OutputLock(tmp_path, "sims.h5") as lock:
+        assert released
+        # The lock is held on the file that now stands at the path, so a third run is refused.
+        assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / ".lock"))
+        monkeypatch.setattr(locking.fcntl, "flock", flock)
+        with pytest.raises(locking.OutputBusyError):
+            locking.OutputLock(tmp_path, "sims.h5").__enter__()
 
 
 def test_a_shard_of_another_run_is_never_merged(tmp_path, monkeypatch):

@@ -41,27 +41,42 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+                os.close(fd)
+                raise OutputBusyError(
+                    f"cannot write {self.what}: another run holds it ({holder}). Two runs must "
+                    "not share an output: wait for that one to finish (or stop it), or choose "
+                    "another --out"
+                ) from None
+            except OSError as error:  # file systems without flock
+                log.warning(
+                    "cannot lock %s (%s): concurrent runs will not be detected", self.path, error
+                )
+                break
+            # A holder removes the file as it releases it: a lock taken on the file it had
+            # opened before then guards nothing (a third run creates and locks a new one).
+            if self._is_current(fd):
+                break
             os.close(fd)
-            raise OutputBusyError(
-                f"cannot write {self.what}: another run holds it ({holder}). Two runs must "
-                "not share an output: wait for that one to finish (or stop it), or choose "
-                "another --out"
-            ) from None
-        except OSError as error:  # file systems without flock
-            log.warning(
-                "cannot lock %s (%s): concurrent runs will not be detected", self.path, error
-            )
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         holder = f"process {os.getpid()} on {platform.node()} since {stamp}, writing {self.what}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self.fd = fd
         return self
+
+    def _is_current(self, fd: int) -> bool:
+        """Whether ``fd`` is the file at ``self.path`` now, not one removed since it was
+        opened."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
 
     def __exit__(self, *_: object) -> None:
         if self.fd is not None:
