@@ -292,6 +292,8 @@ METHOD_OPTIONS = {
     "fmpe": {"method": "fmpe", "transforms": 3},
     "nle": {"method": "nle", "embedding_dim": 32, "embedding_hidden": [64, 64]},
 }
+# Runs a kill must not change: each family, and NPE with the penalty's seeded draws.
+RUN_OPTIONS = {**METHOD_OPTIONS, "npe-calibrated": {"calibration": 5.0}}
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +304,7 @@ def uninterrupted(data, tmp_path_factory):
     def of(method: str) -> dict[str, torch.Tensor]:
         if method not in weights:
             folder = tmp_path_factory.mktemp(f"uninterrupted-{method}")
-            command = _train_command(folder, data, {**LONG, **METHOD_OPTIONS[method]})
+            command = _train_command(folder, data, {**LONG, **RUN_OPTIONS[method]})
             subprocess.run(
                 command, check=True, env=run_env(), timeout=600, stderr=subprocess.DEVNULL
             )
@@ -320,12 +322,13 @@ def uninterrupted(data, tmp_path_factory):
         ("npe", signal.SIGKILL),
         ("fmpe", signal.SIGKILL),
         ("nle", signal.SIGKILL),
+        ("npe-calibrated", signal.SIGKILL),
     ],
 )
 def test_killed_training_resumes_to_the_uninterrupted_weights(
     data, tmp_path, method, kill, uninterrupted
 ):
-    options = {**LONG, **METHOD_OPTIONS[method]}
+    options = {**LONG, **RUN_OPTIONS[method]}
     ckpt = tmp_path / "ckpt"
     command = [*_train_command(tmp_path, data, options), "--checkpoint-dir", str(ckpt)]
     process = subprocess.Popen(command, env=run_env(), stderr=subprocess.DEVNULL)

@@ -54,6 +54,9 @@ FMPE_ONLY = ("time_features",)
 # The correction for the rounds' proposal: NLE's likelihood does not depend on the proposal, and
 # FMPE's loss has no density to normalise.
 PROPOSAL_ONLY = ("proposal_draws", "proposal_rows")
+# The penalty on over-confidence compares densities of q(theta | x): NPE's flows give them in
+# one pass, FMPE's need an ODE solve per density, NLE's q(x | theta) is no posterior.
+CALIBRATION_ONLY = ("calibration", "calibration_draws", "calibration_rows")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -105,6 +108,23 @@ class TrainConfig(Options):
         help="npe on rounds' simulations: pairs of each batch whose normaliser is estimated "
         "(the draws cost more than the loss)",
     )
+    calibration: float = option(
+        0.0,
+        minimum=0,
+        help="npe: weight of a penalty on over-confidence, the highest-density regions' "
+        "undercoverage of the training pairs (Falkiewicz et al. 2023); 0: none",
+    )
+    calibration_draws: int = option(
+        8,
+        minimum=2,
+        help="npe with calibration: draws of q(theta | x) per pair that place its true theta",
+    )
+    calibration_rows: int = option(
+        64,
+        minimum=2,
+        help="npe with calibration: pairs of each batch whose credibilities are compared with "
+        "the uniform's quantiles (the draws cost more than the loss)",
+    )
     batch_size: int = option(256, minimum=1, help="samples per batch and process")
     learning_rate: float = option(1e-3, exclusive_minimum=0, help="AdamW step size")
     lr_schedule: Literal[LR_SCHEDULES] = option("plateau", help="step size schedule")
@@ -146,6 +166,7 @@ class TrainConfig(Options):
                     "a likelihood does not depend on the proposal of the parameters",
                     "npe",
                 ),
+                (CALIBRATION_ONLY, "a likelihood has no credible regions to calibrate", "npe"),
             ],
             "fmpe": [
                 (
@@ -157,6 +178,11 @@ class TrainConfig(Options):
                 (
                     PROPOSAL_ONLY,
                     "the flow-matching loss has no density to normalise over a proposal",
+                    "npe",
+                ),
+                (
+                    CALIBRATION_ONLY,
+                    "a vector field's densities each take an ODE solve, too dear per step",
                     "npe",
                 ),
             ],
@@ -437,6 +463,9 @@ def train(
         proposal=proposal,
         proposal_draws=config.proposal_draws,
         proposal_rows=config.proposal_rows,
+        calibration=config.calibration,
+        calibration_draws=config.calibration_draws,
+        calibration_rows=config.calibration_rows,
     )
     trainer = build_trainer(config, layout, out, checkpoint_dir, callbacks)
     check_checkpoints(

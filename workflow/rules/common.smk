@@ -290,6 +290,11 @@ def chosen_flag(wildcards):
 def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}
+    # Off, the penalty on over-confidence's options shape nothing: left out, they do not make
+    # Snakemake retrain models whose recorded params lack them.
+    if not options.get("calibration"):
+        for name in ("calibration", "calibration_draws", "calibration_rows"):
+            options.pop(name, None)
     return json.dumps(options, sort_keys=True)
 
 

@@ -49,6 +49,10 @@ class NPE(pl.LightningModule):
         proposal: The proposal the pairs were drawn from where it is not the prior (NPE in
             rounds): the loss adds ``log E_q[w]`` (:mod:`pipeline.rounds.proposal`), by
             ``proposal_draws`` draws per pair for ``proposal_rows`` pairs of each batch.
+        calibration: Weight of the penalty on over-confidence
+            (:meth:`NeuralPosterior.member_overconfidence`) added to the loss, by
+            ``calibration_draws`` draws per pair for ``calibration_rows`` pairs of each batch;
+            0: none.
     """
 
     def __init__(
@@ -64,6 +68,9 @@ class NPE(pl.LightningModule):
         proposal: Proposal | None = None,
         proposal_draws: int = 16,
         proposal_rows: int = 64,
+        calibration: float = 0.0,
+        calibration_draws: int = 8,
+        calibration_rows: int = 64,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -76,6 +83,8 @@ class NPE(pl.LightningModule):
         self.seed = seed
         self.proposal, self.proposal_draws = proposal, proposal_draws
         self.proposal_rows = proposal_rows
+        self.calibration, self.calibration_draws = calibration, calibration_draws
+        self.calibration_rows = calibration_rows
         # Compiled callables share the posterior's parameters; the state dict is unchanged.
         self._member_loss = posterior.member_loss
         self._validation_loss = posterior.validation_loss
@@ -105,10 +114,12 @@ class NPE(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, index: int
     ) -> torch.Tensor:
         theta, x = batch
-        # The normaliser's draws cost far more than the loss itself (an autoregressive flow
-        # draws in D passes), so it is estimated on the batch's first rows: batches are
-        # shuffled, so these are a random subset and its mean has the full batch's expectation.
+        # The normaliser's and the calibration penalty's draws cost far more than the loss
+        # itself (an autoregressive flow draws in D passes, and each draw's density is one more
+        # pass), so they are estimated on the batch's first rows: batches are shuffled, so these
+        # are a random subset with the full batch's expectation.
         rows = x[: self.proposal_rows]
+        pairs = theta[: self.calibration_rows], x[: self.calibration_rows]
         if stage == "train":
             # Members learn side by side, each by its own loss (a deep ensemble), not the
             # mixture's: that keeps them diverse. For one member the two are the same.
@@ -120,6 +131,10 @@ class NPE(pl.LightningModule):
                         rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
                 loss = loss + normaliser.mean()
+            if self.calibration > 0:
+                with self._seeded(2, self.global_step, self.global_rank):
+                    penalty = self.posterior.member_overconfidence(*pairs, self.calibration_draws)
+                loss = loss + self.calibration * penalty.mean()
         else:
             generator = self._generator(1, index, self.global_rank)
             loss = self._validation_loss(theta, x, generator).mean()
@@ -129,6 +144,10 @@ class NPE(pl.LightningModule):
                         rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
                 loss = loss + normaliser.mean()
+            if self.calibration > 0:
+                with self._seeded(3, index, self.global_rank):
+                    penalty = self.posterior.member_overconfidence(*pairs, self.calibration_draws)
+                loss = loss + self.calibration * penalty.mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",
