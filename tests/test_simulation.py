@@ -639,6 +639,19 @@ def test_a_lock_file_removed_by_its_releasing_holder_is_not_taken(tmp_path, monk
             locking.OutputLock(tmp_path, "sims.h5").__enter__()
 
 
+def test_a_lock_file_that_never_reads_as_current_is_held_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    # A file system whose fstat and stat never agree: a bounded number of retries, then the
+    # lock as taken, said in the log (not an endless loop).
+    from pipeline import locking
+
+    monkeypatch.setattr(locking.OutputLock, "_is_current", lambda self, fd: False)
+    with locking.OutputLock(tmp_path, "sims.h5") as lock:
+        assert lock.fd is not None
+    assert "cannot tell whether" in caplog.text
+
+
 def test_a_shard_of_another_run_is_never_merged(tmp_path, monkeypatch):
     """Two runs with different seeds writing one output's shards (a concurrent writer on a file
     system without locks): the merge refuses, naming both runs, and writes nothing."""

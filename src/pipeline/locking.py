@@ -33,6 +33,8 @@ class OutputLock:
     """
 
     NAME = ".lock"
+    # Each retry follows a holder's release; more in a row than this is no race.
+    ATTEMPTS = 100
 
     def __init__(self, folder: Path, what: str) -> None:
         self.path = Path(folder) / self.NAME
@@ -41,7 +43,7 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        for attempt in range(1, self.ATTEMPTS + 1):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,6 +64,13 @@ class OutputLock:
             # opened before then guards nothing (a third run creates and locks a new one).
             if self._is_current(fd):
                 break
+            if attempt == self.ATTEMPTS:  # a file system whose fstat and stat never agree
+                log.warning(
+                    "cannot tell whether %s is the lock file other runs see: concurrent runs "
+                    "may not be detected",
+                    self.path,
+                )
+                break
             os.close(fd)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         holder = f"process {os.getpid()} on {platform.node()} since {stamp}, writing {self.what}"
@@ -75,7 +84,7 @@ class OutputLock:
         opened."""
         try:
             return os.path.samestat(os.fstat(fd), os.stat(self.path))
-        except FileNotFoundError:
+        except OSError:  # removed, or a stale handle on a network file system
             return False
 
     def __exit__(self, *_: object) -> None:

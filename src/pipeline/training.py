@@ -233,8 +233,13 @@ class TrainConfig(Options):
         return self.replaced(changes, source="auto") if changes else self
 
     def shaping(self) -> dict[str, Any]:
-        """The fields that shape the weights (not where they run), for the checkpoint digest."""
+        """The fields that shape the weights (not where they run): the identity of checkpoints,
+        search trials and a search's choice. Without the penalty on over-confidence its options
+        shape nothing and are left out, so that runs and searches without it keep the identity
+        they had without those options."""
         where = ("devices", "accelerator", "num_workers", "compile", "max_time")
+        if self.calibration == 0:
+            where += CALIBRATION_ONLY
         return {k: v for k, v in asdict(self).items() if k not in where}
 
 

@@ -34,7 +34,9 @@ class NPE(pl.LightningModule):
 
     ``train_loss`` is the members' mean loss (negative log-likelihood for NPE, flow matching for
     FMPE); ``val_loss`` (which early stopping and checkpointing watch) is
-    :meth:`NeuralPosterior.validation_loss`: the mixture's for NPE.
+    :meth:`NeuralPosterior.validation_loss`: the mixture's for NPE. Both add the terms of
+    ``proposal`` and ``calibration`` where set, so that the objective watched is the one trained
+    (its value is then not comparable with a run's without them).
 
     Arguments:
         posterior: The estimator (standardisation, embedding, flow).

@@ -310,6 +310,8 @@ class NeuralPosterior(nn.Module):
         """How far each member's highest-density regions undercover the pairs ``theta`` (N, D),
         ``x`` (N, *x_shape), by ``draws`` of its own per ``x`` -> (K,): :func:`overconfidence`.
 
+        Each member is calibrated on its own, as each learns by its own loss; their mixture,
+        which is sampled and tested, is wider than its members where they disagree.
         Draws use torch's global generator: the caller seeds it.
         """
         z = (theta - self.theta_mean) / self.theta_std
@@ -400,12 +402,18 @@ def overconfidence(log_q_true: torch.Tensor, log_q_draws: torch.Tensor) -> torch
     densities of ``M`` draws from ``q(. | x_i)``; both with their graphs.
 
     The credibility at which ``q``'s highest-density region first covers ``theta_i`` is the
-    share of draws denser than it, ``c_i``; for a calibrated ``q`` the ``c_i`` are uniform, and
-    an over-confident one puts them near 1. The penalty is the mean squared excess of the
-    sorted ``c_i`` over the uniform's quantiles ``i / (N + 1)``: zero for a calibrated or
-    under-confident ``q`` (up to the noise of ``N`` pairs), so it widens and never narrows.
-    The indicator "denser" has a straight-through gradient: the log-density difference's,
-    which raises ``q`` at the true parameters and lowers it at the draws. -> ()"""
+    share of draws denser than it, ``c_i``; for a calibrated ``q`` it is uniform, and an
+    over-confident one puts it near 1. The penalty is the mean squared excess of the sorted
+    ``c_i`` over the uniform's quantiles ``i / (N + 1)``: it widens and never narrows. It leans
+    to width even at calibration: the ``c_i`` take only ``M + 1`` values, whose quantiles sit
+    above the uniform's, and ``N`` pairs' sorted values scatter around them, so a calibrated
+    ``q`` still scores about 3e-3 (``M`` 8, ``N`` 64) and is widened a little; the weight sets
+    how far that goes (``benchmarks/README.md``: weights above 3 made ``slcp`` under-confident).
+
+    The indicator "denser" has a straight-through gradient, the log-density difference's. Its
+    part through the draws' densities has expectation zero (the score's, under ``q``): what
+    widens is the likelihood's gradient at the true parameters, weighted by how far each pair's
+    credibility exceeds its quantile. -> ()"""
     difference = log_q_draws - log_q_true  # > 0 where a draw is denser than the truth
     denser = (difference > 0).to(difference.dtype)
     credibility = (denser + difference - difference.detach()).mean(dim=0)  # (N,)
