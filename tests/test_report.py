@@ -730,6 +730,19 @@ def test_a_validation_of_other_weights_than_the_models_is_refused(
         load_results(tmp_path, ["two_moons"])
 
 
+def test_a_posterior_trained_with_the_calibration_penalty_says_so(
+    tmp_path: Path, png: bytes, page: str
+) -> None:
+    assert "penalty on over-confidence" not in page
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "model" / "posterior.json"
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "train_config": {"calibration": 3.0}}))
+    html = build(tmp_path, ["two_moons"])
+    assert "trained with a penalty on over-confidence (calibration 3.0)" in html
+    assert "(with the penalty)" in html
+
+
 def test_many_flagged_observations_are_counted_not_listed(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
     path = tmp_path / "two_moons" / "validation" / "metrics.json"
