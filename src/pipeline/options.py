@@ -250,6 +250,12 @@ def _check_bounds(source: str, name: str, value: Any, bounds: dict[str, float]) 
 # The stages' options (train's are pipeline.training.TrainConfig, beside the code they shape).
 # Defaults and bounds are the workflow schema's; tests/test_options.py holds them equal.
 
+# train's options of the penalty on over-confidence: while it is off they shape nothing, and
+# they are left out of a run's identity (pipeline.training) and of a train job's params (the
+# workflow, which imports them from here without torch).
+CALIBRATION_ONLY = ("calibration", "calibration_draws", "calibration_rows")
+
+
 Merge = Literal["copy", "virtual"]
 Compression = Literal["gzip", "lzf", "none"]
 

@@ -199,7 +199,12 @@ def holds_simulations(attrs: dict[str, Any]) -> bool:
 def observation_task(path: Path) -> str | None:
     """The task an HDF5 observation or simulation file says it holds; None for ``.npy`` arrays
     and files that do not say."""
-    task = recorded_attrs(path).get("task")
+    return recorded_task(recorded_attrs(path))
+
+
+def recorded_task(attrs: dict[str, Any]) -> str | None:
+    """The task a file's attributes ``attrs`` name, or None."""
+    task = attrs.get("task")
     return None if task is None else str(task)
 
 
@@ -586,7 +591,7 @@ def sample(
     posterior.set_ode_tolerance(options.ode_tolerance)
     spec = posterior.spec
     recorded = recorded_attrs(observations)
-    made_for = None if recorded.get("task") is None else str(recorded["task"])
+    made_for = recorded_task(recorded)
     if made_for is not None and made_for != document["task"]:
         raise ValueError(
             f"{observations} holds observations of task {made_for!r}, but {model} is a "

@@ -35,7 +35,7 @@ from pipeline.models.flow_matching import HALF_TURNS, TIME_FEATURES
 from pipeline.models.flows import FLOWS, MIXTURES
 from pipeline.models.npe import LR_SCHEDULES, NPE
 from pipeline.models.posterior import METHODS, NeuralPosterior, PosteriorSpec, save_posterior
-from pipeline.options import Options, OptionsError, option
+from pipeline.options import CALIBRATION_ONLY, Options, OptionsError, option
 from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
@@ -54,9 +54,6 @@ FMPE_ONLY = ("time_features",)
 # The correction for the rounds' proposal: NLE's likelihood does not depend on the proposal, and
 # FMPE's loss has no density to normalise.
 PROPOSAL_ONLY = ("proposal_draws", "proposal_rows")
-# The penalty on over-confidence compares densities of q(theta | x): NPE's flows give them in
-# one pass, FMPE's need an ODE solve per density, NLE's q(x | theta) is no posterior.
-CALIBRATION_ONLY = ("calibration", "calibration_draws", "calibration_rows")
 # Lightning's names; the mixed ones run matrix products in half precision on a GPU.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 

@@ -5,7 +5,13 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.options import SampleOptions, SearchOptions, SimulateOptions, TruncateOptions
+from pipeline.options import (
+    CALIBRATION_ONLY,
+    SampleOptions,
+    SearchOptions,
+    SimulateOptions,
+    TruncateOptions,
+)
 from pipeline.rounds.records import round_seed
 from pipeline.tasks import get_task
 from pipeline.tasks.experiment import resolve_tasks
@@ -293,7 +299,7 @@ def train_options(wildcards):
     # Off, the penalty on over-confidence's options shape nothing: left out, they do not make
     # Snakemake retrain models whose recorded params lack them.
     if not options.get("calibration"):
-        for name in ("calibration", "calibration_draws", "calibration_rows"):
+        for name in CALIBRATION_ONLY:
             options.pop(name, None)
     return json.dumps(options, sort_keys=True)
 

@@ -121,7 +121,6 @@ class NPE(pl.LightningModule):
         # pass), so they are estimated on the batch's first rows: batches are shuffled, so these
         # are a random subset with the full batch's expectation.
         rows = x[: self.proposal_rows]
-        pairs = theta[: self.calibration_rows], x[: self.calibration_rows]
         if stage == "train":
             # Members learn side by side, each by its own loss (a deep ensemble), not the
             # mixture's: that keeps them diverse. For one member the two are the same.
@@ -133,10 +132,6 @@ class NPE(pl.LightningModule):
                         rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
                 loss = loss + normaliser.mean()
-            if self.calibration > 0:
-                with self._seeded(2, self.global_step, self.global_rank):
-                    penalty = self.posterior.member_overconfidence(*pairs, self.calibration_draws)
-                loss = loss + self.calibration * penalty.mean()
         else:
             generator = self._generator(1, index, self.global_rank)
             loss = self._validation_loss(theta, x, generator).mean()
@@ -146,10 +141,12 @@ class NPE(pl.LightningModule):
                         rows, self.proposal.ratio, self.proposal_draws, self.proposal.smallest
                     )
                 loss = loss + normaliser.mean()
-            if self.calibration > 0:
-                with self._seeded(3, index, self.global_rank):
-                    penalty = self.posterior.member_overconfidence(*pairs, self.calibration_draws)
-                loss = loss + self.calibration * penalty.mean()
+        if self.calibration > 0:
+            key = (2, self.global_step) if stage == "train" else (3, index)
+            pairs = theta[: self.calibration_rows], x[: self.calibration_rows]
+            with self._seeded(*key, self.global_rank):
+                penalty = self.posterior.member_overconfidence(*pairs, self.calibration_draws)
+            loss = loss + self.calibration * penalty.mean()
         # sync_dist averages over DDP ranks; every rank must call it or the job hangs.
         self.log(
             f"{stage}_loss",

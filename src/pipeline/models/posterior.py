@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,12 +293,9 @@ class NeuralPosterior(nn.Module):
         draws' reparametrisation carries none. Draws use torch's global generator: the caller
         seeds it.
         """
-        x_standard = (x - self.x_mean) / self.x_std
         normalisers = []
-        for member in self.members:
-            distribution = member(x_standard)
+        for distribution, z in self._member_draws(x, draws):
             with torch.no_grad():
-                z = distribution.sample((draws,))  # (M, N, D)
                 theta = z * self.theta_std + self.theta_mean
                 w = ratio(theta.flatten(0, 1)).view(draws, len(x))
             normalisers.append(log_mean_weight(w, distribution.log_prob(z), floor))
@@ -315,14 +312,26 @@ class NeuralPosterior(nn.Module):
         Draws use torch's global generator: the caller seeds it.
         """
         z = (theta - self.theta_mean) / self.theta_std
+        return torch.stack(
+            [
+                overconfidence(distribution.log_prob(z), distribution.log_prob(draw))
+                for distribution, draw in self._member_draws(x, draws)
+            ]
+        )
+
+    def _member_draws(
+        self, x: torch.Tensor, draws: int
+    ) -> Iterator[tuple[torch.distributions.Distribution, torch.Tensor]]:
+        """Each member's ``q_k(z | x)`` at ``x`` (N, *x_shape), with ``draws`` of it per ``x``
+        in standardised units, (M, N, D), without a graph: the draws of
+        :meth:`member_log_normaliser` and :meth:`member_overconfidence`, whose gradients come
+        through the densities."""
         x_standard = (x - self.x_mean) / self.x_std
-        penalties = []
         for member in self.members:
             distribution = member(x_standard)
             with torch.no_grad():
-                draw = distribution.sample((draws,))  # (M, N, D)
-            penalties.append(overconfidence(distribution.log_prob(z), distribution.log_prob(draw)))
-        return torch.stack(penalties)
+                z = distribution.sample((draws,))
+            yield distribution, z  # outside no_grad: the caller's densities need their graph
 
     @torch.no_grad()
     def log_normaliser(
