@@ -427,10 +427,32 @@ def test_the_iid_sample_stage_writes_one_posterior_and_refuses_what_it_cannot_co
     with h5py.File(tmp_path / "s.h5") as f:
         assert f["samples"].shape == (1, 200, 2) and f["x"].shape == (1, 4, 3)
         assert f.attrs["iid"] == 4
+        assert json.loads(f.attrs["observation_index"]) == [0, 1, 2, 3]
     with h5py.File(tmp_path / "test.h5", "w") as f:
         f["theta"], f["x"] = rng.normal(size=(4, 2)).astype("f4"), rng.normal(size=(4, 3))
     assert sample_cli(model, tmp_path / "test.h5", tmp_path / "t.h5", iid=True) != 0
     assert "have different true theta" in capsys.readouterr().err
+
+
+def test_validation_refuses_a_posterior_combined_from_independent_observations(tmp_path, model):
+    """Validation pairs each observation with its own posterior: one drawn from all rows at
+    once has no reference and no test set, so both the test set's and the observations' sides
+    refuse it, naming --iid, before reading the observation file."""
+    from pipeline.validation import _read_test_samples, score_budget
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3, 3)).astype("f4"))
+    assert sample_cli(model, tmp_path / "x.npy", tmp_path / "s.h5", iid=True) == 0
+    with pytest.raises(ValueError, match="one posterior from 3 independent observations"):
+        _read_test_samples(tmp_path / "s.h5")
+    with pytest.raises(ValueError, match="without --iid"):
+        score_budget(
+            tmp_path / "s.h5",
+            tmp_path / "x.npy",
+            tmp_path / "c2st.json",
+            budget=1,
+            seed=0,
+            max_samples=None,
+        )
 
 
 def test_only_a_likelihood_combines_independent_observations():

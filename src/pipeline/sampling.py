@@ -572,7 +572,8 @@ def sample(
     saved in ``model``, written to ``out`` with their provenance; returns them.
 
     With ``iid`` (an NLE model), the finite rows are independent observations of one theta and
-    get one posterior: ``samples`` (1, M, D), ``x`` (1, n, *x_shape), attribute ``iid`` = n.
+    get one posterior: ``samples`` (1, M, D), ``x`` (1, n, *x_shape), attribute ``iid`` = n and
+    ``observation_index`` the n rows of ``observations`` it combines.
 
     With ``truncation`` (the region of this posterior from ``pipeline truncate``), the draws
     are restricted to that region (nested in the regions of the earlier rounds' posteriors
@@ -647,7 +648,7 @@ def sample(
     index = np.flatnonzero(finite)
     if iid:
         log.info("one posterior from %d independent observations", len(x))
-        x, index = x[None], index[:1]
+        x = x[None]
     if result.mcmc is not None:
         test_set = holds_simulations(recorded) and not iid
         log_mcmc(result.mcmc, settings, observations, test_set=test_set)

@@ -173,6 +173,7 @@ def _predictive_checks(
 def _read_test_samples(path: Path) -> dict[str, Any]:
     """The test set's samples file, which must hold the true ``theta`` and the ``x``."""
     test = read_samples(path)
+    check_not_combined(test, path)
     if "theta" not in test:
         raise ValueError(
             f"{path} has no true 'theta': sample the held-out simulation file (an HDF5 "
@@ -318,6 +319,7 @@ def check_drawn_at(
     each of its observations in order: ``x_obs`` is its ``x`` (n_obs, ...), and the samples
     file records the ``x`` it was drawn at and which observations those were
     (``observation_index``)."""
+    check_not_combined(observed, observed_path)
     task = observed["attrs"].get("task")
     with h5py.File(observations, "r") as f:
         made_for = storage.decode_attr(f.attrs["task"]) if "task" in f.attrs else task
@@ -346,6 +348,19 @@ def check_drawn_at(
             "sample stage leaves out observations whose x is NaN or inf): the diagnostics pair "
             f"each observation with its samples, so remove those rows from {observations} or "
             "mend them, then sample again"
+        )
+
+
+def check_not_combined(samples: dict, path: Path) -> None:
+    """Refuses one posterior drawn from several independent observations (``sample --iid``):
+    the diagnostics pair each observation (or test simulation) with its own posterior, and no
+    reference or test set describes a combined one."""
+    combined = samples["attrs"].get("iid")
+    if combined:
+        raise ValueError(
+            f"{path} holds one posterior from {combined} independent observations (pipeline "
+            "sample --iid), but validation scores one posterior per observation; sample the "
+            "observations and the test set without --iid to validate the model, then combine"
         )
 
 
@@ -665,6 +680,7 @@ def score_budget(
     :func:`validate`, so a budget's value is comparable with the main model's.
     """
     samples = read_samples(observation_samples)
+    check_not_combined(samples, observation_samples)
     theta, x_obs, reference = read_reference(observations)
     check_drawn_at(samples, observation_samples, x_obs, observations)
     task = str(samples["attrs"]["task"])
