@@ -79,6 +79,29 @@ def test_resume_keeps_valid_shards_and_redoes_broken_ones(tmp_path, monkeypatch)
     np.testing.assert_array_equal(storage.read_simulations(out).x, reference.x)
 
 
+def test_a_resume_names_the_code_revisions_of_the_shards_it_kept(tmp_path, monkeypatch, caplog):
+    """A shard is kept by task, seed, chunk and region, not by the code that drew it: the merged
+    file lists every revision its shards were simulated at, and the log says which were not
+    this run's and what to delete if the simulator changed between them."""
+    out = tmp_path / "sims.h5"
+    plan = simulation.SimulationPlan("two_moons", 3000, 3, 1000)
+    task = get_task("two_moons")
+    revision = simulation.shard_attrs(plan, task)["provenance"]["code_revision"]
+    attrs = simulation.shard_attrs(plan, task)
+    attrs["provenance"] = {**attrs["provenance"], "code_revision": "0123abc"}
+    theta, x = simulation.simulate_range(task, plan.seed, 0, 1000)
+    counted = {**attrs, "num_nonfinite": 0}
+    simulation.write_shard(simulation.shard_path(out, 0, 1000), theta, x, counted, 0, 1000)
+    simulation.run(plan, task, out, SerialComm(), overwrite=False)
+    assert storage.read_attrs(out)["shard_code_revisions"] == sorted(["0123abc", revision])
+    assert "1 of 3 shards" in caplog.text and "code revision 0123abc" in caplog.text
+    assert f"delete {simulation.shard_dir(out)} and rerun" in caplog.text
+    caplog.clear()
+    simulate(tmp_path / "fresh.h5", n=3000)
+    assert storage.read_attrs(tmp_path / "fresh.h5")["shard_code_revisions"] == [revision]
+    assert "code revision" not in caplog.text
+
+
 def test_failed_shard_write_stops_the_run_and_keeps_finished_shards(tmp_path, monkeypatch):
     out = tmp_path / "sims.h5"
     plan = simulation.SimulationPlan("two_moons", 5000, 3, 1000)

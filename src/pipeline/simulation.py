@@ -539,12 +539,18 @@ def write_shard(
     )
 
 
-def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: list[Path]) -> None:
-    """Raises naming the first shard that is not this plan's chunk: another run (another seed
-    or task) wrote into the same folder, and merging it would mix two runs' data."""
+def check_shards_belong(
+    plan: SimulationPlan, task: Task, out: Path, shards: list[Path]
+) -> list[dict[str, Any]]:
+    """Each shard's attributes; raises naming the first shard that is not this plan's chunk:
+    another run (another seed or task) wrote into the same folder, and merging it would mix two
+    runs' data."""
     identity = plan.identity(task)
+    found = []
     for path, (start, stop) in zip(shards, plan.chunks(), strict=True):
-        if valid_shard_attrs(path, identity, start, stop) is not None:
+        attrs = valid_shard_attrs(path, identity, start, stop)
+        if attrs is not None:
+            found.append(attrs)
             continue
         try:
             found = storage.read_attrs(path)
@@ -561,6 +567,30 @@ def check_shards_belong(plan: SimulationPlan, task: Task, out: Path, shards: lis
             f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "
             "--out, then rerun this one to recompute that chunk"
         )
+    return found
+
+
+def shard_revisions(found: list[dict[str, Any]], out: Path, revision: str) -> list[str]:
+    """The code revisions the shards ``found`` (their attributes) were simulated at, sorted;
+    warns when any is not ``revision``, this run's. A shard is kept by its task, seed, chunk and
+    region, not by the code that drew it (a user's task files are in its identity, the package's
+    own simulators are not), so a built-in simulator changed between a killed run and its resume
+    would mix its old and new draws in one file: the merged file names every revision."""
+    revisions = [shard.get("provenance", {}).get("code_revision", "unknown") for shard in found]
+    other = sum(r != revision for r in revisions)
+    if other:
+        log.warning(
+            "%d of %d shards of %s were simulated at code revision %s, not this run's %s, and "
+            "were kept (same task, seed, chunk and region); if the simulator changed between "
+            "them, delete %s and rerun",
+            other,
+            len(found),
+            out,
+            " and ".join(sorted(set(revisions) - {revision})),
+            revision,
+            shard_dir(out),
+        )
+    return sorted(set(revisions))
 
 
 def merge_shards(
@@ -581,7 +611,7 @@ def merge_shards(
     """
     chunks = plan.chunks()
     shards = [shard_path(out, start, stop) for start, stop in chunks]
-    check_shards_belong(plan, task, out, shards)
+    found = check_shards_belong(plan, task, out, shards)
     num_nonfinite = attrs["num_nonfinite"]
     if num_nonfinite:
         log.warning(
@@ -597,6 +627,7 @@ def merge_shards(
         "index_stop": plan.num_simulations,
         "merge": merge,
         "compression": compression,
+        "shard_code_revisions": shard_revisions(found, out, attrs["provenance"]["code_revision"]),
     }
     if merge == "copy":
         storage.merge_copy(out, shards, attrs, compression)
