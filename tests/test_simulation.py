@@ -299,6 +299,27 @@ def test_bad_plans_are_refused(n, chunk, ranks, message):
         simulation.check_plan(simulation.SimulationPlan("two_moons", n, 0, chunk), ranks)
 
 
+def test_chunks_that_cut_seed_blocks_say_what_they_cost(tmp_path, caplog):
+    """A chunk draws every seed block it touches in full, so chunks of 300 simulations over
+    blocks of 1000 draw most blocks several times: the same data, at a cost the log states
+    with the chunk size that avoids it. Chunks of whole blocks say nothing."""
+    plan = simulation.SimulationPlan("two_moons", 3000, 3, 300)
+    assert get_task("two_moons").seed_block_size == 1000
+    # Chunks [0, 300), ..., [2700, 3000): eight touch one block, two ([900, 1200) and
+    # [1800, 2100)) touch two.
+    assert simulation.drawn_rows(plan, 1000) == 12_000
+    out = tmp_path / "sims.h5"
+    simulation.run(plan, get_task("two_moons"), out, SerialComm(), overwrite=False)
+    assert "simulates 12000 rows for 3000 kept (4.0 times" in caplog.text
+    assert "a multiple of 1000" in caplog.text
+    np.testing.assert_array_equal(
+        storage.read_simulations(out).x, simulate(tmp_path / "r.h5", n=3000).x
+    )
+    caplog.clear()
+    simulate(tmp_path / "whole.h5", n=2500, chunk_size=2000)
+    assert "seed blocks" not in caplog.text
+
+
 def test_fitted_plan_gives_every_rank_a_chunk():
     plan = simulation.SimulationPlan("two_moons", 100, 0, 100)
     assert plan.fitted_to(1) == plan
