@@ -14,6 +14,7 @@ import pytest
 from pipeline import resources, simulation, storage
 from pipeline.parallel import SerialComm
 from pipeline.tasks import get_task
+from pipeline.tasks.two_moons import TwoMoons
 from tests.conftest import run_env, tool
 
 
@@ -318,6 +319,24 @@ def test_chunks_that_cut_seed_blocks_say_what_they_cost(tmp_path, caplog):
     caplog.clear()
     simulate(tmp_path / "whole.h5", n=2500, chunk_size=2000)
     assert "seed blocks" not in caplog.text
+
+
+class OffsetTwoMoons(TwoMoons):
+    """two_moons whose x carries an offset float32 cannot resolve it on (arrival times in s)."""
+
+    name = "offset_two_moons"
+    seed_block_size = 1  # one simulation per block: the check must gather rows across blocks
+
+    def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return super().simulate(theta, rng) + 1e9
+
+
+def test_simulations_float32_cannot_resolve_are_refused_before_any_shard(tmp_path):
+    plan = simulation.SimulationPlan("offset_two_moons", 200, 3, 100)
+    out = tmp_path / "sims.h5"
+    with pytest.raises(ValueError, match="x of task 'offset_two_moons': feature 0 varies by"):
+        simulation.run(plan, OffsetTwoMoons(), out, SerialComm(), overwrite=False)
+    assert not out.exists() and not list(tmp_path.rglob("chunk-*.h5"))
 
 
 def test_fitted_plan_gives_every_rank_a_chunk():

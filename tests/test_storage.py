@@ -164,3 +164,22 @@ def test_copy_merge_takes_raw_chunks_where_aligned_and_rewrites_the_rest(tmp_pat
     np.testing.assert_array_equal(merged.x, x.astype(np.float32))
     with h5py.File(tmp_path / "merged.h5") as f:
         assert f["x"].compression == "gzip" and f["x"].chunks == (4, 2)
+
+
+def test_values_float32_cannot_hold_are_refused_naming_the_feature_and_the_fix():
+    """The files store float32: a feature offset far beyond its spread (``1e9 + 10 theta``) is
+    stored as one value, and a value beyond float32's range as inf, whose rows would be dropped
+    as non-finite (all of one side of the prior). NaN rows stay the simulator's to return."""
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(size=1000)
+    with pytest.raises(ValueError, match=r"x of t: feature 1 varies by 2.8.* around 1e\+09"):
+        storage.check_float32(np.c_[theta, 1e9 + 10 * theta], "x of t")
+    with pytest.raises(ValueError, match=r"feature 1 is 3.53e\+38 \(row 500\).*a log"):
+        storage.check_float32(np.c_[theta, 10 ** (36 + 4 * theta)], "x of t", first_row=500)
+    # Rounded to a hundredth of the spread is not lost; NaN rows and constant features pass.
+    storage.check_float32(np.c_[theta, 1e4 + theta, np.full(1000, 7e9)], "x")
+    storage.check_float32(np.c_[theta, np.where(theta > 0.9, np.nan, theta)], "x")
+    storage.check_float32(np.array([[1e9 + 3.0]]), "x")  # one row has no spread to lose
+    with pytest.raises(ValueError, match="beyond the range"):
+        storage.check_float32(np.array([[1e39]]), "x", range_only=True)
+    storage.check_float32(np.c_[theta, 1e9 + 10 * theta], "x", range_only=True)

@@ -555,6 +555,7 @@ def _copy_and_hash(
             block,
             lambda: imported_attrs(task, described.result(), start, stop, compression),
             compression,
+            sources,
         )
 
 
@@ -653,15 +654,19 @@ def _copy_rows(
     block: int,
     attrs: Callable[[], dict[str, Any]],
     compression: str,
+    sources: dict[str, Source],
 ) -> dict[str, Any]:
-    """Copies the rows ``span = (start, stop)`` into ``out`` block by block, atomically, with
-    the attributes ``attrs()`` returns once all are copied, and ``num_nonfinite``; returns
-    all the attributes written."""
+    """Copies the rows ``span = (start, stop)`` of ``sources`` (read as ``rows``) into ``out``
+    block by block, atomically, with the attributes ``attrs()`` returns once all are copied,
+    and ``num_nonfinite``; returns all the attributes written."""
     start, stop = span
     num_rows, num_nonfinite = stop - start, 0
     progress = Progress(num_rows, "rows imported", log)
     shapes = {"theta": (task.dim_theta,), "x": tuple(task.x_shape)}
-    buffers = {role: Float32Rows(rows[role], shape) for role, shape in shapes.items()}
+    buffers = {
+        role: Float32Rows(rows[role], shape, f"{role} source {sources[role]}")
+        for role, shape in shapes.items()
+    }
     with storage.atomic_h5(out) as f:
         targets = {
             role: storage.create_dataset(f, role, (num_rows, *shape), compression)
@@ -686,10 +691,11 @@ def _copy_rows(
 
 class Float32Rows:
     """Row blocks of ``rows`` as float32 of shape ``(n, *row_shape)``, converted into one
-    reused array (as :class:`StreamRows` reads into one): valid until the next block."""
+    reused array (as :class:`StreamRows` reads into one): valid until the next block. Each
+    block is checked by :func:`pipeline.storage.check_float32` (``what`` names it) first."""
 
-    def __init__(self, rows: Rows, row_shape: tuple[int, ...]) -> None:
-        self.rows, self.row_shape = rows, row_shape
+    def __init__(self, rows: Rows, row_shape: tuple[int, ...], what: str) -> None:
+        self.rows, self.row_shape, self.what = rows, row_shape, what
         self.buffer = np.empty((0, *row_shape), dtype=np.float32)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -699,8 +705,13 @@ class Float32Rows:
             return block
         if len(self.buffer) < len(block):
             self.buffer = np.empty((len(block), *self.row_shape), dtype=np.float32)
+        storage.check_float32(
+            block,
+            self.what,
+            first_row=rows.start,
+            where="when saving the archive (or, if it should hold no such values, check that it "
+            "is not damaged)",
+        )
         converted = self.buffer[: len(block)]
-        # Values beyond float32's range become inf: counted like any non-finite row.
-        with np.errstate(over="ignore"):
-            np.copyto(converted, block, casting="unsafe")
+        np.copyto(converted, block, casting="unsafe")
         return converted

@@ -252,7 +252,10 @@ def _draw_finite(
             x = mock.simulate(theta, rng)
         theta, x = np.asarray(theta), np.asarray(x)
         check_shapes(mock or task, theta, x, 1)
-        if finite_in_float32(x).all():
+        # Beyond float32's range is no bad luck to draw again: those observations would
+        # never be drawn, and the simulations that train for them are refused the same way.
+        storage.check_float32(x, f"x of task {(mock or task).name!r}", range_only=True)
+        if np.isfinite(x).all():
             return theta[0], x[0]
     raise RuntimeError(f"task {task.name!r}: observation {j} stayed non-finite in 100 draws")
 

@@ -186,14 +186,51 @@ def simulate_range(
             np.empty((stop - start, *task.x_shape), dtype=np.float32),
         )
     theta, x = out
+    precision = PrecisionCheck(task)
     for block in range(start // size, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
         theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
         check_shapes(task, theta_block, x_block, size)
+        precision.add(theta_block, x_block)
         lo, hi = max(start - block * size, 0), min(stop - block * size, size)
         rows = slice(block * size + lo - start, block * size + hi - start)
         theta[rows], x[rows] = theta_block[lo:hi], x_block[lo:hi]
+    precision.finish()
     return theta, x
+
+
+class PrecisionCheck:
+    """:func:`pipeline.storage.check_float32` on what a chunk draws: the range of every block,
+    the precision on its first :attr:`ROWS` rows or more (blocks of one simulation have no
+    spread of their own), before anything is stored."""
+
+    ROWS = 64
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.rows = 0
+
+    def add(self, theta: np.ndarray, x: np.ndarray) -> None:
+        """One block's ``theta`` (n, D) and ``x`` (n, *x_shape), as the simulator returned them."""
+        if self.rows >= self.ROWS:
+            self._check(theta, x, range_only=True)
+            return
+        self.pending.append((theta, x))
+        self.rows += len(theta)
+        if self.rows >= self.ROWS:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.pending:
+            theta, x = (np.concatenate(arrays) for arrays in zip(*self.pending, strict=True))
+            self.pending = []
+            self._check(theta, x, range_only=False)
+
+    def _check(self, theta: np.ndarray, x: np.ndarray, *, range_only: bool) -> None:
+        for name, values in (("theta", theta), ("x", x)):
+            what = f"{name} of task {self.task.name!r}"
+            storage.check_float32(values, what, range_only=range_only)
 
 
 class ChunkBuffers:

@@ -104,6 +104,67 @@ def count_nonfinite_rows(theta: np.ndarray, x: np.ndarray) -> int:
     return int(np.sum(~(finite_rows(theta) & finite_rows(x))))
 
 
+# Rounding to float32 may move a feature's values by at most this share of their standard
+# deviation: finer steps than a hundredth of the spread lose nothing a posterior can resolve.
+FLOAT32_ROUNDING_SHARE = 0.01
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32(
+    values: np.ndarray,
+    what: str,
+    *,
+    range_only: bool = False,
+    first_row: int = 0,
+    where: str = "in the simulator or its summary",
+) -> None:
+    """Refuses ``values`` (n, ...) that the files' float32 cannot hold: a finite value beyond
+    its range (stored as inf, so dropped as non-finite: the rows it drops are not random, and
+    the prior would be cut where they lie), or a feature whose rounding to float32 moves some
+    value by more than :data:`FLOAT32_ROUNDING_SHARE` of its standard deviation over these rows
+    (a large offset: ``1e9 + 10 theta`` is stored as ``1e9`` whatever ``theta``). ``what``
+    names the values in the message, e.g. ``"x of task 'mytask'"``. The spread needs two rows
+    or more; one row, or ``range_only``, gets the range check alone. ``first_row`` is the index
+    the message gives the first row, ``where`` where to mend the values.
+    """
+    array = np.asarray(values)
+    if array.dtype == np.float32 or array.size == 0:
+        return
+    if range_only:  # every block of a run: two reductions, unless a value is NaN or large
+        low, high = array.min(), array.max()
+        if np.isfinite(low) and np.isfinite(high) and max(-low, high) <= FLOAT32_MAX:
+            return
+    flat = array.reshape(len(array), -1).astype(np.float64, copy=False)
+    finite = np.isfinite(flat)
+    with np.errstate(over="ignore"):
+        stored = flat.astype(np.float32)
+    beyond = finite & ~np.isfinite(stored)
+    if beyond.any():
+        row, feature = np.argwhere(beyond)[0]
+        raise ValueError(
+            f"{what}: feature {feature} is {flat[row, feature]:.3g} (row {first_row + row}), "
+            "beyond the range of float32 (3.4e38) in which the pipeline stores simulations, so "
+            f"it would read as inf and its rows be dropped; rescale it (a log, or other units) "
+            f"{where}"
+        )
+    count = finite.sum(axis=0)
+    if range_only or count.max(initial=0) < 2:
+        return
+    kept = np.where(finite, flat, 0.0)
+    mean = kept.sum(axis=0) / np.maximum(count, 1)
+    spread = np.sqrt(np.where(finite, (kept - mean) ** 2, 0.0).sum(axis=0) / np.maximum(count, 1))
+    rounding = np.where(finite, np.abs(np.where(finite, stored, 0.0) - kept), 0.0).max(axis=0)
+    lost = (count >= 2) & (spread > 0) & (rounding > FLOAT32_ROUNDING_SHARE * spread)
+    if lost.any():
+        feature = int(np.argmax(lost))
+        raise ValueError(
+            f"{what}: feature {feature} varies by {spread[feature]:.3g} (standard deviation) "
+            f"around {mean[feature]:.7g}, and float32, in which the pipeline stores simulations, "
+            f"rounds it by up to {rounding[feature]:.3g}: its variation would be lost. Subtract "
+            f"an offset (or take a log) {where}"
+        )
+
+
 def chunk_rows(num_rows: int, row_shape: tuple[int, ...]) -> int:
     """Rows per HDF5 chunk for ``num_rows`` rows of float32 ``row_shape``.
 
