@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import sampling
+from pipeline import sampling, storage
 from pipeline.models.posterior import NeuralPosterior, PosteriorSpec
 from pipeline.sampling import (
     MIN_REDRAW,
@@ -223,3 +223,25 @@ def test_samples_memory_or_disk_cannot_hold_are_refused_before_sampling(tmp_path
     monkeypatch.setattr(resources, "available_memory", lambda: 10**6)
     with pytest.raises(ValueError, match=r"take 60.0 MB, more than the 500.0 kB half the avail"):
         sampling.check_sample_size(5, 10**6, 2, tmp_path / "s.h5")
+
+
+def test_a_test_set_sharing_rows_with_the_training_data_is_refused():
+    """A stack of rounds records its seeds per round, and an import its archive and rows: a
+    test set of a training round's seed, or of rows the model was trained on, repeats training
+    rows whatever file holds them."""
+    stack = {"num_simulations": 900, "rounds": [{"seed": 7}, {"seed": 8}]}
+    document = {"data": {"seeds": [7, 8]}}
+    with pytest.raises(ValueError, match="simulated with seed 7, a seed of the data"):
+        sampling.check_held_out("t.h5", stack, document, "model")
+    sampling.check_held_out("t.h5", {**stack, "rounds": [{"seed": 9}]}, document, "model")
+
+    def imported(start: int, stop: int, sha: str = "ab12") -> dict:
+        source = {"role": "x", "sha256": sha, "member": "x"}
+        attrs = {"num_simulations": stop - start, "imported": True, "sources": [source]}
+        return {**attrs, "index_start": start, "index_stop": stop}
+
+    trained = {"data": {"seeds": [], "imported": storage.imported_rows(imported(0, 9000))}}
+    with pytest.raises(ValueError, match="rows 8500-9999 .* share rows 8500-8999"):
+        sampling.check_held_out("test.h5", imported(8500, 10_000), trained, "model")
+    sampling.check_held_out("test.h5", imported(9000, 10_000), trained, "model")
+    sampling.check_held_out("test.h5", imported(0, 9000, sha="cd34"), trained, "model")

@@ -176,16 +176,30 @@ def check_drawn_from(observations: Path, attrs: dict[str, Any], truncation: Path
 
 
 def check_held_out(observations: Path, attrs: dict[str, Any], document: dict, model: Path) -> None:
-    """Refuses test simulations (``attrs``: their file's) drawn with a seed of the model's
-    training data (``document`` its JSON): they repeat training rows, and coverage on them
-    reads a fit to its own data as calibration."""
-    seed = attrs.get("seed") if holds_simulations(attrs) else None
-    if seed is not None and seed in document.get("data", {}).get("seeds", []):
+    """Refuses test simulations (``attrs``: their file's) that share rows with the model's
+    training data (``document`` its JSON): drawn with one of its seeds (a round's included), or
+    imported from the same rows of the same archive. Coverage on them reads a fit to its own
+    data as calibration."""
+    if not holds_simulations(attrs):
+        return
+    trained = document.get("data", {})
+    shared = sorted(set(storage.simulation_seeds(attrs)) & set(trained.get("seeds", [])))
+    if shared:
         raise ValueError(
-            f"{observations} was simulated with seed {seed}, a seed of the data {model} was "
-            "trained on: its rows repeat training rows. Sample held-out simulations (another "
-            "seed: simulate.test_seed)"
+            f"{observations} was simulated with seed {shared[0]}, a seed of the data {model} "
+            "was trained on: its rows repeat training rows. Sample held-out simulations "
+            "(another seed: simulate.test_seed)"
         )
+    mine, theirs = storage.imported_rows(attrs), trained.get("imported")
+    if mine and theirs and mine["x"] == theirs["x"]:
+        (start, stop), (low, high) = mine["rows"], theirs["rows"]
+        if start < high and low < stop:
+            raise ValueError(
+                f"{observations} holds rows {start}-{stop - 1} of the archive whose rows "
+                f"{low}-{high - 1} {model} was trained on: they share rows "
+                f"{max(start, low)}-{min(stop, high) - 1}. Import held-out rows (--rows) as the "
+                "test set"
+            )
 
 
 def holds_simulations(attrs: dict[str, Any]) -> bool:

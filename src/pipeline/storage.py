@@ -165,6 +165,28 @@ def check_float32(
         )
 
 
+def simulation_seeds(attrs: dict[str, Any]) -> list[int]:
+    """The simulation seeds a file's rows were drawn with (``attrs`` its attributes): one
+    run's, or each stacked round's; none for imported data. Simulation ``i`` depends on
+    ``(seed, i)`` only, so a test set of one of these seeds repeats training rows."""
+    if attrs.get("rounds"):
+        return [int(entry["seed"]) for entry in attrs["rounds"]]
+    return [] if attrs.get("seed") is None else [int(attrs["seed"])]
+
+
+def imported_rows(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """Which rows of which archive an imported file holds (``attrs`` its attributes): its x
+    source's content digest and member, and the rows ``[start, stop)``; None for simulations.
+    Two imports of one archive share rows where those ranges overlap."""
+    if not attrs.get("imported"):
+        return None
+    source = next(s for s in attrs["sources"] if s["role"] == "x")
+    return {
+        "x": f"{source['sha256']}:{source.get('member') or ''}",
+        "rows": [int(attrs["index_start"]), int(attrs["index_stop"])],
+    }
+
+
 def chunk_rows(num_rows: int, row_shape: tuple[int, ...]) -> int:
     """Rows per HDF5 chunk for ``num_rows`` rows of float32 ``row_shape``.
 

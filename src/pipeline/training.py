@@ -39,7 +39,7 @@ from pipeline.options import CALIBRATION_ONLY, Options, OptionsError, option
 from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
-from pipeline.storage import DataFileError
+from pipeline.storage import DataFileError, imported_rows, simulation_seeds
 from pipeline.tasks import Task, get_task
 from pipeline.tasks.base import prior_document
 
@@ -571,18 +571,10 @@ def run_metadata(
             "path": str(data),
             "config_digest": data_digest,
             "seeds": simulation_seeds(datamodule.attrs),
+            **({"imported": rows} if (rows := imported_rows(datamodule.attrs)) else {}),
         },
         "provenance": provenance({"train": config.shaping(), "data_digest": data_digest}),
     }
-
-
-def simulation_seeds(attrs: dict[str, Any]) -> list[int]:
-    """The simulation seeds a training file's rows were drawn with (``attrs`` its attributes):
-    one run's, or each stacked round's; none for imported data. Simulation ``i`` depends on
-    ``(seed, i)`` only, so a test set of one of these seeds repeats training rows."""
-    if attrs.get("rounds"):
-        return [int(entry["seed"]) for entry in attrs["rounds"]]
-    return [] if attrs.get("seed") is None else [int(attrs["seed"])]
 
 
 def open_training_data(
