@@ -483,6 +483,39 @@ def test_a_stack_out_of_order_or_with_a_round_twice_is_refused(truncated, tmp_pa
             stack_rounds("two_moons", sources, tmp_path / "t.h5", overwrite=False)
 
 
+def test_a_stack_is_one_chain_of_regions_aimed_at_one_observation(truncated, nested, tmp_path):
+    """A round drawn from a region cut without --within has the same last threshold as the
+    nested one (the quantile is of q's own draws), so only the whole chain tells them apart;
+    a round cut around another observation is no round of this chain either. Both would be
+    stacked and weighted as this chain's rounds."""
+    models = ["--region-models", str(truncated / "model"), "--seed", "78"]
+    simulate_round(nested, tmp_path / "round2.h5", *models, n=50)
+    chain = [truncated / "sims.h5", nested / "sims.h5", tmp_path / "round2.h5"]
+    stack_rounds("two_moons", chain, tmp_path / "chain.h5", overwrite=False)
+    assert storage.read_attrs(nested / "sims.h5")["proposal"]["levels"] == (
+        Truncation.read(truncated / "truncation.json").levels
+    )
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copytree(nested / "model", flat / "model")
+    alone = truncate(nested / "model", truncated / "observations.h5", 0, OPTIONS)
+    alone.write(flat / "truncation.json", overwrite=False)
+    assert alone.threshold == Truncation.read(nested / "truncation.json").threshold
+    simulate_round(flat, tmp_path / "flat.h5", "--seed", "79", n=50)
+    with pytest.raises(ValueError, match="round 2 of the stack.* a region of 1 level"):
+        stack_rounds(
+            "two_moons", [*chain[:2], tmp_path / "flat.h5"], tmp_path / "t.h5", overwrite=False
+        )
+    elsewhere = tmp_path / "elsewhere.h5"
+    shutil.copy(tmp_path / "round2.h5", elsewhere)
+    with h5py.File(elsewhere, "r+") as f:
+        proposal = json.loads(f.attrs["proposal"])
+        f.attrs["proposal"] = json.dumps({**proposal, "observation": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="cut at different observations"):
+        stack_rounds("two_moons", [*chain[:2], elsewhere], tmp_path / "t.h5", overwrite=False)
+    assert not (tmp_path / "t.h5").exists()
+
+
 def test_stacking_another_tasks_simulations_is_refused(truncated, tmp_path):
     other = tmp_path / "other.h5"
     args = ["simulate", "--task", "gaussian_linear", "--num-simulations", "50"]
@@ -499,9 +532,9 @@ def test_a_stack_of_rounds_of_two_definitions_of_a_users_task_is_refused(tmp_pat
 
     task = get_task("examples/oscillator/task.yaml")
     (tmp_path / "truncation.json").write_text("{}")
-    region = SimpleNamespace(
-        truncation=SimpleNamespace(model_digest="m", threshold=-1.0, prior_mass=0.5)
-    )
+    level = {"model_digest": "m", "threshold": -1.0}
+    truncation = SimpleNamespace(**level, prior_mass=0.5, levels=[level], observation_digest="o")
+    region = SimpleNamespace(truncation=truncation)
     truncated = TruncatedTask(task, region, [tmp_path / "truncation.json"])
     assert truncated.proposal["task_digest"] == source_digest(task)
     rng = np.random.default_rng(0)

@@ -109,7 +109,10 @@ def stack_proposal(data: Path, truncation: Path, models: Sequence[Path]) -> Stac
         )
     for index, (entry, level) in enumerate(zip(rounds[1:], levels, strict=True), start=1):
         proposal = entry.get("proposal") or {}
-        if (proposal.get("model"), proposal.get("threshold")) != (
+        # The whole chain where the round records it: its last level alone may match a region
+        # cut without the earlier ones (the same threshold, another region).
+        chain = proposal.get("levels", levels[:index])
+        if chain != levels[:index] or (proposal.get("model"), proposal.get("threshold")) != (
             level["model_digest"],
             level["threshold"],
         ):
@@ -118,6 +121,12 @@ def stack_proposal(data: Path, truncation: Path, models: Sequence[Path]) -> Stac
                 f"{index - 1} of {truncation} (model {proposal.get('model')}, threshold "
                 f"{proposal.get('threshold')}); pass the truncation of this run's rounds"
             )
+    aimed = {(entry.get("proposal") or {}).get("observation") for entry in rounds[1:]}
+    if aimed - {None, record.observation_digest}:
+        raise ValueError(
+            f"the rounds of {data} were drawn from regions cut at another observation than "
+            f"{truncation}'s: pass the truncation of this run's rounds"
+        )
     region = load_region(truncation, models, get_task(record.task).prior)
     counts = [int(entry["num_simulations"]) for entry in rounds]
     masses = [float(entry["proposal"]["prior_mass"]) for entry in rounds[1:]]

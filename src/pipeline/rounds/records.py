@@ -5,6 +5,7 @@ No torch here: the workflow and the report read these without loading a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,13 @@ class Truncation:
     x_obs: list[float]
     c2st: float | None = None
     within: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def observation_digest(self) -> str:
+        """SHA-256 (16 hex digits) of ``x_obs`` as float64: which observation the regions were
+        cut at, whatever file held it."""
+        values = np.asarray(self.x_obs, dtype=np.float64)
+        return hashlib.sha256(values.tobytes()).hexdigest()[:16]
 
     @property
     def levels(self) -> list[dict[str, Any]]:

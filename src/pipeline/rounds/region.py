@@ -143,6 +143,10 @@ class TruncatedTask(Task):
             "model": truncation.model_digest,
             "threshold": truncation.threshold,
             "prior_mass": truncation.prior_mass,
+            # The whole chain of regions and the observation they were cut at: a stack of
+            # rounds must be one chain, aimed at one observation (pipeline.rounds.stack).
+            "levels": truncation.levels,
+            "observation": truncation.observation_digest,
         }
         # A user's task: the definition simulated, which every round of a stack must share
         # (this task's own digest also covers the region's files).

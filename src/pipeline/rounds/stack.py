@@ -50,6 +50,7 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
                 f"{source} repeats another file of the stack (same proposal or seed): each "
                 "round's simulations belong in the stack once"
             )
+    check_one_chain(sources, found)
     rounds = [
         {
             "file": str(source),
@@ -72,3 +73,47 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
     }
     storage.merge_copy(Path(out), list(map(Path, sources)), attrs)
     log.info("stacked %d rounds into %s", len(sources), out)
+
+
+def check_one_chain(sources: Sequence[Path], found: Sequence[dict]) -> None:
+    """Refuses rounds (``found``: their files' attributes, round 0's first) that are not one
+    chain aimed at one observation: round ``k`` must be drawn from a region of ``k`` levels
+    whose first ``k - 1`` are round ``k - 1``'s, every region cut at the same ``x_o``.
+    Otherwise a round drawn from a region that does not nest, or cut around another
+    observation, is stacked and weighted as if it were this chain's, and the posterior trained
+    on it is wrong without a sign. Rounds simulated before their files recorded the chain are
+    passed over with a warning."""
+    previous = None
+    observations = {}
+    for index, (source, attrs) in enumerate(zip(sources[1:], found[1:], strict=True), start=1):
+        proposal = attrs["proposal"]
+        levels = proposal.get("levels")
+        if levels is None:
+            log.warning(
+                "%s (round %d of the stack) does not record its chain of regions (simulated by "
+                "an older version): whether it nests in the rounds before it is not checked",
+                source,
+                index,
+            )
+            previous = None
+            continue
+        if len(levels) != index:
+            raise ValueError(
+                f"{source} (round {index} of the stack) was drawn from a region of "
+                f"{len(levels)} level(s), where round {index} of one chain of rounds has "
+                f"{index}: stack the rounds of one run, in order"
+            )
+        if previous is not None and levels[:-1] != previous:
+            raise ValueError(
+                f"{source} (round {index} of the stack) was drawn from a region that does not "
+                f"lie within round {index - 1}'s: truncate each round's posterior --within the "
+                "truncation its own round was drawn from, then simulate this round again"
+            )
+        previous = levels
+        observations[source] = proposal["observation"]
+    if len(set(observations.values())) > 1:
+        named = "; ".join(f"{source}: {digest}" for source, digest in observations.items())
+        raise ValueError(
+            f"the rounds' regions were cut at different observations (x_o digests {named}): "
+            "stack the rounds aimed at one observation"
+        )
