@@ -351,3 +351,22 @@ def test_sn_reference_matches_fine_local_grid(
     # for a Gaussian, more for a truncated one): 2 %.
     assert np.all(np.abs(samples.mean(0) - mean) < 0.02 * std), (samples.mean(0) - mean) / std
     np.testing.assert_allclose(samples.std(0), std, rtol=0.02)
+
+
+def test_a_file_naming_the_parameters_otherwise_than_the_task_now_is_refused(tmp_path, caplog):
+    """Names or units swapped in a task file after simulating would label the file's columns
+    wrongly; a user's task whose files changed since gets a warning naming both digests."""
+    from pipeline.tasks.base import check_recorded
+
+    task = get_task("two_moons")
+    names = list(task.parameter_names)
+    check_recorded(task, {"parameter_names": names}, "sims.h5")
+    with pytest.raises(
+        ValueError, match=r"sims.h5 records parameter_names \['theta_2', 'theta_1'\]"
+    ):
+        check_recorded(task, {"parameter_names": names[::-1]}, "sims.h5")
+    with pytest.raises(ValueError, match="records parameter_units"):
+        check_recorded(task, {"parameter_units": ["s", "m"]}, "sims.h5")
+    user = get_task("examples/oscillator/task.yaml")
+    check_recorded(user, {"task_digest": "0123456789abcdef"}, "sims.h5")
+    assert "another definition of task" in caplog.text and "0123456789abcdef" in caplog.text

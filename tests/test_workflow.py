@@ -99,6 +99,10 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             r"simulate.test_seed and simulate.seed are both 2: the test simulations would repeat",
         ),
         (
+            {"observations": {"seed": 1}},
+            r"observations.seed and simulate.seed are both 1: the synthetic observations would",
+        ),
+        (
             {"simulat": {"num_simulations": 10}},
             r"Additional properties are not allowed \('simulat'",
         ),

@@ -41,7 +41,7 @@ from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
 from pipeline.storage import DataFileError, imported_rows, simulation_seeds
 from pipeline.tasks import Task, get_task
-from pipeline.tasks.base import prior_document
+from pipeline.tasks.base import check_recorded, prior_document
 
 log = logging.getLogger(__name__)
 
@@ -611,6 +611,7 @@ def open_training_data(
             f"{task.name!r}, whose theta is {expected[0]} and x {expected[1]}; simulate the "
             "file again with `pipeline simulate` for this task"
         )
+    check_recorded(task, datamodule.attrs, data)
     return datamodule, task
 
 

@@ -129,6 +129,23 @@ def check_test_seed():
 
 check_test_seed()
 
+
+def check_observations_seed():
+    """Refuses synthetic observations drawn with a seed of the simulations: observation ``j``'s
+    generator is seeded as simulation block ``j``'s, so its parameters (and, with a
+    ``seed_block_size`` of 1, its x) would repeat training or test rows."""
+    seeds = {"simulate.seed": config["simulate"]["seed"]}
+    seeds["simulate.test_seed"] = config["simulate"]["test_seed"]
+    for key, seed in seeds.items():
+        if set(SIMULATED) & set(SYNTHETIC) and config["observations"]["seed"] == seed:
+            raise ValueError(
+                f"observations.seed and {key} are both {seed}: the synthetic observations "
+                "would repeat rows of those simulations; give observations.seed another value"
+            )
+
+
+check_observations_seed()
+
 EXPERIMENT = Path(config["results"]) / config["experiment"]
 
 

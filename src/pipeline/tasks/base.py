@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,36 @@ def source_digest(task: Task) -> str | None:
         with open(path, "rb") as file:
             digest.update(hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+def check_recorded(task: Task, attrs: dict[str, Any], path: Path | str) -> None:
+    """Refuses a file (``attrs``: its attributes) that names or measures the task's parameters
+    otherwise than ``task`` does now: its columns would be read under the wrong names or units
+    (a task file edited after simulating, or another project's file of the same name). Warns
+    when a user's task's files changed since the file was simulated (``task_digest``): the data
+    may come from another simulator than the one later stages run.
+    """
+    for key, now in (
+        ("parameter_names", task.parameter_names),
+        ("parameter_units", task.parameter_units),
+    ):
+        recorded = attrs.get(key)
+        if recorded is not None and list(recorded) != list(now):
+            raise ValueError(
+                f"{path} records {key} {list(recorded)}, but task {task.name!r} now has "
+                f"{list(now)}: its columns would be read under other names or units. Use the "
+                "task definition the file was made with, or simulate (or import) it again"
+            )
+    recorded, now = attrs.get("task_digest"), source_digest(task)
+    if recorded is not None and now is not None and recorded != now:
+        log.warning(
+            "%s was simulated by another definition of task %r (digest %s; its files now give "
+            "%s): if the simulator changed, simulate the file again",
+            path,
+            task.name,
+            recorded,
+            now,
+        )
 
 
 def check_task(task: Task) -> None:
