@@ -39,6 +39,7 @@ SCRIPT = textwrap.dedent(
     parser.add_argument("--sleep-above", type=float)
     parser.add_argument("--short-above", type=float)
     parser.add_argument("--fail-once")
+    parser.add_argument("--columns", action="store_true")  # one column per simulation
     parser.add_argument("values", nargs="*")
     args = parser.parse_args()
     if args.input:
@@ -63,6 +64,8 @@ SCRIPT = textwrap.dedent(
         if args.short_above is not None and theta[0] > args.short_above:
             x = x[:-1]
         lines.append(" ".join(repr(value) for value in x))
+    if args.columns:
+        lines = [" ".join(column) for column in zip(*(line.split() for line in lines))]
     text = "\\n".join(lines) + "\\n"
     if args.output and args.output.endswith(".npy"):
         import numpy
@@ -173,6 +176,22 @@ def test_per_chunk_equals_per_simulation(script: Path, output: str) -> None:
     else:
         chunk = simulator(script, **options)
     np.testing.assert_array_equal(chunk(theta, np.random.default_rng(4)), per_simulation)
+
+
+def test_a_chunk_written_a_column_per_simulation_is_not_read_across_simulations(
+    script: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three lines of five numbers cannot be five simulations of three on whole lines: the
+    chunk is refused (and each simulation run alone, whose one column is its x), where its
+    numbers were read row after row, across simulations."""
+    theta = theta_grid(5)
+    expected = simulator(script)(theta, np.random.default_rng(12))
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.external"):
+        x = simulator(script, "--columns", per="chunk", retries=0)(
+            theta, np.random.default_rng(12)
+        )
+    np.testing.assert_array_equal(x, expected)
+    assert "x.txt has 3 lines of 5 numbers, which do not split into 5 simulations" in caplog.text
 
 
 def test_a_crash_costs_its_own_rows_only(script: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -21,7 +21,8 @@ The contract between the pipeline and the program:
   ``{output}``, named by ``output_file`` (default ``x.txt``): an ``.npy`` array of shape
   ``(n, *x_shape)``, or text read by :func:`numpy.loadtxt` (comma-separated for ``.csv``). A
   run yields ``n * prod(x_shape)`` numbers, one row of ``x`` after the other; ``nan`` is a valid
-  number (a simulation without result).
+  number (a simulation without result). Text of several lines must split into the simulations
+  on whole lines (a column per simulation is refused, and its simulations run one by one).
 - **Randomness**: one seed per simulation, ``rng.integers(0, 2**31 - 1, size=n)`` from the
   generator the pipeline seeds with ``(seed, block)``. The program must take all its
   randomness from the seed it is given (its own generator, seeded by it; never the clock or
@@ -305,11 +306,14 @@ class ExternalSimulator:
         expected = n * self.x_size
         if self.output == "stdout":
             text = stdout.read_text(errors="replace")
+            lines = [line.split() for line in text.splitlines() if line.strip()]
             try:
-                values = np.array(text.split(), dtype=np.float64)
+                values = np.array([value for line in lines for value in line], dtype=np.float64)
             except ValueError:
                 raise ValueError(f"stdout is not numbers: {_excerpt(text)}") from None
             where = "stdout"
+            if len({len(line) for line in lines}) == 1:
+                self._check_lines(len(lines), len(lines[0]), n, where)
         elif not output.exists() or output.stat().st_size == 0:
             raise ValueError(
                 f"the program wrote no {self.output_file} ({{output}}), or nothing in it"
@@ -322,14 +326,30 @@ class ExternalSimulator:
             values, where = values.astype(np.float64).ravel(), self.output_file
         else:
             delimiter = "," if output.suffix == ".csv" else None
-            values = np.loadtxt(output, dtype=np.float64, delimiter=delimiter, ndmin=1).ravel()
-            where = self.output_file
+            table = np.loadtxt(output, dtype=np.float64, delimiter=delimiter, ndmin=2)
+            values, where = table.ravel(), self.output_file
+            self._check_lines(*table.shape, n, where)
         if values.size != expected:
             raise ValueError(
                 f"{where} held {values.size} numbers, expected {expected} "
                 f"({n} simulation(s) of shape {self.x_shape})"
             )
         return values.reshape(n, self.x_size)
+
+    def _check_lines(self, lines: int, columns: int, n: int, where: str) -> None:
+        """Refuses text of ``lines`` lines of ``columns`` numbers each that cannot be ``n``
+        simulations one after the other, each on whole lines: a program writing one column per
+        simulation would have its numbers read across simulations. All numbers on one line, or
+        one per line, carry no layout to check."""
+        if lines == 1 or columns == 1 or lines * columns != n * self.x_size:
+            return  # the count check names a wrong count
+        if lines % n or columns * (lines // n) != self.x_size:
+            raise ValueError(
+                f"{where} has {lines} lines of {columns} numbers, which do not split into {n} "
+                f"simulations of {self.x_size} numbers each on whole lines: write one line per "
+                "simulation (or each simulation's lines after the previous one's), not a "
+                "column per simulation"
+            )
 
     def _report(
         self, theta: np.ndarray, seeds: np.ndarray, failures: list[tuple[int, RunFailed]]
