@@ -129,6 +129,10 @@ TASK_FILE = """
         ({"parameters": {"names": ["a", "b"], "units": [None, ""]}}, r"one unit string per"),
         ({"x": {"shape": [2], "unit": {"k": 1}}}, r"x.unit must be an astropy unit string"),
         ({"simulator": {"python": "broken.py:simulate"}}, r"importing .*broken.py failed: Zero"),
+        # Misspelt, these would be ignored: no units, and (without a simulator) no prior.
+        ({"parameters": {"names": ["a", "b"], "unit": ["", "km"]}}, r"parameters: unknown key"),
+        ({"parameters": {"names": ["a", "b"], "prior": {}}}, r"unknown key\(s\) 'prior'; para"),
+        ({"x": {"shape": [2], "units": "mag"}}, r"x: unknown key\(s\) 'units'; x takes shape and"),
     ],
 )
 def test_task_file_errors_name_the_key_and_the_fix(tmp_path, change, message):

@@ -177,6 +177,7 @@ def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...
             f"{where}: parameters: must be a mapping with names: [...] and optionally units: "
             "[...] (one astropy unit string per parameter)"
         )
+    _known_keys(block, ("names", "units"), "parameters", where)
     names = block["names"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{where}: parameters.names must be a list of strings, got {names!r}")
@@ -193,9 +194,21 @@ def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...
     return tuple(names), tuple(units)
 
 
+def _known_keys(block: dict, keys: tuple[str, ...], name: str, where: str) -> None:
+    """Refuses a key the block does not have (``units`` misspelt ``unit``): it would be
+    ignored, and the default (no unit, no prior) taken without a word."""
+    unknown = sorted(set(block) - set(keys))
+    if unknown:
+        raise ValueError(
+            f"{where}: {name}: unknown key(s) {', '.join(map(repr, unknown))}; {name} takes "
+            f"{' and '.join(keys)}"
+        )
+
+
 def _x(block: Any, where: str) -> tuple[tuple[int, ...], str]:
     if not isinstance(block, dict) or "shape" not in block:
         raise ValueError(f"{where}: x: must be a mapping with shape: [...] and optionally unit:")
+    _known_keys(block, ("shape", "unit"), "x", where)
     shape = block["shape"]
     if isinstance(shape, int):
         shape = [shape]
