@@ -330,6 +330,22 @@ def test_one_observation_and_hdf5_datasets_are_accepted(tmp_path):
     assert read_reference(out)[1].shape == (1, 50)
 
 
+def test_observed_data_of_another_task_or_an_unnamed_dataset_beside_others_is_refused(tmp_path):
+    """A file of the pipeline records its task; another file's ``x`` may be a wavelength grid
+    beside the data, so its dataset must be named where it holds more than one."""
+    task = get_task(OSCILLATOR)
+    with h5py.File(tmp_path / "spectrum.h5", "w") as f:
+        f["x"], f["y"] = np.linspace(650, 665, 50), np.ones(50)
+    with pytest.raises(ValueError, match=r"holds the datasets x, y: name the one of the observ"):
+        import_observations(task, f"{tmp_path}/spectrum.h5", tmp_path / "a.h5")
+    import_observations(task, f"{tmp_path}/spectrum.h5:y", tmp_path / "a.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"], f.attrs["task"] = np.ones((1, 50)), "other/task.yaml"
+    with pytest.raises(ValueError, match=r"observations of task 'other/task.yaml', not of"):
+        import_observations(task, f"{tmp_path}/other.h5", tmp_path / "b.h5")
+    assert not (tmp_path / "b.h5").exists()
+
+
 @pytest.mark.parametrize(
     ("data", "source", "message"),
     [

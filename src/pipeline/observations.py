@@ -179,7 +179,12 @@ def import_observations(task: Task, source: str, out: Path, *, overwrite: bool =
 def read_observed_for(task: Task, source: str) -> tuple[Path, np.ndarray]:
     """The file of ``source`` and its observations ``(n_obs, *x_shape)``, float64, checked for
     ``task``'s shape and for NaN or inf (naming the observations)."""
-    path, x = read_observed(source)
+    path, x, made_for = read_observed(source)
+    if made_for is not None and made_for != task.name:
+        raise ValueError(
+            f"{source} holds observations of task {made_for!r}, not of {task.name!r}: give "
+            "this task's observed data"
+        )
     x = np.asarray(x, dtype=np.float64)
     shape = tuple(task.x_shape)
     if x.shape == shape:
@@ -207,19 +212,29 @@ def finite_in_float32(values: np.ndarray) -> np.ndarray:
         return np.isfinite(np.asarray(values).astype(np.float32))
 
 
-def read_observed(source: str) -> tuple[Path, np.ndarray]:
+def read_observed(source: str) -> tuple[Path, np.ndarray, str | None]:
     """The file and the array of a source as :mod:`pipeline.importing` reads them
-    (``file.npy``, ``archive.npz[:member]``, ``file.h5[:dataset]``), an HDF5 file's ``x`` by
-    default; refuses what is not an array of real numbers."""
-    parsed = importing.parse_source(source)
-    if parsed.kind == "hdf5" and parsed.member is None and parsed.path.is_file():
+    (``file.npy``, ``archive.npz[:member]``, ``file.h5[:dataset]``), and the task an HDF5 file
+    of the pipeline records. An HDF5 file's ``x`` is taken by default where the file is the
+    pipeline's or holds no other dataset: in another file ``x`` may be a grid beside the data.
+    Refuses what is not an array of real numbers."""
+    parsed, made_for = importing.parse_source(source), None
+    if parsed.kind == "hdf5" and parsed.path.is_file():
         with contextlib.suppress(OSError), h5py.File(parsed.path, "r") as f:
-            if isinstance(f.get("x"), h5py.Dataset):
+            if "task" in f.attrs:
+                made_for = storage.decode_attr(f.attrs["task"])
+            datasets = sorted(name for name in f if isinstance(f[name], h5py.Dataset))
+            if parsed.member is None and "x" in datasets:
+                if made_for is None and len(datasets) > 1:
+                    raise ValueError(
+                        f"{source} holds the datasets {', '.join(datasets)}: name the one of "
+                        f"the observations ({parsed.path}:x, or another)"
+                    )
                 parsed = importing.Source(parsed.path, "x", "hdf5")
     if not parsed.path.is_file():
         raise FileNotFoundError(f"observed data {parsed.path} does not exist")
     with importing.open_array(parsed, "observed x") as rows:
-        return parsed.path, np.array(rows[0 : rows.shape[0]])
+        return parsed.path, np.array(rows[0 : rows.shape[0]]), made_for
 
 
 def check_mock(task: Task, mock: Task) -> None:
