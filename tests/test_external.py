@@ -299,3 +299,18 @@ def test_invalid_options(tmp_path: Path, options: dict[str, object], message: st
     options = {"command": [sys.executable, "{output}", "{theta}"], **options}
     with pytest.raises(ValueError, match=message):
         ExternalSimulator.from_options(options, tmp_path, X_SHAPE)
+
+
+def test_a_command_that_passes_no_seed_is_warned_about(
+    script: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A program given no seed draws the same noise for every simulation (or seeds itself from
+    the clock): the data look fine and the posterior is over-confident, so the task's load
+    says so; with {seed} or {input} it says nothing."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.external"):
+        simulator(script)
+        simulator(script, per="chunk")
+        assert "passes no seed" not in caplog.text
+        command = [sys.executable, str(script), "0", "{theta}"]
+        ExternalSimulator.from_options({"command": command}, script.parent, X_SHAPE)
+    assert "passes no seed ({seed}, or {input} with its seeds)" in caplog.text

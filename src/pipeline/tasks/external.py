@@ -417,6 +417,13 @@ def _check_command(command: tuple[str, ...], per: Per, output: Output) -> None:
         )
     if output == "file" and not used & {"output", "workdir"}:
         raise ValueError("output: file needs {output} (or {workdir}) in the command")
+    if not used & {"seed", "input", "workdir"}:
+        log.warning(
+            "the simulator command %s passes no seed ({seed}, or {input} with its seeds): the "
+            "program draws the same noise for every simulation, or seeds itself (then no file "
+            "can be reproduced); unless it is deterministic, add {seed} to the command",
+            list(command),
+        )
 
 
 def _as_argv(command: object) -> tuple[str, ...]:
