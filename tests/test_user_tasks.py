@@ -250,9 +250,43 @@ def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(
 
 
 def test_an_importable_modules_task_is_defined_by_that_module_alone():
-    # Its folder (an installed package's, site-packages) holds other packages' files.
+    # This pipeline's own package: its revision, which every file records, covers the rest.
     task = get_task("pipeline.tasks.two_moons:TwoMoons")
     assert [path.name for path in task.source_files] == ["two_moons.py"]
+
+
+def test_a_packages_task_and_a_files_sub_packages_are_part_of_its_definition(
+    tmp_path, monkeypatch
+):
+    """``mypkg.task:Model`` may import ``mypkg.physics``, and a task file's module a package
+    beside it: an edit there changes the task's digest (so kept shards are not reused and
+    Snakemake reruns what it simulated)."""
+    from pipeline.tasks.base import source_digest
+
+    package = tmp_path / "mypkg_t"
+    (package / "kernels").mkdir(parents=True)
+    write(package, "__init__.py", "")
+    write(package, "physics.py", "SHIFT = 0.0\n")
+    write(package / "kernels", "__init__.py", "")
+    write(package / "kernels", "k.py", "SCALE = 1.0\n")
+    write(
+        package, "task.py", MODEL_WITH_HELPER.replace("from impl import", "from .physics import")
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = get_task("mypkg_t.task:Model")
+    names = sorted(path.relative_to(package).as_posix() for path in task.source_files)
+    assert names == ["__init__.py", "kernels/__init__.py", "kernels/k.py", "physics.py", "task.py"]
+    before = source_digest(task)
+    write(package / "kernels", "k.py", "SCALE = 2.0\n")
+    assert source_digest(get_task("mypkg_t.task:Model")) != before
+    # By path, a file's folder: the modules beside it and its sub-packages' modules.
+    write(
+        tmp_path,
+        "model.py",
+        MODEL_WITH_HELPER.replace("from impl import", "from mypkg_t.physics import"),
+    )
+    files = get_task(f"{tmp_path}/model.py:Model").source_files
+    assert (package / "kernels" / "k.py").resolve() in files
 
 
 def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_path, forget_impl):

@@ -36,6 +36,7 @@ from pipeline.tasks.base import (
     Reference,
     Task,
     check_task,
+    package_sources,
     python_sources,
 )
 
@@ -123,11 +124,11 @@ def get_task(spec: str) -> Task:
     elif ":" in spec:
         task, module = _from_import_path(spec)
         source = getattr(module, "__file__", None)
-        # A file given by path may import the files beside it; an installed or importable
-        # module's folder holds other packages' files, so only the module itself counts.
+        # A file given by path may import the files beside it, a package's module the
+        # package's other modules; a top-level module's folder holds other packages' files.
         beside = spec.rpartition(":")[0].endswith(".py")
         task.source_files = (
-            () if not source else python_sources(source) if beside else (Path(source).resolve(),)
+            () if not source else python_sources(source) if beside else package_sources(module)
         )
     else:
         known = ", ".join(sorted(TASKS))

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -317,10 +318,37 @@ USER_MODULE_PREFIX = "pipeline_user_task_"
 
 
 def python_sources(module_file: str | Path) -> tuple[Path, ...]:
-    """A user's Python module and the modules beside it, which it may import (a helper, the
-    simulator's implementation): the files that define its task, resolved and sorted."""
+    """A user's Python module and the modules beside it and in the packages beside it (folders
+    with an ``__init__.py``, at any depth), which it may import (a helper, the simulator's
+    implementation): the files that define its task, resolved and sorted."""
     path = Path(module_file).resolve()
-    return (path, *sorted(p.resolve() for p in path.parent.glob("*.py") if p.resolve() != path))
+    return (path, *sorted(p for p in _package_files(path.parent) if p != path))
+
+
+def package_sources(module: Any) -> tuple[Path, ...]:
+    """The files that define a task imported as ``package.module:Class``: every module of the
+    top-level package it belongs to (``mypkg/task.py`` may import ``mypkg/physics.py``), or the
+    module alone outside a package, in an installed one (site-packages, whose files change only
+    with its version) or in this pipeline's (whose revision every file records)."""
+    source = Path(module.__file__).resolve()
+    top = module.__name__.partition(".")[0]
+    roots = list(getattr(sys.modules.get(top), "__path__", []))
+    if len(roots) != 1 or top == "pipeline" or any(part in INSTALLED for part in source.parts):
+        return (source,)
+    return (source, *sorted(p for p in _package_files(Path(roots[0]).resolve()) if p != source))
+
+
+# Folders of installed packages, whose modules change only with their version.
+INSTALLED = ("site-packages", "dist-packages")
+
+
+def _package_files(folder: Path) -> list[Path]:
+    """The ``.py`` files in ``folder`` and in its sub-packages (folders with ``__init__.py``)."""
+    found = [p.resolve() for p in folder.glob("*.py")]
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and (child / "__init__.py").is_file():
+            found += _package_files(child)
+    return found
 
 
 def source_digest(task: Task) -> str | None:

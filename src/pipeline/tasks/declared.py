@@ -37,6 +37,7 @@ from pipeline.tasks.base import (
     DiagonalNormal,
     Prior,
     Task,
+    package_sources,
     python_sources,
 )
 
@@ -168,7 +169,7 @@ def _simulator_files(simulator: Simulator | None) -> tuple[Path, ...]:
     # A file the task file names (loaded by path) may import the files beside it; an
     # importable module's folder holds other packages' files, so only the module counts.
     by_path = module.__name__.startswith(USER_MODULE_PREFIX)
-    return python_sources(source) if by_path else (Path(source).resolve(),)
+    return python_sources(source) if by_path else package_sources(module)
 
 
 def _parameters(block: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
