@@ -111,6 +111,24 @@ def test_a_call_restricted_to_a_region_draws_no_more_than_a_call_may(posterior, 
     assert max(calls) <= sampling.CPU_SAMPLES_PER_CALL
 
 
+class FarTail:
+    """A region the posterior reaches rarely: its first parameter above 3 (standardised 1.5)."""
+
+    def accepts(self, theta: np.ndarray) -> np.ndarray:
+        return theta[:, 0] > 3
+
+
+def test_a_rejection_from_a_region_that_goes_on_logs_its_progress(posterior, monkeypatch, caplog):
+    # Passes of at most REGION_FIRST_DRAWS draws: a rare acceptance takes many, for minutes on
+    # a real posterior; every PROGRESS_SECONDS (here each pass) a line says how it stands.
+    monkeypatch.setattr(sampling, "PROGRESS_SECONDS", 0.0)
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    with caplog.at_level("INFO", logger="pipeline.sampling"):
+        sample_posterior(posterior, x, 500, region=FarTail())
+    lines = [r.message for r in caplog.records if "still short of samples" in r.message]
+    assert lines and "the slowest accepts" in lines[0] and "ETA" in lines[0]
+
+
 def test_one_observation_asked_for_more_draws_than_a_call_holds_is_drawn_in_several(
     posterior, monkeypatch
 ):

@@ -9,6 +9,7 @@ inside the prior by construction and vouches for each observation's chains by R-
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ REGION_FIRST_DRAWS = 4096
 # Draws per observation of a pass after the first is at least this: a handful of missing samples
 # would otherwise take several passes, each an ODE solve for FMPE.
 MIN_REDRAW = 128
+# Seconds between progress lines of a rejection from a region that goes on.
+PROGRESS_SECONDS = 30.0
 
 
 class SamplingError(RuntimeError):
@@ -408,6 +411,7 @@ def _sample_batch(
     sampled = np.ones(n, dtype=bool)
     short = np.arange(n)
     first = count = _first_draws(num_samples, region)
+    start = last_log = time.monotonic()
     while len(short):
         # Only observations still missing samples are redrawn: one observation whose posterior
         # leans on the prior's edge must not make every other observation pay for it.
@@ -435,6 +439,11 @@ def _sample_batch(
         short = np.flatnonzero((filled < num_samples) & sampled)
         if len(short):
             count = _redraw_count(num_samples - filled[short], filled[short], drawn[short], first)
+        if region is not None and len(short) and time.monotonic() - last_log > PROGRESS_SECONDS:
+            last_log = time.monotonic()
+            _log_rejection(
+                num_samples - filled[short], filled[short], drawn[short], last_log - start
+            )
     samples[~sampled], log_prob[~sampled] = np.nan, np.nan
     return samples, log_prob, sampled
 
@@ -467,6 +476,28 @@ def _first_draws(num_samples: int, region: Region | None) -> int:
     """Draws per observation of the first pass: ``num_samples``, or at least
     ``REGION_FIRST_DRAWS`` where a region may accept few of them."""
     return num_samples if region is None else max(num_samples, REGION_FIRST_DRAWS)
+
+
+def _log_rejection(
+    missing: np.ndarray, filled: np.ndarray, drawn: np.ndarray, seconds: float
+) -> None:
+    """Progress of observations whose posteriors a region accepts rarely, whose passes can go
+    on for minutes: the slowest one's acceptance, the draws it still needs and when it should
+    be done at its rate so far. Shapes (n',) of the observations still short."""
+    acceptance = np.maximum(filled, 1) / drawn
+    slowest = int(np.argmax(missing / acceptance))
+    needed = missing[slowest] / acceptance[slowest]
+    rate = drawn[slowest] / seconds
+    log.info(
+        "%d observation(s) still short of samples in the region; the slowest accepts %.1e of "
+        "its draws and needs about %.3g more (%.0f draws/s, ETA %.0f s; left out below %.0e)",
+        len(missing),
+        acceptance[slowest],
+        needed,
+        rate,
+        needed / rate,
+        REGION_MIN_ACCEPTANCE,
+    )
 
 
 def _redraw_count(missing: np.ndarray, filled: np.ndarray, drawn: np.ndarray, first: int) -> int:
