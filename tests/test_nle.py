@@ -432,6 +432,12 @@ def test_the_iid_sample_stage_writes_one_posterior_and_refuses_what_it_cannot_co
         f["theta"], f["x"] = rng.normal(size=(4, 2)).astype("f4"), rng.normal(size=(4, 3))
     assert sample_cli(model, tmp_path / "test.h5", tmp_path / "t.h5", iid=True) != 0
     assert "have different true theta" in capsys.readouterr().err
+    # A data set that cannot be read is not dropped from the one posterior of all of them.
+    x = rng.normal(size=(4, 3)).astype("f4")
+    x[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    assert sample_cli(model, tmp_path / "nan.npy", tmp_path / "n.h5", iid=True) != 0
+    assert "rows [2] of" in capsys.readouterr().err and not (tmp_path / "n.h5").exists()
 
 
 def test_validation_refuses_a_posterior_combined_from_independent_observations(tmp_path, model):

@@ -647,6 +647,13 @@ def sample(
     finite = storage.finite_rows(x)
     if theta is not None:
         finite &= storage.finite_rows(theta)
+    if iid and not finite.all():
+        # One posterior from all rows: dropping a data set would change it without a sign.
+        raise ValueError(
+            f"rows {np.flatnonzero(~finite)[:10].tolist()} of {observations} hold NaN or inf "
+            "(or values beyond float32's range); --iid combines every row into one posterior, "
+            "so remove or repair those rows first"
+        )
     if not finite.all():
         log.warning("excluding %d observations with NaN or inf", int((~finite).sum()))
     x, theta = x[finite], None if theta is None else theta[finite]
