@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -153,6 +154,16 @@ def test_a_region_that_holds_nothing_stops_naming_the_quantile(truncated):
     strict = TruncateOptions(quantile=0.5, draws=2000, prior_draws=2000, min_prior_mass=1.0)
     with pytest.raises(TruncationError, match=r"rounds.quantile \(now 0.5\) to widen"):
         truncate(round0 / "model", round0 / "observations.h5", 0, strict)
+
+
+def test_a_prior_mass_resting_on_few_prior_draws_is_warned_about(round0, caplog):
+    # The proposal weights of the next rounds are one over the regions' masses.
+    few = TruncateOptions(quantile=0.1, draws=2000, prior_draws=500, min_prior_mass=1e-3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.rounds.region"):
+        truncation = truncate(round0 / "model", round0 / "observations.h5", 0, few)
+    accepted = round(truncation.prior_mass * 500)
+    assert f"rests on {accepted} of 500 prior draws" in caplog.text
+    assert "raise rounds.prior_draws" in caplog.text
 
 
 def test_too_few_draws_for_the_quantile_are_refused():

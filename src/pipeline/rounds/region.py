@@ -124,6 +124,10 @@ class TruncatedPrior:
         return np.concatenate(kept)[:n]
 
 
+# Prior draws a region's mass should rest on: its relative standard error is then near 3 %.
+PRECISE_MASS_DRAWS = 1000
+
+
 class TruncatedTask(Task):
     """``task`` with its parameters drawn from a :class:`TruncatedPrior`: what a round's
     simulate job runs. Everything else (names, shapes, simulator) is ``task``'s own."""
@@ -382,6 +386,19 @@ def truncate(
             f"{mass * options.prior_draws:.0f} of {options.prior_draws} prior draws fell in the "
             f"region of {model} at observation {index} (prior mass {mass:.2e}, below "
             f"min_prior_mass {options.min_prior_mass:g}): {region_advice(options.quantile)}"
+        )
+    accepted = round(mass * options.prior_draws)
+    if accepted < PRECISE_MASS_DRAWS:
+        # The next rounds' proposal weighs each round by one over its region's mass.
+        log.warning(
+            "the region's prior mass %.3g rests on %d of %d prior draws (relative standard "
+            "error about %.0f %%), which the rounds' proposal weights inherit; raise "
+            "rounds.prior_draws (truncate's prior_draws) to at least %d",
+            mass,
+            accepted,
+            options.prior_draws,
+            100 * math.sqrt((1 - mass) / max(accepted, 1)),
+            math.ceil(PRECISE_MASS_DRAWS / mass),
         )
     score = None
     if references is not None:
