@@ -263,3 +263,21 @@ def test_a_test_set_sharing_rows_with_the_training_data_is_refused():
         sampling.check_held_out("test.h5", imported(8500, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(9000, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(0, 9000, sha="cd34"), trained, "model")
+
+
+def test_a_regions_membership_is_decided_at_the_tolerance_truncate_used(tmp_path):
+    """truncate draws an FMPE region's threshold with densities at the default ODE tolerance;
+    sample may draw at another, but must decide membership as truncate and simulate did."""
+    from pipeline.models.flow_matching import TOLERANCE
+    from pipeline.models.posterior import save_posterior
+
+    spec = PosteriorSpec(parameter_names=("a", "b"), x_shape=(3,), method="fmpe", ensemble=1)
+    posterior = NeuralPosterior(spec).eval()
+    save_posterior(posterior, tmp_path / "model", {"task": "two_moons"})
+    assert sampling.region_judge(posterior, tmp_path / "model") is posterior
+    posterior.set_ode_tolerance(1e-2)
+    judge = sampling.region_judge(posterior, tmp_path / "model")
+    assert judge is not posterior
+    assert [member.flow.tolerance for member in judge.members] == [TOLERANCE]
+    npe = _posterior()
+    assert sampling.region_judge(npe, tmp_path / "no-model") is npe

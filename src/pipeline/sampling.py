@@ -21,6 +21,7 @@ import torch
 
 from pipeline import atomic, storage
 from pipeline.ensemble import EnsembleSettings, Support, sample_ensemble
+from pipeline.models.flow_matching import TOLERANCE as ODE_TOLERANCE
 from pipeline.models.posterior import WEIGHTS, NeuralPosterior, load_posterior
 from pipeline.options import SampleOptions
 from pipeline.progress import Progress
@@ -680,7 +681,8 @@ def sample(
     if truncation is not None:
         from pipeline.rounds.region import region_of_model
 
-        region, restricted = region_of_model(truncation, model, posterior, document, region_models)
+        judge = region_judge(posterior, model)
+        region, restricted = region_of_model(truncation, model, judge, document, region_models)
     settings = EnsembleSettings(
         walkers=options.mcmc_walkers or None,
         burn_in=options.mcmc_burn_in,
@@ -753,6 +755,18 @@ def sample(
     write_samples(out, result, attrs, theta=theta, log_prob_true=log_prob_true, x=x)
     log.info("wrote %s: samples %s", out, result.samples.shape)
     return result
+
+
+def region_judge(posterior: NeuralPosterior, model: Path) -> NeuralPosterior:
+    """The posterior whose densities decide which draws lie in a round's region: ``posterior``
+    itself, unless its ODE solver was set to another tolerance than the default, at which
+    ``truncate`` drew the region's threshold (and the round's simulate job tests its
+    parameters): then the model loaded afresh, so that the draws are restricted to the region
+    the test simulations came from."""
+    tolerances = {m.flow.tolerance for m in posterior.members if hasattr(m.flow, "tolerance")}
+    if tolerances <= {ODE_TOLERANCE}:
+        return posterior
+    return load_posterior(model)[0]
 
 
 def log_mcmc(
