@@ -19,7 +19,7 @@ import pytest
 from astropy.cosmology import FlatwCDM
 from scipy import stats
 
-from pipeline.tasks import TASKS, Task, TaskError, get_task
+from pipeline.tasks import TASKS, BoxUniform, DiagonalNormal, Task, TaskError, get_task
 from pipeline.tasks.gaussian_linear import GaussianLinear
 from pipeline.tasks.sn_cosmology import SNCosmology
 from pipeline.tasks.two_moons import TwoMoons
@@ -370,3 +370,18 @@ def test_a_file_naming_the_parameters_otherwise_than_the_task_now_is_refused(tmp
     user = get_task("examples/oscillator/task.yaml")
     check_recorded(user, {"task_digest": "0123456789abcdef"}, "sims.h5")
     assert "another definition of task" in caplog.text and "0123456789abcdef" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: BoxUniform((1.0, 0.0), (0.0, 1.0)), "low < high in every parameter"),
+        (lambda: BoxUniform((0.0, np.nan), (1.0, 1.0)), "finite low and high"),
+        (lambda: DiagonalNormal((0.0, 0.0), (1.0, 0.0)), "positive scale in every parameter"),
+        (lambda: DiagonalNormal((0.0,), (1.0, 1.0)), "loc and scale of one length"),
+    ],
+)
+def test_a_prior_whose_density_would_be_nan_is_refused(make, message):
+    # A zero scale or a NaN bound gives NaN densities downstream, not an error.
+    with pytest.raises(ValueError, match=message):
+        make()

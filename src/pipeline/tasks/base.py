@@ -23,6 +23,21 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def _finite_pair(
+    first: Any, second: Any, prior: str, names: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A prior's two parameter vectors as float64, refused unless finite and of one length:
+    a prior with a NaN bound or a zero scale would give NaN densities, not an error."""
+    arrays = tuple(np.asarray(values, dtype=np.float64) for values in (first, second))
+    if any(a.ndim != 1 for a in arrays) or len(arrays[0]) != len(arrays[1]) or not len(arrays[0]):
+        raise ValueError(
+            f"{prior} needs {names[0]} and {names[1]} of one length, one per parameter"
+        )
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError(f"{prior} needs finite {names[0]} and {names[1]}: {first}, {second}")
+    return arrays
+
+
 @dataclass(frozen=True)
 class BoxUniform:
     """Independent uniform prior on a box ``[low, high]``.
@@ -34,6 +49,11 @@ class BoxUniform:
 
     low: tuple[float, ...]
     high: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        low, high = _finite_pair(self.low, self.high, "BoxUniform", ("low", "high"))
+        if not np.all(low < high):
+            raise ValueError(f"BoxUniform needs low < high in every parameter: {low}, {high}")
 
     @property
     def dim(self) -> int:
@@ -65,6 +85,11 @@ class DiagonalNormal:
 
     loc: tuple[float, ...]
     scale: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _, scale = _finite_pair(self.loc, self.scale, "DiagonalNormal", ("loc", "scale"))
+        if not np.all(scale > 0):
+            raise ValueError(f"DiagonalNormal needs a positive scale in every parameter: {scale}")
 
     @property
     def dim(self) -> int:
