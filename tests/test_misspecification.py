@@ -105,6 +105,10 @@ def test_mock_observations_come_from_the_other_model(tmp_path) -> None:
     assert read_mock_of(tmp_path / "own.h5") is None
     with pytest.raises(ValueError, match="mocks must share the parameters"):
         make_observations(task, 1, 0, 5, tmp_path / "bad.h5", mock=get_task("two_moons"))
+    other_units = get_task("sn_cosmology_offset")
+    other_units.parameter_units = ("", "km")
+    with pytest.raises(ValueError, match=r"measures its parameters in \['', 'km'\]"):
+        make_observations(task, 1, 0, 5, tmp_path / "bad.h5", mock=other_units)
 
 
 def test_mock_configs_are_checked_before_any_job() -> None:

@@ -247,6 +247,12 @@ def check_mock(task: Task, mock: Task) -> None:
             f"{task.name!r} {list(task.parameter_names)}: mocks must share the parameters "
             "whose recovery they test"
         )
+    if tuple(mock.parameter_units) != tuple(task.parameter_units):
+        raise ValueError(
+            f"mock model {mock.name!r} measures its parameters in {list(mock.parameter_units)}, "
+            f"task {task.name!r} in {list(task.parameter_units)}: the truths it draws would be "
+            "read in the task's units"
+        )
     if tuple(mock.x_shape) != tuple(task.x_shape):
         raise ValueError(
             f"mock model {mock.name!r} makes x of shape {tuple(mock.x_shape)}, task "
