@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from markupsafe import escape
 
-from pipeline.metrics import ValidationMetrics, from_json
+from pipeline.metrics import Misspecification, ValidationMetrics, from_json
 from pipeline.provenance import file_digest
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
 from pipeline.report.build import Check, evaluate_checks, load_results, verdict
@@ -117,7 +118,7 @@ def validation_json(
             "typicality": [0.5, 0.2],
             "surprise": [0.3, 0.9],
             "pvalue": [0.6, 0.4],
-            "num_simulations": 50,
+            "num_simulations": 1000,
             "num_draws": 1000,
         },
         "recovery": {
@@ -143,7 +144,9 @@ def write_task(
     validation.mkdir(parents=True)
     (model / "posterior.json").write_text(json.dumps(posterior_json(task)))
     (model / "metrics.csv").write_text(METRICS_CSV)
+    (model / "posterior.pt").write_bytes(f"the weights of {task}".encode())
     metrics = validation_json(task, c2st, tarp, hpd)
+    metrics["model_digest"] = file_digest(model / "posterior.pt")
     (validation / "metrics.json").write_text(json.dumps(metrics))
     for name in metrics["figures"].values():
         (validation / name).write_bytes(png)
@@ -302,8 +305,17 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     assert summary["verdict"] == expected
     assert summary["tasks"][0]["flagged_observations"] == [1]
     # At level 0.001 (0.001 > 0.001 / 2) nothing is flagged: the level is the report's option.
+    # Nor can anything be: the smallest p-value of 1000 test simulations, 2 / 1001, is above
+    # 0.001 k / 2 for k = 1, 2, and the page says so rather than "all 2" consistent.
     quiet = build(tmp_path, ["two_moons"], thresholds=Thresholds(0.6, 0.1, 0.001))
-    assert [row for row in parse(quiet).summary_rows if row][0][6] == "all 2"
+    cell = [row for row in parse(quiet).summary_rows if row][0][6]
+    assert cell == "none flagged; 1000 test simulations cannot flag any of 2"
+    quiet_text = " ".join(re.sub(r"<[^>]+>", " ", quiet).split())
+    assert "Raise simulate.num_test_simulations to at least 3999" in quiet_text
+    # At 0.05, two observations need 2 / (N + 1) <= 0.025: N = 79 can flag one alone, 78 not.
+    tests = Misspecification(None, [0.5, 0.5], [0.5, 0.5], num_simulations=78, num_draws=10)
+    assert tests.fewest_flaggable(0.05) == 2 and tests.simulations_to_flag_one(0.05) == 79
+    assert replace(tests, num_simulations=79).fewest_flaggable(0.05) == 1
 
 
 def test_misspecification_not_tested_reads_as_such_not_as_a_pass(
@@ -728,6 +740,10 @@ def test_a_validation_of_other_weights_than_the_models_is_refused(
     weights.write_bytes(b"weights retrained after validation")
     with pytest.raises(ResultsError, match=r"validates other weights .* rerun sample and valid"):
         load_results(tmp_path, ["two_moons"])
+    # A validation that does not say which weights it validated could be any model's.
+    path.write_text(json.dumps({k: v for k, v in metrics.items() if k != "model_digest"}))
+    with pytest.raises(ResultsError, match=r"does not record which weights it validates"):
+        load_results(tmp_path, ["two_moons"])
 
 
 def test_a_posterior_trained_with_the_calibration_penalty_says_so(
@@ -752,3 +768,23 @@ def test_many_flagged_observations_are_counted_not_listed(tmp_path: Path, png: b
     path.write_text(json.dumps(metrics))
     [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
     assert row[6] == "not: 8 of 10 (observations 0, 1, 2, 3, 4, …)"
+
+
+def test_a_report_that_fails_leaves_no_verdict_of_earlier_results(experiment: Path) -> None:
+    """The index reads every experiment's summary.json: a report rerun on results that no
+    longer hold together (a model replaced, its validation not rerun) must not leave the old
+    PASS for it to show."""
+    from pipeline.options import ReportOptions
+    from pipeline.report.stage import report_experiment
+
+    page, summary = experiment / "report.html", experiment / "summary.json"
+    report_experiment(
+        experiment, list(TASKS), ReportOptions(), page, config=CONFIG, summary=summary
+    )
+    assert json.loads(summary.read_text())["tasks"] and page.exists()
+    (experiment / "two_moons" / "model" / "posterior.pt").write_bytes(b"retrained")
+    with pytest.raises(ResultsError, match="validates other weights"):
+        report_experiment(
+            experiment, list(TASKS), ReportOptions(), page, config=CONFIG, summary=summary
+        )
+    assert not summary.exists() and not page.exists()

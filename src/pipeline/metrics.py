@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -132,6 +133,19 @@ class Misspecification:
             k for k, i in enumerate(order, 1) if self.pvalue[i] <= level * k / len(self.pvalue)
         ]
         return sorted(order[: max(passing)]) if passing else []
+
+    def fewest_flaggable(self, level: float) -> int:
+        """The fewest observations the procedure at ``level`` can flag together: the combined
+        p-value is at least ``2 / (N + 1)`` (``N`` test simulations), and Benjamini-Hochberg
+        flags ``k`` of ``n`` observations only at p-values up to ``level k / n``. Above 1, an
+        observation unlike the simulations cannot be flagged alone, and none flagged says little.
+        """
+        floor = 2 / (self.num_simulations + 1)
+        return max(1, math.ceil(floor * len(self.pvalue) / level - 1e-9))
+
+    def simulations_to_flag_one(self, level: float) -> int:
+        """Test simulations with which one observation among these can be flagged alone."""
+        return math.ceil(2 * len(self.pvalue) / level - 1)
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,8 @@ class ReportOptions(Options):
         0.1,
         exclusive_minimum=0,
         maximum=1,
-        help="coverage passes when TARP and HPD stay this close to the diagonal",
+        help="coverage passes when TARP, HPD and predictive coverage stay this close to the "
+        "diagonal",
     )
     misspecification_level: float = option(
         0.05,

@@ -241,6 +241,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "flagged": flagged,
         "consistency_rows": consistency_rows(results.validation, flagged),
         "consistency_text": consistency_text(results.validation, flagged),
+        "power": misspecification_power(results.validation, thresholds),
         "posterior": results.posterior,
         "validation": results.validation,
         "coverage_rows": list(
@@ -295,6 +296,26 @@ def consistency_rows(validation: ValidationMetrics, flagged: list[int]) -> list[
         {"typicality": t, "surprise": s, "pvalue": p, "flagged": i in flagged}
         for i, (t, s, p) in enumerate(zip(typicality, tests.surprise, tests.pvalue, strict=True))
     ]
+
+
+def misspecification_power(
+    validation: ValidationMetrics, thresholds: Thresholds
+) -> dict[str, int] | None:
+    """What the misspecification tests can flag with this test set: ``fewest`` observations
+    together (1: any one alone), and the ``simulations`` that would let one be flagged alone;
+    None without the tests."""
+    tests = validation.misspecification
+    if tests is None:
+        return None
+    level, n = thresholds.misspecification_level, len(tests.pvalue)
+    fewest = tests.fewest_flaggable(level)
+    text = (
+        f"none flagged; {tests.num_simulations} test simulations cannot flag any of {n}"
+        if fewest > n
+        else f"none flagged; {tests.num_simulations} test simulations cannot flag fewer than "
+        f"{fewest} of {n}"
+    )
+    return {"fewest": fewest, "simulations": tests.simulations_to_flag_one(level), "text": text}
 
 
 def consistency_text(validation: ValidationMetrics, flagged: list[int]) -> str:

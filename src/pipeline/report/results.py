@@ -310,7 +310,11 @@ def check_same_model(weights: Path, validation: ValidationMetrics, validation_pa
     """Refuses a validation of other weights than the model's: the report would show one
     model's architecture and training beside another's diagnostics."""
     if validation.model_digest is None:
-        return  # written before validations recorded their model
+        raise ResultsError(
+            f"{validation_path} does not record which weights it validates (written by an "
+            "older `pipeline validate`), so it cannot be told from a validation of another "
+            "model; rerun sample and validate for this task"
+        )
     require_file(weights, "run `pipeline train` for this task, then sample and validate")
     if file_digest(weights) != validation.model_digest:
         raise ResultsError(

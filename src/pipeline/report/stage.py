@@ -34,6 +34,11 @@ def report_experiment(
         coverage_max_deviation=options.coverage_max_deviation,
         misspecification_level=options.misspecification_level,
     )
+    # A report that fails must leave no verdict of earlier results for the index to show.
+    for stale in (out, summary):
+        if stale is not None and Path(stale).exists():
+            Path(stale).unlink()
+            log.info("removed %s, the report of earlier results", stale)
     results = load_results(experiment_dir, tasks, budgets, specs, rounds)
     settings = {"config": config, "thresholds": thresholds, "title": options.title}
     html = render_report(experiment_dir, results, **settings)
