@@ -15,7 +15,8 @@ from pipeline.architecture import auto_embedding
 from pipeline.models.embeddings import Flatten
 from pipeline.models.posterior import load_posterior
 from pipeline.parallel import Layout, SerialComm, launch_layout
-from pipeline.tasks import get_task
+from pipeline.tasks import TASKS, get_task, register
+from pipeline.tasks.two_moons import TwoMoons
 from pipeline.training import TrainConfig, check_checkpoints, default_checkpoint_dir, train
 from tests.conftest import ROOT, run_env, tool
 
@@ -247,6 +248,62 @@ def test_checkpoints_of_another_config_are_refused(tmp_path):
         check_checkpoints(folder, TrainConfig(), "abc", write=True, proposal="f00d")
     plain = default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc")
     assert default_checkpoint_dir(tmp_path / "model", TrainConfig(), "abc", "f00d") != plain
+    # Memory and streaming split the rows differently: the loading chosen is part of the run.
+    loaded = default_checkpoint_dir(tmp_path / "model", TrainConfig(loading="memory"), "abc")
+    assert default_checkpoint_dir(tmp_path / "model", TrainConfig(loading="stream"), "abc") != (
+        loaded
+    )
+    # A folder moved since it was stamped: Lightning would forget its best checkpoint.
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    with pytest.raises(ValueError, match=r"was written at .*ckpt, and Lightning restores"):
+        check_checkpoints(moved, TrainConfig(), "abc", write=True)
+
+
+def test_data_simulated_again_is_other_data_to_checkpoints_and_searches():
+    """The plan's digest stays when a file is simulated again with --overwrite (after a fix of
+    the simulator): when it was written tells the files apart."""
+    attrs = {"config_digest": "plan", "provenance": {"created": "2026-12-07T06:00:00+00:00"}}
+    again = {**attrs, "provenance": {"created": "2026-12-07T07:00:00+00:00"}}
+    assert storage.data_digest(attrs) == storage.data_digest(dict(attrs))
+    assert storage.data_digest(again) != storage.data_digest(attrs)
+
+
+def test_ranks_that_split_the_data_differently_are_refused():
+    from pipeline.training import check_same_split
+
+    check_same_split([("memory", 900, 100), ("memory", 900, 100)])
+    with pytest.raises(RuntimeError, match=r"rank 1: stream, 896 training .* train.loading"):
+        check_same_split([("memory", 900, 100), ("stream", 896, 104)])
+
+
+def test_a_constant_feature_of_what_the_flow_models_is_refused(tmp_path):
+    """A likelihood over x with a constant summary fits a spike there (its loss falls without
+    bound); a posterior only conditions on it, which is harmless."""
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(-1, 1, size=(600, 2))
+    x = np.c_[theta + 0.3 * rng.normal(size=(600, 2)), np.zeros(600)]
+    path = tmp_path / "sims.h5"
+    attrs = {"task": "three_x", "parameter_names": ["theta_1", "theta_2"], "num_nonfinite": 0}
+    storage.write_simulations(path, theta, x, attrs, overwrite=False)
+    register("three_x", ThreeX)
+    try:
+        config = TrainConfig.from_dict({**TINY, "max_epochs": 1, "ensemble": 1})
+        train(path, tmp_path / "npe", config, tmp_path / "npe-ckpt")
+        embedding = ("embedding_dim", "embedding_hidden")
+        nle = {k: v for k, v in TINY.items() if k not in embedding} | {"method": "nle"}
+        nle = TrainConfig.from_dict({**nle, "max_epochs": 1, "ensemble": 1})
+        with pytest.raises(ValueError, match=r"x feature\(s\) \[2\] take one value .* nle"):
+            train(path, tmp_path / "nle", nle, tmp_path / "nle-ckpt")
+    finally:
+        TASKS.pop("three_x")
+
+
+class ThreeX(TwoMoons):
+    """two_moons' parameters with an x of three summaries (for the constant-feature test)."""
+
+    name = "three_x"
+    x_shape = (3,)
 
 
 class PlateauState(pl.Callback):

@@ -208,10 +208,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     search = None
     if args.chosen:
         from pipeline.search.select import check_base, read_choice
-        from pipeline.storage import read_attrs
+        from pipeline.storage import data_digest, read_attrs
 
         attrs = read_attrs(args.data)
-        digest = str(attrs.get("config_digest", "unknown"))
+        digest = data_digest(attrs)
         choice = read_choice(args.chosen, attrs.get("task"), digest)
         config = config.replaced(choice.options, source=str(args.chosen))
         check_base(choice, config.shaping(), args.chosen)

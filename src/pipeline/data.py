@@ -205,6 +205,15 @@ class SimulationDataModule(pl.LightningDataModule):
             "x_std": torch.where(x_std > 0, x_std, torch.ones_like(x_std)),
         }
 
+    def constant_features(self) -> dict[str, list[int]]:
+        """The features of ``theta`` and of flattened ``x`` that do not vary over the training
+        split, by name: a density over one of them is a spike, whose loss falls without bound."""
+        theta_mean, theta_std, x_mean, x_std = self._moments
+        return {
+            "theta": torch.nonzero(theta_std == 0).flatten().tolist(),
+            "x": torch.nonzero(x_std.reshape(-1) == 0).flatten().tolist(),
+        }
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)

@@ -165,6 +165,17 @@ def check_float32(
         )
 
 
+def data_digest(attrs: dict[str, Any]) -> str:
+    """What a training's checkpoints, search trials and chosen options depend on of its data
+    file (``attrs`` its attributes): the file's ``config_digest`` (its plan, or an import's
+    sources) and when the file was written, since a file simulated again with ``--overwrite``
+    after a simulator changed has the same plan but other rows."""
+    created = (attrs.get("provenance") or {}).get("created")
+    plan = str(attrs.get("config_digest", "unknown"))
+    text = json.dumps({"plan": plan, "created": created}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def simulation_seeds(attrs: dict[str, Any]) -> list[int]:
     """The simulation seeds a file's rows were drawn with (``attrs`` its attributes): one
     run's, or each stacked round's; none for imported data. Simulation ``i`` depends on

@@ -17,7 +17,7 @@ import signal
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
 from pipeline.storage import DataFileError, imported_rows, simulation_seeds
+from pipeline.storage import data_digest as storage_data_digest
 from pipeline.tasks import Task, get_task
 from pipeline.tasks.base import check_recorded, prior_document
 
@@ -278,12 +279,44 @@ def build_trainer(
                 dirpath=checkpoint_dir, monitor="val_loss", save_top_k=1, save_last=True
             ),
             EpochLog(config.max_epochs),
+            SameSplitOnEveryRank(),
             *callbacks,
         ],
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
+        # Where Lightning looks for a requeued SLURM job's hpc_ckpt_*.ckpt: this run's folder,
+        # not the working directory every job of the workflow shares.
+        default_root_dir=checkpoint_dir,
     )
+
+
+class SameSplitOnEveryRank(Callback):
+    """Refuses a DDP run whose ranks split the data differently: each chooses ``loading:
+    auto`` from its own free memory, and memory and streaming split the rows differently, so
+    one rank would validate on rows another trains on."""
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.world_size < 2:
+            return
+        datamodule = trainer.datamodule
+        mine = (datamodule.loading, datamodule.num_train, datamodule.num_val)
+        splits: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(splits, mine)
+        check_same_split(splits)
+
+
+def check_same_split(splits: Sequence[tuple[str, int, int]]) -> None:
+    """Raises unless every rank's ``(loading, num_train, num_val)`` is the same."""
+    if len(set(map(tuple, splits))) > 1:
+        described = ", ".join(
+            f"rank {rank}: {loading}, {train} training and {val} validation rows"
+            for rank, (loading, train, val) in enumerate(splits)
+        )
+        raise RuntimeError(
+            f"the ranks split the data differently ({described}): each chose how to load it "
+            "from its own free memory. Set train.loading to memory or stream for every rank"
+        )
 
 
 class EpochLog(Callback):
@@ -369,8 +402,11 @@ def check_checkpoints(
         ValueError: If the folder holds checkpoints of a different configuration or data,
             naming what differs.
     """
-    # Through JSON, so tuples compare equal to the lists read back from the stamp.
+    # Through JSON, so tuples compare equal to the lists read back from the stamp. The folder's
+    # own path too: Lightning restores the best checkpoint's score only where it was written,
+    # and a moved folder would export the best epoch of the resumed attempt alone.
     identity = json.loads(json.dumps(run_identity(config, data_digest, proposal)))
+    identity["folder"] = str(checkpoint_dir.resolve())
     stamp = checkpoint_dir / "identity.json"
     if stamp.exists():
         try:
@@ -380,7 +416,15 @@ def check_checkpoints(
                 f"{stamp} is unreadable ({error}), so the checkpoints beside it cannot be matched "
                 f"to this run; move {checkpoint_dir} away or choose another --checkpoint-dir"
             ) from None
-        if previous != identity:
+        if previous.get("folder", identity["folder"]) != identity["folder"]:
+            raise ValueError(
+                f"{checkpoint_dir} was written at {previous['folder']}, and Lightning restores "
+                "the best checkpoint only at the path it was written: move the folder back to "
+                "resume there, or delete it to train from the start"
+            )
+        if {k: v for k, v in previous.items() if k != "folder"} != {
+            k: v for k, v in identity.items() if k != "folder"
+        }:
             raise ValueError(
                 f"{checkpoint_dir} holds checkpoints of a different run "
                 f"({_differences(previous, identity)}); delete the folder or choose another "
@@ -447,8 +491,12 @@ def train(
     layout = launch_layout(config.devices)
     datamodule, task = open_training_data(data, config, layout)
     config = config.for_task(task)
+    check_modelled_features_vary(datamodule, config, task, data)
     warn_unused_embedding_options(config, task)
-    data_digest = str(datamodule.attrs.get("config_digest", "unknown"))
+    data_digest = storage_data_digest(datamodule.attrs)
+    # Memory and streaming split the rows differently: a run resumed with the other loading
+    # would validate on rows it trained on, so the loading chosen is part of the run.
+    config = replace(config, loading=datamodule.loading)
     posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
     proposal = rounds_proposal(data, datamodule.attrs, config, truncation, region_models)
     proposal_digest = None if proposal is None else file_digest(Path(truncation))
@@ -613,6 +661,23 @@ def open_training_data(
         )
     check_recorded(task, datamodule.attrs, data)
     return datamodule, task
+
+
+def check_modelled_features_vary(
+    datamodule: SimulationDataModule, config: TrainConfig, task: Task, data: Path
+) -> None:
+    """Refuses a constant feature of what the flow models (``theta`` for a posterior, ``x``
+    for a likelihood): its density would be a spike whose loss falls without bound, and
+    checkpointing and early stopping would follow it instead of the other features."""
+    modelled = "x" if config.method == "nle" else "theta"
+    constant = datamodule.constant_features()[modelled]
+    if constant:
+        named = [task.parameter_names[i] for i in constant] if modelled == "theta" else constant
+        raise ValueError(
+            f"{data}: {modelled} feature(s) {named} take one value in every training simulation, "
+            f"and method {config.method} models {modelled}: drop them from the "
+            f"{'parameters' if modelled == 'theta' else 'summary'} (or give them noise)"
+        )
 
 
 def fit(

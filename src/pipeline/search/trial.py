@@ -31,7 +31,7 @@ from pipeline.provenance import config_digest, provenance
 from pipeline.sampling import SamplingError, log_prob_of, sample_posterior
 from pipeline.search.records import SearchError, TrialRecord, history_of, read_trial
 from pipeline.search.space import SearchSpace
-from pipeline.storage import DataFileError, read_attrs
+from pipeline.storage import DataFileError, data_digest, read_attrs
 from pipeline.training import TrainConfig, TrainingDiverged, train
 
 __all__ = ["HeldOut", "held_out_score", "propose", "run_trial", "search_identity"]
@@ -182,9 +182,7 @@ def run_trial(
     attrs = read_attrs(data)
     if "task" not in attrs:
         raise DataFileError(f"{data} names no task (attribute 'task'); simulate or import it")
-    identity = search_identity(
-        attrs["task"], str(attrs.get("config_digest", "unknown")), base, space, options
-    )
+    identity = search_identity(attrs["task"], data_digest(attrs), base, space, options)
     space.check_against(base, "search.space")
     digest = config_digest(identity)
     records = history_of([read_trial(p, digest) for p in history], trial, options.parallel)
