@@ -151,8 +151,12 @@ def test_over_confident_posterior_is_flagged(experiment: Path) -> None:
 
 
 def test_too_many_predictive_draws_is_refused(experiment: Path) -> None:
+    # A validation that fails leaves no metrics of an earlier one beside its new figures.
+    (experiment / "shrink-1.0").mkdir(exist_ok=True)
+    (experiment / "shrink-1.0" / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match=r"predictive_draws=500 exceeds the 200 posterior"):
         run(experiment, 1.0, predictive_draws=500)
+    assert not (experiment / "shrink-1.0" / "metrics.json").exists()
 
 
 def test_too_few_test_simulations_are_refused_naming_the_option(experiment: Path) -> None:

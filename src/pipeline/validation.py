@@ -68,6 +68,9 @@ def validate(
     test = _read_test_samples(test_samples)
     names = list(test["attrs"]["parameter_names"])
     out.mkdir(parents=True, exist_ok=True)
+    # The figures are written as they are made, the metrics last: a run that fails midway must
+    # not leave new figures beside the metrics of an earlier run, which the report would show.
+    (out / "metrics.json").unlink(missing_ok=True)
     task = get_task(str(test["attrs"]["task"]))
     theta_obs, x_obs, reference = read_reference(observations)
     observed = read_samples(observation_samples)
