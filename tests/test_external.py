@@ -181,9 +181,10 @@ def test_per_chunk_equals_per_simulation(script: Path, output: str) -> None:
 def test_a_chunk_written_a_column_per_simulation_is_not_read_across_simulations(
     script: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Three lines of five numbers cannot be five simulations of three on whole lines: the
-    chunk is refused (and each simulation run alone, whose one column is its x), where its
-    numbers were read row after row, across simulations."""
+    """Three lines of five numbers, for five simulations of three: a column per simulation.
+    The chunk is refused (and each simulation run alone, whose one column is its x), where its
+    numbers were read row after row, across simulations; rows wrapped at any other width are
+    read as rows."""
     theta = theta_grid(5)
     expected = simulator(script)(theta, np.random.default_rng(12))
     with caplog.at_level(logging.WARNING, logger="pipeline.tasks.external"):
@@ -191,7 +192,13 @@ def test_a_chunk_written_a_column_per_simulation_is_not_read_across_simulations(
             theta, np.random.default_rng(12)
         )
     np.testing.assert_array_equal(x, expected)
-    assert "x.txt has 3 lines of 5 numbers, which do not split into 5 simulations" in caplog.text
+    assert "x.txt has 3 lines of 5 numbers: one column per simulation" in caplog.text
+    program = simulator(script, per="chunk")  # x of 3 numbers
+    program._check_lines(2, 3, 2, "x.txt")  # a line per simulation
+    program._check_lines(1, 6, 2, "x.txt")  # all on one line
+    program._check_lines(3, 3, 3, "x.txt")  # three of three: cannot be told from rows
+    with pytest.raises(ValueError, match="3 lines of 2 numbers: one column per simulation"):
+        program._check_lines(3, 2, 2, "x.txt")
 
 
 def test_a_crash_costs_its_own_rows_only(script: Path, caplog: pytest.LogCaptureFixture) -> None:

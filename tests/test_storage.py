@@ -176,10 +176,30 @@ def test_values_float32_cannot_hold_are_refused_naming_the_feature_and_the_fix()
         storage.check_float32(np.c_[theta, 1e9 + 10 * theta], "x of t")
     with pytest.raises(ValueError, match=r"feature 1 is 3.53e\+38 \(row 500\).*a log"):
         storage.check_float32(np.c_[theta, 10 ** (36 + 4 * theta)], "x of t", first_row=500)
-    # Rounded to a hundredth of the spread is not lost; NaN rows and constant features pass.
-    storage.check_float32(np.c_[theta, 1e4 + theta, np.full(1000, 7e9)], "x")
+    # Rounded to under a tenth of the spread is not lost (1e7 + 10 z: spacing 1, spread 10);
+    # NaN rows, constant features and ones constant up to float64's rounding pass.
+    normalised = theta[:, None] * [1, 2, 3] / (6 * theta[:, None])
+    z = np.random.default_rng(1).normal(size=1000)
+    storage.check_float32(np.c_[theta, 1e7 + 10 * z, np.full(1000, 7e9)], "x")
+    storage.check_float32(np.c_[normalised, normalised.sum(axis=1)], "x")
     storage.check_float32(np.c_[theta, np.where(theta > 0.9, np.nan, theta)], "x")
     storage.check_float32(np.array([[1e9 + 3.0]]), "x")  # one row has no spread to lose
     with pytest.raises(ValueError, match="beyond the range"):
         storage.check_float32(np.array([[1e39]]), "x", range_only=True)
     storage.check_float32(np.c_[theta, 1e9 + 10 * theta], "x", range_only=True)
+
+
+def test_precision_is_judged_over_every_block_of_a_sorted_archive():
+    """A block of an archive sorted by a parameter varies far less than the parameter: the
+    check gathers every block's moments (about each feature's first value, so an offset of 1e9
+    costs no digits) and judges them once, after the last."""
+    theta = np.sort(1000 + np.random.default_rng(0).uniform(size=(100_000, 1)), axis=0)
+    precision = storage.Float32Precision("theta")
+    for start in range(0, len(theta), 5000):
+        precision.add(theta[start : start + 5000])
+    precision.check()
+    offset = storage.Float32Precision("x of t")
+    for start in range(0, len(theta), 5000):
+        offset.add(1e9 + 10 * (theta[start : start + 5000] - 1000))
+    with pytest.raises(ValueError, match=r"x of t: feature 0 varies by 2.8.* around 1e\+09"):
+        offset.check()

@@ -679,6 +679,9 @@ def _copy_rows(
             targets["x"][lo - start : hi - start] = x
             num_nonfinite += storage.count_nonfinite_rows(theta, x)
             progress.update(hi - lo)
+        # Over all rows, before the file is finished: a sorted archive's blocks vary less.
+        for buffer in buffers.values():
+            buffer.precision.check()
         written = {**attrs(), "num_nonfinite": num_nonfinite}
         storage.finish_file(f, written, num_rows)
     return {
@@ -689,13 +692,21 @@ def _copy_rows(
     }
 
 
+# Where to mend an archive's values that float32 cannot hold.
+ARCHIVE_FIX = (
+    "when saving the archive (or, if it should hold no such values, check that it is not damaged)"
+)
+
+
 class Float32Rows:
     """Row blocks of ``rows`` as float32 of shape ``(n, *row_shape)``, converted into one
     reused array (as :class:`StreamRows` reads into one): valid until the next block. Each
-    block is checked by :func:`pipeline.storage.check_float32` (``what`` names it) first."""
+    block's range is checked first (:func:`pipeline.storage.check_float32`; ``what`` names it),
+    and ``precision`` gathers every block for the precision check after the last."""
 
     def __init__(self, rows: Rows, row_shape: tuple[int, ...], what: str) -> None:
         self.rows, self.row_shape, self.what = rows, row_shape, what
+        self.precision = storage.Float32Precision(what, ARCHIVE_FIX)
         self.buffer = np.empty((0, *row_shape), dtype=np.float32)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -706,12 +717,9 @@ class Float32Rows:
         if len(self.buffer) < len(block):
             self.buffer = np.empty((len(block), *self.row_shape), dtype=np.float32)
         storage.check_float32(
-            block,
-            self.what,
-            first_row=rows.start,
-            where="when saving the archive (or, if it should hold no such values, check that it "
-            "is not damaged)",
+            block, self.what, range_only=True, first_row=rows.start, where=ARCHIVE_FIX
         )
+        self.precision.add(block)
         converted = self.buffer[: len(block)]
         np.copyto(converted, block, casting="unsafe")
         return converted

@@ -105,9 +105,14 @@ def count_nonfinite_rows(theta: np.ndarray, x: np.ndarray) -> int:
 
 
 # Rounding to float32 may move a feature's values by at most this share of their standard
-# deviation: finer steps than a hundredth of the spread lose nothing a posterior can resolve.
-FLOAT32_ROUNDING_SHARE = 0.01
+# deviation: its rounding noise is then a few per cent of the spread.
+FLOAT32_ROUNDING_SHARE = 0.1
+# A feature varying by less than this share of its magnitude is constant up to float64's own
+# rounding (a sum of normalised weights): float32 has no variation of it to lose.
+FLOAT64_NOISE = 1e-12
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Values per pass of the precision's statistics: a few such float64 temporaries at a time.
+PRECISION_VALUES = 2**22
 
 
 def check_float32(
@@ -125,20 +130,28 @@ def check_float32(
     (a large offset: ``1e9 + 10 theta`` is stored as ``1e9`` whatever ``theta``). ``what``
     names the values in the message, e.g. ``"x of task 'mytask'"``. The spread needs two rows
     or more; one row, or ``range_only``, gets the range check alone. ``first_row`` is the index
-    the message gives the first row, ``where`` where to mend the values.
+    the message gives the first row, ``where`` where to mend the values. Values that arrive in
+    blocks are checked for precision over all of them by :class:`Float32Precision`.
     """
     array = np.asarray(values)
     if array.dtype == np.float32 or array.size == 0:
         return
-    if range_only:  # every block of a run: two reductions, unless a value is NaN or large
-        low, high = array.min(), array.max()
-        if np.isfinite(low) and np.isfinite(high) and max(-low, high) <= FLOAT32_MAX:
-            return
+    _check_range(array, what, first_row, where)
+    if not range_only:
+        precision = Float32Precision(what, where)
+        precision.add(array)
+        precision.check()
+
+
+def _check_range(array: np.ndarray, what: str, first_row: int, where: str) -> None:
+    """The range half of :func:`check_float32`: two reductions, unless a value is NaN or
+    large."""
+    low, high = array.min(), array.max()
+    if np.isfinite(low) and np.isfinite(high) and max(-low, high) <= FLOAT32_MAX:
+        return
     flat = array.reshape(len(array), -1).astype(np.float64, copy=False)
-    finite = np.isfinite(flat)
     with np.errstate(over="ignore"):
-        stored = flat.astype(np.float32)
-    beyond = finite & ~np.isfinite(stored)
+        beyond = np.isfinite(flat) & ~np.isfinite(flat.astype(np.float32))
     if beyond.any():
         row, feature = np.argwhere(beyond)[0]
         raise ValueError(
@@ -147,22 +160,74 @@ def check_float32(
             f"it would read as inf and its rows be dropped; rescale it (a log, or other units) "
             f"{where}"
         )
-    count = finite.sum(axis=0)
-    if range_only or count.max(initial=0) < 2:
-        return
-    kept = np.where(finite, flat, 0.0)
-    mean = kept.sum(axis=0) / np.maximum(count, 1)
-    spread = np.sqrt(np.where(finite, (kept - mean) ** 2, 0.0).sum(axis=0) / np.maximum(count, 1))
-    rounding = np.where(finite, np.abs(np.where(finite, stored, 0.0) - kept), 0.0).max(axis=0)
-    lost = (count >= 2) & (spread > 0) & (rounding > FLOAT32_ROUNDING_SHARE * spread)
-    if lost.any():
-        feature = int(np.argmax(lost))
-        raise ValueError(
-            f"{what}: feature {feature} varies by {spread[feature]:.3g} (standard deviation) "
-            f"around {mean[feature]:.7g}, and float32, in which the pipeline stores simulations, "
-            f"rounds it by up to {rounding[feature]:.3g}: its variation would be lost. Subtract "
-            f"an offset (or take a log) {where}"
+
+
+class Float32Precision:
+    """Whether float32 keeps each feature's variation, over values that arrive in blocks
+    (:meth:`add`, rows of any shape), checked once all have been seen (:meth:`check`): the
+    spread of a sorted archive's first block is not the feature's.
+
+    Moments are taken about each feature's first finite value, so that an offset of 1e9 costs
+    them no digits.
+    """
+
+    def __init__(self, what: str, where: str = "in the simulator or its summary") -> None:
+        self.what, self.where = what, where
+        self.reference: np.ndarray | None = None
+        self.count = self.total = self.squares = self.rounding = self.magnitude = np.zeros(0)
+
+    def add(self, values: np.ndarray) -> None:
+        flat = np.asarray(values).reshape(len(values), -1)
+        if flat.dtype == np.float32 or flat.size == 0:
+            return
+        if self.reference is None:
+            self.reference = np.full(flat.shape[1], np.nan)
+            zeros = np.zeros(flat.shape[1])
+            self.count, self.total, self.squares = zeros.copy(), zeros.copy(), zeros.copy()
+            self.rounding, self.magnitude = zeros.copy(), zeros.copy()
+        rows = max(1, PRECISION_VALUES // flat.shape[1])
+        for start in range(0, len(flat), rows):
+            self._add(flat[start : start + rows].astype(np.float64, copy=False))
+
+    def _add(self, block: np.ndarray) -> None:
+        finite = np.isfinite(block)
+        unset = np.isnan(self.reference) & finite.any(axis=0)
+        if unset.any():
+            first = np.argmax(finite[:, unset], axis=0)
+            self.reference[unset] = block[first, np.flatnonzero(unset)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            shifted = np.where(finite, block - self.reference, 0.0)
+            stored = np.where(finite, block, 0.0).astype(np.float32).astype(np.float64)
+            self.rounding = np.maximum(
+                self.rounding, np.abs(stored - np.where(finite, block, 0.0)).max(axis=0)
+            )
+        self.magnitude = np.maximum(self.magnitude, np.abs(np.where(finite, block, 0.0)).max(0))
+        self.count += finite.sum(axis=0)
+        self.total += shifted.sum(axis=0)
+        self.squares += (shifted**2).sum(axis=0)
+
+    def check(self) -> None:
+        """Raises naming the first feature whose float32 rounding exceeds its share of the
+        spread (a feature varying only at float64's noise level counts as constant)."""
+        if self.reference is None:
+            return
+        count = np.maximum(self.count, 1)
+        offset = self.total / count
+        spread = np.sqrt(np.maximum(self.squares / count - offset**2, 0.0))
+        lost = (
+            (self.count >= 2)
+            & (spread > FLOAT64_NOISE * self.magnitude)
+            & (self.rounding > FLOAT32_ROUNDING_SHARE * spread)
         )
+        if lost.any():
+            feature = int(np.argmax(lost))
+            mean = self.reference[feature] + offset[feature]
+            raise ValueError(
+                f"{self.what}: feature {feature} varies by {spread[feature]:.3g} (standard "
+                f"deviation) around {mean:.7g}, and float32, in which the pipeline stores "
+                f"simulations, rounds it by up to {self.rounding[feature]:.3g}: its variation "
+                f"would be lost. Subtract an offset (or take a log) {self.where}"
+            )
 
 
 def data_digest(attrs: dict[str, Any]) -> str:

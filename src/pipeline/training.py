@@ -430,6 +430,8 @@ def check_checkpoints(
                 f"({_differences(previous, identity)}); delete the folder or choose another "
                 "--checkpoint-dir"
             )
+        if "folder" not in previous and write:  # this run's, stamped before folders were
+            atomic.write_json(stamp, identity, sort_keys=True, indent=1)
     elif write:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(stamp, identity, sort_keys=True, indent=1)
@@ -491,13 +493,14 @@ def train(
     layout = launch_layout(config.devices)
     datamodule, task = open_training_data(data, config, layout)
     config = config.for_task(task)
-    check_modelled_features_vary(datamodule, config, task, data)
     warn_unused_embedding_options(config, task)
     data_digest = storage_data_digest(datamodule.attrs)
     # Memory and streaming split the rows differently: a run resumed with the other loading
     # would validate on rows it trained on, so the loading chosen is part of the run.
     config = replace(config, loading=datamodule.loading)
-    posterior = NeuralPosterior(_spec(config, task), **datamodule.statistics())
+    spec = _spec(config, task)  # refuses what the method cannot model, e.g. NLE of a map
+    check_modelled_features_vary(datamodule, config, task, data)
+    posterior = NeuralPosterior(spec, **datamodule.statistics())
     proposal = rounds_proposal(data, datamodule.attrs, config, truncation, region_models)
     proposal_digest = None if proposal is None else file_digest(Path(truncation))
     default_dir = default_checkpoint_dir(out, config, data_digest, proposal_digest)

@@ -21,8 +21,9 @@ The contract between the pipeline and the program:
   ``{output}``, named by ``output_file`` (default ``x.txt``): an ``.npy`` array of shape
   ``(n, *x_shape)``, or text read by :func:`numpy.loadtxt` (comma-separated for ``.csv``). A
   run yields ``n * prod(x_shape)`` numbers, one row of ``x`` after the other; ``nan`` is a valid
-  number (a simulation without result). Text of several lines must split into the simulations
-  on whole lines (a column per simulation is refused, and its simulations run one by one).
+  number (a simulation without result). Text laid out one column per simulation is refused
+  (and the simulations run one by one), unless it cannot be told from rows (``n`` equal to
+  ``prod(x_shape)``, or to a map's row length).
 - **Randomness**: one seed per simulation, ``rng.integers(0, 2**31 - 1, size=n)`` from the
   generator the pipeline seeds with ``(seed, block)``. The program must take all its
   randomness from the seed it is given (its own generator, seeded by it; never the clock or
@@ -337,19 +338,19 @@ class ExternalSimulator:
         return values.reshape(n, self.x_size)
 
     def _check_lines(self, lines: int, columns: int, n: int, where: str) -> None:
-        """Refuses text of ``lines`` lines of ``columns`` numbers each that cannot be ``n``
-        simulations one after the other, each on whole lines: a program writing one column per
-        simulation would have its numbers read across simulations. All numbers on one line, or
-        one per line, carry no layout to check."""
-        if lines == 1 or columns == 1 or lines * columns != n * self.x_size:
-            return  # the count check names a wrong count
-        if lines % n or columns * (lines // n) != self.x_size:
-            raise ValueError(
-                f"{where} has {lines} lines of {columns} numbers, which do not split into {n} "
-                f"simulations of {self.x_size} numbers each on whole lines: write one line per "
-                "simulation (or each simulation's lines after the previous one's), not a "
-                "column per simulation"
-            )
+        """Refuses text laid out one column per simulation (``prod(x_shape)`` lines of ``n``
+        numbers), whose numbers would be read across simulations; any other equal-length
+        wrapping is read row after row, as documented. Ambiguous where a map's rows are ``n``
+        long, or ``n`` equals ``prod(x_shape)``: then it is read as rows."""
+        if n < 2 or columns != n or lines != self.x_size or lines == n:
+            return
+        if len(self.x_shape) > 1 and self.x_shape[-1] == n:
+            return
+        raise ValueError(
+            f"{where} has {lines} lines of {n} numbers: one column per simulation, whose "
+            "numbers would be read across simulations; write one line per simulation (or each "
+            "simulation's numbers after the previous one's)"
+        )
 
     def _report(
         self, theta: np.ndarray, seeds: np.ndarray, failures: list[tuple[int, RunFailed]]
