@@ -430,7 +430,8 @@ def check_checkpoints(
                 f"({_differences(previous, identity)}); delete the folder or choose another "
                 "--checkpoint-dir"
             )
-        if "folder" not in previous and write:  # this run's, stamped before folders were
+        # This run's folder, stamped without its path: add it, so that a move is caught.
+        if "folder" not in previous and write:
             atomic.write_json(stamp, identity, sort_keys=True, indent=1)
     elif write:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
