@@ -383,6 +383,17 @@ def test_the_report_refuses_rounds_whose_regions_do_not_nest(truncated, nested, 
     # Nested rounds pass on to the checks of the last round (here: test data from the prior).
     with pytest.raises(ResultsError, match="was not drawn from the last round's region"):
         read_rounds(task_dir, 2)
+    # A round's folder holding another run's files: a model retrained after its truncation,
+    # or simulations drawn from another region than the round before's.
+    round0 = task_dir / "rounds/round-0"
+    shutil.copy(nested / "model/posterior.pt", round0 / "model/posterior.pt")
+    with pytest.raises(ResultsError, match="round-0/truncation.json was cut with other weights"):
+        read_rounds(task_dir, 2)
+    shutil.copy(truncated / "model/posterior.pt", round0 / "model/posterior.pt")
+    shutil.copy(truncated / "sims.h5", task_dir / "rounds/round-1/sims.h5")
+    with pytest.raises(ResultsError, match="round-1/sims.h5 was not drawn from round 0's region"):
+        read_rounds(task_dir, 2)
+    shutil.copy(nested / "sims.h5", task_dir / "rounds/round-1/sims.h5")
     alone = truncate(nested / "model", truncated / "observations.h5", 0, OPTIONS)
     alone.write(task_dir / "rounds/round-1/truncation.json", overwrite=True)
     with pytest.raises(ResultsError, match="round-1/truncation.json is not a region inside rou"):

@@ -174,6 +174,7 @@ def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
                 f"posterior is not the posterior inside its region; {hint} again"
             )
         outer = truncation.levels
+        check_round(folder, index, truncation, hint)
         model = read_json(folder / "model" / "posterior.json", hint)
         records.append(
             RoundRecord(
@@ -190,6 +191,28 @@ def read_rounds(task_dir: Path, count: int) -> list[RoundRecord]:
     if count:
         check_last_round(task_dir, truncation, folder / TRUNCATION)
     return records
+
+
+def check_round(folder: Path, index: int, truncation: Truncation, hint: str) -> None:
+    """Raises unless round ``index``'s model is the one its truncation was cut with and its
+    simulations were drawn from the round before's region: the table would otherwise mix the
+    rounds of two runs (a round's folder rerun or copied over)."""
+    weights = folder / "model" / "posterior.pt"
+    require_file(weights, hint)
+    if truncation.model_digest != file_digest(weights):
+        raise ResultsError(
+            f"{folder / TRUNCATION} was cut with other weights than {weights}: the round's "
+            f"model was retrained after its truncation; {hint} again"
+        )
+    if index == 0:
+        return
+    drawn = (storage.read_attrs(folder / "sims.h5").get("proposal") or {}).get("truncation")
+    before = folder.parent / f"round-{index - 1}" / TRUNCATION
+    if drawn != file_digest(before):
+        raise ResultsError(
+            f"{folder / 'sims.h5'} was not drawn from round {index - 1}'s region ({before}); "
+            f"{hint} again"
+        )
 
 
 def check_last_round(task_dir: Path, truncation: Truncation, path: Path) -> None:
