@@ -200,37 +200,34 @@ def simulate_range(
 
 
 class PrecisionCheck:
-    """:func:`pipeline.storage.check_float32` on what a chunk draws: the range of every block,
-    the precision on its first :attr:`ROWS` rows or more (blocks of one simulation have no
-    spread of their own), before anything is stored."""
+    """:func:`pipeline.storage.check_float32` on what a chunk draws, before anything is stored:
+    the range of every block, the precision over its first :attr:`ROWS` rows or more (blocks of
+    one simulation have no spread of their own)."""
 
     ROWS = 64
 
     def __init__(self, task: Task) -> None:
-        self.task = task
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.precision = {
+            name: storage.Float32Precision(f"{name} of task {task.name!r}")
+            for name in ("theta", "x")
+        }
         self.rows = 0
 
     def add(self, theta: np.ndarray, x: np.ndarray) -> None:
         """One block's ``theta`` (n, D) and ``x`` (n, *x_shape), as the simulator returned them."""
-        if self.rows >= self.ROWS:
-            self._check(theta, x, range_only=True)
-            return
-        self.pending.append((theta, x))
+        gathering = self.rows < self.ROWS
+        for name, values in (("theta", theta), ("x", x)):
+            storage.check_float32(values, self.precision[name].what, range_only=True)
+            if gathering:
+                self.precision[name].add(values)
         self.rows += len(theta)
-        if self.rows >= self.ROWS:
+        if gathering and self.rows >= self.ROWS:
             self.finish()
 
     def finish(self) -> None:
-        if self.pending:
-            theta, x = (np.concatenate(arrays) for arrays in zip(*self.pending, strict=True))
-            self.pending = []
-            self._check(theta, x, range_only=False)
-
-    def _check(self, theta: np.ndarray, x: np.ndarray, *, range_only: bool) -> None:
-        for name, values in (("theta", theta), ("x", x)):
-            what = f"{name} of task {self.task.name!r}"
-            storage.check_float32(values, what, range_only=range_only)
+        """The precision check over the rows gathered (again, if it has run: nothing new)."""
+        for precision in self.precision.values():
+            precision.check()
 
 
 class ChunkBuffers:
@@ -623,14 +620,14 @@ def check_shards_belong(
             found.append(attrs)
             continue
         try:
-            found = storage.read_attrs(path)
+            other = storage.read_attrs(path)
         except (FileNotFoundError, storage.DataFileError) as error:
             raise storage.DataFileError(
                 f"shard {path} of {out} disappeared or broke before the merge ({error}); "
                 "another run may be writing the same --out. Rerun to recompute it"
             ) from None
         keys = dict.fromkeys([*identity, *OPTIONAL_IDENTITY, "index_start"])
-        theirs = ", ".join(f"{key} {found.get(key)!r}" for key in keys)
+        theirs = ", ".join(f"{key} {other.get(key)!r}" for key in keys)
         raise storage.DataFileError(
             f"shard {path} belongs to another run ({theirs}), not to this one "
             f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pipeline import atomic
+from pipeline import atomic, storage
 from pipeline.architecture import AUTO, auto_embedding, auto_flow
 from pipeline.data import LOADINGS, OUTLIER_LIMIT, SimulationDataModule
 from pipeline.models.embeddings import EMBEDDINGS
@@ -40,7 +40,6 @@ from pipeline.parallel import Layout, launch_layout
 from pipeline.provenance import config_digest, file_digest, provenance
 from pipeline.rounds.proposal import StackProposal, stack_proposal
 from pipeline.storage import DataFileError, imported_rows, simulation_seeds
-from pipeline.storage import data_digest as storage_data_digest
 from pipeline.tasks import Task, get_task
 from pipeline.tasks.base import check_recorded, prior_document
 
@@ -495,7 +494,7 @@ def train(
     datamodule, task = open_training_data(data, config, layout)
     config = config.for_task(task)
     warn_unused_embedding_options(config, task)
-    data_digest = storage_data_digest(datamodule.attrs)
+    data_digest = storage.data_digest(datamodule.attrs)
     # Memory and streaming split the rows differently: a run resumed with the other loading
     # would validate on rows it trained on, so the loading chosen is part of the run.
     config = replace(config, loading=datamodule.loading)

@@ -107,15 +107,12 @@ def stack_proposal(data: Path, truncation: Path, models: Sequence[Path]) -> Stac
             f"{len(rounds) - 1} levels, but {truncation} has {len(levels)}: pass the "
             "truncation made after the stack's second-to-last round"
         )
-    for index, (entry, level) in enumerate(zip(rounds[1:], levels, strict=True), start=1):
+    for index, entry in enumerate(rounds[1:], start=1):
         proposal = entry.get("proposal") or {}
         # The whole chain where the round records it: its last level alone may match a region
         # cut without the earlier ones (the same threshold, another region).
-        chain = proposal.get("levels", levels[:index])
-        if chain != levels[:index] or (proposal.get("model"), proposal.get("threshold")) != (
-            level["model_digest"],
-            level["threshold"],
-        ):
+        last = {"model_digest": proposal.get("model"), "threshold": proposal.get("threshold")}
+        if proposal.get("levels", [*levels[: index - 1], last]) != levels[:index]:
             raise ValueError(
                 f"round {index} of {data} was drawn from another region than level "
                 f"{index - 1} of {truncation} (model {proposal.get('model')}, threshold "
