@@ -238,7 +238,18 @@ def test_data_of_the_wrong_shape_fail_before_training(tmp_path):
 def test_checkpoints_of_another_config_are_refused(tmp_path):
     folder = tmp_path / "ckpt"
     check_checkpoints(folder, TrainConfig(), "abc", write=True)
-    check_checkpoints(folder, TrainConfig(devices=2), "abc", write=True)  # placement only: fine
+    # Lightning's own launcher's count is not the run's: the processes that trained are.
+    check_checkpoints(folder, TrainConfig(devices=2), "abc", write=True)
+    # Another number of processes trains on other batches: refused, not resumed.
+    with pytest.raises(ValueError, match=r"world size 1 \(nodes .* this run has 2: resume with 1"):
+        check_checkpoints(folder, TrainConfig(), "abc", write=True, world_size=2)
+    # A stamp written before it recorded the world size gains it.
+    stamp = json.loads((folder / "identity.json").read_text())
+    del stamp["world_size"]
+    (folder / "identity.json").write_text(json.dumps(stamp))
+    check_checkpoints(folder, TrainConfig(), "abc", write=True, world_size=2)
+    assert json.loads((folder / "identity.json").read_text())["world_size"] == 2
+    (folder / "identity.json").write_text(json.dumps(stamp))
     with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.01"):
         check_checkpoints(folder, TrainConfig(learning_rate=0.01), "abc", write=True)
     with pytest.raises(ValueError, match="data_digest: 'abc' -> 'xyz'"):

@@ -390,22 +390,25 @@ def check_checkpoints(
     *,
     write: bool,
     proposal: str | None = None,
+    world_size: int = 1,
 ) -> None:
     """Refuses a checkpoint folder made for another configuration or other data.
 
     Arguments:
         write: Whether this process stamps a new folder with the run's identity (rank 0 only).
         proposal: The digest of the truncation file NPE's loss is normalised over, if any.
+        world_size: The processes training together (nodes × devices per node).
 
     Raises:
         ValueError: If the folder holds checkpoints of a different configuration or data,
-            naming what differs.
+            naming what differs, or was written by another number of processes.
     """
     # Through JSON, so tuples compare equal to the lists read back from the stamp. The folder's
     # own path too: Lightning restores the best checkpoint's score only where it was written,
     # and a moved folder would export the best epoch of the resumed attempt alone.
     identity = json.loads(json.dumps(run_identity(config, data_digest, proposal)))
     identity["folder"] = str(checkpoint_dir.resolve())
+    identity["world_size"] = world_size
     stamp = checkpoint_dir / "identity.json"
     if stamp.exists():
         try:
@@ -421,16 +424,27 @@ def check_checkpoints(
                 "the best checkpoint only at the path it was written: move the folder back to "
                 "resume there, or delete it to train from the start"
             )
-        if {k: v for k, v in previous.items() if k != "folder"} != {
-            k: v for k, v in identity.items() if k != "folder"
+        # Each process trains on its own share of every batch: with another number of them the
+        # resumed epochs would see batches of another size and rows in another order, and the
+        # weights would be neither run's.
+        if previous.get("world_size", world_size) != world_size:
+            raise ValueError(
+                f"{checkpoint_dir} holds checkpoints trained with world size "
+                f"{previous['world_size']} (nodes × processes per node) and this run has "
+                f"{world_size}: resume with {previous['world_size']}, or delete the folder to "
+                "train from the start"
+            )
+        apart = ("folder", "world_size")  # checked above, each with its own fix
+        if {k: v for k, v in previous.items() if k not in apart} != {
+            k: v for k, v in identity.items() if k not in apart
         }:
             raise ValueError(
                 f"{checkpoint_dir} holds checkpoints of a different run "
                 f"({_differences(previous, identity)}); delete the folder or choose another "
                 "--checkpoint-dir"
             )
-        # This run's folder, stamped without its path: add it, so that a move is caught.
-        if "folder" not in previous and write:
+        # A stamp written before it recorded these: add them, so that a later change is caught.
+        if any(key not in previous for key in apart) and write:
             atomic.write_json(stamp, identity, sort_keys=True, indent=1)
     elif write:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -527,6 +541,7 @@ def train(
         data_digest,
         write=trainer.is_global_zero,
         proposal=proposal_digest,
+        world_size=layout.devices * layout.num_nodes,
     )
     seconds = fit(trainer, module, datamodule, checkpoint_dir)
     if not trainer.is_global_zero:
