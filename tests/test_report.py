@@ -282,6 +282,42 @@ def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
     assert row[7] == "FAIL"
 
 
+def test_coverage_over_test_simulations_left_out_passes_only_with_them_against_it(
+    tmp_path: Path, png: bytes
+) -> None:
+    """Two of 52 test simulations could not be sampled (NLE chains not converged): each moves
+    a curve by at most 1/52, so HPD's 0.08 may be 0.08 + 2/52 = 0.118 > 0.1 and fails, where
+    TARP's 0.05 + 0.038 and the predictive's 0.02 + 0.038 still pass."""
+    experiment = tmp_path / "results" / "nle"
+    write_task(experiment, "two_moons", png, 0.55, 0.05, 0.08)
+    path = experiment / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps(metrics | {"num_left_out": 2}))
+    page = build(experiment, ["two_moons"])
+    [row] = [row for row in parse(page).summary_rows if row]
+    assert row[3:6] == [
+        "PASS (0.05 + 0.03846 left out)",
+        "FAIL (0.08 + 0.03846 left out)",
+        "PASS (0.02 + 0.03846 left out)",
+    ]
+    assert row[7] == "FAIL"
+    text = " ".join(re.sub(r"<[^>]+>", " ", page).split())
+    assert "2 of 52 test simulations could not be sampled" in text
+    summary = write_summary_of(experiment, tasks=["two_moons"])
+    checks = summary["tasks"][0]["checks"]
+    assert [c["status"] for c in checks[1:]] == ["PASS", "FAIL", "PASS"]
+    assert checks[2]["left_out"] == pytest.approx(2 / 52)
+    assert summary["verdict"] == "FAIL"
+    index = build_index(tmp_path / "results")
+    assert "HPD FAIL (0.08 + 0.03846 left out; limit 0.1)" in " ".join(
+        re.sub(r"<[^>]+>", " ", index).split()
+    )
+    # Metrics written before the count was recorded read as none left out.
+    path.write_text(json.dumps(metrics))
+    [row] = [row for row in parse(build(experiment, ["two_moons"])).summary_rows if row]
+    assert row[4] == "PASS (0.08)"
+
+
 @pytest.mark.parametrize(("c2st", "expected"), [(0.55, "FLAGGED"), (0.9, "FAIL")])
 def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     tmp_path: Path, png: bytes, c2st: float, expected: str

@@ -245,6 +245,9 @@ class ValidationMetrics:
     mcmc: Mcmc | None = None
     # The digest of the weights (posterior.pt) whose samples were validated.
     model_digest: str | None = None
+    # Test simulations the sample stage could not sample (a round's region, NLE chains that did
+    # not converge), beside the ``num_test`` the coverage curves are over.
+    num_left_out: int = 0
 
     def __post_init__(self) -> None:
         if set(self.sbc.pvalues) != set(self.parameter_names):

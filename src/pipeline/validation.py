@@ -92,6 +92,7 @@ def validate(
         num_test=int(len(test["theta"])),
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
+        num_left_out=sum(int(test["attrs"].get(name, 0)) for name, _ in LEFT_OUT.values()),
         observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
         skipped=_skipped(task, theta_obs, reference, mock_of) | _left_out(test) | not_tested,
         coverage=coverage,

@@ -57,6 +57,7 @@ def experiment_summary(
                         "value": c.value,
                         "threshold": c.threshold,
                         "status": c.status,
+                        "left_out": c.left_out,
                     }
                     for c in checks
                 ],
@@ -118,6 +119,8 @@ def check_summary(summary: Any) -> None:
             require(check, "status", (str,), where)
             require(check, "value", number, where)
             require(check, "threshold", (*number, str), where)
+            if "left_out" in check:  # summaries of earlier versions have none
+                require(check, "left_out", (int, float), where)
 
 
 def build_index(results_dir: Path) -> str:
