@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ import torch
 from pipeline import cli, simulation
 from pipeline.options import OptionsError, SearchOptions
 from pipeline.parallel import SerialComm
+from pipeline.provenance import config_digest
 from pipeline.search.records import SearchError, TrialRecord, history_of, read_trial
-from pipeline.search.select import choose, read_choice, read_trials
+from pipeline.search.select import check_base, choose, read_choice, read_trials
 from pipeline.search.space import SearchSpace
-from pipeline.search.trial import propose
+from pipeline.search.trial import propose, search_identity
 from pipeline.tasks import get_task
+from pipeline.training import TrainConfig
 
 SPACE = {
     "learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
@@ -138,8 +141,6 @@ def test_proposals_depend_on_seed_trial_and_history_only():
 def test_a_space_is_checked_against_the_tasks_own_options(space, base, message):
     """Values valid on their own, but not with the task's other options: refused before any
     trial, not inside one."""
-    from pipeline.training import TrainConfig
-
     with pytest.raises(OptionsError, match=message):
         SearchSpace.from_dict(space).check_against(TrainConfig.from_dict(base))
 
@@ -360,6 +361,35 @@ def test_training_with_other_options_than_the_trials_is_refused(search, data, tm
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--options", options]
     assert cli.main([*argv, "--chosen", str(search["best"])]) == 2
     assert "max_epochs: 5 (search: 4)" in capsys.readouterr().err
+
+
+def test_a_search_over_the_penalty_keeps_its_options_in_the_identity_and_the_choice():
+    """The penalty's draws and rows shape nothing while it is off, so a run without it leaves
+    them out of its identity; a search that varies the penalty from a base without it trains
+    its trials with the base's draws and rows, so they are the search's, and the model trained
+    with a choice that turns it on is the chosen trial's."""
+    space = SearchSpace.from_dict({"calibration": {"low": 0.5, "high": 5.0}})
+    options = SearchOptions(**OPTIONS)
+    identity = search_identity("two_moons", "abc", TrainConfig(), space, options)
+    more_draws = search_identity(
+        "two_moons", "abc", TrainConfig(calibration_draws=16), space, options
+    )
+    assert identity["base"]["calibration_draws"] == 8
+    assert config_digest(identity) != config_digest(more_draws)
+    plain = SearchSpace.from_dict({"learning_rate": {"low": 1e-4, "high": 1e-2}})
+    assert (
+        "calibration_draws"
+        not in search_identity("t", "abc", TrainConfig(), plain, options)["base"]
+    )
+    choice = SimpleNamespace(search=identity, options={"calibration": 3.0})
+    chosen = TrainConfig(calibration=3.0)
+    check_base(choice, chosen.shaping(identity["space"]), Path("best.json"))
+    with pytest.raises(SearchError, match=r"calibration_rows: 32 \(search: 64\)"):
+        check_base(
+            choice,
+            TrainConfig(calibration=3.0, calibration_rows=32).shaping(identity["space"]),
+            Path("best.json"),
+        )
 
 
 def test_a_posterior_that_cannot_be_sampled_is_a_failed_trial(data, tmp_path, monkeypatch):

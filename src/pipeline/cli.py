@@ -214,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         digest = data_digest(attrs)
         choice = read_choice(args.chosen, attrs.get("task"), digest)
         config = config.replaced(choice.options, source=str(args.chosen))
-        check_base(choice, config.shaping(), args.chosen)
+        check_base(choice, config.shaping(choice.search["space"]), args.chosen)
         search = {"path": str(args.chosen), "chosen": choice.chosen, "reason": choice.reason}
         search |= {"search_digest": choice.search_digest, "options": choice.options}
     train(

@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -229,13 +229,14 @@ class TrainConfig(Options):
             changes["embedding"] = auto_embedding(len(task.parameter_names), tuple(task.x_shape))
         return self.replaced(changes, source="auto") if changes else self
 
-    def shaping(self) -> dict[str, Any]:
+    def shaping(self, searched: Iterable[str] = ()) -> dict[str, Any]:
         """The fields that shape the weights (not where they run): the identity of checkpoints,
         search trials and a search's choice. Without the penalty on over-confidence its options
         shape nothing and are left out, so that runs and searches without it keep the identity
-        they had without those options."""
+        they had without those options, unless ``searched`` (the options a search varies) holds
+        one of them: then trials with the penalty train with the base's other options of it."""
         where = ("devices", "accelerator", "num_workers", "compile", "max_time")
-        if self.calibration == 0:
+        if self.calibration == 0 and not set(searched) & set(CALIBRATION_ONLY):
             where += CALIBRATION_ONLY
         return {k: v for k, v in asdict(self).items() if k not in where}
 

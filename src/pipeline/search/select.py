@@ -220,8 +220,8 @@ def read_choice(
 
 def check_base(choice: SearchChoice, shaping: dict[str, Any], path: Path) -> None:
     """Refuses training options that differ from those the search's trials started from
-    (``shaping``: :meth:`TrainConfig.shaping` with the chosen options applied): the model would
-    not be the chosen trial's.
+    (``shaping``: :meth:`TrainConfig.shaping` of the search's space, with the chosen options
+    applied): the model would not be the chosen trial's.
 
     Raises:
         SearchError: naming the options that differ.

@@ -52,7 +52,7 @@ def search_identity(
     return {
         "task": task,
         "data_digest": data_digest,
-        "base": json.loads(json.dumps(base.shaping())),
+        "base": json.loads(json.dumps(base.shaping(space.names))),
         "space": space.as_dict(),
         "seed": options.seed,
         "parallel": options.parallel,
