@@ -289,6 +289,23 @@ def test_a_packages_task_and_a_files_sub_packages_are_part_of_its_definition(
     assert (package / "kernels" / "k.py").resolve() in files
 
 
+def test_a_namespace_packages_task_is_defined_by_its_folder_too(tmp_path, monkeypatch):
+    """``nspkg_t.sub.model:Model`` in folders without ``__init__.py`` (namespace packages): the
+    modules beside it are part of its definition, as for a file named by its path."""
+    from pipeline.tasks.base import source_digest
+
+    folder = tmp_path / "nspkg_t" / "sub"
+    folder.mkdir(parents=True)
+    write(folder, "helper.py", "SHIFT = 0.0\n")
+    write(folder, "model.py", MODEL_WITH_HELPER.replace("from impl import", "from .helper import"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = get_task("nspkg_t.sub.model:Model")
+    assert sorted(path.name for path in task.source_files) == ["helper.py", "model.py"]
+    before = source_digest(task)
+    write(folder, "helper.py", "SHIFT = 1.0\n")
+    assert source_digest(get_task("nspkg_t.sub.model:Model")) != before
+
+
 def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_path, forget_impl):
     # As observe --mock-of would load them: b's "from impl import SHIFT" would get a's impl.
     for folder, shift in (("a", 0.0), ("b", 100.0)):

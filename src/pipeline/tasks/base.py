@@ -351,16 +351,22 @@ def python_sources(module_file: str | Path) -> tuple[Path, ...]:
 
 
 def package_sources(module: Any) -> tuple[Path, ...]:
-    """The files that define a task imported as ``package.module:Class``: every module of the
-    top-level package it belongs to (``mypkg/task.py`` may import ``mypkg/physics.py``), or the
-    module alone outside a package, in an installed one (site-packages, whose files change only
-    with its version) or in this pipeline's (whose revision every file records)."""
+    """The files that define a task imported as ``module:Class`` or ``package.module:Class``:
+    those :func:`python_sources` finds for its file, and every module of the top-level package
+    it belongs to (``mypkg/task.py`` may import ``mypkg/physics.py``); the module alone in an
+    installed package (site-packages, whose files change only with its version) or in this
+    pipeline's (whose revision every file records)."""
     source = Path(module.__file__).resolve()
     top = module.__name__.partition(".")[0]
-    roots = list(getattr(sys.modules.get(top), "__path__", []))
-    if len(roots) != 1 or top == "pipeline" or any(part in INSTALLED for part in source.parts):
+    if top == "pipeline" or any(part in INSTALLED for part in source.parts):
         return (source,)
-    return (source, *sorted(p for p in _package_files(Path(roots[0]).resolve()) if p != source))
+    # A namespace package (folders without __init__.py) lists no modules below its root, so
+    # the module's own folder is read as a file task's is.
+    files = set(python_sources(source))
+    for root in getattr(sys.modules.get(top), "__path__", []):
+        if not any(part in INSTALLED for part in Path(root).parts):
+            files.update(_package_files(Path(root).resolve()))
+    return (source, *sorted(files - {source}))
 
 
 # Folders of installed packages, whose modules change only with their version.
