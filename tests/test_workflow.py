@@ -236,6 +236,27 @@ def test_budget_study_plan(workdir):
     assert "--budgets 300 600" in result.stdout
 
 
+def test_a_searched_tasks_budget_curve_keeps_the_tasks_options_at_every_budget(workdir):
+    """The main model of a searched task trains with the search's choice, a budget model with
+    the task's options: at num_simulations the curve gets a model of its own, trained on the
+    training file itself (not a copy), rather than the main model."""
+    tiny = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
+    simulate = {**tiny["simulate"], "budgets": [300, 600]}
+    config = write_config(workdir, tasks=["two_moons"], simulate=simulate, search=SEARCH)
+    result = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    trains = re.findall(r"pipeline train --data (\S+) --out (\S+) (.*)", result.stdout)
+    budget_600 = [rest for data, out, rest in trains if "budget-600/" in out]
+    assert len(budget_600) == 1 and "--chosen" not in budget_600[0]
+    assert [data for data, out, _ in trains if "budget-600/" in out] == [
+        "results/tiny/two_moons/sims/train.h5"
+    ]
+    main = [rest for data, out, rest in trains if out == "results/tiny/two_moons/model"]
+    assert len(main) == 1 and "--chosen" in main[0]
+    assert re.search(
+        r"--observation-samples \S+/two_moons/budget-600/samples/observations.h5", result.stdout
+    )
+
+
 def test_tiny_dag_end_to_end(workdir, chromium):
     config = tiny_with_budgets(workdir)
     snakemake(workdir, "--configfile", config)

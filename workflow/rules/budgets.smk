@@ -1,7 +1,7 @@
 # The budget study (simulate.budgets): each task trained again on the first N training
 # simulations, sampled at the same observations and scored by C2ST against the reference. The
 # rules are the main ones with other paths; a budget equal to num_simulations reuses the main
-# model, which is trained on exactly those simulations.
+# model, which is trained on exactly those simulations, unless a search chose its options.
 
 
 # Defined only when some budget needs its own model: Snakemake refuses --containerize when a rule
@@ -10,7 +10,7 @@ if TRAINED_BUDGETS:
 
     use rule train as train_budget with:
         input:
-            data=task_path("sims/train-{budget}.h5"),
+            data=budget_training_data,
         output:
             posterior=task_path("budget-{budget}/model/posterior.pt"),
             spec=task_path("budget-{budget}/model/posterior.json"),

@@ -204,8 +204,24 @@ def simulate_options(wildcards):
 
 
 BUDGETS = sorted(config["simulate"]["budgets"])
-# The budgets that need a model of their own: num_simulations is the main model's.
-TRAINED_BUDGETS = [n for n in BUDGETS if n != config["simulate"]["num_simulations"]]
+# The budgets that need a model of their own: num_simulations is the main model's, unless a
+# search chose that model's options (a budget curve keeps the task's options at every point).
+TRAINED_BUDGETS = [
+    n for n in BUDGETS if n != config["simulate"]["num_simulations"] or config["search"]["tasks"]
+]
+
+
+def reuses_main_model(wildcards):
+    """Whether one task's budget is its main model's: the same simulations and options."""
+    same_data = int(wildcards.budget) == config["simulate"]["num_simulations"]
+    return same_data and wildcards.task not in config["search"]["tasks"]
+
+
+def budget_training_data(wildcards):
+    """The first N training simulations; at num_simulations, the training file itself."""
+    if int(wildcards.budget) == config["simulate"]["num_simulations"]:
+        return task_path("sims/train.h5")
+    return task_path("sims/train-{budget}.h5")
 
 
 def budget_scores(task):
@@ -215,7 +231,7 @@ def budget_scores(task):
 
 def budget_observation_samples(wildcards):
     """Posterior samples at the observations for one budget; the main model's at its budget."""
-    if int(wildcards.budget) == config["simulate"]["num_simulations"]:
+    if reuses_main_model(wildcards):
         return task_path("samples/observations.h5")
     return task_path("budget-{budget}/samples/observations.h5")
 
