@@ -312,6 +312,12 @@ def test_coverage_over_test_simulations_left_out_passes_only_with_them_against_i
     assert "HPD FAIL (0.08 + 0.03846 left out; limit 0.1)" in " ".join(
         re.sub(r"<[^>]+>", " ", index).split()
     )
+    # The predictive curve also leaves out pairs whose replicates the simulator failed.
+    metrics["coverage"]["predictive_num_excluded"] = 3
+    path.write_text(json.dumps(metrics | {"num_left_out": 2}))
+    [row] = [row for row in parse(build(experiment, ["two_moons"])).summary_rows if row]
+    assert row[5] == "FAIL (0.02 + 0.09615 left out)"  # 0.02 + (2 + 3) / 52 > 0.1
+    metrics["coverage"]["predictive_num_excluded"] = 0
     # Metrics written before the count was recorded read as none left out.
     path.write_text(json.dumps(metrics))
     [row] = [row for row in parse(build(experiment, ["two_moons"])).summary_rows if row]

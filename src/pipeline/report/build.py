@@ -84,7 +84,10 @@ def evaluate_checks(validation: ValidationMetrics, thresholds: Thresholds) -> li
     coverage = validation.coverage
     skipped = validation.skipped
     c2st_reason = "n/a — " + skipped["c2st"] if "c2st" in skipped else NO_REFERENCE
-    left_out = validation.num_left_out / (validation.num_test + validation.num_left_out)
+    total = validation.num_test + validation.num_left_out
+    left_out = validation.num_left_out / total
+    # The predictive curve also leaves out the pairs whose replicates the simulator failed.
+    predictive_left_out = left_out + coverage.predictive_num_excluded / total
     return [
         Check("C2ST", None if c2st is None else c2st.max, thresholds.c2st_max, c2st_reason),
         Check(
@@ -104,7 +107,7 @@ def evaluate_checks(validation: ValidationMetrics, thresholds: Thresholds) -> li
             coverage.predictive_max_deviation,
             thresholds.coverage_max_deviation,
             "n/a — no simulator",
-            left_out,
+            predictive_left_out,
         ),
     ]
 
