@@ -126,10 +126,24 @@ def test_hpd_coverage_convention() -> None:
 
 
 def test_hpd_coverage_allows_zero_density() -> None:
-    # A truth of zero density lies in no credible region (alpha = 1); a truth denser than
-    # every sample, some of zero density, lies in all of them (alpha = 0).
-    coverage = hpd_coverage(np.array([[0.0, 1.0], [0.0, -np.inf]]), np.array([-np.inf, 2.0]))
+    # A truth of zero density lies in no credible region of DEFAULT_LEVELS (alpha = 40.5 / 41,
+    # above 0.95); a truth denser than every sample, some of zero density, lies in all of them
+    # (alpha = 0.5 / 41, below 0.05).
+    samples = np.array([np.linspace(0.0, 1.0, 40), np.r_[np.zeros(20), np.full(20, -np.inf)]])
+    coverage = hpd_coverage(samples, np.array([-np.inf, 2.0]))
     assert np.all(coverage == 0.5)
+
+
+def test_hpd_coverage_of_an_exact_posterior_is_on_the_diagonal_with_few_draws() -> None:
+    # For an exact posterior the truth's rank among M draws is uniform on {0, ..., M}: with
+    # M = 10 a rank of k / M put the curve ceil(l M) / (M + 1) below the diagonal by up to
+    # 0.082, read as over-confidence; the mid-rank keeps it within 1 / (2 (M + 1)) = 0.045.
+    # 20000 pairs: the binomial standard error is at most 0.0036, so 0.045 + 0.015 holds.
+    rng = np.random.default_rng(0)
+    log_prob = rng.normal(size=(20000, 11))
+    coverage = hpd_coverage(log_prob[:, 1:], log_prob[:, 0])
+    assert max_coverage_deviation(DEFAULT_LEVELS, coverage) < 0.045 + 0.015
+    assert abs(np.mean(coverage - DEFAULT_LEVELS)) < 0.01  # no lean to either side
 
 
 def test_tarp_coverage_is_reproducible() -> None:

@@ -273,12 +273,14 @@ def test_predictive_coverage_direction(
 def test_predictive_coverage_is_exact_for_few_draws() -> None:
     # Pooling x_rep with the draws makes its rank uniform on {0, ..., S} for any exchangeable
     # set, however small S and whatever the distribution: here S = 20 draws in 3-D from a
-    # heavy-tailed Student t. The exact coverage is ceil(l S) / (S + 1). DKW with n = 4000
-    # and eps = 0.04: 2 exp(-12.8) < 1e-5.
+    # heavy-tailed Student t. With the mid-rank (k + 1/2) / (S + 1) the exact coverage is
+    # ceil(l (S + 1) - 1/2) / (S + 1), within 1 / (2 (S + 1)) of the diagonal. DKW with
+    # n = 4000 and eps = 0.04: 2 exp(-12.8) < 1e-5.
     rng = np.random.default_rng(3)
     points = rng.standard_t(df=3, size=(4000, 21, 3))
     coverage = predictive_coverage(points[:, 0], points[:, 1:])
-    expected = np.ceil(DEFAULT_LEVELS * 20) / 21
+    expected = np.ceil(DEFAULT_LEVELS * 21 - 0.5) / 21
+    assert np.abs(expected - DEFAULT_LEVELS).max() <= 0.5 / 21
     np.testing.assert_allclose(coverage, expected, atol=0.04)
 
 

@@ -26,7 +26,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from pipeline.diagnostics.common import check_finite, check_levels, check_ndim, coverage_at
+from pipeline.diagnostics.common import (
+    check_finite,
+    check_levels,
+    check_ndim,
+    coverage_at,
+    credibility,
+)
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -49,10 +55,11 @@ def hpd_coverage(
 ) -> np.ndarray:
     """Expected coverage of the highest-posterior-density (HPD) credible regions.
 
-    For pair ``i``, ``alpha_i`` is the fraction of posterior samples with a strictly higher
-    log-density than the truth: the credibility of the smallest HPD region that contains
-    the truth. Coverage at level ``l`` is ``mean_i(alpha_i < l)``; a truth whose density
-    ties with samples therefore counts as inside.
+    For pair ``i``, ``alpha_i`` is the mid-rank share of posterior samples with a strictly
+    higher log-density than the truth (:func:`~pipeline.diagnostics.common.credibility`): the
+    credibility of the smallest HPD region that contains the truth. Coverage at level ``l`` is
+    ``mean_i(alpha_i < l)``; a truth whose density ties with samples therefore counts as
+    inside.
 
     Arguments:
         log_prob_samples: ``log q(theta_ij | x_i)`` of ``M`` samples per pair, shape ``(n, M)``.
@@ -81,7 +88,7 @@ def hpd_coverage(
     check_finite("log_prob_samples", log_prob_samples, allow_neg_inf=True)
     check_finite("log_prob_true", log_prob_true, allow_neg_inf=True)
 
-    alpha = np.mean(log_prob_samples > log_prob_true[:, None], axis=1)
+    alpha = credibility(log_prob_samples > log_prob_true[:, None])
     return coverage_at(alpha, levels)
 
 
@@ -115,8 +122,8 @@ def tarp_coverage(
     Each dimension is normalised to the unit interval by the prior box ``[low, high]`` when
     given; otherwise it is z-scored with the mean and standard deviation of ``theta`` and the
     box is the range that the normalised ``theta`` spans. One reference point per pair is
-    drawn uniformly in that box, the paper's default. ``alpha_i`` is the fraction of samples
-    closer (Euclidean, in normalised units) to the reference than ``theta_i`` is.
+    drawn uniformly in that box, the paper's default. ``alpha_i`` is the mid-rank share of
+    samples closer (Euclidean, in normalised units) to the reference than ``theta_i`` is.
 
     Reading the curve: a calibrated posterior gives the diagonal, and TARP is exact for any
     reference distribution. A wrong width, however, gives an S-shaped curve rather than a
@@ -148,7 +155,7 @@ def tarp_coverage(
 
     distance_samples = np.linalg.norm(samples - reference[:, None, :], axis=-1)
     distance_true = np.linalg.norm(theta - reference, axis=-1)
-    alpha = np.mean(distance_samples < distance_true[:, None], axis=1)
+    alpha = credibility(distance_samples < distance_true[:, None])
     return coverage_at(alpha, levels)
 
 

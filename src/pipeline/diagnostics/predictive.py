@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.diagnostics.common import check_finite, check_levels, check_ndim, coverage_at
+from pipeline.diagnostics.common import (
+    check_finite,
+    check_levels,
+    check_ndim,
+    coverage_at,
+    credibility,
+)
 from pipeline.diagnostics.coverage import DEFAULT_LEVELS
 from pipeline.predictive_draws import MIN_DRAWS, min_predictive_draws
 
@@ -161,10 +167,11 @@ def predictive_coverage(
     docstring), a symmetric function of them, so the rank of ``d(x_rep)`` among the draws is
     uniform on ``{0, ..., S}`` whatever the data distribution.
 
-    With ``alpha_i`` the fraction of draws strictly closer to the predictive mean than
-    ``x_rep[i]`` is, ``x_rep[i]`` lies in the central predictive region of level ``l`` when
-    ``alpha_i < l``, and the coverage at ``l`` is ``mean_i(alpha_i < l)``, on the diagonal
-    up to ``1 / (S + 1)`` for an exact posterior. Conventions are those of
+    With ``alpha_i`` the mid-rank of the draws strictly closer to the predictive mean than
+    ``x_rep[i]`` is (:func:`~pipeline.diagnostics.common.credibility`), ``x_rep[i]`` lies in
+    the central predictive region of level ``l`` when ``alpha_i < l``, and the coverage at
+    ``l`` is ``mean_i(alpha_i < l)``, on the diagonal up to ``1 / (2 (S + 1))`` for an exact
+    posterior. Conventions are those of
     :func:`pipeline.diagnostics.hpd_coverage`: an over-confident posterior gives predictive
     draws too concentrated, the replicate falls outside too often and the curve lies below the
     diagonal; an under-confident one lies above it. Summarise with
@@ -187,7 +194,7 @@ def predictive_coverage(
     levels = check_levels(levels)
     x_rep, x_pred = _flatten_data("x_rep", x_rep, x_pred)
     distance_rep, distance_pred = _pooled_distances(x_rep, x_pred)
-    alpha = np.mean(distance_pred < distance_rep[:, None], axis=1)
+    alpha = credibility(distance_pred < distance_rep[:, None])
     return coverage_at(alpha, levels)
 
 
