@@ -21,7 +21,13 @@ from pipeline.metrics import ValidationMetrics
 from pipeline.observations import make_observations
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
-from pipeline.validation import _predictive_coverage, _widths, score_budget, validate
+from pipeline.validation import (
+    _predictive_at_observations,
+    _predictive_coverage,
+    _widths,
+    score_budget,
+    validate,
+)
 
 NUM_TEST = 300
 NUM_SAMPLES = 200
@@ -165,6 +171,23 @@ def test_too_few_test_simulations_are_refused_naming_the_option(experiment: Path
     posterior_file(experiment / "few-obs.h5", observed_x(experiment), None, 1.0, seed=5)
     with pytest.raises(ValueError, match=r"holds 10 test .*\(simulate.num_test_simulations\)"):
         validate_files(experiment, "few-test.h5", "few-obs.h5", "few")
+
+
+def test_an_observations_predictive_pvalue_does_not_depend_on_the_others(tmp_path) -> None:
+    """Each observation's predictive draws come from a stream of its own: validated in
+    another order, or with fewer observations beside it, it gets the same p-value."""
+    task = get_task("two_moons")
+    _, x = task.simulate_block(3, np.random.default_rng(2))
+    rng = np.random.default_rng(4)
+    samples = np.stack([task.reference_posterior(row, 40, rng) for row in x])
+
+    def pvalues(order: list[int]) -> list[float]:
+        checks = _predictive_at_observations(task, samples[order], x[order], 40, 7, tmp_path, {})
+        return checks.pvalues
+
+    forward = pvalues([0, 1, 2])
+    assert pvalues([2, 1, 0]) == forward[::-1]
+    assert pvalues([2]) == forward[2:]
 
 
 def test_predictive_replicates_average_out_their_noise() -> None:

@@ -8,6 +8,7 @@ arrays in, numbers out: no model is loaded here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -484,8 +485,15 @@ def _predictive_at_observations(
             f"validate.predictive_draws={draws} exceeds the {samples.shape[1]} posterior "
             "samples per observation; lower it or raise sample.num_observation_samples"
         )
+    # A stream per observation, keyed on its data: its p-value does not depend on which other
+    # observations are validated with it, or in which order.
+    x_pred = np.concatenate(
+        [
+            _simulate_draws(task, samples[i : i + 1], draws, _observation_stream(seed, x))
+            for i, x in enumerate(x_obs)
+        ]
+    )
     x_obs = task.summary(x_obs)
-    x_pred = _simulate_draws(task, samples, draws, np.random.default_rng([seed, 2]))
     pvalues, excluded = [], []
     for observed, predicted in zip(x_obs, x_pred, strict=True):
         finite = np.isfinite(predicted).all(axis=1)
@@ -499,6 +507,12 @@ def _predictive_at_observations(
     figure = plots.plot_predictive(x_obs, intervals, pvalues, task.summary_label)
     figures["predictive"] = _save(figure, out / "predictive.png")
     return PredictiveChecks(pvalues=pvalues, num_draws=draws, num_nonfinite_excluded=excluded)
+
+
+def _observation_stream(seed: int, x: np.ndarray) -> np.random.Generator:
+    """The random stream of the predictive draws at one observation ``x`` (its float64 bytes)."""
+    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes()).digest()
+    return np.random.default_rng([seed, 2, *np.frombuffer(digest[:16], dtype=np.uint32)])
 
 
 def _local_c2st(
