@@ -85,6 +85,10 @@ def test_recovery_of_known_parameters() -> None:
     bias, inside_68, _ = marginal_recovery(samples - 1.0, theta)
     np.testing.assert_allclose(bias, -1, atol=0.07)
     assert np.all(inside_68 < 0.55)
+    # A posterior collapsed to one value: infinitely biased unless it is the truth (it read 0).
+    collapsed = np.zeros((3, 10, 2))
+    bias, inside_68, _ = marginal_recovery(collapsed, np.array([[1.0, 0.0]] * 3))
+    assert bias.tolist() == [-np.inf, 0.0] and inside_68.tolist() == [0.0, 1.0]
 
 
 def test_mock_observations_come_from_the_other_model(tmp_path) -> None:

@@ -312,12 +312,15 @@ def marginal_recovery(
     Returns:
         Per parameter, shape ``(D,)`` each: the mean over observations of
         ``(posterior mean - theta) / posterior std`` (bias in posterior widths; near 0 when
-        unbiased), and the fractions of observations whose ``theta`` lies inside the central 68 %
-        and 95 % marginal credible intervals (0.68 and 0.95 when calibrated).
+        unbiased; infinite where a posterior collapsed to one value other than ``theta``), and
+        the fractions of observations whose ``theta`` lies inside the central 68 % and 95 %
+        marginal credible intervals (0.68 and 0.95 when calibrated).
     """
     _check_samples_theta(samples, theta)
-    std = samples.std(axis=1)
-    z = (samples.mean(axis=1) - theta) / np.where(std > 0, std, np.inf)
+    offset, std = samples.mean(axis=1) - theta, samples.std(axis=1)
+    # A posterior of one value misses by infinitely many of its widths unless it is the truth.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(std > 0, offset / std, np.where(offset == 0, 0.0, np.sign(offset) * np.inf))
     inside = {}
     for level in (0.68, 0.95):
         low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
