@@ -1,10 +1,13 @@
 # Simulation-based inference pipeline: simulate -> train -> sample -> validate -> report.
 # The library and its CLI live in src/pipeline; rules only wire files together.
 import copy
+from pathlib import Path
 
 import yaml
 
 from snakemake.utils import min_version, validate
+
+from pipeline.options import as_schema_types
 
 min_version("9.0")
 
@@ -23,10 +26,14 @@ for layer in [
     blocks = (layer or {}).get("task_train")
     if isinstance(blocks, dict):
         task_overrides.update(copy.deepcopy(blocks))
+config_schema = yaml.safe_load(
+    Path(workflow.basedir, "workflow/schemas/config.schema.yaml").read_text()
+)
+config.update(as_schema_types(dict(config), config_schema))
 # Validation fills in the schema's defaults. Per-task training overrides must stay exactly what
 # was written, or their filled-in defaults would mask every option of `train`.
 validate(config, "workflow/schemas/config.schema.yaml")
-config["task_train"] = task_overrides
+config["task_train"] = as_schema_types(task_overrides, config_schema["properties"]["task_train"])
 
 
 report: "workflow/report/workflow.rst"

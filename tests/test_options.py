@@ -29,9 +29,11 @@ from pipeline.options import (
     SearchOptions,
     SimulateOptions,
     ValidateOptions,
+    as_schema_types,
 )
 from pipeline.training import TrainConfig
 from pipeline.validation import score_budget, validate
+from tests.conftest import ROOT
 
 SCHEMA = yaml.safe_load(
     (Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text()
@@ -263,3 +265,28 @@ def test_a_config_file_with_python_tags_is_refused(tmp_path, capsys):
     assert main([*argv, "--config", str(config)]) == 2
     assert "train.yaml: not a plain YAML file of options" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_a_config_is_read_as_the_workflow_schema_types_it():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    config = {
+        "experiment": "123",  # a string where a string is due stays one
+        "simulate": {"num_simulations": 600.0, "budgets": [300.0, "1000"]},
+        "rounds": {"observation": "3", "simulations": "[100, 200]"},
+        "train": {"learning_rate": "0.001", "max_epochs": "5"},
+        "task_train": {"two_moons": {"ensemble": 2.0, "flow_hidden": "[32, 32]"}},
+    }
+    assert as_schema_types(config, schema) == {
+        "experiment": "123",
+        "simulate": {"num_simulations": 600, "budgets": [300, 1000]},
+        "rounds": {"observation": 3, "simulations": [100, 200]},
+        "train": {"learning_rate": 0.001, "max_epochs": 5},
+        "task_train": {"two_moons": {"ensemble": 2, "flow_hidden": [32, 32]}},
+    }
+    # Not a whole number, or not a number at all: left for the schema's validation to name.
+    assert as_schema_types({"simulate": {"num_simulations": 6.5}}, schema) == {
+        "simulate": {"num_simulations": 6.5}
+    }
+    assert as_schema_types({"rounds": {"observation": "x: ["}}, schema) == {
+        "rounds": {"observation": "x: ["}
+    }

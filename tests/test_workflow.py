@@ -159,6 +159,14 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
             r"rounds: quantile 0.0001 of 1000 draws rests on fewer than 10 draws",
         ),
         ({"rounds": {"tasks": ["two_moons"], "simulations": []}}, r"\[\] should be non-empty"),
+        (
+            {"mocks": {"sn_cosmology": "sn_cosmology_offset"}, "simulate": {"budgets": [300]}},
+            r"mocks.sn_cosmology draws task sn_cosmology's observations from another model",
+        ),
+        (
+            {"observations": {"num_reference_samples": 0}, "simulate": {"budgets": [300]}},
+            r"observations.num_reference_samples is 0",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job(workdir, changes, message):
@@ -166,6 +174,39 @@ def test_invalid_config_fails_before_any_job(workdir, changes, message):
     result = snakemake(workdir, "-n", "--configfile", str(config), check=False)
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_numbers_written_as_floats_or_passed_as_text_are_read_as_the_schema_types_them(workdir):
+    """YAML reads 6.0e+2 as a float, which JSON Schema accepts as an integer, and Snakemake
+    passes nested --config values as text: each is read as its option's type, not planned as
+    `--index 1.0` or refused as "'5' is not of type 'integer'"."""
+    tiny = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
+    simulate = {**tiny["simulate"], "num_simulations": 600.0, "budgets": [300.0]}
+    config = write_config(workdir, simulate=simulate)
+    override = "task_train={two_moons: {max_epochs: 5, ensemble: 2}}"
+    result = snakemake(workdir, "-n", "-p", "--configfile", str(config), "--config", override)
+    assert '"num_simulations": 600,' in result.stdout and "budget-300/" in result.stdout
+    assert "budget-300.0" not in result.stdout
+    options = re.search(
+        r"pipeline train --data results/tiny/two_moons/sims/train.h5 .*?--options '([^']*)'",
+        result.stdout,
+    )
+    assert json.loads(options.group(1))["max_epochs"] == 5
+    assert json.loads(options.group(1))["ensemble"] == 2
+
+
+def test_a_rounds_observation_past_the_observed_files_rows_is_refused_before_any_job(workdir):
+    np.save(workdir / "x_obs.npy", np.zeros((2, 2)))
+    config = write_config(
+        workdir,
+        tasks=["two_moons"],
+        observed={"two_moons": "x_obs.npy"},
+        rounds={"tasks": ["two_moons"], "observation": 2},
+    )
+    result = snakemake(workdir, "-n", "--configfile", str(config), check=False)
+    message = r"rounds.observation=2 but observed.two_moons \(x_obs.npy\) holds 2 observation"
+    assert result.returncode != 0 and re.search(message, result.stdout + result.stderr)
     assert not (workdir / "results").exists()
 
 

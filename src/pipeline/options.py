@@ -247,6 +247,32 @@ def _check_bounds(source: str, name: str, value: Any, bounds: dict[str, float]) 
                 raise OptionsError(f"{source}: {what} must be {text} {bound}, got {value!r}")
 
 
+def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
+    """``value`` (a workflow config, or part of one) read as the JSON Schema ``schema`` types
+    it: text where a number, flag, list or mapping is due parsed as YAML (Snakemake passes
+    nested --config values as text: rounds='{observation: 3}' gives '3'), and whole floats
+    where an integer is due made ints (JSON Schema counts 600.0 as an integer, YAML reads
+    6.0e+2 as a float, and the rules use counts as ints)."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and types and "string" not in types:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value  # validation names it
+    if isinstance(value, float) and "integer" in types and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        typed = {}
+        for key, item in value.items():
+            inner = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+            typed[key] = as_schema_types(item, inner if isinstance(inner, dict) else {})
+        return typed
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [as_schema_types(item, schema["items"]) for item in value]
+    return value
+
+
 # The stages' options (train's are pipeline.training.TrainConfig, beside the code they shape).
 # Defaults and bounds are the workflow schema's; tests/test_options.py holds them equal.
 

@@ -30,6 +30,7 @@ TASK_OBJECTS = resolve_tasks(
     config["task_train"],
     config["simulate"]["budgets"],
     mocks=config["mocks"],
+    num_reference_samples=config["observations"]["num_reference_samples"],
 )
 ROUNDS = config["rounds"]
 ROUNDED = ROUNDS["tasks"]
@@ -369,6 +370,16 @@ def check_rounds():
             f"rounds.observation={ROUNDS['observation']} but observations.num_observations="
             f"{count}: observations count from 0; choose one below {count}"
         )
+    from pipeline.observations import read_observed_for
+
+    for name in (name for name in ROUNDED if name in config["observed"]):
+        source = config["observed"][name]
+        rows = len(read_observed_for(TASK_OBJECTS[name], source)[1])
+        if ROUNDS["observation"] >= rows:
+            raise ValueError(
+                f"rounds.observation={ROUNDS['observation']} but observed.{name} ({source}) "
+                f"holds {rows} observation(s): they count from 0; choose one below {rows}"
+            )
     TruncateOptions.from_dict(json.loads(truncate_options()), "rounds")
 
 

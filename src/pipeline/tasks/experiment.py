@@ -20,6 +20,7 @@ def resolve_tasks(
     task_train: Mapping[str, Any],
     budgets: Sequence[int],
     mocks: Mapping[str, str] | None = None,
+    num_reference_samples: int = 1,
 ) -> dict[str, Task]:
     """Each of ``tasks`` resolved as every job will resolve it (``task_modules[name]`` or the
     name itself), after checking that the per-task keys fit together.
@@ -44,6 +45,8 @@ def resolve_tasks(
     resolved = {name: _resolve(name, task_modules) for name in tasks}
     for name, task in resolved.items():
         _check_sources(name, task, data, observed, budgets)
+        if budgets:
+            _check_budgets(name, mocks, num_reference_samples)
         if name in data:
             _check_data(name, task, data[name])
         if name in mocks:
@@ -130,5 +133,22 @@ def _check_sources(
         raise ValueError(
             f"simulate.budgets scores each budget by C2ST against reference posteriors at "
             f"synthetic observations, which task {name} lacks (imported data, real "
-            "observations or no reference posterior); leave budgets empty for it"
+            "observations or no reference posterior); run the budget study in an experiment "
+            "without it, or set simulate.budgets: []"
+        )
+
+
+def _check_budgets(name: str, mocks: Mapping[str, str], num_reference_samples: int) -> None:
+    """A budget study's C2ST needs reference samples at the task's own observations."""
+    if name in mocks:
+        raise ValueError(
+            f"simulate.budgets scores each budget by C2ST against reference posteriors, and "
+            f"mocks.{name} draws task {name}'s observations from another model, where it has "
+            "none; run the budget study in an experiment without the mocks"
+        )
+    if num_reference_samples == 0:
+        raise ValueError(
+            "simulate.budgets scores each budget by C2ST against reference posteriors, and "
+            "observations.num_reference_samples is 0; draw some (e.g. 10000) or set "
+            "simulate.budgets: []"
         )
