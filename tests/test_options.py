@@ -7,6 +7,8 @@ import inspect
 import json
 import logging
 import math
+import subprocess
+import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -290,3 +292,17 @@ def test_a_config_is_read_as_the_workflow_schema_types_it():
     assert as_schema_types({"rounds": {"observation": "x: ["}}, schema) == {
         "rounds": {"observation": "x: ["}
     }
+
+
+def test_training_options_are_checked_without_torch_and_name_the_families_built():
+    # The workflow checks every task's training options before any job, in every Snakemake
+    # process: importing torch there would cost seconds each time.
+    code = "import sys, pipeline.train_config; print('torch' in sys.modules)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False"
+    from pipeline.models.flows import FLOWS
+    from pipeline.train_config import FLOW_FAMILIES
+
+    assert sorted(FLOWS) == sorted(FLOW_FAMILIES)

@@ -160,6 +160,13 @@ def test_rules_quote_every_path_and_string_they_pass_to_the_shell():
         ),
         ({"rounds": {"tasks": ["two_moons"], "simulations": []}}, r"\[\] should be non-empty"),
         (
+            # config.yaml's block of gaussian_linear sets transforms, which fmpe does not have:
+            # refused before the simulations, naming both places the options come from.
+            {"tasks": ["gaussian_linear"], "train": {"method": "fmpe"}},
+            r"train and task_train.gaussian_linear \(the options of gaussian_linear\): method "
+            r"fmpe has no transforms",
+        ),
+        (
             {"mocks": {"sn_cosmology": "sn_cosmology_offset"}, "simulate": {"budgets": [300]}},
             r"mocks.sn_cosmology draws task sn_cosmology's observations from another model",
         ),
@@ -421,12 +428,15 @@ def test_experiment_train_options_reach_tasks_unless_overridden_per_task(workdir
 def test_an_experiments_task_block_replaces_config_yamls_block_of_that_task(workdir, given_as):
     # config.yaml's sn_cosmology block (ensemble 3, embedding_dim 16) is npe's: merged into an
     # nle block, its embedding made train refuse the options.
+    # tiny.yaml's global embedding options would be refused for nle's block (before any job).
+    tiny = yaml.safe_load((workdir / "config/experiments/tiny.yaml").read_text())
+    train = {k: v for k, v in tiny["train"].items() if not k.startswith("embedding")}
     block = {"sn_cosmology": {"method": "nle", "flow": "maf"}}
     if given_as == "configfile":
-        args = ("--configfile", str(write_config(workdir, task_train=block)))
+        args = ("--configfile", str(write_config(workdir, train=train, task_train=block)))
     else:
-        tiny = write_config(workdir)
-        args = ("--configfile", str(tiny), "--config", f"task_train={json.dumps(block)}")
+        config = write_config(workdir, train=train)
+        args = ("--configfile", str(config), "--config", f"task_train={json.dumps(block)}")
     result = snakemake(workdir, "-n", "-p", *args)
     options = dict(
         re.findall(
@@ -435,7 +445,8 @@ def test_an_experiments_task_block_replaces_config_yamls_block_of_that_task(work
         )
     )
     sn = json.loads(options["sn_cosmology"])
-    assert (sn["method"], sn["flow"], sn["ensemble"], sn["embedding_dim"]) == ("nle", "maf", 1, 8)
+    assert (sn["method"], sn["flow"], sn["ensemble"]) == ("nle", "maf", 1)
+    assert sn["embedding_dim"] == 32  # the default: config.yaml's npe block (16) replaced
     # A task the experiment has no block for keeps config.yaml's.
     assert json.loads(options["two_moons"])["max_epochs"] == 300
 

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from pipeline import storage
 from pipeline.batches import EpochBatches, HDF5Blocks, TensorRows
 from pipeline.resources import available_memory
+from pipeline.train_config import LOADINGS
 
 log = logging.getLogger(__name__)
 
-LOADINGS = ("auto", "memory", "stream")
 
 # Rows this many robust standard deviations (interquartile range / 1.349) from their column's
 # median would set the z-scoring of every row: refused. Heavy-tailed but sound simulators stay

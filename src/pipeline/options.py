@@ -273,7 +273,7 @@ def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
-# The stages' options (train's are pipeline.training.TrainConfig, beside the code they shape).
+# The stages' options (train's are pipeline.train_config.TrainConfig).
 # Defaults and bounds are the workflow schema's; tests/test_options.py holds them equal.
 
 # train's options of the penalty on over-confidence: while it is off they shape nothing, and

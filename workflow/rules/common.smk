@@ -4,6 +4,7 @@ import os
 import re
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 from pipeline.options import (
     CALIBRATION_ONLY,
@@ -15,6 +16,7 @@ from pipeline.options import (
 from pipeline.rounds.records import round_seed
 from pipeline.tasks import get_task
 from pipeline.tasks.experiment import resolve_tasks
+from pipeline.train_config import TrainConfig
 
 
 def task_spec(name):
@@ -282,17 +284,12 @@ def check_search():
         raise ValueError(
             f"search.tasks names {', '.join(unknown)}, not in tasks ({', '.join(config['tasks'])})"
         )
-    # Imports torch, so only when a search is configured.
-    from types import SimpleNamespace
-
+    # Imports Optuna, so only when a search is configured.
     from pipeline.search.space import SearchSpace
-    from pipeline.training import TrainConfig
 
     space = SearchSpace.from_dict(SEARCH["space"], "search.space")
     for name in SEARCHED:
-        options = json.loads(train_options(SimpleNamespace(task=name)))
-        base = TrainConfig.from_dict(options, f"the training options of {name}")
-        space.check_against(base, f"search.space (task {name})")
+        space.check_against(task_train_config(name), f"search.space (task {name})")
 
 
 def search_trial_options():
@@ -327,6 +324,13 @@ def chosen_flag(wildcards):
     return [flag for path in search_choice(wildcards) for flag in ("--chosen", path)]
 
 
+def task_train_config(name):
+    """One task's training options, checked together (an option of another method, a mixture
+    given transforms): refused before any job, naming where they come from."""
+    options = json.loads(train_options(SimpleNamespace(task=name)))
+    return TrainConfig.from_dict(options, f"train and task_train.{name} (the options of {name})")
+
+
 def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}
@@ -338,6 +342,8 @@ def train_options(wildcards):
     return json.dumps(options, sort_keys=True)
 
 
+for name in config["tasks"]:
+    task_train_config(name)
 check_search()
 
 

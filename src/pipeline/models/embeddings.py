@@ -8,7 +8,7 @@ import torch
 import zuko
 from torch import nn
 
-EMBEDDINGS = ("mlp", "cnn", "cnn_invariant", "identity")
+from pipeline.train_config import EMBEDDINGS
 
 
 class FlattenMLP(nn.Module):

@@ -26,6 +26,8 @@ from torch.distributions import Distribution
 from zuko.distributions import DiagNormal, NormalizingFlow
 from zuko.transforms import FreeFormJacobianTransform
 
+from pipeline.train_config import TIME_FEATURES
+
 __all__ = ["FieldFlow", "FlowMatching", "VectorField"]
 
 # Noise added at t = 0, so that the field stays smooth where the data are (Wildberger et al.).
@@ -38,8 +40,6 @@ CPU_CHUNK = 4096
 # at 10^-3 (the learned field's error dominates), but densities, which HPD coverage ranks, move by
 # a median 0.001-0.003 nats there against 0.0001-0.0005 here (benchmarks/README.md, FMPE).
 TOLERANCE = 1e-4
-# Sinusoidal features of the time the field sees (the option time_features).
-TIME_FEATURES = 16
 # Their frequencies, in half-turns over t in [0, 1]. Features up to 100 half-turns let the field
 # wiggle in t where the flow is smooth (near the noise): the ODE solver took 2.7-3.5 times as many
 # steps, for about the same C2ST at 10^4 simulations on four tasks (though 0.025 better on

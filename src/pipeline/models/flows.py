@@ -9,14 +9,14 @@ import torch
 import zuko
 from zuko.lazy import LazyDistribution
 
+from pipeline.train_config import MIXTURES
+
 FLOWS = {
     "nsf": zuko.flows.NSF,
     "maf": zuko.flows.MAF,
     "naf": zuko.flows.NAF,
     "mdn": zuko.flows.GMM,
 }
-# The families with mixture components instead of stacked transformations.
-MIXTURES = ("mdn",)
 
 
 def build_flow(

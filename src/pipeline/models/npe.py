@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.models.posterior import NeuralPosterior
+from pipeline.train_config import LR_SCHEDULES
 
 
 class Proposal(Protocol):
@@ -26,7 +27,6 @@ class Proposal(Protocol):
 
 # "plateau" halves the step after lr_patience epochs without improvement; "cosine" anneals it
 # to zero over max_epochs (one step per epoch); "constant" keeps it.
-LR_SCHEDULES = ("plateau", "cosine", "constant")
 
 
 class NPE(pl.LightningModule):

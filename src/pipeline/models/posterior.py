@@ -33,10 +33,10 @@ from pipeline.models.flow_matching import TIME_FEATURES, FlowMatching
 from pipeline.models.flows import build_flow
 from pipeline.provenance import file_digest
 from pipeline.tasks.base import Prior, prior_from_document
+from pipeline.train_config import METHODS
 
 # "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
 # by flow matching (pipeline.models.flow_matching); "nle": a conditional flow over x given theta.
-METHODS = ("npe", "fmpe", "nle")
 WEIGHTS = "posterior.pt"
 SPEC = "posterior.json"
 # w(theta) of rows theta (n, D) -> (n,): a proposal's density relative to the prior.

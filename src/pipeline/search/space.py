@@ -3,7 +3,7 @@
 A space is written in the config as ``{option: range}``, where ``range`` is ``{low, high}``
 (with ``log: true`` for a scale such as a learning rate) for a numeric option, or
 ``{choices: [...]}`` for any option (flows, widths, schedules). Every name, range and choice is
-checked against :class:`pipeline.training.TrainConfig` before any trial runs: a search must
+checked against :class:`pipeline.train_config.TrainConfig` before any trial runs: a search must
 not spend an hour of trials to find that one value was out of bounds.
 """
 
@@ -25,7 +25,7 @@ from optuna.distributions import (
 
 from pipeline.options import OptionsError
 from pipeline.search.records import describe_range
-from pipeline.training import FMPE_ONLY, NPE_ONLY, TrainConfig
+from pipeline.train_config import FMPE_ONLY, NPE_ONLY, TrainConfig
 
 __all__ = ["Dimension", "SearchSpace", "NOT_SEARCHABLE"]
 
