@@ -219,6 +219,43 @@ MODEL_WITH_HELPER = """
     """
 
 
+SIMULATOR_OF = """
+    from pipeline.tasks import BoxUniform, Task
+
+    class Model(Task):
+        parameter_names = ("a",)
+        parameter_units = ("",)
+        x_shape = (1,)
+        prior = BoxUniform((0.0,), (1.0,))
+
+        def simulate(self, theta, rng):
+            {body}
+    """
+
+
+def test_a_simulator_that_converts_its_parameters_in_place_leaves_the_stored_ones(tmp_path):
+    """``theta *= 10`` inside a simulator (a unit conversion) changed the theta stored beside x:
+    277 of 300 rows lay outside the prior. The simulator gets a copy."""
+    body = "theta *= 10.0\n            return theta + 0.01 * rng.normal(size=theta.shape)"
+    write(tmp_path, "inplace.py", SIMULATOR_OF.format(body=body))
+    task = get_task(f"{tmp_path}/inplace.py:Model")
+    theta, x = simulation.simulate_range(task, 1, 0, 300)
+    assert theta.min() >= 0.0 and theta.max() <= 1.0
+    np.testing.assert_allclose(x, 10.0 * theta, atol=0.1)  # x from the converted parameters
+
+
+@pytest.mark.parametrize("draw", ["np.random.normal(size=theta.shape)", "random.random()"])
+def test_a_simulator_drawing_from_a_global_generator_is_refused(tmp_path, draw):
+    """np.random.* or the random module: draws that depend on what the process simulated
+    before, not on (seed, i), so 1 and 2 MPI ranks gave different data and chunks repeated
+    each other's noise."""
+    body = f"import random\n            import numpy as np\n            return theta + {draw}"
+    write(tmp_path, "global_rng.py", SIMULATOR_OF.format(body=body))
+    task = get_task(f"{tmp_path}/global_rng.py:Model")
+    with pytest.raises(ValueError, match=r"drew from a global random generator .*\(rng.normal"):
+        simulation.simulate_range(task, 1, 0, 10)
+
+
 @pytest.fixture
 def forget_impl():
     """Leaves no user helper module named impl bound in this process for other tests."""
@@ -287,6 +324,15 @@ def test_a_packages_task_and_a_files_sub_packages_are_part_of_its_definition(
     )
     files = get_task(f"{tmp_path}/model.py:Model").source_files
     assert (package / "kernels" / "k.py").resolve() in files
+    # A folder without __init__.py is imported as a namespace package all the same.
+    (tmp_path / "physics").mkdir()
+    write(tmp_path / "physics", "core.py", "SHIFT = 0.0\n")
+    (tmp_path / "venv").mkdir()
+    write(tmp_path / "venv", "pyvenv.cfg", "")
+    write(tmp_path / "venv", "big.py", "")
+    files = get_task(f"{tmp_path}/model.py:Model").source_files
+    assert (tmp_path / "physics" / "core.py").resolve() in files
+    assert (tmp_path / "venv" / "big.py").resolve() not in files  # a virtual environment
 
 
 def test_a_namespace_packages_task_is_defined_by_its_folder_too(tmp_path, monkeypatch):

@@ -270,7 +270,7 @@ def _draw_finite(
             theta, x = task.simulate_block(1, rng)
         else:
             theta = task.prior.sample(1, rng)
-            x = mock.simulate(theta, rng)
+            x = mock.simulate(theta.copy(), rng)  # the truths stay the prior's draws
         theta, x = np.asarray(theta), np.asarray(x)
         check_shapes(mock or task, theta, x, 1)
         # Beyond float32's range is no bad luck to draw again: those observations would

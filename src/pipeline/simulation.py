@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -189,7 +190,9 @@ def simulate_range(
     precision = PrecisionCheck(task)
     for block in range(start // size, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
+        before = global_random_state()
         theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
+        check_own_randomness(task, before)
         check_shapes(task, theta_block, x_block, size)
         precision.add(theta_block, x_block)
         lo, hi = max(start - block * size, 0), min(stop - block * size, size)
@@ -252,6 +255,26 @@ class ChunkBuffers:
             self._pairs.append((np.empty(theta_shape, np.float32), np.empty(x_shape, np.float32)))
         theta, x = self._pairs[turn]
         return theta[:n], x[:n]
+
+
+def global_random_state() -> tuple[Any, ...]:
+    """The states of NumPy's and Python's global generators, which a simulator must not use."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return keys.tobytes(), position, has_gauss, cached, random.getstate()
+
+
+def check_own_randomness(task: Task, before: tuple[Any, ...]) -> None:
+    """Raises naming the fix if simulating a block moved a global generator (``before``: its
+    state then): its draws would depend on what the process simulated before, not on
+    ``(seed, i)``, so that ranks and chunks repeat one another's noise."""
+    if global_random_state() != before:
+        raise ValueError(
+            f"task {task.name!r} drew from a global random generator (np.random.* or the "
+            "random module) while simulating, so its simulations would not depend on (seed, i) "
+            "alone: 1 and 2 MPI ranks would give different data, and chunks would repeat each "
+            "other's noise. Draw every random number from the rng the simulator is given "
+            "(rng.normal(...), or seed your code's generators from rng.integers(2**63))."
+        )
 
 
 def check_shapes(task: Task, theta: np.ndarray, x: np.ndarray, n: int) -> None:

@@ -433,7 +433,9 @@ def _simulate_summaries(task: Task, theta: np.ndarray, rng: np.random.Generator)
     Simulated 1000 rows at a time: 10^5 predictive maps of 128^2 pixels would take 13 GB.
     """
     blocks = [
-        task.summary(task.simulate(theta[i : i + 1000], rng)) for i in range(0, len(theta), 1000)
+        # Copies: a simulator may convert its parameters in place, and these are the samples'.
+        task.summary(task.simulate(theta[i : i + 1000].copy(), rng))
+        for i in range(0, len(theta), 1000)
     ]
     return np.concatenate(blocks) if blocks else np.empty((0, task.summary_size))
 

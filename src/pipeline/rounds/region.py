@@ -174,7 +174,7 @@ class TruncatedTask(Task):
 
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         theta = self.region.sample(n, rng)
-        return theta, self.task.simulate(theta, rng)
+        return theta, self.task.simulate(theta.copy(), rng)  # theta is stored as drawn
 
 
 def truncated_task(

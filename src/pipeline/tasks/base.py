@@ -335,7 +335,8 @@ class Task(ABC):
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Draws ``theta ~ prior`` then ``x ~ simulator``: ``(n, D)`` and ``(n, *x_shape)``."""
         theta = self.prior.sample(n, rng)
-        return theta, self.simulate(theta, rng)
+        # A copy: a simulator that converts its parameters in place must not change those stored.
+        return theta, self.simulate(theta.copy(), rng)
 
 
 # The name of a module imported from a user's file by path begins with this.
@@ -343,8 +344,8 @@ USER_MODULE_PREFIX = "pipeline_user_task_"
 
 
 def python_sources(module_file: str | Path) -> tuple[Path, ...]:
-    """A user's Python module and the modules beside it and in the packages beside it (folders
-    with an ``__init__.py``, at any depth), which it may import (a helper, the simulator's
+    """A user's Python module and the modules beside it and in the packages beside it (at any
+    depth, see :func:`_package_files`), which it may import (a helper, the simulator's
     implementation): the files that define its task, resolved and sorted."""
     path = Path(module_file).resolve()
     return (path, *sorted(p for p in _package_files(path.parent) if p != path))
@@ -360,8 +361,9 @@ def package_sources(module: Any) -> tuple[Path, ...]:
     top = module.__name__.partition(".")[0]
     if top == "pipeline" or any(part in INSTALLED for part in source.parts):
         return (source,)
-    # A namespace package (folders without __init__.py) lists no modules below its root, so
-    # the module's own folder is read as a file task's is.
+    # A namespace package's root (a folder without __init__.py) may not hold the module's own
+    # folder's modules at all where it has several roots, so that folder is read as a file
+    # task's is.
     files = set(python_sources(source))
     for root in getattr(sys.modules.get(top), "__path__", []):
         if not any(part in INSTALLED for part in Path(root).parts):
@@ -374,10 +376,17 @@ INSTALLED = ("site-packages", "dist-packages")
 
 
 def _package_files(folder: Path) -> list[Path]:
-    """The ``.py`` files in ``folder`` and in its sub-packages (folders with ``__init__.py``)."""
+    """The ``.py`` files in ``folder`` and in the folders below it that Python could import as
+    packages: named as identifiers, with or without ``__init__.py`` (``from physics.core
+    import f`` imports ``physics/core.py`` either way), not a virtual environment."""
     found = [p.resolve() for p in folder.glob("*.py")]
     for child in sorted(folder.iterdir()):
-        if child.is_dir() and (child / "__init__.py").is_file():
+        if (
+            child.is_dir()
+            and child.name.isidentifier()
+            and child.name != "__pycache__"
+            and not (child / "pyvenv.cfg").exists()
+        ):
             found += _package_files(child)
     return found
 
