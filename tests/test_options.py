@@ -306,3 +306,17 @@ def test_training_options_are_checked_without_torch_and_name_the_families_built(
     from pipeline.train_config import FLOW_FAMILIES
 
     assert sorted(FLOWS) == sorted(FLOW_FAMILIES)
+
+
+def test_a_seed_beyond_one_32_bit_word_is_refused():
+    # NumPy's SeedSequence drops trailing zero words: (2**32 + 5, block 0) drew (5, block 1), so
+    # a test set of seed 5 repeated the training rows of seed 2**32 + 5 unnoticed.
+    import numpy as np
+
+    assert np.array_equal(
+        np.random.default_rng([2**32 + 5, 0]).random(3), np.random.default_rng([5, 1]).random(3)
+    )
+    SimulateOptions.from_dict({"seed": 2**32 - 1})
+    for options in (SimulateOptions, ObserveOptions, TrainConfig):
+        with pytest.raises(OptionsError, match=r"seed must be at most 4294967295"):
+            options.from_dict({"seed": 2**32})

@@ -276,6 +276,10 @@ def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
 # The stages' options (train's are pipeline.train_config.TrainConfig).
 # Defaults and bounds are the workflow schema's; tests/test_options.py holds them equal.
 
+# Seeds are split into 32-bit words by NumPy's SeedSequence, which drops trailing zero words:
+# seed 2**32 + 5 with block 0 would draw block 1 of seed 5. One word each keeps streams apart.
+SEED_MAX = 2**32 - 1
+
 # train's options of the penalty on over-confidence: while it is off they shape nothing, and
 # they are left out of a run's identity (pipeline.training) and of a train job's params (the
 # workflow, which imports them from here without torch).
@@ -291,7 +295,9 @@ class SimulateOptions(Options):
     """``pipeline simulate`` and ``pipeline merge``."""
 
     num_simulations: int = option(10000, minimum=1, help="simulations to run")
-    seed: int = option(1, minimum=0, help="simulation i depends on (seed, i) only")
+    seed: int = option(
+        1, minimum=0, maximum=SEED_MAX, help="simulation i depends on (seed, i) only"
+    )
     chunk_size: int = option(1000, minimum=1, help="simulations per shard")
     merge: Merge = option(
         "copy", help="join shards by copying, or as an HDF5 virtual dataset over OUT.shards/"
@@ -309,7 +315,9 @@ class ObserveOptions(Options):
     num_reference_samples: int = option(
         10000, minimum=0, help="reference posterior samples per observation"
     )
-    seed: int = option(3, minimum=0, help="seed of the observations and references")
+    seed: int = option(
+        3, minimum=0, maximum=SEED_MAX, help="seed of the observations and references"
+    )
 
 
 @dataclass(frozen=True)
@@ -317,7 +325,7 @@ class SampleOptions(Options):
     """``pipeline sample``."""
 
     num_samples: int = option(1000, minimum=2, help="posterior samples per observation")
-    seed: int = option(4, minimum=0, help="seed of posterior sampling")
+    seed: int = option(4, minimum=0, maximum=SEED_MAX, help="seed of posterior sampling")
     mcmc_walkers: int = option(
         0,
         minimum=0,
@@ -349,7 +357,9 @@ class SampleOptions(Options):
 class ValidateOptions(Options):
     """``pipeline validate``: settings of the diagnostics."""
 
-    seed: int = option(5, minimum=0, help="seed of TARP references and classifiers")
+    seed: int = option(
+        5, minimum=0, maximum=SEED_MAX, help="seed of TARP references and classifiers"
+    )
     c2st_folds: int = option(5, minimum=2, help="cross-validation folds of C2ST")
     c2st_max_samples: int = option(0, minimum=0, help="samples per class of C2ST (0: all)")
     local_c2st_null: int = option(
@@ -366,7 +376,7 @@ class C2stOptions(Options):
     """``pipeline c2st``: one budget's C2ST, with validate's classifier settings."""
 
     budget: int = option(1000, minimum=1, help="training simulations the model used")
-    seed: int = option(5, minimum=0, help="seed of the classifier")
+    seed: int = option(5, minimum=0, maximum=SEED_MAX, help="seed of the classifier")
     max_samples: int = option(0, minimum=0, help="samples per class (0: all)")
     folds: int = option(5, minimum=2, help="cross-validation folds")
 
@@ -380,7 +390,7 @@ class SearchOptions(Options):
     parallel: int = option(
         2, minimum=1, help="trials proposed together from the same earlier results (run at once)"
     )
-    seed: int = option(0, minimum=0, help="seed of the proposals")
+    seed: int = option(0, minimum=0, maximum=SEED_MAX, help="seed of the proposals")
     startup: int = option(
         10, minimum=1, help="trials proposed at random before TPE models the results"
     )
@@ -422,7 +432,7 @@ class TruncateOptions(Options):
         minimum=0,
         help="times an NLE posterior's unconverged chains are extended (thinning doubled)",
     )
-    seed: int = option(0, minimum=0, help="seed of the draws and of the C2ST")
+    seed: int = option(0, minimum=0, maximum=SEED_MAX, help="seed of the draws and of the C2ST")
 
     def check(self, source: str) -> None:
         if self.draws * self.quantile < 10:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.architecture import AUTO, auto_embedding, auto_flow
-from pipeline.options import CALIBRATION_ONLY, Options, OptionsError, option
+from pipeline.options import CALIBRATION_ONLY, SEED_MAX, Options, OptionsError, option
 
 if TYPE_CHECKING:
     from pipeline.tasks import Task
@@ -117,7 +117,9 @@ class TrainConfig(Options):
         0.1, exclusive_minimum=0, exclusive_maximum=1, help="held-out fraction for validation"
     )
     loading: Literal[LOADINGS] = option("auto", help="memory, stream or auto")
-    seed: int = option(0, minimum=0, help="seed of initialisation, split and batches")
+    seed: int = option(
+        0, minimum=0, maximum=SEED_MAX, help="seed of initialisation, split and batches"
+    )
     precision: Literal[PRECISIONS] = option("32-true", help="Lightning precision")
     compile: bool = option(False, help="compile the flow's log-density (torch.compile)")
     devices: int = option(1, minimum=1, help="processes Lightning starts without a launcher")
