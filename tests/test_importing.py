@@ -148,6 +148,43 @@ def test_same_rows_of_the_same_archive_give_the_same_digest(tmp_path: Path) -> N
     assert len(digests) == 3
 
 
+def test_one_array_has_one_name_in_the_lineage_however_it_was_written(tmp_path: Path) -> None:
+    """``sims.npz:x`` and ``sims.npz:x.npy``, ``camels.hdf5:/LH/x`` and ``:LH/x``, a file's only
+    dataset named or not: the same rows, recorded under the same member, so that a test set
+    sharing rows with the training set is refused however the paths were typed."""
+    theta, x = arrays()
+    np.savez(tmp_path / "sims.npz", theta=theta, x=x)
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["x"] = x
+    archive, one = tmp_path / "sims.npz", tmp_path / "one.h5"
+    spellings = [[f"{archive}:x", f"{archive}:x.npy"], [f"{one}", f"{one}:x", f"{one}:/x"]]
+    for group, written in enumerate(spellings):
+        members = []
+        for i, source in enumerate(written):
+            out = tmp_path / f"import-{group}-{i}.h5"
+            import_simulations(TASK, f"{archive}:theta", source, out)
+            attrs = storage.read_attrs(out)
+            members.append(storage.imported_rows(attrs)["x"])
+        assert len(set(members)) == 1, members
+
+
+@pytest.mark.parametrize("layout", ["chunked", "contiguous"])
+def test_an_archive_whose_writer_stopped_early_is_refused(tmp_path: Path, layout: str) -> None:
+    """Chunks a writer never reached read as zeros: 400 rows of theta = x = 0 were imported
+    (as the test set, the last rows). Refused, and nothing written."""
+    theta, x = arrays(1000)
+    with h5py.File(tmp_path / "partial.h5", "w") as f:
+        f["theta"] = theta
+        if layout == "chunked":
+            f.create_dataset("x", shape=x.shape, dtype="f8", chunks=(100, 2))[:600] = x[:600]
+        else:
+            f.create_dataset("x", shape=x.shape, dtype="f8")  # allocated, never written
+    source = f"{tmp_path / 'partial.h5'}"
+    with pytest.raises(storage.DataFileError, match=r"only \d+ of the \d+ chunks .* written"):
+        import_simulations(TASK, f"{source}:theta", f"{source}:x", tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_nonfinite_rows_are_kept_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

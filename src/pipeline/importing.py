@@ -247,7 +247,27 @@ def _open_hdf5(source: Source, name: str) -> Iterator[Rows]:
             )
             found = file[_choose_member(source, present, name, "dataset")]
         _check_real(found.dtype, name)
+        _check_written(found, name)
         yield _HDF5Rows(found, name)
+
+
+def _check_written(dataset: h5py.Dataset, name: str) -> None:
+    """Refuses a dataset whose storage was never written in full: HDF5 reads the chunks (or
+    the contiguous block) a writer never reached as the fill value, rows of zeros that would
+    pass for simulations."""
+    if dataset.size == 0:
+        return
+    if dataset.chunks is not None:
+        needed = math.prod(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
+        written = dataset.id.get_num_chunks()
+    else:
+        needed, written = 1, int(dataset.id.get_storage_size() > 0)
+    if written < needed:
+        raise storage.DataFileError(
+            f"{name}: only {written} of the {needed} chunks of its storage were ever written "
+            "(a file whose writer stopped early?): the rest would read as rows of the fill "
+            "value. Finish writing the archive, or copy the rows written into a file of their own"
+        )
 
 
 class _HDF5Rows:
@@ -368,6 +388,29 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+def resolved_member(source: Source) -> str | None:
+    """The member ``source`` reads as its file names it (``x`` for ``x.npy`` in an archive, a
+    dataset's path without its leading slash, the only one where none was named), so that one
+    array has one name in a file's lineage whichever way it was written. ``source`` must open
+    (:func:`open_array` checked it)."""
+    name = str(source)
+    if source.kind == "npz":
+        with zipfile.ZipFile(source.path) as archive:
+            present = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+        return _choose_member(source, present, name, "array")
+    if source.kind == "hdf5":
+        with h5py.File(source.path, "r") as file:
+            found = file.get(source.member) if source.member is not None else None
+            if isinstance(found, h5py.Dataset):
+                return found.name.strip("/")
+            present: list[str] = []
+            file.visititems(
+                lambda path, obj: present.append(path) if isinstance(obj, h5py.Dataset) else None
+            )
+        return _choose_member(source, present, name, "dataset")
+    return None
+
+
 def describe_sources(sources: dict[str, Source]) -> list[dict[str, Any]]:
     """What each source is (role, path as given and resolved, member, size, SHA-256); a file
     shared by both roles is hashed once."""
@@ -382,7 +425,7 @@ def describe_sources(sources: dict[str, Source]) -> list[dict[str, Any]]:
                 "role": role,
                 "path": str(source.path),
                 "resolved_path": str(resolved),
-                "member": source.member,
+                "member": resolved_member(source),
                 "size_bytes": resolved.stat().st_size,
                 "sha256": digests[resolved],
             }
