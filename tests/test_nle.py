@@ -382,6 +382,7 @@ def test_unconverged_test_simulations_are_left_out_and_counted(tmp_path, model, 
     with h5py.File(tmp_path / "samples.h5") as f:
         assert f["samples"].shape == (2, 200, 2) and f.attrs["num_unconverged_excluded"] == 1
         assert json.loads(f.attrs["observation_index"]) == [1, 2]
+        assert f.attrs["sampled"] == "simulations"  # what validate takes as a test set
 
 
 def test_unconverged_chains_at_synthetic_observations_are_an_error(
@@ -428,6 +429,7 @@ def test_the_iid_sample_stage_writes_one_posterior_and_refuses_what_it_cannot_co
         assert f["samples"].shape == (1, 200, 2) and f["x"].shape == (1, 4, 3)
         assert f.attrs["iid"] == 4
         assert json.loads(f.attrs["observation_index"]) == [0, 1, 2, 3]
+        assert f.attrs["sampled"] == "observations"
     with h5py.File(tmp_path / "test.h5", "w") as f:
         f["theta"], f["x"] = rng.normal(size=(4, 2)).astype("f4"), rng.normal(size=(4, 3))
     assert sample_cli(model, tmp_path / "test.h5", tmp_path / "t.h5", iid=True) != 0

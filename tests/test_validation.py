@@ -231,6 +231,18 @@ def test_test_samples_without_x_are_refused(experiment: Path) -> None:
     assert not (experiment / "old").exists()
 
 
+def test_the_observations_samples_are_refused_as_the_test_set(experiment: Path) -> None:
+    """The observations' samples file given as --test-samples: coverage would be scored on the
+    observations and each ranked among a set holding itself; validate wrote it as any other."""
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    posterior_file(experiment / "as-test.h5", x, theta, 1.0, seed=4)
+    with h5py.File(experiment / "as-test.h5", "a") as f:
+        f.attrs["sampled"] = "observations"
+    with pytest.raises(ValueError, match=r"as-test.h5 holds samples at observations, not at"):
+        validate_files(experiment, "as-test.h5", "unused-obs.h5", "as-test")
+    assert not (experiment / "as-test").exists()
+
+
 @pytest.mark.slow  # simulates 32^2 maps for the predictive checks: seconds
 def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path: Path) -> None:
     """grf_cosmology_32 with its exact posterior as the estimator: predictive checks and local

@@ -740,6 +740,8 @@ def sample(
         "ode_tolerance": options.ode_tolerance if spec.method == "fmpe" else None,
         "num_unconverged_excluded": excluded if spec.method == "nle" else None,
         "iid": len(x[0]) if iid else None,
+        # What was sampled: validate takes only simulations' samples as the test set.
+        "sampled": "simulations" if holds_simulations(recorded) else "observations",
         "observation_index": index.tolist(),
         "provenance": provenance({"model": document["provenance"], "seed": options.seed}),
     }

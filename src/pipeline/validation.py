@@ -179,6 +179,13 @@ def _read_test_samples(path: Path) -> dict[str, Any]:
     """The test set's samples file, which must hold the true ``theta`` and the ``x``."""
     test = read_samples(path)
     check_not_combined(test, path)
+    if test["attrs"].get("sampled", "simulations") != "simulations":
+        raise ValueError(
+            f"{path} holds samples at observations, not at held-out simulations: coverage "
+            "would be scored on the observations (perhaps mocks of another model) and each "
+            "would be ranked among a set holding itself. Give the test set's samples "
+            "(samples/test.h5) as --test-samples"
+        )
     if "theta" not in test:
         raise ValueError(
             f"{path} has no true 'theta': sample the held-out simulation file (an HDF5 "
