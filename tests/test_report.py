@@ -624,6 +624,8 @@ def write_budget(task_dir: Path, n: int, values: list[Any], **changes: Any) -> N
         "task": task_dir.name,
         "budget": n,
         "c2st": {"per_observation": values, "mean": mean, "max": top},
+        # No budget-N/model here: the budget's samples are the main model's.
+        "model_digest": file_digest(task_dir / "model" / "posterior.pt"),
     }
     folder = task_dir / f"budget-{n}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -665,6 +667,20 @@ def test_budget_study_missing_or_wrong_file(experiment: Path) -> None:
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
     write_budget(experiment / "two_moons", 500, [0.6, "x"])
     with pytest.raises(ResultsError, match=r"c2st.per_observation\[1\] should be of type float"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    # Samples of another model (its own budget-N/model, or an untrained one) scored as budget N.
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest="0123abcd")
+    with pytest.raises(ResultsError, match=r"scores samples of other weights .* budget 500"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    (experiment / "two_moons" / "budget-500" / "model").mkdir()
+    (experiment / "two_moons" / "budget-500" / "model" / "posterior.pt").write_bytes(b"w500")
+    with pytest.raises(ResultsError, match=r"other weights .* than .*budget-500/model/posterior"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    weights = experiment / "two_moons" / "budget-500" / "model" / "posterior.pt"
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=file_digest(weights))
+    build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=None)
+    with pytest.raises(ResultsError, match=r"does not record which model drew the samples"):
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
 
 

@@ -345,6 +345,23 @@ def test_samples_drawn_at_other_observations_or_of_another_task_are_refused(
         )
 
 
+def test_a_budgets_score_records_the_model_that_drew_its_samples(experiment: Path) -> None:
+    # The report checks it against the budget's weights: a curve point of another model (an
+    # untrained one, a stale one) was shown unremarked.
+    posterior_file(experiment / "budget-obs.h5", observed_x(experiment), None, 1.0, seed=5)
+    score = score_budget(
+        experiment / "budget-obs.h5",
+        experiment / "observations.h5",
+        experiment / "budget-score.json",
+        budget=100,
+        seed=0,
+        max_samples=500,
+        folds=2,
+    )
+    assert score.model_digest == "exact"
+    assert json.loads((experiment / "budget-score.json").read_text())["model_digest"] == "exact"
+
+
 def test_a_skipped_c2st_says_whether_the_task_or_the_observations_lack_a_reference() -> None:
     from pipeline.validation import _skipped
 

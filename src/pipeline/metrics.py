@@ -270,6 +270,8 @@ class BudgetScore:
     task: str
     budget: int
     c2st: C2stScores
+    # The digest of the weights (posterior.pt) whose samples were scored.
+    model_digest: str | None = None
 
     def write(self, path: Path) -> None:
         """Writes the score as JSON, atomically."""

@@ -724,7 +724,13 @@ def score_budget(
     values = diagnostics.c2st_batched(
         reference, samples["samples"], seed=seed, num_folds=folds, max_samples=max_samples
     )
-    result = BudgetScore(task=task, budget=budget, c2st=C2stScores.of(values))
+    digest = samples["attrs"].get("model_digest")
+    result = BudgetScore(
+        task=task,
+        budget=budget,
+        c2st=C2stScores.of(values),
+        model_digest=None if digest is None else str(digest),
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result.write(Path(out))
     log.info("budget %d: C2ST mean %.3f, max %.3f", budget, values.mean(), values.max())

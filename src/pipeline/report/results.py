@@ -267,6 +267,20 @@ def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:
         raise ResultsError(
             f"{path} holds task {score.task!r} at budget {score.budget}, not {task!r} at {budget}"
         )
+    # The budget's own model, or the main model where the budget reuses it.
+    weights = task_dir / f"budget-{budget}" / "model" / "posterior.pt"
+    if not weights.exists():
+        weights = task_dir / "model" / "posterior.pt"
+    if score.model_digest is None:
+        raise ResultsError(
+            f"{path} does not record which model drew the samples it scores (written by an "
+            f"older `pipeline c2st`); run the budget study for task {task} again"
+        )
+    if weights.exists() and file_digest(weights) != score.model_digest:
+        raise ResultsError(
+            f"{path} scores samples of other weights (digest {score.model_digest}) than "
+            f"{weights}: sample and score budget {budget} of task {task} again"
+        )
     return score
 
 
