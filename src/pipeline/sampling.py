@@ -276,7 +276,9 @@ def sample_posterior(
     for start in range(0, n, per_call):
         stop = min(start + per_call, n)
         batch = torch.as_tensor(x[start:stop])
-        s, lp, ok = _sample_batch(posterior, batch, num_samples, low, high, region, densities)
+        s, lp, ok = _sample_batch(
+            posterior, batch, num_samples, low, high, region, densities, first_index=start
+        )
         samples[start:stop], log_prob[start:stop], sampled[start:stop] = s, lp, ok
         progress.update(stop - start)
     return PosteriorSamples(samples, log_prob, sampled)
@@ -401,9 +403,11 @@ def _sample_batch(
     high: np.ndarray | None,
     region: Region | None = None,
     densities: bool = True,
+    first_index: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Samples, log-densities (NaN without ``densities``) and which observations were sampled
-    (see PosteriorSamples)."""
+    (see PosteriorSamples); ``first_index``: the index of ``x``'s first row among all rows,
+    for messages."""
     n, dim = len(x), len(posterior.spec.parameter_names)
     samples = np.full((n, num_samples, dim), np.nan, dtype=np.float32)
     log_prob = np.full((n, num_samples), np.nan, dtype=np.float32)
@@ -431,12 +435,16 @@ def _sample_batch(
                 drawn >= 1 / REGION_MIN_ACCEPTANCE
             )
             sampled &= ~hopeless
-        elif (filled < MIN_ACCEPTANCE * drawn).any():
-            raise SamplingError(
-                f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of some observations "
-                "fall inside the prior: the observations are likely outside what the model was "
-                "trained on (check their shape, units and scale)"
-            )
+        else:
+            # Judged on enough draws to tell: 0 of 50 inside says nothing about 1e-3.
+            hopeless = (filled < MIN_ACCEPTANCE * drawn) & (drawn >= 1 / MIN_ACCEPTANCE)
+            if hopeless.any():
+                raise SamplingError(
+                    f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of observation(s) "
+                    f"{', '.join(map(str, first_index + np.flatnonzero(hopeless)[:10]))} fall "
+                    "inside the prior: the observations are likely outside what the model was "
+                    "trained on (check their shape, units and scale)"
+                )
         short = np.flatnonzero((filled < num_samples) & sampled)
         if len(short):
             count = _redraw_count(num_samples - filled[short], filled[short], drawn[short], first)
