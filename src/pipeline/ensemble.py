@@ -215,9 +215,14 @@ def de_step(
 def diagnostics(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`pipeline.mcmc.batched_diagnostics` of pools ``(N, W, draws, D)`` over
     :data:`NUM_CHAINS` walker groups; a chain that never moved has no R-hat or ESS and is
-    scored as not converged (R-hat inf, ESS 0)."""
+    scored as not converged (R-hat inf, ESS 0), and so is a pool with one walker that never
+    moved (stuck on a spike of the density: its repeated draws hide among the other walkers'
+    in a group's R-hat)."""
     rhat, ess = batched_diagnostics(pool, NUM_CHAINS)
-    return np.nan_to_num(rhat, nan=np.inf), np.nan_to_num(ess, nan=0.0)
+    rhat = np.nan_to_num(rhat, nan=np.inf)
+    frozen = (np.ptp(pool, axis=2) == 0).all(axis=-1).any(axis=1)  # (N,)
+    rhat[frozen] = np.inf
+    return rhat, np.nan_to_num(ess, nan=0.0)
 
 
 @torch.no_grad()
