@@ -404,6 +404,11 @@ def test_unconverged_chains_at_synthetic_observations_are_an_error(
     assert sample_cli(model, observed, tmp_path / "samples.h5") != 0
     assert "observations 0 (R-hat" in capsys.readouterr().err
     assert not (tmp_path / "samples.h5").exists()
+    # Named by its row in the file, not among the rows sampled (row 0's NaN is not sampled).
+    with h5py.File(observed, "a") as f:
+        f["x"][0] = np.nan
+    assert sample_cli(model, observed, tmp_path / "samples.h5") != 0
+    assert "observations 1 (R-hat" in capsys.readouterr().err
 
 
 @pytest.mark.slow

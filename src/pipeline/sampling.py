@@ -713,7 +713,8 @@ def sample(
         x = x[None]
     if result.mcmc is not None:
         test_set = holds_simulations(recorded) and not iid
-        log_mcmc(result.mcmc, settings, observations, test_set=test_set)
+        rows = None if iid else index
+        log_mcmc(result.mcmc, settings, observations, test_set=test_set, rows=rows)
     excluded = int((~result.sampled).sum())
     # MCMC samples a region exactly, so its observations are left out only for their chains.
     outside = excluded if spec.method != "nle" else 0
@@ -780,10 +781,16 @@ def region_judge(posterior: NeuralPosterior, model: Path) -> NeuralPosterior:
 
 
 def log_mcmc(
-    mcmc: dict[str, np.ndarray], settings: EnsembleSettings, observations: Path, *, test_set: bool
+    mcmc: dict[str, np.ndarray],
+    settings: EnsembleSettings,
+    observations: Path,
+    *,
+    test_set: bool,
+    rows: np.ndarray | None = None,
 ) -> None:
     """Logs the chains' diagnostics; unconverged chains at real (not test) observations are an
-    error, since their samples would be the result a user reads.
+    error, since their samples would be the result a user reads. ``rows``: each sampled
+    observation's row in ``observations`` (rows of NaN or inf were not sampled), for messages.
 
     Raises:
         SamplingError: If an observation of a file without true ``theta`` did not converge,
@@ -798,9 +805,11 @@ def log_mcmc(
         len(mcmc["rhat"]),
     )
     failed = np.flatnonzero(~mcmc["converged"])
+    rows = np.arange(len(mcmc["rhat"])) if rows is None else rows
     if len(failed) and not test_set:
         worst = ", ".join(
-            f"{i} (R-hat {mcmc['rhat'][i]:.3f}, ESS {mcmc['ess'][i]:.0f})" for i in failed[:5]
+            f"{rows[i]} (R-hat {mcmc['rhat'][i]:.3f}, ESS {mcmc['ess'][i]:.0f})"
+            for i in failed[:5]
         )
         raise SamplingError(
             f"the MCMC chains at observations {worst} of {observations} did not converge "
