@@ -282,6 +282,11 @@ def test_a_test_set_sharing_rows_with_the_training_data_is_refused():
         sampling.check_held_out("test.h5", imported(8500, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(9000, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(0, 9000, sha="cd34"), trained, "model")
+    # Synthetic observations drawn with a training seed: observation j is training row j x B.
+    observed = {"seed": 7, "num_reference_samples": 100, "task": "two_moons"}
+    with pytest.raises(ValueError, match=r"drawn with seed 7, a seed of the data model"):
+        sampling.check_held_out("observations.h5", observed, document, "model")
+    sampling.check_held_out("observations.h5", {**observed, "seed": 3}, document, "model")
 
 
 def test_a_regions_membership_is_decided_at_the_tolerance_truncate_used(tmp_path):

@@ -183,10 +183,18 @@ def check_held_out(observations: Path, attrs: dict[str, Any], document: dict, mo
     """Refuses test simulations (``attrs``: their file's) that share rows with the model's
     training data (``document`` its JSON): drawn with one of its seeds (a round's included), or
     imported from the same rows of the same archive. Coverage on them reads a fit to its own
-    data as calibration."""
-    if not holds_simulations(attrs):
-        return
+    data as calibration. Synthetic observations drawn with a training seed are refused too."""
     trained = document.get("data", {})
+    if not holds_simulations(attrs):
+        # `pipeline observe`'s file: observation j draws its theta as block j's first row does.
+        if "num_reference_samples" in attrs and attrs.get("seed") in trained.get("seeds", []):
+            raise ValueError(
+                f"{observations} was drawn with seed {attrs['seed']}, a seed of the data "
+                f"{model} was trained on: its observation j repeats the parameters of training "
+                "row j x seed_block_size. Draw the observations with another seed "
+                "(observations.seed)"
+            )
+        return
     shared = sorted(set(storage.simulation_seeds(attrs)) & set(trained.get("seeds", [])))
     if shared:
         raise ValueError(
