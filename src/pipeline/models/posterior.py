@@ -38,6 +38,8 @@ from pipeline.train_config import METHODS
 # "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
 # by flow matching (pipeline.models.flow_matching); "nle": a conditional flow over x given theta.
 WEIGHTS = "posterior.pt"
+# (theta, x) pairs of one likelihood call when independent observations are combined.
+IID_PAIRS = 2**16
 SPEC = "posterior.json"
 # w(theta) of rows theta (n, D) -> (n,): a proposal's density relative to the prior.
 Ratio = Callable[[torch.Tensor], torch.Tensor]
@@ -241,8 +243,16 @@ class NeuralPosterior(nn.Module):
                 f"a {self.spec.method} posterior q(theta | x) cannot combine independent "
                 "observations after training; train with method nle"
             )
-        rows = theta[..., None, :].expand(*theta.shape[:-1], len(x), theta.shape[-1])
-        return self._times_prior(self._mixture_log_prob(rows, x).sum(dim=-1), theta)
+        # In slices of x: every theta at every observation at once grows with their product
+        # (1024 starting walkers at 10^4 observations took 7.5 GB).
+        step = max(1, IID_PAIRS // max(1, math.prod(theta.shape[:-1])))
+        log_likelihood = sum(
+            self._mixture_log_prob(
+                theta[..., None, :].expand(*theta.shape[:-1], len(part), theta.shape[-1]), part
+            ).sum(dim=-1)
+            for part in x.split(step)
+        )
+        return self._times_prior(log_likelihood, theta)
 
     def _times_prior(self, log_likelihood: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """``log_likelihood + log p(theta)`` (NLE), -inf outside the prior: a theta there may
