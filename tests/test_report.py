@@ -312,6 +312,13 @@ def test_coverage_over_test_simulations_left_out_passes_only_with_them_against_i
     assert "HPD FAIL (0.08 + 0.03846 left out; limit 0.1)" in " ".join(
         re.sub(r"<[^>]+>", " ", index).split()
     )
+    # A summary written before the share was recorded still lists (the index crashed on it).
+    for check in summary["tasks"][0]["checks"]:
+        del check["left_out"]
+    (experiment / "summary.json").write_text(json.dumps(summary))
+    assert "HPD FAIL (0.08; limit 0.1)" in " ".join(
+        re.sub(r"<[^>]+>", " ", build_index(tmp_path / "results")).split()
+    )
     # The predictive curve also leaves out pairs whose replicates the simulator failed.
     metrics["coverage"]["predictive_num_excluded"] = 3
     path.write_text(json.dumps(metrics | {"num_left_out": 2}))
@@ -678,6 +685,9 @@ def test_budget_study_missing_or_wrong_file(experiment: Path) -> None:
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
     weights = experiment / "two_moons" / "budget-500" / "model" / "posterior.pt"
     write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=file_digest(weights))
+    build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    # A budget that reuses the main model now, beside a model of its own left from before.
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7])
     build_report(experiment, ["two_moons"], budgets=[500], **settings)
     write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=None)
     with pytest.raises(ResultsError, match=r"does not record which model drew the samples"):

@@ -88,6 +88,9 @@ def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
         try:
             summary = json.loads(path.read_text())
             check_summary(summary)
+            for task in summary["tasks"]:
+                for check in task["checks"]:
+                    check.setdefault("left_out", 0.0)  # summaries written before it was
         except (OSError, ValueError) as error:
             log.warning("skipping %s: %s", path, error)
             summary = {"error": f"unreadable {SUMMARY}: {error}"}

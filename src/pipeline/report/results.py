@@ -267,19 +267,22 @@ def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:
         raise ResultsError(
             f"{path} holds task {score.task!r} at budget {score.budget}, not {task!r} at {budget}"
         )
-    # The budget's own model, or the main model where the budget reuses it.
-    weights = task_dir / f"budget-{budget}" / "model" / "posterior.pt"
-    if not weights.exists():
-        weights = task_dir / "model" / "posterior.pt"
     if score.model_digest is None:
         raise ResultsError(
             f"{path} does not record which model drew the samples it scores (written by an "
-            f"older `pipeline c2st`); run the budget study for task {task} again"
+            f"older `pipeline c2st`); score budget {budget} of task {task} again (snakemake "
+            "--forcerun score_budget)"
         )
-    if weights.exists() and file_digest(weights) != score.model_digest:
+    # The budget's own model, or the main model where the budget reuses it (a budget that had
+    # a model of its own before may reuse the main model now: either may have drawn them).
+    candidates = [task_dir / f"budget-{budget}" / "model", task_dir / "model"]
+    weights = [folder / "posterior.pt" for folder in candidates]
+    weights = [path for path in weights if path.exists()]
+    if weights and score.model_digest not in {file_digest(path) for path in weights}:
         raise ResultsError(
             f"{path} scores samples of other weights (digest {score.model_digest}) than "
-            f"{weights}: sample and score budget {budget} of task {task} again"
+            f"{' or '.join(map(str, weights))}: sample and score budget {budget} of task "
+            f"{task} again"
         )
     return score
 
