@@ -254,6 +254,11 @@ def test_a_simulator_drawing_from_a_global_generator_is_refused(tmp_path, draw):
     task = get_task(f"{tmp_path}/global_rng.py:Model")
     with pytest.raises(ValueError, match=r"drew from a global random generator .*\(rng.normal"):
         simulation.simulate_range(task, 1, 0, 10)
+    # The synthetic observations and the predictive checks run the simulator too.
+    from pipeline.observations import make_observations
+
+    with pytest.raises(ValueError, match=r"drew from a global random generator"):
+        make_observations(task, 2, 0, 3, tmp_path / "observations.h5")
 
 
 @pytest.fixture
@@ -333,6 +338,11 @@ def test_a_packages_task_and_a_files_sub_packages_are_part_of_its_definition(
     files = get_task(f"{tmp_path}/model.py:Model").source_files
     assert (tmp_path / "physics" / "core.py").resolve() in files
     assert (tmp_path / "venv" / "big.py").resolve() not in files  # a virtual environment
+    # A folder of folders only (a project's src/) is no package Python would import from here.
+    (tmp_path / "src" / "lib").mkdir(parents=True)
+    write(tmp_path / "src" / "lib", "__init__.py", "")
+    files = get_task(f"{tmp_path}/model.py:Model").source_files
+    assert (tmp_path / "src" / "lib" / "__init__.py").resolve() not in files
 
 
 def test_a_namespace_packages_task_is_defined_by_its_folder_too(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from pipeline import atomic, importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.resources import require_room
-from pipeline.simulation import check_shapes
+from pipeline.simulation import check_own_randomness, check_shapes, global_random_state
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 
@@ -266,11 +266,13 @@ def _draw_finite(
     """One ``(theta, x)``, ``x`` from ``mock`` if given; retried (a few times) if the simulator
     returns NaN or inf."""
     for _ in range(100):
+        before = global_random_state()
         if mock is None:
             theta, x = task.simulate_block(1, rng)
         else:
             theta = task.prior.sample(1, rng)
             x = mock.simulate(theta.copy(), rng)  # the truths stay the prior's draws
+        check_own_randomness(mock or task, before)
         theta, x = np.asarray(theta), np.asarray(x)
         check_shapes(mock or task, theta, x, 1)
         # Beyond float32's range is no bad luck to draw again: those observations would

@@ -273,7 +273,9 @@ def check_own_randomness(task: Task, before: tuple[Any, ...]) -> None:
             "random module) while simulating, so its simulations would not depend on (seed, i) "
             "alone: 1 and 2 MPI ranks would give different data, and chunks would repeat each "
             "other's noise. Draw every random number from the rng the simulator is given "
-            "(rng.normal(...), or seed your code's generators from rng.integers(2**63))."
+            "(rng.normal(...)), or from generators of your own seeded from it "
+            "(np.random.default_rng(rng.integers(2**63)), "
+            "random.Random(int(rng.integers(2**63))))."
         )
 
 

@@ -41,6 +41,7 @@ from pipeline.observations import read_mock_of, read_reference, read_reference_i
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
+from pipeline.simulation import check_own_randomness, global_random_state
 from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -439,11 +440,13 @@ def _simulate_summaries(task: Task, theta: np.ndarray, rng: np.random.Generator)
 
     Simulated 1000 rows at a time: 10^5 predictive maps of 128^2 pixels would take 13 GB.
     """
+    before = global_random_state()
     blocks = [
         # Copies: a simulator may convert its parameters in place, and these are the samples'.
         task.summary(task.simulate(theta[i : i + 1000].copy(), rng))
         for i in range(0, len(theta), 1000)
     ]
+    check_own_randomness(task, before)
     return np.concatenate(blocks) if blocks else np.empty((0, task.summary_size))
 
 

@@ -352,22 +352,21 @@ def python_sources(module_file: str | Path) -> tuple[Path, ...]:
 
 
 def package_sources(module: Any) -> tuple[Path, ...]:
-    """The files that define a task imported as ``module:Class`` or ``package.module:Class``:
-    those :func:`python_sources` finds for its file, and every module of the top-level package
-    it belongs to (``mypkg/task.py`` may import ``mypkg/physics.py``); the module alone in an
-    installed package (site-packages, whose files change only with its version) or in this
-    pipeline's (whose revision every file records)."""
+    """The files that define a task imported as ``package.module:Class``: every module of the
+    top-level package it belongs to (``mypkg/task.py`` may import ``mypkg/physics.py``), under
+    each of its roots (a namespace package, folders without ``__init__.py``, may have several),
+    or the module alone outside a package, in an installed one (site-packages, whose files
+    change only with its version) or in this pipeline's (whose revision every file records)."""
     source = Path(module.__file__).resolve()
     top = module.__name__.partition(".")[0]
-    if top == "pipeline" or any(part in INSTALLED for part in source.parts):
+    roots = [
+        Path(root).resolve()
+        for root in getattr(sys.modules.get(top), "__path__", [])
+        if not any(part in INSTALLED for part in Path(root).parts)
+    ]
+    if not roots or top == "pipeline" or any(part in INSTALLED for part in source.parts):
         return (source,)
-    # A namespace package's root (a folder without __init__.py) may not hold the module's own
-    # folder's modules at all where it has several roots, so that folder is read as a file
-    # task's is.
-    files = set(python_sources(source))
-    for root in getattr(sys.modules.get(top), "__path__", []):
-        if not any(part in INSTALLED for part in Path(root).parts):
-            files.update(_package_files(Path(root).resolve()))
+    files = {path for root in roots for path in _package_files(root)}
     return (source, *sorted(files - {source}))
 
 
@@ -376,17 +375,17 @@ INSTALLED = ("site-packages", "dist-packages")
 
 
 def _package_files(folder: Path) -> list[Path]:
-    """The ``.py`` files in ``folder`` and in the folders below it that Python could import as
-    packages: named as identifiers, with or without ``__init__.py`` (``from physics.core
-    import f`` imports ``physics/core.py`` either way), not a virtual environment."""
+    """The ``.py`` files in ``folder`` and in the packages below it: folders with an
+    ``__init__.py``, and folders named as identifiers that hold modules of their own (``from
+    physics.core import f`` imports ``physics/core.py`` without an ``__init__.py`` too). A
+    folder of folders only (a project's ``src/``, ``results/``) is not followed, nor is a
+    virtual environment."""
     found = [p.resolve() for p in folder.glob("*.py")]
     for child in sorted(folder.iterdir()):
-        if (
-            child.is_dir()
-            and child.name.isidentifier()
-            and child.name != "__pycache__"
-            and not (child / "pyvenv.cfg").exists()
-        ):
+        if not child.is_dir() or (child / "pyvenv.cfg").exists():
+            continue
+        namespace = child.name.isidentifier() and any(child.glob("*.py"))
+        if (child / "__init__.py").is_file() or namespace:
             found += _package_files(child)
     return found
 
