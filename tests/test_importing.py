@@ -185,6 +185,21 @@ def test_an_archive_whose_writer_stopped_early_is_refused(tmp_path: Path, layout
     assert not (tmp_path / "out.h5").exists()
 
 
+def test_a_virtual_dataset_of_complete_files_is_imported(tmp_path: Path) -> None:
+    # A virtual dataset has no storage of its own (the pipeline's `merge: virtual` writes them).
+    theta, x = arrays(100)
+    with h5py.File(tmp_path / "part.h5", "w") as f:
+        f["theta"], f["x"] = theta, x
+    with h5py.File(tmp_path / "joined.h5", "w") as f:
+        for name, array in (("theta", theta), ("x", x)):
+            layout = h5py.VirtualLayout(shape=array.shape, dtype="f8")
+            layout[:] = h5py.VirtualSource(tmp_path / "part.h5", name, shape=array.shape)
+            f.create_virtual_dataset(name, layout)
+    joined = tmp_path / "joined.h5"
+    import_simulations(TASK, f"{joined}:theta", f"{joined}:x", tmp_path / "out.h5")
+    assert storage.read_simulations(tmp_path / "out.h5").x.shape == (100, 2)
+
+
 def test_nonfinite_rows_are_kept_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -252,10 +252,12 @@ def _open_hdf5(source: Source, name: str) -> Iterator[Rows]:
 
 
 def _check_written(dataset: h5py.Dataset, name: str) -> None:
-    """Refuses a dataset whose storage was never written in full: HDF5 reads the chunks (or
-    the contiguous block) a writer never reached as the fill value, rows of zeros that would
-    pass for simulations."""
-    if dataset.size == 0:
+    """Refuses a dataset whose storage a writer never reached: HDF5 reads a chunk never written
+    as the fill value, rows of zeros that would pass for simulations. A chunked dataset (h5py's
+    choice for compressed or resizable ones) is checked chunk by chunk; a contiguous one only
+    for never having been written, since its first write allocates all of it; a virtual one
+    (another file's rows) not here."""
+    if dataset.size == 0 or dataset.is_virtual:
         return
     if dataset.chunks is not None:
         needed = math.prod(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
