@@ -284,6 +284,25 @@ def test_budget_study_plan(workdir):
     assert "--budgets 300 600" in result.stdout
 
 
+def test_a_search_over_the_penalty_trains_every_trial_with_the_penalty_options(workdir):
+    """The penalty's draws and rows are left out of a task's options while it is off, but a
+    search that varies it trains its trials with them (a user's 16 draws became 8)."""
+    space = {"calibration": {"low": 0.5, "high": 5.0}}
+    config = write_config(
+        workdir,
+        tasks=["two_moons"],
+        train={"calibration_draws": 16},
+        search=SEARCH | {"space": space},
+    )
+    result = snakemake(workdir, "-n", "-p", "--configfile", str(config))
+    trials = re.findall(r"pipeline search-trial .*?--train-options '([^']*)'", result.stdout)
+    assert trials and all(json.loads(t)["calibration_draws"] == 16 for t in trials)
+    main = re.findall(
+        r"pipeline train --data \S+ --out \S+/model .*?--options '([^']*)'", result.stdout
+    )
+    assert main and json.loads(main[0])["calibration_draws"] == 16
+
+
 def test_a_searched_tasks_budget_curve_keeps_the_tasks_options_at_every_budget(workdir):
     """The main model of a searched task trains with the search's choice, a budget model with
     the task's options: at num_simulations the curve gets a model of its own, trained on the

@@ -335,8 +335,10 @@ def train_options(wildcards):
     """Training options as JSON: the defaults overridden per task, sorted for a stable params."""
     options = {**config["train"], **config["task_train"].get(wildcards.task, {})}
     # Off, the penalty on over-confidence's options shape nothing: left out, they do not make
-    # Snakemake retrain models whose recorded params lack them.
-    if not options.get("calibration"):
+    # Snakemake retrain models whose recorded params lack them. A search that varies the
+    # penalty trains with them (pipeline.train_config.TrainConfig.shaping).
+    searched = set(SEARCH["space"] or {}) if wildcards.task in SEARCHED else set()
+    if not options.get("calibration") and not searched & set(CALIBRATION_ONLY):
         for name in CALIBRATION_ONLY:
             options.pop(name, None)
     return json.dumps(options, sort_keys=True)
