@@ -84,6 +84,9 @@ def test_a_prior_box_holding_a_few_percent_is_judged_on_enough_draws(posterior):
         SamplingError, match=r"samples of observation\(s\) 0, 1, 2 fall inside the prior"
     ):
         sample_posterior(posterior, x[:3], 20, low=far, high=farther)
+    # Named by their rows in the file (the stage samples only the finite ones).
+    with pytest.raises(SamplingError, match=r"samples of observation\(s\) 4, 7, 9 fall"):
+        sample_posterior(posterior, x[:3], 20, low=far, high=farther, rows=np.array([4, 7, 9]))
 
 
 def test_draws_rejected_by_the_box_are_replaced_by_a_pass_of_their_own_size(monkeypatch):
@@ -282,6 +285,15 @@ def test_a_test_set_sharing_rows_with_the_training_data_is_refused():
         sampling.check_held_out("test.h5", imported(8500, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(9000, 10_000), trained, "model")
     sampling.check_held_out("test.h5", imported(0, 9000, sha="cd34"), trained, "model")
+    # An import recorded before members were resolved (none, or as typed) may be that array.
+    old = {"data": {"seeds": [], "imported": {"x": "ab12:", "rows": [0, 9000]}}}
+    with pytest.raises(ValueError, match="share rows 8500-8999"):
+        sampling.check_held_out("test.h5", imported(8500, 10_000), old, "model")
+    typed = {"data": {"seeds": [], "imported": {"x": "ab12:/x", "rows": [0, 9000]}}}
+    with pytest.raises(ValueError, match="share rows 8500-8999"):
+        sampling.check_held_out("test.h5", imported(8500, 10_000), typed, "model")
+    other = {"data": {"seeds": [], "imported": {"x": "ab12:y", "rows": [0, 9000]}}}
+    sampling.check_held_out("test.h5", imported(8500, 10_000), other, "model")
     # Synthetic observations drawn with a training seed: observation j is training row j x B.
     observed = {"seed": 7, "num_reference_samples": 100, "task": "two_moons"}
     with pytest.raises(ValueError, match=r"drawn with seed 7, a seed of the data model"):

@@ -203,7 +203,7 @@ def check_held_out(observations: Path, attrs: dict[str, Any], document: dict, mo
             "(another seed: simulate.test_seed)"
         )
     mine, theirs = storage.imported_rows(attrs), trained.get("imported")
-    if mine and theirs and mine["x"] == theirs["x"]:
+    if mine and theirs and _same_array(mine["x"], theirs["x"]):
         (start, stop), (low, high) = mine["rows"], theirs["rows"]
         if start < high and low < stop:
             raise ValueError(
@@ -212,6 +212,17 @@ def check_held_out(observations: Path, attrs: dict[str, Any], document: dict, mo
                 f"{max(start, low)}-{min(stop, high) - 1}. Import held-out rows (--rows) as the "
                 "test set"
             )
+
+
+def _same_array(a: str, b: str) -> bool:
+    """Whether two imports' ``x`` (``sha256:member``) may be one array: one file, and one
+    member, or a member an earlier version recorded as typed (none, ``/x``, ``x.npy``) that
+    may name it. Wrongly alike refuses a test set; wrongly apart would pass shared rows."""
+    (sha_a, _, member_a), (sha_b, _, member_b) = a.partition(":"), b.partition(":")
+    if sha_a != sha_b:
+        return False
+    member_a, member_b = (m.strip("/").removesuffix(".npy") for m in (member_a, member_b))
+    return not member_a or not member_b or member_a == member_b
 
 
 def holds_simulations(attrs: dict[str, Any]) -> bool:
@@ -245,6 +256,7 @@ def sample_posterior(
     mcmc: EnsembleSettings | None = None,
     iid: bool = False,
     densities: bool = True,
+    rows: np.ndarray | None = None,
 ) -> PosteriorSamples:
     """Draws ``num_samples`` posterior samples per observation, restricted to ``[low, high]``
     and, if given, to ``region``; an NLE posterior by MCMC with the settings ``mcmc``, and with
@@ -259,6 +271,8 @@ def sample_posterior(
         mcmc: The ensemble sampler's settings (NLE only); default :class:`EnsembleSettings`.
         densities: With ``False``, draws without their densities (``log_prob`` is NaN), which
             for FMPE is several times faster; NPE and FMPE only.
+        rows: Each observation's row in its file (``(n,)``; by default its index in ``x``), by
+            which messages name it.
     """
     if posterior.is_likelihood:
         if not densities:
@@ -285,7 +299,14 @@ def sample_posterior(
         stop = min(start + per_call, n)
         batch = torch.as_tensor(x[start:stop])
         s, lp, ok = _sample_batch(
-            posterior, batch, num_samples, low, high, region, densities, first_index=start
+            posterior,
+            batch,
+            num_samples,
+            low,
+            high,
+            region,
+            densities,
+            rows=np.arange(start, stop) if rows is None else rows[start:stop],
         )
         samples[start:stop], log_prob[start:stop], sampled[start:stop] = s, lp, ok
         progress.update(stop - start)
@@ -411,12 +432,12 @@ def _sample_batch(
     high: np.ndarray | None,
     region: Region | None = None,
     densities: bool = True,
-    first_index: int = 0,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Samples, log-densities (NaN without ``densities``) and which observations were sampled
-    (see PosteriorSamples); ``first_index``: the index of ``x``'s first row among all rows,
-    for messages."""
+    (see PosteriorSamples); ``rows``: each observation's row in its file, for messages."""
     n, dim = len(x), len(posterior.spec.parameter_names)
+    named = np.arange(n) if rows is None else np.asarray(rows)
     samples = np.full((n, num_samples, dim), np.nan, dtype=np.float32)
     log_prob = np.full((n, num_samples), np.nan, dtype=np.float32)
     filled = np.zeros(n, dtype=np.int64)
@@ -449,7 +470,7 @@ def _sample_batch(
             if hopeless.any():
                 raise SamplingError(
                     f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of observation(s) "
-                    f"{', '.join(map(str, first_index + np.flatnonzero(hopeless)[:10]))} fall "
+                    f"{', '.join(map(str, named[np.flatnonzero(hopeless)[:10]]))} fall "
                     "inside the prior: the observations are likely outside what the model was "
                     "trained on (check their shape, units and scale)"
                 )
@@ -714,6 +735,7 @@ def sample(
         region=region,
         mcmc=settings,
         iid=iid,
+        rows=np.flatnonzero(finite),
     )
     index = np.flatnonzero(finite)
     if iid:
