@@ -302,10 +302,13 @@ def test_training_options_are_checked_without_torch_and_name_the_families_built(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert found.stdout.strip() == "False"
+    from pipeline.models.flow_matching import HALF_TURNS
     from pipeline.models.flows import FLOWS
     from pipeline.train_config import FLOW_FAMILIES
 
     assert sorted(FLOWS) == sorted(FLOW_FAMILIES)
+    help_text = next(f for f in fields(TrainConfig) if f.name == "time_features").metadata["help"]
+    assert "{:g} to {:g} half-turns".format(*HALF_TURNS) in help_text
 
 
 def test_a_seed_beyond_one_32_bit_word_is_refused():

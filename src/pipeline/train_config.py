@@ -17,13 +17,16 @@ from pipeline.options import CALIBRATION_ONLY, SEED_MAX, Options, OptionsError, 
 if TYPE_CHECKING:
     from pipeline.tasks import Task
 
-# The estimator families: a normalizing flow of theta, a flow-matching vector field, a flow of x.
+# "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
+# by flow matching (pipeline.models.flow_matching); "nle": a conditional flow over x given theta.
 METHODS = ("npe", "fmpe", "nle")
 # Density families (pipeline.models.flows builds them with zuko) and those of them that are
 # mixtures of Gaussians, with components instead of stacked transformations.
 FLOW_FAMILIES = ("nsf", "maf", "naf", "mdn")
 MIXTURES = ("mdn",)
 EMBEDDINGS = ("mlp", "cnn", "cnn_invariant", "identity")
+# "plateau" halves the step after lr_patience epochs without improvement; "cosine" anneals it
+# to zero over max_epochs (one step per epoch); "constant" keeps it (pipeline.models.npe).
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 LOADINGS = ("auto", "memory", "stream")
 # Sinusoidal features of the time FMPE's vector field sees (pipeline.models.flow_matching).
@@ -66,7 +69,7 @@ class TrainConfig(Options):
     time_features: int = option(
         TIME_FEATURES,
         minimum=1,
-        help="fmpe: sinusoidal features of the time fed to every block of the vector field",
+        help="fmpe: sinusoidal features of the time, 0.1 to 10 half-turns",
     )
     embedding: Literal[(AUTO, *EMBEDDINGS)] = option(
         AUTO, help="embedding network of x; auto: mlp, or x itself from 8 parameters (x <= 64)"

@@ -25,10 +25,6 @@ class Proposal(Protocol):
     def ratio(self, theta: torch.Tensor) -> torch.Tensor: ...
 
 
-# "plateau" halves the step after lr_patience epochs without improvement; "cosine" anneals it
-# to zero over max_epochs (one step per epoch); "constant" keeps it.
-
-
 class NPE(pl.LightningModule):
     """Trains a :class:`NeuralPosterior` by maximum likelihood on ``(theta, x)`` pairs.
 

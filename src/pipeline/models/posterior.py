@@ -35,8 +35,6 @@ from pipeline.provenance import file_digest
 from pipeline.tasks.base import Prior, prior_from_document
 from pipeline.train_config import METHODS
 
-# "npe": a conditional normalizing flow, trained by likelihood; "fmpe": a vector field trained
-# by flow matching (pipeline.models.flow_matching); "nle": a conditional flow over x given theta.
 WEIGHTS = "posterior.pt"
 # (theta, x) pairs of one likelihood call when independent observations are combined.
 IID_PAIRS = 2**16
