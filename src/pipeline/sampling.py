@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -449,15 +449,15 @@ def _sample_batch(
     while len(short):
         # Only observations still missing samples are redrawn: one observation whose posterior
         # leans on the prior's edge must not make every other observation pay for it.
-        theta, lp = _draw(posterior, x[short], count, densities)
-        inside = np.isfinite(lp) if densities else np.isfinite(theta).all(axis=-1)
-        if low is not None:
-            inside &= np.all((theta >= low) & (theta <= high), axis=-1)
-        if region is not None:
-            inside[inside] = region.accepts(theta[inside])
-        part_samples, part_log_prob, part_filled = samples[short], log_prob[short], filled[short]
-        _fill(part_samples, part_log_prob, part_filled, theta, lp, inside)
-        samples[short], log_prob[short], filled[short] = part_samples, part_log_prob, part_filled
+        # Each call's draws are kept as they come: a pass of 10^6 draws at one observation
+        # never sits whole in memory beside the samples.
+        for theta, lp in _draw(posterior, x[short], count, densities):
+            inside = np.isfinite(lp) if densities else np.isfinite(theta).all(axis=-1)
+            if low is not None:
+                inside &= np.all((theta >= low) & (theta <= high), axis=-1)
+            if region is not None:
+                inside[inside] = region.accepts(theta[inside])
+            _fill(samples, log_prob, filled, theta, lp, inside, short)
         drawn[short] += count
         if region is not None:
             hopeless = (filled < REGION_MIN_ACCEPTANCE * drawn) & (
@@ -488,13 +488,12 @@ def _sample_batch(
 
 def _draw(
     posterior: NeuralPosterior, x: torch.Tensor, count: int, densities: bool
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``count`` draws per observation of ``x`` (n', *x_shape) and their log-densities (NaN
-    without ``densities``): shapes (n', count, D) and (n', count), in flow calls of at most a
-    call's draws. The observations per call already bound most calls; one observation asked
-    for more draws than a call holds (``truncate``'s 10^5) is drawn in several."""
+    without ``densities``), one flow call at a time: shapes (n', k, D) and (n', k), ``k`` at
+    most a call's draws. The observations per call already bound most calls; one observation
+    asked for more draws than a call holds (``truncate``'s 10^5) is drawn in several."""
     step = max(1, _samples_per_call(posterior) // len(x))
-    thetas, log_probs = [], []
     for start in range(0, count, step):
         size = min(step, count - start)
         if densities:
@@ -503,11 +502,7 @@ def _draw(
         else:
             theta = posterior.sample(x, size)
             lp = np.full((len(x), size), np.nan, dtype=np.float32)
-        thetas.append(theta.transpose(0, 1).numpy())
-        log_probs.append(lp)
-    if len(thetas) == 1:
-        return thetas[0], log_probs[0]
-    return np.concatenate(thetas, axis=1), np.concatenate(log_probs, axis=1)
+        yield theta.transpose(0, 1).numpy(), lp
 
 
 def _first_draws(num_samples: int, region: Region | None) -> int:
@@ -558,17 +553,21 @@ def _fill(
     theta: np.ndarray,
     lp: np.ndarray,
     inside: np.ndarray,
+    which: np.ndarray | None = None,
 ) -> None:
-    """Appends each observation's accepted draws after its ``filled`` ones, in place."""
+    """Appends the accepted draws ``theta`` (n', k, D), ``lp`` (n', k) (``inside``: which)
+    after the ``filled`` ones of the observations ``which`` (n'; all n by default) of
+    ``samples`` (n, M, D) and ``log_prob`` (n, M), in place."""
+    which = np.arange(len(inside)) if which is None else which
     order = np.argsort(~inside, axis=1, kind="stable")  # accepted draws first, in draw order
     rank = np.arange(inside.shape[1])[None, :]
-    target = filled[:, None] + rank
+    target = filled[which][:, None] + rank
     keep = (rank < inside.sum(1, keepdims=True)) & (target < samples.shape[1])
     rows, cols = np.nonzero(keep)
     source = order[rows, cols]
-    samples[rows, target[rows, cols]] = theta[rows, source]
-    log_prob[rows, target[rows, cols]] = lp[rows, source]
-    filled += keep.sum(1)
+    samples[which[rows], target[rows, cols]] = theta[rows, source]
+    log_prob[which[rows], target[rows, cols]] = lp[rows, source]
+    filled[which] += keep.sum(1)
 
 
 @torch.no_grad()
