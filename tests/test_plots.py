@@ -79,6 +79,15 @@ def test_plot_corner(tmp_path: Path, dim: int) -> None:
     assert_saves(fig, tmp_path / "corner.png")
 
 
+def test_a_parameter_name_matplotlib_cannot_typeset_is_shown_as_written(tmp_path: Path) -> None:
+    # "x_{$a}$ ^" raised inside matplotlib and failed the validate stage; "$\\theta$" stays
+    # mathematics, as its author asked.
+    samples = np.random.default_rng(0).normal(size=(200, 2))
+    fig = plot_corner(samples, ["x_{$a}$ ^", r"$\theta$"])
+    assert_saves(fig, tmp_path / "corner.png")
+    assert [ax.get_xlabel() for ax in fig.axes[-2:]] == [r"x_{\$a}\$ ^", r"$\theta$"]
+
+
 def test_plot_corner_limits_dims_and_works_without_extras() -> None:
     samples = np.random.default_rng(0).normal(size=(500, 12))
     fig = plot_corner(samples, [f"p{d}" for d in range(12)], max_dims=4)

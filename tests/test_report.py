@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+import shutil
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -282,6 +283,15 @@ def test_failing_c2st_shows_in_summary(tmp_path: Path, png: bytes) -> None:
     assert row[7] == "FAIL"
 
 
+def test_a_value_just_over_its_threshold_never_reads_as_the_threshold(
+    tmp_path: Path, png: bytes
+) -> None:
+    # Four significant digits showed a C2ST of 0.60005 failing 0.6 as "FAIL (0.6)".
+    write_task(tmp_path, "two_moons", png, 0.60005, 0.1000001, 0.0)
+    [row] = [row for row in parse(build(tmp_path, ["two_moons"])).summary_rows if row]
+    assert row[2] == "FAIL (0.60005)" and row[3] == "FAIL (0.1000001)"
+
+
 def test_coverage_over_test_simulations_left_out_passes_only_with_them_against_it(
     tmp_path: Path, png: bytes
 ) -> None:
@@ -353,6 +363,11 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     summary = write_summary_of(tmp_path, tasks=["two_moons"])
     assert summary["verdict"] == expected
     assert summary["tasks"][0]["flagged_observations"] == [1]
+    # The index names the task's verdict and the observation, not only its checks' PASS.
+    results = tmp_path / "results"
+    shutil.copytree(tmp_path, results / "flagged", ignore=shutil.ignore_patterns("results"))
+    index = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert f"two_moons {expected} (observation 1 not consistent with the simulations)" in index
     # At level 0.001 (0.001 > 0.001 / 2) nothing is flagged: the level is the report's option.
     # Nor can anything be: the smallest p-value of 1000 test simulations, 2 / 1001, is above
     # 0.001 k / 2 for k = 1, 2, and the page says so rather than "all 2" consistent.

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.mathtext import MathTextParser
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, NullFormatter
 from scipy import stats
@@ -73,10 +74,26 @@ def plot_coverage(
     ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", title=title)
     ax.set_xlabel("credibility level")
     ax.set_ylabel("expected coverage")
-    ax.text(0.97, 0.03, "over-confident", ha="right", va="bottom", fontsize="small", alpha=0.6)
-    ax.text(0.03, 0.97, "under-confident", ha="left", va="top", fontsize="small", alpha=0.6)
+    # HPD and predictive curves are one-sided; TARP's is S-shaped, its sides swapping at 0.5
+    # (pipeline.diagnostics.tarp_coverage), so the corners speak for the one-sided curves only.
+    style = {"fontsize": "small", "alpha": 0.6}
+    ax.text(0.97, 0.03, "over-confident (HPD, predictive)", ha="right", va="bottom", **style)
+    ax.text(0.03, 0.97, "under-confident (HPD, predictive)", ha="left", va="top", **style)
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.92), fontsize="small")
     return fig
+
+
+def plain(text: str) -> str:
+    """A parameter's name as a label: as written where matplotlib can typeset it (``$\\theta$``
+    for a user who asked for mathematics), its ``$`` shown literally where it cannot
+    (``x_{$a}$ ^`` failed the stage that drew it)."""
+    if "$" not in text:
+        return text
+    try:
+        MathTextParser("path").parse(text)
+    except ValueError:
+        return text.replace("$", r"\$")
+    return text
 
 
 def _grid_shape(num_panels: int) -> tuple[int, int]:
@@ -127,7 +144,7 @@ def plot_sbc_ranks(
             edges, band_low, band_high, step="post", color="grey", alpha=0.35, linewidth=0
         )
         ax.set_xlim(0, num_samples + 1)
-        ax.set_title(parameter_names[d])
+        ax.set_title(plain(parameter_names[d]))
         ax.set_xlabel("rank")
         ax.set_ylabel("count")
     fig.legend(
@@ -314,7 +331,7 @@ def _label_corner_axes(ax: Axes, i: int, j: int, k: int, parameter_names: list[s
     outer edges only."""
     if i != j:
         if j == 0:
-            ax.set_ylabel(parameter_names[i])
+            ax.set_ylabel(plain(parameter_names[i]))
         else:
             ax.tick_params(labelleft=False)
     # Three ticks per axis keep a 10 x 10 grid legible.
@@ -322,7 +339,7 @@ def _label_corner_axes(ax: Axes, i: int, j: int, k: int, parameter_names: list[s
     if i != j:
         ax.yaxis.set_major_locator(MaxNLocator(3))
     if i == k - 1:
-        ax.set_xlabel(parameter_names[j])
+        ax.set_xlabel(plain(parameter_names[j]))
         ax.tick_params(axis="x", labelrotation=45, labelsize="small")
     else:
         ax.tick_params(labelbottom=False)
@@ -477,7 +494,7 @@ def plot_predictive(
         ax.set_title(f"observation {j}: p = {pvalues[j]:.2f}", fontsize="small")
         ax.set_xlabel(feature_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].set_ylabel("x")
+    axes[0].set_ylabel(f"value ({feature_label})")
     handles = [
         Patch(color=SAMPLES_COLOR, alpha=0.35, label="predictive 90 %"),
         Patch(color=SAMPLES_COLOR, alpha=0.8, label="predictive 50 %"),

@@ -431,6 +431,21 @@ def format_number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
 
 
+def format_against(value: float, threshold: float, digits: int = 4) -> str:
+    """``value`` as :func:`format_number` writes it, with more digits where it would read as
+    its ``threshold`` but is not (a C2ST of 0.60005 failing 0.6 read "FAIL (0.6)")."""
+    text = format_number(value, digits)
+    while (
+        digits < 12
+        and math.isfinite(value)
+        and value != threshold
+        and text == format_number(threshold, digits)
+    ):
+        digits += 1
+        text = format_number(value, digits)
+    return text
+
+
 def format_duration(seconds: float) -> str:
     """Seconds as ``12.3 s (0:00:12)`` so both short and long runs read at a glance."""
     if not math.isfinite(seconds):
@@ -450,6 +465,7 @@ def template_environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     environment.filters["number"] = format_number
+    environment.filters["against"] = format_against
     environment.filters["duration"] = format_duration
     return environment
 
