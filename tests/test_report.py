@@ -871,3 +871,22 @@ def test_a_report_that_fails_leaves_no_verdict_of_earlier_results(experiment: Pa
             experiment, list(TASKS), ReportOptions(), page, config=CONFIG, summary=summary
         )
     assert not summary.exists() and not page.exists()
+
+
+def test_a_report_never_removes_a_file_that_is_not_a_report(experiment: Path) -> None:
+    """A mistyped --summary naming an observations file: the report removed it before any check
+    (to leave no stale verdict). Only a page or a summary is replaced; anything else is kept."""
+    from pipeline.options import ReportOptions
+    from pipeline.report.stage import report_experiment
+
+    precious = experiment / "observations.h5"
+    precious.write_bytes(b"\x89HDF\r\n\x1a\n the user's observations")
+    for page, summary in (
+        (experiment / "report.html", precious),
+        (precious, experiment / "summary.json"),
+    ):
+        with pytest.raises(ValueError, match=r"observations.h5 is not a (summary|report page)"):
+            report_experiment(
+                experiment, ["two_moonz"], ReportOptions(), page, config=CONFIG, summary=summary
+            )
+        assert precious.read_bytes().startswith(b"\x89HDF")

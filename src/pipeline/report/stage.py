@@ -3,6 +3,7 @@ every task's results."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from pipeline.options import ReportOptions
 from pipeline.report.build import Thresholds, load_results, render_report, write_report
-from pipeline.report.index import experiment_summary, write_summary
+from pipeline.report.index import check_summary, experiment_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ def report_experiment(
         coverage_max_deviation=options.coverage_max_deviation,
         misspecification_level=options.misspecification_level,
     )
-    # A report that fails must leave no verdict of earlier results for the index to show.
-    for stale in (out, summary):
+    # A report that fails must leave no verdict of earlier results for the index to show; but
+    # only a page or summary is removed, never a file a mistyped path names.
+    for stale, kind in ((out, "report page"), (summary, "summary")):
         if stale is not None and Path(stale).exists():
+            check_replaceable(Path(stale), kind)
             Path(stale).unlink()
-            log.info("removed %s, the report of earlier results", stale)
+            log.info("removed %s, the %s of earlier results", stale, kind)
     results = load_results(experiment_dir, tasks, budgets, specs, rounds)
     settings = {"config": config, "thresholds": thresholds, "title": options.title}
     html = render_report(experiment_dir, results, **settings)
@@ -46,3 +49,22 @@ def report_experiment(
         write_summary(experiment_summary(experiment_dir, results, **settings), summary)
     write_report(html, out)
     log.info("wrote %s (%d kB)", out, len(html) // 1024)
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """Raises unless ``path`` is a report page (HTML) or a summary (its JSON), which the stage
+    replaces: any other file at the path was named by mistake and is kept."""
+    try:
+        head = path.read_bytes()[:4096]
+        if kind == "summary":
+            check_summary(json.loads(path.read_text()))
+            return
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    else:
+        if head.lstrip().lower().startswith(b"<!doctype html"):
+            return
+    raise ValueError(
+        f"{path} is not a {kind} (it would be replaced): name the {kind}'s path, e.g. "
+        "results/EXPERIMENT/report.html or summary.json"
+    )
