@@ -476,3 +476,22 @@ def test_cli_imports_and_reports_failures(tmp_path: Path, capsys: pytest.Capture
     assert "import failed: --rows '10': expected START:STOP" in capsys.readouterr().err
     assert cli.main([*argv, "--rows", ":-450", "--overwrite"]) == 0
     assert storage.read_attrs(out)["num_simulations"] == 50
+
+
+def test_a_file_the_pipeline_wrote_is_refused_as_an_archive(tmp_path: Path) -> None:
+    """Imported, a simulation file lost its seed (and a round's its region): `sample` then took
+    the training rows as a test set, which it refuses for the file itself."""
+    from pipeline import simulation
+    from pipeline.parallel import SerialComm
+
+    sims = tmp_path / "sims.h5"
+    simulation.run(
+        simulation.SimulationPlan("two_moons", 100, 1, 100),
+        TASK,
+        sims,
+        SerialComm(),
+        overwrite=False,
+    )
+    with pytest.raises(storage.DataFileError, match=r"sims.h5 was written by this pipeline"):
+        import_simulations(TASK, f"{sims}:theta", f"{sims}:x", tmp_path / "copy.h5")
+    assert not (tmp_path / "copy.h5").exists()

@@ -529,6 +529,8 @@ def import_simulations(
     sources = {"theta": parse_source(theta), "x": parse_source(x)}
     names = {role: f"{role} source {source}" for role, source in sources.items()}
     _check_output(out, sources, overwrite=overwrite, compression=compression)
+    for source in sources.values():
+        _check_not_ours(source)
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"block_rows must be positive, got {block_rows}")
     with ExitStack() as stack:
@@ -538,6 +540,25 @@ def import_simulations(
         attrs = _copy_and_hash(task, rows, sources, out, (start, stop), block, compression)
     _log_written(task, out, stop - start, attrs["num_nonfinite"])
     return attrs
+
+
+def _check_not_ours(source: Source) -> None:
+    """Refuses a file the pipeline wrote itself (simulations, a round's, samples): imported, it
+    would lose its lineage (its seed, the region it was drawn from), which the later stages
+    check to refuse training rows as a test set or a round's rows sampled without its region."""
+    if source.kind != "hdf5" or not source.path.is_file():
+        return
+    try:
+        with h5py.File(source.path, "r") as file:
+            attrs = {key: storage.decode_attr(value) for key, value in file.attrs.items()}
+    except (OSError, ValueError):
+        return  # not readable: open_array names the problem
+    if attrs.get("complete") and ("num_simulations" in attrs or "sampled" in attrs):
+        raise storage.DataFileError(
+            f"{source.path} was written by this pipeline (task {attrs.get('task')!r}): give it to "
+            "the stages as it is (--data, --observations); import is for arrays made "
+            "elsewhere, and an imported copy would lose the lineage they check"
+        )
 
 
 def _plan_rows(
