@@ -589,6 +589,9 @@ def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path
     select_observation(out, 0, tmp_path / "again.h5")
     with h5py.File(tmp_path / "again.h5") as g:
         assert storage.decode_attr(g.attrs["selected_index"]) == 1
+    # A simulation file has theta and x too, and its attributes would have been copied.
+    with pytest.raises(ValueError, match=r"sims.h5 is a file of simulations, not of observ"):
+        select_observation(round0 / "sims.h5", 0, tmp_path / "sim.h5")
 
 
 def test_validation_says_how_many_test_simulations_coverage_left_out():

@@ -365,6 +365,12 @@ def select_observation(path: Path, index: int, out: Path, *, overwrite: bool = F
             attrs = {key: storage.decode_attr(value) for key, value in f.attrs.items()}
     except OSError as error:
         raise storage.unreadable(path, error) from None
+    if "num_simulations" in attrs or "sampled" in attrs:
+        raise ValueError(
+            f"{path} is a file of {'simulations' if 'num_simulations' in attrs else 'samples'}, "
+            "not of observations: select from the observations `pipeline observe` wrote "
+            "(results/EXPERIMENT/TASK/observations.h5)"
+        )
     if "reference" in attrs:
         attrs["reference"]["diagnostics"] = attrs["reference"]["diagnostics"][index : index + 1]
     with open(path, "rb") as file:
