@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from pipeline.options import (
@@ -179,6 +180,12 @@ def cmd_observe(args: argparse.Namespace) -> None:
     if args.source is not None and args.mock_of is not None:
         raise ValueError("--from reads real data and --mock-of draws mocks: give one of them")
     if args.source is not None:
+        given = [f.name for f in fields(ObserveOptions) if getattr(args, f.name, None) is not None]
+        if given or getattr(args, "options", None):
+            raise ValueError(
+                f"--from reads the observations as they are, so {', '.join(given) or '--options'}"
+                " would do nothing: leave them out, or drop --from to draw synthetic ones"
+            )
         import_observations(get_task(args.task), args.source, args.out, overwrite=args.overwrite)
         return
     make_observations(
