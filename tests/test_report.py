@@ -890,3 +890,19 @@ def test_a_report_never_removes_a_file_that_is_not_a_report(experiment: Path) ->
                 experiment, ["two_moonz"], ReportOptions(), page, config=CONFIG, summary=summary
             )
         assert precious.read_bytes().startswith(b"\x89HDF")
+
+
+def test_the_index_refuses_a_results_path_that_is_no_folder_and_keeps_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipeline.cli import main
+
+    precious = tmp_path / "observations.h5"
+    precious.write_bytes(b"\x89HDF observations")
+    assert main(["index", "--results", str(tmp_path / "nowhere"), "--out", "i.html"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["index", "--results", str(tmp_path), "--out", str(precious)]) == 2
+    assert "observations.h5 is not a results index page" in capsys.readouterr().err
+    assert precious.read_bytes().startswith(b"\x89HDF")
+    assert main(["index", "--results", str(tmp_path), "--out", str(tmp_path / "i.html")]) == 0
+    assert main(["index", "--results", str(tmp_path), "--out", str(tmp_path / "i.html")]) == 0

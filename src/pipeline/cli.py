@@ -322,7 +322,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     from pipeline.report import write_report
     from pipeline.report.index import build_index
+    from pipeline.report.stage import check_replaceable
 
+    if not Path(args.results).is_dir():
+        raise ValueError(
+            f"--results {args.results} is not a folder: give the results folder whose "
+            "experiments the index lists (results by default)"
+        )
+    if Path(args.out).exists():
+        check_replaceable(Path(args.out), "results index page")
     html = build_index(args.results)
     write_report(html, args.out)
     log.info("wrote %s (%d kB)", args.out, len(html) // 1024)

@@ -66,5 +66,5 @@ def check_replaceable(path: Path, kind: str) -> None:
             return
     raise ValueError(
         f"{path} is not a {kind} (it would be replaced): name the {kind}'s path, e.g. "
-        "results/EXPERIMENT/report.html or summary.json"
+        "results/EXPERIMENT/report.html, summary.json or results/index.html"
     )
