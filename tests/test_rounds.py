@@ -425,7 +425,7 @@ def test_shards_drawn_from_a_region_are_neither_reused_nor_merged_as_the_priors(
     for start in ("0", "300"):
         assert main(["simulate", *prior, *region, "--chunk", start]) == 0
     assert main(["merge", *prior]) == 2
-    assert "2 of 2 shards" in capsys.readouterr().err and not out.exists()
+    assert "belongs to another run" in capsys.readouterr().err and not out.exists()
     assert main(["merge", *prior, *region]) == 0
     merged = storage.read_simulations(out).theta
     truncation = Truncation.read(truncated / "truncation.json")

@@ -407,6 +407,11 @@ def test_merge_names_missing_shards_and_writes_nothing(tmp_path):
     assert not out.exists()
     with pytest.raises(ValueError, match="--chunk 700 is not the start of a chunk"):
         simulation.run_chunk(plan, task, out, 700)
+    # Another run's shards are named as such, not as missing (whose advice, to simulate the
+    # chunk, would have rewritten the other run's shard).
+    other = simulation.SimulationPlan("two_moons", 2500, 4, 1000)
+    with pytest.raises(storage.DataFileError, match=r"chunk-0+-0+1000.h5 belongs to another run"):
+        simulation.merge(other, task, out, overwrite=False)
 
 
 def test_cli_scatter_and_merge(tmp_path):

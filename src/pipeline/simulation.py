@@ -554,6 +554,13 @@ def merge(
         for p, (a, b) in zip(paths, plan.chunks(), strict=True)
     ]
     missing = [path for path, attrs in zip(paths, found, strict=True) if attrs is None]
+    for path, (start, _) in zip(paths, plan.chunks(), strict=True):
+        if path in missing and path.exists():
+            try:
+                other = storage.read_attrs(path)
+            except storage.DataFileError:
+                continue  # a shard whose writing was cut: missing, as said below
+            raise foreign_shard(path, other, identity, start, out)
     if missing:
         raise storage.DataFileError(
             f"{len(missing)} of {len(found)} shards of {out} are missing or incomplete "
@@ -651,15 +658,23 @@ def check_shards_belong(
                 f"shard {path} of {out} disappeared or broke before the merge ({error}); "
                 "another run may be writing the same --out. Rerun to recompute it"
             ) from None
-        keys = dict.fromkeys([*identity, *OPTIONAL_IDENTITY, "index_start"])
-        theirs = ", ".join(f"{key} {other.get(key)!r}" for key in keys)
-        raise storage.DataFileError(
-            f"shard {path} belongs to another run ({theirs}), not to this one "
-            f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
-            f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "
-            "--out, then rerun this one to recompute that chunk"
-        )
+        raise foreign_shard(path, other, identity, start, out)
     return found
+
+
+def foreign_shard(
+    path: Path, other: dict[str, Any], identity: dict[str, Any], start: int, out: Path
+) -> storage.DataFileError:
+    """The error for a complete shard at ``path`` (``other``: its attributes) of another run
+    than the one of ``identity`` whose chunk starts at ``start``."""
+    keys = dict.fromkeys([*identity, *OPTIONAL_IDENTITY, "index_start"])
+    theirs = ", ".join(f"{key} {other.get(key)!r}" for key in keys)
+    return storage.DataFileError(
+        f"shard {path} belongs to another run ({theirs}), not to this one "
+        f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
+        f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "
+        "--out, then rerun this one to recompute that chunk"
+    )
 
 
 def shard_revisions(found: list[dict[str, Any]], out: Path, revision: str) -> list[str]:
