@@ -499,6 +499,8 @@ def test_a_stack_out_of_order_or_with_a_round_twice_is_refused(truncated, tmp_pa
         "drawn from the prior; stack round 0": [prior, round1, prior],
         "drawn from a truncated region; stack round 0": [round1, prior],
         "repeats another file of the stack": [prior, round1, round1],
+        # Observations have theta and x too; the error was a bare "num_simulations".
+        "observations.h5 is not a round's simulations": [truncated / "observations.h5"],
     }
     for message, sources in cases.items():
         with pytest.raises(ValueError, match=message):

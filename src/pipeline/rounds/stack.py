@@ -26,6 +26,12 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
     found = [storage.read_attrs(source, task=task) for source in sources]
     proposals = [json.dumps(attrs.get("proposal"), sort_keys=True) for attrs in found]
     seeds = [attrs.get("seed") for attrs in found]
+    for source, attrs in zip(sources, found, strict=True):
+        if "seed" not in attrs or "num_simulations" not in attrs or attrs.get("imported"):
+            raise ValueError(
+                f"{source} is not a round's simulations (`pipeline simulate`'s, with a seed): "
+                "stack the files the rounds simulated, round 0's from the prior first"
+            )
     for index, (source, attrs) in enumerate(zip(sources, found, strict=True)):
         if (attrs.get("proposal") is None) != (index == 0):
             drawn = "the prior" if attrs.get("proposal") is None else "a truncated region"
