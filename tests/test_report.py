@@ -639,17 +639,24 @@ def test_stage_run_times_come_from_snakemake_benchmarks(experiment: Path, png: b
 
 
 def write_budget(task_dir: Path, n: int, values: list[Any], **changes: Any) -> None:
-    """Writes budget-N/c2st.json; ``changes`` replace its top-level fields."""
+    """Writes budget-N/c2st.json and, but at the main model's 1000 simulations, the budget's
+    model trained on N; ``changes`` replace the score's top-level fields."""
     numbers = all(isinstance(v, float) for v in values)
     mean, top = (sum(values) / len(values), max(values)) if numbers else (0.5, 0.5)
+    folder = task_dir / f"budget-{n}"
+    model = task_dir / "model"
+    if n != 1000:
+        model = folder / "model"
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "posterior.pt").write_bytes(f"the weights of budget {n}".encode())
+        spec = posterior_json(task_dir.name) | {"num_train": n - n // 10, "num_val": n // 10}
+        (model / "posterior.json").write_text(json.dumps(spec))
     data = {
         "task": task_dir.name,
         "budget": n,
         "c2st": {"per_observation": values, "mean": mean, "max": top},
-        # No budget-N/model here: the budget's samples are the main model's.
-        "model_digest": file_digest(task_dir / "model" / "posterior.pt"),
+        "model_digest": file_digest(model / "posterior.pt"),
     }
-    folder = task_dir / f"budget-{n}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "c2st.json").write_text(json.dumps({**data, **changes}))
 
@@ -690,20 +697,22 @@ def test_budget_study_missing_or_wrong_file(experiment: Path) -> None:
     write_budget(experiment / "two_moons", 500, [0.6, "x"])
     with pytest.raises(ResultsError, match=r"c2st.per_observation\[1\] should be of type float"):
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
-    # Samples of another model (its own budget-N/model, or an untrained one) scored as budget N.
+    # Samples of another model (an untrained one) scored as budget N.
     write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest="0123abcd")
-    with pytest.raises(ResultsError, match=r"scores samples of other weights .* budget 500"):
-        build_report(experiment, ["two_moons"], budgets=[500], **settings)
-    (experiment / "two_moons" / "budget-500" / "model").mkdir()
-    (experiment / "two_moons" / "budget-500" / "model" / "posterior.pt").write_bytes(b"w500")
     with pytest.raises(ResultsError, match=r"other weights .* than .*budget-500/model/posterior"):
         build_report(experiment, ["two_moons"], budgets=[500], **settings)
-    weights = experiment / "two_moons" / "budget-500" / "model" / "posterior.pt"
-    write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=file_digest(weights))
-    build_report(experiment, ["two_moons"], budgets=[500], **settings)
-    # A budget that reuses the main model now, beside a model of its own left from before.
     write_budget(experiment / "two_moons", 500, [0.6, 0.7])
     build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    # The main model's samples (1000 simulations) under the label of budget 500.
+    main = file_digest(experiment / "two_moons" / "model" / "posterior.pt")
+    write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=main)
+    with pytest.raises(ResultsError, match=r"trained on 1000 simulations, as budget 500"):
+        build_report(experiment, ["two_moons"], budgets=[500], **settings)
+    # A budget that reuses the main model now, beside a model of its own left from before.
+    write_budget(experiment / "two_moons", 1000, [0.6, 0.7])
+    (experiment / "two_moons" / "budget-1000" / "model").mkdir()
+    (experiment / "two_moons" / "budget-1000" / "model" / "posterior.pt").write_bytes(b"old")
+    build_report(experiment, ["two_moons"], budgets=[1000], **settings)
     write_budget(experiment / "two_moons", 500, [0.6, 0.7], model_digest=None)
     with pytest.raises(ResultsError, match=r"does not record which model drew the samples"):
         build_report(experiment, ["two_moons"], budgets=[500], **settings)

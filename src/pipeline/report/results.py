@@ -278,12 +278,24 @@ def read_budget(task_dir: Path, task: str, budget: int) -> BudgetScore:
     candidates = [task_dir / f"budget-{budget}" / "model", task_dir / "model"]
     weights = [folder / "posterior.pt" for folder in candidates]
     weights = [path for path in weights if path.exists()]
-    if weights and score.model_digest not in {file_digest(path) for path in weights}:
+    matched = [path for path in weights if file_digest(path) == score.model_digest]
+    if weights and not matched:
         raise ResultsError(
             f"{path} scores samples of other weights (digest {score.model_digest}) than "
             f"{' or '.join(map(str, weights))}: sample and score budget {budget} of task "
             f"{task} again"
         )
+    # The budget is a label the score was given: the model says what it was trained on.
+    spec_path = matched[0].with_name("posterior.json") if matched else None
+    if spec_path is not None and spec_path.exists():
+        spec = read_json(spec_path, f"run the budget study (simulate.budgets) for task {task}")
+        keys = ("num_train", "num_val", "num_nonfinite_excluded")
+        trained_on = sum(int(spec.get(key, 0)) for key in keys)
+        if trained_on != budget:
+            raise ResultsError(
+                f"{path} scores {matched[0]}, trained on {trained_on} simulations, as budget "
+                f"{budget}: sample and score budget {budget}'s own model"
+            )
     return score
 
 
