@@ -16,6 +16,10 @@ from pipeline import cli
         (["observe", "--task", "two_moons", "--num-observations", "1", "--seed", "1"], "obs.h5"),
         (["sample", "--model", "model", "--observations", "obs.h5", "--num-samples", "5"], "s.h5"),
         (["train", "--data", "sims.h5"], "model/posterior.pt"),
+        (
+            ["c2st", "--observation-samples", "s.h5", "--observations", "obs.h5", "--budget", "9"],
+            "c.json",
+        ),
     ],
 )
 def test_an_existing_output_is_kept_and_named(tmp_path: Path, capsys, stage, target) -> None:

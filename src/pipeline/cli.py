@@ -292,9 +292,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_c2st(args: argparse.Namespace) -> None:
+    from pipeline.atomic import check_new
     from pipeline.validation import score_budget
 
     options = C2stOptions.from_args(args)
+    check_new(args.out, overwrite=args.overwrite)
     score_budget(
         args.observation_samples,
         args.observations,
@@ -598,6 +600,7 @@ def _validation_commands(add: AddCommand) -> None:
     p.add_argument("--observations", type=Path, required=True)
     C2stOptions.add_flags(p, required="budget")
     p.add_argument("--out", type=Path, required=True, help="JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _report_commands(add: AddCommand) -> None:

@@ -54,4 +54,4 @@ rule score_budget:
         "pipeline c2st --observation-samples {input.observation_samples:q}"
         " --observations {input.observations:q} --budget {wildcards.budget} --seed {params.seed:q}"
         " --folds {params.c2st_folds:q} --max-samples {params.c2st_max_samples:q}"
-        " --out {output:q} --log {log:q}"
+        " --out {output:q} --overwrite --log {log:q}"
