@@ -198,6 +198,10 @@ def test_a_virtual_dataset_of_complete_files_is_imported(tmp_path: Path) -> None
     joined = tmp_path / "joined.h5"
     import_simulations(TASK, f"{joined}:theta", f"{joined}:x", tmp_path / "out.h5")
     assert storage.read_simulations(tmp_path / "out.h5").x.shape == (100, 2)
+    # Without its source file its rows read as zeros: refused.
+    (tmp_path / "part.h5").unlink()
+    with pytest.raises(storage.DataFileError, match=r"source files are missing \(.*part.h5\)"):
+        import_simulations(TASK, f"{joined}:theta", f"{joined}:x", tmp_path / "again.h5")
 
 
 def test_nonfinite_rows_are_kept_counted_and_logged(

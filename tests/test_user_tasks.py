@@ -492,7 +492,7 @@ def test_observe_from_refuses_to_replace_an_output_without_overwrite(tmp_path, c
     assert read_reference(out)[1].shape == (1, 50)
     # Options of synthetic observations do nothing to real ones: refused, not ignored.
     assert cli.main([*args, "--overwrite", "--num-observations", "7", "--seed", "9"]) == 2
-    assert "num_observations, seed would do nothing" in capsys.readouterr().err
+    assert "--num-observations, --seed would do nothing" in capsys.readouterr().err
 
 
 def test_editing_a_task_file_never_reuses_simulations_of_the_old_definition(tmp_path):

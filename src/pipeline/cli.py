@@ -180,7 +180,11 @@ def cmd_observe(args: argparse.Namespace) -> None:
     if args.source is not None and args.mock_of is not None:
         raise ValueError("--from reads real data and --mock-of draws mocks: give one of them")
     if args.source is not None:
-        given = [f.name for f in fields(ObserveOptions) if getattr(args, f.name, None) is not None]
+        given = [
+            "--" + f.name.replace("_", "-")
+            for f in fields(ObserveOptions)
+            if getattr(args, f.name, None) is not None
+        ]
         if given or getattr(args, "options", None):
             raise ValueError(
                 f"--from reads the observations as they are, so {', '.join(given) or '--options'}"

@@ -257,7 +257,19 @@ def _check_written(dataset: h5py.Dataset, name: str) -> None:
     choice for compressed or resizable ones) is checked chunk by chunk; a contiguous one only
     for never having been written, since its first write allocates all of it; a virtual one
     (another file's rows) not here."""
-    if dataset.size == 0 or dataset.is_virtual:
+    if dataset.size == 0:
+        return
+    if dataset.is_virtual:
+        # Rows of files that are gone read as the fill value too.
+        here = Path(dataset.file.filename).parent
+        gone = sorted(
+            {s.file_name for s in dataset.virtual_sources() if not (here / s.file_name).exists()}
+        )
+        if gone:
+            raise storage.DataFileError(
+                f"{name}: a virtual dataset whose source files are missing ({', '.join(gone)}): "
+                "their rows would read as the fill value. Put them back beside it"
+            )
         return
     if dataset.chunks is not None:
         needed = math.prod(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
@@ -553,7 +565,8 @@ def _check_not_ours(source: Source) -> None:
             attrs = {key: storage.decode_attr(value) for key, value in file.attrs.items()}
     except (OSError, ValueError):
         return  # not readable: open_array names the problem
-    if attrs.get("complete") and ("num_simulations" in attrs or "sampled" in attrs):
+    ours = attrs.get("complete") and "provenance" in attrs and "task" in attrs
+    if ours and ("num_simulations" in attrs or "sampled" in attrs):
         raise storage.DataFileError(
             f"{source.path} was written by this pipeline (task {attrs.get('task')!r}): give it to "
             "the stages as it is (--data, --observations); import is for arrays made "

@@ -560,6 +560,13 @@ def merge(
                 other = storage.read_attrs(path)
             except storage.DataFileError:
                 continue  # a shard whose writing was cut: missing, as said below
+            differ = [k for k in identity if other.get(k) != identity[k]]
+            if differ == ["task_digest"]:
+                raise storage.DataFileError(
+                    f"shard {path} was simulated by an earlier definition of task {plan.task!r} "
+                    f"(its files changed since): simulate that chunk again (pipeline simulate "
+                    f"--chunk {start}), then merge"
+                )
             raise foreign_shard(path, other, identity, start, out)
     if missing:
         raise storage.DataFileError(

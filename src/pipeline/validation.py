@@ -440,13 +440,13 @@ def _simulate_summaries(task: Task, theta: np.ndarray, rng: np.random.Generator)
 
     Simulated 1000 rows at a time: 10^5 predictive maps of 128^2 pixels would take 13 GB.
     """
-    before = global_random_state()
-    blocks = [
-        # Copies: a simulator may convert its parameters in place, and these are the samples'.
-        task.summary(task.simulate(theta[i : i + 1000].copy(), rng))
-        for i in range(0, len(theta), 1000)
-    ]
-    check_own_randomness(task, before)
+    blocks = []
+    for i in range(0, len(theta), 1000):
+        before = global_random_state()
+        # A copy: a simulator may convert its parameters in place, and these are the samples'.
+        x = task.simulate(theta[i : i + 1000].copy(), rng)
+        check_own_randomness(task, before)
+        blocks.append(task.summary(x))
     return np.concatenate(blocks) if blocks else np.empty((0, task.summary_size))
 
 

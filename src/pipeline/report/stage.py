@@ -37,11 +37,15 @@ def report_experiment(
     )
     # A report that fails must leave no verdict of earlier results for the index to show; but
     # only a page or summary is removed, never a file a mistyped path names.
-    for stale, kind in ((out, "report page"), (summary, "summary")):
-        if stale is not None and Path(stale).exists():
-            check_replaceable(Path(stale), kind)
-            Path(stale).unlink()
-            log.info("removed %s, the %s of earlier results", stale, kind)
+    named = ((out, "report page"), (summary, "summary"))
+    stale = [
+        (Path(path), kind) for path, kind in named if path is not None and Path(path).exists()
+    ]
+    for path, kind in stale:
+        check_replaceable(path, kind)
+    for path, kind in stale:
+        path.unlink()
+        log.info("removed %s, the %s of earlier results", path, kind)
     results = load_results(experiment_dir, tasks, budgets, specs, rounds)
     settings = {"config": config, "thresholds": thresholds, "title": options.title}
     html = render_report(experiment_dir, results, **settings)
@@ -55,15 +59,17 @@ def check_replaceable(path: Path, kind: str) -> None:
     """Raises unless ``path`` is a report page (HTML) or a summary (its JSON), which the stage
     replaces: any other file at the path was named by mistake and is kept."""
     try:
-        head = path.read_bytes()[:4096]
+        with open(path, "rb") as file:
+            head = file.read(4096)
         if kind == "summary":
-            check_summary(json.loads(path.read_text()))
+            # A summary is small JSON: a large file named by mistake is not read whole.
+            if head.lstrip().startswith(b"{") and path.stat().st_size < 2**24:
+                check_summary(json.loads(path.read_text()))
+                return
+        elif head.lstrip().lower().startswith(b"<!doctype html"):
             return
     except (OSError, ValueError, UnicodeDecodeError):
         pass
-    else:
-        if head.lstrip().lower().startswith(b"<!doctype html"):
-            return
     raise ValueError(
         f"{path} is not a {kind} (it would be replaced): name the {kind}'s path, e.g. "
         "results/EXPERIMENT/report.html, summary.json or results/index.html"
