@@ -203,22 +203,7 @@ def test_observe_refuses_a_simulator_whose_x_has_another_shape(tmp_path, capsys)
     assert not out.exists()
 
 
-# A task class whose simulator takes its shift from a helper module beside its file.
-MODEL_WITH_HELPER = """
-    from impl import SHIFT
-    from pipeline.tasks import BoxUniform, Task
-
-    class Model(Task):
-        parameter_names = ("a",)
-        parameter_units = ("",)
-        x_shape = (1,)
-        prior = BoxUniform((0.0,), (1.0,))
-
-        def simulate(self, theta, rng):
-            return theta + SHIFT
-    """
-
-
+# A task class of one parameter whose simulator's body is {body}.
 SIMULATOR_OF = """
     from pipeline.tasks import BoxUniform, Task
 
@@ -231,6 +216,10 @@ SIMULATOR_OF = """
         def simulate(self, theta, rng):
             {body}
     """
+# One whose simulator takes its shift from a helper module beside its file.
+MODEL_WITH_HELPER = "\n    from impl import SHIFT" + SIMULATOR_OF.format(
+    body="return theta + SHIFT"
+)
 
 
 def test_a_simulator_that_converts_its_parameters_in_place_leaves_the_stored_ones(tmp_path):

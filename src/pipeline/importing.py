@@ -214,8 +214,7 @@ def _open_npz(source: Source, name: str) -> Iterator[Rows]:
             f"by numpy.savez?): {error}"
         ) from None
     with archive:
-        present = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
-        member = _choose_member(source, present, name, "array")
+        member = _npz_member(archive, source, name)
         info = archive.getinfo(f"{member}.npy")
         with archive.open(info) as file:
             shape, fortran, dtype = _read_header(file, name, "an array saved by numpy.savez")
@@ -239,13 +238,7 @@ def _open_hdf5(source: Source, name: str) -> Iterator[Rows]:
             f"{name}: {source.path} is not a readable HDF5 file (truncated or corrupt?): {error}"
         ) from None
     with file:
-        found = file.get(source.member) if source.member is not None else None
-        if not isinstance(found, h5py.Dataset):
-            present: list[str] = []
-            file.visititems(
-                lambda path, obj: present.append(path) if isinstance(obj, h5py.Dataset) else None
-            )
-            found = file[_choose_member(source, present, name, "dataset")]
+        found = _hdf5_dataset(file, source, name)
         _check_real(found.dtype, name)
         _check_written(found, name)
         yield _HDF5Rows(found, name)
@@ -309,6 +302,24 @@ class _HDF5Rows:
                 f"cannot read {self.name} (corrupt or truncated file?): {error}"
             ) from None
         return block
+
+
+def _npz_member(archive: zipfile.ZipFile, source: Source, name: str) -> str:
+    """The array of ``archive`` that ``source`` names, or its only one."""
+    present = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+    return _choose_member(source, present, name, "array")
+
+
+def _hdf5_dataset(file: h5py.File, source: Source, name: str) -> h5py.Dataset:
+    """The dataset of ``file`` that ``source`` names, or its only one."""
+    found = file.get(source.member) if source.member is not None else None
+    if isinstance(found, h5py.Dataset):
+        return found
+    present: list[str] = []
+    file.visititems(
+        lambda path, obj: present.append(path) if isinstance(obj, h5py.Dataset) else None
+    )
+    return file[_choose_member(source, present, name, "dataset")]
 
 
 def _choose_member(source: Source, present: list[str], name: str, what: str) -> str:
@@ -407,21 +418,12 @@ def resolved_member(source: Source) -> str | None:
     dataset's path without its leading slash, the only one where none was named), so that one
     array has one name in a file's lineage whichever way it was written. ``source`` must open
     (:func:`open_array` checked it)."""
-    name = str(source)
     if source.kind == "npz":
         with zipfile.ZipFile(source.path) as archive:
-            present = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
-        return _choose_member(source, present, name, "array")
+            return _npz_member(archive, source, str(source))
     if source.kind == "hdf5":
         with h5py.File(source.path, "r") as file:
-            found = file.get(source.member) if source.member is not None else None
-            if isinstance(found, h5py.Dataset):
-                return found.name.strip("/")
-            present: list[str] = []
-            file.visititems(
-                lambda path, obj: present.append(path) if isinstance(obj, h5py.Dataset) else None
-            )
-        return _choose_member(source, present, name, "dataset")
+            return _hdf5_dataset(file, source, str(source)).name.strip("/")
     return None
 
 
