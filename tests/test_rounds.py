@@ -156,6 +156,33 @@ def test_a_region_that_holds_nothing_stops_naming_the_quantile(truncated):
         truncate(round0 / "model", round0 / "observations.h5", 0, strict)
 
 
+def test_a_lower_floor_lets_a_region_be_sampled_and_changes_no_draw(truncated, tmp_path):
+    """The floor the rounds' error advises lowering is given to the simulate job apart from
+    the truncation file (so the rounds before it are kept): it decides whether sampling stops,
+    never which parameters are drawn."""
+    models = [truncated / "model"]
+    recorded = Truncation.read(truncated / "truncation.json").__dict__
+    # A recorded mass of 1 sizes the first batch for a region holding every prior draw, so a
+    # region of about a tenth of the prior needs more batches than a floor of 1 allows.
+    for name, floor in [("strict", 1.0), ("loose", 1e-3)]:
+        changed = {"prior_mass": 1.0, "min_prior_mass": floor}
+        Truncation(**recorded | changed).write(tmp_path / f"{name}.json", overwrite=False)
+    with pytest.raises(TruncationError, match="below min_prior_mass 1\\).*--min-prior-mass"):
+        load_region(tmp_path / "strict.json", models, TASK.prior).sample(
+            200, np.random.default_rng(5)
+        )
+    lowered = load_region(tmp_path / "strict.json", models, TASK.prior, min_prior_mass=1e-3)
+    loose = load_region(tmp_path / "loose.json", models, TASK.prior)
+    np.testing.assert_array_equal(
+        lowered.sample(200, np.random.default_rng(5)), loose.sample(200, np.random.default_rng(5))
+    )
+    flags = ["--truncation", str(tmp_path / "strict.json"), "--model", str(models[0])]
+    command = ["simulate", "--task", "two_moons", "--num-simulations", "50", *flags]
+    assert main([*command, "--out", str(tmp_path / "sims.h5"), "--min-prior-mass", "1e-3"]) == 0
+    assert main([*command, "--out", str(tmp_path / "no.h5"), "--min-prior-mass", "0"]) == 2
+    assert not (tmp_path / "no.h5").exists()
+
+
 def test_a_prior_mass_resting_on_few_prior_draws_is_warned_about(round0, caplog):
     # The proposal weights of the next rounds are one over the regions' masses.
     few = TruncateOptions(quantile=0.1, draws=2000, prior_draws=500, min_prior_mass=1e-3)

@@ -592,6 +592,11 @@ def test_a_rounds_experiment_plans_with_its_own_seeds_and_default_options_left_o
     assert truncate, plan.stdout
     # A default a round never needed stays out of its params: adding it reran no round.
     assert all("mcmc_extensions" not in line for line in truncate)
+    # The floor reaches the jobs that sample a region outside their params (below).
+    assert all("min_prior_mass" not in line for line in truncate)
+    assert all("--min-prior-mass 0.0001" in line for line in truncate)
+    simulate = [line for line in plan.stdout.splitlines() if "pipeline simulate" in line]
+    assert simulate and all("--min-prior-mass 0.0001" in line for line in simulate)
 
 
 def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round_alone(
@@ -624,6 +629,11 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     metrics = json.loads((task / "validation/metrics.json").read_text())
     assert metrics["misspecification"] is None
     assert "misspecification : the test simulations come from the last round&#39;s region" in text
+    # Lowering the floor, as a round's error advises, reruns none of the jobs that computed
+    # something (the report records the whole config).
+    lower = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS | {"min_prior_mass": 1e-6})
+    plan = snakemake(workdir, "-n", "--configfile", str(lower))
+    assert set(planned_jobs(plan)) == {"report", "index", "all"}, plan.stdout
     more = write_config(workdir, tasks=["two_moons"], rounds=ROUNDS | {"simulations": [300] * 3})
     plan = snakemake(workdir, "-n", "--configfile", str(more))
     assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr

@@ -90,13 +90,19 @@ def _task_and_plan(args: argparse.Namespace, options: SimulateOptions):
         raise ValueError("--truncation and --model go together: the region and its posterior")
     if args.region_models and args.truncation is None:
         raise ValueError("--region-models are the models of --truncation's region; pass both")
+    floor = getattr(args, "min_prior_mass", None)
+    if floor is not None and not 0 < floor <= 1:
+        raise ValueError(
+            f"--min-prior-mass {floor:g}: it is the share of prior draws a --truncation's "
+            "region must hold, in (0, 1]"
+        )
     if args.truncation is None:
         return task, plan
     from dataclasses import replace
 
     from pipeline.rounds.region import truncated_task
 
-    task = truncated_task(task, args.task, args.truncation, args.model, args.region_models)
+    task = truncated_task(task, args.task, args.truncation, args.model, args.region_models, floor)
     return task, replace(plan, proposal=task.proposal)
 
 
@@ -422,6 +428,14 @@ def _simulation_commands(add: AddCommand) -> None:
         metavar="START",
         help="simulate only the chunk starting at index START into its shard; no merge "
         "(scatter/gather: one job per chunk, then `pipeline merge`)",
+    )
+    p.add_argument(
+        "--min-prior-mass",
+        type=float,
+        metavar="FRACTION",
+        help="with --truncation: stop when fewer than this share of prior draws falls in the "
+        "region (default: the truncation's own; it changes no draw, only when to stop; "
+        "without --truncation it has nothing to act on)",
     )
     add("merge", cmd_merge, "join the shards of `simulate --chunk` jobs into one file", [plan])
 

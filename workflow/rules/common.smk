@@ -37,6 +37,10 @@ TASK_OBJECTS = resolve_tasks(
 ROUNDS = config["rounds"]
 ROUNDED = ROUNDS["tasks"]
 NUM_ROUNDS = len(ROUNDS["simulations"])
+# The smallest prior mass of a region decides only whether a round stops, never what it
+# computes, so the jobs get it outside their params: lowering it, as a round's error advises,
+# reruns none of the rounds already made.
+MIN_PRIOR_MASS = ROUNDS["min_prior_mass"]
 # Tasks whose training set the simulate rules make, and whose model the train rule trains;
 # rounded tasks get both from their rounds (rounds.smk).
 SIMULATED = [n for n in config["tasks"] if n not in config["data"] and n not in ROUNDED]
@@ -392,10 +396,12 @@ def check_rounds():
 
 
 def truncate_options():
-    """The truncate stage's options: the rounds section's keys that TruncateOptions names,
-    mcmc_extensions only where it is not its default (an NPE round never uses it, and a new
-    key in a job's params would rerun every round made before it existed)."""
+    """The truncate stage's options: the rounds section's keys that TruncateOptions names but
+    min_prior_mass (MIN_PRIOR_MASS), mcmc_extensions only where it is not its default (an NPE
+    round never uses it, and a new key in a job's params would rerun every round made before
+    it existed)."""
     options = json.loads(stage_options(TruncateOptions, "rounds"))
+    del options["min_prior_mass"]
     default = TruncateOptions.mcmc_extensions
     if options.get("mcmc_extensions") == default:
         del options["mcmc_extensions"]

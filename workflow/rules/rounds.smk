@@ -56,7 +56,7 @@ if ROUNDED:
         shell:
             "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
             " --options {params.options:q} {params.proposal:q} --fit-chunks --out {output:q}"
-            " --overwrite --log {log:q}"
+            " --min-prior-mass {MIN_PRIOR_MASS} --overwrite --log {log:q}"
 
 
     rule round_stack:
@@ -126,7 +126,7 @@ if ROUNDED:
         shell:
             "pipeline truncate --model {params.model_dir:q} --observations {input.observation:q}"
             " --index 0 {params.within:q} --options {params.options:q} --out {output:q}"
-            " --threads {threads}"
+            " --min-prior-mass {MIN_PRIOR_MASS} --threads {threads}"
             " --overwrite --log {log:q}"
 
 
@@ -175,4 +175,4 @@ if ROUNDED:
         shell:
             "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
             " --options {params.options:q} {params.proposal:q} --fit-chunks --out {output:q}"
-            " --overwrite --log {log:q}"
+            " --min-prior-mass {MIN_PRIOR_MASS} --overwrite --log {log:q}"

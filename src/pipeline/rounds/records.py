@@ -105,5 +105,6 @@ def region_advice(quantile: float) -> str:
     return (
         f"the posterior is too narrow for its region to be sampled from the prior. Lower "
         f"rounds.quantile (now {quantile:g}) to widen the region, lower "
-        "rounds.min_prior_mass to accept slower rejection, or run fewer rounds"
+        "rounds.min_prior_mass (the stages' --min-prior-mass) to accept slower rejection, or "
+        "run fewer rounds"
     )

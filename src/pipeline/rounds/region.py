@@ -53,6 +53,8 @@ class TruncatedPrior:
         x_obs: The observation, shape ``x_shape``.
         truncation: The thresholds, the region's prior mass (which sizes the batches) and the
             acceptance rate below which sampling stops with :class:`TruncationError`.
+        min_prior_mass: That acceptance rate instead of the one ``truncation`` records (the
+            floor decides only whether sampling stops, never which draws it keeps).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class TruncatedPrior:
         posteriors: Sequence[NeuralPosterior],
         x_obs: np.ndarray,
         truncation: Truncation,
+        min_prior_mass: float | None = None,
     ) -> None:
         if len(posteriors) != len(truncation.levels):
             raise ValueError(
@@ -71,6 +74,7 @@ class TruncatedPrior:
         self.posteriors = list(posteriors)
         self.x_obs = torch.as_tensor(np.asarray(x_obs, dtype=np.float32))
         self.truncation = truncation
+        self.min_prior_mass = min_prior_mass or truncation.min_prior_mass
 
     @torch.no_grad()
     def log_q(self, theta: np.ndarray, level: int = -1) -> np.ndarray:
@@ -106,8 +110,9 @@ class TruncatedPrior:
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` draws of the truncated prior, shape ``(n, D)``; ``rng`` is the only source of
         randomness (batches are sized from the recorded prior mass, not from timing)."""
-        floor = self.truncation.min_prior_mass
-        batch = min(max(math.ceil(1.2 * n / max(self.truncation.prior_mass, floor)), 64), 10**6)
+        floor = self.min_prior_mass
+        # Sized by the recorded mass alone, so that the floor never changes the draws.
+        batch = min(max(math.ceil(1.2 * n / max(self.truncation.prior_mass, 1e-6)), 64), 10**6)
         limit = n / floor
         kept, count, drawn = [], 0, 0
         while count < n:
@@ -183,10 +188,12 @@ def truncated_task(
     truncation_path: Path,
     model: Path,
     within_models: Sequence[Path] = (),
+    min_prior_mass: float | None = None,
 ) -> TruncatedTask:
     """``task`` (given as ``spec``: its name or import path) simulating from the region of
     ``truncation_path``, defined by the posterior in ``model`` inside the regions of the
-    earlier rounds' posteriors ``within_models`` (round 0's first); raises naming the files if
+    earlier rounds' posteriors ``within_models`` (round 0's first), stopping below
+    ``min_prior_mass`` (the truncation's own floor by default); raises naming the files if
     the truncation is of another task or was made from other posteriors."""
     truncated_for = Truncation.read(truncation_path).task
     if truncated_for != spec:
@@ -195,7 +202,7 @@ def truncated_task(
             "simulate that task's rounds with its own truncation"
         )
     models = [*map(Path, within_models), Path(model)]
-    region = load_region(truncation_path, models, task.prior)
+    region = load_region(truncation_path, models, task.prior, min_prior_mass=min_prior_mass)
     files = (Path(truncation_path), *(folder / WEIGHTS for folder in models))
     return TruncatedTask(task, region, files)
 
@@ -205,10 +212,12 @@ def load_region(
     models: Sequence[Path],
     prior: Prior,
     loaded: dict[Path, tuple[NeuralPosterior, dict]] | None = None,
+    min_prior_mass: float | None = None,
 ) -> TruncatedPrior:
     """The region of ``truncation_path`` for the posteriors in ``models`` (round 0's first, the
     one it was made from last); raises unless those are, in order, the weights that defined
-    its levels. ``loaded``: posteriors already in memory (with their JSON), by folder."""
+    its levels. ``loaded``: posteriors already in memory (with their JSON), by folder;
+    ``min_prior_mass``: as :class:`TruncatedPrior`'s."""
     truncation = Truncation.read(truncation_path)
     levels = truncation.levels
     if len(models) != len(levels):
@@ -234,7 +243,7 @@ def load_region(
             )
         posteriors.append(posterior)
     x_obs = np.asarray(truncation.x_obs, dtype=np.float32).reshape(posteriors[-1].spec.x_shape)
-    return TruncatedPrior(prior, posteriors, x_obs, truncation)
+    return TruncatedPrior(prior, posteriors, x_obs, truncation, min_prior_mass)
 
 
 def region_of_model(
