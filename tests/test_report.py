@@ -810,6 +810,38 @@ def test_skipped_checks_and_real_observations_are_said_so(tmp_path: Path, png: b
     assert "Posterior predictive check n/a — the task has no simulator" in text
 
 
+def test_each_observations_posterior_is_tabulated_with_units_truth_or_none(
+    tmp_path: Path, png: bytes
+) -> None:
+    """The estimates a researcher cites: median and intervals per observation and parameter,
+    in the task's units; the truth column only where the observations have one; files written
+    before the estimates were recorded build a page without the table."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.02, 0.03)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    values = [[[0.1, 0.2, 0.3, 0.4, 0.5], [60.0, 65.5, 67.25, 69.0, 74.0]]] * 2
+    estimates = {"observation_index": [0, 1], "units": ["", "km / (Mpc s)"], "values": values}
+    path.write_text(json.dumps(metrics | {"estimates": estimates | {"truth": [[0.3, 68.0]] * 2}}))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert "Posterior at the observations" in text
+    header = "Observation Parameter Median 68 % interval 95 % interval Truth"
+    assert header in text
+    assert "1 theta_1 [km / (Mpc s)] 67.25 65.5 to 69 60 to 74 68" in text
+    assert "0 theta_0 0.3 0.2 to 0.4 0.1 to 0.5 0.3" in text
+    path.write_text(json.dumps(metrics | {"estimates": estimates}))  # real observations
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert header.removesuffix(" Truth") + " 0 theta_0" in text
+    wrong = estimates | {"units": [""]}
+    path.write_text(json.dumps(metrics | {"estimates": wrong}))
+    with pytest.raises(ResultsError, match="estimates: one set of quantiles per parameter's unit"):
+        build(tmp_path, ["two_moons"])
+    path.write_text(json.dumps(metrics | {"estimates": wrong | {"values": [values[0][:1]] * 2}}))
+    with pytest.raises(ResultsError, match="estimates.units: one unit per parameter"):
+        build(tmp_path, ["two_moons"])
+    path.write_text(json.dumps(metrics))
+    assert "Posterior at the observations" not in build(tmp_path, ["two_moons"])
+
+
 def test_a_users_task_is_checked_against_its_spec(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "mine", png, None, 0.02, 0.03)
     for name in ("model/posterior.json", "validation/metrics.json"):

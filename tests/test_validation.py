@@ -7,8 +7,10 @@ one. The stage must pass the first and flag the second in every diagnostic that 
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -17,16 +19,19 @@ import pytest
 from scipy import stats
 
 from pipeline import diagnostics
+from pipeline.metrics import ESTIMATE_QUANTILES as QUANTILES
 from pipeline.metrics import ValidationMetrics
 from pipeline.observations import make_observations
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
 from pipeline.validation import (
+    _estimates,
     _predictive_at_observations,
     _predictive_coverage,
     _widths,
     score_budget,
     validate,
+    write_estimates_csv,
 )
 
 NUM_TEST = 300
@@ -137,6 +142,9 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     tests = metrics.misspecification
     assert len(tests.typicality) == len(tests.surprise) == len(tests.pvalue) == 3
     assert all(0 < p <= 1 for p in tests.typicality + tests.surprise + tests.pvalue)
+    # Each observation's estimates, beside the metrics as a table: one row per parameter.
+    assert len(metrics.estimates.values) == 3 and metrics.estimates.units == [""] * 10
+    assert (experiment / "shrink-1.0" / "estimates.csv").read_text().count("\n") == 1 + 3 * 10
 
 
 @pytest.mark.slow  # as above
@@ -291,6 +299,35 @@ def test_map_task_is_checked_on_summaries_and_against_the_fisher_bound(tmp_path:
     for name in task.parameter_names:
         assert 0.6 < widths.reference_over_cramer_rao.mean[name] < 1.3, widths
     assert np.array(widths.cramer_rao_std).shape == (2, 2)
+
+
+def test_the_estimates_are_each_observations_quantiles_in_its_units(tmp_path: Path) -> None:
+    """Median and central intervals per observation and parameter: the quantiles of the finite
+    draws, the truth of the observations that were sampled, and a CSV that reads back."""
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(3, 4000, 2)) * [0.1, 2.0] + [0.3, 67.0]
+    samples[1, :10, 0] = np.nan  # draws of no density are left out, not the observation
+    observed = {
+        "samples": samples,
+        "x": np.zeros((3, 1)),
+        "attrs": {"observation_index": [0, 2, 4]},
+    }
+    theta_obs = rng.normal(size=(5, 2))
+    task = SimpleNamespace(parameter_units=("", "km / (Mpc s)"))
+    estimates = _estimates(task, observed, theta_obs)
+    assert estimates.observation_index == [0, 2, 4] and estimates.units == ["", "km / (Mpc s)"]
+    np.testing.assert_allclose(estimates.values[2][1], np.quantile(samples[2, :, 1], QUANTILES))
+    np.testing.assert_allclose(estimates.values[1][0], np.quantile(samples[1, 10:, 0], QUANTILES))
+    assert estimates.truth == theta_obs[[0, 2, 4]].tolist()
+    assert _estimates(task, observed, None).truth is None
+    names = ["Omega_m", "H_0, local"]  # a comma in a name stays one cell
+    write_estimates_csv(estimates, names, tmp_path / "estimates.csv")
+    with open(tmp_path / "estimates.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and rows[1]["parameter"] == "H_0, local"
+    assert rows[5]["observation"] == "4" and rows[5]["unit"] == "km / (Mpc s)"
+    assert float(rows[5]["q0.5"]) == estimates.values[2][1][2]  # no digit lost
+    assert float(rows[5]["truth"]) == theta_obs[4, 1]
 
 
 def test_widths_refuse_a_reference_without_spread() -> None:

@@ -207,6 +207,37 @@ class Recovery:
     num_observations: int
 
 
+# The quantiles :class:`Estimates` gives: the central 95 % and 68 % intervals and the median.
+ESTIMATE_QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What each observation's posterior says of each parameter, in the task's units: the
+    quantiles :data:`ESTIMATE_QUANTILES` of its samples (the median and the central 68 % and
+    95 % intervals).
+
+    ``values[k][d]`` holds the five quantiles of parameter ``d`` at row ``k`` of the
+    observation samples, which is observation ``observation_index[k]`` of the observations
+    file; ``units[d]`` is an astropy unit string (``""``: dimensionless); ``truth[k][d]`` is
+    the parameter that made a synthetic observation (None for real data).
+    """
+
+    observation_index: list[int]
+    units: list[str]
+    values: list[list[list[float]]]
+    truth: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        rows = len(self.observation_index)
+        if len(self.values) != rows or (self.truth is not None and len(self.truth) != rows):
+            raise MetricsError("one row of values (and of truth) per observation")
+        if any(len(v) != len(self.units) for v in self.values):
+            raise MetricsError("one set of quantiles per parameter's unit")
+        if any(len(q) != len(ESTIMATE_QUANTILES) for v in self.values for q in v):
+            raise MetricsError(f"{len(ESTIMATE_QUANTILES)} quantiles per parameter")
+
+
 @dataclass(frozen=True)
 class ReferenceInfo:
     """How the reference posterior samples were drawn: the method, and one dict of
@@ -248,10 +279,14 @@ class ValidationMetrics:
     # Test simulations the sample stage could not sample (a round's region, NLE chains that did
     # not converge), beside the ``num_test`` the coverage curves are over.
     num_left_out: int = 0
+    # The posterior at each observation (None in files written before it was recorded).
+    estimates: Estimates | None = None
 
     def __post_init__(self) -> None:
         if set(self.sbc.pvalues) != set(self.parameter_names):
             raise MetricsError("sbc.pvalues keys differ from parameter_names")
+        if self.estimates is not None and len(self.estimates.units) != len(self.parameter_names):
+            raise MetricsError("estimates.units: one unit per parameter of parameter_names")
 
     def write(self, path: Path) -> None:
         """Writes the metrics as JSON, atomically."""

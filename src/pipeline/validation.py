@@ -8,9 +8,12 @@ arrays in, numbers out: no model is loaded here.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,13 @@ import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import diagnostics, metrics, plots, storage
+from pipeline import atomic, diagnostics, metrics, plots, storage
 from pipeline.diagnostics.local_c2st import MIN_PAIRS
 from pipeline.metrics import (
     BudgetScore,
     C2stScores,
     Coverage,
+    Estimates,
     LocalC2st,
     Mcmc,
     Misspecification,
@@ -73,6 +77,7 @@ def validate(
     # The figures are written as they are made, the metrics last: a run that fails midway must
     # not leave new figures beside the metrics of an earlier run, which the report would show.
     (out / "metrics.json").unlink(missing_ok=True)
+    (out / ESTIMATES_CSV).unlink(missing_ok=True)
     task = get_task(str(test["attrs"]["task"]))
     theta_obs, x_obs, reference = read_reference(observations)
     observed = read_samples(observation_samples)
@@ -108,7 +113,9 @@ def validate(
         reference=_reference_info(observations),
         figures=figures,
         mcmc=_mcmc(test, observed),
+        estimates=(estimates := _estimates(task, observed, theta_obs)),
     )
+    write_estimates_csv(estimates, names, out / ESTIMATES_CSV)
     result.write(out / "metrics.json")
     _log_headline(result)
     return result
@@ -573,6 +580,43 @@ def _recovery(names: list[str], observed: dict, theta_obs: np.ndarray | None) ->
         return dict(zip(names, values.tolist(), strict=True))
 
     return Recovery(named(bias), named(inside_68), named(inside_95), len(index))
+
+
+# The estimates as a table beside metrics.json, for a paper's table or another program.
+ESTIMATES_CSV = "estimates.csv"
+
+
+def _estimates(task: Task, observed: dict, theta_obs: np.ndarray | None) -> Estimates:
+    """Each observation's posterior median and central 68 % and 95 % intervals, per parameter
+    (quantiles over its finite draws), with the task's units and the truth where known."""
+    index = np.asarray(observed["attrs"].get("observation_index", range(len(observed["x"]))))
+    samples = observed["samples"].astype(np.float64)  # (n_obs, M, D)
+    samples = np.where(np.isfinite(samples), samples, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a parameter with no finite draw
+        values = np.nanquantile(samples, metrics.ESTIMATE_QUANTILES, axis=1)  # (5, n_obs, D)
+    truth = None if theta_obs is None else theta_obs[index].astype(np.float64).tolist()
+    return Estimates(
+        observation_index=index.tolist(),
+        units=list(task.parameter_units),
+        values=values.transpose(1, 2, 0).tolist(),
+        truth=truth,
+    )
+
+
+def write_estimates_csv(estimates: Estimates, names: list[str], path: Path) -> None:
+    """``estimates`` as CSV: one row per observation and parameter, with the unit, the five
+    quantiles and the truth (empty for real data)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    columns = ["q" + format(q, "g") for q in metrics.ESTIMATE_QUANTILES]
+    writer.writerow(["observation", "parameter", "unit", *columns, "truth"])
+    for k, observation in enumerate(estimates.observation_index):
+        for d, name in enumerate(names):
+            truth = "" if estimates.truth is None else repr(estimates.truth[k][d])
+            quantiles = [repr(value) for value in estimates.values[k][d]]
+            writer.writerow([observation, name, estimates.units[d], *quantiles, truth])
+    atomic.write_text(path, text.getvalue())
 
 
 def misspecification_tests(task: Task, test: dict, observed: dict) -> Misspecification:

@@ -5,6 +5,7 @@ rule validate:
         observations=observations_of,
     output:
         metrics=task_path("validation/metrics.json"),
+        estimates=task_path("validation/estimates.csv"),
         coverage=report(
             task_path("validation/coverage.png"),
             caption="../report/coverage.rst",

@@ -27,6 +27,10 @@ from pipeline.search.select import SearchChoice
 
 NO_REFERENCE = "n/a — no reference posterior"
 
+# Observations whose posterior estimates the page tabulates (all are in estimates.csv): a mock
+# study's hundreds would bury the checks below them.
+ESTIMATES_SHOWN = 20
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -235,6 +239,7 @@ def render_report(
         "tasks": [task_context(r, anchors[r.name], thresholds) for r in results],
         "provenance": provenance_context(results, config),
         "stage_times": stage_times(Path(experiment_dir)),
+        "estimates_shown": ESTIMATES_SHOWN,
     }
     return template_environment().get_template("report.html").render(context)
 
