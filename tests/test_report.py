@@ -379,9 +379,18 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     quiet_text = " ".join(re.sub(r"<[^>]+>", " ", quiet).split())
     assert "Raise simulate.num_test_simulations to at least 3999" in quiet_text
     # At 0.05, two observations need 2 / (N + 1) <= 0.025: N = 79 can flag one alone, 78 not.
-    tests = Misspecification(None, [0.5, 0.5], [0.5, 0.5], num_simulations=78, num_draws=10)
+    tests = Misspecification([0.5] * 2, [0.5, 0.5], [0.5, 0.5], num_simulations=78, num_draws=10)
     assert tests.fewest_flaggable(0.05) == 2 and tests.simulations_to_flag_one(0.05) == 79
     assert replace(tests, num_simulations=79).fewest_flaggable(0.05) == 1
+    # Without the data test the p-value is the estimator's alone: 1 / (N + 1) <= 0.025 at 39.
+    alone = replace(tests, typicality=None, num_simulations=38)
+    assert alone.fewest_flaggable(0.05) == 2 and alone.simulations_to_flag_one(0.05) == 39
+    assert replace(alone, num_simulations=39).fewest_flaggable(0.05) == 1
+    metrics["misspecification"] |= {"typicality": None, "num_simulations": 30}
+    path.write_text(json.dumps(metrics))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert "The data test did not run" in text and "The combined p-value is twice" not in text
+    assert "1 — 0.9 0.001 not consistent with the simulations" in text
 
 
 def test_misspecification_not_tested_reads_as_such_not_as_a_pass(
