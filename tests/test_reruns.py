@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import storage
 from tests.conftest import (
     assert_same_outputs,
     copy_workflow,
@@ -93,6 +94,13 @@ def test_deleting_one_shard_recomputes_only_that_shard(tmp_path):
     snakemake(workdir, config)
     assert shards[0].exists() and shards[1].stat().st_mtime_ns == kept
     assert_same_outputs(before, outputs(workdir))
+    # Another seed reruns every chunk job: Snakemake removes each job's shard before it runs,
+    # so the stage's refusal of another run's shard (without --overwrite) never stops them.
+    simulate = {"scatter": True, "merge": "virtual", "seed": 7}
+    reseeded = tiny_config(workdir, "seed.yaml", simulate=simulate)
+    assert dry_run(workdir, reseeded)["simulate_chunk"] == 2
+    snakemake(workdir, reseeded)
+    assert storage.read_attrs(shards[0])["seed"] == 7
 
 
 def test_rerun_incomplete_after_a_killed_run_gives_the_same_results(finished, tmp_path):

@@ -190,9 +190,17 @@ def test_virtual_merge_maps_the_shards_and_names_a_missing_one(tmp_path):
 def test_a_virtual_file_whose_shard_another_run_rewrote_is_refused(tmp_path):
     out = tmp_path / "virtual.h5"
     simulate(out, n=2000, chunk_size=1000, merge="virtual", seed=1)
-    # Another seed's chunk job into the same folder: the file would now read its rows.
+    # Another seed's chunk job into the same folder is refused: the file reads that shard.
     other = simulation.SimulationPlan("two_moons", 2000, 2, 1000)
-    simulation.run_chunk(other, get_task("two_moons"), out, 1000)
+    shard = simulation.shard_path(out, 1000, 2000)
+    before = shard.read_bytes()
+    with pytest.raises(
+        storage.DataFileError, match=r"another run \(.*seed 1.*seed 2.*--overwrite"
+    ):
+        simulation.run_chunk(other, get_task("two_moons"), out, 1000)
+    assert shard.read_bytes() == before
+    # Told to replace it, the file would now read its rows: it refuses them instead.
+    simulation.run_chunk(other, get_task("two_moons"), out, 1000, overwrite=True)
     with pytest.raises(storage.DataFileError, match=r"1 of them were written again .*-0+1000-"):
         storage.read_simulations(out)
 

@@ -387,7 +387,7 @@ def simulate(
                 f"--chunk computes one chunk in one process, but {comm.Get_size()} MPI ranks "
                 "started; run it without mpiexec/srun (or drop --chunk to spread all chunks)"
             )
-        run_chunk(plan, task, out, chunk, compression=compression)
+        run_chunk(plan, task, out, chunk, compression=compression, overwrite=overwrite)
         return
     if fit_chunks:
         plan = plan.fitted_to(comm.Get_size(), task.seed_block_size)
@@ -513,11 +513,19 @@ def _simulate_and_merge(
 
 
 def run_chunk(
-    plan: SimulationPlan, task: Task, out: Path, start: int, *, compression: str = "gzip"
+    plan: SimulationPlan,
+    task: Task,
+    out: Path,
+    start: int,
+    *,
+    compression: str = "gzip",
+    overwrite: bool = False,
 ) -> Path:
     """Simulates the one chunk of ``plan`` that starts at ``start`` into its shard of ``out``.
 
-    A shard already there and complete is kept. Returns the shard's path.
+    A shard already there and complete is kept; a complete shard of another run (another
+    seed, task or region) is replaced only with ``overwrite``, since a merged file of that run
+    may read it. Returns the shard's path.
     """
     check_plan(plan, 1)
     check_resources(plan, task, out)
@@ -526,9 +534,22 @@ def run_chunk(
     path = shard_path(out, start, stop)
     check_writable(shard_dir(out))
     listing = storage.list_folder(shard_dir(out))
-    if reusable_shard(path, plan.identity(task), start, stop, listing) is not None:
+    identity = plan.identity(task)
+    if reusable_shard(path, identity, start, stop, listing) is not None:
         log.info("chunk [%d, %d) already simulated: %s kept", start, stop, path)
         return path
+    if path.name in listing[0] and not overwrite:
+        try:
+            other = storage.read_attrs(path)
+        except storage.DataFileError:
+            other = None  # unreadable: no run's data to keep
+        if other is not None:
+            theirs, mine = describe_runs(other, identity, start)
+            raise storage.DataFileError(
+                f"shard {path} holds a chunk of another run ({theirs}), not of this one "
+                f"({mine}), and a file merged from that run may read it: give each run its "
+                "own --out, or replace the shard with --overwrite"
+            )
     theta, x = simulate_range(task, plan.seed, start, stop)
     attrs = {**shard_attrs(plan, task), "num_nonfinite": storage.count_nonfinite_rows(theta, x)}
     write_shard(path, theta, x, attrs, start, stop, compression)
@@ -678,14 +699,21 @@ def foreign_shard(
 ) -> storage.DataFileError:
     """The error for a complete shard at ``path`` (``other``: its attributes) of another run
     than the one of ``identity`` whose chunk starts at ``start``."""
+    theirs, mine = describe_runs(other, identity, start)
+    return storage.DataFileError(
+        f"shard {path} belongs to another run ({theirs}), not to this one ({mine}): two runs "
+        f"wrote into {shard_dir(out)}. Nothing was merged; give each run its own --out, then "
+        "rerun this one to recompute that chunk"
+    )
+
+
+def describe_runs(other: dict[str, Any], identity: dict[str, Any], start: int) -> tuple[str, str]:
+    """The identities of a shard's run (``other``: its attributes) and of this run's chunk at
+    ``start``, as text for an error."""
     keys = dict.fromkeys([*identity, *OPTIONAL_IDENTITY, "index_start"])
     theirs = ", ".join(f"{key} {other.get(key)!r}" for key in keys)
-    return storage.DataFileError(
-        f"shard {path} belongs to another run ({theirs}), not to this one "
-        f"({', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}): "
-        f"two runs wrote into {shard_dir(out)}. Nothing was merged; give each run its own "
-        "--out, then rerun this one to recompute that chunk"
-    )
+    mine = f"{', '.join(f'{k} {v!r}' for k, v in identity.items())}, index_start {start}"
+    return theirs, mine
 
 
 def shard_revisions(found: list[dict[str, Any]], out: Path, revision: str) -> list[str]:
