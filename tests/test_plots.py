@@ -15,6 +15,7 @@ from pipeline.plots import (
     plot_coverage,
     plot_sbc_ranks,
     plot_training_curves,
+    with_units,
 )
 
 
@@ -86,6 +87,16 @@ def test_a_parameter_name_matplotlib_cannot_typeset_is_shown_as_written(tmp_path
     fig = plot_corner(samples, ["x_{$a}$ ^", r"$\theta$"])
     assert_saves(fig, tmp_path / "corner.png")
     assert [ax.get_xlabel() for ax in fig.axes[-2:]] == [r"x_{\$a}\$ ^", r"$\theta$"]
+
+
+def test_the_corner_plots_axes_name_each_parameters_unit(tmp_path: Path) -> None:
+    samples = np.random.default_rng(0).normal(size=(200, 2))
+    labels = with_units(["Omega_m", "H0"], ["", "km / (Mpc s)"])
+    fig = plot_corner(samples, labels)
+    assert_saves(fig, tmp_path / "corner.png")
+    assert [ax.get_xlabel() for ax in fig.axes[-2:]] == ["Omega_m", "H0 [km / (Mpc s)]"]
+    with pytest.raises(ValueError):
+        with_units(["Omega_m", "H0"], [""])
 
 
 def test_plot_corner_limits_dims_and_works_without_extras() -> None:

@@ -96,6 +96,11 @@ def plain(text: str) -> str:
     return text
 
 
+def with_units(names: Sequence[str], units: Sequence[str]) -> list[str]:
+    """Axis labels: each parameter's name with its unit in brackets (none if dimensionless)."""
+    return [f"{name} [{unit}]" if unit else name for name, unit in zip(names, units, strict=True)]
+
+
 def _grid_shape(num_panels: int) -> tuple[int, int]:
     cols = min(num_panels, 4)
     return -(-num_panels // cols), cols

@@ -87,8 +87,9 @@ def validate(
     coverage, sbc = _test_set_diagnostics(
         task, test, seed, predictive_draws, predictive_replicates, out, figures
     )
+    labels = plots.with_units(names, task.parameter_units)
     c2st = _c2st_and_corner(
-        observation_samples, observations, names, out, figures, seed, c2st_max_samples, c2st_folds
+        observation_samples, observations, labels, out, figures, seed, c2st_max_samples, c2st_folds
     )
     checks = _predictive_checks(task, observed, x_obs, predictive_draws, seed, out, figures)
     not_tested = _misspecification_skipped(test)
@@ -660,14 +661,15 @@ def _sbc(test: dict, names: list[str], out: Path, figures: dict[str, str]) -> Sb
 def _c2st_and_corner(
     observation_samples: Path,
     observations: Path,
-    names: list[str],
+    labels: list[str],
     out: Path,
     figures: dict[str, str],
     seed: int,
     max_samples: int | None,
     folds: int,
 ) -> C2stScores | None:
-    """C2ST at each observation (None without a reference), and the first one's corner plot."""
+    """C2ST at each observation (None without a reference), and the first one's corner plot
+    (axes named by ``labels``)."""
     with _step("C2ST against the reference posteriors"):
         posterior = read_samples(observation_samples)["samples"]
         theta, x, reference = read_reference(observations)
@@ -678,7 +680,7 @@ def _c2st_and_corner(
             )
         corner = plots.plot_corner(
             posterior[0],
-            names,
+            labels,
             reference=None if reference is None else reference[0],
             theta_true=None if theta is None else theta[0],
         )
