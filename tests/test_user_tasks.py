@@ -521,6 +521,10 @@ DATA = {
         ({"observed": {"two_moons": "x.npy"}}, r"config 'observed' names two_moons, which"),
         ({"task_train": {"slcq": {}}}, r"config 'task_train' names slcq: unknown task"),
         ({"task_modules": ARCHIVE}, r"emission_line has no simulator: give its existing"),
+        (
+            {"tasks": ["sn_cosmology"], "task_modules": {"sn_cosmology": OSCILLATOR}},
+            r"task_modules.sn_cosmology: .* built-in task, whose settings \(its task_train",
+        ),
         ({"task_modules": ARCHIVE, "data": DATA}, r"no simulator to draw synthetic observ"),
         ({"tasks": ["two_moons", "oscillator"], "budgets": [100]}, r"budgets .* task oscillator"),
         (

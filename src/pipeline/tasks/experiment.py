@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.tasks import Task, TaskError, get_task
+from pipeline.tasks import TASKS, Task, TaskError, get_task
 
 
 def resolve_tasks(
@@ -29,6 +29,15 @@ def resolve_tasks(
         ValueError: Naming the config key at fault and what to write instead.
     """
     mocks = mocks or {}
+    shadowing = sorted(set(task_modules) & set(TASKS))
+    if shadowing:
+        # config.yaml's task_train block for that name would train the user's task with the
+        # built-in task's options, unremarked.
+        raise ValueError(
+            f"config task_modules.{shadowing[0]}: {shadowing[0]} is the name of a built-in task, "
+            "whose settings (its task_train block) would apply to yours; give your task a key "
+            "of its own"
+        )
     for key, block in (("data", data), ("observed", observed), ("mocks", mocks)):
         stray = sorted(set(block) - set(tasks))
         if stray:
