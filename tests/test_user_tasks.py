@@ -363,6 +363,35 @@ def test_two_tasks_whose_helpers_share_a_module_name_are_refused_in_one_run(tmp_
             get_task(f"{tmp_path}/b/task_model.py:Model")
 
 
+def test_sample_tells_tasks_apart_by_their_definition_not_the_path_that_named_them(
+    tmp_path, monkeypatch, capsys
+):
+    """Two projects' task.yaml, both given as 'task.yaml': a model of one refuses the other's
+    observations; the same file named by its absolute path is the same task."""
+    for project, names in (("a", "[omega, gamma]"), ("b", "[mass, spin]")):
+        folder = tmp_path / project
+        folder.mkdir()
+        shutil.copy(ROOT / "examples/oscillator/oscillator.py", folder)
+        text = (ROOT / OSCILLATOR_YAML).read_text().replace("[omega, gamma]", names)
+        (folder / "task.yaml").write_text(text)
+    options = '{"max_epochs": 2, "ensemble": 1, "transforms": 1, "flow_hidden": [8]}'
+    monkeypatch.chdir(tmp_path / "a")
+    simulate = ["simulate", "--task", "task.yaml", "--num-simulations", "200", "--seed", "1"]
+    assert cli.main([*simulate, "--out", "sims.h5"]) == 0
+    assert cli.main(["train", "--data", "sims.h5", "--options", options, "--out", "model"]) == 0
+    model = str(tmp_path / "a" / "model")
+    monkeypatch.chdir(tmp_path / "b")
+    observe = ["observe", "--num-observations", "2", "--num-reference-samples", "0"]
+    assert cli.main([*observe, "--task", "task.yaml", "--out", "obs.h5"]) == 0
+    sample = ["sample", "--model", model, "--num-samples", "20"]
+    assert cli.main([*sample, "--observations", "obs.h5", "--out", "s.h5"]) == 2
+    assert "another definition of task 'task.yaml'" in capsys.readouterr().err
+    assert not Path("s.h5").exists()
+    same = str(tmp_path / "a" / "task.yaml")
+    assert cli.main([*observe, "--task", same, "--out", "same.h5"]) == 0
+    assert cli.main([*sample, "--observations", "same.h5", "--out", "s.h5"]) == 0
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

@@ -151,6 +151,39 @@ def recorded_attrs(path: Path) -> dict[str, Any]:
         raise storage.unreadable(path, error) from None
 
 
+def check_same_task(
+    recorded: dict[str, Any], document: dict[str, Any], observations: Path, model: Path
+) -> None:
+    """Refuses observations (``recorded``: their file's attributes) of another task than the
+    posterior's (``document``: its ``posterior.json``). A user's task is one definition, its
+    files' digest, whatever path named it; other tasks are told apart by name and parameters.
+    """
+    made_for = recorded_task(recorded)
+    ours, theirs = document.get("task_digest"), recorded.get("task_digest")
+    if ours is not None and theirs is not None:
+        if ours != theirs:
+            raise ValueError(
+                f"{observations} holds observations of another definition of task "
+                f"{made_for!r} (its files' digest {theirs}) than {model} was trained on "
+                f"({document['task']!r}, digest {ours}): the task's files changed since, or "
+                "they are another project's of the same name; sample with a model of that "
+                "definition"
+            )
+        return
+    if made_for is not None and made_for != document["task"]:
+        raise ValueError(
+            f"{observations} holds observations of task {made_for!r}, but {model} is a "
+            f"posterior of task {document['task']!r}; sample with the model of that task"
+        )
+    names = recorded.get("parameter_names")
+    if names is not None and list(names) != list(document["parameter_names"]):
+        raise ValueError(
+            f"{observations} holds observations of a task with parameters {list(names)}, but "
+            f"{model} is a posterior of {list(document['parameter_names'])}; sample with the "
+            "model of that task"
+        )
+
+
 def check_drawn_from(observations: Path, attrs: dict[str, Any], truncation: Path | None) -> None:
     """Refuses to sample test simulations (``attrs``: their file's) restricted to another
     region than the one their parameters were drawn from (``--truncation``; none for the
@@ -674,12 +707,7 @@ def sample(
     posterior.set_ode_tolerance(options.ode_tolerance)
     spec = posterior.spec
     recorded = recorded_attrs(observations)
-    made_for = recorded_task(recorded)
-    if made_for is not None and made_for != document["task"]:
-        raise ValueError(
-            f"{observations} holds observations of task {made_for!r}, but {model} is a "
-            f"posterior of task {document['task']!r}; sample with the model of that task"
-        )
+    check_same_task(recorded, document, observations, model)
     x, theta = read_observations(observations, spec.x_shape, len(spec.parameter_names))
     finite = storage.finite_rows(x)
     if theta is not None:

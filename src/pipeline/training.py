@@ -420,6 +420,9 @@ def run_metadata(
     options, launcher and provenance (:func:`export` adds the fit's outcome)."""
     return {
         "task": task.name,
+        # A user's task's definition (its files' digest) as the training file records it:
+        # what sample checks observations against, whatever path named the task.
+        "task_digest": datamodule.attrs.get("task_digest"),
         "parameter_names": list(task.parameter_names),
         "parameter_units": list(task.parameter_units),
         "method": config.method,
