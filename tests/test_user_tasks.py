@@ -250,6 +250,19 @@ def test_a_simulator_drawing_from_a_global_generator_is_refused(tmp_path, draw):
         make_observations(task, 2, 0, 3, tmp_path / "observations.h5")
 
 
+def test_a_simulator_drawing_from_a_global_generator_in_some_blocks_only_is_refused(tmp_path):
+    """For some parameters only (here a block whose first row's a exceeds 0.9): the first
+    block passes, a later one draws; rows of one seed then differed between two runs."""
+    draw = "np.random.normal(size=theta.shape) if theta[0, 0] > 0.9 else 0.0"
+    body = f"import numpy as np\n            return theta + ({draw})"
+    write(tmp_path, "some_blocks.py", SIMULATOR_OF.format(body=body))
+    task = get_task(f"{tmp_path}/some_blocks.py:Model")
+    first = task.simulate_block(task.seed_block_size, np.random.default_rng([1, 0]))[0]
+    assert first[0, 0] <= 0.9  # the first block does not draw: a later one must be caught
+    with pytest.raises(ValueError, match=r"drew from a global random generator"):
+        simulation.simulate_range(task, 1, 0, 40 * task.seed_block_size)
+
+
 @pytest.fixture
 def forget_impl():
     """Leaves no user helper module named impl bound in this process for other tests."""
