@@ -250,6 +250,30 @@ def test_a_simulator_drawing_from_a_global_generator_is_refused(tmp_path, draw):
         make_observations(task, 2, 0, 3, tmp_path / "observations.h5")
 
 
+def test_an_error_in_a_users_simulator_names_its_line_and_the_calls_shapes(tmp_path, capsys):
+    """A per-row simulator given a block (``a, b = theta``) failed with "too many values to
+    unpack" and nothing else: no file, no line, no word of the shapes it is called with."""
+    body = "a, b = theta\n            return theta"
+    write(tmp_path, "per_row.py", SIMULATOR_OF.format(body=body))
+    spec = f"{tmp_path}/per_row.py:Model"
+    with pytest.raises(simulation.SimulatorError) as error:
+        simulation.simulate_range(get_task(spec), 1, 0, 10)
+    text = str(error.value)
+    assert f"{tmp_path}/per_row.py:" in text and "'a, b = theta'" in text
+    assert "ValueError: too many values to unpack" in text
+    assert "theta of shape (n, 1) (here n = 1000)" in text and "x of shape (n, 1)" in text
+    log = tmp_path / "simulate.log"
+    command = ["simulate", "--task", spec, "--num-simulations", "10", "--log", str(log)]
+    assert cli.main([*command, "--out", str(tmp_path / "sims.h5")]) == 2
+    assert "per_row.py:" in capsys.readouterr().err
+    assert "Traceback (most recent call last)" in log.read_text()
+    # The observations' and the predictive checks' calls say so too.
+    from pipeline.observations import make_observations
+
+    with pytest.raises(simulation.SimulatorError, match="drawing synthetic observation 0"):
+        make_observations(get_task(spec), 2, 0, 3, tmp_path / "observations.h5")
+
+
 def test_a_simulator_drawing_from_a_global_generator_in_some_blocks_only_is_refused(tmp_path):
     """For some parameters only (here a block whose first row's a exceeds 0.9): the first
     block passes, a later one draws; rows of one seed then differed between two runs."""

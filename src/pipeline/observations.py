@@ -24,7 +24,12 @@ from pipeline import atomic, importing, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.resources import require_room
-from pipeline.simulation import check_own_randomness, check_shapes, global_random_state
+from pipeline.simulation import (
+    check_own_randomness,
+    check_shapes,
+    global_random_state,
+    simulator_errors,
+)
 from pipeline.tasks import Task
 from pipeline.tasks.base import source_digest
 
@@ -267,11 +272,12 @@ def _draw_finite(
     returns NaN or inf."""
     for _ in range(100):
         before = global_random_state()
-        if mock is None:
-            theta, x = task.simulate_block(1, rng)
-        else:
-            theta = task.prior.sample(1, rng)
-            x = mock.simulate(theta.copy(), rng)  # the truths stay the prior's draws
+        with simulator_errors(mock or task, 1, f"drawing synthetic observation {j}"):
+            if mock is None:
+                theta, x = task.simulate_block(1, rng)
+            else:
+                theta = task.prior.sample(1, rng)
+                x = mock.simulate(theta.copy(), rng)  # the truths stay the prior's draws
         check_own_randomness(mock or task, before)
         theta, x = np.asarray(theta), np.asarray(x)
         check_shapes(mock or task, theta, x, 1)

@@ -27,10 +27,14 @@ import logging
 import math
 import random
 import shutil
+import sysconfig
 import tempfile
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -197,7 +201,11 @@ def simulate_range(
     for block in range(first, (stop - 1) // size + 1):
         rng = np.random.default_rng([seed, block])
         before = global_random_state() if every or block == first else None
-        theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
+        doing = (
+            f"simulating seed block {block} (simulations {block * size} to {(block + 1) * size})"
+        )
+        with simulator_errors(task, size, doing):
+            theta_block, x_block = map(np.asarray, task.simulate_block(size, rng))
         if before is not None:
             check_own_randomness(task, before)
         check_shapes(task, theta_block, x_block, size)
@@ -262,6 +270,58 @@ class ChunkBuffers:
             self._pairs.append((np.empty(theta_shape, np.float32), np.empty(x_shape, np.float32)))
         theta, x = self._pairs[turn]
         return theta[:n], x[:n]
+
+
+class SimulatorError(RuntimeError):
+    """A user's simulator (or prior) raised: the message names where in their code."""
+
+
+# Files that are not a user's code: the pipeline's own, the standard library's and installed
+# packages' (numpy, scipy), which a user's simulator calls into.
+_NOT_USER_CODE = tuple(
+    str(Path(path).resolve())
+    for path in {
+        str(Path(__file__).parent),
+        *(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")),
+    }
+)
+
+
+def _user_frame(trace: TracebackType | None) -> traceback.FrameSummary | None:
+    """The innermost frame of ``trace`` in a user's code (None if it has none)."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(trace)
+        if not str(Path(frame.filename).resolve()).startswith(_NOT_USER_CODE)
+        and not frame.filename.startswith("<")
+    ]
+    return frames[-1] if frames else None
+
+
+@contextlib.contextmanager
+def simulator_errors(task: Task, n: int, doing: str) -> Iterator[None]:
+    """Re-raises what a user's simulator raises while ``doing`` (a call on ``n`` rows) as a
+    :class:`SimulatorError` naming the file and line of their code and the call's contract, and
+    logs the whole traceback; errors raised by the pipeline's own code pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        frame = _user_frame(error.__traceback__)
+        if frame is None:
+            raise
+        log.error(
+            "the simulator of task %r raised while %s:\n%s",
+            task.name,
+            doing,
+            "".join(traceback.format_exception(error)).rstrip(),
+        )
+        raise SimulatorError(
+            f"the simulator of task {task.name!r} raised {type(error).__name__}: {error} while "
+            f"{doing}, at {frame.filename}:{frame.lineno} in {frame.name} ({frame.line!r}). "
+            f"simulate(theta, rng) gets theta of shape (n, {task.dim_theta}) (here n = {n}) and "
+            f"returns x of shape (n, {', '.join(map(str, task.x_shape))}); the log holds the "
+            "whole traceback"
+        ) from error
 
 
 def global_random_state() -> tuple[Any, ...]:

@@ -45,7 +45,7 @@ from pipeline.observations import read_mock_of, read_reference, read_reference_i
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples
-from pipeline.simulation import check_own_randomness, global_random_state
+from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
 from pipeline.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,9 @@ def _simulate_summaries(task: Task, theta: np.ndarray, rng: np.random.Generator)
     for i in range(0, len(theta), 1000):
         before = global_random_state()
         # A copy: a simulator may convert its parameters in place, and these are the samples'.
-        x = task.simulate(theta[i : i + 1000].copy(), rng)
+        rows = theta[i : i + 1000].copy()
+        with simulator_errors(task, len(rows), "simulating posterior predictive draws"):
+            x = task.simulate(rows, rng)
         check_own_randomness(task, before)
         blocks.append(task.summary(x))
     return np.concatenate(blocks) if blocks else np.empty((0, task.summary_size))
