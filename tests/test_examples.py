@@ -5,6 +5,7 @@ observed data. None of them touches the package."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,7 +17,15 @@ import pytest
 import yaml
 
 from tests import apt
-from tests.conftest import ROOT, copy_workflow, merged, run_env, run_snakemake, tool
+from tests.conftest import (
+    ROOT,
+    copy_workflow,
+    merged,
+    planned_jobs,
+    run_env,
+    run_snakemake,
+    tool,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +77,23 @@ def test_python_task_in_the_users_own_file(tmp_path):
     report = (workdir / "results/oscillator/report.html").read_text()
     assert "n/a — the task has no reference posterior" in report
     assert summary(workdir, "oscillator")["tasks"][0]["name"] == "oscillator"
+    # An edit whose file is older than the results (cp -p, rsync -a, tar x) still reruns them.
+    replace_keeping_an_old_time(workdir / "examples/oscillator/oscillator.py", "0.05", "0.06")
+    plan = planned(workdir, config)
+    assert plan["simulate"] == 2 and plan["train"] == 1, plan
+
+
+def replace_keeping_an_old_time(path: Path, old: str, new: str) -> None:
+    """``path`` with ``old`` replaced by ``new``, dated a year before any result."""
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    os.utime(path, (path.stat().st_atime - 3e7, path.stat().st_mtime - 3e7))
+
+
+def planned(workdir: Path, config: Path) -> dict[str, int]:
+    """The jobs per rule a dry run of ``config`` plans."""
+    return planned_jobs(run_snakemake(workdir, "-n", "--cores", "1", "--configfile", str(config)))
 
 
 @pytest.mark.mpi
@@ -112,6 +138,16 @@ def test_archived_simulations_and_real_observations(tmp_path):
     checks = {c["name"]: c["status"] for c in summary(workdir, "archive")["tasks"][0]["checks"]}
     assert checks["Predictive"] == "n/a — no simulator"
     assert checks["C2ST"] == "n/a — real observations have no reference posterior"
+    # Another observation or archive given a time older than the results is still seen.
+    observed = workdir / "examples/archive/observed.npy"
+    np.save(observed, np.load(observed)[::-1])
+    os.utime(observed, (observed.stat().st_atime - 3e7, observed.stat().st_mtime - 3e7))
+    plan = planned(workdir, config)
+    assert plan["import_observations"] == 1 and "import_simulations" not in plan, plan
+    x = workdir / "examples/archive/x.npy"
+    np.save(x, np.load(x) * 1.01)
+    os.utime(x, (x.stat().st_atime - 3e7, x.stat().st_mtime - 3e7))
+    assert planned(workdir, config)["import_simulations"] == 2
 
 
 @pytest.mark.parametrize(

@@ -429,6 +429,30 @@ def test_sample_tells_tasks_apart_by_their_definition_not_the_path_that_named_th
     assert cli.main([*sample, "--observations", "same.h5", "--out", "s.h5"]) == 0
 
 
+def test_a_users_files_fingerprint_follows_their_bytes_not_their_time(tmp_path, monkeypatch):
+    """What the workflow plans by: a file replaced with an older time (rsync -a) changes it;
+    a large archive is fingerprinted by size and time, never read in full."""
+    import os
+
+    from pipeline import provenance
+
+    path = tmp_path / "obs.npy"
+    np.save(path, np.zeros(3))
+    before = provenance.fingerprint([path])
+    old = path.stat().st_mtime
+    np.save(path, np.ones(3))
+    os.utime(path, (old - 1000, old - 1000))
+    changed = provenance.fingerprint([path])
+    assert changed != before
+    os.utime(path, (old, old))  # another time, the same bytes: the same file
+    assert provenance.fingerprint([path]) == changed
+    monkeypatch.setattr(provenance, "CONTENT_FINGERPRINT_BYTES", 10)
+    large = provenance.fingerprint([path])
+    monkeypatch.setattr(provenance, "file_digest", lambda path: pytest.fail("read in full"))
+    os.utime(path, (old + 5, old + 5))
+    assert provenance.fingerprint([path]) != large
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

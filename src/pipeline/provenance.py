@@ -42,6 +42,25 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
+# Files up to this size are fingerprinted by their bytes, larger ones (archives of simulations)
+# by size and modification time, so that planning a run never reads gigabytes.
+CONTENT_FINGERPRINT_BYTES = 64 * 2**20
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """16 hex digits that change when any of ``paths`` changes, whatever its modification
+    time: its bytes' SHA-256 up to :data:`CONTENT_FINGERPRINT_BYTES`, else its size and
+    modification time (a larger file replaced by one of the same size and time goes unseen)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        status = os.stat(path)
+        if status.st_size <= CONTENT_FINGERPRINT_BYTES:
+            digest.update(file_digest(Path(path)).encode())
+        else:
+            digest.update(f"{status.st_size}:{status.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 @functools.cache
 def software_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the results, plus Python's (cached)."""

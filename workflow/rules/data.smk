@@ -2,11 +2,27 @@
 # simulate rules, real observations (config `observed`) in place of the observe rule.
 
 
+# The fingerprint of a user's files (common.smk's source_record), kept as a file named by it.
+rule source_record:
+    output:
+        task_path("sources/{kind}-{fingerprint}.txt"),
+    log:
+        log_path("sources/{task}-{kind}-{fingerprint}.log"),
+    wildcard_constraints:
+        kind="task|mock|observed|data",
+        fingerprint="[0-9a-f]{16}",
+    shell:
+        "echo 'the {wildcards.kind} files of task {wildcards.task} as fingerprinted"
+        " {wildcards.fingerprint}' > {output:q} 2> {log:q}"
+
+
 rule import_simulations:
     input:
         task_files,
-        data=lambda wildcards: sorted(
-            {source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}
+        data=lambda wildcards: source_record(
+            wildcards.task,
+            "data",
+            sorted({source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}),
         ),
     output:
         task_path("sims/{split}.h5"),
@@ -35,7 +51,9 @@ rule import_simulations:
 rule import_observations:
     input:
         task_files,
-        observed=lambda wildcards: source_file(config["observed"][wildcards.task]),
+        observed=lambda wildcards: source_record(
+            wildcards.task, "observed", [source_file(config["observed"][wildcards.task])]
+        ),
     output:
         task_path("observations.h5"),
     log:
