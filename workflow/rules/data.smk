@@ -2,12 +2,19 @@
 # simulate rules, real observations (config `observed`) in place of the observe rule.
 
 
-# The fingerprint of a user's files (common.smk's source_record), kept as a file named by it.
+# The fingerprint of a user's files (common.smk's source_record), kept as a file named by it;
+# written where Snakemake runs, not queued on a cluster for one line.
+localrules:
+    source_record,
+
+
 rule source_record:
     output:
         task_path("sources/{kind}-{fingerprint}.txt"),
     log:
         log_path("sources/{task}-{kind}-{fingerprint}.log"),
+    conda:
+        "../../envs/pipeline.yaml"
     wildcard_constraints:
         kind="task|mock|observed|data",
         fingerprint="[0-9a-f]{16}",
