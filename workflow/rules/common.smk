@@ -51,11 +51,11 @@ OBSERVED = [name for name in config["tasks"] if name in config["observed"]]
 SYNTHETIC = [name for name in config["tasks"] if name not in config["observed"]]
 
 
-def source_record(task, kind, paths):
+def fingerprinted(task, kind, paths):
     """``paths`` (a user's files) with the record of their fingerprint, a file whose name holds
-    it (rule source_record): Snakemake reruns a job when an input is newer than its outputs, and
-    a file replaced by another with an older time (``cp -p``, ``rsync -a``, ``mv``) would be
-    missed, but its new fingerprint is a new input, which reruns the job."""
+    it (written by the source_record rule): Snakemake reruns a job when an input is newer than
+    its outputs, and a file replaced by another with an older time (``cp -p``, ``rsync -a``,
+    ``mv``) would be missed, but its new fingerprint is a new input, which reruns the job."""
     if not paths:
         return []
     name = f"sources/{kind}-{fingerprint([Path(p) for p in paths])}.txt"
@@ -65,7 +65,7 @@ def source_record(task, kind, paths):
 def task_files(wildcards):
     """The files that define a user's task (its Python file, task file, program) and their
     record: editing one reruns what the task simulates."""
-    return source_record(wildcards.task, "task", TASK_OBJECTS[wildcards.task].source_files)
+    return fingerprinted(wildcards.task, "task", TASK_OBJECTS[wildcards.task].source_files)
 
 
 MOCK_OBJECTS = {name: get_task(spec) for name, spec in config["mocks"].items()}
@@ -74,7 +74,7 @@ MOCK_OBJECTS = {name: get_task(spec) for name, spec in config["mocks"].items()}
 def mock_files(wildcards):
     """The files that define the task's mock model, if it has one (as task_files)."""
     mock = MOCK_OBJECTS.get(wildcards.task)
-    return [] if mock is None else source_record(wildcards.task, "mock", mock.source_files)
+    return [] if mock is None else fingerprinted(wildcards.task, "mock", mock.source_files)
 
 
 def mock_arguments(name):

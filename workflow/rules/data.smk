@@ -2,7 +2,7 @@
 # simulate rules, real observations (config `observed`) in place of the observe rule.
 
 
-# The fingerprint of a user's files (common.smk's source_record), kept as a file named by it;
+# The fingerprint of a user's files (common.smk's fingerprinted), kept as a file named by it;
 # written where Snakemake runs, not queued on a cluster for one line.
 localrules:
     source_record,
@@ -26,7 +26,7 @@ rule source_record:
 rule import_simulations:
     input:
         task_files,
-        data=lambda wildcards: source_record(
+        data=lambda wildcards: fingerprinted(
             wildcards.task,
             "data",
             sorted({source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}),
@@ -58,7 +58,7 @@ rule import_simulations:
 rule import_observations:
     input:
         task_files,
-        observed=lambda wildcards: source_record(
+        observed=lambda wildcards: fingerprinted(
             wildcards.task, "observed", [source_file(config["observed"][wildcards.task])]
         ),
     output:
