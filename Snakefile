@@ -51,6 +51,18 @@ include: "workflow/rules/budgets.smk"
 include: "workflow/rules/report.smk"
 
 
+# The index is rebuilt after every report; a run that fails before its report leaves the
+# results it replaced beside the last verdict, so the index is rebuilt to mark it stale.
+onerror:
+    import subprocess
+
+    results = Path(config["results"])
+    if (results / "index.html").exists():
+        command = ["pipeline", "index", "--results", str(results)]
+        command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
+        subprocess.run(command, check=False)
+
+
 rule all:
     input:
         EXPERIMENT / "report.html",

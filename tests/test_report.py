@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -600,6 +601,33 @@ def test_index_lists_every_experiment_escaped_and_survives_a_corrupt_one(
     assert '<a href="second/report.html">' not in html  # no report page to link to
     assert "unreadable summary.json" in html
     assert "FAIL" in html and "PASS" in html
+
+
+def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
+    tmp_path: Path, png: bytes
+) -> None:
+    """A later run that replaced results and failed before its report left the old verdict
+    listed as if it held: the index says which result changed and that the verdict is older."""
+    results = tmp_path / "results"
+    experiment = write_experiment(results / "tiny", png)
+    write_summary_of(experiment)
+    summary = experiment / "summary.json"
+    old = summary.stat().st_mtime - 100
+    for path in experiment.rglob("*"):  # every result before the verdict, as a run leaves them
+        os.utime(path, (old, old))
+    assert "STALE" not in build_index(results)
+    (experiment / "logs").mkdir()
+    (experiment / "logs" / "sample.log").write_text("a rerun's log is no result")
+    assert "STALE" not in build_index(results)
+    observations = experiment / "two_moons" / "observations.h5"
+    observations.write_text("another observation")
+    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert "STALE (was FAIL)" in text
+    assert "Results changed after this verdict (two_moons/observations.h5 written)" in text
+    os.utime(observations, (old, old))
+    (experiment / "sn_cosmology" / "validation" / "metrics.json").unlink()
+    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert "(sn_cosmology/validation/metrics.json removed)" in text
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ run the DAG in copies of it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,6 +78,27 @@ def test_the_simulation_budget_reruns_its_simulations_and_everything_after(finis
     changed = tiny_config(finished, "budget.yaml", simulate={"num_simulations": 900})
     # Only the training split's simulate job: the held-out split and observations keep.
     assert dry_run(finished, changed) == {"simulate": 1} | {r: 1 for r in DOWNSTREAM_OF_TRAIN}
+
+
+def test_a_run_that_fails_before_its_report_leaves_the_old_verdict_marked_stale(
+    finished, tmp_path
+):
+    """Validation rerun (another seed) on test samples a disk fault broke: the run fails before
+    the report, whose verdict was of the validation Snakemake removed; the index says so
+    instead of the old verdict."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir, symlinks=True)
+    index = workdir / "results/index.html"
+    assert "STALE" not in index.read_text()
+    samples = workdir / "results/tiny/two_moons/samples/test.h5"
+    stamp = samples.stat()
+    samples.write_bytes(b"not HDF5")
+    os.utime(samples, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    failing = tiny_config(workdir, "failing.yaml", validate={"seed": 6})
+    result = snakemake(workdir, failing, check=False)
+    assert result.returncode != 0 and "Error in rule validate" in result.stdout + result.stderr
+    text = " ".join(re.sub(r"<[^>]+>", " ", index.read_text()).split())
+    assert "STALE (was" in text and "two_moons/validation/metrics.json removed" in text
 
 
 def test_deleting_one_shard_recomputes_only_that_shard(tmp_path):

@@ -96,8 +96,40 @@ def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
             summary = {"error": f"unreadable {SUMMARY}: {error}"}
         summary["experiment"] = path.parent.name
         summary["report_exists"] = (path.parent / "report.html").exists()
+        summary["changed_since"] = changed_since(path, summary.get("tasks", []))
         summaries.append(summary)
     return sorted(summaries, key=lambda s: str(s.get("created", "")), reverse=True)
+
+
+# What an experiment folder holds besides its tasks' results: the stages' logs and timings and
+# the report itself, none of which the verdict is about.
+NOT_RESULTS = ("logs", "benchmarks")
+
+
+# The results a verdict rests on, per task folder: gone, the verdict is of files since removed.
+VERDICT_INPUTS = ("validation/metrics.json", "model/posterior.json")
+
+
+def changed_since(summary_path: Path, tasks: list[dict[str, Any]]) -> str | None:
+    """What changed in the experiment after its ``summary.json`` was written (``tasks``: its
+    tasks), as text naming a file, or None. A result written since, or one the verdict rests on
+    removed, means the verdict and the report are of results since replaced, by a run that
+    failed or is still going."""
+    folder, written = summary_path.parent, summary_path.stat().st_mtime_ns
+    for task in tasks:
+        for name in VERDICT_INPUTS:
+            if not (folder / str(task.get("name")) / name).exists():
+                return f"{task.get('name')}/{name} removed"
+    for path in sorted(folder.iterdir()):
+        if path.name in NOT_RESULTS or not path.is_dir():
+            continue
+        for result in path.rglob("*"):
+            try:
+                if result.is_file() and result.stat().st_mtime_ns > written:
+                    return f"{result.relative_to(folder)} written"
+            except OSError:
+                continue  # removed while we looked: a job is running
+    return None
 
 
 def check_summary(summary: Any) -> None:
