@@ -130,6 +130,22 @@ def test_negative_rows_split_one_archive_into_train_and_test(tmp_path: Path) -> 
     )
 
 
+def test_a_split_of_an_archive_sorted_by_a_parameter_is_refused(tmp_path: Path) -> None:
+    """Sorted by theta_1 (or grouped by set), an archive's last rows are a corner of the prior:
+    coverage measured on them said nothing of the posterior elsewhere."""
+    theta, x = arrays(2000, seed=1)
+    order = np.argsort(theta[:, 1])
+    sources = save_npy(tmp_path, theta[order], x[order])
+    with pytest.raises(ValueError, match=r"rows \[1700, 2000\) differ .* in theta_2 .*Shuffle"):
+        import_simulations(TASK, *sources, tmp_path / "test.h5", start=-300)
+    assert not (tmp_path / "test.h5").exists()
+    # The archive as drawn (rows in random order) splits, at several seeds: p is uniform there.
+    for seed in range(5):
+        theta, x = arrays(2000, seed=seed)
+        sources = save_npy(tmp_path, theta, x)
+        import_simulations(TASK, *sources, tmp_path / f"test{seed}.h5", start=-300)
+
+
 def test_same_rows_of_the_same_archive_give_the_same_digest(tmp_path: Path) -> None:
     theta, x = arrays()
     first = import_simulations(TASK, *save_npz(tmp_path, theta, x), tmp_path / "a.h5")

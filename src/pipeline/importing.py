@@ -590,6 +590,7 @@ def _plan_rows(
     start, stop = resolve_rows(start, stop, rows["x"].shape[0])
     block = block_rows or default_block_rows(task, rows["theta"], rows["x"], stop - start)
     check_within_prior(task, rows["theta"], start, stop, block, names["theta"])
+    check_rows_like_the_rest(task, rows["theta"], start, stop, block, names["theta"])
     return start, stop, block
 
 
@@ -658,6 +659,54 @@ def _log_written(task: Task, out: Path, num_rows: int, num_nonfinite: int) -> No
         num_rows,
         ", ".join(map(str, task.x_shape)),
     )
+
+
+# A split's p-value below this (per parameter, Bonferroni over them) is no chance: the rows are
+# ordered. A random split gives a uniform p-value, whatever the archive's size.
+SPLIT_PVALUE = 1e-6
+SPLIT_ROWS = 200_000
+
+
+def check_rows_like_the_rest(
+    task: Task, theta: Rows, start: int, stop: int, block: int, name: str
+) -> None:
+    """Refuses rows ``[start, stop)`` whose parameters are not distributed as the archive's
+    other rows' (a two-sample Kolmogorov-Smirnov test per parameter): an archive sorted by a
+    parameter, or grouped by set, makes its last rows a corner of the prior instead of a
+    held-out sample, and coverage measured there says nothing of the posterior elsewhere."""
+    from scipy import stats
+
+    num_rows = theta.shape[0]
+    if stop - start == num_rows:
+        return
+    # Every stride-th row of the split and of the rest: about SPLIT_ROWS of each at most,
+    # enough for the test at any archive size.
+    inner = max(1, (stop - start) // SPLIT_ROWS)
+    outer = max(1, (num_rows - stop + start) // SPLIT_ROWS)
+    kept, index = [], []
+    for i in range(0, num_rows, block):
+        rows = np.arange(i, min(i + block, num_rows))
+        split = (rows >= start) & (rows < stop)
+        rows = rows[np.where(split, rows % inner == 0, rows % outer == 0)]
+        block_values = np.asarray(theta[i : min(i + block, num_rows)], dtype=np.float64)
+        kept.append(block_values.reshape(-1, task.dim_theta)[rows - i])
+        index.append(rows)
+    values, index = np.concatenate(kept), np.concatenate(index)
+    inside = (index >= start) & (index < stop)
+    finite = np.isfinite(values).all(axis=1)
+    for d, parameter in enumerate(task.parameter_names):
+        ours, others = values[inside & finite, d], values[~inside & finite, d]
+        if len(ours) < 2 or len(others) < 2:
+            return
+        pvalue = stats.ks_2samp(ours, others).pvalue
+        if pvalue < SPLIT_PVALUE / task.dim_theta:
+            raise ValueError(
+                f"{name}: rows [{start}, {stop}) differ from the archive's other rows in "
+                f"{parameter} (medians {np.median(ours):g} against {np.median(others):g}; "
+                f"Kolmogorov-Smirnov p = {pvalue:.1e}): its rows are ordered (sorted by a "
+                "parameter, or grouped by set), so these are no random sample of it. Shuffle "
+                "the archive's rows (theta and x alike) before importing"
+            )
 
 
 def check_within_prior(
