@@ -453,6 +453,34 @@ def test_a_users_files_fingerprint_follows_their_bytes_not_their_time(tmp_path, 
     assert provenance.fingerprint([path]) != large
 
 
+def test_observations_far_outside_the_simulations_are_told_apart_from_a_poor_model(
+    tmp_path, monkeypatch, capsys
+):
+    """An observation a thousand times too large (a unit mistake) leaves the prior: the stage
+    names its row and what to do with the data, not the model; at test simulations, drawn from
+    the prior, the same failure is the model's, and the message says so."""
+    from pipeline.sampling import outside_prior
+
+    monkeypatch.chdir(tmp_path)
+    spec = str(ROOT / OSCILLATOR_YAML)
+    simulate = ["simulate", "--task", spec, "--num-simulations", "300", "--seed", "1"]
+    assert cli.main([*simulate, "--out", "sims.h5"]) == 0
+    options = '{"max_epochs": 5, "ensemble": 1, "transforms": 1, "flow_hidden": [16]}'
+    assert cli.main(["train", "--data", "sims.h5", "--options", options, "--out", "model"]) == 0
+    x = get_task(spec).simulate_block(3, np.random.default_rng(5))[1]
+    x[1] *= 1000.0
+    np.save("observed.npy", x)
+    assert cli.main(["observe", "--task", spec, "--from", "observed.npy", "--out", "obs.h5"]) == 0
+    sample = ["sample", "--model", "model", "--observations", "obs.h5", "--out", "s.h5"]
+    assert cli.main([*sample, "--num-samples", "50"]) == 2
+    error = capsys.readouterr().err
+    assert "at rows 1 of obs.h5 fall inside the prior: those observations lie far" in error
+    assert "leave them out of the observations file" in error
+    message = str(outside_prior(list(range(12)), Path("test.h5"), test_set=True))
+    assert "rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more of test.h5" in message
+    assert "the model has not learned the posterior there" in message
+
+
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):
     path = write(tmp_path, "data.yaml", "parameters: {names: [a]}\nx: {shape: [3]}\n")
     task = get_task(str(path))

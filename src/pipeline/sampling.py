@@ -62,6 +62,15 @@ class SamplingError(RuntimeError):
     """A posterior puts (almost) no mass inside the prior at some observation."""
 
 
+class OutsidePriorError(SamplingError):
+    """Some observations' posteriors put under :data:`MIN_ACCEPTANCE` of their mass inside the
+    prior: ``rows`` are theirs, in the file."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 class Region(Protocol):
     """A sequential round's truncated prior (:class:`pipeline.rounds.region.TruncatedPrior`):
     the region a posterior trained on its simulations is valid in."""
@@ -149,6 +158,30 @@ def recorded_attrs(path: Path) -> dict[str, Any]:
             return {key: storage.decode_attr(value) for key, value in f.attrs.items()}
     except OSError as error:
         raise storage.unreadable(path, error) from None
+
+
+def outside_prior(rows: list[int], observations: Path, test_set: bool) -> SamplingError:
+    """The error for ``rows`` of ``observations`` whose posteriors lie outside the prior, with
+    what it means for simulations (the model's failure) or for observations (data unlike the
+    simulations)."""
+    named = ", ".join(map(str, rows[:10])) + (
+        f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    )
+    where = f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples at rows {named}"
+    where += f" of {observations}"
+    if test_set:
+        return SamplingError(
+            f"{where} fall inside the prior, though these simulations were drawn from it: the "
+            "model has not learned the posterior there. Check that the test simulations are "
+            "drawn like the training ones (an archive's rows in random order), and train on "
+            "more simulations or longer"
+        )
+    return SamplingError(
+        f"{where} fall inside the prior: those observations lie far outside what the simulator "
+        "produces (a unit or scale mistake, a systematic the simulator lacks), so no posterior "
+        "within the prior explains them. Fix them or the simulator, or leave them out of the "
+        "observations file to sample the others"
+    )
 
 
 def check_same_task(
@@ -501,11 +534,13 @@ def _sample_batch(
             # Judged on enough draws to tell: 0 of 50 inside says nothing about 1e-3.
             hopeless = (filled < MIN_ACCEPTANCE * drawn) & (drawn >= 1 / MIN_ACCEPTANCE)
             if hopeless.any():
-                raise SamplingError(
+                rows = named[np.flatnonzero(hopeless)].tolist()
+                raise OutsidePriorError(
                     f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples of observation(s) "
-                    f"{', '.join(map(str, named[np.flatnonzero(hopeless)[:10]]))} fall "
-                    "inside the prior: the observations are likely outside what the model was "
-                    "trained on (check their shape, units and scale)"
+                    f"{', '.join(map(str, rows[:10]))} fall inside the prior: the observations "
+                    "are likely outside what the model was trained on (check their shape, "
+                    "units and scale)",
+                    rows,
                 )
         short = np.flatnonzero((filled < num_samples) & sampled)
         if len(short):
@@ -753,17 +788,20 @@ def sample(
         thin=options.mcmc_thin,
         max_extensions=options.mcmc_extensions,
     )
-    result = sample_posterior(
-        posterior,
-        x,
-        options.num_samples,
-        low=low,
-        high=high,
-        region=region,
-        mcmc=settings,
-        iid=iid,
-        rows=np.flatnonzero(finite),
-    )
+    try:
+        result = sample_posterior(
+            posterior,
+            x,
+            options.num_samples,
+            low=low,
+            high=high,
+            region=region,
+            mcmc=settings,
+            iid=iid,
+            rows=np.flatnonzero(finite),
+        )
+    except OutsidePriorError as error:
+        raise outside_prior(error.rows, observations, holds_simulations(recorded)) from None
     index = np.flatnonzero(finite)
     if iid:
         log.info("one posterior from %d independent observations", len(x))
