@@ -128,6 +128,11 @@ TASK_FILE = """
         ({"prior": {"normal": {"loc": [0, 0], "scale": [True, 1]}}}, r"scale must be 2 finite"),
         ({"parameters": {"names": ["a", "b"], "units": [None, ""]}}, r"one unit string per"),
         ({"x": {"shape": [2], "unit": {"k": 1}}}, r"x.unit must be an astropy unit string"),
+        (
+            {"parameters": {"names": ["a", "b"], "units": ["", "notaunit"]}},
+            r"parameter_units of b: 'notaunit' is not a unit astropy reads",
+        ),
+        ({"x": {"shape": [2], "unit": "Jansky per pixel"}}, r"x_unit: 'Jansky per pixel' is not"),
         ({"simulator": {"python": "broken.py:simulate"}}, r"importing .*broken.py failed: Zero"),
         # Misspelt, these would be ignored: no units, and (without a simulator) no prior.
         ({"parameters": {"names": ["a", "b"], "unit": ["", "km"]}}, r"parameters: unknown key"),

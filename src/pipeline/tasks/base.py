@@ -390,6 +390,22 @@ def _package_files(folder: Path) -> list[Path]:
     return found
 
 
+def _check_unit(unit: str, what: str) -> None:
+    """Refuses a unit string astropy cannot read: the report and the files state it as the
+    quantity's unit (astropy is imported only for a task that names one)."""
+    if not unit:
+        return
+    from astropy import units
+
+    try:
+        units.Unit(unit, parse_strict="raise")
+    except ValueError as error:
+        raise ValueError(
+            f"{what}: {unit!r} is not a unit astropy reads ({error}); write it as astropy "
+            "does (e.g. 'km / (Mpc s)', 'Msun', 'deg'), or '' for dimensionless"
+        ) from None
+
+
 def source_digest(task: Task) -> str | None:
     """SHA-256 (16 hex digits) of the contents of ``task.source_files``; None without any."""
     if not task.source_files:
@@ -454,6 +470,10 @@ def check_task(task: Task) -> None:
             f"parameter_units must give one unit string per parameter ({len(names)}: "
             f"{', '.join(names)}), got {units!r}; use '' for dimensionless"
         )
+    for name, unit in zip(names, units, strict=True):
+        _check_unit(unit, f"parameter_units of {name}")
+    if isinstance(x_unit := getattr(task, "x_unit", ""), str):
+        _check_unit(x_unit, "x_unit")
     shape = getattr(task, "x_shape", None)
     if (
         not isinstance(shape, tuple | list)
