@@ -60,7 +60,10 @@ onerror:
     if (results / "index.html").exists():
         command = ["pipeline", "index", "--results", str(results)]
         command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
-        subprocess.run(command, check=False)
+        try:
+            subprocess.run(command, check=False)
+        except OSError as error:  # the run's own error is the one to report
+            print(f"could not rebuild {results / 'index.html'}: {error}")
 
 
 rule all:
