@@ -13,9 +13,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from markupsafe import escape
 
+from pipeline import diagnostics
 from pipeline.metrics import Misspecification, ValidationMetrics, from_json
 from pipeline.provenance import file_digest
 from pipeline.report import ResultsError, Thresholds, build_report, write_report
@@ -383,10 +385,16 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     tests = Misspecification([0.5] * 2, [0.5, 0.5], [0.5, 0.5], num_simulations=78, num_draws=10)
     assert tests.fewest_flaggable(0.05) == 2 and tests.simulations_to_flag_one(0.05) == 79
     assert replace(tests, num_simulations=79).fewest_flaggable(0.05) == 1
-    # Without the data test the p-value is the estimator's alone: 1 / (N + 1) <= 0.025 at 39.
-    alone = replace(tests, typicality=None, num_simulations=38)
-    assert alone.fewest_flaggable(0.05) == 2 and alone.simulations_to_flag_one(0.05) == 39
-    assert replace(alone, num_simulations=39).fewest_flaggable(0.05) == 1
+    # Without the data test the p-value is the estimator's two-sided one alone, whose floor is
+    # 2 / (N + 1) as well: the same power, which an observation as extreme as it gets shows.
+    alone = replace(tests, typicality=None)
+    assert alone.fewest_flaggable(0.05) == 2 and alone.simulations_to_flag_one(0.05) == 79
+    # One observation as extreme as it gets, the other typical.
+    extreme = diagnostics.surprise_pvalues(np.array([np.inf, 39.5]), np.arange(1.0, 79.0))
+    assert replace(alone, surprise=extreme.tolist(), pvalue=extreme.tolist()).flagged(0.05) == []
+    at_79 = diagnostics.surprise_pvalues(np.array([np.inf, 39.5]), np.arange(1.0, 80.0))
+    flaggable = replace(alone, surprise=at_79.tolist(), pvalue=at_79.tolist(), num_simulations=79)
+    assert flaggable.fewest_flaggable(0.05) == 1 and flaggable.flagged(0.05) == [0]
     metrics["misspecification"] |= {"typicality": None, "num_simulations": 30}
     path.write_text(json.dumps(metrics))
     text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())

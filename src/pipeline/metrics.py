@@ -142,17 +142,18 @@ class Misspecification:
 
     def fewest_flaggable(self, level: float) -> int:
         """The fewest observations the procedure at ``level`` can flag together: the combined
-        p-value is at least ``t / (N + 1)`` (``N`` test simulations, ``t`` of
-        :attr:`num_tests`), and Benjamini-Hochberg flags ``k`` of ``n`` observations only at
-        p-values up to ``level k / n``. Above 1, an observation unlike the simulations cannot
-        be flagged alone, and none flagged says little.
+        p-value is at least ``2 / (N + 1)`` (``N`` test simulations; the estimator test's
+        two-sided p-value alone is, and so is twice the smaller of both), and
+        Benjamini-Hochberg flags ``k`` of ``n`` observations only at p-values up to
+        ``level k / n``. Above 1, an observation unlike the simulations cannot be flagged
+        alone, and none flagged says little.
         """
-        floor = self.num_tests / (self.num_simulations + 1)
+        floor = 2 / (self.num_simulations + 1)
         return max(1, math.ceil(floor * len(self.pvalue) / level - 1e-9))
 
     def simulations_to_flag_one(self, level: float) -> int:
         """Test simulations with which one observation among these can be flagged alone."""
-        return math.ceil(self.num_tests * len(self.pvalue) / level - 1)
+        return math.ceil(2 * len(self.pvalue) / level - 1)
 
 
 @dataclass(frozen=True)
