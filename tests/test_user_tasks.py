@@ -481,9 +481,22 @@ def test_observations_far_outside_the_simulations_are_told_apart_from_a_poor_mod
     error = capsys.readouterr().err
     assert "at rows 1 of obs.h5 fall inside the prior: those observations lie far" in error
     assert "leave them out of the observations file" in error
-    message = str(outside_prior(list(range(12)), Path("test.h5"), test_set=True))
+    message = str(outside_prior(list(range(12)), Path("test.h5"), drawn=True))
     assert "rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more of test.h5" in message
     assert "the model has not learned the posterior there" in message
+    # Synthetic observations, drawn by the simulator from the prior, are the model's failure.
+    assert (
+        cli.main(
+            ["observe", "--task", spec, "--num-observations", "2", "--seed", "4"]
+            + ["--num-reference-samples", "0", "--out", "synthetic.h5"]
+        )
+        == 0
+    )
+    # Every draw must fall inside the prior: a five-epoch model leaves it somewhere.
+    monkeypatch.setattr("pipeline.sampling.MIN_ACCEPTANCE", 1.0)
+    sample = ["sample", "--model", "model", "--observations", "synthetic.h5", "--out", "t.h5"]
+    assert cli.main([*sample, "--num-samples", "50"]) == 2
+    assert "the simulator drew them from it: the model" in capsys.readouterr().err
 
 
 def test_a_task_without_simulator_trains_but_cannot_simulate(tmp_path):

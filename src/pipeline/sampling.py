@@ -160,21 +160,21 @@ def recorded_attrs(path: Path) -> dict[str, Any]:
         raise storage.unreadable(path, error) from None
 
 
-def outside_prior(rows: list[int], observations: Path, test_set: bool) -> SamplingError:
+def outside_prior(rows: list[int], observations: Path, drawn: bool) -> SamplingError:
     """The error for ``rows`` of ``observations`` whose posteriors lie outside the prior, with
-    what it means for simulations (the model's failure) or for observations (data unlike the
-    simulations)."""
+    what it means where the simulator drew them from the prior (``drawn``: test simulations,
+    synthetic observations; the model's failure) or for data (unlike the simulations)."""
     named = ", ".join(map(str, rows[:10])) + (
         f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     )
     where = f"fewer than {MIN_ACCEPTANCE:.0e} of the posterior samples at rows {named}"
     where += f" of {observations}"
-    if test_set:
+    if drawn:
         return SamplingError(
-            f"{where} fall inside the prior, though these simulations were drawn from it: the "
-            "model has not learned the posterior there. Check that the test simulations are "
-            "drawn like the training ones (an archive's rows in random order), and train on "
-            "more simulations or longer"
+            f"{where} fall inside the prior, though the simulator drew them from it: the model "
+            "has not learned the posterior there. Check that they are drawn like the training "
+            "simulations (an archive's rows in random order), and train on more simulations "
+            "or longer"
         )
     return SamplingError(
         f"{where} fall inside the prior: those observations lie far outside what the simulator "
@@ -801,7 +801,10 @@ def sample(
             rows=np.flatnonzero(finite),
         )
     except OutsidePriorError as error:
-        raise outside_prior(error.rows, observations, holds_simulations(recorded)) from None
+        # Test simulations and synthetic observations were drawn from the prior by the
+        # simulator itself: a posterior that leaves the prior there is the model's failure.
+        drawn = holds_simulations(recorded) or (theta is not None and "mock_of" not in recorded)
+        raise outside_prior(error.rows, observations, drawn) from None
     index = np.flatnonzero(finite)
     if iid:
         log.info("one posterior from %d independent observations", len(x))
