@@ -633,6 +633,15 @@ def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
     assert "STALE (was FAIL)" in text
     assert "Results changed after this verdict (two_moons/observations.h5 written)" in text
     os.utime(observations, (old, old))
+    # Shards and checkpoints are stood for by the merged file and the model: not walked.
+    (experiment / "two_moons" / "sims.h5.shards").mkdir()
+    (experiment / "two_moons" / "sims.h5.shards" / "chunk.h5").write_text("a shard")
+    assert "STALE" not in build_index(results)
+    # A run that failed says so, whatever it removed or wrote; a verdict after it stands.
+    (experiment / "run-failed.txt").write_text("a run failed")
+    assert "a later run failed (run-failed.txt)" in build_index(results)
+    os.utime(experiment / "run-failed.txt", (old, old))
+    assert "STALE" not in build_index(results)
     (experiment / "sn_cosmology" / "validation" / "metrics.json").unlink()
     text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
     assert "(sn_cosmology/validation/metrics.json removed)" in text

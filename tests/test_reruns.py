@@ -83,22 +83,23 @@ def test_the_simulation_budget_reruns_its_simulations_and_everything_after(finis
 def test_a_run_that_fails_before_its_report_leaves_the_old_verdict_marked_stale(
     finished, tmp_path
 ):
-    """Validation rerun (another seed) on test samples a disk fault broke: the run fails before
-    the report, whose verdict was of the validation Snakemake removed; the index says so
-    instead of the old verdict."""
+    """Sampling rerun (another seed) with weights a disk fault broke: Snakemake removes the old
+    samples, the jobs fail, and no result is newer than the verdict, which is of the samples
+    removed; the failed run says so, and the index lists the verdict as stale."""
     workdir = tmp_path / "copy"
     shutil.copytree(finished, workdir, symlinks=True)
     index = workdir / "results/index.html"
     assert "STALE" not in index.read_text()
-    samples = workdir / "results/tiny/two_moons/samples/test.h5"
-    stamp = samples.stat()
-    samples.write_bytes(b"not HDF5")
-    os.utime(samples, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    failing = tiny_config(workdir, "failing.yaml", validate={"seed": 6})
+    weights = workdir / "results/tiny/two_moons/model/posterior.pt"
+    stamp = weights.stat()
+    weights.write_bytes(b"not a state dict")
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    failing = tiny_config(workdir, "failing.yaml", sample={"seed": 6})
     result = snakemake(workdir, failing, check=False)
-    assert result.returncode != 0 and "Error in rule validate" in result.stdout + result.stderr
+    assert result.returncode != 0 and "Error in rule sample" in result.stdout + result.stderr
+    assert not (workdir / "results/tiny/two_moons/samples/observations.h5").exists()
     text = " ".join(re.sub(r"<[^>]+>", " ", index.read_text()).split())
-    assert "STALE (was" in text and "two_moons/validation/metrics.json removed" in text
+    assert "STALE (was" in text and "a later run failed (run-failed.txt)" in text
 
 
 def test_deleting_one_shard_recomputes_only_that_shard(tmp_path):

@@ -627,6 +627,7 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     # The region was cut around the observation: the misspecification tests would not be
     # calibrated against its test simulations, so they are skipped with the reason.
     metrics = json.loads((task / "validation/metrics.json").read_text())
+    assert metrics["estimates"]["observation_index"] == [1]  # the task's, not the file's row
     assert metrics["misspecification"] is None
     assert "misspecification : the test simulations come from the last round&#39;s region" in text
     # Lowering the floor, as a round's error advises, reruns none of the jobs that computed

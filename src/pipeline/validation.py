@@ -44,7 +44,7 @@ from pipeline.metrics import (
 from pipeline.observations import read_mock_of, read_reference, read_reference_info
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
-from pipeline.sampling import read_samples
+from pipeline.sampling import read_samples, recorded_attrs
 from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
 from pipeline.tasks import Task, get_task
 
@@ -114,7 +114,7 @@ def validate(
         reference=_reference_info(observations),
         figures=figures,
         mcmc=_mcmc(test, observed),
-        estimates=(estimates := _estimates(task, observed, theta_obs)),
+        estimates=(estimates := _estimates(task, observed, theta_obs, observations)),
     )
     write_estimates_csv(estimates, names, out / ESTIMATES_CSV)
     result.write(out / "metrics.json")
@@ -589,9 +589,13 @@ def _recovery(names: list[str], observed: dict, theta_obs: np.ndarray | None) ->
 ESTIMATES_CSV = "estimates.csv"
 
 
-def _estimates(task: Task, observed: dict, theta_obs: np.ndarray | None) -> Estimates:
+def _estimates(
+    task: Task, observed: dict, theta_obs: np.ndarray | None, observations: Path | None = None
+) -> Estimates:
     """Each observation's posterior median and central 68 % and 95 % intervals, per parameter
-    (quantiles over its finite draws), with the task's units and the truth where known."""
+    (quantiles over its finite draws), with the task's units and the truth where known. An
+    observation selected from a file of several (the one rounds aim at) keeps its number
+    there."""
     index = np.asarray(observed["attrs"].get("observation_index", range(len(observed["x"]))))
     samples = observed["samples"].astype(np.float64)  # (n_obs, M, D)
     samples = np.where(np.isfinite(samples), samples, np.nan)
@@ -599,6 +603,9 @@ def _estimates(task: Task, observed: dict, theta_obs: np.ndarray | None) -> Esti
         warnings.simplefilter("ignore", RuntimeWarning)  # a parameter with no finite draw
         values = np.nanquantile(samples, metrics.ESTIMATE_QUANTILES, axis=1)  # (5, n_obs, D)
     truth = None if theta_obs is None else theta_obs[index].astype(np.float64).tolist()
+    selected = recorded_attrs(observations).get("selected_index") if observations else None
+    if selected is not None and len(index) == 1:
+        index = np.array([int(selected)])
     return Estimates(
         observation_index=index.tolist(),
         units=list(task.parameter_units),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,20 @@ NOT_RESULTS = ("logs", "benchmarks")
 
 # The results a verdict rests on, per task folder: gone, the verdict is of files since removed.
 VERDICT_INPUTS = ("validation/metrics.json", "model/posterior.json")
+# Written into an experiment's folder by a run that failed (the workflow's onerror handler).
+FAILED_RUN = "run-failed.txt"
 
 
 def changed_since(summary_path: Path, tasks: list[dict[str, Any]]) -> str | None:
     """What changed in the experiment after its ``summary.json`` was written (``tasks``: its
-    tasks), as text naming a file, or None. A result written since, or one the verdict rests on
-    removed, means the verdict and the report are of results since replaced, by a run that
-    failed or is still going."""
+    tasks), as text, or None: a run that failed since (:data:`FAILED_RUN`, which also covers
+    the outputs Snakemake removed before rerunning their jobs), a result the verdict rests on
+    removed, or a result written since (a run still going, or killed). Then the verdict and
+    the report are of results since replaced."""
     folder, written = summary_path.parent, summary_path.stat().st_mtime_ns
+    failed = folder / FAILED_RUN
+    if failed.exists() and failed.stat().st_mtime_ns > written:
+        return f"a later run failed ({FAILED_RUN})"
     for task in tasks:
         for name in VERDICT_INPUTS:
             if not (folder / str(task.get("name")) / name).exists():
@@ -123,12 +130,29 @@ def changed_since(summary_path: Path, tasks: list[dict[str, Any]]) -> str | None
     for path in sorted(folder.iterdir()):
         if path.name in NOT_RESULTS or not path.is_dir():
             continue
-        for result in path.rglob("*"):
-            try:
-                if result.is_file() and result.stat().st_mtime_ns > written:
-                    return f"{result.relative_to(folder)} written"
-            except OSError:
-                continue  # removed while we looked: a job is running
+        if (written_since := _written_since(path, written)) is not None:
+            return f"{written_since.relative_to(folder)} written"
+    return None
+
+
+def _written_since(folder: Path, time_ns: int) -> Path | None:
+    """A file under ``folder`` modified after ``time_ns``, skipping simulation shards and
+    training checkpoints (thousands of files that a later merged file or model stands for)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None  # removed while we looked: a job is running
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name.endswith((".shards", ".checkpoints")):
+                    continue
+                if (found := _written_since(Path(entry.path), time_ns)) is not None:
+                    return found
+            elif entry.stat().st_mtime_ns > time_ns:
+                return Path(entry.path)
+        except OSError:
+            continue
     return None
 
 
