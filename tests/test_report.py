@@ -883,7 +883,7 @@ def test_each_observations_posterior_is_tabulated_with_units_truth_or_none(
     assert "1 theta_1 [km / (Mpc s)] 67.25 65.5 to 69 60 to 74 68" in text
     assert "0 theta_0 0.3 0.2 to 0.4 0.1 to 0.5 0.3" in text
     # The corner plot is of one observation: which one, and where the others are.
-    assert "Posterior samples at observation 0 of 2; the table above gives every" in text
+    assert "Posterior samples at observation 0 of 2; the table above and estimates.csv" in text
     path.write_text(json.dumps(metrics | {"estimates": estimates}))  # real observations
     text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
     assert header.removesuffix(" Truth") + " 0 theta_0" in text
