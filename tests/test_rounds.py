@@ -162,10 +162,11 @@ def test_a_lower_floor_lets_a_region_be_sampled_and_changes_no_draw(truncated, t
     never which parameters are drawn."""
     models = [truncated / "model"]
     recorded = Truncation.read(truncated / "truncation.json").__dict__
-    # A recorded mass of 1 sizes the first batch for a region holding every prior draw, so a
-    # region of about a tenth of the prior needs more batches than a floor of 1 allows.
+    # A recorded mass of 0.37 sizes batches of 649 draws for 200 (not a multiple of the 240
+    # a floor of 1 would size, so that no number of either draws as many as the other), and
+    # the region, smaller, needs more draws than a floor of 1 allows.
     for name, floor in [("strict", 1.0), ("loose", 1e-3)]:
-        changed = {"prior_mass": 1.0, "min_prior_mass": floor}
+        changed = {"prior_mass": 0.37, "min_prior_mass": floor}
         Truncation(**recorded | changed).write(tmp_path / f"{name}.json", overwrite=False)
     with pytest.raises(TruncationError, match="below min_prior_mass 1\\).*--min-prior-mass"):
         load_region(tmp_path / "strict.json", models, TASK.prior).sample(
@@ -173,9 +174,11 @@ def test_a_lower_floor_lets_a_region_be_sampled_and_changes_no_draw(truncated, t
         )
     lowered = load_region(tmp_path / "strict.json", models, TASK.prior, min_prior_mass=1e-3)
     loose = load_region(tmp_path / "loose.json", models, TASK.prior)
-    np.testing.assert_array_equal(
-        lowered.sample(200, np.random.default_rng(5)), loose.sample(200, np.random.default_rng(5))
-    )
+    # The same parameters, and the generator left where it was: the simulator's draws after
+    # them (x) are the same too, which batches sized by the floor (above the mass) changed.
+    rngs = np.random.default_rng(5), np.random.default_rng(5)
+    np.testing.assert_array_equal(lowered.sample(200, rngs[0]), loose.sample(200, rngs[1]))
+    assert rngs[0].bit_generator.state == rngs[1].bit_generator.state
     flags = ["--truncation", str(tmp_path / "strict.json"), "--model", str(models[0])]
     command = ["simulate", "--task", "two_moons", "--num-simulations", "50", *flags]
     assert main([*command, "--out", str(tmp_path / "sims.h5"), "--min-prior-mass", "1e-3"]) == 0
