@@ -18,6 +18,7 @@ from pipeline.importing import Source, import_simulations, open_array, parse_sou
 from pipeline.tasks import BoxUniform, get_task
 from pipeline.tasks.declared import DeclaredTask
 from pipeline.tasks.two_moons import TwoMoons
+from tests.conftest import ROOT
 
 TASK = get_task("two_moons")  # theta (N, 2), x (N, 2)
 
@@ -127,6 +128,20 @@ def test_negative_rows_split_one_archive_into_train_and_test(tmp_path: Path) -> 
     assert middle["num_simulations"] == 100
     np.testing.assert_array_equal(
         storage.read_simulations(tmp_path / "mid.h5").theta, theta[100:200].astype(np.float32)
+    )
+
+
+def test_an_import_records_the_definition_of_a_users_task(tmp_path: Path) -> None:
+    """What sample tells a user's tasks apart by; the rows' identity does not depend on it."""
+    from pipeline.tasks.base import source_digest
+
+    task = get_task(str(ROOT / "examples/archive/task.yaml"))
+    theta = np.load(ROOT / "examples/archive/theta.npy")[:50]
+    x = np.load(ROOT / "examples/archive/x.npy")[:50]
+    attrs = import_simulations(task, *save_npy(tmp_path, theta, x), tmp_path / "out.h5")
+    assert attrs["task_digest"] == source_digest(task)
+    assert "task_digest" not in import_simulations(
+        TASK, *save_npy(tmp_path, *arrays(50)), tmp_path / "builtin.h5"
     )
 
 

@@ -599,12 +599,20 @@ def test_a_stack_of_rounds_of_two_definitions_of_a_users_task_is_refused(tmp_pat
         {"task_digest": source_digest(task), "seed": 1},
         {"task_digest": "fedcba9876543210", "seed": 2, "proposal": edited},
     ]
+    named = {"task": task.name, "num_simulations": 10, "x_unit": task.x_unit}
+    named |= {"parameter_names": list(task.parameter_names)}
+    named |= {"parameter_units": list(task.parameter_units)}
     for path, attrs in zip(rounds, definitions, strict=True):
         theta, x = rng.normal(size=(10, task.dim_theta)), rng.normal(size=(10, *task.x_shape))
-        attrs = {"task": task.name, "num_simulations": 10, **attrs}
-        storage.write_simulations(path, theta, x, attrs, overwrite=False)
+        storage.write_simulations(path, theta, x, named | attrs, overwrite=False)
     with pytest.raises(ValueError, match="round 1 of the stack.* another definition of task"):
         stack_rounds(task.name, rounds, tmp_path / "train.h5", overwrite=False)
+    # One definition throughout: the stack records it, which a model trained on it keeps.
+    theta, x = rng.normal(size=(10, task.dim_theta)), rng.normal(size=(10, *task.x_shape))
+    attrs = named | {"seed": 2, "proposal": truncated.proposal}
+    storage.write_simulations(rounds[1], theta, x, attrs, overwrite=True)
+    stack_rounds(task.name, rounds, tmp_path / "train.h5", overwrite=False)
+    assert storage.read_attrs(tmp_path / "train.h5")["task_digest"] == source_digest(task)
 
 
 def test_the_selected_observation_keeps_its_truth_and_reference(round0, tmp_path):

@@ -42,6 +42,7 @@ from pipeline import atomic, storage
 from pipeline.progress import Progress
 from pipeline.provenance import provenance
 from pipeline.tasks import Task
+from pipeline.tasks.base import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -759,6 +760,9 @@ def imported_attrs(
         "compression": compression,
         "provenance": made_by,
         "config_digest": made_by["config_digest"],
+        # The definition of a user's task the rows were imported for (the rows themselves do
+        # not depend on it, so it is no part of their identity): what sample tells tasks by.
+        **({"task_digest": digest} if (digest := source_digest(task)) is not None else {}),
     }
 
 

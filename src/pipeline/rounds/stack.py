@@ -76,6 +76,7 @@ def stack_rounds(task: str, sources: Sequence[Path], out: Path, *, overwrite: bo
         "num_nonfinite": sum(int(attrs.get("num_nonfinite", 0)) for attrs in found),
         "provenance": made_by,
         "config_digest": made_by["config_digest"],
+        **({"task_digest": definitions[0]} if definitions[0] is not None else {}),
     }
     storage.merge_copy(Path(out), list(map(Path, sources)), attrs)
     log.info("stacked %d rounds into %s", len(sources), out)
