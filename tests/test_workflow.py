@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import tomllib
 import zipfile
@@ -668,6 +669,30 @@ def test_rounds_of_an_nle_posterior_sample_the_last_region_by_mcmc(workdir):
     left_out = metrics["mcmc"]["num_unconverged_excluded"]
     assert metrics["num_test"] + left_out == 60 and len(test["theta"]) == metrics["num_test"]
     assert metrics["num_left_out"] == left_out  # what the report's coverage checks allow for
+
+
+def test_rounds_of_a_users_task_run_through_the_dag(workdir):
+    """A user's task in rounds: the test simulations record the task with its region's files,
+    the model the task's own definition (the stack's), and sample tells them apart by the
+    proposal's record of it; it refused every rounded user task as another definition."""
+    shutil.copytree(ROOT / "examples/oscillator", workdir / "examples/oscillator")
+    spec = "examples/oscillator/oscillator.py:Oscillator"
+    config = write_config(
+        workdir,
+        tasks=["osc"],
+        task_modules={"osc": spec},
+        rounds=ROUNDS | {"tasks": ["osc"], "observation": 0},
+        # The oscillator's x has 50 values: its predictive checks need 51 draws.
+        sample={"num_test_samples": 60, "num_observation_samples": 300},
+        validate={"c2st_folds": 2, "predictive_draws": 51, "local_c2st_null": 19},
+    )
+    snakemake(workdir, "--configfile", str(config))
+    task = workdir / "results/tiny/osc"
+    metrics = json.loads((task / "validation/metrics.json").read_text())
+    assert metrics["num_test"] + metrics["num_left_out"] == 60
+    assert metrics["estimates"]["units"] == ["rad / s", "1 / s"]
+    with h5py.File(task / "sims/test.h5") as test:
+        assert "proposal" in test.attrs
 
 
 def ran_rounds(result: subprocess.CompletedProcess) -> list[str]:

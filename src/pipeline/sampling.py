@@ -192,7 +192,11 @@ def check_same_task(
     files' digest, whatever path named it; other tasks are told apart by name and parameters.
     """
     made_for = recorded_task(recorded)
-    ours, theirs = document.get("task_digest"), recorded.get("task_digest")
+    # Simulations drawn from a round's region record the task with the region's files; their
+    # proposal keeps the task's own definition, which a stack of rounds (the model's) records.
+    proposal = recorded.get("proposal") if isinstance(recorded.get("proposal"), dict) else {}
+    ours = document.get("task_digest")
+    theirs = proposal.get("task_digest") or recorded.get("task_digest")
     if ours is not None and theirs is not None:
         if ours != theirs:
             raise ValueError(
