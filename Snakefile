@@ -51,31 +51,23 @@ include: "workflow/rules/budgets.smk"
 include: "workflow/rules/report.smk"
 
 
-# The index is rebuilt after every report. A run that fails before its report leaves the
-# results it replaced (or whose outputs Snakemake removed before rerunning their jobs) beside
-# the last verdict: it records its failure and rebuilds the index, which lists the verdict as
-# stale (the pipeline in this Python, found whatever PATH the run was started with).
+# The index is rebuilt after every report. A run that fails before its report may have
+# replaced or removed (Snakemake removes a job's outputs before rerunning it) results the last
+# verdict rests on: it rebuilds the index, which lists such a verdict as stale (the pipeline of
+# this Python, found whatever PATH the run was started with).
 onerror:
     import subprocess
     import sys
-    from datetime import datetime
-
-    from pipeline.report.index import FAILED_RUN
 
     results = Path(config["results"])
-    try:
-        EXPERIMENT.mkdir(parents=True, exist_ok=True)
-        (EXPERIMENT / FAILED_RUN).write_text(
-            f"a run of this experiment failed at {datetime.now().isoformat(timespec='seconds')}; "
-            "report.html and summary.json are of the results before it\n"
-        )
-        if (results / "index.html").exists():
-            main = "import pipeline.cli as c; raise SystemExit(c.main())"
-            command = [sys.executable, "-c", main, "index", "--results", str(results)]
-            command += ["--out", str(results / "index.html")]
-            subprocess.run([*command, "--log", log_path("index.log")], check=False)
-    except OSError as error:  # the run's own error is the one to report
-        print(f"could not mark {EXPERIMENT} as failed: {error}")
+    if (results / "index.html").exists():
+        main = "import pipeline.cli as c; raise SystemExit(c.main())"
+        command = [sys.executable, "-c", main, "index", "--results", str(results)]
+        command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
+        try:
+            subprocess.run(command, check=False)
+        except OSError as error:  # the run's own error is the one to report
+            print(f"could not rebuild {results / 'index.html'}: {error}")
 
 
 rule all:

@@ -614,37 +614,42 @@ def test_index_lists_every_experiment_escaped_and_survives_a_corrupt_one(
 def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
     tmp_path: Path, png: bytes
 ) -> None:
-    """A later run that replaced results and failed before its report left the old verdict
-    listed as if it held: the index says which result changed and that the verdict is older."""
+    """A later run that replaced or removed results and failed before its report left the old
+    verdict listed as if it held: the index says which result changed. The summary records
+    the files it rests on, so a failure elsewhere (a budget tried and dropped) leaves it."""
     results = tmp_path / "results"
     experiment = write_experiment(results / "tiny", png)
-    write_summary_of(experiment)
-    summary = experiment / "summary.json"
-    old = summary.stat().st_mtime - 100
-    for path in experiment.rglob("*"):  # every result before the verdict, as a run leaves them
-        os.utime(path, (old, old))
+    observations = experiment / "two_moons" / "observations.h5"
+    observations.write_text("an observation")
+    summary = write_summary_of(experiment)
+    assert "two_moons/observations.h5" in summary["results"]
     assert "STALE" not in build_index(results)
     (experiment / "logs").mkdir()
     (experiment / "logs" / "sample.log").write_text("a rerun's log is no result")
-    assert "STALE" not in build_index(results)
-    observations = experiment / "two_moons" / "observations.h5"
-    observations.write_text("another observation")
-    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
-    assert "STALE (was FAIL)" in text
-    assert "Results changed after this verdict (two_moons/observations.h5 written)" in text
-    os.utime(observations, (old, old))
-    # Shards and checkpoints are stood for by the merged file and the model: not walked.
+    (experiment / "two_moons" / "budget-300").mkdir()  # a failed job's leftovers elsewhere
+    (experiment / "two_moons" / "budget-300" / "train.log").write_text("failed")
+    # Shards and checkpoints are stood for by the merged file and the model: not recorded.
     (experiment / "two_moons" / "sims.h5.shards").mkdir()
     (experiment / "two_moons" / "sims.h5.shards" / "chunk.h5").write_text("a shard")
     assert "STALE" not in build_index(results)
-    # A run that failed says so, whatever it removed or wrote; a verdict after it stands.
-    (experiment / "run-failed.txt").write_text("a run failed")
-    assert "a later run failed (run-failed.txt)" in build_index(results)
-    os.utime(experiment / "run-failed.txt", (old, old))
+    stamp = observations.stat()
+    observations.write_text("another observation")
+    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert "STALE (was FAIL)" in text
+    assert "Results changed after this verdict (two_moons/observations.h5 changed)" in text
+    observations.write_text("an observation")  # put back, time and all: the verdict holds
+    os.utime(observations, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert "STALE" not in build_index(results)
     (experiment / "sn_cosmology" / "validation" / "metrics.json").unlink()
     text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
     assert "(sn_cosmology/validation/metrics.json removed)" in text
+    # A summary written before the files were recorded: judged by files written after it.
+    del summary["results"]
+    write_summary(summary, experiment / "summary.json")
+    assert "STALE" not in build_index(results)
+    os.utime(experiment / "summary.json", (stamp.st_mtime - 100, stamp.st_mtime - 100))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert "STALE (was FAIL)" in text and re.search(r"\(two_moons/\S+ written\)", text)
 
 
 @pytest.mark.parametrize(

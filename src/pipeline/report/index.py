@@ -73,7 +73,36 @@ def experiment_summary(
             (v for v in ("FAIL", "FLAGGED") if any(row["verdict"] == v for row in rows)), "PASS"
         ),
         "tasks": rows,
+        "results": result_files(Path(experiment_dir), [task.name for task in results]),
     }
+
+
+def result_files(experiment_dir: Path, tasks: list[str]) -> dict[str, list[int]]:
+    """The files the verdict rests on: each task folder's, by path within the experiment
+    folder, with their size and modification time (shards and checkpoints, which a merged
+    file or a model stands for, left out)."""
+    found = {}
+    for task in tasks:
+        for path in _files(Path(experiment_dir) / task):
+            status = path.stat()
+            found[str(path.relative_to(experiment_dir))] = [status.st_size, status.st_mtime_ns]
+    return dict(sorted(found.items()))
+
+
+def _files(folder: Path) -> list[Path]:
+    """Files under ``folder``, but not in ``*.shards`` or ``*.checkpoints`` folders."""
+    files = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return files
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if not entry.name.endswith((".shards", ".checkpoints")):
+                files += _files(Path(entry.path))
+        elif entry.is_file():
+            files.append(Path(entry.path))
+    return files
 
 
 def write_summary(summary: dict[str, Any], out: Path) -> None:
@@ -97,62 +126,36 @@ def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
             summary = {"error": f"unreadable {SUMMARY}: {error}"}
         summary["experiment"] = path.parent.name
         summary["report_exists"] = (path.parent / "report.html").exists()
-        summary["changed_since"] = changed_since(path, summary.get("tasks", []))
+        summary["changed_since"] = changed_since(path, summary)
         summaries.append(summary)
     return sorted(summaries, key=lambda s: str(s.get("created", "")), reverse=True)
 
 
-# What an experiment folder holds besides its tasks' results: the stages' logs and timings and
-# the report itself, none of which the verdict is about.
-NOT_RESULTS = ("logs", "benchmarks")
-
-
-# The results a verdict rests on, per task folder: gone, the verdict is of files since removed.
-VERDICT_INPUTS = ("validation/metrics.json", "model/posterior.json")
-# Written into an experiment's folder by a run that failed (the workflow's onerror handler).
-FAILED_RUN = "run-failed.txt"
-
-
-def changed_since(summary_path: Path, tasks: list[dict[str, Any]]) -> str | None:
-    """What changed in the experiment after its ``summary.json`` was written (``tasks``: its
-    tasks), as text, or None: a run that failed since (:data:`FAILED_RUN`, which also covers
-    the outputs Snakemake removed before rerunning their jobs), a result the verdict rests on
-    removed, or a result written since (a run still going, or killed). Then the verdict and
-    the report are of results since replaced."""
-    folder, written = summary_path.parent, summary_path.stat().st_mtime_ns
-    failed = folder / FAILED_RUN
-    if failed.exists() and failed.stat().st_mtime_ns > written:
-        return f"a later run failed ({FAILED_RUN})"
-    for task in tasks:
-        for name in VERDICT_INPUTS:
-            if not (folder / str(task.get("name")) / name).exists():
-                return f"{task.get('name')}/{name} removed"
-    for path in sorted(folder.iterdir()):
-        if path.name in NOT_RESULTS or not path.is_dir():
-            continue
-        if (written_since := _written_since(path, written)) is not None:
-            return f"{written_since.relative_to(folder)} written"
-    return None
-
-
-def _written_since(folder: Path, time_ns: int) -> Path | None:
-    """A file under ``folder`` modified after ``time_ns``, skipping simulation shards and
-    training checkpoints (thousands of files that a later merged file or model stands for)."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return None  # removed while we looked: a job is running
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name.endswith((".shards", ".checkpoints")):
+def changed_since(summary_path: Path, summary: dict[str, Any]) -> str | None:
+    """What changed of the results ``summary`` (its file: ``summary_path``) rests on, as text,
+    or None: a file removed (Snakemake removes a job's outputs before rerunning it) or
+    changed (size or time) since, by a run that failed, is still going or was killed. Then the
+    verdict and the report are of results since replaced. A summary written before the files
+    were recorded is judged by any file of its tasks written after it."""
+    folder = summary_path.parent
+    recorded = summary.get("results")
+    if not isinstance(recorded, dict):
+        written = summary_path.stat().st_mtime_ns
+        for task in summary.get("tasks", []):
+            for path in _files(folder / str(task.get("name"))):
+                try:
+                    if path.stat().st_mtime_ns > written:
+                        return f"{path.relative_to(folder)} written"
+                except OSError:
                     continue
-                if (found := _written_since(Path(entry.path), time_ns)) is not None:
-                    return found
-            elif entry.stat().st_mtime_ns > time_ns:
-                return Path(entry.path)
+        return None
+    for name, stamp in recorded.items():
+        try:
+            status = (folder / name).stat()
         except OSError:
-            continue
+            return f"{name} removed"
+        if [status.st_size, status.st_mtime_ns] != stamp:
+            return f"{name} changed"
     return None
 
 
