@@ -695,8 +695,11 @@ def check_rows_like_the_rest(
     values, index = np.concatenate(kept), np.concatenate(index)
     inside = (index >= start) & (index < stop)
     finite = np.isfinite(values).all(axis=1)
+    # Each parameter set once a side: archives often hold several realisations of one set in
+    # consecutive rows, which are no independent draws (and a split keeps them together).
+    split, rest = (np.unique(values[side & finite], axis=0) for side in (inside, ~inside))
     for d, parameter in enumerate(task.parameter_names):
-        ours, others = values[inside & finite, d], values[~inside & finite, d]
+        ours, others = split[:, d], rest[:, d]
         if len(ours) < 2 or len(others) < 2:
             return
         pvalue = stats.ks_2samp(ours, others).pvalue
@@ -706,7 +709,8 @@ def check_rows_like_the_rest(
                 f"{parameter} (medians {np.median(ours):g} against {np.median(others):g}; "
                 f"Kolmogorov-Smirnov p = {pvalue:.1e}): its rows are ordered (sorted by a "
                 "parameter, or grouped by set), so these are no random sample of it. Shuffle "
-                "the archive's rows (theta and x alike) before importing"
+                "the archive's parameter sets before importing (theta and x alike, the "
+                "realisations of one set kept together)"
             )
 
 
