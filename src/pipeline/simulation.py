@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import shutil
+import site
 import sysconfig
 import tempfile
 import traceback
@@ -276,13 +277,21 @@ class SimulatorError(RuntimeError):
     """A user's simulator (or prior) raised: the message names where in their code."""
 
 
-# Files that are not a user's code: the pipeline's own, the standard library's and installed
-# packages' (numpy, scipy), which a user's simulator calls into.
+# Folders that hold no user's code: the pipeline's own, the standard library's and every site
+# of installed packages (numpy, scipy; the user's and the system's too), which a user's
+# simulator calls into.
 _NOT_USER_CODE = tuple(
-    str(Path(path).resolve())
-    for path in {
-        str(Path(__file__).parent),
-        *(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")),
+    {
+        Path(path).resolve()
+        for path in (
+            Path(__file__).parent,
+            *(
+                sysconfig.get_paths()[key]
+                for key in ("stdlib", "platstdlib", "purelib", "platlib")
+            ),
+            *site.getsitepackages(),
+            site.getusersitepackages(),
+        )
     }
 )
 
@@ -292,8 +301,8 @@ def _user_frame(trace: TracebackType | None) -> traceback.FrameSummary | None:
     frames = [
         frame
         for frame in traceback.extract_tb(trace)
-        if not str(Path(frame.filename).resolve()).startswith(_NOT_USER_CODE)
-        and not frame.filename.startswith("<")
+        if not frame.filename.startswith("<")
+        and not any(Path(frame.filename).resolve().is_relative_to(root) for root in _NOT_USER_CODE)
     ]
     return frames[-1] if frames else None
 
