@@ -1,4 +1,5 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
+import functools
 import json
 import os
 import re
@@ -58,8 +59,15 @@ def fingerprinted(task, kind, paths):
     ``mv``) would be missed, but its new fingerprint is a new input, which reruns the job."""
     if not paths:
         return []
-    name = f"sources/{kind}-{fingerprint([Path(p) for p in paths])}.txt"
+    name = f"sources/{kind}-{fingerprint_once(tuple(map(str, paths)))}.txt"
     return [*map(os.path.relpath, paths), task_path(name).format(task=task)]
+
+
+@functools.cache
+def fingerprint_once(paths):
+    """fingerprint() of ``paths`` once per run: a scattered task asks for it for every chunk
+    job, and the files do not change while the DAG is built."""
+    return fingerprint([Path(p) for p in paths])
 
 
 def task_files(wildcards):
