@@ -432,6 +432,14 @@ def test_sample_tells_tasks_apart_by_their_definition_not_the_path_that_named_th
     same = str(tmp_path / "a" / "task.yaml")
     assert cli.main([*observe, "--task", same, "--out", "same.h5"]) == 0
     assert cli.main([*sample, "--observations", "same.h5", "--out", "s.h5"]) == 0
+    # validate judges the samples' lineage the same way: by definition, not by name.
+    from pipeline.sampling import read_samples
+    from pipeline.validation import check_drawn_at
+
+    samples = read_samples(Path("s.h5"))
+    check_drawn_at(samples, Path("s.h5"), read_reference(Path("same.h5"))[1], Path("same.h5"))
+    with pytest.raises(ValueError, match="samples of a definition of task .* other than"):
+        check_drawn_at(samples, Path("s.h5"), read_reference(Path("obs.h5"))[1], Path("obs.h5"))
 
 
 def test_a_users_files_fingerprint_follows_their_bytes_not_their_time(tmp_path, monkeypatch):

@@ -184,6 +184,14 @@ def outside_prior(rows: list[int], observations: Path, drawn: bool) -> SamplingE
     )
 
 
+def task_definition(attrs: dict[str, Any]) -> str | None:
+    """The digest of a user's task's definition a file (``attrs``: its attributes) records,
+    None for a built-in task. Simulations drawn from a round's region record the task with the
+    region's files; their proposal keeps the task's own, which a stack of rounds records."""
+    proposal = attrs.get("proposal") if isinstance(attrs.get("proposal"), dict) else {}
+    return proposal.get("task_digest") or attrs.get("task_digest")
+
+
 def check_same_task(
     recorded: dict[str, Any], document: dict[str, Any], observations: Path, model: Path
 ) -> None:
@@ -192,11 +200,7 @@ def check_same_task(
     files' digest, whatever path named it; other tasks are told apart by name and parameters.
     """
     made_for = recorded_task(recorded)
-    # Simulations drawn from a round's region record the task with the region's files; their
-    # proposal keeps the task's own definition, which a stack of rounds (the model's) records.
-    proposal = recorded.get("proposal") if isinstance(recorded.get("proposal"), dict) else {}
-    ours = document.get("task_digest")
-    theirs = proposal.get("task_digest") or recorded.get("task_digest")
+    ours, theirs = document.get("task_digest"), task_definition(recorded)
     if ours is not None and theirs is not None:
         if ours != theirs:
             raise ValueError(
@@ -836,6 +840,8 @@ def sample(
         result = PosteriorSamples(result.samples[keep], result.log_prob[keep], None, mcmc)
     attrs = {
         "task": document["task"],
+        # The definition of a user's task the model was trained on (check_same_task's).
+        "task_digest": document.get("task_digest"),
         "parameter_names": list(spec.parameter_names),
         "num_samples": options.num_samples,
         "seed": options.seed,

@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import atomic, diagnostics, metrics, plots, storage
+from pipeline import atomic, diagnostics, metrics, plots
 from pipeline.diagnostics.local_c2st import MIN_PAIRS
 from pipeline.metrics import (
     BudgetScore,
@@ -44,7 +43,7 @@ from pipeline.metrics import (
 from pipeline.observations import read_mock_of, read_reference, read_reference_info
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
-from pipeline.sampling import read_samples, recorded_attrs
+from pipeline.sampling import read_samples, recorded_attrs, task_definition
 from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
 from pipeline.tasks import Task, get_task
 
@@ -342,9 +341,18 @@ def check_drawn_at(
     (``observation_index``)."""
     check_not_combined(observed, observed_path)
     task = observed["attrs"].get("task")
-    with h5py.File(observations, "r") as f:
-        made_for = storage.decode_attr(f.attrs["task"]) if "task" in f.attrs else task
-    if made_for != task:
+    recorded = recorded_attrs(observations)
+    made_for = recorded.get("task", task)
+    # A user's task is its definition, whatever path named it (as the sample stage judges).
+    ours, theirs = observed["attrs"].get("task_digest"), task_definition(recorded)
+    if ours is not None and theirs is not None:
+        if ours != theirs:
+            raise ValueError(
+                f"{observed_path} holds samples of a definition of task {task!r} (digest "
+                f"{ours}) other than that of {observations}' observations ({theirs}); sample "
+                "with the model of that definition"
+            )
+    elif made_for != task:
         raise ValueError(
             f"{observed_path} holds samples of task {task!r}, but {observations} holds "
             f"observations of task {made_for!r}; sample with the model of that task"
