@@ -192,6 +192,14 @@ def task_definition(attrs: dict[str, Any]) -> str | None:
     return proposal.get("task_digest") or attrs.get("task_digest")
 
 
+def same_definition(digest: str | None, attrs: dict[str, Any]) -> bool | None:
+    """Whether a file (``attrs``) holds data of the user's task definition ``digest`` (a
+    model's or its samples'), whatever path named the task; None where either side records
+    none (a built-in task, a file of an older version): then names tell tasks apart."""
+    theirs = task_definition(attrs)
+    return None if digest is None or theirs is None else digest == theirs
+
+
 def check_same_task(
     recorded: dict[str, Any], document: dict[str, Any], observations: Path, model: Path
 ) -> None:
@@ -200,16 +208,16 @@ def check_same_task(
     files' digest, whatever path named it; other tasks are told apart by name and parameters.
     """
     made_for = recorded_task(recorded)
-    ours, theirs = document.get("task_digest"), task_definition(recorded)
-    if ours is not None and theirs is not None:
-        if ours != theirs:
-            raise ValueError(
-                f"{observations} holds observations of another definition of task "
-                f"{made_for!r} (its files' digest {theirs}) than {model} was trained on "
-                f"({document['task']!r}, digest {ours}): the task's files changed since, or "
-                "they are another project's of the same name; sample with a model of that "
-                "definition"
-            )
+    same = same_definition(document.get("task_digest"), recorded)
+    if same is False:
+        raise ValueError(
+            f"{observations} holds observations of another definition of task {made_for!r} "
+            f"(its files' digest {task_definition(recorded)}) than {model} was trained on "
+            f"({document['task']!r}, digest {document['task_digest']}): the task's files "
+            "changed since, or they are another project's of the same name; sample with a "
+            "model of that definition"
+        )
+    if same:
         return
     if made_for is not None and made_for != document["task"]:
         raise ValueError(

@@ -43,7 +43,7 @@ from pipeline.metrics import (
 from pipeline.observations import read_mock_of, read_reference, read_reference_info
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
-from pipeline.sampling import read_samples, recorded_attrs, task_definition
+from pipeline.sampling import read_samples, recorded_attrs, same_definition, task_definition
 from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
 from pipeline.tasks import Task, get_task
 
@@ -344,15 +344,15 @@ def check_drawn_at(
     recorded = recorded_attrs(observations)
     made_for = recorded.get("task", task)
     # A user's task is its definition, whatever path named it (as the sample stage judges).
-    ours, theirs = observed["attrs"].get("task_digest"), task_definition(recorded)
-    if ours is not None and theirs is not None:
-        if ours != theirs:
-            raise ValueError(
-                f"{observed_path} holds samples of a definition of task {task!r} (digest "
-                f"{ours}) other than that of {observations}' observations ({theirs}); sample "
-                "with the model of that definition"
-            )
-    elif made_for != task:
+    ours = observed["attrs"].get("task_digest")
+    same = same_definition(ours, recorded)
+    if same is False:
+        raise ValueError(
+            f"{observed_path} holds samples of a definition of task {task!r} (digest {ours}) "
+            f"other than that of {observations}' observations ({task_definition(recorded)}); "
+            "sample with the model of that definition"
+        )
+    if same is None and made_for != task:
         raise ValueError(
             f"{observed_path} holds samples of task {task!r}, but {observations} holds "
             f"observations of task {made_for!r}; sample with the model of that task"
