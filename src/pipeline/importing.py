@@ -687,8 +687,8 @@ def check_rows_like_the_rest(
     kept, index = [], []
     for i in range(0, num_rows, block):
         rows = np.arange(i, min(i + block, num_rows))
-        split = (rows >= start) & (rows < stop)
-        rows = rows[np.where(split, rows % inner == 0, rows % outer == 0)]
+        in_split = (rows >= start) & (rows < stop)
+        rows = rows[np.where(in_split, rows % inner == 0, rows % outer == 0)]
         block_values = np.asarray(theta[i : min(i + block, num_rows)], dtype=np.float64)
         kept.append(block_values.reshape(-1, task.dim_theta)[rows - i])
         index.append(rows)
