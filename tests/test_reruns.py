@@ -6,6 +6,7 @@ run the DAG in copies of it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,25 @@ def test_the_simulation_budget_reruns_its_simulations_and_everything_after(finis
     changed = tiny_config(finished, "budget.yaml", simulate={"num_simulations": 900})
     # Only the training split's simulate job: the held-out split and observations keep.
     assert dry_run(finished, changed) == {"simulate": 1} | {r: 1 for r in DOWNSTREAM_OF_TRAIN}
+
+
+def test_a_changed_option_reruns_its_jobs_without_snakemakes_own_records(finished, tmp_path):
+    """Snakemake compares params by its records in the working directory's .snakemake; a
+    results folder another checkout made (or one whose .snakemake was removed) has none, so the
+    jobs' stamps of their options carry the change: the run redoes train and what follows."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir, symlinks=True)
+    shutil.rmtree(workdir / ".snakemake")
+    changed = tiny_config(workdir, "changed.yaml", train={"gradient_clip": 1.0})
+    # A dry run plans it, and leaves the stamps as they are (its config may never run).
+    assert dry_run(workdir, changed) == {rule: 1 for rule in DOWNSTREAM_OF_TRAIN}
+    assert dry_run(workdir, workdir / "config.yaml") == {}
+    ran = snakemake(workdir, changed, "--until", "train", "--rerun-triggers", "mtime")
+    assert planned_jobs(ran) == {"train": 1}
+    spec = json.loads((workdir / "results/tiny/two_moons/model/posterior.json").read_text())
+    assert spec["train_config"]["gradient_clip"] == 1.0
+    # Back to the first config: a change again, so train reruns with it.
+    assert dry_run(workdir, workdir / "config.yaml") == {rule: 1 for rule in DOWNSTREAM_OF_TRAIN}
 
 
 def test_a_run_that_fails_before_its_report_leaves_the_old_verdict_marked_stale(

@@ -11,6 +11,7 @@ if TRAINED_BUDGETS:
     use rule train as train_budget with:
         input:
             data=budget_training_data,
+            stamp=params_stamp("train_budget"),
         output:
             posterior=task_path("budget-{budget}/model/posterior.pt"),
             spec=task_path("budget-{budget}/model/posterior.json"),
@@ -25,6 +26,7 @@ if TRAINED_BUDGETS:
         input:
             model=task_path("budget-{budget}/model/posterior.pt"),
             observations=task_path("observations.h5"),
+            stamp=params_stamp("sample_budget"),
         output:
             task_path("budget-{budget}/samples/observations.h5"),
         log:
@@ -37,6 +39,7 @@ rule score_budget:
     input:
         observation_samples=budget_observation_samples,
         observations=task_path("observations.h5"),
+        stamp=params_stamp("score_budget"),
     output:
         task_path("budget-{budget}/c2st.json"),
     log:

@@ -1,5 +1,8 @@
 # Checks and small input functions shared by the rules; logic that grows belongs in src/pipeline.
 import functools
+import glob
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -7,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
+from pipeline.atomic import write_text as atomic_write
 from pipeline.provenance import fingerprint
 from pipeline.options import (
     CALIBRATION_ONLY,
@@ -52,15 +56,73 @@ OBSERVED = [name for name in config["tasks"] if name in config["observed"]]
 SYNTHETIC = [name for name in config["tasks"] if name not in config["observed"]]
 
 
+def stamp(path, value):
+    """``path``: a job's input recording ``value`` (JSON), rewritten when ``value`` changes.
+
+    The job's outputs are then older than one of its inputs, so Snakemake reruns it by file
+    times alone, also where its own records of params and inputs are missing or not asked (a
+    results folder another working directory made, ``.snakemake`` removed, ``--rerun-triggers
+    mtime``). A record made for the first time is dated 1970: it reruns nothing by existing.
+    A dry run leaves a changed record as it is (its config may never run) and gives the job a
+    new file in ``dry-run/`` instead, so that the plan shows the rerun."""
+    path = Path(path)
+    text = json.dumps(value, sort_keys=True, default=str) + "\n"
+    try:
+        recorded = path.read_text()
+    except FileNotFoundError:
+        recorded = None
+    if recorded == text:
+        return str(path)
+    previews = path.parent / "dry-run"
+    if recorded is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+        os.utime(path, (0, 0))
+    elif workflow.executor_plugin is None or workflow.dryrun:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        preview = previews / f"{path.stem}-{digest}.json"
+        previews.mkdir(parents=True, exist_ok=True)
+        atomic_write(preview, text)
+        return str(preview)
+    elif workflow.is_main_process:
+        atomic_write(path, text)
+        for preview in previews.glob(f"{glob.escape(path.stem)}-*.json"):
+            preview.unlink(missing_ok=True)
+    return str(path)
+
+
+def params_stamp(rule, by=None, skip=()):
+    """An input function for ``rule``: the stamp of its job's params (those computed from the
+    config and wildcards; not those of its input or output paths, nor ``skip``), named by the
+    task and the wildcards ``by`` (default: all)."""
+
+    def stamp_input(wildcards):
+        values = {}
+        for name, value in workflow.get_rule(rule).params.items():
+            if name in skip:
+                continue
+            if callable(value):
+                if len(inspect.signature(value).parameters) > 1:
+                    continue  # a function of input or output paths
+                value = value(wildcards)
+            values[name] = value
+        keys = [k for k in wildcards.keys() if k != "task" and (by is None or k in by)]
+        name = "-".join([rule, *(f"{k}={wildcards[k]}" for k in sorted(keys))])
+        folder = EXPERIMENT / wildcards.task if "task" in wildcards.keys() else EXPERIMENT
+        return stamp(folder / "stamps" / f"{name}.json", values)
+
+    return stamp_input
+
+
 def fingerprinted(task, kind, paths):
-    """``paths`` (a user's files) with the record of their fingerprint, a file whose name holds
-    it (written by the source_record rule): Snakemake reruns a job when an input is newer than
-    its outputs, and a file replaced by another with an older time (``cp -p``, ``rsync -a``,
-    ``mv``) would be missed, but its new fingerprint is a new input, which reruns the job."""
+    """``paths`` (a user's files) with the stamp of their fingerprint: Snakemake reruns a job
+    when an input is newer than its outputs, and a file replaced by another with an older time
+    (``cp -p``, ``rsync -a``, ``mv``) would be missed, but its fingerprint changes the stamp."""
     if not paths:
         return []
-    name = f"sources/{kind}-{fingerprint_once(tuple(map(str, paths)))}.txt"
-    return [*map(os.path.relpath, paths), task_path(name).format(task=task)]
+    record = EXPERIMENT / task / "stamps" / f"{kind}-files.json"
+    value = {"files": sorted(map(str, paths)), "fingerprint": fingerprint_once(tuple(map(str, paths)))}
+    return [*map(os.path.relpath, paths), stamp(record, value)]
 
 
 @functools.cache

@@ -2,27 +2,6 @@
 # simulate rules, real observations (config `observed`) in place of the observe rule.
 
 
-# The fingerprint of a user's files (common.smk's fingerprinted), kept as a file named by it;
-# written where Snakemake runs, not queued on a cluster for one line.
-localrules:
-    source_record,
-
-
-rule source_record:
-    output:
-        task_path("sources/{kind}-{fingerprint}.txt"),
-    log:
-        log_path("sources/{task}-{kind}-{fingerprint}.log"),
-    conda:
-        "../../envs/pipeline.yaml"
-    wildcard_constraints:
-        kind="task|mock|observed|data",
-        fingerprint="[0-9a-f]{16}",
-    shell:
-        "echo 'the {wildcards.kind} files of task {wildcards.task} as fingerprinted"
-        " {wildcards.fingerprint}' > {output:q} 2> {log:q}"
-
-
 rule import_simulations:
     input:
         task_files,
@@ -31,6 +10,7 @@ rule import_simulations:
             "data",
             sorted({source_file(config["data"][wildcards.task][key]) for key in ("theta", "x")}),
         ),
+        stamp=params_stamp("import_simulations"),
     output:
         task_path("sims/{split}.h5"),
     log:
@@ -61,6 +41,7 @@ rule import_observations:
         observed=lambda wildcards: fingerprinted(
             wildcards.task, "observed", [source_file(config["observed"][wildcards.task])]
         ),
+        stamp=params_stamp("import_observations"),
     output:
         task_path("observations.h5"),
     log:

@@ -5,6 +5,7 @@ rule report:
         curves=expand(task_path("model/metrics.csv"), task=config["tasks"]),
         budgets=[score for task in config["tasks"] for score in budget_scores(task)],
         rounds=[path for task in config["tasks"] for path in round_files(task)],
+        stamp=params_stamp("report"),
     output:
         html=report(
             EXPERIMENT / "report.html",

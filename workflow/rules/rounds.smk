@@ -14,7 +14,8 @@ if ROUNDED:
 
     rule select_observation:
         input:
-            task_path("observations.h5"),
+            observations=task_path("observations.h5"),
+            stamp=params_stamp("select_observation"),
         output:
             task_path("rounds/observation.h5"),
         log:
@@ -26,7 +27,7 @@ if ROUNDED:
         params:
             index=ROUNDS["observation"],
         shell:
-            "pipeline select-observation --observations {input:q} --index {params.index:q}"
+            "pipeline select-observation --observations {input.observations:q} --index {params.index:q}"
             " --out {output:q} --overwrite --log {log:q}"
 
 
@@ -35,6 +36,7 @@ if ROUNDED:
         input:
             task_files,
             proposal=round_proposal,
+            stamp=params_stamp("round_simulate"),
         output:
             round_path("{round}", "sims.h5"),
         log:
@@ -61,7 +63,8 @@ if ROUNDED:
 
     rule round_stack:
         input:
-            round_simulations,
+            rounds=round_simulations,
+            stamp=params_stamp("round_stack"),
         output:
             round_path("{round}", "train.h5"),
         log:
@@ -71,7 +74,7 @@ if ROUNDED:
         params:
             task=lambda wildcards: task_spec(wildcards.task),
         shell:
-            "pipeline stack-rounds --task {params.task:q} --rounds {input:q} --out {output:q}"
+            "pipeline stack-rounds --task {params.task:q} --rounds {input.rounds:q} --out {output:q}"
             " --overwrite --log {log:q}"
 
 
@@ -81,6 +84,7 @@ if ROUNDED:
         input:
             data=round_path("{round}", "train.h5"),
             proposal=round_proposal,
+            stamp=params_stamp("round_train"),
         output:
             posterior=round_path("{round}", "model/posterior.pt"),
             spec=round_path("{round}", "model/posterior.json"),
@@ -110,6 +114,7 @@ if ROUNDED:
             spec=round_path("{round}", "model/posterior.json"),
             observation=task_path("rounds/observation.h5"),
             within=round_proposal,
+            stamp=params_stamp("truncate"),
         output:
             round_path("{round}", "truncation.json"),
         log:
@@ -154,6 +159,7 @@ if ROUNDED:
         input:
             task_files,
             proposal=round_proposal,
+            stamp=params_stamp("round_test_simulate"),
         output:
             task_path("sims/test.h5"),
         log:

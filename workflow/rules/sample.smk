@@ -3,6 +3,7 @@ rule sample_test:
         model=task_path("model/posterior.pt"),
         observations=task_path("sims/test.h5"),
         region=test_region,
+        stamp=params_stamp("sample_test"),
     output:
         task_path("samples/test.h5"),
     log:
@@ -28,6 +29,7 @@ rule sample_observations:
     input:
         model=task_path("model/posterior.pt"),
         observations=observations_of,
+        stamp=params_stamp("sample_observations"),
     output:
         task_path("samples/observations.h5"),
     log:

@@ -16,6 +16,7 @@ if SEARCHED:
         input:
             data=task_path("sims/train.h5"),
             history=search_history,
+            stamp=params_stamp("search_trial"),
         output:
             task_path("search/trial-{trial}/score.json"),
         log:
@@ -41,7 +42,8 @@ if SEARCHED:
 
     rule search_select:
         input:
-            lambda wildcards: search_trials(wildcards.task),
+            scores=lambda wildcards: search_trials(wildcards.task),
+            stamp=params_stamp("search_select"),
         output:
             task_path("search/best.json"),
         log:
@@ -51,5 +53,5 @@ if SEARCHED:
         params:
             search=stage_options(SearchOptions, "search"),
         shell:
-            "pipeline search-select --scores {input:q} --options {params.search:q} --overwrite"
+            "pipeline search-select --scores {input.scores:q} --options {params.search:q} --overwrite"
             " --out {output:q} --log {log:q}"

@@ -10,6 +10,7 @@ if not config["simulate"]["scatter"]:
     rule simulate:
         input:
             task_files,
+            stamp=params_stamp("simulate"),
         output:
             task_path("sims/{split}.h5"),
         log:
@@ -37,6 +38,7 @@ else:
     rule simulate_chunk:
         input:
             task_files,
+            stamp=params_stamp("simulate_chunk", by=("split",), skip=("start",)),
         output:
             task_path("sims/{split}.h5.shards/chunk-{start}-{stop}.h5"),
         log:
@@ -62,6 +64,7 @@ else:
     rule merge_simulations:
         input:
             lambda wildcards: shard_files(wildcards.task, wildcards.split),
+            stamp=params_stamp("merge_simulations"),
         output:
             task_path("sims/{split}.h5"),
         log:
@@ -85,6 +88,7 @@ rule observe:
     input:
         task_files,
         mock_files,
+        stamp=params_stamp("observe"),
     output:
         task_path("observations.h5"),
     log:

@@ -4,6 +4,7 @@ rule train:
     input:
         data=task_path("sims/train.h5"),
         chosen=search_choice,
+        stamp=params_stamp("train"),
     output:
         posterior=task_path("model/posterior.pt"),
         spec=task_path("model/posterior.json"),

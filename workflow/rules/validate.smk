@@ -3,6 +3,7 @@ rule validate:
         test_samples=task_path("samples/test.h5"),
         observation_samples=task_path("samples/observations.h5"),
         observations=observations_of,
+        stamp=params_stamp("validate"),
     output:
         metrics=task_path("validation/metrics.json"),
         estimates=task_path("validation/estimates.csv"),
