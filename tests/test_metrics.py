@@ -42,7 +42,7 @@ def metrics() -> ValidationMetrics:
         skipped={},
         coverage=Coverage(levels, levels, levels, 0.0, 0.01, levels, 0.02, 0),
         sbc=Sbc({"a": 0.3, "b": 0.7}),
-        c2st=C2stScores.of(np.array([0.51, 0.55])),
+        c2st=C2stScores.of(np.array([0.51, 0.55]), 1000),
         widths=Widths(
             posterior_std=[[1.0, 2.0]],
             std_ratio=WidthRatio([[0.9, 1.1]], {"a": 0.9, "b": 1.1}),
@@ -60,7 +60,7 @@ def test_round_trip(tmp_path: Path) -> None:
     written = metrics()
     written.write(tmp_path / "metrics.json")
     assert ValidationMetrics.read(tmp_path / "metrics.json") == written
-    score = BudgetScore("two_moons", 1000, C2stScores.of(np.array([0.6, 0.7])))
+    score = BudgetScore("two_moons", 1000, C2stScores.of(np.array([0.6, 0.7]), 1000))
     score.write(tmp_path / "c2st.json")
     assert BudgetScore.read(tmp_path / "c2st.json") == score
     assert score.c2st.mean == pytest.approx(0.65) and score.c2st.max == 0.7

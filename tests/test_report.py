@@ -795,6 +795,33 @@ def test_predictive_and_local_c2st_sections(page: str) -> None:
     assert "0.1 (" not in local
 
 
+def test_local_c2st_at_its_smallest_p_value_rejects(tmp_path: Path, png: bytes) -> None:
+    """With 19 null fits (the least allowed) the smallest p-value is 1/20 = 0.05: a test at
+    level 0.05 rejects there, so the page marks it and reads its direction."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["local_c2st"] |= {"pvalue": [0.05, 0.1], "num_null": 19}
+    path.write_text(json.dumps(metrics))
+    page = build(tmp_path, ["two_moons"])
+    local = page[page.index("<h3>Local C2ST") :]
+    local = local[: local.index("</table>")]
+    assert '<td class="num fail">0.05</td>' in local and "0.1 (under-confident)" in local
+    assert '<td class="num">0.1</td>' in local and "-0.9 (" not in local
+
+
+def test_c2st_says_how_many_samples_its_classifiers_learnt_from(
+    tmp_path: Path, png: bytes
+) -> None:
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["c2st"]["samples"] = 300
+    path.write_text(json.dumps(metrics))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert "Each observation's classifier learns from 300 samples of each posterior" in text
+
+
 def test_reference_convergence_is_shown(tmp_path: Path, png: bytes) -> None:
     write_task(tmp_path, "slcp", png, 0.55, 0.0, 0.0)
     path = tmp_path / "slcp" / "validation" / "metrics.json"

@@ -30,16 +30,19 @@ class MetricsError(ValueError):
 
 @dataclass(frozen=True)
 class C2stScores:
-    """C2ST accuracy at each observation (0.5: indistinguishable from the reference)."""
+    """C2ST accuracy at each observation (0.5: indistinguishable from the reference), and the
+    samples per set each classifier was fitted on (None in files written before it was kept):
+    with fewer, a classifier tells fewer differences apart."""
 
     per_observation: list[float]
     mean: float
     max: float
+    samples: int | None = None
 
     @classmethod
-    def of(cls, values: np.ndarray) -> C2stScores:
-        """The scores of ``values``, shape ``(n_obs,)``."""
-        return cls(values.tolist(), float(values.mean()), float(values.max()))
+    def of(cls, values: np.ndarray, samples: int) -> C2stScores:
+        """The scores of ``values``, shape ``(n_obs,)``, each fitted on ``samples`` per set."""
+        return cls(values.tolist(), float(values.mean()), float(values.max()), samples)
 
 
 @dataclass(frozen=True)

@@ -708,7 +708,10 @@ def _c2st_and_corner(
             reference, posterior, seed=seed, num_folds=folds, max_samples=max_samples
         )
         figures["c2st"] = _save(plots.plot_c2st(values), out / "c2st.png")
-        return C2stScores.of(values)
+        size = diagnostics.c2st_sample_size(
+            reference.shape[1], posterior.shape[1], folds, max_samples
+        )
+        return C2stScores.of(values, size)
 
 
 def _widths(
@@ -790,11 +793,14 @@ def score_budget(
     values = diagnostics.c2st_batched(
         reference, samples["samples"], seed=seed, num_folds=folds, max_samples=max_samples
     )
+    size = diagnostics.c2st_sample_size(
+        reference.shape[1], samples["samples"].shape[1], folds, max_samples
+    )
     digest = samples["attrs"].get("model_digest")
     result = BudgetScore(
         task=task,
         budget=budget,
-        c2st=C2stScores.of(values),
+        c2st=C2stScores.of(values, size),
         model_digest=None if digest is None else str(digest),
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)

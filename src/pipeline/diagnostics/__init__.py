@@ -1,7 +1,7 @@
 """Validation diagnostics: calibration (coverage, SBC), accuracy against a reference (C2ST),
 local accuracy without one (L-C2ST) and posterior predictive checks."""
 
-from pipeline.diagnostics.c2st import c2st, c2st_batched
+from pipeline.diagnostics.c2st import c2st, c2st_batched, c2st_sample_size
 from pipeline.diagnostics.coverage import (
     DEFAULT_LEVELS,
     hpd_coverage,
@@ -29,6 +29,7 @@ __all__ = [
     "LocalC2ST",
     "c2st",
     "c2st_batched",
+    "c2st_sample_size",
     "hpd_coverage",
     "local_c2st",
     "marginal_recovery",
