@@ -320,6 +320,10 @@ def test_the_code_a_task_imports_or_runs_beside_it_is_part_of_its_definition(
     before = source_digest(task)
     write(tmp_path, "sim.py", "print(5.5)\n")
     assert source_digest(get_task(str(tmp_path / "task.yaml"))) != before
+    # And the modules beside that script, which it may import (impl.py here).
+    before = source_digest(get_task(str(tmp_path / "task.yaml")))
+    write(tmp_path, "impl.py", "SHIFT = 6.0\n")
+    assert source_digest(get_task(str(tmp_path / "task.yaml"))) != before
 
 
 def test_an_importable_modules_task_is_defined_by_that_module_alone():

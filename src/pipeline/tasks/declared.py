@@ -156,12 +156,14 @@ def load_task_file(path: Path) -> DeclaredTask:
 def _simulator_files(simulator: Simulator | None) -> tuple[Path, ...]:
     """The files a simulator's code lives in: a Python function's module and the modules
     beside it; a program's binary and every argument naming a file (a script an interpreter
-    runs, ``python3 sim.py {seed} {theta}``, relative to the folder the program runs in)."""
+    runs, ``python3 sim.py {seed} {theta}``, relative to the folder the program runs in), and
+    for a Python script the modules beside it, which it may import."""
     command = getattr(simulator, "command", None)
     if command is not None:
         cwd = Path(getattr(simulator, "cwd", "."))
-        named = [cwd / argument for argument in command if "{" not in argument]
-        return tuple(dict.fromkeys(path.resolve() for path in named if path.is_file()))
+        named = [(cwd / a).resolve() for a in command if "{" not in a and (cwd / a).is_file()]
+        scripts = [python_sources(path) for path in named if path.suffix == ".py"]
+        return tuple(dict.fromkeys([*named, *(path for found in scripts for path in found)]))
     module = inspect.getmodule(simulator)
     source = getattr(module, "__file__", None)
     if not source:
