@@ -420,6 +420,38 @@ def reusable_shard(
     return valid_shard_attrs(path, identity, start, stop)
 
 
+# Per shard and merged file: simulations whose program run failed, and of those timed out.
+FAILURE_KEYS = ("num_failed_runs", "num_timed_out")
+
+
+def failure_counts(attrs: dict[str, Any]) -> np.ndarray:
+    """``attrs``' counts of :data:`FAILURE_KEYS` (0 where a file of a simulator that cannot
+    fail, or of an earlier version, has none), shape (2,)."""
+    return np.array([int(attrs.get(key, 0)) for key in FAILURE_KEYS])
+
+
+def simulated_again(attrs: dict[str, Any], path: Path) -> bool:
+    """Whether a complete shard of this run is simulated again rather than kept: some of its
+    program runs failed (a crash, a timeout, unreadable output), which may not happen again (a
+    library installed since, a node less loaded), and kept they would stay NaN in every resumed
+    run."""
+    failed = int(attrs.get("num_failed_runs", 0))
+    if failed:
+        log.info("%s holds %d simulations whose runs failed: simulating it again", path, failed)
+    return failed > 0
+
+
+def simulate_counted(
+    task: Task, seed: int, start: int, stop: int, out: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """:func:`simulate_range`, and its chunk's attributes that count NaN rows and failed runs."""
+    before = np.array(task.failed_runs())
+    theta, x = simulate_range(task, seed, start, stop, out)
+    failed = np.array(task.failed_runs()) - before
+    counts = {"num_nonfinite": storage.count_nonfinite_rows(theta, x)}
+    return theta, x, counts | dict(zip(FAILURE_KEYS, map(int, failed), strict=True))
+
+
 MERGE_MODES = ("copy", "virtual")
 
 
@@ -556,30 +588,34 @@ def _simulate_and_merge(
     mine = plan.chunks()[rank::size]
     # Static round-robin chunks advance in step on every rank: rank 0's share stands for all.
     progress = Progress(sum(stop - start for start, stop in mine), "simulations on rank 0", log)
-    num_nonfinite = 0
+    num_nonfinite, failed = 0, np.zeros(len(FAILURE_KEYS), dtype=int)
     listing = storage.list_folder(shard_dir(out))
     buffers = ChunkBuffers(task, min(plan.chunk_size, plan.num_simulations))
     with BackgroundWriter() as writer:
         for start, stop in mine:
             path = shard_path(out, start, stop)
             kept = reusable_shard(path, identity, start, stop, listing)
-            if kept is not None:
+            if kept is not None and not simulated_again(kept, path):
                 log.info("rank %d: chunk [%d, %d) already simulated, kept", rank, start, stop)
                 num_nonfinite += kept["num_nonfinite"]
+                failed += failure_counts(kept)
             else:
-                theta, x = simulate_range(task, plan.seed, start, stop, buffers.next(stop - start))
-                bad = storage.count_nonfinite_rows(theta, x)
-                num_nonfinite += bad
-                chunk_attrs = {**attrs, "num_nonfinite": bad}
+                buffer = buffers.next(stop - start)
+                theta, x, counts = simulate_counted(task, plan.seed, start, stop, buffer)
+                num_nonfinite += counts["num_nonfinite"]
+                failed += failure_counts(counts)
+                chunk_attrs = {**attrs, **counts}
                 writer.submit(
                     partial(write_shard, path, theta, x, chunk_attrs, start, stop, compression)
                 )
             if rank == 0:
                 progress.update(stop - start)
     num_nonfinite = comm.allreduce(num_nonfinite)
+    failed = [comm.allreduce(int(count)) for count in failed]
     if rank == 0:
         check_some_finite(plan, num_nonfinite, out)
         attrs = {**attrs, "num_nonfinite": num_nonfinite, "mpi_ranks": size}
+        attrs |= dict(zip(FAILURE_KEYS, failed, strict=True))
         merge_shards(plan, task, out, attrs, merge, compression)
     comm.Barrier()
 
@@ -607,10 +643,11 @@ def run_chunk(
     check_writable(shard_dir(out))
     listing = storage.list_folder(shard_dir(out))
     identity = plan.identity(task)
-    if reusable_shard(path, identity, start, stop, listing) is not None:
+    ours = reusable_shard(path, identity, start, stop, listing)
+    if ours is not None and not simulated_again(ours, path):
         log.info("chunk [%d, %d) already simulated: %s kept", start, stop, path)
         return path
-    if path.name in listing[0] and not overwrite:
+    if ours is None and path.name in listing[0] and not overwrite:
         try:
             other = storage.read_attrs(path)
         except storage.DataFileError:
@@ -622,9 +659,8 @@ def run_chunk(
                 f"({mine}), and a file merged from that run may read it: give each run its "
                 "own --out, or replace the shard with --overwrite"
             )
-    theta, x = simulate_range(task, plan.seed, start, stop)
-    attrs = {**shard_attrs(plan, task), "num_nonfinite": storage.count_nonfinite_rows(theta, x)}
-    write_shard(path, theta, x, attrs, start, stop, compression)
+    theta, x, counts = simulate_counted(task, plan.seed, start, stop)
+    write_shard(path, theta, x, {**shard_attrs(plan, task), **counts}, start, stop, compression)
     log.info("wrote chunk [%d, %d) to %s", start, stop, path)
     return path
 
@@ -673,7 +709,9 @@ def merge(
         )
     num_nonfinite = sum(attrs["num_nonfinite"] for attrs in found)
     check_some_finite(plan, num_nonfinite, out)
+    failed = sum(failure_counts(attrs) for attrs in found)
     attrs = {**shard_attrs(plan, task), "num_nonfinite": num_nonfinite}
+    attrs |= dict(zip(FAILURE_KEYS, map(int, failed), strict=True))
     merge_shards(plan, task, out, attrs, merge, compression, keep_shards=True)
 
 
@@ -684,7 +722,9 @@ def check_some_finite(plan: SimulationPlan, num_nonfinite: int, out: Path) -> No
         raise ValueError(
             f"all {plan.num_simulations} simulations of {plan.task} returned NaN or inf, so "
             f"{out} would hold nothing to train on; the log's warnings (or a run of the "
-            "simulator by hand) show why. Fix the simulator, then rerun"
+            "simulator by hand) show why. Fix the simulator, then rerun: the chunks whose "
+            "program runs failed are simulated again (those made by `simulate --chunk` jobs "
+            "under simulate.scatter, with `snakemake --forcerun simulate_chunk`)"
         )
 
 
@@ -838,6 +878,14 @@ def merge_shards(
             num_nonfinite,
             plan.num_simulations,
             out,
+        )
+    timed_out = int(attrs.get("num_timed_out", 0))
+    if timed_out:
+        log.warning(
+            "%d of these simulations timed out: which ones depends on how loaded the machines "
+            "were, so another run with the same seed may differ in them (and MPI ranks no "
+            "longer give identical files); raise the simulator's timeout above its slowest run",
+            timed_out,
         )
     attrs = {
         **attrs,

@@ -266,6 +266,12 @@ class Task(ABC):
         the checks that simulate (posterior predictive) are then skipped."""
         return True
 
+    def failed_runs(self) -> tuple[int, int]:
+        """Simulations so far whose run failed, a program's crash, timeout or unreadable output
+        (their x is NaN), and how many of those timed out: ``(0, 0)`` for a simulator that
+        returns what it computes, for which a NaN row is the model's answer, not a failure."""
+        return 0, 0
+
     @property
     def has_reference(self) -> bool:
         """Whether the task implements :meth:`reference_posterior` or :meth:`reference`."""

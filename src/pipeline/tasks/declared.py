@@ -97,6 +97,10 @@ class DeclaredTask(Task):
             )
         return np.asarray(self._simulator(np.asarray(theta, dtype=np.float64), rng))
 
+    def failed_runs(self) -> tuple[int, int]:
+        count = getattr(self._simulator, "failures", None)
+        return (0, 0) if count is None else (count.failed, count.timed_out)
+
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self._prior is None:
             raise ValueError(

@@ -35,7 +35,9 @@ The contract between the pipeline and the program:
   training; a warning names the parameters, the seed, the cause and the end of stderr. A chunk
   that keeps failing is rerun one row at a time, so a bad simulation costs its own row only. If
   every simulation of a call fails, the program is broken rather than the parameters unlucky:
-  :class:`RuntimeError`.
+  :class:`RuntimeError`. The simulator counts failed and timed-out simulations
+  (:class:`FailureCount`): the simulate stage records them per shard and simulates a shard
+  holding any again when a run resumes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,9 +79,21 @@ class RunFailed(Exception):
         stderr: The last lines the program wrote to stderr.
     """
 
-    def __init__(self, argv: Sequence[str], cause: str, stderr: str = "") -> None:
+    def __init__(
+        self, argv: Sequence[str], cause: str, stderr: str = "", *, timed_out: bool = False
+    ) -> None:
         super().__init__(cause)
         self.argv, self.cause, self.stderr = list(argv), cause, stderr
+        self.timed_out = timed_out
+
+
+@dataclass
+class FailureCount:
+    """Simulations whose every run failed (their x is NaN), and of those the ones whose last run
+    outlived the timeout, counted over the simulator's calls."""
+
+    failed: int = 0
+    timed_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class ExternalSimulator:
     retries: int = 1
     output: Output = "stdout"
     output_file: str = "x.txt"
+    failures: FailureCount = field(default_factory=FailureCount, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_choice("per", self.per, ("simulation", "chunk"))
@@ -250,7 +265,8 @@ class ExternalSimulator:
             stdout, stderr = Path(root) / "stdout", Path(root) / "stderr"
             status = self._execute(argv, stdout, stderr)
             if status is None:
-                raise RunFailed(argv, f"timed out after {self.timeout:g} s", _tail(stderr))
+                cause = f"timed out after {self.timeout:g} s"
+                raise RunFailed(argv, cause, _tail(stderr), timed_out=True)
             if status != 0:
                 raise RunFailed(argv, _describe_status(status), _tail(stderr))
             try:
@@ -366,6 +382,8 @@ class ExternalSimulator:
                 f"{_stderr_block(last.stderr)}\nRun that command by hand to see why, then fix "
                 "the program or the task file's simulator options (command, timeout, output)."
             )
+        self.failures.failed += len(failures)
+        self.failures.timed_out += sum(failure.timed_out for _, failure in failures)
         for i, failure in failures[:DETAILED_WARNINGS]:
             parameters = ", ".join(format(value, ".6g") for value in theta[i])
             log.warning(
