@@ -20,6 +20,11 @@ from pipeline import cli
             ["c2st", "--observation-samples", "s.h5", "--observations", "obs.h5", "--budget", "9"],
             "c.json",
         ),
+        (
+            ["validate", "--test-samples", "s.h5", "--observation-samples", "s.h5"]
+            + ["--observations", "obs.h5"],
+            "validation/metrics.json",
+        ),
     ],
 )
 def test_an_existing_output_is_kept_and_named(tmp_path: Path, capsys, stage, target) -> None:
@@ -27,7 +32,7 @@ def test_an_existing_output_is_kept_and_named(tmp_path: Path, capsys, stage, tar
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(b"an earlier result")
     argv = [a if a not in ("model", "obs.h5", "sims.h5") else str(tmp_path / a) for a in stage]
-    destination = out.parent if target.startswith("model/") else out
+    destination = out.parent if target.startswith(("model/", "validation/")) else out
     assert cli.main([*argv, "--out", str(destination)]) == 2
     error = capsys.readouterr().err
     assert f"{out} exists" in error and "pass --overwrite to replace it" in error

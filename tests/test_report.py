@@ -941,6 +941,26 @@ def test_a_users_task_is_checked_against_its_spec(tmp_path: Path, png: bytes) ->
     assert result.name == "mine"
 
 
+def test_a_model_description_of_other_weights_is_refused(tmp_path: Path, png: bytes) -> None:
+    """posterior.json copied from another model beside the validated posterior.pt: the page
+    would show that model's data and training beside these weights' diagnostics."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    weights = tmp_path / "two_moons" / "model" / "posterior.pt"
+    spec = tmp_path / "two_moons" / "model" / "posterior.json"
+    weights.write_bytes(b"the weights validated")
+    metrics = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics.write_text(
+        json.dumps(json.loads(metrics.read_text()) | {"model_digest": file_digest(weights)})
+    )
+    spec.write_text(
+        json.dumps(json.loads(spec.read_text()) | {"weights_digest": file_digest(weights)})
+    )
+    load_results(tmp_path, ["two_moons"])
+    spec.write_text(json.dumps(json.loads(spec.read_text()) | {"weights_digest": "0" * 64}))
+    with pytest.raises(ResultsError, match=r"posterior.json was saved with other weights"):
+        load_results(tmp_path, ["two_moons"])
+
+
 def test_a_validation_of_other_weights_than_the_models_is_refused(
     tmp_path: Path, png: bytes
 ) -> None:

@@ -222,6 +222,26 @@ def test_all_nan_data_fail_before_training(tmp_path):
         train(out, tmp_path / "model", TrainConfig.from_dict(TINY))
 
 
+def test_an_observations_file_given_as_training_data_is_named(tmp_path):
+    from pipeline import cli
+
+    observations = tmp_path / "observations.h5"
+    argv = ["observe", "--task", "two_moons", "--num-observations", "2", "--seed", "1"]
+    assert cli.main([*argv, "--num-reference-samples", "10", "--out", str(observations)]) == 0
+    with pytest.raises(ValueError, match=r"holds observations .* not simulations to train on"):
+        train(observations, tmp_path / "model", TrainConfig.from_dict(TINY))
+
+
+def test_a_models_file_given_for_its_folder_is_named(tmp_path):
+    from pipeline.models.posterior import load_posterior
+
+    weights = tmp_path / "model" / "posterior.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    with pytest.raises(FileNotFoundError, match=r"is a file; a model is the folder .*: give "):
+        load_posterior(weights)
+
+
 def test_data_of_the_wrong_shape_fail_before_training(tmp_path):
     out = tmp_path / "sims.h5"
     rng = np.random.default_rng(0)

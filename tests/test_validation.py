@@ -239,6 +239,18 @@ def test_test_samples_without_x_are_refused(experiment: Path) -> None:
     assert not (experiment / "old").exists()
 
 
+def test_a_task_recorded_by_a_path_that_does_not_resolve_here_is_named(experiment: Path) -> None:
+    """validate run by hand from another folder than the workflow's, whose samples record a
+    user's task by a relative path: the message names the file that recorded it and the fix."""
+    theta, x = np.load(experiment / "theta.npy"), np.load(experiment / "x.npy")
+    posterior_file(experiment / "moved-test.h5", x, theta, 1.0, seed=4)
+    with h5py.File(experiment / "moved-test.h5", "a") as f:
+        f.attrs["task"] = "my_project/task.yaml"
+    message = r"moved-test.h5 records task 'my_project/task.yaml', which does not resolve here"
+    with pytest.raises(ValueError, match=message + r".*run validate there"):
+        validate_files(experiment, "moved-test.h5", "unused-obs.h5", "moved")
+
+
 def test_the_observations_samples_are_refused_as_the_test_set(experiment: Path) -> None:
     """The observations' samples file given as --test-samples: coverage would be scored on the
     observations and each ranked among a set holding itself; validate wrote it as any other."""

@@ -289,9 +289,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
+    from pipeline.atomic import check_new
     from pipeline.validation import validate
 
     options = ValidateOptions.from_args(args)
+    check_new(Path(args.out) / "metrics.json", overwrite=args.overwrite)
     validate(
         args.test_samples,
         args.observation_samples,
@@ -612,6 +614,7 @@ def _validation_commands(add: AddCommand) -> None:
     p.add_argument("--observations", type=Path, required=True)
     ValidateOptions.add_flags(p)
     p.add_argument("--out", type=Path, required=True, help="validation folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a validation in --out")
 
     p = add("c2st", cmd_c2st, "C2ST of posterior samples at the observations (budget study)")
     p.add_argument("--observation-samples", type=Path, required=True)

@@ -115,6 +115,11 @@ class SimulationDataModule(pl.LightningDataModule):
         theta, x = sims.theta[finite], sims.x[finite]
         num_val = int(round(self.val_fraction * len(theta)))
         num_train = len(theta) - num_val
+        if "num_reference_samples" in sims.attrs:  # what `pipeline observe` records
+            raise ValueError(
+                f"{self.path} holds observations (`pipeline observe` wrote it), not simulations "
+                "to train on: give --data the training simulations (sims/train.h5)"
+            )
         if num_train < 1 or num_val < 1:
             raise ValueError(
                 f"{self.path}: {len(theta)} finite simulations cannot be split into non-empty "

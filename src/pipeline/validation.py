@@ -45,7 +45,7 @@ from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
 from pipeline.sampling import read_samples, recorded_attrs, same_definition, task_definition
 from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
-from pipeline.tasks import Task, get_task
+from pipeline.tasks import Task, TaskError, get_task
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,15 @@ def validate(
     # not leave new figures beside the metrics of an earlier run, which the report would show.
     (out / "metrics.json").unlink(missing_ok=True)
     (out / ESTIMATES_CSV).unlink(missing_ok=True)
-    task = get_task(str(test["attrs"]["task"]))
+    spec = str(test["attrs"]["task"])
+    try:
+        task = get_task(spec)
+    except TaskError as error:
+        raise TaskError(
+            f"{test_samples} records task {spec!r}, which does not resolve here: {error}. A task "
+            "recorded by a relative path resolves from the folder the workflow ran in: run "
+            "validate there"
+        ) from None
     theta_obs, x_obs, reference = read_reference(observations)
     observed = read_samples(observation_samples)
     check_lineage(test, test_samples, observed, observation_samples, x_obs, observations)

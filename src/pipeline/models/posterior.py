@@ -491,6 +491,11 @@ def load_posterior(folder: Path) -> tuple[NeuralPosterior, dict[str, Any]]:
         FileNotFoundError: If ``posterior.pt`` or ``posterior.json`` is missing.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise FileNotFoundError(
+            f"{folder} is a file; a model is the folder that holds {WEIGHTS} and {SPEC}: give "
+            f"{folder.parent}"
+        )
     for name in (WEIGHTS, SPEC):
         if not (folder / name).exists():
             raise FileNotFoundError(

@@ -142,6 +142,7 @@ def load_task(
     validation = read_metrics(ValidationMetrics, validation_path, validate)
     check_same_task(spec or task, posterior, posterior_path, validation, validation_path)
     check_same_model(task_dir / "model" / "posterior.pt", validation, validation_path)
+    check_described_weights(posterior, posterior_path, validation)
     return TaskResults(
         name=task,
         posterior=posterior,
@@ -373,6 +374,22 @@ def check_same_model(weights: Path, validation: ValidationMetrics, validation_pa
             f"{validation_path} validates other weights (digest {validation.model_digest}) "
             f"than {weights} ({file_digest(weights)}): the model was retrained or replaced "
             "after validation; rerun sample and validate for this task"
+        )
+
+
+def check_described_weights(
+    posterior: dict[str, Any], posterior_path: Path, validation: ValidationMetrics
+) -> None:
+    """Refuses a ``posterior.json`` saved with other weights than ``posterior.pt`` (which
+    :func:`check_same_model` found the validated ones): the page would show another model's
+    architecture, data and training beside these weights' diagnostics."""
+    recorded = posterior.get("weights_digest")
+    if recorded is not None and recorded != validation.model_digest:
+        raise ResultsError(
+            f"{posterior_path} was saved with other weights (digest {recorded}) than the "
+            f"posterior.pt beside it ({validation.model_digest}), which was validated: one of "
+            "the two files was replaced; train this task again (pipeline train --overwrite), "
+            "then sample and validate"
         )
 
 
