@@ -53,21 +53,19 @@ include: "workflow/rules/report.smk"
 
 # The index is rebuilt after every report. A run that fails before its report may have
 # replaced or removed (Snakemake removes a job's outputs before rerunning it) results the last
-# verdict rests on: it rebuilds the index, which lists such a verdict as stale (the pipeline of
-# this Python, found whatever PATH the run was started with).
-onerror:
-    import subprocess
-    import sys
+# verdict rests on: it rebuilds the index, which lists such a verdict as stale. A run also marks
+# the experiment while it goes, so that the index of a run killed outright (a time limit, the
+# OOM killer: no hook runs) says so.
+onstart:
+    mark_run(True)
 
-    results = Path(config["results"])
-    if (results / "index.html").exists():
-        main = "import pipeline.cli as c; raise SystemExit(c.main())"
-        command = [sys.executable, "-c", main, "index", "--results", str(results)]
-        command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
-        try:
-            subprocess.run(command, check=False)
-        except OSError as error:  # the run's own error is the one to report
-            print(f"could not rebuild {results / 'index.html'}: {error}")
+
+onsuccess:
+    mark_run(False)
+
+
+onerror:
+    mark_run(False)
 
 
 rule all:

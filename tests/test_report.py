@@ -652,6 +652,28 @@ def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
     assert "STALE (was FAIL)" in text and re.search(r"\(two_moons/\S+ written\)", text)
 
 
+def test_the_index_says_a_run_started_after_the_verdict_has_not_finished(
+    tmp_path: Path, png: bytes
+) -> None:
+    """A run killed outright (a time limit, the OOM killer) runs no hook: the mark it set when
+    it started stays, and the index says the verdict may be of older results."""
+    from pipeline.report.index import RUN_MARKER, mark_run
+
+    results = tmp_path / "results"
+    experiment = write_experiment(results / "tiny", png)
+    mark_run(experiment, True)  # a run whose report wrote the summary after it started
+    write_summary_of(experiment)
+    assert "UNFINISHED" not in build_index(results)
+    stamp = (experiment / "summary.json").stat().st_mtime
+    mark_run(experiment, True)  # a later run, killed
+    os.utime(experiment / RUN_MARKER, (stamp + 10, stamp + 10))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert "RUN UNFINISHED (was FAIL)" in text
+    assert "has not finished: it is still going, or was killed" in text
+    mark_run(experiment, False)
+    assert "UNFINISHED" not in build_index(results)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

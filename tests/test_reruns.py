@@ -168,7 +168,10 @@ def test_rerun_incomplete_after_a_killed_run_gives_the_same_results(finished, tm
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert not (workdir / "results/tiny/two_moons/model/posterior.pt").exists()
+    # No hook ran: the run's mark stays, for the index to say the run did not finish.
+    assert (workdir / "results/tiny/unfinished-run.json").exists()
     shutil.rmtree(workdir / ".snakemake/locks", ignore_errors=True)
     # The local profile sets rerun-incomplete: the interrupted job starts again.
     snakemake(workdir, config)
     assert_same_outputs(outputs(finished), outputs(workdir))
+    assert not (workdir / "results/tiny/unfinished-run.json").exists()

@@ -652,3 +652,31 @@ def check_profile_resources(workflow):
                 f"{where}: unknown resource(s) {', '.join(unknown)}; known: "
                 f"{', '.join(sorted(KNOWN_RESOURCES))}"
             )
+
+
+def rebuild_index():
+    """`pipeline index` of this Python (whatever PATH the run was started with), where one
+    exists; never masks the run's own outcome."""
+    import subprocess
+    import sys
+
+    results = Path(config["results"])
+    if (results / "index.html").exists():
+        main = "import pipeline.cli as c; raise SystemExit(c.main())"
+        command = [sys.executable, "-c", main, "index", "--results", str(results)]
+        command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
+        try:
+            subprocess.run(command, check=False)
+        except OSError as error:
+            print(f"could not rebuild {results / 'index.html'}: {error}")
+
+
+def mark_run(running):
+    """Marks the experiment as having a run under way, or none; then rebuilds the index."""
+    from pipeline.report.index import mark_run as mark
+
+    try:
+        mark(EXPERIMENT, running)
+    except OSError as error:
+        print(f"could not mark the run in {EXPERIMENT}: {error}")
+    rebuild_index()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,40 @@ def _files(folder: Path) -> list[Path]:
     return files
 
 
+# Beside an experiment's summary while a run of it goes: a run killed outright (a time limit,
+# the OOM killer) leaves it, and the index then says that the verdict may be of older results.
+RUN_MARKER = "unfinished-run.json"
+
+
+def mark_run(experiment_dir: Path, running: bool) -> None:
+    """Marks ``experiment_dir`` as having a run under way (when, where, which process), or
+    removes the mark."""
+    marker = Path(experiment_dir) / RUN_MARKER
+    if not running:
+        marker.unlink(missing_ok=True)
+        return
+    run = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_report(json.dumps(run) + "\n", marker)
+
+
+def unfinished_run(summary_path: Path) -> dict[str, Any] | None:
+    """The mark of a run started after ``summary_path`` was written that has not ended (still
+    going, or killed), or None."""
+    marker = summary_path.parent / RUN_MARKER
+    try:
+        if marker.stat().st_mtime_ns <= summary_path.stat().st_mtime_ns:
+            return None  # the verdict is of that run's results
+        run = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else {"started": "unknown"}
+
+
 def write_summary(summary: dict[str, Any], out: Path) -> None:
     """Writes ``summary`` as JSON, atomically."""
     write_report(json.dumps(summary, indent=2) + "\n", out)
@@ -127,6 +162,7 @@ def read_summaries(results_dir: Path) -> list[dict[str, Any]]:
         summary["experiment"] = path.parent.name
         summary["report_exists"] = (path.parent / "report.html").exists()
         summary["changed_since"] = changed_since(path, summary)
+        summary["unfinished_run"] = unfinished_run(path)
         summaries.append(summary)
     return sorted(summaries, key=lambda s: str(s.get("created", "")), reverse=True)
 
