@@ -640,6 +640,11 @@ def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
     observations.write_text("an observation")  # put back, time and all: the verdict holds
     os.utime(observations, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert "STALE" not in build_index(results)
+    # A copy without the files' times (cp -r, a download) holds the same results.
+    copy = tmp_path / "copied"
+    shutil.copytree(results, copy, copy_function=shutil.copy)
+    assert (copy / "tiny/two_moons/observations.h5").stat().st_mtime_ns != stamp.st_mtime_ns
+    assert "STALE" not in build_index(copy)
     (experiment / "sn_cosmology" / "validation" / "metrics.json").unlink()
     text = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
     assert "(sn_cosmology/validation/metrics.json removed)" in text

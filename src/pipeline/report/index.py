@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.provenance import config_digest
+from pipeline.provenance import CONTENT_FINGERPRINT_BYTES, config_digest, file_digest
 from pipeline.report.build import (
     Thresholds,
     evaluate_checks,
@@ -78,20 +78,25 @@ def experiment_summary(
     }
 
 
-def result_files(experiment_dir: Path, tasks: list[str]) -> dict[str, list[int]]:
+def result_files(experiment_dir: Path, tasks: list[str]) -> dict[str, list[int | str | None]]:
     """The files the verdict rests on: each task folder's, by path within the experiment
-    folder, with their size and modification time (shards and checkpoints, which a merged
-    file or a model stands for, left out)."""
+    folder, with their size, modification time and, up to
+    :data:`~pipeline.provenance.CONTENT_FINGERPRINT_BYTES`, SHA-256 (a copy without the times,
+    ``cp -r`` or a download, is the same file); shards and checkpoints, which a merged file or
+    a model stands for, and a dry run's stamps left out."""
     found = {}
     for task in tasks:
         for path in _files(Path(experiment_dir) / task):
             status = path.stat()
-            found[str(path.relative_to(experiment_dir))] = [status.st_size, status.st_mtime_ns]
+            small = status.st_size <= CONTENT_FINGERPRINT_BYTES
+            stamp = [status.st_size, status.st_mtime_ns, file_digest(path) if small else None]
+            found[str(path.relative_to(experiment_dir))] = stamp
     return dict(sorted(found.items()))
 
 
 def _files(folder: Path) -> list[Path]:
-    """Files under ``folder``, but not in ``*.shards`` or ``*.checkpoints`` folders."""
+    """Files under ``folder``, but not in ``*.shards``, ``*.checkpoints`` or ``dry-run``
+    folders."""
     files = []
     try:
         entries = list(os.scandir(folder))
@@ -99,7 +104,7 @@ def _files(folder: Path) -> list[Path]:
         return files
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if not entry.name.endswith((".shards", ".checkpoints")):
+            if not entry.name.endswith((".shards", ".checkpoints", "dry-run")):
                 files += _files(Path(entry.path))
         elif entry.is_file():
             files.append(Path(entry.path))
@@ -190,7 +195,10 @@ def changed_since(summary_path: Path, summary: dict[str, Any]) -> str | None:
             status = (folder / name).stat()
         except OSError:
             return f"{name} removed"
-        if [status.st_size, status.st_mtime_ns] != stamp:
+        if [status.st_size, status.st_mtime_ns] == stamp[:2]:
+            continue
+        digest = stamp[2] if len(stamp) > 2 else None  # summaries of earlier versions: none
+        if status.st_size != stamp[0] or digest is None or file_digest(folder / name) != digest:
             return f"{name} changed"
     return None
 
