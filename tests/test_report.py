@@ -657,6 +657,34 @@ def test_the_index_marks_a_verdict_whose_results_changed_since_as_stale(
     assert "STALE (was FAIL)" in text and re.search(r"\(two_moons/\S+ written\)", text)
 
 
+@pytest.mark.parametrize(("inside_68", "flagged"), [(0.29, True), (0.66, False)])
+def test_mocks_whose_truths_the_posteriors_miss_flag_the_task(
+    tmp_path: Path, png: bytes, inside_68: float, flagged: bool
+) -> None:
+    """100 mocks of another forward model: truths inside the 68 % intervals 29 times is a
+    binomial p-value of 2e-15, flagged; 66 times is within the noise (p 0.67 before the
+    Bonferroni factor of 4), passed. Synthetic observations of the task itself are not tested
+    so (their calibration is the test set's checks)."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.05, 0.08)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["observations"]["mock_of"] = "two_moons_offset"
+    recovery = {"theta_0": inside_68, "theta_1": 0.68}
+    metrics["recovery"] |= {"coverage_68": recovery, "num_observations": 100}
+    metrics["recovery"]["coverage_95"] = {"theta_0": 0.95, "theta_1": 0.95}
+    path.write_text(json.dumps(metrics))
+    summary = write_summary_of(tmp_path, tasks=["two_moons"])
+    assert summary["verdict"] == ("FLAGGED" if flagged else "PASS")
+    assert summary["tasks"][0]["truths_missed"] is flagged
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert (
+        "the posteriors of data from two_moons_offset are not to be trusted" in text
+    ) is flagged
+    metrics["observations"]["mock_of"] = None
+    path.write_text(json.dumps(metrics))
+    assert write_summary_of(tmp_path, tasks=["two_moons"])["verdict"] == "PASS"
+
+
 def test_the_index_says_a_run_started_after_the_verdict_has_not_finished(
     tmp_path: Path, png: bytes
 ) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import binomtest
 
 from pipeline import atomic, plots
 from pipeline.metrics import ReferenceInfo, ValidationMetrics
@@ -116,13 +117,44 @@ def evaluate_checks(validation: ValidationMetrics, thresholds: Thresholds) -> li
     ]
 
 
-def verdict(checks: list[Check], flagged: Sequence[int] = ()) -> str:
+def verdict(
+    checks: list[Check], flagged: Sequence[int] = (), *, truths_missed: bool = False
+) -> str:
     """``FAIL`` when an applicable check fails; else ``FLAGGED`` when an observation is not
-    consistent with the simulations (the estimator is calibrated, but its posterior there is
-    not to be trusted), else ``PASS``."""
+    consistent with the simulations, or mocks' truths are not recovered (the estimator is
+    calibrated, but its posteriors there are not to be trusted), else ``PASS``."""
     if any(check.passed is False for check in checks):
         return "FAIL"
-    return "FLAGGED" if flagged else "PASS"
+    return "FLAGGED" if flagged or truths_missed else "PASS"
+
+
+def recovery_pvalue(validation: ValidationMetrics) -> float | None:
+    """At mock observations of another forward model, whether the truths fall inside the
+    posteriors' central 68 % and 95 % intervals as often as those levels: the smallest
+    two-sided binomial p-value over the parameters and both levels, times their number
+    (Bonferroni), at most 1; None at other observations or without truths.
+
+    The observations' truths are independent draws of the prior, so for a posterior that holds
+    at them each count is binomial; the tests at the misspecification level then flag with at
+    most that probability. The test set's checks say nothing of data from another model; this
+    is what a mock study asks."""
+    recovery = validation.recovery
+    if recovery is None or validation.observations.mock_of is None:
+        return None
+    n = recovery.num_observations
+    pvalues = [
+        binomtest(round(fraction * n), n, level).pvalue
+        for level, fractions in ((0.68, recovery.coverage_68), (0.95, recovery.coverage_95))
+        for fraction in fractions.values()
+    ]
+    return float(min(1.0, min(pvalues) * len(pvalues)))
+
+
+def truths_missed(validation: ValidationMetrics, thresholds: Thresholds) -> bool:
+    """Whether mocks' truths are recovered less or more often than the intervals claim, at the
+    misspecification level (:func:`recovery_pvalue`)."""
+    pvalue = recovery_pvalue(validation)
+    return pvalue is not None and pvalue <= thresholds.misspecification_level
 
 
 def flagged_observations(validation: ValidationMetrics, thresholds: Thresholds) -> list[int]:
@@ -262,8 +294,11 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
         "name": results.name,
         "anchor": anchor,
         "checks": checks,
-        "verdict": verdict(checks, flagged),
+        "verdict": verdict(
+            checks, flagged, truths_missed=truths_missed(results.validation, thresholds)
+        ),
         "flagged": flagged,
+        "recovery_pvalue": recovery_pvalue(results.validation),
         "consistency_rows": consistency_rows(results.validation, flagged),
         "consistency_text": consistency_text(results.validation, flagged),
         "power": misspecification_power(results.validation, thresholds),

@@ -22,6 +22,7 @@ from pipeline.report.build import (
     evaluate_checks,
     flagged_observations,
     template_environment,
+    truths_missed,
     verdict,
     write_report,
 )
@@ -48,11 +49,13 @@ def experiment_summary(
     for task in results:
         checks = evaluate_checks(task.validation, thresholds)
         flagged = flagged_observations(task.validation, thresholds)
+        missed = truths_missed(task.validation, thresholds)
         rows.append(
             {
                 "name": task.name,
-                "verdict": verdict(checks, flagged),
+                "verdict": verdict(checks, flagged, truths_missed=missed),
                 "flagged_observations": flagged,
+                "truths_missed": missed,
                 "checks": [
                     {
                         "name": c.name,
