@@ -896,6 +896,31 @@ def test_reference_convergence_is_shown(tmp_path: Path, png: bytes) -> None:
     assert "at most 6.5 s per observation" in text
 
 
+@pytest.mark.parametrize(
+    ("over_prior", "said"),
+    [
+        ({"theta_0": 0.98, "theta_1": 1.01}, "The posteriors are nearly the prior in every"),
+        ({"theta_0": 0.3, "theta_1": 0.95}, "x says little about theta_1"),
+        ({"theta_0": 0.3, "theta_1": 0.5}, None),
+    ],
+)
+def test_posteriors_as_wide_as_the_prior_are_pointed_out(
+    tmp_path: Path, png: bytes, over_prior: dict, said: str | None
+) -> None:
+    """A posterior that is the prior passes every calibration check (an archive whose x rows
+    were shuffled against theta): the page says it learnt nothing from x."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    ratio = {"per_observation": [list(over_prior.values())], "mean": over_prior}
+    metrics["widths"] = {"posterior_std": [[0.3, 0.2]], "over_prior": ratio}
+    path.write_text(json.dumps(metrics))
+    text = " ".join(re.sub(r"<[^>]+>", " ", build(tmp_path, ["two_moons"])).split())
+    assert "σ / σ prior" in text
+    for phrase in ("The posteriors are nearly the prior in every", "x says little about"):
+        assert (phrase in text) is (said is not None and said.startswith(phrase))
+
+
 @pytest.mark.parametrize("fisher", [False, True])
 def test_posterior_widths_table(tmp_path: Path, png: bytes, fisher: bool) -> None:
     """The widths table shows the std ratio, and the Cramer-Rao columns only where the task has

@@ -138,6 +138,10 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     ratios = np.array(list(metrics.widths.std_ratio.mean.values()))
     assert ratios.shape == (10,) and np.all(np.abs(ratios - 1) < 0.1), ratios
     assert metrics.widths.std_over_cramer_rao is None  # no Fisher matrix for this task
+    # Prior and noise variances 0.1: the posterior's spread is sqrt(1/2) of the prior's, within
+    # the same few per cent as above.
+    over_prior = np.array(list(metrics.widths.over_prior.mean.values()))
+    assert np.all(np.abs(over_prior - np.sqrt(0.5)) < 0.07), over_prior
     # Observations drawn like the test set: three p-values per test, each in (0, 1].
     tests = metrics.misspecification
     assert len(tests.typicality) == len(tests.surprise) == len(tests.pvalue) == 3

@@ -170,8 +170,9 @@ class WidthRatio:
 
 @dataclass(frozen=True)
 class Widths:
-    """Posterior standard deviations (n_obs, D) against the reference's and the Cramer-Rao
-    bound's, where each exists."""
+    """Posterior standard deviations (n_obs, D) against the reference's, the Cramer-Rao
+    bound's and the prior's, where each exists. ``over_prior`` near 1: the posterior is as wide
+    as the prior, so the estimator learnt (almost) nothing of that parameter from ``x``."""
 
     posterior_std: list[list[float]]
     reference_std: list[list[float]] | None = None
@@ -179,6 +180,7 @@ class Widths:
     cramer_rao_std: list[list[float]] | None = None
     std_over_cramer_rao: WidthRatio | None = None
     reference_over_cramer_rao: WidthRatio | None = None
+    over_prior: WidthRatio | None = None
 
 
 @dataclass(frozen=True)
