@@ -238,14 +238,16 @@ def test_timeout_kills_the_run(script: Path, caplog: pytest.LogCaptureFixture) -
     assert "timed out after 5 s" in caplog.text
 
 
-def task_file(folder: Path, script: Path, *flags: str, **options: object) -> Path:
-    """A task.yaml running the script per simulation, seed blocks of 10."""
+def task_file(
+    folder: Path, script: Path, *flags: str, seed_block_size: int = 10, **options: object
+) -> Path:
+    """A task.yaml running the script per simulation (one call per seed block)."""
     command = [sys.executable, str(script), *flags, "{seed}", "{theta}"]
     task = {
         "parameters": {"names": ["a", "b"]},
         "prior": {"uniform": {"low": [0, 0], "high": [1, 1]}},
         "x": {"shape": list(X_SHAPE)},
-        "seed_block_size": 10,
+        "seed_block_size": seed_block_size,
         "simulator": {"command": command, "retries": 0, **options},
     }
     path = folder / "task.yaml"
@@ -253,29 +255,32 @@ def task_file(folder: Path, script: Path, *flags: str, **options: object) -> Pat
     return path
 
 
-def test_a_resumed_run_simulates_again_the_chunks_whose_runs_failed(
+def test_a_resumed_run_simulates_again_the_chunks_whose_every_run_failed(
     script: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Program runs that failed for a cause fixed since (a library missing on a node): a resumed
-    run simulates the chunks holding them again and keeps the others, so its file is the one a
-    run without failures writes, where the kept NaN rows stayed in every resumed run."""
+    """Program runs that all failed for a cause fixed since (a library missing on a node): a
+    resumed run simulates those chunks again and keeps the others, so its file is the one a run
+    without failures writes, where every resume kept the NaN rows and stopped again with "fix
+    the simulator". A chunk where some runs failed is kept: such failures are mostly the
+    parameters', and simulating it again on every resume would undo what resuming saves."""
     from pipeline import simulation, storage
     from pipeline.parallel import SerialComm
     from pipeline.tasks import get_task
 
-    spec = str(task_file(tmp_path, script, "--crash-above", "0.8"))
+    spec = str(task_file(tmp_path, script, "--crash-above", "-1", seed_block_size=1))
     plan = simulation.SimulationPlan(spec, 40, 3, 10)
     out = tmp_path / "sims.h5"
-    for start in range(0, 40, 10):  # chunk jobs of a run killed before its merge
+    for start in (0, 10):  # chunk jobs on a node without the library
+        simulation.run_chunk(plan, get_task(spec), out, start)
+    monkeypatch.setenv("SIMULATOR_FIXED", "1")
+    for start in (20, 30):  # the others on a node with it, then the run is killed
         simulation.run_chunk(plan, get_task(spec), out, start)
     shards = [storage.read_attrs(path) for path in sorted(simulation.shard_dir(out).glob("*.h5"))]
-    failed = [attrs["num_failed_runs"] for attrs in shards]
-    assert sum(failed) > 0 and [attrs["num_nonfinite"] for attrs in shards] == failed
-    monkeypatch.setenv("SIMULATOR_FIXED", "1")
+    assert [attrs["num_failed_runs"] for attrs in shards] == [10, 10, 0, 0]
     with caplog.at_level(logging.INFO, logger="pipeline.simulation"):
         simulation.run(plan, get_task(spec), out, SerialComm(), overwrite=False)
-    assert caplog.text.count("whose runs failed: simulating it again") == sum(map(bool, failed))
-    assert caplog.text.count("already simulated, kept") == failed.count(0)
+    assert caplog.text.count("failed: simulating it again") == 2
+    assert caplog.text.count("already simulated, kept") == 2
     fresh = tmp_path / "fresh.h5"
     simulation.run(plan, get_task(spec), fresh, SerialComm(), overwrite=False)
     for key in ("theta", "x"):
@@ -284,6 +289,21 @@ def test_a_resumed_run_simulates_again_the_chunks_whose_runs_failed(
             getattr(storage.read_simulations(fresh), key),
         )
     assert storage.read_attrs(out)["num_failed_runs"] == 0
+    some = {"num_failed_runs": 3, "num_simulations": 10}
+    assert not simulation.simulated_again(some, out)
+
+
+def test_a_rounds_task_counts_its_programs_failed_runs(script: Path, tmp_path: Path) -> None:
+    """A round's simulate job runs the user's task behind its region: the failures it counts
+    are the program's."""
+    from pipeline.rounds.region import TruncatedTask
+    from pipeline.tasks import get_task
+
+    task = get_task(str(task_file(tmp_path, script, "--crash-above", "0.5", seed_block_size=1)))
+    task.simulate(theta_grid(6), np.random.default_rng(0))  # theta_0 0.6, 0.8, 1.0 crash
+    truncated = TruncatedTask.__new__(TruncatedTask)  # its region does not enter here
+    truncated.task = task
+    assert truncated.failed_runs() == task.failed_runs() == (3, 0)
 
 
 def test_timed_out_simulations_are_counted_and_warned_about(

@@ -100,6 +100,23 @@ def test_a_changed_option_reruns_its_jobs_without_snakemakes_own_records(finishe
     assert dry_run(workdir, workdir / "config.yaml") == {rule: 1 for rule in DOWNSTREAM_OF_TRAIN}
 
 
+def test_a_run_refused_by_another_runs_lock_leaves_the_stamps_alone(finished, tmp_path):
+    """Snakemake builds the DAG, which reads the stamps, before it takes its lock: a run it then
+    refuses must not have recorded a config it never ran, which the running one's outputs would
+    seem to match afterwards."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir, symlinks=True)
+    stamp = workdir / "results/tiny/two_moons/stamps/train.json"
+    before = stamp.read_bytes(), stamp.stat().st_mtime_ns
+    locks = workdir / ".snakemake/locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (locks / "0.output.lock").write_text("results/tiny/two_moons/model/posterior.pt\n")
+    changed = tiny_config(workdir, "changed.yaml", train={"gradient_clip": 1.0})
+    refused = snakemake(workdir, changed, check=False)
+    assert refused.returncode != 0 and "LockException" in refused.stdout + refused.stderr
+    assert (stamp.read_bytes(), stamp.stat().st_mtime_ns) == before
+
+
 def test_a_run_that_fails_before_its_report_leaves_the_old_verdict_marked_stale(
     finished, tmp_path
 ):

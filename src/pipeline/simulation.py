@@ -431,14 +431,16 @@ def failure_counts(attrs: dict[str, Any]) -> np.ndarray:
 
 
 def simulated_again(attrs: dict[str, Any], path: Path) -> bool:
-    """Whether a complete shard of this run is simulated again rather than kept: some of its
-    program runs failed (a crash, a timeout, unreadable output), which may not happen again (a
-    library installed since, a node less loaded), and kept they would stay NaN in every resumed
-    run."""
+    """Whether a complete shard of this run is simulated again rather than kept: every one of
+    its program runs failed (a crash, a timeout, unreadable output), as where a node lacked a
+    library since installed; kept, its rows would stay NaN in every resumed run. A shard where
+    some runs failed is kept: such failures are mostly the parameters' (a region where the
+    program breaks), and simulating it again on every resume would undo what resuming saves."""
     failed = int(attrs.get("num_failed_runs", 0))
-    if failed:
-        log.info("%s holds %d simulations whose runs failed: simulating it again", path, failed)
-    return failed > 0
+    if failed and failed >= int(attrs["num_simulations"]):
+        log.info("every run of %s failed: simulating it again", path)
+        return True
+    return False
 
 
 def simulate_counted(
@@ -722,9 +724,9 @@ def check_some_finite(plan: SimulationPlan, num_nonfinite: int, out: Path) -> No
         raise ValueError(
             f"all {plan.num_simulations} simulations of {plan.task} returned NaN or inf, so "
             f"{out} would hold nothing to train on; the log's warnings (or a run of the "
-            "simulator by hand) show why. Fix the simulator, then rerun: the chunks whose "
-            "program runs failed are simulated again (those made by `simulate --chunk` jobs "
-            "under simulate.scatter, with `snakemake --forcerun simulate_chunk`)"
+            "simulator by hand) show why. Fix the simulator, then rerun: a run simulates "
+            "again the chunks whose every program run failed (under simulate.scatter, whose "
+            f"chunk jobs' shards Snakemake keeps, delete {shard_dir(out)} first)"
         )
 
 

@@ -776,7 +776,8 @@ def _widths(
             widths["reference_over_cramer_rao"] = per_parameter(reference.std(axis=1) / bound)
     if prior is not None:
         prior_std = prior.sample(PRIOR_DRAWS, np.random.default_rng(0)).std(axis=0)
-        widths["over_prior"] = per_parameter(std / prior_std)
+        if np.all(prior_std > 0):  # a parameter the prior fixes has no spread to compare with
+            widths["over_prior"] = per_parameter(std / prior_std)
     return Widths(**widths)
 
 

@@ -63,8 +63,11 @@ def stamp(path, value):
     times alone, also where its own records of params and inputs are missing or not asked (a
     results folder another working directory made, ``.snakemake`` removed, ``--rerun-triggers
     mtime``). A record made for the first time is dated 1970: it reruns nothing by existing.
-    A dry run leaves a changed record as it is (its config may never run) and gives the job a
-    new file in ``dry-run/`` instead, so that the plan shows the rerun."""
+    Only a run rewrites or makes one, and only while no other run holds this directory's locks
+    (Snakemake takes its lock after building the DAG, so a run it then refuses would have
+    rewritten the record of a config it never ran, which the running one's outputs would then
+    seem to match). A dry run, or a run beside a locked one, gives the job a file of its own in
+    ``dry-run/`` instead (dated 1970 where no record exists yet), so that its plan is right."""
     path = Path(path)
     text = json.dumps(value, sort_keys=True, default=str) + "\n"
     try:
@@ -73,22 +76,34 @@ def stamp(path, value):
         recorded = None
     if recorded == text:
         return str(path)
-    previews = path.parent / "dry-run"
-    if recorded is None:
+    if not workflow.is_main_process:
+        return str(path)  # a cluster job's own Snakemake: its run wrote the records
+    if running_unlocked():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, text)
-        os.utime(path, (0, 0))
-    elif workflow.executor_plugin is None or workflow.dryrun:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        preview = previews / f"{path.stem}-{digest}.json"
-        previews.mkdir(parents=True, exist_ok=True)
-        atomic_write(preview, text)
-        return str(preview)
-    elif workflow.is_main_process:
-        atomic_write(path, text)
-        for preview in previews.glob(f"{glob.escape(path.stem)}-*.json"):
+        if recorded is None:
+            os.utime(path, (0, 0))
+        for preview in (path.parent / "dry-run").glob(f"{glob.escape(path.stem)}-*.json"):
             preview.unlink(missing_ok=True)
-    return str(path)
+        return str(path)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    preview = path.parent / "dry-run" / f"{path.stem}-{digest}.json"
+    preview.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(preview, text)
+    if recorded is None:
+        os.utime(preview, (0, 0))
+    return str(preview)
+
+
+def running_unlocked():
+    """Whether this is a run (not a dry run or a listing) that no other run of this working
+    directory holds locks against (or one that takes none: ``--nolock``)."""
+    if workflow.executor_plugin is None or workflow.dryrun:
+        return False
+    if not workflow.execution_settings.lock:
+        return True
+    locks = Path(workflow.persistence.path) / "locks"
+    return not any(locks.glob("*.lock"))
 
 
 def params_stamp(rule, by=None, skip=()):
@@ -121,7 +136,8 @@ def fingerprinted(task, kind, paths):
     if not paths:
         return []
     record = EXPERIMENT / task / "stamps" / f"{kind}-files.json"
-    value = {"files": sorted(map(str, paths)), "fingerprint": fingerprint_once(tuple(map(str, paths)))}
+    # The bytes alone: the same files in a moved or another checkout are the same definition.
+    value = {"fingerprint": fingerprint_once(tuple(map(str, paths)))}
     return [*map(os.path.relpath, paths), stamp(record, value)]
 
 

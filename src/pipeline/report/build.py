@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy.stats import binomtest
+from scipy.stats import binom
 
 from pipeline import atomic, plots
 from pipeline.metrics import ReferenceInfo, ValidationMetrics
@@ -128,32 +128,36 @@ def verdict(
     return "FLAGGED" if flagged or truths_missed else "PASS"
 
 
-def recovery_pvalue(validation: ValidationMetrics) -> float | None:
+def recovery_pvalue(validation: ValidationMetrics, thresholds: Thresholds) -> float | None:
     """At mock observations of another forward model, whether the truths fall inside the
-    posteriors' central 68 % and 95 % intervals as often as those levels: the smallest
-    two-sided binomial p-value over the parameters and both levels, times their number
-    (Bonferroni), at most 1; None at other observations or without truths.
+    posteriors' central 68 % and 95 % intervals as often as those levels, within the coverage
+    checks' tolerance: for each parameter and level the binomial p-value of a count as far as
+    this outside ``level +- coverage_max_deviation`` (one-sided towards the nearer edge, twice
+    that for either side), the smallest times their number (Bonferroni), at most 1; None at
+    other observations or without truths.
 
-    The observations' truths are independent draws of the prior, so for a posterior that holds
-    at them each count is binomial; the tests at the misspecification level then flag with at
-    most that probability. The test set's checks say nothing of data from another model; this
-    is what a mock study asks."""
+    The observations' truths are independent draws of the prior, so each count is binomial; a
+    posterior whose coverage there is within the tolerance the test set's checks allow is then
+    flagged with at most the misspecification level's probability. The test set's checks say
+    nothing of data from another model; this is what a mock study asks."""
     recovery = validation.recovery
     if recovery is None or validation.observations.mock_of is None:
         return None
-    n = recovery.num_observations
-    pvalues = [
-        binomtest(round(fraction * n), n, level).pvalue
-        for level, fractions in ((0.68, recovery.coverage_68), (0.95, recovery.coverage_95))
-        for fraction in fractions.values()
-    ]
+    n, tolerance = recovery.num_observations, thresholds.coverage_max_deviation
+    pvalues = []
+    for level, fractions in ((0.68, recovery.coverage_68), (0.95, recovery.coverage_95)):
+        for fraction in fractions.values():
+            inside = round(fraction * n)
+            below = binom.cdf(inside, n, max(level - tolerance, 0.0))
+            above = binom.sf(inside - 1, n, min(level + tolerance, 1.0))
+            pvalues.append(min(1.0, 2 * min(below, above)))
     return float(min(1.0, min(pvalues) * len(pvalues)))
 
 
 def truths_missed(validation: ValidationMetrics, thresholds: Thresholds) -> bool:
-    """Whether mocks' truths are recovered less or more often than the intervals claim, at the
-    misspecification level (:func:`recovery_pvalue`)."""
-    pvalue = recovery_pvalue(validation)
+    """Whether mocks' truths are recovered less or more often than the intervals claim, beyond
+    the coverage tolerance, at the misspecification level (:func:`recovery_pvalue`)."""
+    pvalue = recovery_pvalue(validation, thresholds)
     return pvalue is not None and pvalue <= thresholds.misspecification_level
 
 
@@ -311,7 +315,7 @@ def task_context(results: TaskResults, anchor: str, thresholds: Thresholds) -> d
             checks, flagged, truths_missed=truths_missed(results.validation, thresholds)
         ),
         "flagged": flagged,
-        "recovery_pvalue": recovery_pvalue(results.validation),
+        "recovery_pvalue": recovery_pvalue(results.validation, thresholds),
         "uninformed": uninformed_parameters(results.validation),
         "consistency_rows": consistency_rows(results.validation, flagged),
         "consistency_text": consistency_text(results.validation, flagged),

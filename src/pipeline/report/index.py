@@ -45,7 +45,7 @@ def experiment_summary(
 
     ``results`` are the tasks' results as :func:`pipeline.report.build.load_results` read them.
     """
-    rows = []
+    rows, names = [], [task.name for task in results]
     for task in results:
         checks = evaluate_checks(task.validation, thresholds)
         flagged = flagged_observations(task.validation, thresholds)
@@ -68,6 +68,7 @@ def experiment_summary(
                 ],
             }
         )
+    stamps, digests = result_files(Path(experiment_dir), names)
     return {
         "experiment": Path(experiment_dir).name,
         "title": title,
@@ -77,24 +78,30 @@ def experiment_summary(
             (v for v in ("FAIL", "FLAGGED") if any(row["verdict"] == v for row in rows)), "PASS"
         ),
         "tasks": rows,
-        "results": result_files(Path(experiment_dir), [task.name for task in results]),
+        # Sizes and times under their own key, digests apart: an index of an earlier version
+        # compares the first two as they were.
+        "results": stamps,
+        "digests": digests,
     }
 
 
-def result_files(experiment_dir: Path, tasks: list[str]) -> dict[str, list[int | str | None]]:
+def result_files(
+    experiment_dir: Path, tasks: list[str]
+) -> tuple[dict[str, list[int]], dict[str, str]]:
     """The files the verdict rests on: each task folder's, by path within the experiment
-    folder, with their size, modification time and, up to
-    :data:`~pipeline.provenance.CONTENT_FINGERPRINT_BYTES`, SHA-256 (a copy without the times,
-    ``cp -r`` or a download, is the same file); shards and checkpoints, which a merged file or
-    a model stands for, and a dry run's stamps left out."""
-    found = {}
+    folder, with their size and modification time, and, up to
+    :data:`~pipeline.provenance.CONTENT_FINGERPRINT_BYTES`, their SHA-256 (a copy without the
+    times, ``cp -r`` or a download, holds the same files); shards and checkpoints, which a
+    merged file or a model stands for, and a dry run's stamps left out."""
+    stamps, digests = {}, {}
     for task in tasks:
         for path in _files(Path(experiment_dir) / task):
             status = path.stat()
-            small = status.st_size <= CONTENT_FINGERPRINT_BYTES
-            stamp = [status.st_size, status.st_mtime_ns, file_digest(path) if small else None]
-            found[str(path.relative_to(experiment_dir))] = stamp
-    return dict(sorted(found.items()))
+            name = str(path.relative_to(experiment_dir))
+            stamps[name] = [status.st_size, status.st_mtime_ns]
+            if status.st_size <= CONTENT_FINGERPRINT_BYTES:
+                digests[name] = file_digest(path)
+    return dict(sorted(stamps.items())), dict(sorted(digests.items()))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -193,14 +200,15 @@ def changed_since(summary_path: Path, summary: dict[str, Any]) -> str | None:
                 except OSError:
                     continue
         return None
+    digests = summary.get("digests") if isinstance(summary.get("digests"), dict) else {}
     for name, stamp in recorded.items():
         try:
             status = (folder / name).stat()
         except OSError:
             return f"{name} removed"
-        if [status.st_size, status.st_mtime_ns] == stamp[:2]:
+        if [status.st_size, status.st_mtime_ns] == stamp:
             continue
-        digest = stamp[2] if len(stamp) > 2 else None  # summaries of earlier versions: none
+        digest = digests.get(name)  # summaries of earlier versions have none
         if status.st_size != stamp[0] or digest is None or file_digest(folder / name) != digest:
             return f"{name} changed"
     return None

@@ -177,6 +177,9 @@ class TruncatedTask(Task):
     def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return self.task.simulate(theta, rng)
 
+    def failed_runs(self) -> tuple[int, int]:
+        return self.task.failed_runs()
+
     def simulate_block(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         theta = self.region.sample(n, rng)
         return theta, self.task.simulate(theta.copy(), rng)  # theta is stored as drawn

@@ -37,7 +37,7 @@ The contract between the pipeline and the program:
   every simulation of a call fails, the program is broken rather than the parameters unlucky:
   :class:`RuntimeError`. The simulator counts failed and timed-out simulations
   (:class:`FailureCount`): the simulate stage records them per shard and simulates a shard
-  holding any again when a run resumes.
+  whose every run failed again when a run resumes.
 """
 
 from __future__ import annotations
