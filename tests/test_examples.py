@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.provenance import file_digest
 from tests import apt
 from tests.conftest import (
     ROOT,
@@ -128,7 +129,8 @@ def test_archived_simulations_and_real_observations(tmp_path):
         np.testing.assert_array_equal(train["theta"][...], theta[:-100])
         np.testing.assert_array_equal(test["theta"][...], theta[-100:])
     metrics = json.loads((task / "validation/metrics.json").read_text())
-    assert metrics["observations"] == {"num": 2, "real": True, "mock_of": None}
+    digest = file_digest(task / "observations.h5")
+    assert metrics["observations"] == {"num": 2, "real": True, "mock_of": None, "digest": digest}
     assert set(metrics["skipped"]) == {"predictive", "c2st"}
     assert metrics["c2st"] is None and metrics["predictive"] is None
     assert metrics["local_c2st"]["pvalue"] and len(metrics["local_c2st"]["pvalue"]) == 2

@@ -1044,6 +1044,30 @@ def test_a_model_description_of_other_weights_is_refused(tmp_path: Path, png: by
         load_results(tmp_path, ["two_moons"])
 
 
+def test_a_validation_at_observations_replaced_since_is_refused(
+    tmp_path: Path, png: bytes
+) -> None:
+    """observations.h5 replaced by hand after validate, then the report by hand: the page would
+    show estimates and truths of observations no longer there."""
+    write_task(tmp_path, "two_moons", png, 0.55, 0.0, 0.0)
+    observations = tmp_path / "two_moons" / "observations.h5"
+    observations.write_bytes(b"the observations validated")
+    path = tmp_path / "two_moons" / "validation" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["observations"]["digest"] = file_digest(observations)
+    path.write_text(json.dumps(metrics))
+    load_results(tmp_path, ["two_moons"])
+    observations.write_bytes(b"observations drawn again with another seed")
+    with pytest.raises(ResultsError, match=r"was made at other observations .* validate this"):
+        load_results(tmp_path, ["two_moons"])
+    # A rounds task is validated at the observation its rounds aim at.
+    (tmp_path / "two_moons" / "rounds").mkdir()
+    (tmp_path / "two_moons" / "rounds" / "observation.h5").write_bytes(
+        b"the observations validated"
+    )
+    load_results(tmp_path, ["two_moons"])
+
+
 def test_a_validation_of_other_weights_than_the_models_is_refused(
     tmp_path: Path, png: bytes
 ) -> None:

@@ -22,6 +22,7 @@ from pipeline import diagnostics
 from pipeline.metrics import ESTIMATE_QUANTILES as QUANTILES
 from pipeline.metrics import ValidationMetrics
 from pipeline.observations import make_observations
+from pipeline.provenance import file_digest
 from pipeline.sampling import PosteriorSamples, write_samples
 from pipeline.tasks import get_task
 from pipeline.validation import (
@@ -138,6 +139,7 @@ def test_exact_posterior_passes_every_diagnostic(experiment: Path) -> None:
     ratios = np.array(list(metrics.widths.std_ratio.mean.values()))
     assert ratios.shape == (10,) and np.all(np.abs(ratios - 1) < 0.1), ratios
     assert metrics.widths.std_over_cramer_rao is None  # no Fisher matrix for this task
+    assert metrics.observations.digest == file_digest(experiment / "observations.h5")
     # Prior and noise variances 0.1: the posterior's spread is sqrt(1/2) of the prior's, within
     # the same few per cent as above.
     over_prior = np.array(list(metrics.widths.over_prior.mean.values()))

@@ -185,12 +185,14 @@ class Widths:
 
 @dataclass(frozen=True)
 class ObservationsInfo:
-    """How many observations were validated, whether they are real data (no truth), and the
-    other forward model that made them where they are mocks (``mock_of``)."""
+    """How many observations were validated, whether they are real data (no truth), the other
+    forward model that made them where they are mocks (``mock_of``), and the SHA-256 of their
+    file (None in files written before it was kept)."""
 
     num: int
     real: bool
     mock_of: str | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from pipeline.metrics import (
 from pipeline.observations import read_mock_of, read_reference, read_reference_info
 from pipeline.predictive_draws import min_predictive_draws
 from pipeline.progress import Progress
+from pipeline.provenance import file_digest
 from pipeline.sampling import read_samples, recorded_attrs, same_definition, task_definition
 from pipeline.simulation import check_own_randomness, global_random_state, simulator_errors
 from pipeline.tasks import Task, TaskError, get_task
@@ -112,7 +113,9 @@ def validate(
         num_posterior_samples=int(test["samples"].shape[1]),
         num_nonfinite_excluded=int(test["attrs"].get("num_nonfinite_excluded", 0)),
         num_left_out=sum(int(test["attrs"].get(name, 0)) for name, _ in LEFT_OUT.values()),
-        observations=ObservationsInfo(len(x_obs), theta_obs is None, mock_of),
+        observations=ObservationsInfo(
+            len(x_obs), theta_obs is None, mock_of, file_digest(Path(observations))
+        ),
         skipped=_skipped(task, theta_obs, reference, mock_of) | _left_out(test) | not_tested,
         coverage=coverage,
         sbc=sbc,

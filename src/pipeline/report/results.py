@@ -143,6 +143,7 @@ def load_task(
     check_same_task(spec or task, posterior, posterior_path, validation, validation_path)
     check_same_model(task_dir / "model" / "posterior.pt", validation, validation_path)
     check_described_weights(posterior, posterior_path, validation)
+    check_validated_observations(task_dir, validation, validation_path)
     return TaskResults(
         name=task,
         posterior=posterior,
@@ -391,6 +392,29 @@ def check_described_weights(
             "the two files was replaced; train this task again (pipeline train --overwrite), "
             "then sample and validate"
         )
+
+
+# Where the workflow keeps the observations a task is validated at: its own, or the one its
+# rounds aim at (workflow/rules/common.smk, observations_of).
+OBSERVATION_FILES = ("observations.h5", "rounds/observation.h5")
+
+
+def check_validated_observations(
+    task_dir: Path, validation: ValidationMetrics, validation_path: Path
+) -> None:
+    """Refuses a validation made at other observations than the task folder holds (a file
+    replaced by hand since, the report then run by hand): the page would show estimates and
+    truths of observations no longer there. Validations that record no digest, and folders
+    without such a file (stages run by hand elsewhere), are not checked."""
+    recorded = validation.observations.digest
+    files = [task_dir / name for name in OBSERVATION_FILES if (task_dir / name).is_file()]
+    if recorded is None or not files or any(file_digest(f) == recorded for f in files):
+        return
+    raise ResultsError(
+        f"{validation_path} was made at other observations (digest {recorded}) than "
+        f"{files[0]} holds ({file_digest(files[0])}): the observations were replaced after "
+        "validation; sample and validate this task again"
+    )
 
 
 def read_training_curve(path: Path, hint: str) -> TrainingCurve:
