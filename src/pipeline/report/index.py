@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline.provenance import CONTENT_FINGERPRINT_BYTES, config_digest, file_digest
 from pipeline.report.build import (
     Thresholds,
@@ -68,7 +69,7 @@ def experiment_summary(
                 ],
             }
         )
-    stamps, digests = result_files(Path(experiment_dir), names)
+    sizes_and_times, digests = result_files(Path(experiment_dir), names)
     return {
         "experiment": Path(experiment_dir).name,
         "title": title,
@@ -80,7 +81,7 @@ def experiment_summary(
         "tasks": rows,
         # Sizes and times under their own key, digests apart: an index of an earlier version
         # compares the first two as they were.
-        "results": stamps,
+        "results": sizes_and_times,
         "digests": digests,
     }
 
@@ -93,15 +94,15 @@ def result_files(
     :data:`~pipeline.provenance.CONTENT_FINGERPRINT_BYTES`, their SHA-256 (a copy without the
     times, ``cp -r`` or a download, holds the same files); shards and checkpoints, which a
     merged file or a model stands for, and a dry run's stamps left out."""
-    stamps, digests = {}, {}
+    sizes_and_times, digests = {}, {}
     for task in tasks:
         for path in _files(Path(experiment_dir) / task):
             status = path.stat()
             name = str(path.relative_to(experiment_dir))
-            stamps[name] = [status.st_size, status.st_mtime_ns]
+            sizes_and_times[name] = [status.st_size, status.st_mtime_ns]
             if status.st_size <= CONTENT_FINGERPRINT_BYTES:
                 digests[name] = file_digest(path)
-    return dict(sorted(stamps.items())), dict(sorted(digests.items()))
+    return dict(sorted(sizes_and_times.items())), dict(sorted(digests.items()))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -139,7 +140,7 @@ def mark_run(experiment_dir: Path, running: bool) -> None:
         "pid": os.getpid(),
     }
     marker.parent.mkdir(parents=True, exist_ok=True)
-    write_report(json.dumps(run) + "\n", marker)
+    atomic.write_json(marker, run)
 
 
 def unfinished_run(summary_path: Path) -> dict[str, Any] | None:
