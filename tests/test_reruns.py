@@ -117,6 +117,25 @@ def test_a_run_refused_by_another_runs_lock_leaves_the_stamps_alone(finished, tm
     assert (stamp.read_bytes(), stamp.stat().st_mtime_ns) == before
 
 
+def test_targets_whose_stamps_share_a_folder_run_from_nothing(tmp_path):
+    """Snakemake lists a folder once per DAG build and takes a file missing from that listing as
+    absent: the stamp of a second target's job, written after the first's in the same folder,
+    must still be found (a dry run's previews and a run's stamps alike)."""
+    workdir = copy_workflow(tmp_path)
+    config = tiny_config(workdir)
+    targets = [f"results/tiny/two_moons/sims/{split}.h5" for split in ("train", "test")]
+    # Targets before --configfile, which takes every name after it.
+    plan = planned_jobs(run_snakemake(workdir, *targets, "--configfile", str(config), "-n"))
+    assert plan == {"simulate": 2}
+    run_snakemake(workdir, *targets, "--cores", "2", "--configfile", str(config))
+    assert all((workdir / target).is_file() for target in targets)
+    stamps = workdir / "results/tiny/two_moons/stamps"
+    assert {p.name for p in stamps.glob("simulate-*.json")} == {
+        "simulate-split=train.json",
+        "simulate-split=test.json",
+    }
+
+
 def test_a_run_that_fails_before_its_report_leaves_the_old_verdict_marked_stale(
     finished, tmp_path
 ):

@@ -83,6 +83,7 @@ def stamp(path, value):
         atomic_write(path, text)
         if recorded is None:
             os.utime(path, (0, 0))
+            listed(path)
         for preview in (path.parent / "dry-run").glob(f"{glob.escape(path.stem)}-*.json"):
             preview.unlink(missing_ok=True)
         return str(path)
@@ -92,7 +93,16 @@ def stamp(path, value):
     atomic_write(preview, text)
     if recorded is None:
         os.utime(preview, (0, 0))
+    listed(preview)
     return str(preview)
+
+
+def listed(path):
+    """Adds ``path``, just written, to Snakemake's listing of its folder. Snakemake lists a
+    folder once per DAG build (its inventory) and takes a file missing from that listing as
+    absent, so a stamp written after another one in its folder (two targets, a new wildcard)
+    would stop the run with a MissingInputException."""
+    workflow.iocache.exists_local[str(path)] = True
 
 
 def running_unlocked():
