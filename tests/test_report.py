@@ -381,6 +381,22 @@ def test_an_observation_unlike_the_simulations_never_shows_a_bare_pass(
     assert cell == "none flagged; 1000 test simulations cannot flag any of 2"
     quiet_text = " ".join(re.sub(r"<[^>]+>", " ", quiet).split())
     assert "Raise simulate.num_test_simulations to at least 3999" in quiet_text
+    # The summary and the index say it too: their PASS does not speak for the observations.
+    summary = experiment_summary(
+        tmp_path,
+        load_results(tmp_path, ["two_moons"]),
+        config=CONFIG,
+        thresholds=Thresholds(0.6, 0.1, 0.001),
+        title="Tiny experiment",
+    )
+    assert summary["tasks"][0]["misspecification_power"]["simulations"] == 3999
+    write_summary(summary, results / "flagged" / "summary.json")
+    index = " ".join(re.sub(r"<[^>]+>", " ", build_index(results)).split())
+    assert (
+        "(misspecification none flagged; 1000 test simulations cannot flag any of 2: this "
+        "verdict does not say the observations are like the simulations; 3999 test simulations "
+        "would test each alone)" in index
+    )
     # At 0.05, two observations need 2 / (N + 1) <= 0.025: N = 79 can flag one alone, 78 not.
     tests = Misspecification([0.5] * 2, [0.5, 0.5], [0.5, 0.5], num_simulations=78, num_draws=10)
     assert tests.fewest_flaggable(0.05) == 2 and tests.simulations_to_flag_one(0.05) == 79

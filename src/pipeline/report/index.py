@@ -22,6 +22,7 @@ from pipeline.report.build import (
     Thresholds,
     evaluate_checks,
     flagged_observations,
+    misspecification_power,
     template_environment,
     truths_missed,
     verdict,
@@ -57,6 +58,9 @@ def experiment_summary(
                 "verdict": verdict(checks, flagged, truths_missed=missed),
                 "flagged_observations": flagged,
                 "truths_missed": missed,
+                # Where the tests cannot flag one observation alone, PASS does not say the
+                # observations are like the simulations: the index says so as the page does.
+                "misspecification_power": misspecification_power(task.validation, thresholds),
                 "checks": [
                     {
                         "name": c.name,
