@@ -100,6 +100,17 @@ def test_a_changed_option_reruns_its_jobs_without_snakemakes_own_records(finishe
     assert dry_run(workdir, workdir / "config.yaml") == {rule: 1 for rule in DOWNSTREAM_OF_TRAIN}
 
 
+def test_a_changed_option_reruns_its_jobs_under_trust_io_cache(finished, tmp_path):
+    """--trust-io-cache takes files' times from the last dry run's records: a stamp the run
+    rewrites after them must be read afresh, or its change is missed."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir, symlinks=True)
+    assert dry_run(workdir, workdir / "config.yaml") == {}  # records the stamps' times
+    changed = tiny_config(workdir, "changed.yaml", train={"gradient_clip": 1.0})
+    trusted = ("--trust-io-cache", "--rerun-triggers", "mtime", "--until", "train")
+    assert planned_jobs(snakemake(workdir, changed, *trusted)) == {"train": 1}
+
+
 def test_a_run_refused_by_another_runs_lock_leaves_the_stamps_alone(finished, tmp_path):
     """Snakemake builds the DAG, which reads the stamps, before it takes its lock: a run it then
     refuses must not have recorded a config it never ran, which the running one's outputs would

@@ -83,7 +83,7 @@ def stamp(path, value):
         atomic_write(path, text)
         if recorded is None:
             os.utime(path, (0, 0))
-            listed(path)
+        written(path)
         for preview in (path.parent / "dry-run").glob(f"{glob.escape(path.stem)}-*.json"):
             preview.unlink(missing_ok=True)
         return str(path)
@@ -93,16 +93,20 @@ def stamp(path, value):
     atomic_write(preview, text)
     if recorded is None:
         os.utime(preview, (0, 0))
-    listed(preview)
+    written(preview)
     return str(preview)
 
 
-def listed(path):
-    """Adds ``path``, just written, to Snakemake's listing of its folder. Snakemake lists a
-    folder once per DAG build (its inventory) and takes a file missing from that listing as
+def written(path):
+    """Tells Snakemake's records of files that ``path`` has just been written. Snakemake lists
+    a folder once per DAG build (its inventory) and takes a file missing from that listing as
     absent, so a stamp written after another one in its folder (two targets, a new wildcard)
-    would stop the run with a MissingInputException."""
+    would stop the run with a MissingInputException; with ``--trust-io-cache`` it takes files'
+    times from the last dry run's records, so a rewritten stamp would read as old and its
+    change be missed."""
     workflow.iocache.exists_local[str(path)] = True
+    workflow.iocache.mtime.pop(str(path), None)
+    workflow.iocache.size.pop(str(path), None)
 
 
 def running_unlocked():
