@@ -67,10 +67,18 @@ def rounds_settings() -> dict[str, Any]:
 
 
 def run(
-    task: str, observation: int, results: Path, cores: int, method: str, nolock: bool, seed: int
+    task: str,
+    observation: int,
+    results: Path,
+    cores: int,
+    method: str,
+    nolock: bool,
+    seed: int,
+    block: dict[str, Any] | None = None,
 ) -> None:
     """The pipeline's rounds for ``task`` at ``observation``, as their own experiment; with
-    ``method`` nle, every round trains the task's block of ``config/experiments/nle.yaml``;
+    ``method`` nle, every round trains ``block`` or else the task's block of
+    ``config/experiments/nle.yaml``;
     with ``nolock``, beside another run in this checkout (each writes its own experiment); with
     ``seed``, every round trains from that seed (another replicate of the same method)."""
     rounds = {**rounds_settings(), "tasks": [task], "observation": observation}
@@ -82,7 +90,7 @@ def run(
         "rounds": rounds,
     }
     if method == "nle":
-        config["task_train"] = {task: nle_block(task)}
+        config["task_train"] = {task: block or nle_block(task)}
     if seed:
         config["train"] = {"seed": seed}
     path = results / f"{name}.yaml"
@@ -327,6 +335,12 @@ def main() -> None:
         "rounds_<task>_obs<k>_seed<S> (with table, give it its own --key)",
     )
     parser.add_argument(
+        "--block",
+        type=json.loads,
+        help="run with --method nle: every round trains these options (JSON) instead of the "
+        "task's block of config/experiments/nle.yaml (an earlier block, to rerun its figures)",
+    )
+    parser.add_argument(
         "--nolock",
         action="store_true",
         help="Snakemake's --nolock: run beside another rounds run in this checkout",
@@ -345,7 +359,16 @@ def main() -> None:
             key = f"{task}/{k}"
             if args.action == "run":
                 results = args.results.resolve()
-                run(task, k, results, args.cores, args.method, args.nolock, args.train_seed)
+                run(
+                    task,
+                    k,
+                    results,
+                    args.cores,
+                    args.method,
+                    args.nolock,
+                    args.train_seed,
+                    args.block,
+                )
             elif args.action == "nesting":
                 print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
