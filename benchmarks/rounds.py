@@ -74,6 +74,7 @@ def run(
     method: str,
     nolock: bool,
     seed: int,
+    *,
     block: dict[str, Any] | None = None,
 ) -> None:
     """The pipeline's rounds for ``task`` at ``observation``, as their own experiment; with
@@ -359,16 +360,8 @@ def main() -> None:
             key = f"{task}/{k}"
             if args.action == "run":
                 results = args.results.resolve()
-                run(
-                    task,
-                    k,
-                    results,
-                    args.cores,
-                    args.method,
-                    args.nolock,
-                    args.train_seed,
-                    args.block,
-                )
+                options = (args.cores, args.method, args.nolock, args.train_seed)
+                run(task, k, results, *options, block=args.block)
             elif args.action == "nesting":
                 print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
