@@ -26,6 +26,12 @@ vectorised sampler). Ours samples NLE with the sample stage's default ensemble s
 FMPE without densities, as ``sbi`` does (``sample_one_with_densities_seconds``: one
 observation's draws with them, as the sample stage stores them).
 
+``--match-time`` trains the peer first and caps ours at the peer's training time (``max_time``,
+the best weights by validation loss kept, as an early stop keeps them), so that the two are
+compared at equal cost; ``--ours-options JSON`` changes ours' options over the above (e.g.
+``'{"ensemble": 1}'``). Either run is stored as a variant of its own (``--variant``, by default
+``matched`` with ``--match-time``), beside the main entries, not replacing them.
+
 ``--ours-from results/EXPERIMENT`` takes ours from a pipeline run instead of training it here (at
 10^5 simulations training takes tens of minutes per task): its training file, observations and
 validated C2ST, after checking that the run simulated exactly this budget with the same seeds.
@@ -85,10 +91,12 @@ def pipeline_settings() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-def project_config(task: str, seed: int, method: str = "npe") -> TrainConfig:
+def project_config(
+    task: str, seed: int, method: str = "npe", changes: dict[str, Any] | None = None
+) -> TrainConfig:
     """The training options the default experiment uses for ``task`` (npe); for another family
     its global options with :data:`METHOD_OPTIONS`, and for nle the task's block of
-    ``config/experiments/nle.yaml`` where it has one."""
+    ``config/experiments/nle.yaml`` where it has one; ``changes`` over them."""
     config = pipeline_settings()
     if method != "npe":
         options = dict(METHOD_OPTIONS[method])
@@ -96,9 +104,10 @@ def project_config(task: str, seed: int, method: str = "npe") -> TrainConfig:
             options |= yaml.safe_load(NLE_EXPERIMENT.read_text())["task_train"].get(task, {})
             if options["flow"] in MIXTURES:  # a mixture density network has no transforms
                 options.pop("transforms")
-        return TrainConfig.from_dict({**config.get("train", {}), **options, "seed": seed})
-    options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
-    return TrainConfig.from_dict({**options, "seed": seed})
+        options = {**config.get("train", {}), **options}
+    else:
+        options = {**config.get("train", {}), **config.get("task_train", {}).get(task, {})}
+    return TrainConfig.from_dict({**options, **(changes or {}), "seed": seed})
 
 
 def tensor(values: Any) -> torch.Tensor:
@@ -125,10 +134,16 @@ def torch_prior(task: Task) -> torch.distributions.Distribution:
 
 
 def ours(
-    task: str, data: Path, folder: Path, x_obs: np.ndarray, seed: int, method: str
+    task: str,
+    data: Path,
+    folder: Path,
+    x_obs: np.ndarray,
+    seed: int,
+    method: str,
+    changes: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     start = time.perf_counter()
-    metadata = train(data, folder, project_config(task, seed, method))
+    metadata = train(data, folder, project_config(task, seed, method, changes))
     seconds = time.perf_counter() - start
     posterior, _ = load_posterior(folder)
     spec = posterior.spec
@@ -144,6 +159,8 @@ def ours(
     ).samples
     sampling = time.perf_counter() - start
     run = {"train_seconds": seconds, "sample_seconds": sampling, "epochs": metadata["epochs"]}
+    if changes:
+        run["options"] = changes
     if not densities:
         start = time.perf_counter()
         sample_posterior(posterior, x_obs[:1], NUM_SAMPLES, low=low, high=high)
@@ -252,7 +269,11 @@ def run_task(
     seed: int,
     ours_from: Path | None = None,
     method: str = "npe",
+    changes: dict[str, Any] | None = None,
+    match_time: bool = False,
+    variant: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Both estimators at each of ``budgets`` (module docstring), each entry saved at once."""
     settings = pipeline_settings()
     task = get_task(name)
     observed = settings["observations"]
@@ -277,13 +298,19 @@ def run_task(
                 name, budget, settings["simulate"]["seed"], min(budget, 10**4)
             )
             simulation.run(plan, task, data, SerialComm(), overwrite=True)
-            mine, samples = ours(name, data, folder / f"{name}-{budget}-ours", x_obs, seed, method)
-            mine |= score(reference, samples, settings["validate"])
         sims = storage.read_simulations(data)
+        options = changes
+        if match_time:
+            theirs = run_peer(task, sims, x_obs, seed, method, reference, settings)
+            options = {**(changes or {}), "max_time": theirs["train_seconds"] / 60}
+        if ours_from is None:
+            mine, samples = ours(
+                name, data, folder / f"{name}-{budget}-ours", x_obs, seed, method, options
+            )
+            mine |= score(reference, samples, settings["validate"])
         print(f"{name} N={budget} ours {mine}", flush=True)
-        theirs, samples = peer(task, sims, x_obs, seed, method)
-        theirs |= score(reference, samples, settings["validate"])
-        print(f"{name} N={budget} sbi  {theirs}", flush=True)
+        if not match_time:
+            theirs = run_peer(task, sims, x_obs, seed, method, reference, settings)
         entry = {
             "task": name,
             "budget": budget,
@@ -295,14 +322,32 @@ def run_task(
             if None in (mine["c2st_mean"], theirs["c2st_mean"])
             else round(mine["c2st_mean"] - theirs["c2st_mean"], 4),
         }
+        if variant:
+            entry["variant"] = variant
         save(entry)  # at once: a later task's failure must not lose this one's figures
         entries.append(entry)
     return entries
 
 
+def run_peer(
+    task: Task,
+    sims: storage.Simulations,
+    x_obs: np.ndarray,
+    seed: int,
+    method: str,
+    reference: np.ndarray,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The peer trained, sampled and scored (:func:`peer`, :func:`score`)."""
+    theirs, samples = peer(task, sims, x_obs, seed, method)
+    theirs |= score(reference, samples, settings["validate"])
+    print(f"{task.name} N={len(sims.theta)} sbi  {theirs}", flush=True)
+    return theirs
+
+
 def save(entry: dict[str, Any]) -> None:
-    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget, seed and
-    method (entries without one are npe's).
+    """Merges ``entry`` into ``RESULTS``, replacing the one of the same task, budget, seed,
+    method and variant (entries without a method are npe's; without a variant, the main ones).
 
     Holds a lock on the file meanwhile: runs split over cores (``--tasks`` each) share it.
     """
@@ -316,7 +361,7 @@ def save(entry: dict[str, Any]) -> None:
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"entries": []}
 
         def key(e: dict[str, Any]) -> tuple:
-            return e["task"], e["budget"], e["seed"], e.get("method", "npe")
+            return e["task"], e["budget"], e["seed"], e.get("method", "npe"), e.get("variant", "")
 
         kept = [e for e in results["entries"] if key(e) != key(entry)]
         results = {
@@ -344,14 +389,45 @@ def main() -> None:
         type=Path,
         help="a pipeline run's results folder (results/EXPERIMENT) to take ours from",
     )
+    parser.add_argument(
+        "--match-time",
+        action="store_true",
+        help="train the peer first and cap ours at its training time",
+    )
+    parser.add_argument(
+        "--ours-options",
+        type=json.loads,
+        default=None,
+        help="JSON object of training options over ours' (e.g. '{\"ensemble\": 1}')",
+    )
+    parser.add_argument(
+        "--variant",
+        help="store the entries under this name (default: matched with --match-time), "
+        "beside the main ones",
+    )
     args = parser.parse_args()
+    if args.ours_from and (args.match_time or args.ours_options):
+        parser.error("--match-time and --ours-options train ours here: drop --ours-from")
+    variant = args.variant or ("matched" if args.match_time else None)
+    if args.ours_options and not variant:
+        parser.error("--ours-options changes ours: name the entries with --variant")
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:
         entries = [
             e
             for name in args.tasks
-            for e in run_task(name, args.budgets, folder, args.seed, args.ours_from, args.method)
+            for e in run_task(
+                name,
+                args.budgets,
+                folder,
+                args.seed,
+                args.ours_from,
+                args.method,
+                args.ours_options,
+                args.match_time,
+                variant,
+            )
         ]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
