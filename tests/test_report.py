@@ -1142,9 +1142,37 @@ def test_a_report_that_fails_leaves_no_verdict_of_earlier_results(experiment: Pa
     (experiment / "two_moons" / "model" / "posterior.pt").write_bytes(b"retrained")
     with pytest.raises(ResultsError, match="validates other weights"):
         report_experiment(
-            experiment, list(TASKS), ReportOptions(), page, config=CONFIG, summary=summary
+            experiment,
+            list(TASKS),
+            ReportOptions(),
+            page,
+            config=CONFIG,
+            summary=summary,
+            overwrite=True,
         )
     assert not summary.exists() and not page.exists()
+
+
+def test_a_report_replaces_its_page_and_summary_only_with_overwrite(experiment: Path) -> None:
+    from pipeline.options import ReportOptions
+    from pipeline.report.stage import report_experiment
+
+    page, summary = experiment / "report.html", experiment / "summary.json"
+    report_experiment(
+        experiment, list(TASKS), ReportOptions(), page, config=CONFIG, summary=summary
+    )
+    before = page.read_bytes(), summary.read_bytes()
+    for out, verdicts in ((page, summary), (page, None), (experiment / "other.html", summary)):
+        with pytest.raises(FileExistsError, match=r"exists; pass --overwrite to replace it"):
+            report_experiment(
+                experiment, list(TASKS), ReportOptions(), out, config=CONFIG, summary=verdicts
+            )
+        assert (page.read_bytes(), summary.read_bytes()) == before
+    options = ReportOptions(title="Rerun")
+    report_experiment(
+        experiment, list(TASKS), options, page, config=CONFIG, summary=summary, overwrite=True
+    )
+    assert b"Rerun" in page.read_bytes() and summary.exists()
 
 
 def test_a_report_never_removes_a_file_that_is_not_a_report(experiment: Path) -> None:
@@ -1178,5 +1206,10 @@ def test_the_index_refuses_a_results_path_that_is_no_folder_and_keeps_other_file
     assert main(["index", "--results", str(tmp_path), "--out", str(precious)]) == 2
     assert "observations.h5 is not a results index page" in capsys.readouterr().err
     assert precious.read_bytes().startswith(b"\x89HDF")
-    assert main(["index", "--results", str(tmp_path), "--out", str(tmp_path / "i.html")]) == 0
-    assert main(["index", "--results", str(tmp_path), "--out", str(tmp_path / "i.html")]) == 0
+    index = tmp_path / "i.html"
+    assert main(["index", "--results", str(tmp_path), "--out", str(index)]) == 0
+    written = index.read_bytes()
+    assert main(["index", "--results", str(tmp_path), "--out", str(index)]) == 2
+    assert "i.html exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert index.read_bytes() == written
+    assert main(["index", "--results", str(tmp_path), "--out", str(index), "--overwrite"]) == 0

@@ -330,10 +330,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         budgets=args.budgets,
         rounds=args.rounds,
         summary=args.summary,
+        overwrite=args.overwrite,
     )
 
 
 def cmd_index(args: argparse.Namespace) -> None:
+    from pipeline.atomic import check_new
     from pipeline.report import write_report
     from pipeline.report.index import build_index
     from pipeline.report.stage import check_replaceable
@@ -345,6 +347,7 @@ def cmd_index(args: argparse.Namespace) -> None:
         )
     if Path(args.out).exists():
         check_replaceable(Path(args.out), "results index page")
+    check_new(args.out, overwrite=args.overwrite)
     html = build_index(args.results)
     write_report(html, args.out)
     log.info("wrote %s (%d kB)", args.out, len(html) // 1024)
@@ -650,10 +653,12 @@ def _report_commands(add: AddCommand) -> None:
     ReportOptions.add_flags(p)
     p.add_argument("--summary", type=Path, help="also write the verdicts as JSON (for index)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing page and summary")
 
     p = add("index", cmd_index, "write one page over every experiment of a results folder")
     p.add_argument("--results", type=Path, required=True, help="folder of experiment folders")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index page")
 
 
 def _inspect_command(add: AddCommand) -> None:

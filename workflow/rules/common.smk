@@ -694,7 +694,8 @@ def rebuild_index():
     if (results / "index.html").exists():
         main = "import pipeline.cli as c; raise SystemExit(c.main())"
         command = [sys.executable, "-c", main, "index", "--results", str(results)]
-        command += ["--out", str(results / "index.html"), "--log", log_path("index.log")]
+        command += ["--out", str(results / "index.html"), "--overwrite"]
+        command += ["--log", log_path("index.log")]
         try:
             subprocess.run(command, check=False)
         except OSError as error:

@@ -34,7 +34,7 @@ rule report:
         " --task-specs {params.specs:q}"
         " --budgets {params.budgets:q} --rounds {params.rounds:q}"
         " --config-json {params.config:q} --options {params.options:q}"
-        " --out {output.html:q} --summary {output.summary:q}"
+        " --out {output.html:q} --summary {output.summary:q} --overwrite"
         " --log {log:q}"
 
 
@@ -51,4 +51,4 @@ rule index:
     params:
         results=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "pipeline index --results {params.results:q} --out {output:q} --log {log:q}"
+        "pipeline index --results {params.results:q} --out {output:q} --overwrite --log {log:q}"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import check_new
 from pipeline.options import ReportOptions
 from pipeline.report.build import Thresholds, load_results, render_report, write_report
 from pipeline.report.index import check_summary, experiment_summary, write_summary
@@ -27,9 +28,16 @@ def report_experiment(
     budgets: Sequence[int] = (),
     rounds: Sequence[int] = (),
     summary: Path | None = None,
+    overwrite: bool = False,
 ) -> None:
     """The report stage: ``out`` (the page) and, if given, ``summary`` (the verdicts, for the
-    index), both from one reading of the tasks' results (see :func:`load_results`)."""
+    index), both from one reading of the tasks' results (see :func:`load_results`).
+
+    Raises:
+        ValueError: If ``out`` or ``summary`` names an existing file that is not a report page
+            or summary (kept).
+        FileExistsError: If they exist and ``overwrite`` is false (kept).
+    """
     thresholds = Thresholds(
         c2st_max=options.c2st_max,
         coverage_max_deviation=options.coverage_max_deviation,
@@ -43,6 +51,8 @@ def report_experiment(
     ]
     for path, kind in stale:
         check_replaceable(path, kind)
+    for path, _ in stale:
+        check_new(path, overwrite=overwrite)
     for path, kind in stale:
         path.unlink()
         log.info("removed %s, the %s of earlier results", path, kind)
