@@ -14,8 +14,8 @@ for the task (``config/config.yaml``); the peer with ``sbi.inference.NPE(prior)`
 defaults (a MAF, batches of 200, Adam at 5e-4, stop after 20 epochs without improvement) and
 samples with ``build_posterior()`` (rejection of samples outside the prior's support). One CPU
 thread each, one after the other in this process. Results are merged into
-``benchmarks/results/peer.json`` (one entry per task, budget, seed and method, so runs can be
-split).
+``benchmarks/results/peer.json`` (one entry per task, budget, seed, method and variant, so runs
+can be split).
 
 ``--method fmpe`` or ``nle``: ours with the experiment's global ``train:`` options (the per-task
 blocks are tuned for npe), :data:`METHOD_OPTIONS` and, for nle, the task's block of the ``nle``

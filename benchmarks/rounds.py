@@ -139,12 +139,17 @@ def stage_seconds(folder: Path) -> float:
 
 
 def amortized(task: str, observation: int) -> dict[str, float]:
-    """Our amortized posterior's C2ST at this observation, by budget (``results/peer.json``)."""
+    """Our amortized posterior's C2ST at this observation, by budget (``results/peer.json``'s
+    main entries: a variant trained with other options or stopped at the peer's time is not
+    it)."""
     entries = json.loads((RESULTS / "peer.json").read_text())["entries"]
     return {
         str(e["budget"]): e["ours"]["c2st"][observation]
         for e in entries
-        if e["task"] == task and e.get("method", "npe") == "npe" and e["seed"] == 0
+        if e["task"] == task
+        and e.get("method", "npe") == "npe"
+        and e["seed"] == 0
+        and not e.get("variant")
     }
 
 
