@@ -84,7 +84,7 @@ def measure(
     _, x_obs, reference = read_reference(observations)
     config = TrainConfig.from_dict({**options, "seed": seed}, source="--options")
     # peer.ours looks project_config up at call time: here it answers the candidate's options.
-    peer.project_config = lambda task, seed, method: config
+    peer.project_config = lambda task, seed, method, changes=None: config
     with tempfile.TemporaryDirectory(prefix="bench-defaults-") as folder:
         run, samples = peer.ours(name, data, Path(folder) / "model", x_obs, seed, "npe")
         if num_test:

@@ -409,8 +409,14 @@ def main() -> None:
     if args.ours_from and (args.match_time or args.ours_options):
         parser.error("--match-time and --ours-options train ours here: drop --ours-from")
     variant = args.variant or ("matched" if args.match_time else None)
+    if args.ours_options is not None and not isinstance(args.ours_options, dict):
+        parser.error("--ours-options must be a JSON object of training options")
     if args.ours_options and not variant:
         parser.error("--ours-options changes ours: name the entries with --variant")
+    if args.ours_options:
+        # Refused options (an unknown key, a value out of range) stop here, before any work.
+        for name in args.tasks:
+            project_config(name, args.seed, args.method, args.ours_options)
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:
