@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from peer import score  # benchmarks/peer.py, beside this script
 
-from pipeline.diagnostics import c2st_batched
 from pipeline.models.flows import MIXTURES
 from pipeline.models.posterior import load_posterior
 from pipeline.observations import read_reference
@@ -48,18 +47,13 @@ def main() -> None:
         start = time.perf_counter()
         result = sample_posterior(posterior, x_obs, 10**4)
         sample_seconds = time.perf_counter() - start
-        # Observations whose chains did not converge are not sampled (NaN rows): scored as
-        # None, and the mean is over the others.
-        sampled = np.isfinite(result.samples).all(axis=(1, 2))
-        scores = np.full(len(sampled), np.nan)
-        if sampled.any():
-            scores[sampled] = c2st_batched(
-                reference[sampled], result.samples[sampled], seed=5, num_folds=5
-            )
+        # Scored as validate scores (5 folds, seed 5); observations whose chains did not
+        # converge are not sampled (NaN rows) and score None.
+        scores = score(reference, result.samples, {"seed": 5, "c2st_folds": 5})
         line = {
             "options": options,
-            "c2st": [None if np.isnan(v) else round(float(v), 3) for v in scores],
-            "mean": round(float(np.nanmean(scores)), 3) if sampled.any() else None,
+            "c2st": scores["c2st"],
+            "mean": scores["c2st_mean"],
             "epochs": metadata["epochs"],
             "train_seconds": round(train_seconds),
             "sample_seconds": round(sample_seconds),

@@ -365,8 +365,16 @@ def main() -> None:
             key = f"{task}/{k}"
             if args.action == "run":
                 results = args.results.resolve()
-                options = (args.cores, args.method, args.nolock, args.train_seed)
-                run(task, k, results, *options, block=args.block)
+                run(
+                    task,
+                    k,
+                    results,
+                    args.cores,
+                    args.method,
+                    args.nolock,
+                    args.train_seed,
+                    block=args.block,
+                )
             elif args.action == "nesting":
                 print(key, json.dumps(nesting(task, k, args.results.resolve())), flush=True)
             elif args.action == "peer":
