@@ -212,7 +212,9 @@ def peer(
 ) -> tuple[dict[str, Any], np.ndarray]:
     from sbi import inference as sbi_inference
 
+    # sbi's NLE draws its slice sampler's moves from NumPy's global generator.
     torch.manual_seed(seed)
+    np.random.seed(seed)
     finite = storage.finite_rows(sims.x)
     theta = torch.from_numpy(sims.theta[finite]).float()
     x = torch.from_numpy(sims.x[finite].reshape(int(finite.sum()), -1)).float()
