@@ -760,15 +760,19 @@ def test_stage_run_times_come_from_snakemake_benchmarks(experiment: Path, png: b
     for stage, job, seconds in [
         ("train", "two_moons", 104.2),
         ("simulate", "two_moons-train", 1.5),
+        ("rounds", "two_moons/round-10-train", 7.25),  # a round's jobs sit a folder deeper
+        ("rounds", "two_moons/round-2-train", 3.75),
     ]:
-        (experiment / "benchmarks" / stage).mkdir(parents=True, exist_ok=True)
+        (experiment / "benchmarks" / stage / job).parent.mkdir(parents=True, exist_ok=True)
         (experiment / "benchmarks" / stage / f"{job}.tsv").write_text(
             f"s\th:m:s\tmax_rss\n{seconds}\t0:00:01\t70.1\n"
         )
     (experiment / "benchmarks" / "train" / "broken.tsv").write_text("s\n")
     page = build(experiment)
     times = page[page.index('id="stage-times"') :]
-    assert times.index("two_moons-train") < times.index("104.2 s (0:01:44)")  # stage order
+    order = ["two_moons-train", "round-2-train", "round-10-train", "104.2 s (0:01:44)"]
+    assert [times.index(text) for text in order] == sorted(times.index(t) for t in order)
+    assert '<td>two_moons/round-2-train</td><td class="num">3.8 s (0:00:04)</td>' in times
     assert "broken" not in times
     assert "Hardware (training)" in page
 

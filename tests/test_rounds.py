@@ -442,7 +442,6 @@ def test_a_region_within_another_observations_region_is_refused(truncated, neste
         )
 
 
-@pytest.mark.mpi
 def test_shards_drawn_from_a_region_are_neither_reused_nor_merged_as_the_priors(
     truncated, tmp_path, capsys
 ):
@@ -468,15 +467,18 @@ def test_shards_drawn_from_a_region_are_neither_reused_nor_merged_as_the_priors(
     assert not region_of(truncated, truncation).accepts(from_prior.theta).all()
 
 
+@pytest.mark.mpi
 def test_two_mpi_ranks_simulate_the_same_round(truncated, tmp_path):
-    serial = simulate_round(truncated, tmp_path / "serial.h5", "--chunk-size", "300")
+    simulate_round(truncated, tmp_path / "serial.h5", "--chunk-size", "300")
     command = [tool("mpiexec"), "-n", "2", tool("pipeline"), "simulate", "--task", "two_moons"]
     command += ["--num-simulations", "600", "--seed", str(round_seed(1, 1)), "--chunk-size"]
     command += ["300", "--truncation", str(truncated / "truncation.json"), "--model"]
     command += [str(truncated / "model"), "--out", str(tmp_path / "mpi.h5")]
     subprocess.run(command, check=True, env=run_env(), timeout=300)
+    serial = storage.read_simulations(tmp_path / "serial.h5")
     parallel = storage.read_simulations(tmp_path / "mpi.h5")
-    np.testing.assert_array_equal(serial, parallel.theta)
+    np.testing.assert_array_equal(serial.theta, parallel.theta)
+    np.testing.assert_array_equal(serial.x, parallel.x)
 
 
 def test_stacked_rounds_hold_every_round_in_order(truncated, tmp_path):

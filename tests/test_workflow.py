@@ -625,6 +625,10 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     text = " ".join(re.sub(r"<[^>]+>", " ", (task.parent / "report.html").read_text()).split())
     assert "Sequential rounds" in text
     assert "trained in 2 rounds at one observation, observation 1 of the task" in text
+    assert "by truncated sequential NPE" in text
+    # Every round's jobs are in the run-time table, each with its own time.
+    for job in ("round-0-simulate", "round-1-train", "round-1-truncate"):
+        assert re.search(rf"rounds two_moons/{job} [0-9.]+ s \(", text), job
     # The region was cut around the observation: the misspecification tests would not be
     # calibrated against its test simulations, so they are skipped with the reason.
     metrics = json.loads((task / "validation/metrics.json").read_text())
@@ -669,6 +673,8 @@ def test_rounds_of_an_nle_posterior_sample_the_last_region_by_mcmc(workdir):
     left_out = metrics["mcmc"]["num_unconverged_excluded"]
     assert metrics["num_test"] + left_out == 60 and len(test["theta"]) == metrics["num_test"]
     assert metrics["num_left_out"] == left_out  # what the report's coverage checks allow for
+    report = " ".join(re.sub(r"<[^>]+>", " ", (task.parent / "report.html").read_text()).split())
+    assert "by truncated sequential NLE" in report
 
 
 def test_rounds_of_a_users_task_run_through_the_dag(workdir):

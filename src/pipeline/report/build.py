@@ -463,25 +463,33 @@ def provenance_context(results: list[TaskResults], config: dict[str, Any]) -> di
     }
 
 
-STAGES = ("simulate", "observe", "train", "sample", "validate")
+STAGES = ("import", "simulate", "observe", "search", "rounds", "train", "sample", "validate")
 
 
 def stage_times(experiment_dir: Path) -> list[dict[str, Any]]:
     """Wall time of each job, from the benchmark files Snakemake writes (none by hand).
 
-    ``EXPERIMENT/benchmarks/STAGE/JOB.tsv``: a header and one row whose first column is seconds.
+    ``EXPERIMENT/benchmarks/STAGE/JOB.tsv``, or ``STAGE/TASK/JOB.tsv`` for the jobs of rounds
+    and searches (job ``TASK/JOB``): a header and one row whose first column is seconds.
     Unreadable files are skipped: run times are information, not results.
     """
+    root = experiment_dir / "benchmarks"
     rows = []
-    for path in sorted((experiment_dir / "benchmarks").glob("*/*.tsv")):
+    for path in root.glob("*/**/*.tsv"):
         try:
             seconds = float(path.read_text().splitlines()[1].split("\t")[0])
         except (OSError, IndexError, ValueError):
             continue
-        stage = path.parent.name
+        stage, *job = path.relative_to(root).with_suffix("").parts
         order = STAGES.index(stage) if stage in STAGES else len(STAGES)
-        rows.append({"stage": stage, "job": path.stem, "seconds": seconds, "order": order})
-    return sorted(rows, key=lambda row: (row["order"], row["job"]))
+        rows.append({"stage": stage, "job": "/".join(job), "seconds": seconds, "order": order})
+    return sorted(rows, key=lambda row: (row["order"], row["stage"], natural_key(row["job"])))
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sorts ``round-2`` before ``round-10``: digit runs compare as numbers (``re.split``
+    with a group puts them at the odd places, so like compares with like)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def format_number(value: float, digits: int = 4) -> str:
