@@ -228,6 +228,40 @@ def test_round_simulations_lie_in_the_region_whatever_the_chunks(truncated, tmp_
     assert attrs["proposal"]["threshold"] == truncation.threshold
 
 
+def test_a_killed_round_simulation_resumes_from_its_finished_shards(
+    truncated, tmp_path, monkeypatch
+):
+    """A round's simulate killed after its first shard keeps that shard when rerun and ends
+    with the file of a run never killed."""
+    from pipeline import simulation
+
+    simulate_round(truncated, tmp_path / "straight.h5", n=2500)
+    straight = storage.read_simulations(tmp_path / "straight.h5")
+    original, written = simulation.write_shard, []
+
+    def killed_after_one(*args):
+        if written:
+            raise KeyboardInterrupt  # as SIGINT would stop it while it draws the second
+        written.append(args[4:6])
+        return original(*args)
+
+    monkeypatch.setattr(simulation, "write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_round(truncated, tmp_path / "resumed.h5", n=2500)
+    assert not (tmp_path / "resumed.h5").exists()
+
+    def counted(*args):
+        written.append(args[4:6])
+        return original(*args)
+
+    monkeypatch.setattr(simulation, "write_shard", counted)
+    simulate_round(truncated, tmp_path / "resumed.h5", n=2500)
+    assert written == [(0, 1000), (1000, 2000), (2000, 2500)]  # the first shard drawn once
+    resumed = storage.read_simulations(tmp_path / "resumed.h5")
+    np.testing.assert_array_equal(resumed.theta, straight.theta)
+    np.testing.assert_array_equal(resumed.x, straight.x)
+
+
 def test_a_truncation_of_another_task_is_refused(truncated):
     with pytest.raises(ValueError, match="is a region of task 'two_moons', not of 'gaussian_m"):
         truncated_task(
