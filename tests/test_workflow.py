@@ -626,6 +626,7 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     assert "Sequential rounds" in text
     assert "trained in 2 rounds at one observation, observation 1 of the task" in text
     assert "by truncated sequential NPE" in text
+    assert "Drawn from (prior mass: the rejection's acceptance rate)" in text
     # Every round's jobs are in the run-time table, each with its own time.
     for job in ("round-0-simulate", "round-1-train", "round-1-truncate"):
         assert re.search(rf"rounds two_moons/{job} [0-9.]+ s \(", text), job
