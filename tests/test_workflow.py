@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import storage
 from pipeline.tasks import TASKS
 from tests.conftest import (
     ROOT,
@@ -645,6 +646,38 @@ def test_rounds_resume_at_the_round_reached_to_identical_outputs_and_add_a_round
     plan = snakemake(workdir, "-n", "--configfile", str(more))
     assert ran_rounds(plan) == ["2"], plan.stdout + plan.stderr
     assert planned_jobs(plan)["round_train"] == 1
+
+
+def test_rounds_scattered_over_chunk_jobs_simulate_what_one_job_does(workdir, tmp_path_factory):
+    """With simulate.scatter every round runs one job per chunk and a merge, and its file holds
+    the simulations of the one-job layout; the shards are outputs, so nothing reruns."""
+    simulate = {"num_simulations": 600, "num_test_simulations": 60, "chunk_size": 100}
+    target = "results/tiny/two_moons/rounds/round-1/sims.h5"
+    config = write_config(
+        workdir, tasks=["two_moons"], rounds=ROUNDS, simulate=simulate | {"scatter": True}
+    )
+    plan = snakemake(workdir, "-n", target, "--configfile", str(config))
+    jobs = planned_jobs(plan)
+    assert (jobs["round_simulate_chunk"], jobs["merge_round"]) == (6, 2), plan.stdout
+    assert "round_simulate" not in jobs
+    snakemake(workdir, target, "--configfile", str(config))
+    one_job = copy_workflow(tmp_path_factory.mktemp("one_job"))
+    one_job_config = write_config(one_job, tasks=["two_moons"], rounds=ROUNDS, simulate=simulate)
+    snakemake(one_job, target, "--configfile", str(one_job_config))
+    for index in range(2):
+        name = f"results/tiny/two_moons/rounds/round-{index}/sims.h5"
+        scattered, whole = (storage.read_simulations(root / name) for root in (workdir, one_job))
+        np.testing.assert_array_equal(scattered.theta, whole.theta)
+        np.testing.assert_array_equal(scattered.x, whole.x)
+    shards = sorted((workdir / target).parent.glob("sims.h5.shards/chunk-*.h5"))
+    assert len(shards) == 3
+    again = snakemake(workdir, "-n", target, "--configfile", str(config))
+    assert planned_jobs(again) == {}, again.stdout
+    # `all` asks for every shard, as here: a deleted one is drawn again, and only it.
+    shards[1].unlink()
+    deleted = str(shards[1].relative_to(workdir))
+    again = snakemake(workdir, "-n", target, deleted, "--configfile", str(config))
+    assert planned_jobs(again) == {"round_simulate_chunk": 1, "merge_round": 1}, again.stdout
 
 
 def test_rounds_of_an_nle_posterior_sample_the_last_region_by_mcmc(workdir):

@@ -355,30 +355,50 @@ def budget_observation_samples(wildcards):
     return task_path("budget-{budget}/samples/observations.h5")
 
 
-def shard_files(task, split):
-    """The shard files of one split, named as `pipeline simulate --chunk` writes them."""
-    n, size = split_count(split), config["simulate"]["chunk_size"]
-    name = f"sims/{split}.h5.shards/chunk-{{start:012d}}-{{stop:012d}}.h5"
+def chunk_files(path, n):
+    """The shards of ``n`` simulations into the file ``path``, named as `pipeline simulate
+    --chunk` writes them."""
+    size = config["simulate"]["chunk_size"]
     return [
-        task_path(name).format(task=task, start=start, stop=min(start + size, n))
+        f"{path}.shards/chunk-{start:012d}-{min(start + size, n):012d}.h5"
         for start in range(0, n, size)
     ]
 
 
+def shard_files(task, split):
+    """The shard files of one split, named as `pipeline simulate --chunk` writes them."""
+    path = task_path(f"sims/{split}.h5").format(task=task)
+    return chunk_files(path, split_count(split))
+
+
+def round_shard_files(task, index):
+    """The shard files of one task's round ``index`` (simulate.scatter)."""
+    path = round_path(index, "sims.h5").format(task=task)
+    return chunk_files(path, ROUNDS["simulations"][index])
+
+
 def all_shards():
-    """Every shard of every task and split when simulate.scatter is on (else none).
+    """Every shard of every task and split, and of every round, when simulate.scatter is on
+    (else none).
 
     They are targets of `all`: the virtual merge reads them, and Snakemake regenerates a
     deleted file only if something still asks for it.
     """
     if not config["simulate"]["scatter"]:
         return []
-    return [
+    splits = [
         shard
         for task in SIMULATED
         for split in ("train", "test")
         for shard in shard_files(task, split)
     ]
+    rounds = [
+        shard
+        for task in ROUNDED
+        for index in range(NUM_ROUNDS)
+        for shard in round_shard_files(task, index)
+    ]
+    return splits + rounds
 
 
 def train_environment(wildcards):
@@ -659,7 +679,7 @@ SEARCH_RULES = {"search_trial", "search_select"}
 # Rules that exist only when rounds are configured (rounds.tasks).
 ROUND_RULES = {
     *("select_observation", "round_simulate", "round_stack", "round_train", "truncate"),
-    *("round_model", "round_test_simulate"),
+    *("round_model", "round_test_simulate", "round_simulate_chunk", "merge_round"),
 }
 
 

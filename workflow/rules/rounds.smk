@@ -31,34 +31,94 @@ if ROUNDED:
             " --out {output:q} --overwrite --log {log:q}"
 
 
-    # MPI ranks as the simulate rule; every rank loads the proposal's posterior.
-    rule round_simulate:
-        input:
-            task_files,
-            proposal=round_proposal,
-            stamp=params_stamp("round_simulate"),
-        output:
-            round_path("{round}", "sims.h5"),
-        log:
-            log_path("rounds/{task}/round-{round}-simulate.log"),
-        benchmark:
-            benchmark_path("rounds/{task}/round-{round}-simulate.tsv")
-        conda:
-            "../../envs/pipeline.yaml"
-        wildcard_constraints:
-            task=one_of(ROUNDED),
-        params:
-            task=lambda wildcards: task_spec(wildcards.task),
-            options=round_simulate_options,
-            proposal=proposal_flags,
-        threads: 1
-        resources:
-            mpi="mpiexec",
-            tasks=1,
-        shell:
-            "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
-            " --options {params.options:q} {params.proposal:q} --fit-chunks --out {output:q}"
-            " --min-prior-mass {MIN_PRIOR_MASS} --overwrite --log {log:q}"
+    if config["simulate"]["scatter"]:
+
+        # One job per chunk and a merge, as simulate's scatter layout; each job loads the
+        # proposal's posterior. The shards are outputs: deleting one reruns only its chunk.
+        rule round_simulate_chunk:
+            input:
+                task_files,
+                proposal=round_proposal,
+                stamp=params_stamp("round_simulate_chunk", by=("round",), skip=("start",)),
+            output:
+                round_path("{round}", "sims.h5.shards/chunk-{start}-{stop}.h5"),
+            log:
+                log_path("rounds/{task}/round-{round}-simulate-{start}-{stop}.log"),
+            benchmark:
+                benchmark_path("rounds/{task}/round-{round}-simulate-{start}-{stop}.tsv")
+            conda:
+                "../../envs/pipeline.yaml"
+            wildcard_constraints:
+                task=one_of(ROUNDED),
+                start=r"\d{12}",
+                stop=r"\d{12}",
+            params:
+                task=lambda wildcards: task_spec(wildcards.task),
+                options=round_simulate_options,
+                proposal=proposal_flags,
+                start=lambda wildcards: int(wildcards.start),
+                out=round_path("{round}", "sims.h5"),
+            threads: 1
+            shell:
+                "pipeline simulate --task {params.task:q} --options {params.options:q}"
+                " {params.proposal:q} --chunk {params.start:q} --out {params.out:q}"
+                " --min-prior-mass {MIN_PRIOR_MASS} --log {log:q}"
+
+        rule merge_round:
+            input:
+                lambda wildcards: round_shard_files(wildcards.task, int(wildcards.round)),
+                task_files,
+                proposal=round_proposal,
+                stamp=params_stamp("merge_round"),
+            output:
+                round_path("{round}", "sims.h5"),
+            log:
+                log_path("rounds/{task}/round-{round}-merge.log"),
+            benchmark:
+                benchmark_path("rounds/{task}/round-{round}-merge.tsv")
+            conda:
+                "../../envs/pipeline.yaml"
+            wildcard_constraints:
+                task=one_of(ROUNDED),
+            params:
+                task=lambda wildcards: task_spec(wildcards.task),
+                options=round_simulate_options,
+                proposal=proposal_flags,
+            threads: 1
+            shell:
+                "pipeline merge --task {params.task:q} --options {params.options:q}"
+                " {params.proposal:q} --out {output:q} --overwrite --log {log:q}"
+
+    else:
+
+        # MPI ranks as the simulate rule; every rank loads the proposal's posterior.
+        rule round_simulate:
+            input:
+                task_files,
+                proposal=round_proposal,
+                stamp=params_stamp("round_simulate"),
+            output:
+                round_path("{round}", "sims.h5"),
+            log:
+                log_path("rounds/{task}/round-{round}-simulate.log"),
+            benchmark:
+                benchmark_path("rounds/{task}/round-{round}-simulate.tsv")
+            conda:
+                "../../envs/pipeline.yaml"
+            wildcard_constraints:
+                task=one_of(ROUNDED),
+            params:
+                task=lambda wildcards: task_spec(wildcards.task),
+                options=round_simulate_options,
+                proposal=proposal_flags,
+            threads: 1
+            resources:
+                mpi="mpiexec",
+                tasks=1,
+            shell:
+                "{resources.mpi} -n {resources.tasks} pipeline simulate --task {params.task:q}"
+                " --options {params.options:q} {params.proposal:q} --fit-chunks --out {output:q}"
+                " --min-prior-mass {MIN_PRIOR_MASS} --overwrite --log {log:q}"
 
 
     rule round_stack:
