@@ -228,11 +228,11 @@ def test_round_simulations_lie_in_the_region_whatever_the_chunks(truncated, tmp_
     assert attrs["proposal"]["threshold"] == truncation.threshold
 
 
-def test_a_killed_round_simulation_resumes_from_its_finished_shards(
+def test_a_stopped_round_simulation_resumes_from_its_finished_shards(
     truncated, tmp_path, monkeypatch
 ):
-    """A round's simulate killed after its first shard keeps that shard when rerun and ends
-    with the file of a run never killed."""
+    """A round's simulate stopped after its first shard keeps that shard when rerun and ends
+    with the file of a run never stopped."""
     from pipeline import simulation
 
     simulate_round(truncated, tmp_path / "straight.h5", n=2500)
@@ -241,7 +241,7 @@ def test_a_killed_round_simulation_resumes_from_its_finished_shards(
 
     def killed_after_one(*args):
         if written:
-            raise KeyboardInterrupt  # as SIGINT would stop it while it draws the second
+            raise KeyboardInterrupt  # an interrupt before the second shard is written
         written.append(args[4:6])
         return original(*args)
 

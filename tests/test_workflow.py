@@ -673,11 +673,13 @@ def test_rounds_scattered_over_chunk_jobs_simulate_what_one_job_does(workdir, tm
     assert len(shards) == 3
     again = snakemake(workdir, "-n", target, "--configfile", str(config))
     assert planned_jobs(again) == {}, again.stdout
-    # `all` asks for every shard, as here: a deleted one is drawn again, and only it.
+    # A deleted shard is drawn again, and only it, when asked for (as `all` asks for each).
     shards[1].unlink()
     deleted = str(shards[1].relative_to(workdir))
     again = snakemake(workdir, "-n", target, deleted, "--configfile", str(config))
     assert planned_jobs(again) == {"round_simulate_chunk": 1, "merge_round": 1}, again.stdout
+    everything = planned_jobs(snakemake(workdir, "-n", "--configfile", str(config)))
+    assert (everything["round_simulate_chunk"], everything["merge_round"]) == (1, 1)
 
 
 def test_rounds_of_an_nle_posterior_sample_the_last_region_by_mcmc(workdir):

@@ -67,7 +67,6 @@ if ROUNDED:
         rule merge_round:
             input:
                 lambda wildcards: round_shard_files(wildcards.task, int(wildcards.round)),
-                task_files,
                 proposal=round_proposal,
                 stamp=params_stamp("merge_round"),
             output:
