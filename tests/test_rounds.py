@@ -239,13 +239,13 @@ def test_a_stopped_round_simulation_resumes_from_its_finished_shards(
     straight = storage.read_simulations(tmp_path / "straight.h5")
     original, written = simulation.write_shard, []
 
-    def killed_after_one(*args):
+    def stopped_after_one(*args):
         if written:
             raise KeyboardInterrupt  # an interrupt before the second shard is written
         written.append(args[4:6])
         return original(*args)
 
-    monkeypatch.setattr(simulation, "write_shard", killed_after_one)
+    monkeypatch.setattr(simulation, "write_shard", stopped_after_one)
     with pytest.raises(KeyboardInterrupt):
         simulate_round(truncated, tmp_path / "resumed.h5", n=2500)
     assert not (tmp_path / "resumed.h5").exists()
